@@ -1,0 +1,187 @@
+"""The typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+YAML under ``conf/`` supplies the values; these schemas reject unknown keys and wrong types
+when Hydra composes the config, and :func:`validate` rejects out-of-range values, so that a
+typo fails on the login node before any job is queued. Entry points convert the composed
+config once with :func:`to_typed` and pass the resulting :class:`Config` down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keras' own download of the lesson's file, and the sha256 Keras pins for it.
+KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+KERAS_MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+
+ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "elu", "selu", "swish")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+class OptimizerName(str, enum.Enum):
+    rmsprop = "rmsprop"
+    adam = "adam"
+    sgd = "sgd"
+
+
+@dataclass
+class DataConfig:
+    # Directory holding the verified mnist.npz and its manifest; prefetch writes it, jobs read it.
+    cache_dir: str = "~/.cache/mnist-hpc"
+    # File name of the cached dataset inside cache_dir.
+    filename: str = "mnist.npz"
+    # Fraction of the training set held out (from its end) for validation; 0 as in the lesson.
+    validation_split: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    # Sizes of the hidden Dense layers, in order; the lesson has one layer of 512.
+    hidden_units: list[int] = field(default_factory=lambda: [512])
+    # Keras activation of the hidden layers.
+    activation: str = "relu"
+    # Dropout rate after each hidden layer; 0 disables it (the lesson has none).
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    # One of rmsprop, adam, sgd.
+    name: OptimizerName = OptimizerName.rmsprop
+    # Learning rate; 1e-3 is Keras' default for rmsprop and adam.
+    learning_rate: float = 1e-3
+    # Momentum, used by sgd only.
+    momentum: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    # Number of passes over the training set.
+    epochs: int = 5
+    # Samples per gradient step.
+    batch_size: int = 128
+    # Seed for weights, dropout and the per-epoch shuffle order.
+    seed: int = 0
+    # Ask TensorFlow for deterministic ops: identical metrics across runs on CPU, a bit slower.
+    deterministic: bool = False
+    # TensorFlow intra-op threads; null follows SLURM_CPUS_PER_TASK, else TensorFlow's default.
+    intra_op_threads: Optional[int] = None
+    # TensorFlow inter-op threads; null follows SLURM_CPUS_PER_TASK, else TensorFlow's default.
+    inter_op_threads: Optional[int] = None
+    # Compile the train step with XLA.
+    jit_compile: bool = False
+    # Batches run per call into the compiled train step (Keras steps_per_execution).
+    steps_per_execution: int = 1
+
+
+@dataclass
+class PathsConfig:
+    # Root under which each run or sweep gets its own directory ($SCRATCH/mnist-hpc by default).
+    output_root: str = "outputs/mnist-hpc"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (``conf/config.yaml`` lists it first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="mnist_hpc_schema", node=Config)
+
+
+def conf_dir() -> Path:
+    """Directory of the YAML configs: ``conf/`` in a checkout, else the copy in the wheel."""
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    from importlib.resources import files
+
+    return Path(str(files("mnist_hpc.conf")))
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config value {key}={value!r}: {what}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges that types alone cannot express; raise ConfigError naming the key."""
+    d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.train
+    _require(bool(d.cache_dir), "data.cache_dir", d.cache_dir, "set a cache directory")
+    _require(
+        0.0 <= d.validation_split < 1.0,
+        "data.validation_split",
+        d.validation_split,
+        "must be in [0, 1)",
+    )
+    _require(len(m.hidden_units) >= 1, "model.hidden_units", m.hidden_units, "give at least one layer size, e.g. [512]")
+    for i, units in enumerate(m.hidden_units):
+        _require(units >= 1, f"model.hidden_units[{i}]", units, "layer sizes must be >= 1")
+    _require(
+        m.activation in ACTIVATIONS,
+        "model.activation",
+        m.activation,
+        f"choose one of {', '.join(ACTIVATIONS)}",
+    )
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    _require(
+        math.isfinite(o.learning_rate) and o.learning_rate > 0,
+        "optimizer.learning_rate",
+        o.learning_rate,
+        "must be a positive number",
+    )
+    _require(0.0 <= o.momentum < 1.0, "optimizer.momentum", o.momentum, "must be in [0, 1)")
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    for key in ("intra_op_threads", "inter_op_threads"):
+        value = getattr(t, key)
+        _require(value is None or value >= 1, f"train.{key}", value, "must be >= 1 or null")
+    _require(t.steps_per_execution >= 1, "train.steps_per_execution", t.steps_per_execution, "must be >= 1")
+    return cfg
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """Hydra lets a forced ``+key=value`` through; the schema must still refuse it by name."""
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key {name}; valid keys here: {', '.join(sorted(known))}")
+        sub_schema = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(sub_schema):
+            _reject_unknown_keys(child, sub_schema, prefix=f"{name}.")
+
+
+def to_typed(cfg: DictConfig) -> Config:
+    """Convert a composed Hydra config (with or without its ``hydra`` node) into a checked Config."""
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    _reject_unknown_keys(plain, Config)
+    typed = OmegaConf.structured(Config)
+    merged = OmegaConf.merge(typed, plain)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    return validate(obj)
+
+
+def cache_file(cfg: DataConfig) -> Path:
+    """Absolute path of the cached dataset file."""
+    return Path(cfg.cache_dir).expanduser().resolve() / cfg.filename

@@ -1,0 +1,207 @@
+"""The dataset on disk: validation of an ``mnist.npz`` and the offline loader for compute nodes.
+
+Only numpy is imported here, so the login-node prefetch shares these checks without paying
+for TensorFlow. The loader reads the verified cache and nothing else: no network, no
+``keras.datasets`` (which rejects absolute paths, deletes files whose hash differs from its
+pin when offline, and silently swaps a read-only cache for ``/tmp/.keras``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from mnist_hpc.config import DataConfig, cache_file
+from mnist_hpc.io import sha256_file
+
+REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+class DatasetError(ValueError):
+    """A file is not a valid MNIST npz (wrong format, keys, shapes, dtypes or labels)."""
+
+
+class CacheMissingError(FileNotFoundError):
+    """No verified dataset in the cache; the message gives the prefetch command to run."""
+
+
+class CacheCorruptError(RuntimeError):
+    """The cached dataset no longer matches its manifest (truncated or changed on disk)."""
+
+
+def manifest_path(npz_path: Path) -> Path:
+    """The manifest that sits beside a cached dataset file."""
+    return npz_path.with_name(npz_path.name + MANIFEST_SUFFIX)
+
+
+def prefetch_hint(cache_dir: Path) -> str:
+    """The login-node command that fills ``cache_dir``."""
+    return f"mnist-hpc-prefetch data.cache_dir={cache_dir}"
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read every array of an npz without unpickling anything.
+
+    Raises:
+        DatasetError: the file is not an npz, or holds object arrays.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise DatasetError(f"{path} is a bare .npy array, not an npz archive of the four MNIST arrays")
+            return {key: npz[key] for key in npz.files}
+    except DatasetError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        head = _peek(path)
+        kind = " (it looks like an HTML page, e.g. an error page from a proxy)" if b"<html" in head.lower() else ""
+        raise DatasetError(f"{path} is not a readable npz archive{kind}: {exc}") from exc
+
+
+def _peek(path: Path, n: int = 512) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
+def validate_arrays(arrays: Mapping[str, np.ndarray], source: str = "dataset") -> dict[str, list[int]]:
+    """Check the four MNIST arrays; return their shapes.
+
+    Raises:
+        DatasetError: naming the first problem found and the file it came from.
+    """
+    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    if missing:
+        raise DatasetError(
+            f"{source} lacks the key(s) {missing}; an MNIST npz holds {list(REQUIRED_KEYS)}, found {sorted(arrays)}"
+        )
+    for key in REQUIRED_KEYS:
+        if arrays[key].dtype != np.uint8:
+            raise DatasetError(f"{source}: {key} has dtype {arrays[key].dtype}, expected uint8")
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or tuple(x.shape[1:]) != IMAGE_SHAPE:
+            raise DatasetError(f"{source}: x_{split} has shape {x.shape}, expected (N, 28, 28)")
+        if y.ndim != 1:
+            raise DatasetError(f"{source}: y_{split} has shape {y.shape}, expected (N,)")
+        if x.shape[0] != y.shape[0]:
+            raise DatasetError(f"{source}: x_{split} has {x.shape[0]} images but y_{split} has {y.shape[0]} labels")
+        if x.shape[0] == 0:
+            raise DatasetError(f"{source}: x_{split} is empty")
+        if int(y.max()) >= NUM_CLASSES:
+            raise DatasetError(f"{source}: y_{split} holds label {int(y.max())}; labels must lie in 0-9")
+    return {key: list(arrays[key].shape) for key in REQUIRED_KEYS}
+
+
+def read_manifest(npz_path: Path) -> Optional[dict[str, Any]]:
+    """The manifest beside a cached file, or None when it is absent or unreadable."""
+    try:
+        return json.loads(manifest_path(npz_path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verify_cached(npz_path: Path) -> dict[str, Any]:
+    """Check a cached file against its manifest's sha256; return the manifest.
+
+    Raises:
+        CacheMissingError: no file or no manifest at the path.
+        CacheCorruptError: the file's size or sha256 differs from the manifest.
+    """
+    hint = prefetch_hint(npz_path.parent)
+    if not npz_path.is_file():
+        raise CacheMissingError(f"no cached MNIST at {npz_path}; run `{hint}` on a login node first")
+    manifest = read_manifest(npz_path)
+    if manifest is None or "sha256" not in manifest:
+        raise CacheMissingError(
+            f"{npz_path} has no readable manifest at {manifest_path(npz_path)}, so it was not placed by a "
+            f"verified prefetch; run `{hint}` on a login node"
+        )
+    size = npz_path.stat().st_size
+    if "size" in manifest and size != manifest["size"]:
+        raise CacheCorruptError(
+            f"{npz_path} is {size} bytes but its manifest records {manifest['size']} (truncated or replaced); "
+            f"run `{hint} --force` on a login node"
+        )
+    digest = sha256_file(npz_path)
+    if digest != manifest["sha256"]:
+        raise CacheCorruptError(
+            f"{npz_path} has sha256 {digest} but its manifest records {manifest['sha256']} (corrupted or "
+            f"replaced after prefetch); run `{hint} --force` on a login node"
+        )
+    return manifest
+
+
+@dataclass
+class MnistData:
+    """The dataset as the lesson prepares it: flat float32 images in [0, 1], one-hot labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: Optional[np.ndarray]
+    y_val: Optional[np.ndarray]
+    x_test: np.ndarray
+    y_test: np.ndarray
+    sha256: str
+
+
+def prepare_images(x: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) uint8 -> (N, 784) float32 in [0, 1], as in the lesson."""
+    return x.reshape((x.shape[0], IMAGE_SHAPE[0] * IMAGE_SHAPE[1])).astype("float32") / 255
+
+
+def one_hot(y: np.ndarray) -> np.ndarray:
+    """Integer labels -> float32 one-hot rows, the lesson's ``to_categorical``."""
+    out = np.zeros((y.shape[0], NUM_CLASSES), dtype="float32")
+    out[np.arange(y.shape[0]), y.astype(np.int64)] = 1.0
+    return out
+
+
+def split_index(n: int, validation_split: float) -> int:
+    """Index where the held-out validation tail starts (Keras' ``validation_split`` rule)."""
+    return int(math.ceil(n * (1.0 - validation_split)))
+
+
+def load_mnist(cfg: DataConfig) -> MnistData:
+    """Load the verified cached dataset for training. Never touches the network.
+
+    Raises:
+        CacheMissingError: nothing cached at the configured path (names the prefetch command).
+        CacheCorruptError: the file no longer matches its manifest.
+        DatasetError: the file's content is invalid.
+    """
+    path = cache_file(cfg)
+    manifest = verify_cached(path)
+    arrays = read_npz(path)
+    validate_arrays(arrays, source=str(path))
+    x_train, y_train = prepare_images(arrays["x_train"]), one_hot(arrays["y_train"])
+    x_val = y_val = None
+    if cfg.validation_split > 0:
+        cut = split_index(x_train.shape[0], cfg.validation_split)
+        if cut < 1 or cut >= x_train.shape[0]:
+            raise DatasetError(
+                f"data.validation_split={cfg.validation_split} leaves {cut} of {x_train.shape[0]} "
+                "training samples; choose a split that keeps both parts non-empty"
+            )
+        x_train, x_val = x_train[:cut], x_train[cut:]
+        y_train, y_val = y_train[:cut], y_train[cut:]
+    return MnistData(
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        x_test=prepare_images(arrays["x_test"]),
+        y_test=one_hot(arrays["y_test"]),
+        sha256=manifest["sha256"],
+    )

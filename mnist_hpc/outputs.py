@@ -1,0 +1,127 @@
+"""What a run leaves in its run directory, each file written atomically.
+
+``metrics.json``, ``history.csv``, ``model.keras``, ``config.yaml`` and ``provenance.json``.
+No TensorFlow here except inside :func:`save_model`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from mnist_hpc.config import Config
+from mnist_hpc.io import atomic_path, write_json_atomic, write_text_atomic
+from mnist_hpc.runtime import RuntimeInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.yaml"
+PROVENANCE_FILE = "provenance.json"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """The resolved, typed config as YAML: enough to rerun the same job."""
+    write_text_atomic(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def history_csv(history: Sequence[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def write_history(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
+    write_text_atomic(run_dir / HISTORY_FILE, history_csv(history))
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    write_json_atomic(run_dir / METRICS_FILE, metrics)
+
+
+def save_model(run_dir: Path, model: "keras.Model") -> Path:
+    """Save in Keras' own format; the temporary name keeps the ``.keras`` suffix Keras requires."""
+    target = run_dir / MODEL_FILE
+    with atomic_path(target, suffix=".keras") as tmp:
+        model.save(tmp)
+    return target
+
+
+def _dist_version(*names: str) -> Optional[str]:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def git_commit(start: Path) -> Optional[dict[str, Any]]:
+    """The commit of the checkout holding ``start``, if it is one (local git only, no network)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(start), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(start), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(runtime: RuntimeInfo, data_sha256: str, started: str, ended: Optional[str]) -> dict[str, Any]:
+    """Versions, host, Slurm ids, data hash, code commit and times of a run."""
+    import keras
+    import numpy
+    import tensorflow as tf
+
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": numpy.__version__,
+            "hydra": _dist_version("hydra-core"),
+            "omegaconf": _dist_version("omegaconf"),
+            "submitit": _dist_version("submitit"),
+            "mnist_hpc": _dist_version("mnist-hpc"),
+        },
+        "python_executable": sys.executable,
+        "platform": platform.platform(),
+        **runtime.as_dict(),
+        "data_sha256": data_sha256,
+        "git": git_commit(Path(__file__).resolve().parent),
+        "started": started,
+        "ended": ended,
+    }
+
+
+def write_provenance(run_dir: Path, info: dict[str, Any]) -> None:
+    write_json_atomic(run_dir / PROVENANCE_FILE, info)

@@ -1,0 +1,88 @@
+"""Shared fixtures: configs composed exactly as users get them, shrunk to tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+
+from mnist_hpc.io import sha256_file
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def synthetic_mnist(n_train: int = 600, n_test: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+    """Learnable MNIST-shaped data: each class is a fixed random template plus noise."""
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, size=(10, 28, 28))
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        noise = rng.integers(-60, 61, size=(n, 28, 28))
+        x = np.clip(templates[y] + noise, 0, 255).astype(np.uint8)
+        return x, y.astype(np.uint8)
+
+    x_train, y_train = draw(n_train)
+    x_test, y_test = draw(n_test)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return path
+
+
+def fill_cache(cache_dir: Path, arrays: Optional[dict[str, np.ndarray]] = None) -> Path:
+    """Put a dataset into ``cache_dir`` through the real prefetch import (``--from``)."""
+    from mnist_hpc.prefetch import prefetch
+
+    source = write_npz(cache_dir.parent / "incoming" / "mnist.npz", arrays or synthetic_mnist())
+    target = cache_dir / "mnist.npz"
+    prefetch(target, source=source)
+    manifest = json.loads((cache_dir / "mnist.npz.manifest.json").read_text())
+    assert manifest["sha256"] == sha256_file(target)
+    return target
+
+
+@pytest.fixture
+def synthetic_cache(tmp_path: Path) -> Path:
+    """A cache directory holding a verified synthetic dataset."""
+    cache_dir = tmp_path / "cache"
+    fill_cache(cache_dir)
+    return cache_dir
+
+
+@pytest.fixture
+def compose() -> Callable[..., object]:
+    """Compose the real ``conf/`` with overrides, as ``mnist-hpc-train`` does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from mnist_hpc.config import conf_dir, register_configs
+
+    register_configs()
+
+    def _compose(overrides: list[str] = (), return_hydra_config: bool = False):  # type: ignore[assignment]
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+    return _compose
+
+
+def tiny_overrides(cache_dir: Path, output_root: Path) -> list[str]:
+    """Overrides that make a run take seconds: synthetic cache, 1 epoch, small batches."""
+    return [
+        f"data.cache_dir={cache_dir}",
+        f"paths.output_root={output_root}",
+        "train.epochs=1",
+        "train.batch_size=32",
+    ]
