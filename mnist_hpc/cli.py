@@ -28,6 +28,10 @@ def train_main() -> None:
     from mnist_hpc.config import conf_dir, register_configs
 
     register_configs()
+    from hydra_plugins.mnist_hpc_launcher.launcher import register_plugins
+
+    register_plugins()
+
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_train_task)()
 
 

@@ -1,0 +1,56 @@
+"""Hydra launcher plugins ``hydra/launcher=slurm`` and ``hydra/launcher=local``.
+
+Hydra instantiates launchers only from the ``hydra_plugins`` package; these classes are thin,
+the logic lives in :mod:`mnist_hpc.launch`. Imported at every Hydra start-up: keep it light.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig
+
+from mnist_hpc.launch import BaseQueueConf, SlurmQueueConf, launch_jobs
+
+ConfigStore.instance().store(group="hydra/launcher", name="slurm_schema", node=SlurmQueueConf, provider="mnist_hpc")
+ConfigStore.instance().store(group="hydra/launcher", name="local_schema", node=BaseQueueConf, provider="mnist_hpc")
+
+
+class _SubmititLauncher(Launcher):
+    cluster = "local"
+
+    def __init__(self, **params: Any) -> None:
+        self.params = DictConfig(params)
+        self.config: Optional[DictConfig] = None
+        self.task_function: Any = None
+        self.hydra_context: Any = None
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
+        return launch_jobs(self, self.cluster, job_overrides, initial_job_idx)
+
+
+class SlurmLauncher(_SubmititLauncher):
+    cluster = "slurm"
+
+
+class LocalLauncher(_SubmititLauncher):
+    cluster = "local"
+
+
+def register_plugins() -> None:
+    """Register both launchers with Hydra explicitly.
+
+    Hydra's plugin scan walks ``hydra_plugins.__path__``, which an editable install fills with
+    a path hook rather than a directory, so the scan misses this package there.
+    """
+    from hydra.core.plugins import Plugins
+
+    for clazz in (SlurmLauncher, LocalLauncher):
+        Plugins.instance().register(clazz)
