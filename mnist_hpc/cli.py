@@ -40,3 +40,10 @@ def prefetch_main(argv: Optional[list[str]] = None) -> None:
     from mnist_hpc.prefetch import main
 
     sys.exit(main(argv))
+
+
+def status_main(argv: Optional[list[str]] = None) -> None:
+    """``mnist-hpc-status``: state of submitted jobs from sacct and the run directories."""
+    from mnist_hpc.status import main
+
+    sys.exit(main(argv))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 # Keras' own download of the lesson's file, and the sha256 Keras pins for it.
@@ -24,8 +25,11 @@ KERAS_MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "elu", "selu", "swish")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and the fix."""
+class ConfigError(CompactHydraException, ValueError):
+    """A configuration value is invalid; the message names the key and the fix.
+
+    A CompactHydraException, so the Hydra app prints the message alone, not a traceback.
+    """
 
 
 class OptimizerName(str, enum.Enum):

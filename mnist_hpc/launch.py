@@ -22,18 +22,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_hpc.config import Config, ConfigError, cache_file, to_typed
 from mnist_hpc.io import write_json_atomic
+from mnist_hpc.outputs import JOB_FILE
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "job.json"
+class PreflightError(CompactHydraException):
+    """A check before queueing failed; nothing was submitted.
 
-
-class PreflightError(RuntimeError):
-    """A check before queueing failed; nothing was submitted."""
+    A CompactHydraException, so Hydra prints the message alone, not a traceback.
+    """
 
 
 @dataclass

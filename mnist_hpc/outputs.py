@@ -1,5 +1,7 @@
 """What a run leaves in its run directory, each file written atomically.
 
+Light to import (the login-node status and report read these names).
+
 ``metrics.json``, ``history.csv``, ``model.keras``, ``config.yaml`` and ``provenance.json``.
 No TensorFlow here except inside :func:`save_model`.
 """
@@ -16,28 +18,31 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from omegaconf import OmegaConf
-
-from mnist_hpc.config import Config
 from mnist_hpc.io import atomic_path, write_json_atomic, write_text_atomic
 from mnist_hpc.runtime import RuntimeInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
+    from mnist_hpc.config import Config
+
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.yaml"
 PROVENANCE_FILE = "provenance.json"
+# Written at submission: job id, array index and log paths (see mnist_hpc.launch).
+JOB_FILE = "job.json"
 
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_config(run_dir: Path, cfg: Config) -> None:
+def write_config(run_dir: Path, cfg: "Config") -> None:
     """The resolved, typed config as YAML: enough to rerun the same job."""
+    from omegaconf import OmegaConf
+
     write_text_atomic(run_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 

@@ -6,13 +6,14 @@ the logic lives in :mod:`mnist_hpc.launch`. Imported at every Hydra start-up: ke
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig
 
-from mnist_hpc.launch import BaseQueueConf, SlurmQueueConf, launch_jobs
+from mnist_hpc.launch import BaseQueueConf, SlurmQueueConf, check_writable, launch_jobs
 
 ConfigStore.instance().store(group="hydra/launcher", name="slurm_schema", node=SlurmQueueConf, provider="mnist_hpc")
 ConfigStore.instance().store(group="hydra/launcher", name="local_schema", node=BaseQueueConf, provider="mnist_hpc")
@@ -31,6 +32,8 @@ class _SubmititLauncher(Launcher):
         self.config = config
         self.hydra_context = hydra_context
         self.task_function = task_function
+        # Before Hydra's sweeper creates the sweep directory: fail with a clear message.
+        check_writable(Path(str(config.hydra.sweep.dir)).resolve())
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
         return launch_jobs(self, self.cluster, job_overrides, initial_job_idx)

@@ -1,0 +1,639 @@
+#!/usr/bin/env bash
+# slurm/cluster.sh -- run a real, single-node Slurm cluster on this Debian 12 host.
+#
+#   sudo slurm/cluster.sh start    # install (if needed), configure and start everything
+#   sudo slurm/cluster.sh status   # exit 0 only if the cluster accepts jobs
+#   sudo slurm/cluster.sh stop     # stop every daemon again
+#
+# The point is to exercise the submitit/Hydra launcher against the genuine
+# slurmctld/slurmd/slurmdbd (requeue, signals, arrays, sacct), not a mock.
+#
+# Daemons: munged -> mariadbd -> slurmdbd -> slurmctld -> slurmd.
+#
+# Design notes (the "why"):
+# * Daemons are always launched directly, never via systemctl/invoke-rc.d.
+#   CI containers have no systemd as PID 1 and usually a policy-rc.d that
+#   refuses to start services; launching directly is the one code path that
+#   works everywhere. If a daemon is already running (e.g. systemd started
+#   munge/mariadb when the packages were installed) it is reused, not doubled.
+# * Processes are identified by their exact /proc/<pid>/comm, not by pid files
+#   alone: after a crash/kill -9 the pid files are stale, and slurmctld,
+#   slurmd and slurmdbd all SIGTERM whatever pid their old pid file names on
+#   startup -- with pid reuse that could be an unrelated process. Stale pid
+#   files are therefore deleted before any daemon is launched.
+# * No cgroups: proctrack/linuxproc + task/none + jobacct_gather/linux work in
+#   unprivileged containers and on cgroup v1 and v2 hosts alike. Memory is
+#   scheduled (CR_Core_Memory) but not enforced by the kernel.
+# * SlurmdParameters=config_overrides makes slurmd trust slurm.conf rather
+#   than the detected hardware, so SLURM_CLUSTER_CPUS/MEM_MB may also
+#   oversubscribe the machine (handy for big array tests) without the node
+#   being drained as "Low RealMemory"/"Low CPUs".
+# * Every wait is bounded; on failure the relevant daemon log tail is printed.
+#
+# Environment overrides (all optional):
+#   SLURM_CLUSTER_NAME          ClusterName                      [mnisthpc]
+#   SLURM_CLUSTER_PARTITION     partition name                   [debug]
+#   SLURM_CLUSTER_ACCOUNT       accounting account for users     [mnisthpc]
+#   SLURM_CLUSTER_USERS         users to associate with account  [root + $SUDO_USER]
+#   SLURM_CLUSTER_CPUS          CPUs of the node                 [nproc]
+#   SLURM_CLUSTER_MEM_MB        RealMemory of the node in MB     [95% of MemTotal]
+#   SLURM_CLUSTER_DEF_MEM_PER_CPU  DefMemPerCPU in MB            [MEM_MB / CPUS]
+#   SLURM_CLUSTER_TIMEOUT       seconds allowed for each wait    [60]
+
+set -euo pipefail
+
+readonly PROG="${0##*/}"
+
+CLUSTER_NAME="${SLURM_CLUSTER_NAME:-mnisthpc}"
+PARTITION="${SLURM_CLUSTER_PARTITION:-debug}"
+ACCOUNT="${SLURM_CLUSTER_ACCOUNT:-mnisthpc}"
+TIMEOUT="${SLURM_CLUSTER_TIMEOUT:-60}"
+
+readonly SLURM_ETC=/etc/slurm
+readonly SLURM_LOG_DIR=/var/log/slurm
+readonly SLURM_RUN_DIR=/run/slurm
+readonly CTLD_STATE_DIR=/var/spool/slurmctld
+readonly SLURMD_SPOOL_DIR=/var/spool/slurmd
+readonly DB_NAME=slurm_acct_db
+readonly DB_USER=slurm
+readonly LOCK_FILE=/run/lock/slurm-cluster-sh.lock
+
+# Clients must read the config this script writes, whatever the caller's env.
+export SLURM_CONF="$SLURM_ETC/slurm.conf"
+export DEBIAN_FRONTEND=noninteractive
+
+# --- per-daemon facts --------------------------------------------------------
+# comm names: mariadbd may also show up under its legacy name mysqld.
+declare -A COMMS=(
+  [munged]="munged"
+  [mariadb]="mariadbd mysqld"
+  [slurmdbd]="slurmdbd"
+  [slurmctld]="slurmctld"
+  [slurmd]="slurmd"
+)
+declare -A PIDFILE=(
+  [munged]=/run/munge/munged.pid
+  [mariadb]=/run/mysqld/mysqld.pid
+  [slurmdbd]=$SLURM_RUN_DIR/slurmdbd.pid
+  [slurmctld]=$SLURM_RUN_DIR/slurmctld.pid
+  [slurmd]=$SLURM_RUN_DIR/slurmd.pid
+)
+declare -A LOGFILE=(
+  [munged]=/var/log/munge/munged.log
+  [mariadb]=$SLURM_LOG_DIR/mariadb.log
+  [slurmdbd]=$SLURM_LOG_DIR/slurmdbd.log
+  [slurmctld]=$SLURM_LOG_DIR/slurmctld.log
+  [slurmd]=$SLURM_LOG_DIR/slurmd.log
+)
+readonly DAEMONS_UP=(munged mariadb slurmdbd slurmctld slurmd)
+readonly DAEMONS_DOWN=(slurmd slurmctld slurmdbd mariadb munged)
+
+# --- small helpers ------------------------------------------------------------
+say() { printf '[%s] %s\n' "$PROG" "$*"; }
+warn() { printf '[%s] WARNING: %s\n' "$PROG" "$*" >&2; }
+
+# fail <daemon...> -- <message>: print the message plus the log tails of the
+# daemons that are most likely to explain it, then exit non-zero.
+fail() {
+  local daemons=() d
+  while (($#)) && [[ $1 != -- ]]; do daemons+=("$1"); shift; done
+  shift || true
+  printf '[%s] ERROR: %s\n' "$PROG" "$*" >&2
+  for d in "${daemons[@]}"; do
+    if [[ -s ${LOGFILE[$d]} ]]; then
+      printf '\n----- last 25 lines of %s -----\n' "${LOGFILE[$d]}" >&2
+      tail -n 25 "${LOGFILE[$d]}" >&2
+    fi
+  done
+  exit 1
+}
+
+# Exact-comm scan of /proc. Deliberately no pgrep: procps is not guaranteed
+# in minimal images, and "pgrep -f" style matching would hit unrelated
+# processes (e.g. slurmstepd, or an editor with slurmd.conf open).
+daemon_pids() {
+  local name=$1 p comm c
+  for p in /proc/[0-9]*; do
+    # (a process may vanish between the glob and the read)
+    { read -r comm <"$p/comm"; } 2>/dev/null || continue
+    for c in ${COMMS[$name]}; do
+      [[ $comm == "$c" ]] && printf '%s\n' "${p#/proc/}"
+    done
+  done
+  return 0
+}
+
+is_running() { [[ -n $(daemon_pids "$1") ]]; }
+
+# A pid file whose pid is not (any more) our daemon is a trap: see header.
+clear_stale_pidfile() {
+  local name=$1 f=${PIDFILE[$1]} pid comm c
+  [[ -e $f ]] || return 0
+  { read -r pid <"$f"; } 2>/dev/null || pid=
+  if [[ $pid =~ ^[0-9]+$ ]] && { read -r comm <"/proc/$pid/comm"; } 2>/dev/null; then
+    for c in ${COMMS[$name]}; do [[ $comm == "$c" ]] && return 0; done
+  fi
+  rm -f "$f"
+}
+
+# wait_for <seconds> <daemon|""> <description> <command...>
+# Polls the command; gives up early if the daemon we are waiting on died.
+wait_for() {
+  local timeout=$1 daemon=$2 desc=$3
+  shift 3
+  local deadline=$((SECONDS + timeout))
+  local logs=("${DAEMONS_UP[@]}")
+  [[ -n $daemon ]] && logs=("$daemon")
+  until "$@" >/dev/null 2>&1; do
+    if [[ -n $daemon ]] && ! is_running "$daemon"; then
+      fail "${logs[@]}" -- "$daemon died while waiting for: $desc"
+    fi
+    if ((SECONDS >= deadline)); then
+      fail "${logs[@]}" -- "timed out after ${timeout}s waiting for: $desc"
+    fi
+    sleep 0.5
+  done
+}
+
+# install_file <path> <mode> <owner> <content>: atomic write; sets CHANGED=1
+# only when the content differs, so a re-run of `start` does not needlessly
+# restart daemons.
+CHANGED=0
+install_file() {
+  local path=$1 mode=$2 owner=$3 content=$4 tmp
+  tmp=$(mktemp "$path.XXXXXX")
+  printf '%s\n' "$content" >"$tmp"
+  chmod "$mode" "$tmp"
+  chown "$owner" "$tmp"
+  if [[ -e $path ]] && cmp -s "$tmp" "$path"; then
+    rm -f "$tmp"
+    chmod "$mode" "$path"
+    chown "$owner" "$path"
+    CHANGED=0
+  else
+    mv -f "$tmp" "$path"
+    CHANGED=1
+  fi
+}
+
+short_hostname() { hostname -s 2>/dev/null || uname -n | cut -d. -f1; }
+
+mysql_root() { mariadb --protocol=socket -uroot "$@"; }
+
+# --- installation -------------------------------------------------------------
+ensure_packages() {
+  local pkgs=(slurm-wlm slurmdbd munge mariadb-server) missing=() p
+  for p in "${pkgs[@]}"; do
+    if [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) != "install ok installed" ]]; then
+      missing+=("$p")
+    fi
+  done
+  ((${#missing[@]} == 0)) && return 0
+  say "installing: ${missing[*]}"
+  apt-get update -qq
+  # Postinst scripts may try to start services; whether that works (systemd)
+  # or is refused (policy-rc.d) does not matter, we start/reuse them below.
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# --- munge -------------------------------------------------------------------
+start_munged() {
+  install -d -o munge -g munge -m 0700 /etc/munge /var/log/munge
+  install -d -o munge -g munge -m 0711 /var/lib/munge
+  install -d -o munge -g munge -m 0755 /run/munge
+  # munged opens its log itself as user munge and insists on owning it.
+  touch "${LOGFILE[munged]}"
+  chown munge:munge "${LOGFILE[munged]}"
+  chmod 0640 "${LOGFILE[munged]}"
+  if [[ ! -s /etc/munge/munge.key ]]; then
+    say "creating munge key"
+    if command -v mungekey >/dev/null; then
+      mungekey --create --keyfile=/etc/munge/munge.key --force
+    else
+      dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+    fi
+  fi
+  chown munge:munge /etc/munge/munge.key
+  chmod 0400 /etc/munge/munge.key
+
+  if ! is_running munged; then
+    clear_stale_pidfile munged
+    say "starting munged"
+    # --force: a kill -9'd munged leaves its socket + lock behind; we have just
+    # established that no munged is running, so it is safe to take them over.
+    runuser -u munge -- /usr/sbin/munged --force >>"${LOGFILE[munged]}" 2>&1 ||
+      fail munged -- "munged failed to start"
+  fi
+  wait_for "$TIMEOUT" munged "munge credential round trip" \
+    bash -c 'munge -n | unmunge'
+}
+
+# --- MariaDB -------------------------------------------------------------------
+start_mariadb() {
+  install -d -o mysql -g mysql -m 0755 /run/mysqld
+  if [[ ! -d /var/lib/mysql/mysql ]]; then
+    # Normally done by the package's postinst; redo it for wiped data dirs.
+    say "initialising MariaDB data directory"
+    install -d -o mysql -g mysql -m 0755 /var/lib/mysql
+    mariadb-install-db --user=mysql --datadir=/var/lib/mysql \
+      --auth-root-authentication-method=socket >>"${LOGFILE[mariadb]}" 2>&1 ||
+      fail mariadb -- "mariadb-install-db failed"
+  fi
+  if ! is_running mariadb; then
+    clear_stale_pidfile mariadb
+    say "starting mariadbd"
+    # mariadbd does not daemonise itself; setsid -f detaches it from our
+    # session so it survives the caller's shell/CI step. The two InnoDB
+    # settings are the ones slurmdbd complains about if left at defaults
+    # (it wants at least half of its 1 GiB buffer pool recommendation; the
+    # pool is allocated lazily, so this costs little real memory).
+    setsid -f /usr/sbin/mariadbd --user=mysql \
+      --innodb-buffer-pool-size=512M --innodb-lock-wait-timeout=900 \
+      </dev/null >>"${LOGFILE[mariadb]}" 2>&1
+  fi
+  wait_for "$TIMEOUT" mariadb "MariaDB to accept connections" \
+    mysql_root -e 'SELECT 1'
+}
+
+# The DB password only has to be shared between MariaDB and slurmdbd.conf, so
+# it is generated once and afterwards read back from slurmdbd.conf; re-running
+# start keeps both sides in sync (and slurmdbd.conf unchanged).
+db_password() {
+  local pw=""
+  if [[ -r $SLURM_ETC/slurmdbd.conf ]]; then
+    pw=$(sed -n 's/^StoragePass=//p' "$SLURM_ETC/slurmdbd.conf" | head -n1)
+  fi
+  [[ -n $pw ]] || pw=$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 24)
+  printf '%s' "$pw"
+}
+
+setup_database() {
+  local pw=$1
+  mysql_root <<SQL || fail mariadb -- "could not create database/user for slurmdbd"
+CREATE DATABASE IF NOT EXISTS $DB_NAME;
+CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$pw';
+ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$pw';
+GRANT ALL ON $DB_NAME.* TO '$DB_USER'@'localhost';
+FLUSH PRIVILEGES;
+SQL
+}
+
+# --- slurm directories/config ---------------------------------------------------
+prepare_slurm_dirs() {
+  install -d -m 0755 "$SLURM_ETC"
+  install -d -o "$SLURM_USER" -g "$SLURM_GROUP" -m 0755 "$SLURM_LOG_DIR" "$SLURM_RUN_DIR"
+  install -d -o "$SLURM_USER" -g "$SLURM_GROUP" -m 0700 "$CTLD_STATE_DIR"
+  install -d -o root -g root -m 0755 "$SLURMD_SPOOL_DIR" # slurmd runs as root
+  # slurmctld/slurmdbd open their logs after dropping to SlurmUser.
+  local f
+  for f in slurmctld slurmdbd; do
+    touch "${LOGFILE[$f]}"
+    chown "$SLURM_USER:$SLURM_GROUP" "${LOGFILE[$f]}"
+  done
+}
+
+write_slurmdbd_conf() {
+  local pw=$1
+  # mode 600 + owned by SlurmUser: slurmdbd refuses world-readable configs
+  # because they hold the DB password.
+  install_file "$SLURM_ETC/slurmdbd.conf" 0600 "$SLURM_USER:$SLURM_GROUP" "\
+# Generated by slurm/cluster.sh (overwritten on start).
+AuthType=auth/munge
+DbdHost=localhost
+DbdPort=6819
+SlurmUser=$SLURM_USER
+DebugLevel=info
+LogFile=${LOGFILE[slurmdbd]}
+PidFile=${PIDFILE[slurmdbd]}
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageLoc=$DB_NAME
+StorageUser=$DB_USER
+StoragePass=$pw"
+}
+
+write_slurm_conf() {
+  local host=$1 cpus mem defmem memtotal_kb
+  cpus=${SLURM_CLUSTER_CPUS:-$(nproc)}
+  memtotal_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+  # ~5% headroom below the physical total, as slurmd reports slightly less
+  # than MemTotal and the OS/daemons need some too.
+  mem=${SLURM_CLUSTER_MEM_MB:-$((memtotal_kb / 1024 * 95 / 100))}
+  # Without a default, CR_Core_Memory gives a job with no --mem the whole
+  # node's memory, which would serialise all jobs. Default: memory scales
+  # with CPUs, so CPUs are what limits concurrency.
+  defmem=${SLURM_CLUSTER_DEF_MEM_PER_CPU:-$((mem / cpus))}
+
+  install_file "$SLURM_ETC/slurm.conf" 0644 root:root "\
+# Generated by slurm/cluster.sh (overwritten on start).
+ClusterName=$CLUSTER_NAME
+# 127.0.0.1: single-node cluster, do not depend on DNS/hosts for the hostname.
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=$SLURM_USER
+AuthType=auth/munge
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=$CTLD_STATE_DIR
+SlurmdSpoolDir=$SLURMD_SPOOL_DIR
+SlurmctldPidFile=${PIDFILE[slurmctld]}
+SlurmdPidFile=${PIDFILE[slurmd]}
+SlurmctldLogFile=${LOGFILE[slurmctld]}
+SlurmdLogFile=${LOGFILE[slurmd]}
+SlurmctldDebug=info
+SlurmdDebug=info
+MailProg=/bin/true
+
+# Container friendly: no cgroups needed (see header of cluster.sh).
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
+MpiDefault=none
+SwitchType=switch/none
+SlurmdParameters=config_overrides
+
+# Scheduling: several 1-CPU jobs side by side.
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$defmem
+PreemptType=preempt/none
+PreemptMode=OFF
+
+# Behaviour the submitit launcher relies on / is tested against.
+JobRequeue=1
+MaxArraySize=10001
+MaxJobCount=100000
+KillWait=30
+MinJobAge=300
+ReturnToService=2
+SlurmdTimeout=300
+SlurmctldTimeout=120
+InactiveLimit=0
+Waittime=0
+
+# Accounting through slurmdbd so that sacct works.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=6819
+JobCompType=jobcomp/none
+
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
+PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP"
+}
+
+# --- slurm daemons ------------------------------------------------------------------
+dbd_answers() { timeout 10 sacctmgr -n -P list cluster format=cluster; }
+
+start_slurmdbd() {
+  local conf_changed=$1
+  if ((conf_changed)) && is_running slurmdbd; then
+    say "slurmdbd.conf changed, restarting slurmdbd"
+    stop_daemon slurmdbd
+  fi
+  if ! is_running slurmdbd; then
+    clear_stale_pidfile slurmdbd
+    say "starting slurmdbd"
+    /usr/sbin/slurmdbd >>"${LOGFILE[slurmdbd]}" 2>&1 ||
+      fail slurmdbd mariadb -- "slurmdbd failed to start"
+  fi
+  # The first start creates the schema, which takes a few seconds.
+  wait_for "$TIMEOUT" slurmdbd "slurmdbd to answer sacctmgr" dbd_answers
+}
+
+# Registering the cluster before slurmctld's first start means slurmctld
+# finds its cluster in the DB right away and sends job records immediately.
+register_accounting() {
+  local out user users
+  out=$(timeout 20 sacctmgr -n -P list cluster format=cluster) ||
+    fail slurmdbd -- "sacctmgr list cluster failed"
+  if ! grep -qx "$CLUSTER_NAME" <<<"$out"; then
+    say "registering cluster $CLUSTER_NAME in accounting"
+    timeout 20 sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null ||
+      fail slurmdbd -- "sacctmgr add cluster failed"
+  fi
+  out=$(timeout 20 sacctmgr -n -P list account "$ACCOUNT" format=account) ||
+    fail slurmdbd -- "sacctmgr list account failed"
+  if [[ -z $out ]]; then
+    timeout 20 sacctmgr -i add account "$ACCOUNT" Cluster="$CLUSTER_NAME" \
+      Description="mnist-hpc jobs" Organization=mnist-hpc >/dev/null ||
+      fail slurmdbd -- "sacctmgr add account failed"
+  fi
+  users=${SLURM_CLUSTER_USERS:-root ${SUDO_USER:-}}
+  for user in $users; do
+    out=$(timeout 20 sacctmgr -n -P list assoc cluster="$CLUSTER_NAME" \
+      account="$ACCOUNT" user="$user" format=user) ||
+      fail slurmdbd -- "sacctmgr list assoc failed"
+    if [[ -z $out ]]; then
+      timeout 20 sacctmgr -i add user "$user" Account="$ACCOUNT" \
+        Cluster="$CLUSTER_NAME" >/dev/null ||
+        fail slurmdbd -- "sacctmgr add user $user failed"
+    fi
+  done
+}
+
+ctld_up() {
+  local out
+  out=$(timeout 10 scontrol ping 2>&1) || return 1
+  [[ $out == *"is UP"* ]]
+}
+
+node_state() { timeout 10 sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -n1; }
+
+# idle/mixed/allocated/completing without a trailing "*" (= not responding)
+# are the states in which the node runs jobs.
+node_usable() {
+  local st
+  st=$(node_state "$1") || return 1
+  [[ $st =~ ^(idle|mixed|allocated|completing)$ ]]
+}
+
+start_slurmctld() {
+  local conf_changed=$1 d
+  if ((conf_changed)); then
+    # Node definitions are only re-read on restart, not on reconfigure.
+    for d in slurmd slurmctld; do
+      if is_running "$d"; then
+        say "slurm.conf changed, restarting $d"
+        stop_daemon "$d"
+      fi
+    done
+  fi
+  # slurmctld refuses state saved by a different ClusterName (a safety check
+  # against shared StateSaveLocations); for this throw-away cluster we drop
+  # the old state instead.
+  local cn_file=$CTLD_STATE_DIR/clustername
+  if ! is_running slurmctld && [[ -s $cn_file ]] &&
+    [[ $(<"$cn_file") != "$CLUSTER_NAME" ]]; then
+    warn "StateSaveLocation belongs to cluster '$(<"$cn_file")', wiping it"
+    find "$CTLD_STATE_DIR" -mindepth 1 -delete
+  fi
+  if ! is_running slurmctld; then
+    clear_stale_pidfile slurmctld
+    say "starting slurmctld"
+    /usr/sbin/slurmctld >>"${LOGFILE[slurmctld]}" 2>&1 ||
+      fail slurmctld -- "slurmctld failed to start"
+  fi
+  wait_for "$TIMEOUT" slurmctld "slurmctld to answer scontrol ping" ctld_up
+}
+
+start_slurmd() {
+  local host=$1
+  if ! is_running slurmd; then
+    clear_stale_pidfile slurmd
+    say "starting slurmd"
+    /usr/sbin/slurmd >>"${LOGFILE[slurmd]}" 2>&1 ||
+      fail slurmd -- "slurmd failed to start"
+  fi
+  # Wait for registration. A node that registered but is DRAINED/DOWN (e.g.
+  # after slurmd was killed with jobs on it) is resumed once: this cluster
+  # exists to run jobs, not to preserve an admin's drain decision.
+  local deadline=$((SECONDS + TIMEOUT)) st resumed=0
+  while ! node_usable "$host"; do
+    is_running slurmd || fail slurmd -- "slurmd died during node registration"
+    st=$(node_state "$host" || true)
+    if ((!resumed)) && [[ $st =~ ^(drained|draining|drain|down)$ ]]; then
+      say "node $host is $st, resuming it"
+      timeout 10 scontrol update NodeName="$host" State=RESUME || true
+      resumed=1
+    fi
+    ((SECONDS < deadline)) ||
+      fail slurmd slurmctld -- "node $host did not become usable within ${TIMEOUT}s (state: ${st:-unknown})"
+    sleep 0.5
+  done
+}
+
+# One real job end-to-end (srun -> slurmctld -> slurmd -> slurmstepd). Skipped
+# when the node is fully allocated, since the check would just queue.
+smoke_test() {
+  local host=$1 st
+  st=$(node_state "$host")
+  if [[ $st == allocated ]]; then
+    say "node fully allocated by existing jobs, skipping the test job"
+    return 0
+  fi
+  timeout "$TIMEOUT" srun --quiet -N1 -n1 -t 1 -J cluster-sh-check true ||
+    fail slurmctld slurmd -- "test job (srun -N1 true) failed"
+}
+
+# --- stop ---------------------------------------------------------------------
+stop_daemon() {
+  local name=$1 pids pid deadline grace=30
+  pids=$(daemon_pids "$name")
+  if [[ -z $pids ]]; then
+    clear_stale_pidfile "$name"
+    return 0
+  fi
+  say "stopping $name"
+  if [[ $name == mariadb ]]; then
+    grace=60
+    # Graceful shutdown flushes InnoDB; fall back to SIGTERM below.
+    timeout 60 mariadb-admin --protocol=socket -uroot shutdown >/dev/null 2>&1 || true
+  fi
+  for pid in $pids; do kill -TERM "$pid" 2>/dev/null || true; done
+  deadline=$((SECONDS + grace))
+  while is_running "$name" && ((SECONDS < deadline)); do sleep 0.2; done
+  if is_running "$name"; then
+    warn "$name did not exit within ${grace}s, sending SIGKILL"
+    for pid in $(daemon_pids "$name"); do kill -KILL "$pid" 2>/dev/null || true; done
+    sleep 0.5
+  fi
+  clear_stale_pidfile "$name"
+}
+
+# --- commands -------------------------------------------------------------------
+print_status() {
+  local host=$1 d pids
+  echo "daemons:"
+  for d in "${DAEMONS_UP[@]}"; do
+    pids=$(daemon_pids "$d" | tr '\n' ' ')
+    if [[ -n $pids ]]; then
+      printf '  %-10s running (pid %s)\n' "$d" "${pids% }"
+    else
+      printf '  %-10s stopped\n' "$d"
+    fi
+  done
+  if is_running slurmctld; then
+    echo "sinfo:"
+    timeout 10 sinfo 2>&1 | sed 's/^/  /' || true
+  fi
+}
+
+# 0 only if every daemon is up and slurmctld would accept a job now.
+cluster_ok() {
+  local host=$1 d
+  for d in "${DAEMONS_UP[@]}"; do is_running "$d" || return 1; done
+  ctld_up || return 1
+  node_usable "$host" || return 1
+  timeout 15 sbatch --test-only -p "$PARTITION" -n1 -t 1 --wrap true >/dev/null 2>&1
+}
+
+cmd_start() {
+  local host t0=$SECONDS pw dbd_changed ctld_changed
+  ensure_packages
+  host=$(short_hostname)
+  if getent passwd slurm >/dev/null; then
+    SLURM_USER=slurm SLURM_GROUP=$(id -gn slurm)
+  else
+    SLURM_USER=root SLURM_GROUP=root
+  fi
+  prepare_slurm_dirs
+
+  start_munged
+  start_mariadb
+  pw=$(db_password)
+  setup_database "$pw"
+  write_slurmdbd_conf "$pw"
+  dbd_changed=$CHANGED
+  # slurm.conf is needed before slurmdbd is usable: sacctmgr finds slurmdbd
+  # through AccountingStorageHost (without the file it falls back to DNS SRV).
+  write_slurm_conf "$host"
+  ctld_changed=$CHANGED
+  start_slurmdbd "$dbd_changed"
+  register_accounting
+  start_slurmctld "$ctld_changed"
+  start_slurmd "$host"
+  smoke_test "$host"
+
+  say "cluster '$CLUSTER_NAME' is up (took $((SECONDS - t0))s)"
+  print_status "$host"
+}
+
+cmd_stop() {
+  local d
+  for d in "${DAEMONS_DOWN[@]}"; do stop_daemon "$d"; done
+  say "all daemons stopped"
+}
+
+cmd_status() {
+  local host
+  host=$(short_hostname)
+  print_status "$host"
+  if cluster_ok "$host"; then
+    say "cluster '$CLUSTER_NAME' accepts jobs"
+  else
+    say "cluster is NOT accepting jobs"
+    return 1
+  fi
+}
+
+main() {
+  local cmd=${1:-}
+  case $cmd in
+    start | stop | status) ;;
+    *)
+      echo "usage: $PROG {start|stop|status}" >&2
+      exit 2
+      ;;
+  esac
+  [[ $EUID -eq 0 ]] || { echo "$PROG: must run as root" >&2; exit 1; }
+  if [[ $cmd != status ]]; then
+    # Serialise start/stop (e.g. two CI steps or two terminals at once).
+    install -d /run/lock
+    exec 9>"$LOCK_FILE"
+    flock -w 300 9 || { echo "$PROG: could not get $LOCK_FILE" >&2; exit 1; }
+  fi
+  "cmd_$cmd"
+}
+
+main "$@"

@@ -1,0 +1,102 @@
+"""A real HTTP server on 127.0.0.1 for tests that must not touch the internet.
+
+Routes are configured per path (status, body, headers, a truncated body, a gate that holds
+the response back) and every request is counted, so a test can assert how many downloads
+and retries actually happened.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Clients that give up (retries, truncation tests) reset connections; that is expected.
+        pass
+
+
+@dataclass
+class Route:
+    """How the server answers one path."""
+
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "application/octet-stream"
+    # Send only this many bytes of the body (Content-Length still announces all), then close.
+    truncate_to: Optional[int] = None
+    # When set, the response waits until the event is set (bounded by gate_timeout_s).
+    gate: Optional[threading.Event] = None
+    gate_timeout_s: float = 30.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class LoopbackServer:
+    """``ThreadingHTTPServer`` on an ephemeral loopback port, run in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
+                with server._lock:
+                    server.requests[self.path] += 1
+                route = server.routes.get(self.path, Route(body=b"not found", status=404, content_type="text/plain"))
+                if route.gate is not None:
+                    route.gate.wait(route.gate_timeout_s)
+                self.send_response(route.status)
+                self.send_header("Content-Type", route.content_type)
+                self.send_header("Content-Length", str(len(route.body)))
+                for key, value in route.headers.items():
+                    self.send_header(key, value)
+                if route.truncate_to is not None:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if route.truncate_to is not None:
+                    self.wfile.write(route.body[: route.truncate_to])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(route.body)
+
+            def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+                pass
+
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def add(self, path: str, route: Route) -> str:
+        """Serve ``route`` at ``path``; return its URL."""
+        self.routes[path] = route
+        return self.url(path)
+
+    def count(self, path: str) -> int:
+        with self._lock:
+            return self.requests[path]
+
+    def start(self) -> "LoopbackServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        for route in self.routes.values():
+            if route.gate is not None:
+                route.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,114 @@
+"""Submission without a cluster: checks before queueing, the local launcher, and no TensorFlow on the login path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_overrides
+
+TRAIN = "from mnist_hpc.cli import train_main; train_main()"
+
+
+def run_login_command(code: str, args: list[str], tmp_path: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess, bool]:
+    """Run a login-node command; report whether TensorFlow got imported in that process."""
+    marker = tmp_path / f"tf-imported-{time.monotonic_ns()}"
+    wrapped = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write(str('tensorflow' in sys.modules)))\n"
+        f"{code}\n"
+    )
+    # Files, not pipes: the local executor's job processes inherit the descriptors, and a pipe
+    # would keep subprocess.run waiting for the jobs instead of the command.
+    out, err = tmp_path / f"{marker.name}.out", tmp_path / f"{marker.name}.err"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.run([sys.executable, "-c", wrapped, *args], stdout=fo, stderr=fe, text=True, timeout=timeout)
+    proc.stdout, proc.stderr = out.read_text(), err.read_text()
+    return proc, marker.read_text() == "True"
+
+
+def sweep_args(cache: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["-m", *tiny_overrides(cache, tmp_path / "out"), f"hydra.sweep.dir={tmp_path / 'sweep'}", *extra]
+
+
+@pytest.mark.parametrize(
+    "code, args",
+    [
+        (TRAIN, ["--help"]),
+        ("from mnist_hpc.cli import prefetch_main; prefetch_main()", ["--help"]),
+        ("from mnist_hpc.cli import status_main; status_main()", ["--help"]),
+    ],
+)
+def test_help_imports_no_tensorflow(code, args, tmp_path):
+    proc, tf = run_login_command(code, args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in proc.stdout.lower() or "powered by hydra" in proc.stdout.lower()
+    assert not tf
+
+
+def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tmp_path):
+    proc, tf = run_login_command(TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "train.seed=1,2"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not tf, "the submission path imported TensorFlow"
+    out = proc.stdout
+    assert "queued 2 job(s) on local" in out and str(tmp_path / "sweep") in out and "_log.out" in out
+    jobs = [json.loads((tmp_path / "sweep" / str(i) / "job.json").read_text()) for i in (0, 1)]
+    assert [j["trial"] for j in jobs] == [0, 1]
+    assert jobs[1]["overrides"][-1] == "train.seed=2"
+    # Non-blocking: the command is back before the jobs have trained.
+    assert not (tmp_path / "sweep" / "0" / "metrics.json").exists()
+    deadline = time.time() + 300
+    while time.time() < deadline and not all((tmp_path / "sweep" / str(i) / "metrics.json").exists() for i in (0, 1)):
+        time.sleep(1)
+    for i in (0, 1):
+        metrics = json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())
+        assert metrics["epochs_completed"] == 1
+    status = subprocess.run([sys.executable, "-m", "mnist_hpc.status", str(tmp_path / "sweep")],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0
+    rows = [line.split() for line in status.stdout.splitlines()[1:]]
+    assert [r[1] for r in rows] == ["COMPLETED", "COMPLETED"]
+    assert [r[-2] for r in rows] == ["1/1", "1/1"]
+
+
+def _nothing_queued(tmp_path: Path) -> bool:
+    return not list((tmp_path / "sweep").rglob("job.json")) and not (tmp_path / "sweep" / ".submitit").exists()
+
+
+def test_missing_cache_refuses_submission(tmp_path):
+    proc, _ = run_login_command(TRAIN, sweep_args(tmp_path / "nocache", tmp_path, "hydra/launcher=local"), tmp_path)
+    assert proc.returncode != 0
+    assert "nothing was queued" in proc.stderr
+    assert f"mnist-hpc-prefetch data.cache_dir={tmp_path / 'nocache'}" in proc.stderr
+    assert _nothing_queued(tmp_path)
+
+
+def test_corrupt_cache_refuses_submission(synthetic_cache, tmp_path):
+    npz = synthetic_cache / "mnist.npz"
+    npz.write_bytes(npz.read_bytes()[:-10])
+    proc, _ = run_login_command(TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local"), tmp_path)
+    assert proc.returncode != 0 and "nothing was queued" in proc.stderr and "truncated" in proc.stderr
+    assert _nothing_queued(tmp_path)
+
+
+def test_one_bad_job_in_a_sweep_refuses_the_whole_sweep(synthetic_cache, tmp_path):
+    proc, _ = run_login_command(
+        TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "model.dropout=0.1,1.5"), tmp_path
+    )
+    assert proc.returncode != 0
+    assert "model.dropout=1.5" in proc.stderr and "nothing was queued" in proc.stderr
+    assert _nothing_queued(tmp_path)
+
+
+def test_unwritable_output_root_refuses_submission(synthetic_cache, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    args = ["-m", *tiny_overrides(synthetic_cache, tmp_path), f"hydra.sweep.dir={blocker / 'sweep'}", "hydra/launcher=local"]
+    proc, _ = run_login_command(TRAIN, args, tmp_path)
+    assert proc.returncode != 0
+    assert "nothing was queued" in proc.stderr and "paths.output_root" in proc.stderr
