@@ -18,7 +18,10 @@ def _train_task(cfg: DictConfig) -> float:
 
     typed = to_typed(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return train_and_evaluate(typed, run_dir)["test_accuracy"]
+    result = train_and_evaluate(typed, run_dir)
+    # Sweepers optimise what is returned: validation accuracy when data is held out (so the
+    # test set never chooses), else test accuracy.
+    return result.get("val_accuracy", result["test_accuracy"])
 
 
 def train_main() -> None:
@@ -45,5 +48,12 @@ def prefetch_main(argv: Optional[list[str]] = None) -> None:
 def status_main(argv: Optional[list[str]] = None) -> None:
     """``mnist-hpc-status``: state of submitted jobs from sacct and the run directories."""
     from mnist_hpc.status import main
+
+    sys.exit(main(argv))
+
+
+def report_main(argv: Optional[list[str]] = None) -> None:
+    """``mnist-hpc-report``: tables and plots of a sweep or run directory."""
+    from mnist_hpc.report import main
 
     sys.exit(main(argv))

@@ -105,7 +105,6 @@ def submitit_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
             if conf.get(key) is not None:
                 params[f"slurm_{key}"] = str(conf[key])
         params["slurm_signal_delay_s"] = int(conf.signal_delay_s)
-        params["slurm_max_num_timeout"] = int(conf.max_num_timeout)
         params["slurm_array_parallelism"] = int(conf.array_parallelism)
         if conf.setup:
             params["slurm_setup"] = [str(line) for line in conf.setup]
@@ -230,7 +229,8 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     preflight(planned)
     sweep_dir = Path(str(planned[0].config.hydra.sweep.dir))
     folder = str(conf.submitit_folder).replace("${hydra.sweep.dir}", str(sweep_dir))
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    init: dict[str, Any] = {"slurm_max_num_timeout": int(conf.max_num_timeout)} if cluster == "slurm" else {}
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **init)
     executor.update_parameters(**submitit_parameters(conf, cluster))
 
     state = Singleton.get_state()

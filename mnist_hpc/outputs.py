@@ -23,6 +23,7 @@ from mnist_hpc.runtime import RuntimeInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
+    import numpy as np
 
     from mnist_hpc.config import Config
 
@@ -31,6 +32,9 @@ HISTORY_FILE = "history.csv"
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.yaml"
 PROVENANCE_FILE = "provenance.json"
+PREDICTIONS_FILE = "predictions.npz"
+# How many of the most confidently wrong test digits a run keeps as images for the report.
+WRONG_IMAGES_KEPT = 64
 # Written at submission: job id, array index and log paths (see mnist_hpc.launch).
 JOB_FILE = "job.json"
 
@@ -71,6 +75,25 @@ def save_model(run_dir: Path, model: "keras.Model") -> Path:
     with atomic_path(target, suffix=".keras") as tmp:
         model.save(tmp)
     return target
+
+
+def write_predictions(run_dir: Path, y_true: "np.ndarray", probabilities: "np.ndarray", x_test: "np.ndarray") -> None:
+    """Test-set predictions for the report: labels, probabilities, and the worst mistakes as images.
+
+    ``y_prob`` holds every class probability (confusion matrix, calibration); the images of the
+    ``WRONG_IMAGES_KEPT`` most confidently wrong digits are kept so the report needs no dataset.
+    """
+    import numpy as np
+
+    y_true = np.asarray(y_true).astype(np.uint8)
+    y_prob = np.asarray(probabilities, dtype=np.float32)
+    y_pred = y_prob.argmax(axis=1).astype(np.uint8)
+    wrong = np.flatnonzero(y_pred != y_true)
+    worst = wrong[np.argsort(-y_prob[wrong, y_pred[wrong]], kind="stable")][:WRONG_IMAGES_KEPT]
+    images = np.rint(np.asarray(x_test)[worst] * 255).astype(np.uint8).reshape(-1, 28, 28)
+    with atomic_path(run_dir / PREDICTIONS_FILE, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, y_true=y_true, y_pred=y_pred, y_prob=y_prob, wrong_index=worst.astype(np.int64), wrong_images=images)
 
 
 def _dist_version(*names: str) -> Optional[str]:

@@ -146,6 +146,8 @@ def train_and_evaluate(cfg: Config, run_dir: Path, runtime: Optional[RuntimeInfo
         result["best_val_accuracy"] = max(val_accs)
     log.info("test_loss=%.4f test_accuracy=%.4f", result["test_loss"], result["test_accuracy"])
 
+    probabilities = model.predict(data.x_test, batch_size=EVAL_BATCH_SIZE, verbose=0)
+    outputs.write_predictions(run_dir, data.y_test.argmax(axis=1), probabilities, data.x_test)
     outputs.write_history(run_dir, history)
     outputs.save_model(run_dir, model)
     outputs.write_provenance(run_dir, outputs.provenance(runtime, data.sha256, started, outputs.utc_now()))

@@ -108,32 +108,56 @@ fail() {
   exit 1
 }
 
+# pid_is <pid> <daemon>: is <pid> a live (non-zombie) process of <daemon>?
+# Matches the exact comm from /proc/<pid>/stat. Zombies matter: PID 1 in a
+# container is often not a real init and reaps orphans late, so a killed
+# daemon can linger as a zombie with its old comm for a while.
+pid_is() {
+  local pid=$1 name=$2 stat comm state c
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  # (a process may vanish at any moment, hence the silenced read)
+  { read -r stat <"/proc/$pid/stat"; } 2>/dev/null || return 1
+  comm=${stat#*(}
+  comm=${comm%)*}
+  state=${stat##*) }
+  state=${state%% *}
+  [[ $state == [ZX] ]] && return 1
+  for c in ${COMMS[$name]}; do [[ $comm == "$c" ]] && return 0; done
+  return 1
+}
+
 # Exact-comm scan of /proc. Deliberately no pgrep: procps is not guaranteed
 # in minimal images, and "pgrep -f" style matching would hit unrelated
 # processes (e.g. slurmstepd, or an editor with slurmd.conf open).
 daemon_pids() {
-  local name=$1 p comm c
+  local name=$1 p
   for p in /proc/[0-9]*; do
-    # (a process may vanish between the glob and the read)
-    { read -r comm <"$p/comm"; } 2>/dev/null || continue
-    for c in ${COMMS[$name]}; do
-      [[ $comm == "$c" ]] && printf '%s\n' "${p#/proc/}"
-    done
+    pid_is "${p#/proc/}" "$name" && printf '%s\n' "${p#/proc/}"
   done
   return 0
 }
 
 is_running() { [[ -n $(daemon_pids "$1") ]]; }
 
+# For display: the pid from the pid file when it is valid (daemons fork
+# short-lived helpers with the same comm, e.g. slurmd launching a step).
+main_pid() {
+  local name=$1 pid=""
+  { read -r pid <"${PIDFILE[$name]}"; } 2>/dev/null || pid=""
+  if pid_is "$pid" "$name"; then
+    echo "$pid"
+    return 0
+  fi
+  pid=$(daemon_pids "$name")
+  echo "${pid%%$'\n'*}"
+}
+
 # A pid file whose pid is not (any more) our daemon is a trap: see header.
 clear_stale_pidfile() {
-  local name=$1 f=${PIDFILE[$1]} pid comm c
+  local name=$1 f=${PIDFILE[$1]} pid=""
   [[ -e $f ]] || return 0
-  { read -r pid <"$f"; } 2>/dev/null || pid=
-  if [[ $pid =~ ^[0-9]+$ ]] && { read -r comm <"/proc/$pid/comm"; } 2>/dev/null; then
-    for c in ${COMMS[$name]}; do [[ $comm == "$c" ]] && return 0; done
-  fi
-  rm -f "$f"
+  { read -r pid <"$f"; } 2>/dev/null || pid=""
+  pid_is "$pid" "$name" || rm -f "$f"
 }
 
 # wait_for <seconds> <daemon|""> <description> <command...>
@@ -155,10 +179,8 @@ wait_for() {
   done
 }
 
-# install_file <path> <mode> <owner> <content>: atomic write; sets CHANGED=1
-# only when the content differs, so a re-run of `start` does not needlessly
-# restart daemons.
-CHANGED=0
+# install_file <path> <mode> <owner> <content>: atomic write, the file is
+# only replaced when the content differs.
 install_file() {
   local path=$1 mode=$2 owner=$3 content=$4 tmp
   tmp=$(mktemp "$path.XXXXXX")
@@ -169,11 +191,23 @@ install_file() {
     rm -f "$tmp"
     chmod "$mode" "$path"
     chown "$owner" "$path"
-    CHANGED=0
   else
     mv -f "$tmp" "$path"
-    CHANGED=1
   fi
+}
+
+# A daemon's config is "applied" when the checksum of the file it was started
+# with is recorded next to its pid file. Comparing against that record (and
+# not against "did start just rewrite the file") makes a re-run converge
+# even if an earlier start was interrupted between writing the file and
+# restarting the daemon, and also catches daemons started by someone else.
+applied_file() { echo "$SLURM_RUN_DIR/$1.applied-conf"; }
+mark_applied() { cksum <"$2" >"$(applied_file "$1")"; }
+config_stale() { # <daemon> <conf>: running with a config other than <conf>?
+  local rec
+  is_running "$1" || return 1
+  rec=$(cat "$(applied_file "$1")" 2>/dev/null) || return 0
+  [[ $rec != "$(cksum <"$2")" ]]
 }
 
 short_hostname() { hostname -s 2>/dev/null || uname -n | cut -d. -f1; }
@@ -221,7 +255,7 @@ start_munged() {
     say "starting munged"
     # --force: a kill -9'd munged leaves its socket + lock behind; we have just
     # established that no munged is running, so it is safe to take them over.
-    runuser -u munge -- /usr/sbin/munged --force >>"${LOGFILE[munged]}" 2>&1 ||
+    runuser -u munge -- /usr/sbin/munged --force >>"${LOGFILE[munged]}" 2>&1 9>&- ||
       fail munged -- "munged failed to start"
   fi
   wait_for "$TIMEOUT" munged "munge credential round trip" \
@@ -249,7 +283,7 @@ start_mariadb() {
     # pool is allocated lazily, so this costs little real memory).
     setsid -f /usr/sbin/mariadbd --user=mysql \
       --innodb-buffer-pool-size=512M --innodb-lock-wait-timeout=900 \
-      </dev/null >>"${LOGFILE[mariadb]}" 2>&1
+      </dev/null >>"${LOGFILE[mariadb]}" 2>&1 9>&-
   fi
   wait_for "$TIMEOUT" mariadb "MariaDB to accept connections" \
     mysql_root -e 'SELECT 1'
@@ -261,9 +295,10 @@ start_mariadb() {
 db_password() {
   local pw=""
   if [[ -r $SLURM_ETC/slurmdbd.conf ]]; then
-    pw=$(sed -n 's/^StoragePass=//p' "$SLURM_ETC/slurmdbd.conf" | head -n1)
+    pw=$(sed -n '/^StoragePass=/{s///;p;q}' "$SLURM_ETC/slurmdbd.conf")
   fi
-  [[ -n $pw ]] || pw=$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 24)
+  # hex only: safe inside SQL quotes and slurmdbd.conf without escaping
+  [[ -n $pw ]] || pw=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
   printf '%s' "$pw"
 }
 
@@ -312,13 +347,38 @@ StorageUser=$DB_USER
 StoragePass=$pw"
 }
 
+# Usable memory in MB: MemTotal, or a smaller cgroup limit. In a container
+# /proc/meminfo shows the host's memory, and scheduling against that would
+# let jobs overrun the container's limit and get OOM-killed.
+usable_mem_mb() {
+  local mb lim="" rel
+  mb=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))
+  rel=$(sed -n 's/^0:://p' /proc/self/cgroup) # cgroup v2
+  if [[ -n $rel && -r /sys/fs/cgroup$rel/memory.max ]]; then
+    lim=$(<"/sys/fs/cgroup$rel/memory.max")
+  elif [[ -r /sys/fs/cgroup/memory.max ]]; then
+    lim=$(</sys/fs/cgroup/memory.max)
+  else # cgroup v1
+    rel=$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup)
+    if [[ -n $rel && -r /sys/fs/cgroup/memory$rel/memory.limit_in_bytes ]]; then
+      lim=$(<"/sys/fs/cgroup/memory$rel/memory.limit_in_bytes")
+    elif [[ -r /sys/fs/cgroup/memory/memory.limit_in_bytes ]]; then
+      lim=$(</sys/fs/cgroup/memory/memory.limit_in_bytes)
+    fi
+  fi
+  # "max" (v2) or a huge number (v1) both mean unlimited.
+  if [[ $lim =~ ^[0-9]+$ ]] && ((${#lim} < 16)) && ((lim / 1048576 < mb)); then
+    mb=$((lim / 1048576))
+  fi
+  echo "$mb"
+}
+
 write_slurm_conf() {
-  local host=$1 cpus mem defmem memtotal_kb
+  local host=$1 cpus mem defmem
   cpus=${SLURM_CLUSTER_CPUS:-$(nproc)}
-  memtotal_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
-  # ~5% headroom below the physical total, as slurmd reports slightly less
-  # than MemTotal and the OS/daemons need some too.
-  mem=${SLURM_CLUSTER_MEM_MB:-$((memtotal_kb / 1024 * 95 / 100))}
+  # ~5% headroom below the total, as slurmd reports slightly less than
+  # MemTotal and the OS/daemons (MariaDB!) need some too.
+  mem=${SLURM_CLUSTER_MEM_MB:-$(($(usable_mem_mb) * 95 / 100))}
   # Without a default, CR_Core_Memory gives a job with no --mem the whole
   # node's memory, which would serialise all jobs. Default: memory scales
   # with CPUs, so CPUs are what limits concurrency.
@@ -331,6 +391,10 @@ ClusterName=$CLUSTER_NAME
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=$SLURM_USER
 AuthType=auth/munge
+# cred_expire also is how long a requeued job is held (BeginTime) before it
+# may run again: the default 120 s makes every requeue test wait 2 minutes.
+# 20 s is ample for step launches on one local node.
+AuthInfo=cred_expire=20
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$CTLD_STATE_DIR
@@ -357,6 +421,9 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$defmem
+# Schedule batch jobs right at submit/completion instead of batching them
+# up for up to 3 s (the default): tests wait for many short jobs.
+SchedulerParameters=batch_sched_delay=0
 PreemptType=preempt/none
 PreemptMode=OFF
 
@@ -386,16 +453,16 @@ PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP"
 dbd_answers() { timeout 10 sacctmgr -n -P list cluster format=cluster; }
 
 start_slurmdbd() {
-  local conf_changed=$1
-  if ((conf_changed)) && is_running slurmdbd; then
-    say "slurmdbd.conf changed, restarting slurmdbd"
+  if config_stale slurmdbd "$SLURM_ETC/slurmdbd.conf"; then
+    say "slurmdbd runs with an outdated slurmdbd.conf, restarting it"
     stop_daemon slurmdbd
   fi
   if ! is_running slurmdbd; then
     clear_stale_pidfile slurmdbd
     say "starting slurmdbd"
-    /usr/sbin/slurmdbd >>"${LOGFILE[slurmdbd]}" 2>&1 ||
+    /usr/sbin/slurmdbd >>"${LOGFILE[slurmdbd]}" 2>&1 9>&- ||
       fail slurmdbd mariadb -- "slurmdbd failed to start"
+    mark_applied slurmdbd "$SLURM_ETC/slurmdbd.conf"
   fi
   # The first start creates the schema, which takes a few seconds.
   wait_for "$TIMEOUT" slurmdbd "slurmdbd to answer sacctmgr" dbd_answers
@@ -438,7 +505,11 @@ ctld_up() {
   [[ $out == *"is UP"* ]]
 }
 
-node_state() { timeout 10 sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -n1; }
+node_state() {
+  local out
+  out=$(timeout 10 sinfo -h -N -n "$1" -o '%T' 2>/dev/null) || return 1
+  echo "${out%%$'\n'*}"
+}
 
 # idle/mixed/allocated/completing without a trailing "*" (= not responding)
 # are the states in which the node runs jobs.
@@ -449,16 +520,14 @@ node_usable() {
 }
 
 start_slurmctld() {
-  local conf_changed=$1 d
-  if ((conf_changed)); then
-    # Node definitions are only re-read on restart, not on reconfigure.
-    for d in slurmd slurmctld; do
-      if is_running "$d"; then
-        say "slurm.conf changed, restarting $d"
-        stop_daemon "$d"
-      fi
-    done
-  fi
+  local d
+  # Node definitions are only re-read on restart, not on reconfigure.
+  for d in slurmd slurmctld; do
+    if config_stale "$d" "$SLURM_CONF"; then
+      say "$d runs with an outdated slurm.conf, restarting it"
+      stop_daemon "$d"
+    fi
+  done
   # slurmctld refuses state saved by a different ClusterName (a safety check
   # against shared StateSaveLocations); for this throw-away cluster we drop
   # the old state instead.
@@ -471,8 +540,9 @@ start_slurmctld() {
   if ! is_running slurmctld; then
     clear_stale_pidfile slurmctld
     say "starting slurmctld"
-    /usr/sbin/slurmctld >>"${LOGFILE[slurmctld]}" 2>&1 ||
+    /usr/sbin/slurmctld >>"${LOGFILE[slurmctld]}" 2>&1 9>&- ||
       fail slurmctld -- "slurmctld failed to start"
+    mark_applied slurmctld "$SLURM_CONF"
   fi
   wait_for "$TIMEOUT" slurmctld "slurmctld to answer scontrol ping" ctld_up
 }
@@ -482,8 +552,9 @@ start_slurmd() {
   if ! is_running slurmd; then
     clear_stale_pidfile slurmd
     say "starting slurmd"
-    /usr/sbin/slurmd >>"${LOGFILE[slurmd]}" 2>&1 ||
+    /usr/sbin/slurmd >>"${LOGFILE[slurmd]}" 2>&1 9>&- ||
       fail slurmd -- "slurmd failed to start"
+    mark_applied slurmd "$SLURM_CONF"
   fi
   # Wait for registration. A node that registered but is DRAINED/DOWN (e.g.
   # after slurmd was killed with jobs on it) is resumed once: this cluster
@@ -543,19 +614,21 @@ stop_daemon() {
 
 # --- commands -------------------------------------------------------------------
 print_status() {
-  local host=$1 d pids
+  local host=$1 d pid
   echo "daemons:"
   for d in "${DAEMONS_UP[@]}"; do
-    pids=$(daemon_pids "$d" | tr '\n' ' ')
-    if [[ -n $pids ]]; then
-      printf '  %-10s running (pid %s)\n' "$d" "${pids% }"
+    pid=$(main_pid "$d")
+    if [[ -n $pid ]]; then
+      printf '  %-10s running (pid %s)\n' "$d" "$pid"
     else
       printf '  %-10s stopped\n' "$d"
     fi
   done
   if is_running slurmctld; then
     echo "sinfo:"
-    timeout 10 sinfo 2>&1 | sed 's/^/  /' || true
+    local out
+    out=$(timeout 10 sinfo 2>&1) || out+="${out:+$'\n'}(sinfo failed)"
+    printf '%s\n' "$out" | sed 's/^/  /'
   fi
 }
 
@@ -568,8 +641,19 @@ cluster_ok() {
   timeout 15 sbatch --test-only -p "$PARTITION" -n1 -t 1 --wrap true >/dev/null 2>&1
 }
 
+# Catch typos in overrides before they turn into a half-written slurm.conf.
+check_number() {
+  local var=$1 val=${!1:-}
+  [[ -z $val || $val =~ ^[1-9][0-9]*$ ]] ||
+    { echo "$PROG: $var must be a positive integer, got '$val'" >&2; exit 2; }
+}
+
 cmd_start() {
-  local host t0=$SECONDS pw dbd_changed ctld_changed
+  local host t0=$SECONDS pw v
+  for v in SLURM_CLUSTER_CPUS SLURM_CLUSTER_MEM_MB SLURM_CLUSTER_DEF_MEM_PER_CPU \
+    SLURM_CLUSTER_TIMEOUT; do
+    check_number "$v"
+  done
   ensure_packages
   host=$(short_hostname)
   if getent passwd slurm >/dev/null; then
@@ -584,14 +668,12 @@ cmd_start() {
   pw=$(db_password)
   setup_database "$pw"
   write_slurmdbd_conf "$pw"
-  dbd_changed=$CHANGED
   # slurm.conf is needed before slurmdbd is usable: sacctmgr finds slurmdbd
   # through AccountingStorageHost (without the file it falls back to DNS SRV).
   write_slurm_conf "$host"
-  ctld_changed=$CHANGED
-  start_slurmdbd "$dbd_changed"
+  start_slurmdbd
   register_accounting
-  start_slurmctld "$ctld_changed"
+  start_slurmctld
   start_slurmd "$host"
   smoke_test "$host"
 
@@ -599,6 +681,9 @@ cmd_start() {
   print_status "$host"
 }
 
+# Running jobs are deliberately left alone: their slurmstepd processes keep
+# running and re-attach when slurmd comes back (state survives in
+# StateSaveLocation), just like a daemon restart on a real cluster.
 cmd_stop() {
   local d
   for d in "${DAEMONS_DOWN[@]}"; do stop_daemon "$d"; done
@@ -626,9 +711,12 @@ main() {
       exit 2
       ;;
   esac
-  [[ $EUID -eq 0 ]] || { echo "$PROG: must run as root" >&2; exit 1; }
   if [[ $cmd != status ]]; then
+    # (status only reads /proc and talks to slurmctld, any user may run it)
+    [[ $EUID -eq 0 ]] || { echo "$PROG: $cmd must run as root" >&2; exit 1; }
     # Serialise start/stop (e.g. two CI steps or two terminals at once).
+    # Every daemon is launched with "9>&-": an inherited lock fd would keep
+    # the lock held for the daemon's (and its jobs') whole lifetime.
     install -d /run/lock
     exec 9>"$LOCK_FILE"
     flock -w 300 9 || { echo "$PROG: could not get $LOCK_FILE" >&2; exit 1; }

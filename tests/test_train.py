@@ -49,7 +49,8 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(run_dir) in proc.stdout + proc.stderr
 
-    for name in ("metrics.json", "history.csv", "model.keras", "config.yaml", "provenance.json", "train.log"):
+    for name in ("metrics.json", "history.csv", "model.keras", "config.yaml", "provenance.json", "train.log",
+                 "predictions.npz"):
         assert (run_dir / name).is_file(), name
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".hydra"]
 
@@ -92,6 +93,14 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
     model = keras.models.load_model(run_dir / "model.keras")
     _, acc = model.evaluate(data.x_test, data.y_test, verbose=0, batch_size=1024)
     assert acc == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+    # Saved predictions agree with the reported accuracy; kept images are the wrong ones.
+    with np.load(run_dir / "predictions.npz") as pred:
+        assert pred["y_prob"].shape == (200, 10)
+        np.testing.assert_array_equal(pred["y_true"], data.y_test.argmax(axis=1))
+        assert (pred["y_pred"] == pred["y_true"]).mean() == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+        assert all(pred["y_pred"][i] != pred["y_true"][i] for i in pred["wrong_index"])
+        assert pred["wrong_images"].shape == (len(pred["wrong_index"]), 28, 28)
 
 
 def test_training_runs_with_no_network_at_all(synthetic_cache: Path, tmp_path: Path):

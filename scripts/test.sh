@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One command runs the whole test suite: installs the package with its test extra, starts the
+# local single-node Slurm cluster (root on Debian; see slurm/cluster.sh), then runs pytest.
+# Arguments go to pytest, e.g. `scripts/test.sh -m "not slow"`.
+#
+# Without root the cluster cannot be started here; the Slurm tests then skip locally and fail
+# under CI=true, where a missing cluster is an error.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+"$PYTHON" -m pip install --quiet -e ".[test]"
+if [ "$(id -u)" = 0 ]; then
+    slurm/cluster.sh start
+elif [ "${CI:-}" = true ]; then
+    echo "test.sh: CI needs root to start the Slurm cluster" >&2
+    exit 1
+fi
+exec "$PYTHON" -m pytest "$@"

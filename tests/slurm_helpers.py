@@ -1,0 +1,88 @@
+"""Helpers for tests against the local Slurm cluster started by ``slurm/cluster.sh start``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import pytest
+
+from tests.conftest import IN_CI, REPO
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+TRAIN = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
+
+
+def require_cluster() -> None:
+    """Skip locally without a cluster; in CI a missing cluster is a failure."""
+    ok = shutil.which("sinfo") is not None and subprocess.run(
+        [str(REPO / "slurm" / "cluster.sh"), "status"], capture_output=True, timeout=60
+    ).returncode == 0
+    if not ok:
+        message = "no local Slurm cluster: run `slurm/cluster.sh start` (as root)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def slurm_launcher_args(sweep_dir: Path, *extra: str) -> list[str]:
+    """Submission arguments sized for this 2-core test node."""
+    return [
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={sweep_dir}",
+        *extra,
+    ]
+
+
+def submit(args: list[str], tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(TRAIN + args, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+
+
+def job_records(sweep_dir: Path) -> list[dict]:
+    files = sorted(sweep_dir.glob("*/job.json"), key=lambda p: int(p.parent.name))
+    return [json.loads(p.read_text()) for p in files]
+
+
+def sacct_states(job_ids: Iterable[str]) -> dict[str, str]:
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+        capture_output=True, text=True, timeout=30,
+    ).stdout
+    states: dict[str, str] = {}
+    for line in out.splitlines():
+        job_id, _, state = line.partition("|")
+        states[job_id] = state.split()[0] if state else ""
+    return states
+
+
+def wait_for_states(job_ids: list[str], timeout_s: float = 300) -> dict[str, str]:
+    """Poll sacct until every job is in a terminal state."""
+    deadline = time.time() + timeout_s
+    states: dict[str, str] = {}
+    while time.time() < deadline:
+        states = sacct_states(job_ids)
+        if all(states.get(j) in TERMINAL for j in job_ids):
+            return states
+        time.sleep(2)
+    raise AssertionError(f"jobs did not end within {timeout_s}s: {states}")
+
+
+def squeue_ids() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def status_rows(target: Path | str) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-m", "mnist_hpc.status", "--json", str(target)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -1,0 +1,116 @@
+"""Submission to the real local Slurm cluster: completed, failed and refused jobs, and plain sbatch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny_overrides
+from tests.slurm_helpers import (
+    job_records,
+    require_cluster,
+    slurm_launcher_args,
+    squeue_ids,
+    status_rows,
+    submit,
+    wait_for_states,
+)
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(autouse=True)
+def _cluster() -> None:
+    require_cluster()
+
+
+def test_job_completes_with_outputs_and_status_agrees(synthetic_cache: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    proc = submit(slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path)), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(sweep)
+    assert record["cluster"] == "slurm" and f"job {record['job_id']}" in proc.stdout
+    states = wait_for_states([record["job_id"]])
+    assert states[record["job_id"]] == "COMPLETED"
+
+    run_dir = sweep / "0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs_completed"] == 1 and metrics["test_accuracy"] > 0.5
+    # The job's threads follow the allocation (cpus_per_task=1).
+    assert metrics["threads"] == {"intra_op_threads": 1, "inter_op_threads": 1}
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["slurm_job_id"] == record["job_id"]
+    for name in ("history.csv", "model.keras", "config.yaml", "train.log"):
+        assert (run_dir / name).is_file()
+    assert "epoch 1/1" in Path(record["stdout"]).read_text()
+
+    [row] = status_rows(sweep)
+    assert row["state"] == "COMPLETED" and row["last_epoch"] == 1 and row["node"]
+    assert row["log"] == record["stdout"]
+    [by_id] = status_rows(record["job_id"])
+    assert by_id["state"] == "COMPLETED"
+
+
+def test_job_whose_cache_vanishes_ends_failed(synthetic_cache: Path, tmp_path: Path):
+    """Held at submission, cache removed, released: the job must end FAILED, never COMPLETED."""
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "+hydra.launcher.additional_parameters.hold=true")
+    proc = submit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(sweep)
+    (synthetic_cache / "mnist.npz").unlink()
+    subprocess.run(["scontrol", "release", record["job_id"]], check=True, timeout=30)
+
+    states = wait_for_states([record["job_id"]])
+    assert states[record["job_id"]] == "FAILED"
+    [row] = status_rows(sweep)
+    assert row["state"] == "FAILED"
+    log = Path(record["stderr"]).read_text()
+    assert f"no cached MNIST at {synthetic_cache / 'mnist.npz'}" in log
+    assert f"mnist-hpc-prefetch data.cache_dir={synthetic_cache}" in log
+    assert not (sweep / "0" / "metrics.json").exists()
+
+
+def test_submission_without_cache_queues_nothing(tmp_path: Path):
+    before = squeue_ids()
+    sweep = tmp_path / "sweep"
+    proc = submit(slurm_launcher_args(sweep, *tiny_overrides(tmp_path / "nocache", tmp_path)), tmp_path)
+    assert proc.returncode != 0
+    assert "nothing was queued" in proc.stderr and "mnist-hpc-prefetch" in proc.stderr
+    assert squeue_ids() - before == set()
+    assert not job_records(sweep)
+
+
+def test_sbatch_templates_complete(synthetic_cache: Path, tmp_path: Path):
+    """Both plain sbatch templates run the same entry point to COMPLETED."""
+    common = [f"data.cache_dir={synthetic_cache}", "train.epochs=1", "train.batch_size=32"]
+    single = subprocess.run(
+        ["sbatch", "--parsable", "--cpus-per-task=1", "--mem=2G", f"--output={tmp_path}/single-%j.out",
+         str(REPO / "slurm" / "train.sbatch"), *common],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**_env(), "RUN_DIR": str(tmp_path / "single")},
+    )
+    assert single.returncode == 0, single.stderr
+    array = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--mem=2G", f"--output={tmp_path}/sweep-%A_%a.out",
+         str(REPO / "slurm" / "sweep.sbatch"), *common],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**_env(), "SWEEP_DIR": str(tmp_path / "sweep")},
+    )
+    assert array.returncode == 0, array.stderr
+    single_id, array_id = single.stdout.strip().split(";")[0], array.stdout.strip().split(";")[0]
+    states = wait_for_states([single_id, f"{array_id}_0", f"{array_id}_1"])
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert json.loads((tmp_path / "single" / "metrics.json").read_text())["epochs_completed"] == 1
+    for task, lr in ((0, 1e-3), (1, 3e-4)):
+        run_dir = tmp_path / "sweep" / str(task)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert "val_accuracy" in metrics["history"][0]
+        assert f"learning_rate: {lr}" in (run_dir / "config.yaml").read_text()
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
