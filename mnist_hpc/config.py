@@ -86,6 +86,10 @@ class TrainConfig:
     jit_compile: bool = False
     # Batches run per call into the compiled train step (Keras steps_per_execution).
     steps_per_execution: int = 1
+    # Checkpoint into <run dir>/checkpoints every this many epochs (and always after the last).
+    checkpoint_every_epochs: int = 1
+    # Also checkpoint every this many batches inside an epoch (for long epochs); null: off.
+    checkpoint_every_batches: Optional[int] = None
 
 
 @dataclass
@@ -159,6 +163,13 @@ def validate(cfg: Config) -> Config:
         value = getattr(t, key)
         _require(value is None or value >= 1, f"train.{key}", value, "must be >= 1 or null")
     _require(t.steps_per_execution >= 1, "train.steps_per_execution", t.steps_per_execution, "must be >= 1")
+    _require(t.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs", t.checkpoint_every_epochs, "must be >= 1")
+    _require(
+        t.checkpoint_every_batches is None or t.checkpoint_every_batches >= 1,
+        "train.checkpoint_every_batches",
+        t.checkpoint_every_batches,
+        "must be >= 1 or null",
+    )
     return cfg
 
 

@@ -11,11 +11,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mnist_hpc import outputs
+from mnist_hpc import checkpoint, outputs
 from mnist_hpc.config import Config, TrainConfig
 from mnist_hpc.data import load_mnist
 from mnist_hpc.runtime import RuntimeInfo
@@ -70,13 +70,61 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     return " ".join(parts)
 
 
-def train_and_evaluate(cfg: Config, run_dir: Path, runtime: Optional[RuntimeInfo] = None) -> dict[str, float]:
+def _metric_restorer(state: "checkpoint.TrainState") -> Any:
+    """A callback that refills the metric accumulators of a part-done epoch after fit resets them."""
+    import keras
+
+    class RestoreMetrics(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+            checkpoint.restore_metrics(self.model, state)
+
+    return RestoreMetrics()
+
+
+def _batch_checkpointer(
+    run_dir: Path,
+    fp: str,
+    epoch: int,
+    done_batches: int,
+    steps_per_epoch: int,
+    history: list[dict[str, Any]],
+    every: int,
+) -> Any:
+    """A callback that checkpoints every ``every`` batches inside an epoch (for long epochs)."""
+    import keras
+
+    class BatchCheckpointer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.last = done_batches
+
+        def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+            # ``batch`` counts from the start of this fit call: the part of the epoch left.
+            done = done_batches + batch + 1
+            if done - self.last >= every and done < steps_per_epoch:
+                state = checkpoint.TrainState(epoch, done, list(history))
+                checkpoint.save(run_dir, state, self.model, fp, with_metrics=True)
+                self.last = done
+
+    return BatchCheckpointer()
+
+
+def train_and_evaluate(
+    cfg: Config,
+    run_dir: Path,
+    runtime: Optional[RuntimeInfo] = None,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, float]:
     """Train the configured model on the cached MNIST and write every output into ``run_dir``.
 
     Args:
         cfg: the checked config (see :func:`mnist_hpc.config.to_typed`).
         run_dir: the run's own directory; created if missing.
         runtime: Slurm/host facts of this process; read from the environment when omitted.
+        callbacks: extra Keras callbacks for every epoch's ``fit`` (tests use one to interrupt).
+
+    A run directory that holds a checkpoint resumes from it: same weights, optimizer state,
+    dropout RNG, history and data order, so the result equals an uninterrupted run's.
 
     Returns:
         Final metrics: ``test_accuracy``, ``test_loss`` and, with a validation split,
@@ -114,10 +162,26 @@ def train_and_evaluate(cfg: Config, run_dir: Path, runtime: Optional[RuntimeInfo
     )
 
     validation = None if data.x_val is None else (data.x_val, data.y_val)
-    history: list[dict[str, Any]] = []
+    fp = checkpoint.fingerprint(cfg, data.sha256)
+    state = checkpoint.load_latest(run_dir, fp) or checkpoint.TrainState()
+    if state.path is not None:
+        checkpoint.restore(model, state)
+        log.info("resuming from %s: %d epoch(s) and %d batch(es) done", state.path.name, state.epoch, state.batch)
+    history: list[dict[str, Any]] = list(state.history)
+    n_train = data.x_train.shape[0]
+    steps_per_epoch = -(-n_train // cfg.train.batch_size)
     train_start = time.perf_counter()
-    for epoch in range(cfg.train.epochs):
-        order = epoch_order(cfg.train.seed, epoch, data.x_train.shape[0])
+    for epoch in range(state.epoch, cfg.train.epochs):
+        done_batches = state.batch if epoch == state.epoch else 0
+        # The rest of this epoch's fixed order: a part-done epoch continues at its next batch.
+        order = epoch_order(cfg.train.seed, epoch, n_train)[done_batches * cfg.train.batch_size :]
+        epoch_callbacks = list(callbacks)
+        if done_batches:
+            epoch_callbacks.append(_metric_restorer(state))
+        if cfg.train.checkpoint_every_batches:
+            epoch_callbacks.append(
+                _batch_checkpointer(run_dir, fp, epoch, done_batches, steps_per_epoch, history, cfg.train.checkpoint_every_batches)
+            )
         epoch_start = time.perf_counter()
         fitted = model.fit(
             data.x_train[order],
@@ -127,6 +191,7 @@ def train_and_evaluate(cfg: Config, run_dir: Path, runtime: Optional[RuntimeInfo
             initial_epoch=epoch,
             shuffle=False,
             validation_data=validation,
+            callbacks=epoch_callbacks,
             verbose=0,
         )
         record: dict[str, Any] = {"epoch": epoch + 1}
@@ -134,6 +199,9 @@ def train_and_evaluate(cfg: Config, run_dir: Path, runtime: Optional[RuntimeInfo
         record["seconds"] = time.perf_counter() - epoch_start
         history.append(record)
         log.info(_epoch_line(record, cfg.train.epochs))
+        if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or epoch + 1 == cfg.train.epochs:
+            saved = checkpoint.save(run_dir, checkpoint.TrainState(epoch + 1, 0, history), model, fp, with_metrics=False)
+            log.info("checkpoint %s", saved.name)
     train_time = time.perf_counter() - train_start
 
     test_loss, test_accuracy = model.evaluate(

@@ -421,9 +421,11 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$defmem
-# Schedule batch jobs right at submit/completion instead of batching them
-# up for up to 3 s (the default): tests wait for many short jobs.
-SchedulerParameters=batch_sched_delay=0
+# Tests wait for many short jobs: schedule batch jobs right at submit/
+# completion instead of batching them up for up to 3 s, and run the periodic
+# passes often (jobs whose BeginTime passes, e.g. after a requeue, are only
+# picked up by those; the defaults are 60 s main / 30 s backfill).
+SchedulerParameters=batch_sched_delay=0,sched_interval=5,bf_interval=5
 PreemptType=preempt/none
 PreemptMode=OFF
 

@@ -1,0 +1,201 @@
+"""Training state on disk, in the run's own directory, so a requeued or rerun job continues exactly.
+
+A checkpoint is one ``.npz`` under ``<run_dir>/checkpoints/`` holding every model variable
+(weights and the dropout seed-generator state), every optimizer variable (iteration count and
+slots), the metric accumulators of a part-done epoch, and a JSON header: epoch and batch
+reached, the history so far, and a fingerprint of the config that defines the trajectory. The
+data order needs no state: it is a pure function of (seed, epoch) (see ``train.epoch_order``).
+
+Files are written atomically (temp + fsync + rename) and the previous checkpoint is kept
+until a newer one is complete; a newest file that cannot be read (truncated, corrupted: the
+zip CRCs catch it) is skipped with a warning in favour of the one before. Keras'
+``BackupAndRestore`` is not used: it keeps no RNG or data-order state, restarts a part-done
+epoch from batch 0 on mid-epoch weights, and deletes its directory when training ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+
+from mnist_hpc.io import atomic_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+    from mnist_hpc.config import Config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT_VERSION = 1
+KEEP = 2
+_NAME = re.compile(r"^ckpt-e(\d{5})-b(\d{7})\.npz$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint although some exist, or one belongs to a different config."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: ``epoch`` epochs complete, plus ``batch`` batches of the next one."""
+
+    epoch: int = 0
+    batch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    model_values: list[np.ndarray] = field(default_factory=list)
+    optimizer_values: list[np.ndarray] = field(default_factory=list)
+    metric_values: list[np.ndarray] = field(default_factory=list)
+    fingerprint: str = ""
+    path: Optional[Path] = None
+
+
+def fingerprint(cfg: "Config", data_sha256: str) -> str:
+    """Hash of everything that fixes the training trajectory (not the epoch count or paths).
+
+    A checkpoint from another config (or another dataset) in the same directory is refused,
+    instead of being loaded silently.
+    """
+    from omegaconf import OmegaConf
+
+    identity = {
+        "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+        "optimizer": OmegaConf.to_container(OmegaConf.structured(cfg.optimizer)),
+        "batch_size": cfg.train.batch_size,
+        "seed": cfg.train.seed,
+        "validation_split": cfg.data.validation_split,
+        "data_sha256": data_sha256,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_name(epoch: int, batch: int) -> str:
+    return f"ckpt-e{epoch:05d}-b{batch:07d}.npz"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints in ``run_dir``, newest (furthest along) first."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    found = [(tuple(map(int, m.groups())), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _values(variables: Sequence[Any]) -> list[np.ndarray]:
+    return [np.array(v.numpy()) for v in variables]
+
+
+def save(run_dir: Path, state: TrainState, model: "keras.Model", fp: str, *, with_metrics: bool) -> Path:
+    """Write a checkpoint atomically, then drop all but the newest ``KEEP``."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    header = {
+        "format": FORMAT_VERSION,
+        "epoch": state.epoch,
+        "batch": state.batch,
+        "history": state.history,
+        "fingerprint": fp,
+    }
+    arrays: dict[str, np.ndarray] = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+    groups = {
+        "model": _values(model.variables),
+        "optimizer": _values(model.optimizer.variables),
+        "metrics": _values(model.metrics_variables) if with_metrics else [],
+    }
+    for group, values in groups.items():
+        for i, value in enumerate(values):
+            arrays[f"{group}/{i:04d}"] = value
+    target = directory / checkpoint_name(state.epoch, state.batch)
+    with atomic_path(target, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    for old in list_checkpoints(run_dir)[KEEP:]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def read(path: Path) -> TrainState:
+    """Read one checkpoint fully (every member's CRC is checked). Raises on any damage."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    header = json.loads(arrays.pop("header").tobytes().decode())
+    if header.get("format") != FORMAT_VERSION:
+        raise ValueError(f"unknown checkpoint format {header.get('format')!r}")
+
+    def group(name: str) -> list[np.ndarray]:
+        keys = sorted(k for k in arrays if k.startswith(name + "/"))
+        return [arrays[k] for k in keys]
+
+    state = TrainState(
+        epoch=int(header["epoch"]),
+        batch=int(header["batch"]),
+        history=list(header["history"]),
+        model_values=group("model"),
+        optimizer_values=group("optimizer"),
+        metric_values=group("metrics"),
+        fingerprint=str(header["fingerprint"]),
+        path=path,
+    )
+    return state
+
+
+def load_latest(run_dir: Path, fp: str) -> Optional[TrainState]:
+    """The newest readable checkpoint of this config, or None when the run has none.
+
+    Raises:
+        CheckpointError: checkpoints exist but none can be read, or they come from another config.
+    """
+    candidates = list_checkpoints(run_dir)
+    failures: list[str] = []
+    for path in candidates:
+        try:
+            state = read(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            log.warning("checkpoint %s is unreadable (%s); falling back to the previous one", path.name, exc)
+            failures.append(f"{path.name}: {exc}")
+            continue
+        if state.fingerprint != fp:
+            raise CheckpointError(
+                f"{path} was written by a run with a different config (model, optimizer, batch size, seed, "
+                f"validation split or data); refusing to resume it. Use a new run directory, or delete "
+                f"{path.parent} to start this one over."
+            )
+        return state
+    if failures:
+        raise CheckpointError(
+            f"no readable checkpoint in {Path(run_dir) / CHECKPOINT_DIR} ({'; '.join(failures)}); delete that "
+            "directory to start the run over"
+        )
+    return None
+
+
+def restore(model: "keras.Model", state: TrainState) -> None:
+    """Put a checkpoint's values into a freshly built and compiled model."""
+    if len(state.model_values) != len(model.variables):
+        raise CheckpointError(f"{state.path} holds {len(state.model_values)} model variables, the model has {len(model.variables)}")
+    for variable, value in zip(model.variables, state.model_values):
+        variable.assign(value)
+    model.optimizer.build(model.trainable_variables)
+    if len(state.optimizer_values) != len(model.optimizer.variables):
+        raise CheckpointError(
+            f"{state.path} holds {len(state.optimizer_values)} optimizer variables, the optimizer has "
+            f"{len(model.optimizer.variables)}"
+        )
+    for variable, value in zip(model.optimizer.variables, state.optimizer_values):
+        variable.assign(value)
+
+
+def restore_metrics(model: "keras.Model", state: TrainState) -> None:
+    """Refill the metric accumulators of a part-done epoch (after fit has reset them)."""
+    for variable, value in zip(model.metrics_variables, state.metric_values):
+        variable.assign(value)

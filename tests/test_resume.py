@@ -1,0 +1,134 @@
+"""Interrupt-then-resume without Slurm: the resumed run ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_hpc import checkpoint
+from mnist_hpc.config import to_typed
+from mnist_hpc.train import train_and_evaluate
+from tests.conftest import tiny_overrides
+
+
+class Interrupt(Exception):
+    """Stands in for a job killed mid-run."""
+
+
+def interrupter(at_epoch: int, at_batch: int | None = None):
+    """A callback that raises before epoch ``at_epoch`` (0-based) or after one of its batches."""
+    import keras
+
+    class Stop(keras.callbacks.Callback):
+        epoch = -1
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+            if at_batch is None and epoch == at_epoch:
+                raise Interrupt(f"stopped before epoch {epoch + 1}")
+
+        def on_train_batch_end(self, batch, logs=None):
+            if at_batch is not None and self.epoch == at_epoch and batch == at_batch:
+                raise Interrupt(f"stopped in epoch {at_epoch + 1} after batch {batch + 1}")
+
+    return Stop()
+
+
+def weights(run_dir: Path) -> list[np.ndarray]:
+    import keras
+
+    return keras.models.load_model(run_dir / "model.keras").get_weights()
+
+
+def strip_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+@pytest.fixture
+def cfg(compose, synthetic_cache, tmp_path):
+    overrides = tiny_overrides(synthetic_cache, tmp_path) + [
+        "train.epochs=4",
+        "train.deterministic=true",
+        "model.dropout=0.2",
+        "data.validation_split=0.1",
+    ]
+    return to_typed(compose(overrides))
+
+
+@pytest.fixture
+def reference(cfg, tmp_path):
+    result = train_and_evaluate(cfg, tmp_path / "reference")
+    return result, json.loads((tmp_path / "reference" / "metrics.json").read_text()), weights(tmp_path / "reference")
+
+
+def assert_same_as_reference(run_dir: Path, result: dict, reference) -> None:
+    ref_result, ref_metrics, ref_weights = reference
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert result == ref_result
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]  # each epoch exactly once
+    assert strip_seconds(metrics["history"]) == strip_seconds(ref_metrics["history"])
+    for got, want in zip(weights(run_dir), ref_weights):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_interrupted_between_epochs_resumes_identically(cfg, reference, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2)])
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["ckpt-e00002-b0000000.npz", "ckpt-e00001-b0000000.npz"]
+    assert not (run_dir / "metrics.json").exists()
+    with caplog.at_level(logging.INFO, logger="mnist_hpc.train"):
+        result = train_and_evaluate(cfg, run_dir)
+    assert "resuming from ckpt-e00002-b0000000.npz: 2 epoch(s)" in caplog.text
+    assert_same_as_reference(run_dir, result, reference)
+
+
+def test_interrupted_mid_epoch_resumes_from_the_batch_checkpoint(compose, synthetic_cache, cfg, reference, tmp_path, caplog):
+    cfg.train.checkpoint_every_batches = 5
+    run_dir = tmp_path / "run"
+    # 540 training samples / 32 = 17 batches per epoch; stop after batch 12 of epoch 3.
+    with pytest.raises(Interrupt):
+        train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2, at_batch=11)])
+    assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00002-b0000010.npz"
+    with caplog.at_level(logging.INFO, logger="mnist_hpc.train"):
+        result = train_and_evaluate(cfg, run_dir)
+    assert "2 epoch(s) and 10 batch(es) done" in caplog.text
+    assert_same_as_reference(run_dir, result, reference)
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(cfg, reference, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=3)])
+    newest, previous = checkpoint.list_checkpoints(run_dir)
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    newest.write_bytes(bytes(raw))
+    with caplog.at_level(logging.INFO):
+        result = train_and_evaluate(cfg, run_dir)
+    assert f"checkpoint {newest.name} is unreadable" in caplog.text
+    assert f"resuming from {previous.name}" in caplog.text
+    assert_same_as_reference(run_dir, result, reference)
+
+
+def test_truncated_only_checkpoint_fails_loudly(cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1)])
+    [only] = checkpoint.list_checkpoints(run_dir)
+    only.write_bytes(only.read_bytes()[:1000])
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        train_and_evaluate(cfg, run_dir)
+
+
+def test_checkpoint_of_another_config_is_refused(cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1)])
+    cfg.optimizer.learning_rate = 0.01
+    with pytest.raises(checkpoint.CheckpointError, match="different config"):
+        train_and_evaluate(cfg, run_dir)
