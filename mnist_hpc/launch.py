@@ -153,6 +153,12 @@ class PlannedJob:
 class TrainJob:
     """The callable submitted to the cluster: runs one Hydra job in its fixed run directory.
 
+    It is checkpointable in submitit's sense: on Slurm's USR2 warning before the time limit,
+    or on preemption, submitit calls :meth:`checkpoint` and requeues the job with what it
+    returns. The training state itself is on disk (``<run dir>/checkpoints``, written every
+    epoch), so the resubmission is simply this same job: same config, same run directory,
+    and training resumes from the newest checkpoint. No model is ever pickled.
+
     Hydra's ``run_job`` records a task's exception in the returned ``JobReturn`` instead of
     raising it, so a launcher that just returns it leaves a failed job COMPLETED in Slurm.
     This re-raises, so the job exits non-zero and ends FAILED, with the traceback in its log.
@@ -185,6 +191,12 @@ class TrainJob:
         if ret.status == JobStatus.FAILED:
             raise ret._return_value
         return ret
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """The resubmission after a timeout or preemption: this job again, resuming from disk."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
 
 
 def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[PlannedJob]:

@@ -1,0 +1,444 @@
+"""The sweep report, on sweep directories built by hand: finished, failed, running and pending trials."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+
+from mnist_hpc import report, status
+from mnist_hpc.outputs import write_predictions
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CACHE = "data.cache_dir=/scratch/u/mnist-cache"
+ERROR_LINE = (
+    "mnist_hpc.data.CacheMissingError: no cached MNIST at /scratch/u/mnist-cache/mnist.npz; "
+    "run `mnist-hpc-prefetch data.cache_dir=/scratch/u/mnist-cache` on a login node first"
+)
+# What submitit leaves in a failed job's stderr: the traceback, then its own log line.
+FAILED_STDERR = f"""submitit ERROR (2026-01-01 10:00:00,000) - Submitted job triggered an exception
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/submitit/core/submission.py", line 55, in process_job
+    result = delayed.result()
+             ^^^^^^^^^^^^^^^^
+  File "/work/main/mnist_hpc/data.py", line 124, in verify_cached
+    raise CacheMissingError(f"no cached MNIST at {{npz_path}}; run `{{hint}}` on a login node first")
+{ERROR_LINE}
+[2026-01-01 10:00:00,000][submitit][ERROR] - Submitted job triggered an exception
+"""
+
+# Test labels of every fake run: 10 of each digit, in order (index = 10 * digit + k).
+Y_TRUE = np.repeat(np.arange(10), 10)
+# The best trial's mistakes, index -> (predicted digit, confidence): three 4s read as 9, two 7s as 2, one 3 as 5.
+BEST_MISTAKES = {40: (9, 0.97), 41: (9, 0.80), 42: (9, 0.60), 70: (2, 0.91), 71: (2, 0.55), 30: (5, 0.70)}
+# Counted by hand from BEST_MISTAKES: 10 right per digit, minus the mistakes, which land off the diagonal.
+BEST_MATRIX = np.array(
+    [
+        [10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 10, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 10, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 9, 0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 7, 0, 0, 0, 0, 3],
+        [0, 0, 0, 0, 0, 10, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 10, 0, 0, 0],
+        [0, 0, 2, 0, 0, 0, 0, 8, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 10, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 10],
+    ]
+)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def fake_predictions(run_dir: Path, mistakes: dict[int, tuple[int, float]]) -> None:
+    """predictions.npz through the real writer, with exactly the given mistakes."""
+    prob = np.full((Y_TRUE.size, 10), 0.01, dtype=np.float32)
+    prob[np.arange(Y_TRUE.size), Y_TRUE] = 0.91
+    for index, (pred, conf) in mistakes.items():
+        prob[index] = (1 - conf) / 9
+        prob[index, pred] = conf
+    # A distinct blob per sample so the wrong-digit images are not blank.
+    rng = np.random.default_rng(0)
+    x_test = rng.random((Y_TRUE.size, 784)).astype(np.float32) ** 3
+    write_predictions(run_dir, Y_TRUE, prob, x_test)
+
+
+def history(best_val: Optional[float], final_val: Optional[float], epochs: int = 3) -> list[dict[str, float]]:
+    """Per-epoch records that peak at ``best_val`` and end at ``final_val`` (no validation when None)."""
+    rows = []
+    for e in range(1, epochs + 1):
+        row = {"epoch": e, "accuracy": 0.9 + 0.02 * e, "loss": 0.3 / e, "seconds": 1.5}
+        if best_val is not None:
+            row["val_accuracy"] = best_val if e == epochs - 1 else (final_val if e == epochs else best_val - 0.05)
+            row["val_loss"] = 0.2 / e
+        rows.append(row)
+    return rows
+
+
+def fake_metrics(test: float, best_val: Optional[float] = None, final_val: Optional[float] = None, wall: float = 42.0) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "test_loss": 0.1,
+        "test_accuracy": test,
+        "epochs_completed": 3,
+        "history": history(best_val, final_val),
+        "train_time_s": wall - 5,
+        "wall_time_s": wall,
+        "trainable_params": 407050,
+        "threads": {"intra_op_threads": 2, "inter_op_threads": 2},
+    }
+    if best_val is not None:
+        metrics.update(val_accuracy=final_val, best_val_accuracy=best_val)
+    return metrics
+
+
+def make_trial(
+    sweep: Path,
+    num: int,
+    overrides: list[str],
+    *,
+    cluster: str = "local",
+    job_id: Optional[str] = None,
+    with_job: bool = True,
+    metrics: Optional[dict[str, Any]] = None,
+    mistakes: Optional[dict[int, tuple[int, float]]] = None,
+    started_epochs: Optional[int] = None,
+    log_lines: tuple[str, ...] = (),
+    stderr: Optional[str] = None,
+    ended: bool = False,
+) -> Path:
+    """One trial directory as the launcher and a training job leave it."""
+    run_dir = sweep / str(num)
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    job_id = job_id or str(1000 + num)
+    folder = sweep / ".submitit" / job_id
+    folder.mkdir(parents=True)
+    if with_job:
+        write_json(
+            run_dir / "job.json",
+            {
+                "cluster": cluster,
+                "job_id": job_id,
+                "array_job_id": job_id.partition("_")[0] if "_" in job_id else None,
+                "array_task_id": int(job_id.partition("_")[2]) if "_" in job_id else None,
+                "trial": num,
+                "overrides": overrides,
+                "run_dir": str(run_dir),
+                "stdout": str(folder / f"{job_id}_0_log.out"),
+                "stderr": str(folder / f"{job_id}_0_log.err"),
+                "submitit_folder": str(folder),
+                "submitted": "2026-01-01T10:00:00+0000",
+            },
+        )
+    if started_epochs is not None:
+        (run_dir / "config.yaml").write_text(f"train:\n  epochs: {started_epochs}\n  batch_size: 128\n")
+        (run_dir / "train.log").write_text("[2026-01-01 10:00:01][mnist_hpc.train][INFO] - Model: ...\n" + "".join(log_lines))
+    if stderr is not None:
+        (folder / f"{job_id}_0_log.err").write_text(stderr)
+    if ended:
+        # submitit's result pickle: the job's process has ended (status reads its presence only).
+        (folder / f"{job_id}_0_result.pkl").write_bytes(b"")
+    if mistakes is not None:
+        fake_predictions(run_dir, mistakes)
+    if metrics is not None:
+        write_json(run_dir / "metrics.json", metrics)
+    return run_dir
+
+
+def epoch_line(epoch: int, epochs: int, acc: float, val: float) -> str:
+    return (
+        f"[2026-01-01 10:00:0{epoch},000][mnist_hpc.train][INFO] - epoch {epoch}/{epochs} accuracy={acc:.4f} "
+        f"loss=0.2000 val_accuracy={val:.4f} val_loss=0.1500 seconds=2.85\n"
+    )
+
+
+def build_sweep(sweep: Path) -> Path:
+    """Six trials: three finished (best by val != best by test), failed, running, pending."""
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    make_trial(sweep, 0, [CACHE, "optimizer=adam", "optimizer.learning_rate=0.001"], started_epochs=3,
+               metrics=fake_metrics(test=0.990, best_val=0.970, final_val=0.965, wall=61.5),
+               mistakes={10: (7, 0.99), 11: (7, 0.98)}, ended=True)
+    make_trial(sweep, 1, [CACHE, "optimizer=adam", "optimizer.learning_rate=0.01"], started_epochs=3,
+               metrics=fake_metrics(test=0.975, best_val=0.985, final_val=0.980, wall=42.0),
+               mistakes=BEST_MISTAKES, ended=True)
+    make_trial(sweep, 2, [CACHE, "optimizer=sgd", "optimizer.learning_rate=0.1"], started_epochs=3,
+               metrics=fake_metrics(test=0.960, best_val=0.950, final_val=0.940), mistakes={}, ended=True)
+    make_trial(sweep, 3, [CACHE, "optimizer=sgd", "optimizer.learning_rate=1.0"], started_epochs=5,
+               stderr=FAILED_STDERR, ended=True)
+    make_trial(sweep, 4, [CACHE, "optimizer=adam", "optimizer.learning_rate=0.0001"], started_epochs=5,
+               log_lines=(epoch_line(1, 5, 0.85, 0.91), epoch_line(2, 5, 0.90, 0.93)))
+    make_trial(sweep, 5, [CACHE, "optimizer=sgd", "optimizer.learning_rate=0.01"])
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def sweep_report(tmp_path_factory: pytest.TempPathFactory) -> report.Report:
+    sweep = build_sweep(tmp_path_factory.mktemp("rep") / "sweep")
+    return report.build_report(sweep)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def markdown_matrix(markdown: str) -> np.ndarray:
+    """The 10x10 confusion matrix back from the report's markdown table."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| true \\ pred"))
+    rows = [line.strip("|").split("|")[1:] for line in lines[start + 2 : start + 12]]
+    return np.array([[int(c) for c in row] for row in rows])
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 1024, path
+
+
+# --- a sweep with every kind of trial -----------------------------------------------------
+
+
+def test_every_trial_is_a_row_with_its_values(sweep_report: report.Report) -> None:
+    rows = read_csv(sweep_report.out_dir / "report.csv")
+    assert [r["trial"] for r in rows] == ["0", "1", "2", "3", "4", "5"]
+    assert [r["state"] for r in rows] == ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED", "RUNNING", "PENDING"]
+    assert rows[1]["overrides"] == f"{CACHE} optimizer=adam optimizer.learning_rate=0.01"
+    # One column per swept hyperparameter; the shared cache path is not one.
+    assert [r["optimizer.learning_rate"] for r in rows] == ["0.001", "0.01", "0.1", "1.0", "0.0001", "0.01"]
+    assert [r["optimizer"] for r in rows] == ["adam", "adam", "sgd", "sgd", "adam", "sgd"]
+    assert "data.cache_dir" not in rows[0]
+    assert [float(r["best_val_accuracy"]) for r in rows[:3]] == [0.970, 0.985, 0.950]
+    assert [float(r["final_val_accuracy"]) for r in rows[:3]] == [0.965, 0.980, 0.940]
+    assert [float(r["test_accuracy"]) for r in rows[:3]] == [0.990, 0.975, 0.960]
+    assert [float(r["wall_time_s"]) for r in rows[:2]] == [61.5, 42.0]
+    assert all(r[k] == "" for r in rows[3:] for k in ("best_val_accuracy", "test_accuracy", "wall_time_s"))
+    assert [(r["epochs_done"], r["epochs_planned"]) for r in rows] == [
+        ("3", "3"), ("3", "3"), ("3", "3"), ("0", "5"), ("2", "5"), ("", "")
+    ]
+    assert [r["best"] for r in rows] == ["", "yes", "", "", "", ""]
+
+
+def test_best_trial_is_chosen_by_validation_not_test(sweep_report: report.Report) -> None:
+    sel = sweep_report.selection
+    assert sel is not None and sel.trial is not None
+    assert (sel.trial.number, sel.metric, sel.ranked, sel.warning) == (1, "val_accuracy", 3, "")
+    assert "**Best trial: 1** (`optimizer=adam optimizer.learning_rate=0.01`)" in sweep_report.markdown
+    assert "best validation accuracy 0.9850 (final 0.9800, test 0.9750)" in sweep_report.markdown
+    # Trial 0 has the best test accuracy: ranking by test would pick it, and must say why that is wrong.
+    by_test = report.best_trial(sweep_report.trials, "test_accuracy")
+    assert by_test.trial is not None and by_test.trial.number == 0
+    assert "not model selection" in by_test.warning
+
+
+def test_failed_running_and_pending_trials_are_listed(sweep_report: report.Report) -> None:
+    rows = {r["trial"]: r for r in read_csv(sweep_report.out_dir / "report.csv")}
+    assert rows["3"]["error"] == ERROR_LINE
+    assert all(rows[n]["error"] == "" for n in ("0", "1", "2", "4", "5"))
+    table = [line for line in sweep_report.markdown.splitlines() if line.startswith("| 3 |")]
+    assert len(table) == 1 and "| FAILED |" in table[0] and ERROR_LINE in table[0]
+    assert any(line.startswith("| 4 | 1004 | RUNNING |") and "| 2/5 |" in line for line in sweep_report.markdown.splitlines())
+    assert any(line.startswith("| 5 | 1005 | PENDING |") for line in sweep_report.markdown.splitlines())
+    assert "6 trial(s): 3 COMPLETED, 1 FAILED, 1 RUNNING, 1 PENDING." in sweep_report.markdown
+
+
+def test_confusion_matrix_of_the_best_trial(sweep_report: report.Report) -> None:
+    np.testing.assert_array_equal(markdown_matrix(sweep_report.markdown), BEST_MATRIX)
+    np.testing.assert_array_equal(markdown_matrix((sweep_report.out_dir / "report.md").read_text()), BEST_MATRIX)
+    assert "6 of 100 test digits wrong (6.00%); most frequent mistakes (true→pred): 4→9 (3), 7→2 (2), 3→5 (1)." in sweep_report.markdown
+
+
+def test_plots_are_valid_pngs(sweep_report: report.Report) -> None:
+    expected = {
+        "learning_curves.png",
+        "metric_vs_optimizer.png",
+        "metric_vs_optimizer.learning_rate.png",
+        "confusion_matrix.png",
+        "wrong_digits.png",
+    }
+    assert {p.name for p in sweep_report.out_dir.glob("*.png")} == expected
+    for name in expected:
+        assert_png(sweep_report.out_dir / name)
+    assert {p.name for p in sweep_report.files} == expected | {"report.md", "report.csv"}
+    # Nothing half-written is left behind.
+    assert not list(sweep_report.out_dir.glob(".*tmp*"))
+
+
+def test_swept_parameters_and_curves(sweep_report: report.Report) -> None:
+    swept = report.swept_params(sweep_report.trials)
+    assert list(swept) == ["optimizer", "optimizer.learning_rate"]
+    assert report.numeric_values(swept["optimizer.learning_rate"]) == [0.001, 0.01, 0.1, 1.0, 0.0001, 0.01]
+    assert report.numeric_values(swept["optimizer"]) is None
+    # The running trial's curve comes from its train.log; finished ones from metrics.json.
+    running = sweep_report.trials[4]
+    assert report.learning_curve(running) == ("val_accuracy", [1, 2], [0.91, 0.93])
+    assert report.learning_curve(sweep_report.trials[1]) == ("val_accuracy", [1, 2, 3], pytest.approx([0.935, 0.985, 0.980]))
+    assert report.learning_curve(sweep_report.trials[5]) == ("accuracy", [], [])
+
+
+def test_wrong_digit_titles_most_confident_first(sweep_report: report.Report) -> None:
+    pred = report.load_predictions(sweep_report.trials[1].run_dir)
+    assert report.wrong_digit_titles(pred) == [
+        "true 4 / pred 9 (97.0%)",
+        "true 7 / pred 2 (91.0%)",
+        "true 4 / pred 9 (80.0%)",
+        "true 3 / pred 5 (70.0%)",
+        "true 4 / pred 9 (60.0%)",
+        "true 7 / pred 2 (55.0%)",
+    ]
+
+
+# --- units -------------------------------------------------------------------------------
+
+
+def test_confusion_matrix_counts() -> None:
+    y_true = np.array([0, 0, 1, 2, 2, 2, 9], dtype=np.uint8)
+    y_pred = np.array([0, 1, 1, 2, 9, 9, 9], dtype=np.uint8)
+    expected = np.zeros((10, 10), dtype=int)
+    expected[0, 0] = expected[0, 1] = expected[1, 1] = expected[2, 2] = expected[9, 9] = 1
+    expected[2, 9] = 2
+    np.testing.assert_array_equal(report.confusion_matrix(y_true, y_pred), expected)
+    with pytest.raises(ValueError, match="0..9"):
+        report.confusion_matrix(np.array([10]), np.array([0]))
+
+
+def test_last_error_line_takes_the_last_traceback(tmp_path: Path) -> None:
+    log = tmp_path / "x.err"
+    log.write_text(
+        "Traceback (most recent call last):\n  File \"a.py\", line 1\nKeyError: 'first'\n\n"
+        "During handling of the above exception, another exception occurred:\n\n"
+        "Traceback (most recent call last):\n  File \"b.py\", line 2\n    raise X\n"
+        "RuntimeError: the real one\nsrun: error: node1: task 0: Exited with exit code 1\n"
+    )
+    assert report.last_error_line(log) == "RuntimeError: the real one"
+    log.write_text("slurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-01-01T10:00:00 DUE TO TIME LIMIT ***\n")
+    assert report.last_error_line(log) == "slurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-01-01T10:00:00 DUE TO TIME LIMIT ***"
+    assert report.last_error_line(tmp_path / "missing.err") is None
+
+
+# --- other layouts -----------------------------------------------------------------------
+
+
+def test_without_validation_data_it_ranks_by_test_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = tmp_path / "sweep"
+    make_trial(sweep, 0, ["train.seed=1"], metrics=fake_metrics(test=0.97), started_epochs=3)
+    make_trial(sweep, 1, ["train.seed=2"], metrics=fake_metrics(test=0.98), started_epochs=3)
+    assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "**Best trial: 1** (`train.seed=2`): test accuracy 0.9800; ranked by test_accuracy" in out
+    assert "ranked by TEST accuracy because no finished trial has validation data" in out
+    assert "not model selection" in out and "not model selection" in err
+    assert [r["best"] for r in read_csv(tmp_path / "out" / "report.csv")] == ["", "yes"]
+    # Learning curves fall back to training accuracy; no predictions, so no confusion matrix (and a note why).
+    assert_png(tmp_path / "out" / "learning_curves.png")
+    assert "no predictions.npz" in out and not (tmp_path / "out" / "confusion_matrix.png").exists()
+
+
+def test_single_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A plain `mnist-hpc-train` run: Hydra's files and the run's outputs, no job.json.
+    run = tmp_path / "runs" / "2026-01-01" / "10-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- data.validation_split=0.1\n")
+    fake_predictions(run, BEST_MISTAKES)
+    write_json(run / "metrics.json", fake_metrics(test=0.975, best_val=0.985, final_val=0.980))
+    assert report.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    rows = read_csv(run / "report" / "report.csv")
+    assert [(r["state"], r["overrides"], r["test_accuracy"]) for r in rows] == [
+        ("COMPLETED", "data.validation_split=0.1", "0.975")
+    ]
+    np.testing.assert_array_equal(markdown_matrix(out), BEST_MATRIX)
+    assert "Best trial" not in out
+    for name in ("learning_curves.png", "confusion_matrix.png", "wrong_digits.png"):
+        assert_png(run / "report" / name)
+    assert not list((run / "report").glob("metric_vs_*"))
+
+
+def test_a_trial_directory_of_a_sweep_is_a_run(sweep_report: report.Report, tmp_path: Path) -> None:
+    built = report.build_report(sweep_report.trials[1].run_dir, tmp_path / "one")
+    assert [t.number for t in built.trials] == [1] and built.selection is None
+    np.testing.assert_array_equal(markdown_matrix(built.markdown), BEST_MATRIX)
+
+
+def test_optuna_sweep_without_job_files(tmp_path: Path) -> None:
+    sweep = tmp_path / "optuna"
+    sweep.mkdir()
+    (sweep / "optimization_results.yaml").write_text("name: optuna\nbest_params: {optimizer.learning_rate: 0.0031}\n")
+    make_trial(sweep, 0, ["optimizer.learning_rate=0.0031"], with_job=False, metrics=fake_metrics(0.97, 0.98, 0.975))
+    make_trial(sweep, 1, ["optimizer.learning_rate=0.0007"], with_job=False, metrics=fake_metrics(0.98, 0.96, 0.955))
+    make_trial(sweep, 2, ["optimizer.learning_rate=0.02"], with_job=False, started_epochs=5)
+    built = report.build_report(sweep)
+    assert [(t.number, t.state) for t in built.trials] == [(0, "COMPLETED"), (1, "COMPLETED"), (2, "UNKNOWN")]
+    assert built.selection is not None and built.selection.trial is built.trials[0]
+    assert_png(built.out_dir / "metric_vs_optimizer.learning_rate.png")
+
+
+def test_slurm_states_come_from_sacct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep = tmp_path / "sweep"
+    states = ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "RUNNING", "PENDING"]
+    cancelled = "slurmstepd: error: *** JOB 77_2 ON node1 CANCELLED AT 2026-01-01T10:00:00 ***"
+    for num, state in enumerate(states):
+        make_trial(
+            sweep, num, [f"train.seed={num}"], cluster="slurm", job_id=f"77_{num}",
+            metrics=fake_metrics(0.97, 0.98, 0.98) if state == "COMPLETED" else None,
+            stderr={"FAILED": FAILED_STDERR, "CANCELLED": cancelled + "\n"}.get(state),
+        )
+    rows = {f"77_{n}": {"state": s, "elapsed": "00:01:00", "node": "node1", "exit_code": "0:0"} for n, s in enumerate(states)}
+    asked: list[list[str]] = []
+    monkeypatch.setattr(status, "query_sacct", lambda ids: asked.append(sorted(ids)) or rows)
+    trials, notes = report.collect_trials(report.find_runs(sweep)[1])
+    assert asked == [[f"77_{n}" for n in range(6)]] and notes == []
+    assert [t.state for t in trials] == states
+    assert [t.error for t in trials] == [None, ERROR_LINE, cancelled, None, None, None]
+    table = report.markdown_table(trials)
+    assert "| 3 | 77_3 | TIMEOUT | train.seed=3 | - | - | - | - | 00:01:00 (elapsed) |" in table
+
+
+@pytest.mark.parametrize("layout", ["empty", "unnumbered", "missing"])
+def test_no_trials_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str) -> None:
+    target = tmp_path / "target"
+    if layout != "missing":
+        target.mkdir()
+    if layout == "unnumbered":
+        (target / "notes").mkdir()
+        (target / "7").mkdir()  # numbered, but nothing says it is a trial
+    assert report.main([str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mnist-hpc-report: error: ") and str(target) in err
+    assert ("not a directory" if layout == "missing" else "holds no trials") in err
+    assert not (target / "report").exists()
+
+
+def test_report_imports_no_tensorflow(sweep_report: report.Report, tmp_path: Path) -> None:
+    sweep = sweep_report.trials[0].run_dir.parent
+    marker = tmp_path / "modules.json"
+    code = (
+        "import atexit, json, sys\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write(json.dumps(["
+        "'tensorflow' in sys.modules, 'keras' in sys.modules, 'matplotlib' in sys.modules])))\n"
+        "from mnist_hpc.cli import report_main\n"
+        "report_main(sys.argv[1:])\n"
+    )
+    for args, plots in ((["--help"], False), ([str(sweep), "--out", str(tmp_path / "out")], True)):
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        tensorflow, keras, matplotlib = json.loads(marker.read_text())
+        assert not tensorflow and not keras
+        assert matplotlib is plots  # --help stays fast: no matplotlib
+        if not plots:
+            assert "usage: mnist-hpc-report" in proc.stdout and time.monotonic() - started < 10
+    assert "**Best trial: 1**" in proc.stdout
+    assert_png(tmp_path / "out" / "wrong_digits.png")

@@ -1,0 +1,169 @@
+"""Timeouts, preemption and kills on the real cluster: requeue, resume in place, identical results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import fill_cache, synthetic_mnist
+from tests.slurm_helpers import job_records, require_cluster, slurm_launcher_args, submit, wait_for_states
+
+pytestmark = pytest.mark.slurm
+
+EPOCHS = 6
+
+
+@pytest.fixture(autouse=True)
+def _cluster() -> None:
+    require_cluster()
+
+
+@pytest.fixture
+def slow_cache(tmp_path: Path) -> Path:
+    """Enough synthetic data that an epoch lasts about a second on one core."""
+    cache = tmp_path / "cache"
+    fill_cache(cache, synthetic_mnist(n_train=8000, n_test=500))
+    return cache
+
+
+def overrides(cache: Path, tmp_path: Path) -> list[str]:
+    return [
+        f"data.cache_dir={cache}",
+        f"paths.output_root={tmp_path / 'out'}",
+        f"train.epochs={EPOCHS}",
+        "train.batch_size=32",
+        "train.deterministic=true",
+        "model.dropout=0.2",
+    ]
+
+
+def reference_run(cache: Path, tmp_path: Path) -> subprocess.Popen:
+    """The same config trained uninterrupted, on one thread like the Slurm jobs."""
+    env = {**os.environ, "SLURM_CPUS_PER_TASK": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()",
+         *overrides(cache, tmp_path), f"hydra.run.dir={tmp_path / 'reference'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_file(path: Path, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+def restarts(job_id: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    for token in out.split():
+        if token.startswith("Restarts="):
+            return int(token.split("=")[1])
+    raise AssertionError(f"no Restarts field for {job_id}: {out[:300]}")
+
+
+def sacct_history(job_id: str) -> list[str]:
+    """Every run of a job, requeued ones included (-D)."""
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id],
+                         capture_output=True, text=True, timeout=30).stdout
+    return [line.split("|")[1].split()[0] for line in out.splitlines() if line.split("|")[0] == job_id]
+
+
+def final_state(run_dir: Path) -> tuple[dict, list[np.ndarray]]:
+    import keras
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return metrics, keras.models.load_model(run_dir / "model.keras").get_weights()
+
+
+def assert_matches_reference(run_dir: Path, reference_dir: Path) -> None:
+    metrics, weights = final_state(run_dir)
+    ref_metrics, ref_weights = final_state(reference_dir)
+    assert [row["epoch"] for row in metrics["history"]] == list(range(1, EPOCHS + 1))
+    assert metrics["test_accuracy"] == ref_metrics["test_accuracy"]
+    assert metrics["test_loss"] == ref_metrics["test_loss"]
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(metrics["history"]) == strip(ref_metrics["history"])
+    for got, want in zip(weights, ref_weights):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_usr2_requeues_and_resumes_identically_for_a_run_and_an_array_trial(slow_cache: Path, tmp_path: Path):
+    reference = reference_run(slow_cache, tmp_path)
+    single = submit(slurm_launcher_args(tmp_path / "single", *overrides(slow_cache, tmp_path)), tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sweep = submit(slurm_launcher_args(tmp_path / "sweep", *overrides(slow_cache, tmp_path), "model.activation=relu,tanh"), tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    [single_rec] = job_records(tmp_path / "single")
+    trial_rec, other_rec = job_records(tmp_path / "sweep")
+    assert "_" in trial_rec["job_id"]  # an array task
+
+    targets = [(single_rec, tmp_path / "single" / "0"), (trial_rec, tmp_path / "sweep" / "0")]
+    for record, run_dir in targets:
+        wait_for_file(run_dir / "checkpoints" / "ckpt-e00002-b0000000.npz")
+        subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=30)
+
+    ids = [single_rec["job_id"], trial_rec["job_id"], other_rec["job_id"]]
+    for record, _ in targets:
+        deadline = time.time() + 120
+        while restarts(record["job_id"]) < 1:
+            assert time.time() < deadline, "job was not requeued"
+            time.sleep(1)
+    states = wait_for_states(ids, timeout_s=600)
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+
+    for record, run_dir in targets:
+        assert "REQUEUED" in sacct_history(record["job_id"])
+        log = (run_dir / "train.log").read_text()
+        resumed_at = log.index("resuming from ckpt-e0000")
+        resumed_from = int(log[resumed_at + len("resuming from ckpt-e") :][:5])
+        assert resumed_from >= 2
+        # After the resume, training continues with the next epoch, not from scratch.
+        assert f"epoch {resumed_from + 1}/{EPOCHS}" in log[resumed_at:]
+        assert "epoch 1/" not in log[resumed_at:]
+        assert_matches_reference(run_dir, tmp_path / "reference")
+
+
+def test_sigkilled_job_requeued_resumes_from_last_completed_epoch(slow_cache: Path, tmp_path: Path):
+    reference = reference_run(slow_cache, tmp_path)
+    proc = submit(slurm_launcher_args(tmp_path / "sweep", *overrides(slow_cache, tmp_path)), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(tmp_path / "sweep")
+    run_dir = tmp_path / "sweep" / "0"
+    wait_for_file(run_dir / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    time.sleep(0.3)  # mid-epoch 3
+    # submitit's command line names the folder template (".../.submitit/%j").
+    pids = subprocess.run(["pgrep", "-f", f"submitit.core._submit {tmp_path / 'sweep' / '.submitit'}"],
+                          capture_output=True, text=True, timeout=30).stdout.split()
+    pids = [p for p in pids if int(p) != os.getpid()]
+    assert pids, "job process not found"
+    done_before_kill = max(int(p.name[6:11]) for p in (run_dir / "checkpoints").glob("ckpt-*.npz"))
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    first = wait_for_states([record["job_id"]])
+    assert first[record["job_id"]] in {"FAILED", "CANCELLED", "NODE_FAIL"}, first
+    assert not (run_dir / "metrics.json").exists()
+
+    subprocess.run(["scontrol", "requeue", record["job_id"]], check=True, timeout=30)
+    deadline = time.time() + 180
+    while "resuming from" not in (run_dir / "train.log").read_text():
+        assert time.time() < deadline, "requeued job did not resume"
+        time.sleep(1)
+    states = wait_for_states([record["job_id"]], timeout_s=600)
+    assert states[record["job_id"]] == "COMPLETED"
+    assert reference.wait(timeout=600) == 0
+
+    log = (run_dir / "train.log").read_text()
+    resumed = log[log.index("resuming from"):]
+    assert resumed.startswith(f"resuming from ckpt-e{done_before_kill:05d}-b0000000.npz: {done_before_kill} epoch(s)")
+    assert f"epoch {done_before_kill + 1}/{EPOCHS}" in resumed
+    assert_matches_reference(run_dir, tmp_path / "reference")
