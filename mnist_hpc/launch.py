@@ -61,6 +61,9 @@ class BaseQueueConf:
     nodes: int = 1
     # Job name shown by squeue/sacct.
     name: str = "mnist-hpc"
+    # Sweep trials run one after another in each task: pays TensorFlow's import and the data
+    # load once per task instead of once per trial. 1: one trial per task.
+    trials_per_task: int = 1
 
 
 @dataclass
@@ -161,14 +164,18 @@ class TrainJob:
 
     Hydra's ``run_job`` records a task's exception in the returned ``JobReturn`` instead of
     raising it, so a launcher that just returns it leaves a failed job COMPLETED in Slurm.
-    This re-raises, so the job exits non-zero and ends FAILED, with the traceback in its log.
+    This re-raises (after writing ``failure.json`` into the run directory), so the job exits
+    non-zero and ends FAILED, with the traceback in its log.
     """
 
-    def __init__(self, hydra_context: Any, task_function: Any, config: DictConfig, singleton_state: Any) -> None:
+    def __init__(
+        self, hydra_context: Any, task_function: Any, config: DictConfig, singleton_state: Any, run_dir: Path
+    ) -> None:
         self.hydra_context = hydra_context
         self.task_function = task_function
         self.config = config
         self.singleton_state = singleton_state
+        self.run_dir = Path(run_dir)
 
     def __call__(self) -> Any:
         from hydra.core.singleton import Singleton
@@ -189,6 +196,7 @@ class TrainJob:
             job_subdir_key="hydra.sweep.subdir",
         )
         if ret.status == JobStatus.FAILED:
+            record_failure(self.run_dir, ret._return_value)
             raise ret._return_value
         return ret
 
@@ -197,6 +205,77 @@ class TrainJob:
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self, *args, **kwargs)
+
+
+class PackedTrialsFailed(RuntimeError):
+    """Some trials of a packed task failed (each has its own failure.json); the others finished."""
+
+
+class PackedTrainJob:
+    """Several trials of a sweep in one Slurm task, one after the other in one process.
+
+    Each trial pays for TensorFlow's import once per task instead of once per trial, and keeps
+    its own run directory, outputs and checkpoints. A failing trial does not stop the others;
+    the task ends FAILED if any trial failed. On requeue, finished trials (``metrics.json``
+    present) are skipped and an interrupted one resumes from its checkpoint.
+    """
+
+    def __init__(self, jobs: Sequence[TrainJob]) -> None:
+        self.jobs = list(jobs)
+
+    def __call__(self) -> list[Any]:
+        from mnist_hpc.outputs import METRICS_FILE
+
+        results: list[Any] = []
+        failed: list[str] = []
+        for job in self.jobs:
+            if (job.run_dir / METRICS_FILE).is_file():
+                log.info("trial %s already finished; skipping", job.run_dir.name)
+                results.append(None)
+                continue
+            try:
+                results.append(job())
+            except Exception as exc:  # isolate: record, go on with the next trial
+                log.exception("trial %s failed", job.run_dir.name)
+                failed.append(f"{job.run_dir.name}: {type(exc).__name__}: {exc}")
+                results.append(exc)
+            finally:
+                _reset_keras_state()
+        if failed:
+            raise PackedTrialsFailed(f"{len(failed)} of {len(self.jobs)} trials failed: " + "; ".join(failed))
+        return results
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+def _reset_keras_state() -> None:
+    """Free the previous trial's graphs and layer-name counters (only if Keras is loaded)."""
+    import sys
+
+    if "keras" in sys.modules:
+        sys.modules["keras"].backend.clear_session()
+
+
+def record_failure(run_dir: Path, exc: BaseException) -> None:
+    """``failure.json`` in the run directory: the error a report shows for a failed trial."""
+    import traceback
+
+    from mnist_hpc.outputs import FAILURE_FILE
+
+    try:
+        write_json_atomic(
+            Path(run_dir) / FAILURE_FILE,
+            {
+                "error": f"{type(exc).__module__}.{type(exc).__name__}: {exc}".splitlines()[0],
+                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
+    except OSError:
+        log.exception("could not write failure.json into %s", run_dir)
 
 
 def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[PlannedJob]:
@@ -246,32 +325,51 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     executor.update_parameters(**submitit_parameters(conf, cluster))
 
     state = Singleton.get_state()
+    train_jobs = [TrainJob(launcher.hydra_context, launcher.task_function, j.config, state, j.run_dir) for j in planned]
+    per_task = max(1, int(conf.get("trials_per_task", 1)))
+    # Trials packed per Slurm task share one process (one TensorFlow import, one data load).
+    groups = [list(range(i, min(i + per_task, len(planned)))) for i in range(0, len(planned), per_task)]
     submitted = time.time()
     with executor.batch():
         futures = [
-            executor.submit(TrainJob(launcher.hydra_context, launcher.task_function, job.config, state))
-            for job in planned
+            executor.submit(train_jobs[g[0]] if len(g) == 1 else PackedTrainJob([train_jobs[i] for i in g]))
+            for g in groups
         ]
-    jobs = list(futures)
-    for job, sjob in zip(planned, jobs):
-        record_submission(job, sjob, cluster)
-    print(summary(sweep_dir, planned, jobs, cluster), flush=True)
+    tasks = list(futures)
+    task_of = {i: (tasks[k], slot) for k, g in enumerate(groups) for slot, i in enumerate(g)}
+    for i, job in enumerate(planned):
+        sjob, slot = task_of[i]
+        record_submission(job, sjob, cluster, packed_slot=slot if per_task > 1 else None)
+    print(summary(sweep_dir, planned, [task_of[i][0] for i in range(len(planned))], cluster), flush=True)
 
     if not conf.wait:
         return [
-            QueuedReturn(overrides=job.overrides, status=JobStatus.UNKNOWN, _return_value=QueuedJob(str(sjob.job_id), str(job.run_dir)))
-            for job, sjob in zip(planned, jobs)
+            QueuedReturn(overrides=job.overrides, status=JobStatus.UNKNOWN, _return_value=QueuedJob(str(task_of[i][0].job_id), str(job.run_dir)))
+            for i, job in enumerate(planned)
         ]
-    results = []
-    for job, sjob in zip(planned, jobs):
+    for sjob in tasks:
         try:
-            results.append(sjob.result())
-        except Exception as exc:  # the job failed: report it as failed, do not hide it
-            ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
-            ret._return_value = exc
-            results.append(ret)
-    log.info("all %d jobs ended after %.0f s", len(jobs), time.time() - submitted)
-    return results
+            sjob.result()
+        except Exception:  # reported per trial below, from what each trial left on disk
+            pass
+    log.info("all %d tasks ended after %.0f s", len(tasks), time.time() - submitted)
+    return [trial_return(job) for job in planned]
+
+
+def trial_return(job: PlannedJob) -> Any:
+    """A finished trial's JobReturn, from its run directory: COMPLETED with its objective, or FAILED."""
+    from mnist_hpc.outputs import FAILURE_FILE, METRICS_FILE, objective
+
+    metrics_path = job.run_dir / METRICS_FILE
+    if metrics_path.is_file():
+        ret = JobReturn(overrides=job.overrides, status=JobStatus.COMPLETED)
+        ret._return_value = objective(json.loads(metrics_path.read_text()))
+        return ret
+    failure = job.run_dir / FAILURE_FILE
+    reason = json.loads(failure.read_text())["error"] if failure.is_file() else "ended without metrics.json (killed or timed out?)"
+    ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
+    ret._return_value = RuntimeError(f"trial {job.num} failed: {reason}")
+    return ret
 
 
 @dataclass(frozen=True)
@@ -295,7 +393,7 @@ class QueuedReturn(JobReturn):
         return self._return_value
 
 
-def record_submission(job: PlannedJob, sjob: Any, cluster: str) -> None:
+def record_submission(job: PlannedJob, sjob: Any, cluster: str, packed_slot: Optional[int] = None) -> None:
     """Write ``job.json`` into the run directory: ids and log paths, for status and report."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     job_id = str(sjob.job_id)
@@ -308,6 +406,8 @@ def record_submission(job: PlannedJob, sjob: Any, cluster: str) -> None:
             "array_job_id": array_job_id if array_task else None,
             "array_task_id": int(array_task) if array_task else None,
             "trial": job.num,
+            # Position inside a packed task (hydra.launcher.trials_per_task > 1), else null.
+            "packed_slot": packed_slot,
             "overrides": job.overrides,
             "run_dir": str(job.run_dir),
             "stdout": str(sjob.paths.stdout),

@@ -35,8 +35,16 @@ PROVENANCE_FILE = "provenance.json"
 PREDICTIONS_FILE = "predictions.npz"
 # How many of the most confidently wrong test digits a run keeps as images for the report.
 WRONG_IMAGES_KEPT = 64
+# Written when a submitted trial raises: the error line a report shows.
+FAILURE_FILE = "failure.json"
 # Written at submission: job id, array index and log paths (see mnist_hpc.launch).
 JOB_FILE = "job.json"
+
+
+def objective(metrics: dict[str, Any]) -> float:
+    """What sweepers optimise: validation accuracy when data is held out (the test set never
+    chooses), else test accuracy."""
+    return float(metrics["val_accuracy"] if metrics.get("val_accuracy") is not None else metrics["test_accuracy"])
 
 
 def utc_now() -> str:

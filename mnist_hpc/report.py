@@ -30,6 +30,10 @@ from mnist_hpc import status
 from mnist_hpc.io import atomic_path, write_text_atomic
 from mnist_hpc.outputs import CONFIG_FILE, JOB_FILE, METRICS_FILE, PREDICTIONS_FILE
 
+# A submitted trial that raised leaves {"error": "<module.Exception>: <message>", "traceback": ...}
+# here (mnist_hpc.launch.record_failure); older runs only have the traceback in their job log.
+FAILURE_FILE = "failure.json"
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
@@ -77,12 +81,14 @@ class Trial:
     epochs_planned: Optional[int] = None
     # metrics.json exists: the run finished (it is written last).
     finished: bool = False
+    # From metrics.json only (finished runs); val_accuracy is the last epoch's, best_ the highest.
     best_val_accuracy: Optional[float] = None
     val_accuracy: Optional[float] = None
     test_accuracy: Optional[float] = None
     wall_time_s: Optional[float] = None
     # Per-epoch records: from metrics.json when finished, else parsed from train.log.
     history: list[dict[str, float]] = field(default_factory=list)
+    # The submitit stderr log (job.json) and, for an unfinished run, its error line (failure.json or the log).
     stderr: Optional[str] = None
     error: Optional[str] = None
 
@@ -95,10 +101,15 @@ class Trial:
 class Selection:
     """The best trial, the metric it was ranked by, and what the reader must know about that."""
 
+    # None while no finished trial has the metric.
     trial: Optional[Trial]
+    # The metric actually used: test_accuracy when val_accuracy was asked for but no trial has it.
     metric: str
+    # How many trials were compared (finished, with the metric).
     ranked: int
+    # Which trials were left out of the ranking, and why.
     note: str = ""
+    # Set when trials were ranked by test accuracy, which is not model selection.
     warning: str = ""
 
 
@@ -261,7 +272,12 @@ def job_status(run_dir: Path) -> tuple[status.JobStatus, Optional[str]]:
             note = f"{run_dir / JOB_FILE} is unreadable ({exc}); its state comes from the files only"
     done, planned = status.last_epoch(run_dir)
     job = status.JobStatus(
-        job_id="-", run_dir=str(run_dir), overrides=hydra_overrides(run_dir), last_epoch=done, epochs=planned, source="files"
+        job_id="-",
+        run_dir=str(run_dir),
+        overrides=hydra_overrides(run_dir),
+        last_epoch=done,
+        epochs=planned,
+        source="files",
     )
     return job, note
 
@@ -295,11 +311,30 @@ def read_trial(run_dir: Path, job: status.JobStatus) -> Trial:
         trial.history = parse_log_history(run_dir / LOG_FILE)
         if trial.epochs_done is None and (epochs := planned_epochs(run_dir)) is not None:
             trial.epochs_done, trial.epochs_planned = 0, epochs
-        if trial.stderr:
-            trial.error = last_error_line(Path(trial.stderr))
-            if trial.error is None and trial.state == "FAILED":
-                trial.error = f"no traceback in {trial.stderr}"
+    failure = read_json(run_dir / FAILURE_FILE)
+    packed = info.get("packed_slot") is not None
+    if packed:
+        # Several trials ran in one Slurm task: sacct's state is the task's; the trial's files are its own.
+        trial.state = "COMPLETED" if trial.finished else ("FAILED" if failure else trial.state)
+    if not trial.finished:
+        trial.error = trial_error(failure, trial.stderr, shared_log=packed, failed=trial.state == "FAILED")
     return trial
+
+
+def trial_error(failure: Optional[dict[str, Any]], stderr: Optional[str], shared_log: bool, failed: bool) -> Optional[str]:
+    """The error line of an unfinished trial: its ``failure.json``, else the end of its own job log.
+
+    A log shared by the trials of a packed task may end with another trial's traceback, so it is
+    only pointed to, not quoted.
+    """
+    if failure and failure.get("error"):
+        return str(failure["error"])
+    if stderr and not shared_log:
+        if (line := last_error_line(Path(stderr))) is not None:
+            return line
+    if failed and stderr:
+        return f"no error line found; see {stderr}" + (" (shared by the trials of this task)" if shared_log else "")
+    return None
 
 
 def _float(value: Any) -> Optional[float]:
@@ -478,11 +513,16 @@ def markdown_grid(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
 def markdown_table(trials: Sequence[Trial], best: Optional[Trial] = None) -> str:
     """The trial table: overrides shown are those that differ between trials (shared ones are listed once)."""
     swept = swept_params(trials) if len(trials) > 1 else None
-    header = ["trial", "job", "state", "overrides", "epochs", "best val acc", "final val acc", "test acc", "wall time", "error"]
+    header = [
+        "trial", "job", "state", "overrides", "epochs", "best val acc", "final val acc", "test acc", "wall time", "error"
+    ]
     rows = []
     for t in trials:
         overrides = [o for o in t.overrides if swept is None or parse_override(o)[0] in swept]
-        wall = format_duration(t.wall_time_s) if t.wall_time_s is not None else (f"{t.elapsed} (elapsed)" if t.elapsed else "-")
+        if t.wall_time_s is not None:
+            wall = format_duration(t.wall_time_s)
+        else:
+            wall = f"{t.elapsed} (elapsed)" if t.elapsed else "-"
         number = "-" if t.number is None else str(t.number)
         rows.append(
             [
@@ -548,7 +588,9 @@ def wrong_digit_titles(pred: Predictions) -> list[str]:
     titles = []
     for index in pred.wrong_index:
         true, guess = int(pred.y_true[index]), int(pred.y_pred[index])
-        titles.append(f"true {true} / pred {guess} ({100 * float(pred.y_prob[index, guess]):.1f}%)")
+        conf = 100 * float(pred.y_prob[index, guess])
+        # A wrong answer given with 99.97% must not read as "100.0%".
+        titles.append(f"true {true} / pred {guess} ({f'{conf:.1f}%' if conf < 99.95 else '>99.9%'})")
     return titles
 
 
@@ -618,7 +660,12 @@ def plot_learning_curves(trials: Sequence[Trial], path: Path, best: Optional[Tri
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
-    ax.set_title("Learning curves (solid: validation accuracy; dashed: training accuracy, no validation data)", fontsize=9)
+    styles = {
+        "val_accuracy": "solid: validation accuracy",
+        "accuracy": "dashed: training accuracy (no validation data)",
+    }
+    used = [text for name, text in styles.items() if any(c[1] == name for c in curves)]
+    ax.set_title("Learning curves" + (f" ({'; '.join(used)})" if used else ""), fontsize=9)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     return save_png(fig, path)
@@ -638,7 +685,12 @@ def param_filename(key: str) -> str:
 
 
 def plot_metric_vs_param(
-    trials: Sequence[Trial], key: str, values: Sequence[Optional[str]], metric: str, path: Path, best: Optional[Trial] = None
+    trials: Sequence[Trial],
+    key: str,
+    values: Sequence[Optional[str]],
+    metric: str,
+    path: Path,
+    best: Optional[Trial] = None,
 ) -> Path:
     """The ranking metric of each finished trial against one swept hyperparameter.
 
@@ -711,8 +763,9 @@ def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> Path:
 def plot_wrong_digits(pred: Predictions, path: Path, title: str, columns: int = 8) -> Path:
     """The most confidently wrong test digits, each titled ``true T / pred P (conf%)``."""
     titles = wrong_digit_titles(pred)
+    columns = max(1, min(columns, len(titles)))
     rows = max(1, math.ceil(len(titles) / columns))
-    fig = _figure(columns * 1.45, rows * 1.55 + 0.4)
+    fig = _figure(max(columns * 1.45, 4.5), rows * 1.55 + 0.4)
     fig.suptitle(title, fontsize=10)
     if not titles:
         ax = fig.add_subplot()
@@ -745,7 +798,10 @@ def selection_text(sel: Selection, trials: Sequence[Trial]) -> str:
             swept = swept_params(trials)
             params = " ".join(o for o in t.overrides if parse_override(o)[0] in swept) or params
         if sel.metric == "val_accuracy":
-            score = f"best validation accuracy {_fmt(t.best_val_accuracy)} (final {_fmt(t.val_accuracy)}, test {_fmt(t.test_accuracy)})"
+            score = (
+                f"best validation accuracy {_fmt(t.best_val_accuracy)} "
+                f"(final {_fmt(t.val_accuracy)}, test {_fmt(t.test_accuracy)})"
+            )
             how = "ranked by best_val_accuracy"
         else:
             score = f"test accuracy {_fmt(t.test_accuracy)}"
@@ -768,9 +824,11 @@ def predictions_section(run: Trial, out_dir: Path, heading: str) -> tuple[str, l
     wrong = int(matrix.sum() - np.trace(matrix))
     total = int(matrix.sum())
     confusions = ", ".join(f"{t}→{p} ({n})" for t, p, n in top_confusions(matrix))
+    matrix_title = f"{heading}: confusion matrix on the test set ({wrong} of {total} wrong)"
+    digits_title = f"{heading}: the {len(pred.wrong_index)} most confidently wrong test digits"
     files = [
-        plot_confusion_matrix(matrix, out_dir / CONFUSION_PNG, f"{heading}: confusion matrix on the test set ({wrong} of {total} wrong)"),
-        plot_wrong_digits(pred, out_dir / WRONG_DIGITS_PNG, f"{heading}: the {len(pred.wrong_index)} most confidently wrong test digits"),
+        plot_confusion_matrix(matrix, out_dir / CONFUSION_PNG, matrix_title),
+        plot_wrong_digits(pred, out_dir / WRONG_DIGITS_PNG, digits_title),
     ]
     text = "\n\n".join(
         [
@@ -784,13 +842,40 @@ def predictions_section(run: Trial, out_dir: Path, heading: str) -> tuple[str, l
     return text, files, None
 
 
+def summary_section(target: Path, trials: Sequence[Trial], selection: Optional[Selection]) -> str:
+    """The heading, the state counts, the shared overrides and the best trial (sweeps) or the run's state."""
+    kind = "sweep" if selection is not None else "run"
+    parts = [f"# mnist-hpc report: {kind} {target}"]
+    if selection is None:
+        parts.append(f"State: {trials[0].state}. Overrides: `{' '.join(trials[0].overrides) or '(none)'}`")
+        return "\n\n".join(parts)
+    parts.append(f"{len(trials)} trial(s): {_state_counts(trials)}.")
+    if shared := shared_overrides(trials):
+        parts.append("Overrides shared by all trials: `" + " ".join(shared) + "`")
+    parts.append(selection_text(selection, trials))
+    return "\n\n".join(parts)
+
+
+def write_plots(trials: Sequence[Trial], out_dir: Path, selection: Optional[Selection]) -> tuple[list[Path], str]:
+    """Learning curves, and for a sweep one metric-vs-parameter plot per swept parameter; their markdown."""
+    best = selection.trial if selection else None
+    files = [plot_learning_curves(trials, out_dir / LEARNING_CURVES_PNG, best)]
+    links = [f"![learning curves]({LEARNING_CURVES_PNG})"]
+    if selection is not None:
+        for key, values in swept_params(trials).items():
+            png = plot_metric_vs_param(trials, key, values, selection.metric, out_dir / param_filename(key), best)
+            files.append(png)
+            links.append(f"![{selection.metric} vs {key}]({png.name})")
+    return files, "## Plots\n\n" + "\n\n".join(links)
+
+
 def build_report(target: Path, out_dir: Optional[Path] = None, metric: str = "val_accuracy") -> Report:
     """Read a sweep or run directory, write the table and plots into ``out_dir``, return the markdown.
 
     Args:
         target: a sweep directory (numbered trials) or a single run directory.
         out_dir: where the files go; default ``<target>/report``.
-        metric: what ranks the trials, ``val_accuracy`` (best epoch) or ``test_accuracy``.
+        metric: what ranks a sweep's trials, ``val_accuracy`` (best epoch) or ``test_accuracy``.
 
     Raises:
         ReportError: ``target`` holds no trials and is not a run.
@@ -802,41 +887,28 @@ def build_report(target: Path, out_dir: Optional[Path] = None, metric: str = "va
     trials, notes = collect_trials(run_dirs)
     selection = best_trial(trials, metric) if is_sweep else None
     best = selection.trial if selection else None
-    files: list[Path] = []
-    parts = [f"# mnist-hpc report: {'sweep' if is_sweep else 'run'} {target}"]
-    if is_sweep:
-        parts.append(f"{len(trials)} trial(s): {_state_counts(trials)}.")
-        if shared := shared_overrides(trials):
-            parts.append("Overrides shared by all trials: `" + " ".join(shared) + "`")
-        parts.append(selection_text(selection, trials))  # type: ignore[arg-type]
-    else:
-        run = trials[0]
-        parts.append(f"State: {run.state}. Overrides: `{' '.join(run.overrides) or '(none)'}`")
-    parts.append(markdown_table(trials, best))
-    if notes:
-        parts.append("\n".join(f"- note: {n}" for n in notes))
 
-    files.append(write_csv(table_rows(trials, best), out_dir / CSV_FILE))
-    files.append(plot_learning_curves(trials, out_dir / LEARNING_CURVES_PNG, best))
-    plots = [f"![learning curves]({LEARNING_CURVES_PNG})"]
-    if is_sweep:
-        for key, values in swept_params(trials).items():
-            png = plot_metric_vs_param(trials, key, values, selection.metric, out_dir / param_filename(key), best)  # type: ignore[union-attr]
-            files.append(png)
-            plots.append(f"![{selection.metric} vs {key}]({png.name})")  # type: ignore[union-attr]
-    parts.append("## Plots\n\n" + "\n\n".join(plots))
-
+    parts = [summary_section(target, trials, selection), markdown_table(trials, best)]
+    parts += ["\n".join(f"- note: {n}" for n in notes)] if notes else []
+    files = [write_csv(table_rows(trials, best), out_dir / CSV_FILE)]
+    pngs, plot_links = write_plots(trials, out_dir, selection)
+    files += pngs
+    parts.append(plot_links)
+    # The confusion matrix and wrong digits of the best trial (sweep) or of the run itself.
     focus = best if is_sweep else trials[0]
     if focus is not None:
         heading = f"Best trial {focus.number}" if is_sweep else f"Run {focus.run_dir.name}"
         section, pngs, note = predictions_section(focus, out_dir, heading)
         files += pngs
-        parts.append(section if section else f"- note: {note}")
-    markdown = "\n\n".join(p for p in parts if p) + "\n"
-    md_path = out_dir / MARKDOWN_FILE
-    write_text_atomic(md_path, markdown)
-    files.insert(0, md_path)
+        parts.append(section or f"- note: {note}")
+    markdown = "\n\n".join(parts) + "\n"
+    files.insert(0, write_markdown(markdown, out_dir / MARKDOWN_FILE))
     return Report(markdown=markdown, out_dir=out_dir, files=files, trials=trials, selection=selection)
+
+
+def write_markdown(markdown: str, path: Path) -> Path:
+    write_text_atomic(path, markdown)
+    return path
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mnist_hpc.outputs import JOB_FILE, METRICS_FILE
+from mnist_hpc.outputs import FAILURE_FILE, JOB_FILE, METRICS_FILE
 
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)")
 SACCT_FIELDS = "JobID,State,Elapsed,NodeList,ExitCode"
@@ -40,6 +40,9 @@ class JobStatus:
     source: str = ""
     # submitit's result pickle: it exists once the job's Python process has ended.
     result_file: Optional[str] = None
+    # The trial's number in its sweep, and its slot when several trials share a task.
+    trial: Optional[int] = None
+    packed_slot: Optional[int] = None
 
 
 class StatusError(RuntimeError):
@@ -142,6 +145,8 @@ def collect(target: str) -> list[JobStatus]:
                     epochs=planned,
                     source=info.get("cluster", "slurm"),
                     result_file=_result_file(info),
+                    trial=info.get("trial"),
+                    packed_slot=info.get("packed_slot"),
                 )
             )
         return jobs
@@ -177,6 +182,8 @@ def fill_states(jobs: list[JobStatus]) -> tuple[list[JobStatus], list[str]]:
         row = rows.get(job.job_id)
         if row:
             job.state, job.elapsed, job.node, job.exit_code = row["state"], row["elapsed"], row["node"], row["exit_code"]
+            if job.packed_slot is not None and job.run_dir:
+                job.state = packed_trial_state(Path(job.run_dir), job.state)
         elif job.run_dir and (Path(job.run_dir) / METRICS_FILE).is_file():
             job.state = "COMPLETED"
             job.source += " (files)"
@@ -190,10 +197,20 @@ def fill_states(jobs: list[JobStatus]) -> tuple[list[JobStatus], list[str]]:
     return jobs, notes
 
 
+def packed_trial_state(run_dir: Path, task_state: str) -> str:
+    """A packed trial's own state: its task's state says how the task as a whole ended."""
+    if (run_dir / METRICS_FILE).is_file():
+        return "COMPLETED"
+    if (run_dir / FAILURE_FILE).is_file():
+        return "FAILED"
+    return task_state
+
+
 def format_table(jobs: Sequence[JobStatus]) -> str:
-    header = ["JOBID", "STATE", "ELAPSED", "NODE", "EPOCH", "LOG"]
+    header = ["TRIAL", "JOBID", "STATE", "ELAPSED", "NODE", "EPOCH", "LOG"]
     rows = [
         [
+            "-" if j.trial is None else str(j.trial),
             j.job_id,
             j.state,
             j.elapsed or "-",

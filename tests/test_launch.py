@@ -72,7 +72,8 @@ def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tm
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0
     rows = [line.split() for line in status.stdout.splitlines()[1:]]
-    assert [r[1] for r in rows] == ["COMPLETED", "COMPLETED"]
+    assert [r[2] for r in rows] == ["COMPLETED", "COMPLETED"]
+    assert [r[0] for r in rows] == ["0", "1"]
     assert [r[-2] for r in rows] == ["1/1", "1/1"]
 
 

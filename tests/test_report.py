@@ -86,7 +86,9 @@ def history(best_val: Optional[float], final_val: Optional[float], epochs: int =
     return rows
 
 
-def fake_metrics(test: float, best_val: Optional[float] = None, final_val: Optional[float] = None, wall: float = 42.0) -> dict[str, Any]:
+def fake_metrics(
+    test: float, best_val: Optional[float] = None, final_val: Optional[float] = None, wall: float = 42.0
+) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "test_loss": 0.1,
         "test_accuracy": test,
@@ -143,7 +145,8 @@ def make_trial(
         )
     if started_epochs is not None:
         (run_dir / "config.yaml").write_text(f"train:\n  epochs: {started_epochs}\n  batch_size: 128\n")
-        (run_dir / "train.log").write_text("[2026-01-01 10:00:01][mnist_hpc.train][INFO] - Model: ...\n" + "".join(log_lines))
+        header = "[2026-01-01 10:00:01][mnist_hpc.train][INFO] - Model: ...\n"
+        (run_dir / "train.log").write_text(header + "".join(log_lines))
     if stderr is not None:
         (folder / f"{job_id}_0_log.err").write_text(stderr)
     if ended:
@@ -249,15 +252,17 @@ def test_failed_running_and_pending_trials_are_listed(sweep_report: report.Repor
     assert all(rows[n]["error"] == "" for n in ("0", "1", "2", "4", "5"))
     table = [line for line in sweep_report.markdown.splitlines() if line.startswith("| 3 |")]
     assert len(table) == 1 and "| FAILED |" in table[0] and ERROR_LINE in table[0]
-    assert any(line.startswith("| 4 | 1004 | RUNNING |") and "| 2/5 |" in line for line in sweep_report.markdown.splitlines())
-    assert any(line.startswith("| 5 | 1005 | PENDING |") for line in sweep_report.markdown.splitlines())
+    lines = sweep_report.markdown.splitlines()
+    assert any(line.startswith("| 4 | 1004 | RUNNING |") and "| 2/5 |" in line for line in lines)
+    assert any(line.startswith("| 5 | 1005 | PENDING |") for line in lines)
     assert "6 trial(s): 3 COMPLETED, 1 FAILED, 1 RUNNING, 1 PENDING." in sweep_report.markdown
 
 
 def test_confusion_matrix_of_the_best_trial(sweep_report: report.Report) -> None:
     np.testing.assert_array_equal(markdown_matrix(sweep_report.markdown), BEST_MATRIX)
     np.testing.assert_array_equal(markdown_matrix((sweep_report.out_dir / "report.md").read_text()), BEST_MATRIX)
-    assert "6 of 100 test digits wrong (6.00%); most frequent mistakes (true→pred): 4→9 (3), 7→2 (2), 3→5 (1)." in sweep_report.markdown
+    summary = "6 of 100 test digits wrong (6.00%); most frequent mistakes (true→pred): 4→9 (3), 7→2 (2), 3→5 (1)."
+    assert summary in sweep_report.markdown
 
 
 def test_plots_are_valid_pngs(sweep_report: report.Report) -> None:
@@ -284,7 +289,8 @@ def test_swept_parameters_and_curves(sweep_report: report.Report) -> None:
     # The running trial's curve comes from its train.log; finished ones from metrics.json.
     running = sweep_report.trials[4]
     assert report.learning_curve(running) == ("val_accuracy", [1, 2], [0.91, 0.93])
-    assert report.learning_curve(sweep_report.trials[1]) == ("val_accuracy", [1, 2, 3], pytest.approx([0.935, 0.985, 0.980]))
+    finished = report.learning_curve(sweep_report.trials[1])
+    assert finished == ("val_accuracy", [1, 2, 3], pytest.approx([0.935, 0.985, 0.980]))
     assert report.learning_curve(sweep_report.trials[5]) == ("accuracy", [], [])
 
 
@@ -323,15 +329,18 @@ def test_last_error_line_takes_the_last_traceback(tmp_path: Path) -> None:
         "RuntimeError: the real one\nsrun: error: node1: task 0: Exited with exit code 1\n"
     )
     assert report.last_error_line(log) == "RuntimeError: the real one"
-    log.write_text("slurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-01-01T10:00:00 DUE TO TIME LIMIT ***\n")
-    assert report.last_error_line(log) == "slurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-01-01T10:00:00 DUE TO TIME LIMIT ***"
+    killed = "slurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-01-01T10:00:00 DUE TO TIME LIMIT ***"
+    log.write_text(f"some output\n{killed}\n")
+    assert report.last_error_line(log) == killed
     assert report.last_error_line(tmp_path / "missing.err") is None
 
 
 # --- other layouts -----------------------------------------------------------------------
 
 
-def test_without_validation_data_it_ranks_by_test_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_without_validation_data_it_ranks_by_test_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sweep = tmp_path / "sweep"
     make_trial(sweep, 0, ["train.seed=1"], metrics=fake_metrics(test=0.97), started_epochs=3)
     make_trial(sweep, 1, ["train.seed=2"], metrics=fake_metrics(test=0.98), started_epochs=3)
@@ -395,7 +404,9 @@ def test_slurm_states_come_from_sacct(tmp_path: Path, monkeypatch: pytest.Monkey
             metrics=fake_metrics(0.97, 0.98, 0.98) if state == "COMPLETED" else None,
             stderr={"FAILED": FAILED_STDERR, "CANCELLED": cancelled + "\n"}.get(state),
         )
-    rows = {f"77_{n}": {"state": s, "elapsed": "00:01:00", "node": "node1", "exit_code": "0:0"} for n, s in enumerate(states)}
+    rows = {
+        f"77_{n}": {"state": s, "elapsed": "00:01:00", "node": "node1", "exit_code": "0:0"} for n, s in enumerate(states)
+    }
     asked: list[list[str]] = []
     monkeypatch.setattr(status, "query_sacct", lambda ids: asked.append(sorted(ids)) or rows)
     trials, notes = report.collect_trials(report.find_runs(sweep)[1])

@@ -1,0 +1,147 @@
+"""Sweeps on the real cluster: one job array per sweep, and reports that show every trial honestly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_overrides
+from tests.slurm_helpers import job_records, require_cluster, sacct_states, slurm_launcher_args, submit, wait_for_states
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(autouse=True)
+def _cluster() -> None:
+    require_cluster()
+
+
+def report(target: Path) -> tuple[subprocess.CompletedProcess, list[dict[str, str]]]:
+    proc = subprocess.run([sys.executable, "-c", "from mnist_hpc.cli import report_main; report_main()", str(target)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(target / "report" / "report.csv") as fh:
+        return proc, list(csv.DictReader(fh))
+
+
+def test_four_trial_sweep_is_one_array_and_reported(synthetic_cache: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(
+        sweep, *tiny_overrides(synthetic_cache, tmp_path), "experiment=sweep",
+        "model.hidden_units=[32],[64]", "optimizer.learning_rate=1e-3,3e-4", "hydra.launcher.array_parallelism=2",
+    )
+    proc = submit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = job_records(sweep)
+    array_ids = {r["array_job_id"] for r in records}
+    assert len(array_ids) == 1 and None not in array_ids  # ONE array for the whole sweep
+    [array_id] = array_ids
+    assert [r["job_id"] for r in records] == [f"{array_id}_{i}" for i in range(4)]
+    scontrol = subprocess.run(["scontrol", "show", "job", array_id], capture_output=True, text=True).stdout
+    assert "ArrayTaskThrottle=2" in scontrol
+
+    states = wait_for_states([r["job_id"] for r in records])
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert set(sacct_states([array_id])) >= {f"{array_id}_{i}" for i in range(4)}
+
+    out, rows = report(sweep)
+    assert [int(r["trial"]) for r in rows] == [0, 1, 2, 3]
+    expected = [("[32]", "1e-3"), ("[32]", "3e-4"), ("[64]", "1e-3"), ("[64]", "3e-4")]
+    for row, (units, lr) in zip(rows, expected):
+        assert f"model.hidden_units={units}" in row["overrides"] and f"optimizer.learning_rate={lr}" in row["overrides"]
+        assert row["state"] == "COMPLETED"
+        metrics = json.loads((sweep / row["trial"] / "metrics.json").read_text())
+        assert float(row["test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
+        assert float(row["best_val_accuracy"]) == pytest.approx(metrics["best_val_accuracy"])
+    best = max(rows, key=lambda r: float(r["best_val_accuracy"]))
+    assert [r["best"] for r in rows].count("yes") == 1 and best["best"] == "yes"
+    assert f"trial {best['trial']}" in out.stdout.lower()
+    for png in ("learning_curves.png", "confusion_matrix.png", "wrong_digits.png"):
+        assert (sweep / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_trial_failing_at_run_time_is_reported_failed_with_its_error(synthetic_cache: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    # 1e-9 passes the schema but leaves no validation samples: it fails only once data is loaded.
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "data.validation_split=0.1,1e-9")
+    proc = submit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = job_records(sweep)
+    states = wait_for_states([r["job_id"] for r in records])
+    assert [states[r["job_id"]] for r in records] == ["COMPLETED", "FAILED"]
+
+    out, rows = report(sweep)
+    assert [(r["trial"], r["state"]) for r in rows] == [("0", "COMPLETED"), ("1", "FAILED")]
+    assert "DatasetError" in rows[1]["error"] and "validation_split=1e-09" in rows[1]["error"]
+    assert rows[0]["best"] == "yes"
+    assert "FAILED" in out.stdout
+
+
+def test_report_on_pending_sweep_shows_pending(synthetic_cache: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=1,2",
+                               "+hydra.launcher.additional_parameters.hold=true")
+    proc = submit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = job_records(sweep)
+    try:
+        _, rows = report(sweep)
+        assert [r["state"] for r in rows] == ["PENDING", "PENDING"]
+        assert [r["test_accuracy"] for r in rows] == ["", ""]
+    finally:
+        subprocess.run(["scancel", records[0]["array_job_id"]], timeout=30)
+
+
+def test_two_trial_optuna_search_completes_and_is_reported(synthetic_cache: Path, tmp_path: Path):
+    sweep = tmp_path / "optuna"
+    args = slurm_launcher_args(
+        sweep, *tiny_overrides(synthetic_cache, tmp_path), "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+    )
+    proc = submit(args, tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in results
+    records = job_records(sweep)
+    assert len(records) == 2 and len({r["array_job_id"] for r in records}) == 1
+    assert set(sacct_states([r["job_id"] for r in records]).values()) == {"COMPLETED"}
+    _, rows = report(sweep)
+    assert [r["state"] for r in rows] == ["COMPLETED", "COMPLETED"]
+    best = [r for r in rows if r["best"] == "yes"][0]
+    import yaml
+
+    assert float(best["final_val_accuracy"]) == pytest.approx(yaml.safe_load(results)["best_value"])
+    assert all("optimizer.learning_rate=" in r["overrides"] for r in rows)
+
+
+def test_packed_trials_keep_their_own_dirs_failures_and_states(synthetic_cache: Path, tmp_path: Path):
+    """Three trials, two per task: two tasks; the failing trial fails alone."""
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.launcher.trials_per_task=2",
+                               "data.validation_split=0.1,1e-9,0.2")
+    proc = submit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = job_records(sweep)
+    assert [r["job_id"] == records[0]["job_id"] for r in records] == [True, True, False]
+    assert [r["packed_slot"] for r in records] == [0, 1, 0]
+    states = wait_for_states(sorted({r["job_id"] for r in records}))
+    # The task holding the failing trial ends FAILED in Slurm: nothing is hidden.
+    assert [states[records[0]["job_id"]], states[records[2]["job_id"]]] == ["FAILED", "COMPLETED"]
+    for trial in (0, 2):
+        metrics = json.loads((sweep / str(trial) / "metrics.json").read_text())
+        assert metrics["epochs_completed"] == 1 and "val_accuracy" in metrics
+        assert json.loads((sweep / str(trial) / "provenance.json").read_text())["slurm_job_id"]
+    assert "validation_split=1e-09" in json.loads((sweep / "1" / "failure.json").read_text())["error"]
+    assert not (sweep / "1" / "metrics.json").exists()
+
+    rows = subprocess.run([sys.executable, "-m", "mnist_hpc.status", "--json", str(sweep)],
+                          capture_output=True, text=True, timeout=60)
+    assert [r["state"] for r in json.loads(rows.stdout)] == ["COMPLETED", "FAILED", "COMPLETED"]
+    _, report_rows = report(sweep)
+    assert [r["state"] for r in report_rows] == ["COMPLETED", "FAILED", "COMPLETED"]
+    assert "DatasetError" in report_rows[1]["error"]
