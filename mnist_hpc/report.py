@@ -28,11 +28,7 @@ import numpy as np
 
 from mnist_hpc import status
 from mnist_hpc.io import atomic_path, write_text_atomic
-from mnist_hpc.outputs import CONFIG_FILE, JOB_FILE, METRICS_FILE, PREDICTIONS_FILE
-
-# A submitted trial that raised leaves {"error": "<module.Exception>: <message>", "traceback": ...}
-# here (mnist_hpc.launch.record_failure); older runs only have the traceback in their job log.
-FAILURE_FILE = "failure.json"
+from mnist_hpc.outputs import CONFIG_FILE, FAILURE_FILE, JOB_FILE, METRICS_FILE, PREDICTIONS_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -321,7 +317,9 @@ def read_trial(run_dir: Path, job: status.JobStatus) -> Trial:
     return trial
 
 
-def trial_error(failure: Optional[dict[str, Any]], stderr: Optional[str], shared_log: bool, failed: bool) -> Optional[str]:
+def trial_error(
+    failure: Optional[dict[str, Any]], stderr: Optional[str], shared_log: bool, failed: bool
+) -> Optional[str]:
     """The error line of an unfinished trial: its ``failure.json``, else the end of its own job log.
 
     A log shared by the trials of a packed task may end with another trial's traceback, so it is
@@ -404,8 +402,7 @@ def metric_value(trial: Trial, metric: str) -> Optional[float]:
 
 TEST_SELECTION_WARNING = (
     "ranked by TEST accuracy{why}. Choosing a model by its test accuracy is not model selection: the "
-    "test set then no longer gives an unbiased estimate of the chosen model. Hold out validation data "
-    "(e.g. data.validation_split=0.1) and rank by val_accuracy."
+    "test set then no longer gives an unbiased estimate of the chosen model. {fix}"
 )
 
 
@@ -422,9 +419,14 @@ def best_trial(trials: Sequence[Trial], metric: str = "val_accuracy") -> Selecti
     if metric == "val_accuracy" and not any(t.best_val_accuracy is not None for t in finished):
         if any(t.test_accuracy is not None for t in finished):
             metric = "test_accuracy"
-            warning = TEST_SELECTION_WARNING.format(why=" because no finished trial has validation data")
+            warning = TEST_SELECTION_WARNING.format(
+                why=" because no finished trial has validation data",
+                fix="Hold out validation data (e.g. data.validation_split=0.1) to select on it.",
+            )
     elif metric == "test_accuracy":
-        warning = TEST_SELECTION_WARNING.format(why=" as asked (--metric test_accuracy)")
+        warning = TEST_SELECTION_WARNING.format(
+            why=" as asked (--metric test_accuracy)", fix="Rank by val_accuracy (the default) to select a model."
+        )
     ranked = [t for t in finished if metric_value(t, metric) is not None]
     notes = []
     if unfinished := len(trials) - len(finished):

@@ -79,8 +79,22 @@ def query_sacct(job_ids: Sequence[str]) -> Optional[dict[str, dict[str, str]]]:
             continue
         job_id, state, elapsed, node, exit_code = parts
         # A requeued job appears once per run; the last line is the current one.
-        rows[job_id] = {"state": normalise_state(state), "elapsed": elapsed, "node": node, "exit_code": exit_code}
+        for task_id in expand_array_id(job_id):
+            rows[task_id] = {"state": normalise_state(state), "elapsed": elapsed, "node": node, "exit_code": exit_code}
     return rows
+
+
+def expand_array_id(job_id: str) -> list[str]:
+    """sacct shows the not-yet-started tasks of an array as one row, ``123_[0-3,7%2]``."""
+    match = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", job_id)
+    if not match:
+        return [job_id]
+    base, spec = match.groups()
+    tasks: list[str] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        tasks += [f"{base}_{i}" for i in range(int(first), int(last or first) + 1)]
+    return tasks
 
 
 def query_squeue(job_ids: Sequence[str]) -> Optional[dict[str, dict[str, str]]]:
@@ -177,6 +191,12 @@ def fill_states(jobs: list[JobStatus]) -> tuple[list[JobStatus], list[str]]:
         rows = query_squeue(slurm_ids) or {}
         if not rows and slurm_ids and _run(["squeue", "-h", "-o", "%i"]) is None:
             notes.append("squeue is unavailable too; states come from the run files only")
+    else:
+        # Accounting learns of a job some time after submission (held jobs even later): ask
+        # the controller about the ones sacct does not know yet.
+        unknown = [j for j in slurm_ids if j not in rows]
+        if unknown:
+            rows.update(query_squeue(unknown) or {})
     jobs = _expand_arrays(jobs, rows)
     for job in jobs:
         row = rows.get(job.job_id)

@@ -118,6 +118,8 @@ def make_trial(
     log_lines: tuple[str, ...] = (),
     stderr: Optional[str] = None,
     ended: bool = False,
+    packed_slot: Optional[int] = None,
+    failure: Optional[str] = None,
 ) -> Path:
     """One trial directory as the launcher and a training job leave it."""
     run_dir = sweep / str(num)
@@ -125,7 +127,7 @@ def make_trial(
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     job_id = job_id or str(1000 + num)
     folder = sweep / ".submitit" / job_id
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     if with_job:
         write_json(
             run_dir / "job.json",
@@ -135,6 +137,7 @@ def make_trial(
                 "array_job_id": job_id.partition("_")[0] if "_" in job_id else None,
                 "array_task_id": int(job_id.partition("_")[2]) if "_" in job_id else None,
                 "trial": num,
+                "packed_slot": packed_slot,
                 "overrides": overrides,
                 "run_dir": str(run_dir),
                 "stdout": str(folder / f"{job_id}_0_log.out"),
@@ -152,6 +155,8 @@ def make_trial(
     if ended:
         # submitit's result pickle: the job's process has ended (status reads its presence only).
         (folder / f"{job_id}_0_result.pkl").write_bytes(b"")
+    if failure is not None:
+        write_json(run_dir / "failure.json", {"error": failure, "traceback": "Traceback ...\n" + failure, "time": "t"})
     if mistakes is not None:
         fake_predictions(run_dir, mistakes)
     if metrics is not None:
@@ -417,6 +422,32 @@ def test_slurm_states_come_from_sacct(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "| 3 | 77_3 | TIMEOUT | train.seed=3 | - | - | - | - | 00:01:00 (elapsed) |" in table
 
 
+def test_packed_trials_get_their_own_state_and_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three trials in one Slurm task (trials_per_task=3): the task FAILED because trial 1 raised.
+    sweep = tmp_path / "sweep"
+    shared_log = FAILED_STDERR.replace(ERROR_LINE, "mnist_hpc.launch.PackedTrialsFailed: 1 of 3 trials failed: ...")
+    own_error = "ValueError: learning rate too large for this demo"
+    for num in range(3):
+        make_trial(
+            sweep, num, [f"train.seed={num}"], cluster="slurm", job_id="88_0", packed_slot=num, stderr=shared_log,
+            metrics=None if num == 1 else fake_metrics(0.97, 0.98, 0.98), failure=own_error if num == 1 else None,
+        )
+    row = {"state": "FAILED", "elapsed": "00:03:00", "node": "node1", "exit_code": "1:0"}
+    monkeypatch.setattr(status, "query_sacct", lambda ids: {"88_0": row})
+    trials, _ = report.collect_trials(report.find_runs(sweep)[1])
+    assert [(t.state, t.error) for t in trials] == [("COMPLETED", None), ("FAILED", own_error), ("COMPLETED", None)]
+
+
+def test_failure_file_is_preferred_to_the_log(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    make_trial(sweep, 0, ["train.seed=0"], stderr=FAILED_STDERR, ended=True, failure="KeyError: 'from failure.json'")
+    make_trial(sweep, 1, ["train.seed=1"], stderr="no traceback here\n", ended=True)
+    trials, _ = report.collect_trials(report.find_runs(sweep)[1])
+    assert [t.state for t in trials] == ["FAILED", "FAILED"]
+    assert trials[0].error == "KeyError: 'from failure.json'"
+    assert trials[1].error == f"no error line found; see {sweep / '.submitit' / '1001' / '1001_0_log.err'}"
+
+
 @pytest.mark.parametrize("layout", ["empty", "unnumbered", "missing"])
 def test_no_trials_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str) -> None:
     target = tmp_path / "target"
@@ -453,3 +484,11 @@ def test_report_imports_no_tensorflow(sweep_report: report.Report, tmp_path: Pat
             assert "usage: mnist-hpc-report" in proc.stdout and time.monotonic() - started < 10
     assert "**Best trial: 1**" in proc.stdout
     assert_png(tmp_path / "out" / "wrong_digits.png")
+
+
+def test_sacct_row_of_pending_array_tasks_is_expanded():
+    from mnist_hpc.status import expand_array_id
+
+    assert expand_array_id("123_[0-2,5%2]") == ["123_0", "123_1", "123_2", "123_5"]
+    assert expand_array_id("123_4") == ["123_4"]
+    assert expand_array_id("123") == ["123"]

@@ -33,7 +33,7 @@ def test_four_trial_sweep_is_one_array_and_reported(synthetic_cache: Path, tmp_p
     sweep = tmp_path / "sweep"
     args = slurm_launcher_args(
         sweep, *tiny_overrides(synthetic_cache, tmp_path), "experiment=sweep",
-        "model.hidden_units=[32],[64]", "optimizer.learning_rate=1e-3,3e-4", "hydra.launcher.array_parallelism=2",
+        "model.hidden_units=[32],[64]", "optimizer.learning_rate=0.001,0.0003", "hydra.launcher.array_parallelism=2",
     )
     proc = submit(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,7 +51,7 @@ def test_four_trial_sweep_is_one_array_and_reported(synthetic_cache: Path, tmp_p
 
     out, rows = report(sweep)
     assert [int(r["trial"]) for r in rows] == [0, 1, 2, 3]
-    expected = [("[32]", "1e-3"), ("[32]", "3e-4"), ("[64]", "1e-3"), ("[64]", "3e-4")]
+    expected = [("[32]", "0.001"), ("[32]", "0.0003"), ("[64]", "0.001"), ("[64]", "0.0003")]
     for row, (units, lr) in zip(rows, expected):
         assert f"model.hidden_units={units}" in row["overrides"] and f"optimizer.learning_rate={lr}" in row["overrides"]
         assert row["state"] == "COMPLETED"
@@ -109,7 +109,8 @@ def test_two_trial_optuna_search_completes_and_is_reported(synthetic_cache: Path
     assert "best_value" in results
     records = job_records(sweep)
     assert len(records) == 2 and len({r["array_job_id"] for r in records}) == 1
-    assert set(sacct_states([r["job_id"] for r in records]).values()) == {"COMPLETED"}
+    # The job's result is in before Slurm has closed the job: give it a moment.
+    assert set(wait_for_states([r["job_id"] for r in records]).values()) == {"COMPLETED"}
     _, rows = report(sweep)
     assert [r["state"] for r in rows] == ["COMPLETED", "COMPLETED"]
     best = [r for r in rows if r["best"] == "yes"][0]
