@@ -599,12 +599,12 @@ def wrong_digit_titles(pred: Predictions) -> list[str]:
 # --- plots -----------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float) -> "Figure":
+def _figure(width: float, height: float, layout: Optional[str] = "constrained") -> "Figure":
     # A bare Figure on the Agg canvas: no pyplot global state and no GUI backend on a login node.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -763,21 +763,33 @@ def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> Path:
 
 
 def plot_wrong_digits(pred: Predictions, path: Path, title: str, columns: int = 8) -> Path:
-    """The most confidently wrong test digits, each titled ``true T / pred P (conf%)``."""
+    """The most confidently wrong test digits, each titled ``true T / pred P (conf%)``.
+
+    Drawn as one mosaic image with a caption per tile rather than one axes per digit: 64 axes
+    under a layout engine cost seconds, and this is a login-node command.
+    """
+    import numpy as np
+
     titles = wrong_digit_titles(pred)
     columns = max(1, min(columns, len(titles)))
     rows = max(1, math.ceil(len(titles) / columns))
-    fig = _figure(max(columns * 1.45, 4.5), rows * 1.55 + 0.4)
+    cell_w, cell_h = 28 + 4, 28 + 14  # pixels per tile: the digit plus room for its caption
+    fig = _figure(max(columns * 1.45, 4.5), rows * 1.55 + 0.4, layout=None)
     fig.suptitle(title, fontsize=10)
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.90))
+    ax.axis("off")
     if not titles:
-        ax = fig.add_subplot()
-        ax.text(0.5, 0.5, "no test digit was misclassified", ha="center", va="center")
-        ax.axis("off")
-    for k, (image, text) in enumerate(zip(pred.wrong_images, titles)):
-        ax = fig.add_subplot(rows, columns, k + 1)
-        ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(text, fontsize=6.5)
-        ax.axis("off")
+        ax.text(0.5, 0.5, "no test digit was misclassified", ha="center", va="center", transform=ax.transAxes)
+        return save_png(fig, path)
+    mosaic = np.zeros((rows * cell_h, columns * cell_w), dtype=np.uint8)
+    for k, image in enumerate(pred.wrong_images[: len(titles)]):
+        r, c = divmod(k, columns)
+        top, left = r * cell_h + 12, c * cell_w + 2
+        mosaic[top : top + 28, left : left + 28] = image
+    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest", aspect="auto")
+    for k, text in enumerate(titles):
+        r, c = divmod(k, columns)
+        ax.text(c * cell_w + cell_w / 2, r * cell_h + 6, text, ha="center", va="center", fontsize=6.5)
     return save_png(fig, path)
 
 
@@ -816,8 +828,11 @@ def selection_text(sel: Selection, trials: Sequence[Trial]) -> str:
     return text
 
 
-def predictions_section(run: Trial, out_dir: Path, heading: str) -> tuple[str, list[Path], Optional[str]]:
+def predictions_section(
+    run: Trial, out_dir: Path, heading: str, cache: Optional[PlotCache] = None
+) -> tuple[str, list[Path], Optional[str]]:
     """Confusion matrix (markdown + PNG) and the wrong-digit grid of one run; a note if it has no predictions."""
+    cache = cache or PlotCache(out_dir)
     try:
         pred = load_predictions(run.run_dir)
     except (FileNotFoundError, ValueError) as exc:
@@ -828,9 +843,20 @@ def predictions_section(run: Trial, out_dir: Path, heading: str) -> tuple[str, l
     confusions = ", ".join(f"{t}→{p} ({n})" for t, p, n in top_confusions(matrix))
     matrix_title = f"{heading}: confusion matrix on the test set ({wrong} of {total} wrong)"
     digits_title = f"{heading}: the {len(pred.wrong_index)} most confidently wrong test digits"
+    source = run.run_dir / PREDICTIONS_FILE
+    stat = source.stat()
+    inputs = [str(source), stat.st_size, stat.st_mtime_ns]
     files = [
-        plot_confusion_matrix(matrix, out_dir / CONFUSION_PNG, matrix_title),
-        plot_wrong_digits(pred, out_dir / WRONG_DIGITS_PNG, digits_title),
+        cache.plot(
+            out_dir / CONFUSION_PNG,
+            cache.key("confusion", inputs, matrix_title),
+            lambda: plot_confusion_matrix(matrix, out_dir / CONFUSION_PNG, matrix_title),
+        ),
+        cache.plot(
+            out_dir / WRONG_DIGITS_PNG,
+            cache.key("wrong", inputs, digits_title),
+            lambda: plot_wrong_digits(pred, out_dir / WRONG_DIGITS_PNG, digits_title),
+        ),
     ]
     text = "\n\n".join(
         [
@@ -858,14 +884,73 @@ def summary_section(target: Path, trials: Sequence[Trial], selection: Optional[S
     return "\n\n".join(parts)
 
 
-def write_plots(trials: Sequence[Trial], out_dir: Path, selection: Optional[Selection]) -> tuple[list[Path], str]:
+class PlotCache:
+    """Skip re-drawing a PNG whose inputs have not changed since it was drawn.
+
+    Reports are rerun often on a running sweep, and matplotlib's import and rendering cost
+    seconds on a login node; a plot is redrawn only when the data it shows changed (its key:
+    a hash of those inputs and of this module's plot version). Keys live in ``.plot-keys.json``
+    in the output directory.
+    """
+
+    VERSION = 1
+    FILE = ".plot-keys.json"
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / self.FILE
+        self.keys: dict[str, str] = read_json(self.path) or {}
+        self.changed = False
+
+    @staticmethod
+    def key(*inputs: Any) -> str:
+        import hashlib
+
+        blob = json.dumps([PlotCache.VERSION, *inputs], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def plot(self, png: Path, key: str, draw: Any) -> Path:
+        if png.is_file() and self.keys.get(png.name) == key:
+            return png
+        draw()
+        self.keys[png.name] = key
+        self.changed = True
+        return png
+
+    def save(self) -> None:
+        if self.changed:
+            write_text_atomic(self.path, json.dumps(self.keys, indent=1, sort_keys=True) + "\n")
+
+
+def trials_key(trials: Sequence[Trial], selection: Optional[Selection]) -> list[Any]:
+    """Everything the sweep-level plots show."""
+    best = selection.trial.number if selection and selection.trial else None
+    rows = [
+        (t.number, t.overrides, t.state, t.history, t.best_val_accuracy, t.val_accuracy, t.test_accuracy)
+        for t in trials
+    ]
+    return [rows, best, selection.metric if selection else None]
+
+
+def write_plots(
+    trials: Sequence[Trial], out_dir: Path, selection: Optional[Selection], cache: Optional[PlotCache] = None
+) -> tuple[list[Path], str]:
     """Learning curves, and for a sweep one metric-vs-parameter plot per swept parameter; their markdown."""
+    cache = cache or PlotCache(out_dir)
     best = selection.trial if selection else None
-    files = [plot_learning_curves(trials, out_dir / LEARNING_CURVES_PNG, best)]
+    inputs = trials_key(trials, selection)
+    png = out_dir / LEARNING_CURVES_PNG
+    files = [cache.plot(png, cache.key("curves", inputs), lambda: plot_learning_curves(trials, png, best))]
     links = [f"![learning curves]({LEARNING_CURVES_PNG})"]
     if selection is not None:
         for key, values in swept_params(trials).items():
-            png = plot_metric_vs_param(trials, key, values, selection.metric, out_dir / param_filename(key), best)
+            target = out_dir / param_filename(key)
+            png = cache.plot(
+                target,
+                cache.key("param", key, inputs),
+                lambda key=key, values=values, target=target: plot_metric_vs_param(
+                    trials, key, values, selection.metric, target, best
+                ),
+            )
             files.append(png)
             links.append(f"![{selection.metric} vs {key}]({png.name})")
     return files, "## Plots\n\n" + "\n\n".join(links)
@@ -893,16 +978,18 @@ def build_report(target: Path, out_dir: Optional[Path] = None, metric: str = "va
     parts = [summary_section(target, trials, selection), markdown_table(trials, best)]
     parts += ["\n".join(f"- note: {n}" for n in notes)] if notes else []
     files = [write_csv(table_rows(trials, best), out_dir / CSV_FILE)]
-    pngs, plot_links = write_plots(trials, out_dir, selection)
+    cache = PlotCache(out_dir)
+    pngs, plot_links = write_plots(trials, out_dir, selection, cache)
     files += pngs
     parts.append(plot_links)
     # The confusion matrix and wrong digits of the best trial (sweep) or of the run itself.
     focus = best if is_sweep else trials[0]
     if focus is not None:
         heading = f"Best trial {focus.number}" if is_sweep else f"Run {focus.run_dir.name}"
-        section, pngs, note = predictions_section(focus, out_dir, heading)
+        section, pngs, note = predictions_section(focus, out_dir, heading, cache)
         files += pngs
         parts.append(section or f"- note: {note}")
+    cache.save()
     markdown = "\n\n".join(parts) + "\n"
     files.insert(0, write_markdown(markdown, out_dir / MARKDOWN_FILE))
     return Report(markdown=markdown, out_dir=out_dir, files=files, trials=trials, selection=selection)

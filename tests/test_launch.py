@@ -113,3 +113,38 @@ def test_unwritable_output_root_refuses_submission(synthetic_cache, tmp_path):
     proc, _ = run_login_command(TRAIN, args, tmp_path)
     assert proc.returncode != 0
     assert "nothing was queued" in proc.stderr and "paths.output_root" in proc.stderr
+
+
+def test_sweep_composer_matches_hydra_composition(tmp_path):
+    """The fast per-job composition equals Hydra's load_sweep_config, group changes included."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import setup_globals
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.mnist_hpc_launcher.launcher import register_plugins
+    from mnist_hpc.config import conf_dir, register_configs
+    from mnist_hpc.launch import SweepComposer
+
+    register_configs()
+    register_plugins()
+    setup_globals()
+    common = [f"data.cache_dir={tmp_path}", "hydra/launcher=local"]
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "config", overrides=common + ["train.seed=1,2", "optimizer=adam,sgd"], run_mode=RunMode.MULTIRUN
+        )
+        composer = SweepComposer(loader, master)
+        jobs = [
+            ["data.cache_dir=" + str(tmp_path), "train.seed=1", "optimizer=adam"],
+            ["data.cache_dir=" + str(tmp_path), "train.seed=2", "optimizer=sgd", "model.hidden_units=[8,8]"],
+            ["data.cache_dir=" + str(tmp_path), "train.seed=2", "optimizer=adam", "+hydra.launcher.additional_parameters.hold=true"],
+        ]
+        for overrides in jobs:
+            fast = composer.compose(list(overrides))
+            slow = loader.load_sweep_config(master, list(overrides))
+            assert OmegaConf.to_container(fast) == OmegaConf.to_container(slow)
+            assert OmegaConf.to_yaml(fast) == OmegaConf.to_yaml(slow)
+        assert len(composer._bases) == 3  # adam, sgd, adam+hydra override: composed once each

@@ -492,3 +492,23 @@ def test_sacct_row_of_pending_array_tasks_is_expanded():
     assert expand_array_id("123_[0-2,5%2]") == ["123_0", "123_1", "123_2", "123_5"]
     assert expand_array_id("123_4") == ["123_4"]
     assert expand_array_id("123") == ["123"]
+
+
+def test_unchanged_plots_are_not_redrawn_and_changed_ones_are(tmp_path: Path) -> None:
+    sweep = build_sweep(tmp_path / "sweep")
+    report.build_report(sweep)
+    out = sweep / "report"
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    report.build_report(sweep)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == first  # nothing redrawn
+
+    # Trial 4 finishes an epoch: the curves and per-parameter plots change, the best trial's do not.
+    log = sweep / "4" / "train.log"
+    log.write_text(log.read_text() + epoch_line(3, 5, 0.92, 0.95) + "\n")
+    rebuilt = report.build_report(sweep)
+    now = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert now["learning_curves.png"] != first["learning_curves.png"]
+    assert now["confusion_matrix.png"] == first["confusion_matrix.png"]
+    assert now["wrong_digits.png"] == first["wrong_digits.png"]
+    assert [t.epochs_done for t in rebuilt.trials if t.number == 4] == [3]
+    assert_png(out / "learning_curves.png")
