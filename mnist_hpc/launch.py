@@ -13,6 +13,7 @@ TensorFlow at import time).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -294,6 +295,43 @@ class SweepComposer:
         self.loader = config_loader
         self.master = master_config
         self._bases: dict[tuple[str, ...], DictConfig] = {}
+        self._hydra_load_sweep_config = config_loader.load_sweep_config
+        self._composed: dict[tuple[str, ...], DictConfig] = {}
+
+    @classmethod
+    def install(cls, config_loader: Any, master_config: DictConfig) -> "SweepComposer":
+        """Serve this process's sweep compositions from a composer (our launchers only).
+
+        Hydra's basic sweeper composes every job once to validate it, then hands the batch to
+        the launcher, which composes it again. With the loader's ``load_sweep_config`` served
+        by :meth:`compose_once`, the sweeper's pass does the work and the launcher's reuses it.
+        """
+        composer = cls(config_loader, master_config)
+        config_loader.load_sweep_config = composer.load_sweep_config
+        return composer
+
+    @contextlib.contextmanager
+    def detached(self) -> Any:
+        """Hand the loader back its own method while jobs are pickled (they carry the loader)."""
+        patched = self.loader.__dict__.pop("load_sweep_config", None)
+        try:
+            yield
+        finally:
+            if patched is not None:
+                self.loader.load_sweep_config = patched
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        if master_config is not self.master:
+            return self._hydra_load_sweep_config(master_config, sweep_overrides)
+        key = tuple(sweep_overrides)
+        if key not in self._composed:
+            self._composed[key] = self.compose(list(sweep_overrides))
+        return self._composed[key]
+
+    def compose_once(self, overrides: list[str]) -> DictConfig:
+        """The job's config, composed at most once in this process (callers may modify it)."""
+        key = tuple(overrides)
+        return self._composed.pop(key, None) or self.compose(list(overrides))
 
     def _is_value_override(self, override: Any) -> bool:
         if override.is_hydra_override() or override.package is not None:
@@ -309,10 +347,10 @@ class SweepComposer:
 
         parsed = OverridesParser.create().parse_overrides(overrides=overrides)
         if any(o.is_sweep_override() for o in parsed):
-            return self.loader.load_sweep_config(self.master, overrides)
+            return self._hydra_load_sweep_config(self.master, overrides)
         structural = tuple(o.input_line for o in parsed if not self._is_value_override(o))
         if structural not in self._bases:
-            self._bases[structural] = self.loader.load_sweep_config(self.master, list(structural))
+            self._bases[structural] = self._hydra_load_sweep_config(self.master, list(structural))
         config = copy.deepcopy(self._bases[structural])
         values = [o for o in parsed if self._is_value_override(o)]
         ConfigLoaderImpl._apply_overrides_to_config(values, config)
@@ -330,11 +368,11 @@ class SweepComposer:
 def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[PlannedJob]:
     """Compose and check every job's config; pin the sweep directory so requeues land in it."""
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir)).resolve()
-    composer = SweepComposer(launcher.hydra_context.config_loader, launcher.config)
+    composer = getattr(launcher, "composer", None) or SweepComposer(launcher.hydra_context.config_loader, launcher.config)
     planned: list[PlannedJob] = []
     for offset, overrides in enumerate(job_overrides):
         num = initial_job_idx + offset
-        config = composer.compose(list(overrides))
+        config = composer.compose_once(list(overrides))
         with open_dict(config):
             config.hydra.job.num = num
             config.hydra.job.id = f"{config.hydra.job.name}_{num}"
@@ -380,7 +418,8 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     # Trials packed per Slurm task share one process (one TensorFlow import, one data load).
     groups = [list(range(i, min(i + per_task, len(planned)))) for i in range(0, len(planned), per_task)]
     submitted = time.time()
-    with executor.batch():
+    composer = getattr(launcher, "composer", None)
+    with composer.detached() if composer else contextlib.nullcontext(), executor.batch():
         futures = [
             executor.submit(train_jobs[g[0]] if len(g) == 1 else PackedTrainJob([train_jobs[i] for i in g]))
             for g in groups
