@@ -32,6 +32,15 @@ class ConfigError(CompactHydraException, ValueError):
     """
 
 
+class Execution(str, enum.Enum):
+    """How training runs; both give the lesson's training, only the speed differs."""
+
+    # Keras model.fit on float32 numpy arrays, one copy of the shuffled set per epoch: the lesson.
+    keras_fit = "keras_fit"
+    # uint8 data resident in TensorFlow, each batch gathered and scaled inside one compiled loop.
+    compiled_loop = "compiled_loop"
+
+
 class OptimizerName(str, enum.Enum):
     rmsprop = "rmsprop"
     adam = "adam"
@@ -82,10 +91,13 @@ class TrainConfig:
     intra_op_threads: Optional[int] = None
     # TensorFlow inter-op threads; null follows SLURM_CPUS_PER_TASK, else TensorFlow's default.
     inter_op_threads: Optional[int] = None
-    # Compile the train step with XLA.
-    jit_compile: bool = False
-    # Batches run per call into the compiled train step (Keras steps_per_execution).
-    steps_per_execution: int = 1
+    # keras_fit (the lesson's plain execution) or compiled_loop (same training, about 2x faster).
+    execution: Execution = Execution.compiled_loop
+    # Compile the train step with XLA (ignored when deterministic: Keras turns XLA off then too).
+    jit_compile: bool = True
+    # Batches per call into the compiled train step (Keras steps_per_execution); a callback with
+    # batch hooks or a batch checkpoint interval makes calls end earlier.
+    steps_per_execution: int = 64
     # Checkpoint into <run dir>/checkpoints every this many epochs (and always after the last).
     checkpoint_every_epochs: int = 1
     # Also checkpoint every this many batches inside an epoch (for long epochs); null: off.

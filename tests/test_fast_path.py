@@ -1,0 +1,176 @@
+"""The default execution (``compiled_loop``): the lesson's numbers, exact resume under XLA, lesson config kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_hpc import checkpoint
+from mnist_hpc.config import DataConfig, Execution, TrainConfig, to_typed
+from mnist_hpc.data import load_mnist, one_hot, prepare_images
+from mnist_hpc.train import load_compact, train_and_evaluate
+from tests.conftest import tiny_overrides
+from tests.test_resume import Interrupt, interrupter, strip_seconds, weights
+
+EXECUTION_KEYS = {"execution", "jit_compile", "steps_per_execution"}
+
+
+def run(cfg, run_dir: Path, callbacks=()) -> tuple[dict, list[dict], list[np.ndarray]]:
+    result = train_and_evaluate(cfg, run_dir, callbacks=callbacks)
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    return result, strip_seconds(history), weights(run_dir)
+
+
+def assert_same_run(a, b) -> None:
+    assert a[0] == b[0]
+    assert a[1] == b[1]
+    assert len(a[2]) == len(b[2])
+    for got, want in zip(a[2], b[2]):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture
+def overrides(synthetic_cache, tmp_path) -> list[str]:
+    # 540 training samples / 32 = 16 full batches and a last one of 28, per epoch.
+    return tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "model.dropout=0.2", "data.validation_split=0.1"]
+
+
+def test_default_is_the_compiled_loop_and_train_lesson_the_plain_fit(compose):
+    default, lesson = to_typed(compose()), to_typed(compose(["train=lesson"]))
+    assert default.train.execution is Execution.compiled_loop
+    assert default.train.jit_compile and default.train.steps_per_execution > 1
+    assert lesson.train.execution is Execution.keras_fit
+    assert not lesson.train.jit_compile and lesson.train.steps_per_execution == 1
+    # Only how training executes differs; every hyperparameter is the same.
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in EXECUTION_KEYS:
+            assert getattr(default.train, f.name) == getattr(lesson.train, f.name), f.name
+    assert (default.model, default.optimizer, default.data) == (lesson.model, lesson.optimizer, lesson.data)
+
+
+def test_compact_loader_keeps_training_images_uint8_with_the_lessons_values(synthetic_cache):
+    cfg = DataConfig(cache_dir=str(synthetic_cache), validation_split=0.1)
+    compact, lesson = load_compact(cfg), load_mnist(cfg)
+    assert compact.x_train.dtype == np.uint8 and compact.x_train.shape == (540, 784)
+    assert compact.y_train.dtype == np.uint8 and compact.y_train.shape == (540,)
+    np.testing.assert_array_equal(prepare_images(compact.x_train), lesson.x_train)
+    np.testing.assert_array_equal(one_hot(compact.y_train), lesson.y_train)
+    for key in ("x_val", "y_val", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(compact, key), getattr(lesson, key), err_msg=key)
+    assert compact.sha256 == lesson.sha256
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_in_graph_batches_are_exactly_the_lessons(synthetic_cache, jit):
+    """The graph's batch equals numpy's ``x / 255`` bit for bit, XLA included (its ``x / 255`` would not)."""
+    import tensorflow as tf
+
+    from mnist_hpc.train import lesson_batch, scale_table
+
+    data = load_compact(DataConfig(cache_dir=str(synthetic_cache)))
+    rows = np.random.default_rng(1).permutation(data.x_train.shape[0])[:128].astype(np.int32)
+    batch = tf.function(lambda *a: lesson_batch(*a, 10), jit_compile=jit)
+    x, y = batch(tf.constant(scale_table()), tf.constant(data.x_train), tf.constant(data.y_train), tf.constant(rows))
+    assert x.dtype == tf.float32 and y.dtype == tf.float32
+    np.testing.assert_array_equal(x.numpy(), prepare_images(data.x_train[rows]))
+    np.testing.assert_array_equal(y.numpy(), one_hot(data.y_train[rows]))
+
+
+def test_compiled_loop_without_xla_equals_keras_fit_bit_for_bit(compose, overrides, tmp_path):
+    """Same batches in the same (seed, epoch) order, same train step: the same run as the lesson's fit."""
+    deterministic = overrides + ["train.deterministic=true"]
+    fit = run(to_typed(compose(deterministic + ["train=lesson"])), tmp_path / "fit")
+    loop = run(to_typed(compose(deterministic)), tmp_path / "loop")
+    assert_same_run(loop, fit)
+    assert [row["epoch"] for row in loop[1]] == [1, 2, 3] and "val_accuracy" in loop[1][0]
+    # The same files in the same format: history.csv has fit's columns in fit's order.
+    header = (tmp_path / "fit" / "history.csv").read_text().splitlines()[0]
+    assert header == "epoch,accuracy,loss,val_accuracy,val_loss,seconds"
+    assert (tmp_path / "loop" / "history.csv").read_text().splitlines()[0] == header
+    assert sorted(p.name for p in (tmp_path / "loop").iterdir()) == sorted(p.name for p in (tmp_path / "fit").iterdir())
+
+
+def test_xla_loop_is_reproducible_and_independent_of_the_chunk_length(compose, overrides, tmp_path):
+    cfg = to_typed(compose(overrides))
+    assert cfg.train.jit_compile and not cfg.train.deterministic
+    first = run(cfg, tmp_path / "first")
+    assert_same_run(run(cfg, tmp_path / "again"), first)
+    cfg.train.checkpoint_every_batches = 5  # calls end after batches 5, 10, 15 of each epoch
+    assert_same_run(run(cfg, tmp_path / "split"), first)
+    # Against the lesson's fit the XLA run differs by float rounding only.
+    fit = run(to_typed(compose(overrides + ["train=lesson"])), tmp_path / "fit")
+    assert first[1][-1]["accuracy"] == pytest.approx(fit[1][-1]["accuracy"], abs=0.01)
+    assert first[0]["test_accuracy"] == pytest.approx(fit[0]["test_accuracy"], abs=0.01)
+
+
+def test_xla_loop_interrupted_mid_epoch_resumes_bit_identically(compose, overrides, tmp_path, caplog):
+    cfg = to_typed(compose(overrides))
+    reference = run(cfg, tmp_path / "reference")
+    cfg.train.checkpoint_every_batches = 5
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1, at_batch=11)])
+    assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00001-b0000010.npz"
+    with caplog.at_level("INFO", logger="mnist_hpc.train"):
+        resumed = run(cfg, run_dir)
+    assert "1 epoch(s) and 10 batch(es) done" in caplog.text
+    assert_same_run(resumed, reference)
+
+
+def test_xla_loop_interrupted_between_epochs_resumes_bit_identically(compose, overrides, tmp_path):
+    cfg = to_typed(compose(overrides))
+    reference = run(cfg, tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    # An epoch hook only: calls keep their full length while it watches.
+    with pytest.raises(Interrupt):
+        train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2)])
+    assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00002-b0000000.npz"
+    assert_same_run(run(cfg, run_dir), reference)
+
+
+def test_one_xla_program_serves_every_chunk_length(synthetic_cache):
+    """No Range op in the loop's graph: XLA would take its bound as a compile-time constant and
+    compile (and possibly round) differently for every chunk length."""
+    import keras
+    import tensorflow as tf
+
+    from mnist_hpc.config import ModelConfig, OptimizerConfig
+    from mnist_hpc.model import build_model, compile_model
+    from mnist_hpc.train import CompiledLoop
+
+    model = compile_model(build_model(ModelConfig()), OptimizerConfig())
+    loop = CompiledLoop(model, load_compact(DataConfig(cache_dir=str(synthetic_cache))), 32, 8, jit_compile=True)
+    graph = loop._run.get_concrete_function(
+        loop._images, loop._labels, tf.TensorSpec((8, 32), tf.int32), tf.TensorSpec((), tf.int32)
+    ).graph
+    types = {op.type for op in graph.get_operations()}
+    assert "While" in types or "StatelessWhile" in types
+    assert "Range" not in types
+    assert loop._run.experimental_get_tracing_count() == 1
+    keras.backend.clear_session()
+
+
+def test_only_callbacks_with_batch_hooks_shorten_the_calls():
+    import keras
+
+    from mnist_hpc.train import _has_batch_hooks
+
+    class EpochClock(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            pass
+
+    assert not _has_batch_hooks([EpochClock()])
+    assert _has_batch_hooks([EpochClock(), interrupter(at_epoch=0, at_batch=3)])
+
+
+def test_training_modules_import_without_tensorflow():
+    code = "import sys, mnist_hpc.train, mnist_hpc.model, mnist_hpc.config; print('tensorflow' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
