@@ -20,7 +20,7 @@ comparison of ``bench_step_levers.py`` (levers inside the compiled loop's design
 
     python benchmarks/bench_training.py --data ../shared/data/mnist.npz [--pairs 3] [--levers]
 
-About 2 minutes for 3 pairs on a quiet 2-core machine; ``--levers`` adds about 10 minutes.
+About 3 minutes for 3 pairs on a 2-core machine; ``--levers`` adds about 14 minutes.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def main(cache_dir: str, run_dir: str, overrides: list[str]) -> None:
         "threads": metrics["threads"],
         "done_unix": done,
         "config": {"execution": cfg.train.execution.value, "jit_compile": cfg.train.jit_compile,
-                   "steps_per_execution": cfg.train.steps_per_execution},
+                   "steps_per_execution": cfg.train.steps_per_execution, "seed": cfg.train.seed},
     }))
 
 

@@ -10,7 +10,8 @@ Two executions of the same training (``train.execution``):
 - ``compiled_loop``, the default: the training images stay uint8 inside TensorFlow and each
   batch is gathered by index and scaled inside one (XLA-)compiled loop that runs
   ``steps_per_execution`` batches per call. Same network, loss, optimizer, batches and
-  order; about twice as fast on CPU and lighter on memory (``benchmarks/results/training.md``).
+  order; about 3x faster per epoch on a 2-core CPU and lighter on memory
+  (``benchmarks/results/training.md``).
 """
 
 from __future__ import annotations
