@@ -76,9 +76,11 @@ def wait_for_states(job_ids: list[str], timeout_s: float = 300) -> dict[str, str
     raise AssertionError(f"jobs did not end within {timeout_s}s: {states}")
 
 
-def squeue_ids() -> set[str]:
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
-    return {line.strip() for line in out.splitlines() if line.strip()}
+def squeue_ids(workdir: Path | None = None) -> set[str]:
+    """Job ids in the queue; with ``workdir``, only jobs submitted from that directory."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%Z"], capture_output=True, text=True, timeout=30).stdout
+    rows = [line.strip().split("|", 1) for line in out.splitlines() if "|" in line]
+    return {job for job, wd in rows if workdir is None or Path(wd) == Path(workdir)}
 
 
 def status_rows(target: Path | str) -> list[dict]:

@@ -61,6 +61,8 @@ def test_job_whose_cache_vanishes_ends_failed(synthetic_cache: Path, tmp_path: P
     proc = submit(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [record] = job_records(sweep)
+    # The queue lookup that test_submission_without_cache_queues_nothing relies on sees this job.
+    assert squeue_ids(workdir=tmp_path) == {record["job_id"]}
     (synthetic_cache / "mnist.npz").unlink()
     subprocess.run(["scontrol", "release", record["job_id"]], check=True, timeout=30)
 
@@ -75,12 +77,13 @@ def test_job_whose_cache_vanishes_ends_failed(synthetic_cache: Path, tmp_path: P
 
 
 def test_submission_without_cache_queues_nothing(tmp_path: Path):
-    before = squeue_ids()
     sweep = tmp_path / "sweep"
     proc = submit(slurm_launcher_args(sweep, *tiny_overrides(tmp_path / "nocache", tmp_path)), tmp_path)
     assert proc.returncode != 0
     assert "nothing was queued" in proc.stderr and "mnist-hpc-prefetch" in proc.stderr
-    assert squeue_ids() - before == set()
+    # Jobs submitted from this test's directory (others may share the cluster): none.
+    assert squeue_ids(workdir=tmp_path) == set()
+    assert not (sweep / ".submitit").exists()
     assert not job_records(sweep)
 
 
