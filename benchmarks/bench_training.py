@@ -374,6 +374,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"B's median epoch is {b_med / bound['bound_at_step_shapes_s']:.2f}x the bound at the step's shapes, "
         f"A's {_med(a_runs, 'median_epoch_s') / bound['bound_at_step_shapes_s']:.2f}x.",
     ]
+    if bound.get("load_average_before_after"):
+        lines[-1] += (
+            " Load average before/after the GEMM measurement: "
+            f"{'/'.join(f'{x:.1f}' for x in bound['load_average_before_after'])} (other work on the "
+            "machine lowers these rates and so overstates the bound)."
+        )
     if result.get("levers"):
         lines += [
             "",
@@ -433,11 +439,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         prefetch_cache(data, cache)
         warm_up(data)
         print("GEMM rates ...", file=sys.stderr, flush=True)
+        gemm_load = [os.getloadavg()[0]]
         gemm_proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--gemm"],
                                    capture_output=True, text=True, timeout=900, cwd=REPO)
         if gemm_proc.returncode != 0:
             raise ChildFailed(f"GEMM benchmark failed:\n{gemm_proc.stderr[-3000:]}")
         gemm = json.loads(gemm_proc.stdout.strip().splitlines()[-1])
+        gemm_load.append(os.getloadavg()[0])
 
         pairs = []
         for i in range(args.pairs):
@@ -478,7 +486,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "duration_s": time.time() - began,
         "machine": machine,
         "gemm": gemm,
-        "compute_bound": compute_bound(gemm),
+        "compute_bound": {**compute_bound(gemm), "load_average_before_after": gemm_load},
         "pairs": pairs,
         "summary": pair_summary(pairs),
         "levers": levers,
