@@ -26,19 +26,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from mnist_hpc import checkpoint, outputs
-from mnist_hpc.config import Config, DataConfig, Execution, TrainConfig, cache_file
-from mnist_hpc.data import (
-    IMAGE_SHAPE,
-    DatasetError,
-    MnistData,
-    load_mnist,
-    one_hot,
-    prepare_images,
-    read_npz,
-    split_index,
-    validate_arrays,
-    verify_cached,
-)
+from mnist_hpc.config import Config, DataConfig, Execution, TrainConfig
+from mnist_hpc.data import IMAGE_SHAPE, MnistData, load_mnist, one_hot, prepare_images, read_verified, validation_cut
 from mnist_hpc.runtime import RuntimeInfo
 
 log = logging.getLogger(__name__)
@@ -107,20 +96,12 @@ def load_compact(cfg: DataConfig) -> CompactData:
 
     The same checks, split rule and errors as ``load_mnist``; only the training arrays' form differs.
     """
-    path = cache_file(cfg)
-    manifest = verify_cached(path)
-    arrays = read_npz(path)
-    validate_arrays(arrays, source=str(path))
+    arrays, manifest = read_verified(cfg)
     x_train = arrays["x_train"].reshape((-1, IMAGE_SHAPE[0] * IMAGE_SHAPE[1]))
     y_train = arrays["y_train"]
     x_val = y_val = None
     if cfg.validation_split > 0:
-        cut = split_index(x_train.shape[0], cfg.validation_split)
-        if cut < 1 or cut >= x_train.shape[0]:
-            raise DatasetError(
-                f"data.validation_split={cfg.validation_split} leaves {cut} of {x_train.shape[0]} "
-                "training samples; choose a split that keeps both parts non-empty"
-            )
+        cut = validation_cut(x_train.shape[0], cfg.validation_split)
         x_val, y_val = prepare_images(x_train[cut:]), one_hot(y_train[cut:])
         x_train, y_train = x_train[:cut], y_train[:cut]
     return CompactData(

@@ -64,3 +64,55 @@ def test_corrupted_cache_is_detected(tmp_path: Path):
     cache.write_bytes(bytes(raw))
     with pytest.raises(CacheCorruptError, match="sha256"):
         load_mnist(DataConfig(cache_dir=str(cache.parent)))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_layout_is_read_from_the_headers(tmp_path: Path, compressed: bool):
+    from mnist_hpc.data import read_npz_layout
+
+    arrays = synthetic_mnist(n_train=30, n_test=12)
+    arrays["extra"] = np.zeros((2, 3), dtype=np.float64)
+    path = tmp_path / "m.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    layout = read_npz_layout(path)
+    assert layout == {key: (a.shape, str(a.dtype)) for key, a in arrays.items()}
+
+
+def test_layout_of_a_non_zip_file_is_a_dataset_error(tmp_path: Path):
+    from mnist_hpc.data import DatasetError, read_npz_layout
+
+    path = tmp_path / "m.npz"
+    path.write_bytes(b"<html>proxy error</html>")
+    with pytest.raises(DatasetError, match="not a readable npz"):
+        read_npz_layout(path)
+
+
+def test_check_cached_refuses_headers_that_disagree_with_the_manifest(tmp_path: Path):
+    """A manifest rewritten to match another file's hash still has to match its shapes."""
+    import json
+
+    from mnist_hpc.data import check_cached, manifest_path
+
+    cache = fill_cache(tmp_path / "cache", synthetic_mnist(n_train=40, n_test=10))
+    assert check_cached(cache)["shapes"]["x_train"] == [40, 28, 28]
+    manifest = json.loads(manifest_path(cache).read_text())
+    manifest["shapes"]["x_train"] = [60000, 28, 28]
+    manifest_path(cache).write_text(json.dumps(manifest))
+    with pytest.raises(CacheCorruptError, match="shapes"):
+        check_cached(cache)
+
+
+def test_check_cached_refuses_a_float_array_behind_a_matching_hash(tmp_path: Path):
+    from mnist_hpc.data import DatasetError, check_cached, manifest_path
+    from mnist_hpc.io import sha256_file
+    import json
+
+    cache = fill_cache(tmp_path / "cache", synthetic_mnist(n_train=40, n_test=10))
+    bad = synthetic_mnist(n_train=40, n_test=10)
+    bad["x_test"] = bad["x_test"].astype(np.float32)
+    np.savez(cache, **bad)
+    manifest = json.loads(manifest_path(cache).read_text())
+    manifest.update(sha256=sha256_file(cache), size=cache.stat().st_size)
+    manifest_path(cache).write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="x_test has dtype float32"):
+        check_cached(cache)

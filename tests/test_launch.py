@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 import time
@@ -68,6 +69,15 @@ def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tm
     for i in (0, 1):
         metrics = json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())
         assert metrics["epochs_completed"] == 1
+    # Hydra's context travels once per launch, in its own file; each job's pickle names it.
+    [context_file] = (tmp_path / "sweep" / ".submitit").glob("launch-*.pkl")
+    pickles = sorted((tmp_path / "sweep" / ".submitit").glob("*/*_submitted.pkl"))
+    assert len(pickles) == 2
+    for path in pickles:
+        with open(path, "rb") as fh:
+            job = pickle.load(fh).function
+        assert job.context.path == context_file and job.context._content is None
+        assert path.stat().st_size < context_file.stat().st_size
     status = subprocess.run([sys.executable, "-m", "mnist_hpc.status", str(tmp_path / "sweep")],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0
@@ -122,6 +132,7 @@ def test_sweep_composer_matches_hydra_composition(tmp_path):
     from hydra.core.utils import setup_globals
     from hydra.types import RunMode
     from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
 
     from hydra_plugins.mnist_hpc_launcher.launcher import register_plugins
     from mnist_hpc.config import conf_dir, register_configs
@@ -147,4 +158,12 @@ def test_sweep_composer_matches_hydra_composition(tmp_path):
             slow = loader.load_sweep_config(master, list(overrides))
             assert OmegaConf.to_container(fast) == OmegaConf.to_container(slow)
             assert OmegaConf.to_yaml(fast) == OmegaConf.to_yaml(slow)
+            assert OmegaConf.is_struct(fast) and OmegaConf.get_type(fast) is OmegaConf.get_type(slow)
+            assert OmegaConf.get_type(fast, "train") is OmegaConf.get_type(slow, "train")
+            with pytest.raises(ValidationError):  # the schema's types still guard the copy
+                fast.train.seed = "not a number"
+        # Each job gets its own copy: changing one leaves the next composition untouched.
+        first = composer.compose(list(jobs[0]))
+        first.train.seed = 99
+        assert composer.compose(list(jobs[0])).train.seed == 1
         assert len(composer._bases) == 3  # adam, sgd, adam+hydra override: composed once each

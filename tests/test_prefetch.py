@@ -762,3 +762,18 @@ assert not attempts and not heavy, (attempts, heavy)
     assert result.returncode == 0, result.stderr
     assert server.count("/mnist.npz") == 1
     assert "already cached and verified" in result.stderr
+
+
+def test_valid_cache_is_checked_without_decompressing_the_arrays(tmp_path: Path, good, cache: Path, monkeypatch) -> None:
+    """The second prefetch of a valid cache hashes the file and reads headers only (fast)."""
+    source = tmp_path / "incoming" / "mnist.npz"
+    source.parent.mkdir()
+    source.write_bytes(good[1])
+    target = cache / "mnist.npz"
+    first = prefetch.prefetch(target, source=source)
+
+    def no_full_read(*args, **kwargs):
+        raise AssertionError("read the whole npz to check a valid cache")
+
+    monkeypatch.setattr(prefetch, "read_npz", no_full_read)
+    assert prefetch.prefetch(target, source=source) == first

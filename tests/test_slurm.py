@@ -76,6 +76,37 @@ def test_job_whose_cache_vanishes_ends_failed(synthetic_cache: Path, tmp_path: P
     assert not (sweep / "0" / "metrics.json").exists()
 
 
+def test_job_whose_launch_context_is_gone_ends_failed(synthetic_cache: Path, tmp_path: Path):
+    """The shared launch file deleted while the job waits: FAILED, with failure.json saying so."""
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "+hydra.launcher.additional_parameters.hold=true")
+    proc = submit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(sweep)
+    [context] = (sweep / ".submitit").glob("launch-*.pkl")
+    context.unlink()
+    subprocess.run(["scontrol", "release", record["job_id"]], check=True, timeout=30)
+
+    assert wait_for_states([record["job_id"]])[record["job_id"]] == "FAILED"
+    failure = json.loads((sweep / "0" / "failure.json").read_text())
+    assert f"launch context {context} is gone" in failure["error"]
+    assert [row["state"] for row in status_rows(sweep)] == ["FAILED"]
+
+
+def test_refused_submission_leaves_nothing_behind(synthetic_cache: Path, tmp_path: Path):
+    """sbatch rejects the partition: a clear error, no job records, no pickles left in .submitit."""
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.launcher.partition=nosuch", "train.seed=1,2")
+    proc = submit(args, tmp_path)
+    assert proc.returncode != 0
+    assert "nothing was queued: slurm refused the 2 task(s)" in proc.stderr
+    assert "invalid partition" in proc.stderr.lower() and "hydra.launcher" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not job_records(sweep)
+    assert list((sweep / ".submitit").rglob("*")) == []
+    assert squeue_ids(workdir=tmp_path) == set()
+
+
 def test_submission_without_cache_queues_nothing(tmp_path: Path):
     sweep = tmp_path / "sweep"
     proc = submit(slurm_launcher_args(sweep, *tiny_overrides(tmp_path / "nocache", tmp_path)), tmp_path)
