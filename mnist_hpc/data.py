@@ -81,8 +81,6 @@ def _peek(path: Path, n: int = 512) -> bytes:
         return b""
 
 
-
-
 def _validate_layout(layout: Mapping[str, tuple[tuple[int, ...], str]], source: str) -> None:
     """Check keys, dtypes and shapes, given as ``{key: (shape, dtype)}``, of the four MNIST arrays."""
     missing = [k for k in REQUIRED_KEYS if k not in layout]
@@ -215,11 +213,12 @@ def check_cached(npz_path: Path) -> dict[str, Any]:
     manifest = verify_cached(npz_path)
     layout = read_npz_layout(npz_path)
     _validate_layout(layout, source=str(npz_path))
+    shapes = {key: list(layout[key][0]) for key in REQUIRED_KEYS}
     recorded = manifest.get("shapes")
-    if recorded is not None and recorded != {key: list(layout[key][0]) for key in REQUIRED_KEYS}:
+    if recorded is not None and recorded != shapes:
         raise CacheCorruptError(
-            f"{npz_path} holds arrays of shapes {({k: list(layout[k][0]) for k in REQUIRED_KEYS})} but its manifest "
-            f"records {recorded}; run `{prefetch_hint(npz_path.parent)} --force` on a login node"
+            f"{npz_path} holds arrays of shapes {shapes} but its manifest records {recorded}; "
+            f"run `{prefetch_hint(npz_path.parent)} --force` on a login node"
         )
     return manifest
 
