@@ -234,11 +234,15 @@ class TrainJob:
         from hydra.core.singleton import Singleton
         from hydra.core.utils import run_job, setup_globals
 
+        from mnist_hpc.outputs import FAILURE_FILE
+
         try:
             hydra_context, task_function, singleton_state = self.context.load()
         except (OSError, pickle.UnpicklingError) as exc:
             record_failure(self.run_dir, exc)
             raise
+        # A resubmission into the same directory supersedes an earlier attempt's failure.
+        (self.run_dir / FAILURE_FILE).unlink(missing_ok=True)
         setup_globals()
         Singleton.set_state(singleton_state)
         config = self.config.copy()
@@ -254,8 +258,17 @@ class TrainJob:
             job_subdir_key="hydra.sweep.subdir",
         )
         if ret.status == JobStatus.FAILED:
-            record_failure(self.run_dir, ret._return_value)
-            raise ret._return_value
+            error = ret._return_value
+            if type(error).__name__ == "UncompletedJobError":  # submitit's: time is up, no requeue left
+                error = RequeueLimitReached(
+                    f"{error} The job reached its time limit with no requeue left "
+                    "(hydra.launcher.max_num_timeout); training stopped at its last checkpoint in "
+                    f"{self.run_dir / 'checkpoints'}. To continue, submit the same overrides again with "
+                    f"hydra.sweep.dir={self.run_dir.parent} (each trial resumes from its checkpoint), or raise "
+                    "hydra.launcher.timeout_min or hydra.launcher.max_num_timeout."
+                )
+            record_failure(self.run_dir, error)
+            raise error
         return ret
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -263,6 +276,10 @@ class TrainJob:
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self, *args, **kwargs)
+
+
+class RequeueLimitReached(RuntimeError):
+    """Slurm's time-limit warning came after the job had used all its requeues."""
 
 
 class PackedTrialsFailed(RuntimeError):
@@ -293,6 +310,8 @@ class PackedTrainJob:
                 continue
             try:
                 results.append(job())
+            except RequeueLimitReached:
+                raise  # the task's time is up: the trials after this one cannot run either
             except Exception as exc:  # isolate: record, go on with the next trial
                 log.exception("trial %s failed", job.run_dir.name)
                 failed.append(f"{job.run_dir.name}: {type(exc).__name__}: {exc}")

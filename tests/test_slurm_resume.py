@@ -167,3 +167,44 @@ def test_sigkilled_job_requeued_resumes_from_last_completed_epoch(slow_cache: Pa
     assert resumed.startswith(f"resuming from ckpt-e{done_before_kill:05d}-b0000000.npz: {done_before_kill} epoch(s)")
     assert f"epoch {done_before_kill + 1}/{EPOCHS}" in resumed
     assert_matches_reference(run_dir, tmp_path / "reference")
+
+
+def test_requeue_cap_ends_failed_with_guidance_and_resubmission_resumes(slow_cache: Path, tmp_path: Path):
+    """max_num_timeout=1: the first time-limit warning requeues, the second ends the job FAILED
+    with a failure.json that says how to continue; submitting again into the same sweep resumes."""
+    epochs = 12
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, *overrides(slow_cache, tmp_path), f"train.epochs={epochs}", "hydra.launcher.max_num_timeout=1")
+    first = submit(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [record] = job_records(sweep)
+    run_dir = sweep / "0"
+
+    # timeout_min <= 10, so submitit counts every USR2 as a time-limit warning.
+    wait_for_file(run_dir / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=30)
+    deadline = time.time() + 120
+    while restarts(record["job_id"]) < 1:
+        assert time.time() < deadline, "job was not requeued"
+        time.sleep(1)
+    wait_for_file(run_dir / "checkpoints" / "ckpt-e00004-b0000000.npz")
+    subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=30)
+
+    assert wait_for_states([record["job_id"]], timeout_s=300)[record["job_id"]] == "FAILED"
+    assert restarts(record["job_id"]) == 1
+    assert not (run_dir / "metrics.json").exists()
+    failure = json.loads((run_dir / "failure.json").read_text())
+    assert failure["error"].startswith("mnist_hpc.launch.RequeueLimitReached: Job not requeued because: timed-out too many times.")
+    assert f"hydra.sweep.dir={sweep}" in failure["error"] and "max_num_timeout" in failure["error"]
+
+    second = submit(args, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    [again] = job_records(sweep)
+    assert again["job_id"] != record["job_id"]
+    assert wait_for_states([again["job_id"]], timeout_s=600)[again["job_id"]] == "COMPLETED"
+    assert not (run_dir / "failure.json").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == list(range(1, epochs + 1))
+    log = (run_dir / "train.log").read_text()
+    last_resume = log.rindex("resuming from ckpt-e")
+    assert int(log[last_resume + len("resuming from ckpt-e") :][:5]) >= 4
