@@ -167,3 +167,30 @@ def test_sweep_composer_matches_hydra_composition(tmp_path):
         first.train.seed = 99
         assert composer.compose(list(jobs[0])).train.seed == 1
         assert len(composer._bases) == 3  # adam, sgd, adam+hydra override: composed once each
+
+
+class _FakeTrial:
+    """Stands in for a TrainJob inside PackedTrainJob: records its call, then returns or raises."""
+
+    def __init__(self, run_dir, calls, error=None):
+        self.run_dir, self.calls, self.error = run_dir, calls, error
+
+    def __call__(self):
+        self.calls.append(self.run_dir.name)
+        if self.error is not None:
+            raise self.error
+        return self.run_dir.name
+
+
+@pytest.mark.parametrize("error, runs_third", [(ValueError("bad trial"), True), ("limit", False)])
+def test_packed_task_isolates_failures_but_stops_when_time_is_up(tmp_path, error, runs_third):
+    from mnist_hpc.launch import PackedTrainJob, PackedTrialsFailed, RequeueLimitReached
+
+    if error == "limit":
+        error = RequeueLimitReached("no requeue left")
+    calls: list[str] = []
+    trials = [_FakeTrial(tmp_path / str(i), calls, error if i == 1 else None) for i in range(3)]
+    expected = PackedTrialsFailed if runs_third else RequeueLimitReached
+    with pytest.raises(expected):
+        PackedTrainJob(trials)()
+    assert calls == (["0", "1", "2"] if runs_third else ["0", "1"])
