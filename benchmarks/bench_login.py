@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from mnist_hpc.io import sha256_file, write_json_atomic, write_text_atomic  # noqa: E402
 
 LIMIT_S = 1.0
+COLD_REPORT = "mnist-hpc-report SWEEP, plots redrawn every run"
 SUBMIT_LIMIT_S = 5.0
 TF_PROBE = (
     "import atexit, sys\n"
@@ -216,6 +217,9 @@ def main() -> int:
         "mnist-hpc-prefetch (valid cache)": ([prefetch, "--sha256", cached_sha, f"data.cache_dir={cache}"], "prefetch_main"),
         "mnist-hpc-status SWEEP": ([status, sweep], "status_main"),
         "mnist-hpc-report SWEEP": ([report, sweep, "--out", str(work / "report")], "report_main"),
+        # Every run draws its plots anew (no target: the 1.0 s target is for the unchanged case).
+        COLD_REPORT: (["sh", "-c", f'rm -rf "$1" && exec {report} {sweep} --out "$1"', "sh", str(work / "report-cold")],
+                      "report_main"),
         "mnist-hpc-train --help": ([train, "--help"], "train_main"),
         "mnist-hpc-prefetch --help": ([prefetch, "--help"], "prefetch_main"),
         "mnist-hpc-status --help": ([status, "--help"], "status_main"),
@@ -225,7 +229,8 @@ def main() -> int:
     for label, (cmd, entry) in commands.items():
         print(f"timing {label} ...", flush=True)
         latency[label] = time_command(cmd, args.repeats)
-        latency[label]["imports_tensorflow"] = imports_tensorflow(entry, cmd[1:], work)
+        probe_args = cmd[1:] if cmd[0] != "sh" else [sweep, "--out", str(work / "report-probe")]
+        latency[label]["imports_tensorflow"] = imports_tensorflow(entry, probe_args, work)
 
     results = {
         "machine": {
@@ -264,8 +269,9 @@ def main() -> int:
     ]
     for label, r in latency.items():
         ok = r["median_s"] <= LIMIT_S and not r["imports_tensorflow"]
+        verdict = ("yes" if ok else "NO") if label != COLD_REPORT else "no target"
         lines.append(f"| `{label}` | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
-                     f"{'yes' if r['imports_tensorflow'] else 'no'} | {'yes' if ok else 'NO'} |")
+                     f"{'yes' if r['imports_tensorflow'] else 'no'} | {verdict} |")
     s64 = results["submit_64"]
     ours = s64["runs"]["ours"]
     lines += [
