@@ -44,9 +44,9 @@ def build_variants(npz: Path, chunk: int) -> dict[str, Callable[[Any], None]]:
     import tensorflow as tf
 
     from mnist_hpc.config import ModelConfig, OptimizerConfig
-    from mnist_hpc.data import one_hot, prepare_images
-    from mnist_hpc.model import build_model, build_optimizer
-    from mnist_hpc.train import lesson_batch, scale_table
+    from mnist_hpc.compute.data import one_hot, prepare_images
+    from mnist_hpc.compute.engine import lesson_batch, scale_table
+    from mnist_hpc.compute.model import build_model, build_optimizer
 
     with np.load(npz) as f:
         x_u8, y_u8 = f["x_train"].reshape(-1, 784), f["y_train"]

@@ -1,7 +1,7 @@
 """Program B of the training benchmark: mnist-hpc's training path, configured as users get it.
 
 Composes ``conf/`` with Hydra exactly as ``mnist-hpc-train`` does (default config unless
-overrides are given), then calls :func:`mnist_hpc.train.train_and_evaluate`, which writes every
+overrides are given), then calls :func:`mnist_hpc.compute.train.train_and_evaluate`, which writes every
 output into the run directory. A callback with epoch hooks only (so the compiled loop keeps its
 full-length calls) records when each epoch starts and ends. The last line printed is a JSON
 record for ``bench_training.py``.
@@ -19,29 +19,17 @@ from pathlib import Path
 
 
 def main(cache_dir: str, run_dir: str, overrides: list[str]) -> None:
-    import keras
+    from clock import epoch_clock
     from hydra import compose, initialize_config_dir
 
     from mnist_hpc.config import conf_dir, register_configs, to_typed
-    from mnist_hpc.train import train_and_evaluate
-
-    class EpochClock(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.begins: list[float] = []
-            self.ends: list[float] = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.begins.append(time.time())
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.ends.append(time.time())
+    from mnist_hpc.compute.train import train_and_evaluate
 
     logging.basicConfig(level=logging.WARNING)
     register_configs()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = to_typed(compose("config", overrides=[f"data.cache_dir={cache_dir}", *overrides]))
-    clock = EpochClock()
+    clock = epoch_clock()
     result = train_and_evaluate(cfg, Path(run_dir), callbacks=[clock])
     done = time.time()
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())

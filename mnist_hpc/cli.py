@@ -13,13 +13,12 @@ def _train_task(cfg: DictConfig) -> float:
     """One Hydra job: check the config, train in Hydra's output dir, return the objective."""
     from hydra.core.hydra_config import HydraConfig
 
+    from mnist_hpc.compute.train import train_and_evaluate
     from mnist_hpc.config import to_typed
-    from mnist_hpc.train import train_and_evaluate
+    from mnist_hpc.rundir import objective
 
     typed = to_typed(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    from mnist_hpc.outputs import objective
-
     return objective(train_and_evaluate(typed, run_dir))
 
 
@@ -53,10 +52,14 @@ def train_help(conf: Path) -> str:
         if isinstance(entry, dict):
             chosen.update({k: v for k, v in entry.items() if not k.startswith("override ")})
     lines = [TRAIN_USAGE, "Config groups (group=option; * marks the default):"]
-    groups = sorted(p for p in conf.rglob("*") if p.is_dir() and any(p.glob("*.yaml")))
-    for group in groups:
-        name = group.relative_to(conf).as_posix()
-        options = sorted(p.stem for p in group.glob("*.yaml"))
+    groups = {
+        group.relative_to(conf).as_posix(): sorted(p.stem for p in group.glob("*.yaml"))
+        for group in conf.rglob("*")
+        if group.is_dir() and any(group.glob("*.yaml"))
+    }
+    # The launchers' options are dataclasses in ConfigStore, not YAML (mnist_hpc.login.launcher.options).
+    groups["hydra/launcher"] = sorted({"local", "slurm", *groups.get("hydra/launcher", [])})
+    for name, options in sorted(groups.items()):
         marked = [f"{o}*" if chosen.get(name) == o else o for o in options]
         lines.append(f"  {name}: {', '.join(marked)}")
     lines += ["", "Defaults (override any key as KEY=VALUE):"]
@@ -66,6 +69,7 @@ def train_help(conf: Path) -> str:
             continue
         lines.append(f"{name}:")
         lines += [f"  {line}" for line in path.read_text().splitlines() if line.strip()]
+    lines += ["", "Launcher options: mnist-hpc-train -m hydra/launcher=slurm --cfg hydra --package hydra.launcher"]
     return "\n".join(lines) + "\n"
 
 
@@ -91,20 +95,20 @@ def train_main() -> None:
 
 def prefetch_main(argv: Optional[list[str]] = None) -> None:
     """``mnist-hpc-prefetch``: verify MNIST into the cache on a login node."""
-    from mnist_hpc.prefetch import main
+    from mnist_hpc.login.prefetch import main
 
     sys.exit(main(argv))
 
 
 def status_main(argv: Optional[list[str]] = None) -> None:
     """``mnist-hpc-status``: state of submitted jobs from sacct and the run directories."""
-    from mnist_hpc.status import main
+    from mnist_hpc.login.status import main
 
     sys.exit(main(argv))
 
 
 def report_main(argv: Optional[list[str]] = None) -> None:
     """``mnist-hpc-report``: tables and plots of a sweep or run directory."""
-    from mnist_hpc.report import main
+    from mnist_hpc.login.report.cli import main
 
     sys.exit(main(argv))

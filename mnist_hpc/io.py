@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,8 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
         for chunk in iter(lambda: fh.read(chunk_bytes), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def utc_now() -> str:
+    """The time recorded in files: ISO 8601 in UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

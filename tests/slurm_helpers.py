@@ -84,7 +84,7 @@ def squeue_ids(workdir: Path | None = None) -> set[str]:
 
 
 def status_rows(target: Path | str) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-m", "mnist_hpc.status", "--json", str(target)],
+    proc = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", "--json", str(target)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mnist_hpc.config import DataConfig
-from mnist_hpc.data import CacheCorruptError, CacheMissingError, load_mnist
+from mnist_hpc.cache import CacheCorruptError, CacheMissingError
+from mnist_hpc.compute.data import load_mnist
 from tests.conftest import fill_cache, synthetic_mnist
 
 
@@ -16,14 +17,15 @@ def test_loader_prepares_data_as_the_lesson(tmp_path: Path):
     arrays = synthetic_mnist(n_train=50, n_test=20)
     fill_cache(tmp_path / "cache", arrays)
     data = load_mnist(DataConfig(cache_dir=str(tmp_path / "cache")))
-    assert data.x_train.shape == (50, 784) and data.x_train.dtype == np.float32
-    assert data.x_test.shape == (20, 784)
-    np.testing.assert_array_equal(data.x_train[3], arrays["x_train"][3].reshape(784).astype("float32") / 255)
-    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
-    assert data.y_train.shape == (50, 10) and data.y_train.dtype == np.float32
-    np.testing.assert_array_equal(data.y_train.argmax(axis=1), arrays["y_train"])
-    np.testing.assert_array_equal(data.y_train.sum(axis=1), np.ones(50))
-    assert data.x_val is None and data.y_val is None
+    (x_train, y_train), (x_test, _) = data.lesson("train"), data.lesson("test")
+    assert x_train.shape == (50, 784) and x_train.dtype == np.float32
+    assert x_test.shape == (20, 784)
+    np.testing.assert_array_equal(x_train[3], arrays["x_train"][3].reshape(784).astype("float32") / 255)
+    assert x_train.min() >= 0.0 and x_train.max() <= 1.0
+    assert y_train.shape == (50, 10) and y_train.dtype == np.float32
+    np.testing.assert_array_equal(y_train.argmax(axis=1), arrays["y_train"])
+    np.testing.assert_array_equal(y_train.sum(axis=1), np.ones(50))
+    assert data.x_val is None and data.y_val is None and data.lesson("val") is None
 
 
 def test_validation_split_is_held_out_from_the_end_of_train(tmp_path: Path):
@@ -31,7 +33,7 @@ def test_validation_split_is_held_out_from_the_end_of_train(tmp_path: Path):
     fill_cache(tmp_path / "cache", arrays)
     data = load_mnist(DataConfig(cache_dir=str(tmp_path / "cache"), validation_split=0.1))
     assert data.x_train.shape == (90, 784) and data.x_val.shape == (10, 784)
-    np.testing.assert_array_equal(data.y_val.argmax(axis=1), arrays["y_train"][90:])
+    np.testing.assert_array_equal(data.lesson("val")[1].argmax(axis=1), arrays["y_train"][90:])
     assert data.x_test.shape == (20, 784)
 
 
@@ -68,7 +70,7 @@ def test_corrupted_cache_is_detected(tmp_path: Path):
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_layout_is_read_from_the_headers(tmp_path: Path, compressed: bool):
-    from mnist_hpc.data import read_npz_layout
+    from mnist_hpc.cache import read_npz_layout
 
     arrays = synthetic_mnist(n_train=30, n_test=12)
     arrays["extra"] = np.zeros((2, 3), dtype=np.float64)
@@ -79,7 +81,7 @@ def test_layout_is_read_from_the_headers(tmp_path: Path, compressed: bool):
 
 
 def test_layout_of_a_non_zip_file_is_a_dataset_error(tmp_path: Path):
-    from mnist_hpc.data import DatasetError, read_npz_layout
+    from mnist_hpc.cache import DatasetError, read_npz_layout
 
     path = tmp_path / "m.npz"
     path.write_bytes(b"<html>proxy error</html>")
@@ -91,7 +93,7 @@ def test_check_cached_refuses_headers_that_disagree_with_the_manifest(tmp_path: 
     """A manifest rewritten to match another file's hash still has to match its shapes."""
     import json
 
-    from mnist_hpc.data import check_cached, manifest_path
+    from mnist_hpc.cache import check_cached, manifest_path
 
     cache = fill_cache(tmp_path / "cache", synthetic_mnist(n_train=40, n_test=10))
     assert check_cached(cache)["shapes"]["x_train"] == [40, 28, 28]
@@ -103,7 +105,7 @@ def test_check_cached_refuses_headers_that_disagree_with_the_manifest(tmp_path: 
 
 
 def test_check_cached_refuses_a_float_array_behind_a_matching_hash(tmp_path: Path):
-    from mnist_hpc.data import DatasetError, check_cached, manifest_path
+    from mnist_hpc.cache import DatasetError, check_cached, manifest_path
     from mnist_hpc.io import sha256_file
     import json
 

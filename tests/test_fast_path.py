@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc import checkpoint
+from mnist_hpc.compute import checkpoint
 from mnist_hpc.config import DataConfig, Execution, TrainConfig, to_typed
-from mnist_hpc.data import load_mnist, one_hot, prepare_images
-from mnist_hpc.train import load_compact, train_and_evaluate
+from mnist_hpc.compute.data import load_mnist, one_hot, prepare_images
+from mnist_hpc.compute.train import train_and_evaluate
 from tests.conftest import tiny_overrides
 from tests.test_resume import Interrupt, interrupter, strip_seconds, weights
 
@@ -55,15 +55,20 @@ def test_default_is_the_compiled_loop_and_train_lesson_the_plain_fit(compose):
 
 
 def test_compact_loader_keeps_training_images_uint8_with_the_lessons_values(synthetic_cache):
+    """One loader, two views: the stored uint8 arrays, and the lesson's float32 / one-hot ones."""
     cfg = DataConfig(cache_dir=str(synthetic_cache), validation_split=0.1)
-    compact, lesson = load_compact(cfg), load_mnist(cfg)
+    compact = load_mnist(cfg)
     assert compact.x_train.dtype == np.uint8 and compact.x_train.shape == (540, 784)
     assert compact.y_train.dtype == np.uint8 and compact.y_train.shape == (540,)
-    np.testing.assert_array_equal(prepare_images(compact.x_train), lesson.x_train)
-    np.testing.assert_array_equal(one_hot(compact.y_train), lesson.y_train)
-    for key in ("x_val", "y_val", "x_test", "y_test"):
-        np.testing.assert_array_equal(getattr(compact, key), getattr(lesson, key), err_msg=key)
-    assert compact.sha256 == lesson.sha256
+    x_train, y_train = compact.lesson("train")
+    np.testing.assert_array_equal(prepare_images(compact.x_train), x_train)
+    np.testing.assert_array_equal(one_hot(compact.y_train), y_train)
+    assert x_train.dtype == np.float32 and y_train.shape == (540, 10)
+    for split in ("val", "test"):
+        x, y = compact.lesson(split)
+        np.testing.assert_array_equal(x, prepare_images(getattr(compact, f"x_{split}")), err_msg=split)
+        np.testing.assert_array_equal(y.argmax(axis=1), getattr(compact, f"y_{split}"), err_msg=split)
+    assert compact.sha256 == load_mnist(cfg).sha256
 
 
 @pytest.mark.parametrize("jit", [True, False])
@@ -71,9 +76,9 @@ def test_in_graph_batches_are_exactly_the_lessons(synthetic_cache, jit):
     """The graph's batch equals numpy's ``x / 255`` bit for bit, XLA included (its ``x / 255`` would not)."""
     import tensorflow as tf
 
-    from mnist_hpc.train import lesson_batch, scale_table
+    from mnist_hpc.compute.engine import lesson_batch, scale_table
 
-    data = load_compact(DataConfig(cache_dir=str(synthetic_cache)))
+    data = load_mnist(DataConfig(cache_dir=str(synthetic_cache)))
     rows = np.random.default_rng(1).permutation(data.x_train.shape[0])[:128].astype(np.int32)
     batch = tf.function(lambda *a: lesson_batch(*a, 10), jit_compile=jit)
     x, y = batch(tf.constant(scale_table()), tf.constant(data.x_train), tf.constant(data.y_train), tf.constant(rows))
@@ -117,7 +122,7 @@ def test_xla_loop_interrupted_mid_epoch_resumes_bit_identically(compose, overrid
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1, at_batch=11)])
     assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00001-b0000010.npz"
-    with caplog.at_level("INFO", logger="mnist_hpc.train"):
+    with caplog.at_level("INFO", logger="mnist_hpc.compute.train"):
         resumed = run(cfg, run_dir)
     assert "1 epoch(s) and 10 batch(es) done" in caplog.text
     assert_same_run(resumed, reference)
@@ -141,11 +146,12 @@ def test_one_xla_program_serves_every_chunk_length(synthetic_cache):
     import tensorflow as tf
 
     from mnist_hpc.config import ModelConfig, OptimizerConfig
-    from mnist_hpc.model import build_model, compile_model
-    from mnist_hpc.train import CompiledLoop
+    from mnist_hpc.compute.model import build_model, compile_model
+    from mnist_hpc.compute.engine import CompiledLoop
 
     model = compile_model(build_model(ModelConfig()), OptimizerConfig())
-    loop = CompiledLoop(model, load_compact(DataConfig(cache_dir=str(synthetic_cache))), 32, 8, jit_compile=True)
+    data = load_mnist(DataConfig(cache_dir=str(synthetic_cache)))
+    loop = CompiledLoop(model, data.x_train, data.y_train, 32, 8, jit_compile=True)
     graph = loop._run.get_concrete_function(
         loop._images, loop._labels, tf.TensorSpec((8, 32), tf.int32), tf.TensorSpec((), tf.int32)
     ).graph
@@ -159,18 +165,21 @@ def test_one_xla_program_serves_every_chunk_length(synthetic_cache):
 def test_only_callbacks_with_batch_hooks_shorten_the_calls():
     import keras
 
-    from mnist_hpc.train import _has_batch_hooks
+    from mnist_hpc.compute.engine import has_batch_hooks
 
     class EpochClock(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             pass
 
-    assert not _has_batch_hooks([EpochClock()])
-    assert _has_batch_hooks([EpochClock(), interrupter(at_epoch=0, at_batch=3)])
+    assert not has_batch_hooks([EpochClock()])
+    assert has_batch_hooks([EpochClock(), interrupter(at_epoch=0, at_batch=3)])
 
 
 def test_training_modules_import_without_tensorflow():
-    code = "import sys, mnist_hpc.train, mnist_hpc.model, mnist_hpc.config; print('tensorflow' in sys.modules)"
+    code = (
+        "import sys, mnist_hpc.compute.train, mnist_hpc.compute.model, mnist_hpc.compute.job, mnist_hpc.config; "
+        "print('tensorflow' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"

@@ -78,7 +78,7 @@ def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tm
             job = pickle.load(fh).function
         assert job.context.path == context_file and job.context._content is None
         assert path.stat().st_size < context_file.stat().st_size
-    status = subprocess.run([sys.executable, "-m", "mnist_hpc.status", str(tmp_path / "sweep")],
+    status = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", str(tmp_path / "sweep")],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0
     rows = [line.split() for line in status.stdout.splitlines()[1:]]
@@ -136,7 +136,7 @@ def test_sweep_composer_matches_hydra_composition(tmp_path):
 
     from hydra_plugins.mnist_hpc_launcher.launcher import register_plugins
     from mnist_hpc.config import conf_dir, register_configs
-    from mnist_hpc.launch import SweepComposer
+    from mnist_hpc.login.launcher.compose import SweepComposer
 
     register_configs()
     register_plugins()
@@ -184,7 +184,7 @@ class _FakeTrial:
 
 @pytest.mark.parametrize("error, runs_third", [(ValueError("bad trial"), True), ("limit", False)])
 def test_packed_task_isolates_failures_but_stops_when_time_is_up(tmp_path, error, runs_third):
-    from mnist_hpc.launch import PackedTrainJob, PackedTrialsFailed, RequeueLimitReached
+    from mnist_hpc.compute.job import PackedTrainJob, PackedTrialsFailed, RequeueLimitReached
 
     if error == "limit":
         error = RequeueLimitReached("no requeue left")

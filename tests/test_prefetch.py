@@ -27,11 +27,13 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from mnist_hpc import __version__, prefetch
+from mnist_hpc import __version__
+from mnist_hpc.login.prefetch import fetch as prefetch
 from mnist_hpc.config import DataConfig
-from mnist_hpc.data import DatasetError, load_mnist, manifest_path, read_npz, verify_cached
+from mnist_hpc.cache import DatasetError, manifest_path, read_npz, verify_cached
+from mnist_hpc.compute.data import load_mnist
 from mnist_hpc.io import sha256_file
-from mnist_hpc.prefetch import (
+from mnist_hpc.login.prefetch.fetch import (
     CacheFullError,
     CacheNotWritableError,
     HashMismatchError,
@@ -608,7 +610,7 @@ def test_two_concurrent_prefetches_leave_one_valid_file(server: LoopbackServer, 
     _, data, digest = good
     gate = threading.Event()
     url = server.add("/mnist.npz", Route(body=data, gate=gate))
-    command = [sys.executable, "-m", "mnist_hpc.prefetch", "--url", url, "--sha256", digest, "--retries", "0",
+    command = [sys.executable, "-m", "mnist_hpc.login.prefetch.fetch", "--url", url, "--sha256", digest, "--retries", "0",
                f"data.cache_dir={cache}"]
     procs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
@@ -749,7 +751,7 @@ class Spy:
             attempts.append(name)
         return None
 sys.meta_path.insert(0, Spy())
-from mnist_hpc import prefetch
+from mnist_hpc.login.prefetch import fetch as prefetch
 args = ["--url", {url!r}, "--sha256", {digest!r}, "--retries", "0", "data.cache_dir=" + {str(cache)!r}]
 assert prefetch.main(args) == 0   # downloads
 assert prefetch.main(args) == 0   # already cached

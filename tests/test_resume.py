@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc import checkpoint
+from mnist_hpc.compute import checkpoint
 from mnist_hpc.config import to_typed
-from mnist_hpc.train import train_and_evaluate
+from mnist_hpc.compute.train import train_and_evaluate
 from tests.conftest import tiny_overrides
 
 
@@ -81,7 +81,7 @@ def test_interrupted_between_epochs_resumes_identically(cfg, reference, tmp_path
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2)])
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["ckpt-e00002-b0000000.npz", "ckpt-e00001-b0000000.npz"]
     assert not (run_dir / "metrics.json").exists()
-    with caplog.at_level(logging.INFO, logger="mnist_hpc.train"):
+    with caplog.at_level(logging.INFO, logger="mnist_hpc.compute.train"):
         result = train_and_evaluate(cfg, run_dir)
     assert "resuming from ckpt-e00002-b0000000.npz: 2 epoch(s)" in caplog.text
     assert_same_as_reference(run_dir, result, reference)
@@ -94,7 +94,7 @@ def test_interrupted_mid_epoch_resumes_from_the_batch_checkpoint(compose, synthe
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2, at_batch=11)])
     assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00002-b0000010.npz"
-    with caplog.at_level(logging.INFO, logger="mnist_hpc.train"):
+    with caplog.at_level(logging.INFO, logger="mnist_hpc.compute.train"):
         result = train_and_evaluate(cfg, run_dir)
     assert "2 epoch(s) and 10 batch(es) done" in caplog.text
     assert_same_as_reference(run_dir, result, reference)

@@ -140,7 +140,7 @@ def test_packed_trials_keep_their_own_dirs_failures_and_states(synthetic_cache: 
     assert "validation_split=1e-09" in json.loads((sweep / "1" / "failure.json").read_text())["error"]
     assert not (sweep / "1" / "metrics.json").exists()
 
-    rows = subprocess.run([sys.executable, "-m", "mnist_hpc.status", "--json", str(sweep)],
+    rows = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", "--json", str(sweep)],
                           capture_output=True, text=True, timeout=60)
     assert [r["state"] for r in json.loads(rows.stdout)] == ["COMPLETED", "FAILED", "COMPLETED"]
     _, report_rows = report(sweep)

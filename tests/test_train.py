@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from mnist_hpc.config import to_typed
-from mnist_hpc.train import epoch_order, train_and_evaluate
+from mnist_hpc.compute.engine import epoch_order
+from mnist_hpc.compute.train import train_and_evaluate
 from tests.conftest import IN_CI, SHARED_MNIST, tiny_overrides
 
 TRAIN_CMD = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
@@ -28,7 +29,7 @@ def run_train_cli(args: list[str], *, netns: bool = False, env: dict | None = No
 
 def test_default_model_has_the_lessons_parameter_count():
     from mnist_hpc.config import ModelConfig
-    from mnist_hpc.model import build_model
+    from mnist_hpc.compute.model import build_model
 
     model = build_model(ModelConfig())
     assert model.count_params() == 407_050
@@ -87,17 +88,17 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
     import keras
 
     from mnist_hpc.config import DataConfig
-    from mnist_hpc.data import load_mnist
+    from mnist_hpc.compute.data import load_mnist
 
-    data = load_mnist(DataConfig(cache_dir=str(synthetic_cache)))
+    x_test, y_test = load_mnist(DataConfig(cache_dir=str(synthetic_cache))).lesson("test")
     model = keras.models.load_model(run_dir / "model.keras")
-    _, acc = model.evaluate(data.x_test, data.y_test, verbose=0, batch_size=1024)
+    _, acc = model.evaluate(x_test, y_test, verbose=0, batch_size=1024)
     assert acc == pytest.approx(metrics["test_accuracy"], abs=1e-6)
 
     # Saved predictions agree with the reported accuracy; kept images are the wrong ones.
     with np.load(run_dir / "predictions.npz") as pred:
         assert pred["y_prob"].shape == (200, 10)
-        np.testing.assert_array_equal(pred["y_true"], data.y_test.argmax(axis=1))
+        np.testing.assert_array_equal(pred["y_true"], y_test.argmax(axis=1))
         assert (pred["y_pred"] == pred["y_true"]).mean() == pytest.approx(metrics["test_accuracy"], abs=1e-6)
         assert all(pred["y_pred"][i] != pred["y_true"][i] for i in pred["wrong_index"])
         assert pred["wrong_images"].shape == (len(pred["wrong_index"]), 28, 28)

@@ -1,10 +1,10 @@
 """Hydra launcher plugins ``hydra/launcher=slurm`` and ``hydra/launcher=local``.
 
 Hydra instantiates launchers only from the ``hydra_plugins`` package; these classes are thin,
-the logic lives in :mod:`mnist_hpc.launch`. Imported at every Hydra start-up: keep it light.
-Hydra's plugin scan may execute this module a second time through its own loader, so it
-defines no dataclasses (they need their module in ``sys.modules``); the schemas live in
-:mod:`mnist_hpc.launch`.
+the logic lives in :mod:`mnist_hpc.login.launcher`. Imported at every Hydra start-up: keep it
+light. Hydra's plugin scan may execute this module a second time through its own loader, so
+it defines no dataclasses (they need their module in ``sys.modules``); the options live in
+:mod:`mnist_hpc.login.launcher.options`, registered in ConfigStore here.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hydra.core.config_store import ConfigStore
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig
 
-from mnist_hpc.launch import BaseQueueConf, SlurmQueueConf, SweepComposer, check_writable, launch_jobs
+from mnist_hpc.login.launcher import options
+from mnist_hpc.login.launcher.compose import SweepComposer
+from mnist_hpc.login.launcher.preflight import check_writable
+from mnist_hpc.login.launcher.submit import launch_jobs
 
-ConfigStore.instance().store(group="hydra/launcher", name="slurm_schema", node=SlurmQueueConf, provider="mnist_hpc")
-ConfigStore.instance().store(group="hydra/launcher", name="local_schema", node=BaseQueueConf, provider="mnist_hpc")
+options.register()
 
 
 class _SubmititLauncher(Launcher):

@@ -4,7 +4,7 @@ A checkpoint is one ``.npz`` under ``<run_dir>/checkpoints/`` holding every mode
 (weights and the dropout seed-generator state), every optimizer variable (iteration count and
 slots), the metric accumulators of a part-done epoch, and a JSON header: epoch and batch
 reached, the history so far, and a fingerprint of the config that defines the trajectory. The
-data order needs no state: it is a pure function of (seed, epoch) (see ``train.epoch_order``).
+data order needs no state: it is a pure function of (seed, epoch) (see ``engine.epoch_order``).
 
 Files are written atomically (temp + fsync + rename) and the previous checkpoint is kept
 until a newer one is complete; a newest file that cannot be read (truncated, corrupted: the
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from mnist_hpc.io import atomic_path
+from mnist_hpc.rundir import CHECKPOINT_DIR
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -35,7 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 KEEP = 2
 _NAME = re.compile(r"^ckpt-e(\d{5})-b(\d{7})\.npz$")

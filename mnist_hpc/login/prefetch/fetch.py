@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - not a POSIX system; the rename alone s
 
 from mnist_hpc import __version__
 from mnist_hpc.config import KERAS_MNIST_SHA256, KERAS_MNIST_URL
-from mnist_hpc.data import (
+from mnist_hpc.cache import (
     CacheCorruptError,
     CacheMissingError,
     DatasetError,

@@ -1,20 +1,17 @@
-"""The dataset on disk: validation of an ``mnist.npz`` and the offline loader for compute nodes.
+"""The dataset cache on disk: its file, its manifest, and the checks that make it trustworthy.
 
-Only numpy is imported here (and only by the functions that handle arrays), so the login-node
-prefetch shares these checks without paying for TensorFlow, and checks a valid cache without
-paying for numpy. The loader reads the verified cache and nothing else: no network, no
-``keras.datasets`` (which rejects absolute paths, deletes files whose hash differs from its
-pin when offline, and silently swaps a read-only cache for ``/tmp/.keras``).
+Shared by both sides: the login-node prefetch validates a file before placing it and checks a
+valid cache in milliseconds (hash and ``.npy`` headers, no numpy), and the compute-node loader
+(:mod:`mnist_hpc.compute.data`) reads the cache only through :func:`read_verified`. Only numpy
+is imported here, and only by the functions that handle arrays.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import math
 import struct
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
@@ -223,53 +220,6 @@ def check_cached(npz_path: Path) -> dict[str, Any]:
     return manifest
 
 
-@dataclass
-class MnistData:
-    """The dataset as the lesson prepares it: flat float32 images in [0, 1], one-hot labels."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: Optional[np.ndarray]
-    y_val: Optional[np.ndarray]
-    x_test: np.ndarray
-    y_test: np.ndarray
-    sha256: str
-
-
-def prepare_images(x: np.ndarray) -> np.ndarray:
-    """(N, 28, 28) uint8 -> (N, 784) float32 in [0, 1], as in the lesson."""
-    return x.reshape((x.shape[0], IMAGE_SHAPE[0] * IMAGE_SHAPE[1])).astype("float32") / 255
-
-
-def one_hot(y: np.ndarray) -> np.ndarray:
-    """Integer labels -> float32 one-hot rows, the lesson's ``to_categorical``."""
-    import numpy as np
-
-    out = np.zeros((y.shape[0], NUM_CLASSES), dtype="float32")
-    out[np.arange(y.shape[0]), y.astype(np.int64)] = 1.0
-    return out
-
-
-def split_index(n: int, validation_split: float) -> int:
-    """Index where the held-out validation tail starts (Keras' ``validation_split`` rule)."""
-    return int(math.ceil(n * (1.0 - validation_split)))
-
-
-def validation_cut(n: int, validation_split: float) -> int:
-    """:func:`split_index`, refusing a split that leaves either part empty.
-
-    Raises:
-        DatasetError: naming ``data.validation_split`` and what it leaves.
-    """
-    cut = split_index(n, validation_split)
-    if cut < 1 or cut >= n:
-        raise DatasetError(
-            f"data.validation_split={validation_split} leaves {cut} of {n} "
-            "training samples; choose a split that keeps both parts non-empty"
-        )
-    return cut
-
-
 def read_verified(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The cached arrays, checked against the manifest and validated, with the manifest.
 
@@ -283,27 +233,3 @@ def read_verified(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, Any
     return arrays, manifest
 
 
-def load_mnist(cfg: DataConfig) -> MnistData:
-    """Load the verified cached dataset for training. Never touches the network.
-
-    Raises:
-        CacheMissingError: nothing cached at the configured path (names the prefetch command).
-        CacheCorruptError: the file no longer matches its manifest.
-        DatasetError: the file's content is invalid.
-    """
-    arrays, manifest = read_verified(cfg)
-    x_train, y_train = prepare_images(arrays["x_train"]), one_hot(arrays["y_train"])
-    x_val = y_val = None
-    if cfg.validation_split > 0:
-        cut = validation_cut(x_train.shape[0], cfg.validation_split)
-        x_train, x_val = x_train[:cut], x_train[cut:]
-        y_train, y_val = y_train[:cut], y_train[cut:]
-    return MnistData(
-        x_train=x_train,
-        y_train=y_train,
-        x_val=x_val,
-        y_val=y_val,
-        x_test=prepare_images(arrays["x_test"]),
-        y_test=one_hot(arrays["y_test"]),
-        sha256=manifest["sha256"],
-    )

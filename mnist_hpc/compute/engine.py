@@ -1,0 +1,323 @@
+"""How one epoch of training executes: two engines for the same training (``train.execution``).
+
+- :class:`FitEngine` (``keras_fit``), the lesson's: float32 arrays, one shuffled copy per
+  epoch, Keras ``model.fit``.
+- :class:`CompiledEngine` (``compiled_loop``, the default): the training images stay uint8
+  inside TensorFlow and each batch is gathered by index and scaled inside one (XLA-)compiled
+  loop (:class:`CompiledLoop`) that runs ``steps_per_execution`` batches per call. Same
+  network, loss, optimizer, batches and order; about 3x faster per epoch on a 2-core CPU and
+  lighter on memory (``benchmarks/results/training.md``).
+
+Both take the same arguments and return ``model.fit``'s epoch logs, so the orchestration in
+:mod:`mnist_hpc.compute.train` does not care which one runs. Both continue a part-done epoch
+at its next batch, in the epoch's own order (:func:`epoch_order`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import numpy as np
+
+from mnist_hpc.compute.data import MnistData
+from mnist_hpc.config import Execution, TrainConfig
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The sample order of one epoch, a pure function of (seed, epoch).
+
+    Keras' numpy-input path reuses one permutation for every epoch under a fixed seed
+    (TF #44195), and a seeded tf.data shuffle restarts in a new process; keying the order by
+    epoch gives a fresh order per epoch that a resumed process reproduces exactly.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def has_batch_hooks(callbacks: Sequence[Any]) -> bool:
+    """Whether any callback overrides a per-batch training hook (so wants to see every batch)."""
+    import keras
+
+    base = keras.callbacks.Callback
+    hooks = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
+    return any(getattr(type(cb), hook) is not getattr(base, hook) for cb in callbacks for hook in hooks)
+
+
+class Engine(Protocol):
+    steps_per_epoch: int
+
+    def run_epoch(
+        self,
+        epoch: int,
+        done_batches: int,
+        callbacks: Sequence[Any],
+        restore_metrics: Optional[Callable[[], None]],
+        save_batch: Optional[Callable[[int], None]],
+    ) -> dict[str, float]:
+        """Train epoch ``epoch`` from batch ``done_batches`` to its end; return the epoch's logs.
+
+        Args:
+            epoch: the epoch, counted from 0.
+            done_batches: batches of this epoch already trained (a resumed, part-done epoch).
+            callbacks: Keras callbacks for this epoch.
+            restore_metrics: refills the metric accumulators of a part-done epoch (after the
+                engine reset them at the epoch's start); None for a whole epoch.
+            save_batch: called with the batches done every ``train.checkpoint_every_batches``
+                batches inside the epoch; None: no batch checkpoints.
+        """
+
+
+def build_engine(model: Any, data: MnistData, train: TrainConfig, jit_compile: bool) -> Engine:
+    """The engine ``train.execution`` asks for, ready to run epochs of ``model`` on ``data``."""
+    if Execution(train.execution) is Execution.compiled_loop:
+        return CompiledEngine(model, data, train, jit_compile)
+    return FitEngine(model, data, train)
+
+
+# --- the lesson's execution: model.fit ----------------------------------------------------------
+
+
+class FitEngine:
+    """One epoch (or its rest) the lesson's way: the shuffled float32 arrays into ``model.fit``."""
+
+    def __init__(self, model: Any, data: MnistData, train: TrainConfig) -> None:
+        self.model = model
+        self.train = train
+        lesson_train = data.lesson("train")
+        assert lesson_train is not None
+        self.x, self.y = lesson_train
+        self.validation = data.lesson("val")
+        self.steps_per_epoch = -(-self.x.shape[0] // train.batch_size)
+
+    def run_epoch(
+        self,
+        epoch: int,
+        done_batches: int,
+        callbacks: Sequence[Any],
+        restore_metrics: Optional[Callable[[], None]],
+        save_batch: Optional[Callable[[int], None]],
+    ) -> dict[str, float]:
+        train = self.train
+        # The rest of this epoch's fixed order: a part-done epoch continues at its next batch.
+        order = epoch_order(train.seed, epoch, self.x.shape[0])[done_batches * train.batch_size :]
+        epoch_callbacks = list(callbacks)
+        if restore_metrics is not None:
+            epoch_callbacks.append(_at_epoch_begin(restore_metrics))
+        if save_batch is not None and train.checkpoint_every_batches:
+            epoch_callbacks.append(
+                _batch_checkpointer(save_batch, done_batches, self.steps_per_epoch, train.checkpoint_every_batches)
+            )
+        fitted = self.model.fit(
+            self.x[order],
+            self.y[order],
+            batch_size=train.batch_size,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            shuffle=False,
+            validation_data=self.validation,
+            callbacks=epoch_callbacks,
+            verbose=0,
+        )
+        return {k: float(v[-1]) for k, v in fitted.history.items()}
+
+
+def _at_epoch_begin(action: Callable[[], None]) -> Any:
+    """A callback that runs ``action`` when fit starts the epoch (after fit reset the metrics)."""
+    import keras
+
+    class AtEpochBegin(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+            action()
+
+    return AtEpochBegin()
+
+
+def _batch_checkpointer(save: Callable[[int], None], done_batches: int, steps_per_epoch: int, every: int) -> Any:
+    """A callback that checkpoints every ``every`` batches inside an epoch (for long epochs)."""
+    import keras
+
+    class BatchCheckpointer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.last = done_batches
+
+        def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+            # ``batch`` counts from the start of this fit call: the part of the epoch left.
+            done = done_batches + batch + 1
+            if done - self.last >= every and done < steps_per_epoch:
+                save(done)
+                self.last = done
+
+    return BatchCheckpointer()
+
+
+# --- the fast execution: a compiled loop over uint8 data ----------------------------------------
+
+
+def scale_table() -> np.ndarray:
+    """``float32(v) / 255`` for every uint8 value v: exactly the lesson's (numpy's) scaling."""
+    return np.arange(256, dtype=np.float32) / 255
+
+
+def lesson_batch(scale: Any, images: Any, labels: Any, rows: Any, num_classes: int) -> tuple[Any, Any]:
+    """Inside a TensorFlow graph: the lesson's float32 images and one-hot labels of ``rows``.
+
+    The scaling looks values up in :func:`scale_table` rather than dividing, because XLA
+    rewrites ``x / 255`` as ``x * (1 / 255)``, which differs from numpy in the last bit.
+    """
+    import tensorflow as tf
+
+    x = tf.gather(scale, tf.cast(tf.gather(images, rows), tf.int32))
+    y = tf.one_hot(tf.cast(tf.gather(labels, rows), tf.int32), num_classes, dtype=tf.float32)
+    return x, y
+
+
+class CompiledLoop:
+    """Runs training batches inside one compiled TensorFlow loop, ``steps_per_call`` per call.
+
+    The training set lives in TensorFlow as uint8; every batch is gathered by index (the epoch's
+    order, no per-epoch copy of the data), turned into the lesson's exact values by
+    :func:`lesson_batch` and passed to Keras' own ``train_step``, so loss, optimizer update,
+    dropout RNG and metrics are the ones ``model.fit`` uses. Without XLA (``deterministic``)
+    the result is bit-identical to ``keras_fit``'s; with XLA it differs by float rounding only.
+
+    Every call has the same shape (a padded ``(steps_per_call, batch)`` index block and a count
+    of rows to run), so one compiled program serves every chunk length: a run split at other
+    batches (resume, batch checkpoints, batch-hook callbacks) follows the same arithmetic. The
+    last, smaller batch of an epoch runs through the same step as a plain (non-XLA) graph.
+    """
+
+    def __init__(
+        self, model: Any, x_train: np.ndarray, y_train: np.ndarray, batch_size: int, steps_per_call: int, jit_compile: bool
+    ) -> None:
+        import tensorflow as tf
+
+        self.model = model
+        self.batch_size = batch_size
+        self.steps_per_call = steps_per_call
+        self.n = x_train.shape[0]
+        self.full_batches = self.n // batch_size
+        self.steps_per_epoch = -(-self.n // batch_size)
+        self._images = tf.constant(x_train)
+        self._labels = tf.constant(y_train)
+        self._scale = tf.constant(scale_table())
+        self._rows = np.zeros((steps_per_call, batch_size), dtype=np.int32)
+        num_classes = int(model.outputs[0].shape[-1])
+
+        def run(images: Any, labels: Any, rows: Any, count: Any) -> None:
+            def step(i: Any) -> Any:
+                model.train_step(lesson_batch(self._scale, images, labels, rows[i], num_classes))
+                return (i + 1,)
+
+            # A plain while loop: `for i in tf.range(count)` would put a Range op in the graph,
+            # which makes XLA treat `count` as a compile-time constant and compile a new
+            # program for every chunk length.
+            tf.while_loop(lambda i: i < count, step, (tf.constant(0),))
+
+        self._run = tf.function(run, jit_compile=jit_compile)
+        # The epoch's last, smaller batch (a shape of its own) runs once per epoch: as a plain
+        # graph it costs ~0.3 s of tracing per process instead of ~1.3 s for a second XLA program.
+        self._run_last = tf.function(run) if jit_compile else self._run
+        # Build the optimizer, loss and metric state now, as fit does before its first step: a
+        # part-done epoch's checkpoint restores into it, and the loop's trace then creates no
+        # variables (tf.function traces a function that creates variables twice).
+        model.optimizer.build(model.trainable_variables)
+        x0 = np.zeros((1, x_train.shape[1]), dtype=np.float32)
+        y0 = np.zeros((1, num_classes), dtype=np.float32)
+        y_pred = model(x0, training=False)
+        model.compute_loss(x=x0, y=y0, y_pred=y_pred)
+        model.compute_metrics(x0, y0, y_pred, sample_weight=None)
+        model.reset_metrics()
+
+    def run_epoch(
+        self,
+        order: np.ndarray,
+        done_batches: int,
+        callbacks: Any,
+        chunk: int,
+        boundary: Callable[[int], bool],
+        at_boundary: Callable[[int], None],
+    ) -> None:
+        """Train on ``order`` from batch ``done_batches`` to the end of the epoch.
+
+        Args:
+            order: this epoch's sample order (``epoch_order``).
+            done_batches: batches of this epoch already trained (a resumed, part-done epoch).
+            callbacks: a Keras ``CallbackList``; batch hooks get Keras' batch index (counted from
+                the start of this call, as ``model.fit`` on the rest of the epoch would).
+            chunk: at most this many batches per compiled call.
+            boundary: whether a call must end after this many batches of the epoch.
+            at_boundary: called with the batches done after each call that ends at a boundary.
+        """
+        import tensorflow as tf
+
+        rows = order[: self.full_batches * self.batch_size].astype(np.int32).reshape(self.full_batches, self.batch_size)
+        step = done_batches
+        while step < self.full_batches:
+            stop = step + 1
+            while stop < min(step + chunk, self.full_batches) and not boundary(stop):
+                stop += 1
+            self._rows[: stop - step] = rows[step:stop]
+            callbacks.on_train_batch_begin(step - done_batches)
+            self._run(self._images, self._labels, tf.constant(self._rows), tf.constant(stop - step, tf.int32))
+            callbacks.on_train_batch_end(stop - 1 - done_batches, self.model.get_metrics_result())
+            step = stop
+            if boundary(step) and step < self.steps_per_epoch:
+                at_boundary(step)
+        if self.full_batches < self.steps_per_epoch:
+            tail = order[self.full_batches * self.batch_size :].astype(np.int32)[None, :]
+            callbacks.on_train_batch_begin(self.full_batches - done_batches)
+            self._run_last(self._images, self._labels, tf.constant(tail), tf.constant(1, tf.int32))
+            callbacks.on_train_batch_end(self.full_batches - done_batches, self.model.get_metrics_result())
+
+
+class CompiledEngine:
+    """One epoch (or its rest) through the compiled loop, with ``model.fit``'s callbacks and logs."""
+
+    def __init__(self, model: Any, data: MnistData, train: TrainConfig, jit_compile: bool) -> None:
+        self.model = model
+        self.train = train
+        self.loop = CompiledLoop(model, data.x_train, data.y_train, train.batch_size, train.steps_per_execution, jit_compile)
+        self.validation = data.lesson("val")
+        self.steps_per_epoch = self.loop.steps_per_epoch
+
+    def run_epoch(
+        self,
+        epoch: int,
+        done_batches: int,
+        callbacks: Sequence[Any],
+        restore_metrics: Optional[Callable[[], None]],
+        save_batch: Optional[Callable[[int], None]],
+    ) -> dict[str, float]:
+        import keras
+
+        model, train = self.model, self.train
+        every = train.checkpoint_every_batches if save_batch is not None else None
+        # A callback that watches batches sees every one; otherwise calls run steps_per_execution batches.
+        chunk = 1 if has_batch_hooks(callbacks) else train.steps_per_execution
+        hooks = keras.callbacks.CallbackList(list(callbacks), model=model)
+        hooks.on_train_begin()
+        model.reset_metrics()
+        if restore_metrics is not None:
+            restore_metrics()
+        hooks.on_epoch_begin(epoch)
+        self.loop.run_epoch(
+            epoch_order(train.seed, epoch, self.loop.n),
+            done_batches,
+            hooks,
+            chunk,
+            boundary=lambda done: every is not None and done % every == 0,
+            at_boundary=save_batch or (lambda done: None),
+        )
+        # Key order as fit's logs have it (its compiled functions return sorted dicts): the
+        # history.csv columns and log lines stay the same under either execution.
+        logs = dict(sorted(model.get_metrics_result().items()))
+        if self.validation is not None:
+            x_val, y_val = self.validation
+            val = model.evaluate(
+                x_val, y_val, batch_size=train.batch_size, callbacks=list(callbacks), verbose=0, return_dict=True
+            )
+            logs.update({f"val_{k}": v for k, v in sorted(val.items())})
+        logs = {k: float(v) for k, v in logs.items()}
+        hooks.on_epoch_end(epoch, logs)
+        hooks.on_train_end(logs)
+        return logs

@@ -1,0 +1,197 @@
+"""What a submitted job is on the compute node: the callables submitit unpickles and runs.
+
+The login-node launcher (:mod:`mnist_hpc.login.launcher`) builds these objects, pickles them
+with submitit and queues them; nothing else here runs on the login node except
+:meth:`LaunchContext.save`. A job never carries a model: its state is on disk in its run
+directory, so a requeued job is the same object again and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, open_dict
+
+from mnist_hpc import rundir
+from mnist_hpc.io import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+
+class RequeueLimitReached(RuntimeError):
+    """Slurm's time-limit warning came after the job had used all its requeues."""
+
+
+class PackedTrialsFailed(RuntimeError):
+    """Some trials of a packed task failed (each has its own failure.json); the others finished."""
+
+
+def record_failure(run_dir: Path, exc: BaseException) -> None:
+    """``failure.json`` in the run directory; a job that cannot even write it still fails, loudly."""
+    try:
+        rundir.write_failure(run_dir, exc)
+    except OSError:
+        log.exception("could not write %s into %s", rundir.FAILURE_FILE, run_dir)
+
+
+class LaunchContext:
+    """What every job of one launch shares: Hydra's context, the task function, Hydra's singletons.
+
+    Written once per launch into the submitit folder (``launch-<id>.pkl``); each job's pickle
+    carries only this file's path. Pickling the whole context into every job made a 64-trial
+    sweep write 64 copies of it (90 KB and 15 ms each) before anything was queued. On the
+    compute node it is read once per process, on first use.
+    """
+
+    def __init__(self, path: Path, hydra_context: Any = None, task_function: Any = None, singleton_state: Any = None) -> None:
+        self.path = Path(path)
+        self._content: Optional[tuple[Any, Any, Any]] = (
+            (hydra_context, task_function, singleton_state) if hydra_context is not None else None
+        )
+
+    def save(self) -> "LaunchContext":
+        """Write the context (login node, once per launch)."""
+        import cloudpickle  # submitit's own pickler: the task function may be a local function
+
+        assert self._content is not None, "nothing to save"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(self.path, cloudpickle.dumps(self._content))
+        return self
+
+    def load(self) -> tuple[Any, Any, Any]:
+        """``(hydra_context, task_function, singleton_state)``."""
+        if self._content is None:
+            try:
+                with open(self.path, "rb") as fh:
+                    self._content = pickle.load(fh)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(
+                    f"this job's launch context {self.path} is gone (was the sweep's .submitit folder "
+                    "deleted?); submit the job again"
+                ) from exc
+        return self._content
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = Path(state["path"])
+        self._content = None
+
+
+class TrainJob:
+    """The callable submitted to the cluster: runs one Hydra job in its fixed run directory.
+
+    It is checkpointable in submitit's sense: on Slurm's USR2 warning before the time limit,
+    or on preemption, submitit calls :meth:`checkpoint` and requeues the job with what it
+    returns. The training state itself is on disk (``<run dir>/checkpoints``, written every
+    epoch), so the resubmission is simply this same job: same config, same run directory,
+    and training resumes from the newest checkpoint. No model is ever pickled.
+
+    Hydra's ``run_job`` records a task's exception in the returned ``JobReturn`` instead of
+    raising it, so a launcher that just returns it leaves a failed job COMPLETED in Slurm.
+    This re-raises (after writing ``failure.json`` into the run directory), so the job exits
+    non-zero and ends FAILED, with the traceback in its log.
+    """
+
+    def __init__(self, context: LaunchContext, config: DictConfig, run_dir: Path) -> None:
+        self.context = context
+        self.config = config
+        self.run_dir = Path(run_dir)
+
+    def __call__(self) -> Any:
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import JobStatus, run_job, setup_globals
+        from submitit.core.utils import UncompletedJobError
+
+        try:
+            hydra_context, task_function, singleton_state = self.context.load()
+        except (OSError, pickle.UnpicklingError) as exc:
+            record_failure(self.run_dir, exc)
+            raise
+        # A resubmission into the same directory supersedes an earlier attempt's failure.
+        rundir.clear_failure(self.run_dir)
+        setup_globals()
+        Singleton.set_state(singleton_state)
+        config = self.config.copy()
+        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+        if job_id:
+            with open_dict(config.hydra.job):
+                config.hydra.job.id = job_id
+        ret = run_job(
+            hydra_context=hydra_context,
+            task_function=task_function,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+        if ret.status == JobStatus.FAILED:
+            error = ret._return_value
+            if isinstance(error, UncompletedJobError):  # time is up and no requeue is left
+                error = RequeueLimitReached(
+                    f"{error} The job reached its time limit with no requeue left "
+                    "(hydra.launcher.max_num_timeout); training stopped at its last checkpoint in "
+                    f"{self.run_dir / rundir.CHECKPOINT_DIR}. To continue, submit the same overrides again with "
+                    f"hydra.sweep.dir={self.run_dir.parent} (each trial resumes from its checkpoint), or raise "
+                    "hydra.launcher.timeout_min or hydra.launcher.max_num_timeout."
+                )
+            record_failure(self.run_dir, error)
+            raise error
+        return ret
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """The resubmission after a timeout or preemption: this job again, resuming from disk."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+class PackedTrainJob:
+    """Several trials of a sweep in one Slurm task, one after the other in one process.
+
+    Each trial pays for TensorFlow's import once per task instead of once per trial, and keeps
+    its own run directory, outputs and checkpoints. A failing trial does not stop the others;
+    the task ends FAILED if any trial failed. On requeue, finished trials (``metrics.json``
+    present) are skipped and an interrupted one resumes from its checkpoint.
+    """
+
+    def __init__(self, jobs: Sequence[TrainJob]) -> None:
+        self.jobs = list(jobs)
+
+    def __call__(self) -> list[Any]:
+        results: list[Any] = []
+        failed: list[str] = []
+        for job in self.jobs:
+            if (job.run_dir / rundir.METRICS_FILE).is_file():
+                log.info("trial %s already finished; skipping", job.run_dir.name)
+                results.append(None)
+                continue
+            try:
+                results.append(job())
+            except RequeueLimitReached:
+                raise  # the task's time is up: the trials after this one cannot run either
+            except Exception as exc:  # isolate: record, go on with the next trial
+                log.exception("trial %s failed", job.run_dir.name)
+                failed.append(f"{job.run_dir.name}: {type(exc).__name__}: {exc}")
+                results.append(exc)
+            finally:
+                _reset_keras_state()
+        if failed:
+            raise PackedTrialsFailed(f"{len(failed)} of {len(self.jobs)} trials failed: " + "; ".join(failed))
+        return results
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+def _reset_keras_state() -> None:
+    """Free the previous trial's graphs and layer-name counters (only if Keras is loaded)."""
+    if "keras" in sys.modules:
+        sys.modules["keras"].backend.clear_session()

@@ -1,0 +1,137 @@
+"""The process a job runs in: Slurm allocation and host, TensorFlow's set-up, and provenance.
+
+Read once at the entry point; stage functions take a :class:`RuntimeInfo` instead of reading
+environment variables themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from mnist_hpc.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def _int_or_none(value: Optional[str]) -> Optional[int]:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    hostname: str
+    slurm_job_id: Optional[str] = None
+    slurm_array_job_id: Optional[str] = None
+    slurm_array_task_id: Optional[str] = None
+    slurm_cpus_per_task: Optional[int] = None
+    slurm_restart_count: int = 0
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "RuntimeInfo":
+        env = os.environ if environ is None else environ
+        return cls(
+            hostname=socket.gethostname(),
+            slurm_job_id=env.get("SLURM_JOB_ID") or None,
+            slurm_array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None,
+            slurm_array_task_id=env.get("SLURM_ARRAY_TASK_ID") or None,
+            slurm_cpus_per_task=_int_or_none(env.get("SLURM_CPUS_PER_TASK")),
+            slurm_restart_count=_int_or_none(env.get("SLURM_RESTART_COUNT")) or 0,
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def configure_tensorflow(train: TrainConfig, runtime: RuntimeInfo) -> dict[str, Optional[int]]:
+    """Quiet TensorFlow's start-up logging, size its thread pools and set determinism.
+
+    Threads follow the Slurm allocation (``SLURM_CPUS_PER_TASK``) unless the config sets them:
+    TensorFlow otherwise sizes its pools by the node's cores and oversubscribes a shared node.
+    """
+    # C++ INFO/WARNING lines (oneDNN notices, CPU feature hints) are noise in a job log.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    intra = train.intra_op_threads or runtime.slurm_cpus_per_task
+    inter = train.inter_op_threads or runtime.slurm_cpus_per_task
+    try:
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:
+        # The runtime was already initialised in this process (a second run in one interpreter).
+        log.warning("TensorFlow already initialised; keeping its thread pools as they are")
+    if train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    return {
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or None,
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or None,
+    }
+
+
+def _dist_version(*names: str) -> Optional[str]:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def git_commit(start: Path) -> Optional[dict[str, Any]]:
+    """The commit of the checkout holding ``start``, if it is one (local git only, no network)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(start), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(start), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(runtime: RuntimeInfo, data_sha256: str, started: str, ended: Optional[str]) -> dict[str, Any]:
+    """Versions, host, Slurm ids, data hash, code commit and times of a run."""
+    import keras
+    import numpy
+    import tensorflow as tf
+
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": numpy.__version__,
+            "hydra": _dist_version("hydra-core"),
+            "omegaconf": _dist_version("omegaconf"),
+            "submitit": _dist_version("submitit"),
+            "mnist_hpc": _dist_version("mnist-hpc"),
+        },
+        "python_executable": sys.executable,
+        "platform": platform.platform(),
+        **runtime.as_dict(),
+        "data_sha256": data_sha256,
+        "git": git_commit(Path(__file__).resolve().parent),
+        "started": started,
+        "ended": ended,
+    }

@@ -1,0 +1,1 @@
+"""Login-node code: prefetch, submission, status and report. Nothing here imports TensorFlow."""

@@ -1,0 +1,119 @@
+"""The launcher's options (``hydra.launcher.*``): their one source, and how they reach submitit.
+
+The dataclasses below are the options, their defaults and their meaning. They are registered
+in Hydra's ConfigStore as ``hydra/launcher=slurm`` and ``hydra/launcher=local`` (no YAML copy
+of the defaults; a site's YAML selects one of them with ``defaults: [slurm]`` and extends it).
+:func:`submitit_parameters` derives submitit's keywords from the same fields, so an option
+added here reaches submitit without a second list to keep in step.
+
+Imported during Hydra's plugin discovery: light (no submitit, no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+PLUGIN = "hydra_plugins.mnist_hpc_launcher.launcher"
+
+
+@dataclass
+class LocalQueueConf:
+    """Options of the local launcher, and those the Slurm launcher shares (``hydra.launcher.*``)."""
+
+    _target_: str = f"{PLUGIN}.LocalLauncher"
+    # Where submitit keeps pickles and logs; %j becomes the job id.
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+    # Block until every job ends (sweepers that read results need this); default: return when queued.
+    wait: bool = False
+    # Sweep trials run one after another in each task: pays TensorFlow's import and the data
+    # load once per task instead of once per trial. 1: one trial per task.
+    trials_per_task: int = 1
+    # Wall-clock limit of each job, in minutes.
+    timeout_min: int = 60
+    # CPUs per task; TensorFlow's thread pools follow it through SLURM_CPUS_PER_TASK.
+    cpus_per_task: int = 2
+    # Memory per node in GiB.
+    mem_gb: float = 4.0
+    # Tasks per node (one training process per task).
+    tasks_per_node: int = 1
+    # GPUs per node (install the `cuda` extra on GPU clusters); 0: none.
+    gpus_per_node: int = 0
+    # Nodes per job.
+    nodes: int = 1
+    # Job name shown by squeue/sacct.
+    name: str = "mnist-hpc"
+
+
+@dataclass
+class SlurmQueueConf(LocalQueueConf):
+    """Options of the Slurm launcher; each one of its own reaches submitit as ``slurm_<name>``."""
+
+    _target_: str = f"{PLUGIN}.SlurmLauncher"
+    # How many times a job that hit its time limit may requeue itself.
+    max_num_timeout: int = 3
+    # Slurm partition; null uses the cluster's default.
+    partition: Optional[str] = None
+    # Slurm account to charge; keep it in your uncommitted site config.
+    account: Optional[str] = None
+    # Quality of service.
+    qos: Optional[str] = None
+    # Node feature constraint, e.g. "avx512".
+    constraint: Optional[str] = None
+    # Nodes to avoid.
+    exclude: Optional[str] = None
+    # Seconds before the time limit at which Slurm sends USR2 so the job can checkpoint and requeue.
+    signal_delay_s: int = 120
+    # Trials of a sweep array running at once.
+    array_parallelism: int = 256
+    # Shell lines run before the job starts, e.g. ["module load python/3.11", "source ~/venv/bin/activate"].
+    setup: list[str] = field(default_factory=list)
+    # Any other sbatch option, e.g. {mail-type: END, reservation: myres}.
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# Options the launcher itself acts on, never passed to submitit's update_parameters.
+LAUNCHER_ONLY = frozenset({"_target_", "submitit_folder", "wait", "trials_per_task", "max_num_timeout"})
+LOCAL_FIELDS = tuple(f.name for f in dataclasses.fields(LocalQueueConf))
+
+
+def register() -> None:
+    """``hydra/launcher=slurm`` and ``hydra/launcher=local`` in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group="hydra/launcher", name="slurm", node=SlurmQueueConf, provider="mnist_hpc")
+    store.store(group="hydra/launcher", name="local", node=LocalQueueConf, provider="mnist_hpc")
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def submitit_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
+    """Translate ``hydra.launcher`` into ``AutoExecutor.update_parameters`` keywords.
+
+    Shared options keep their name; the Slurm launcher's own become ``slurm_<name>``. Unset
+    values (None, an empty list or mapping, zero GPUs) are left to submitit's defaults.
+    """
+    params: dict[str, Any] = {}
+    for key in conf:
+        key = str(key)
+        value = _plain(conf[key])
+        if key in LAUNCHER_ONLY or value is None or value == [] or value == {}:
+            continue
+        if key == "gpus_per_node" and not value:
+            continue
+        if key in LOCAL_FIELDS:
+            params[key] = value
+        elif cluster == "slurm":
+            params[f"slurm_{key}"] = value
+    return params
+
+
+def executor_init(conf: DictConfig, cluster: str) -> dict[str, Any]:
+    """Keywords for ``submitit.AutoExecutor`` itself (not its ``update_parameters``)."""
+    return {"slurm_max_num_timeout": int(conf.max_num_timeout)} if cluster == "slurm" else {}

@@ -1,0 +1,104 @@
+"""Which trial is best, and by what: the report's ranking of a sweep's trials.
+
+Trials are ranked by validation accuracy (the best epoch's); the test set never chooses
+unless asked to, and then the report says why that is not model selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from mnist_hpc.login.trials import Trial
+
+METRICS = ("val_accuracy", "test_accuracy")
+
+
+@dataclass
+class Selection:
+    """The best trial, the metric it was ranked by, and what the reader must know about that."""
+
+    # None while no finished trial has the metric.
+    trial: Optional[Trial]
+    # The metric actually used: test_accuracy when val_accuracy was asked for but no trial has it.
+    metric: str
+    # How many trials were compared (finished, with the metric).
+    ranked: int
+    # Which trials were left out of the ranking, and why.
+    note: str = ""
+    # Set when trials were ranked by test accuracy, which is not model selection.
+    warning: str = ""
+
+
+def parse_override(override: str) -> tuple[str, Optional[str]]:
+    """``optimizer.learning_rate=1e-3`` -> (``optimizer.learning_rate``, ``1e-3``); ``+``/``~`` prefixes dropped."""
+    key, sep, value = override.partition("=")
+    return key.lstrip("+~"), (value if sep else None)
+
+
+def trial_params(trial: Trial) -> dict[str, Optional[str]]:
+    return dict(parse_override(o) for o in trial.overrides)
+
+
+def swept_params(trials: Sequence[Trial]) -> dict[str, list[Optional[str]]]:
+    """The override keys whose values differ between trials, with each trial's value (None: not set)."""
+    params = [trial_params(t) for t in trials]
+    keys: list[str] = []
+    for p in params:
+        keys += [k for k in p if k not in keys]
+    values = {k: [p.get(k) for p in params] for k in keys}
+    return {k: v for k, v in values.items() if len(set(v)) > 1}
+
+
+def shared_overrides(trials: Sequence[Trial]) -> list[str]:
+    """Overrides every trial has with the same value (paths and the like), in the order given."""
+    if not trials:
+        return []
+    swept = swept_params(trials)
+    return [o for o in trials[0].overrides if parse_override(o)[0] not in swept]
+
+
+def metric_value(trial: Trial, metric: str) -> Optional[float]:
+    """The value a trial is ranked by: ``val_accuracy`` means its best epoch's validation accuracy."""
+    if metric == "val_accuracy":
+        return trial.best_val_accuracy
+    if metric == "test_accuracy":
+        return trial.test_accuracy
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+TEST_SELECTION_WARNING = (
+    "ranked by TEST accuracy{why}. Choosing a model by its test accuracy is not model selection: the "
+    "test set then no longer gives an unbiased estimate of the chosen model. {fix}"
+)
+
+
+def best_trial(trials: Sequence[Trial], metric: str = "val_accuracy") -> Selection:
+    """The finished trial with the highest ``metric`` (ties: the lowest trial number).
+
+    ``val_accuracy`` ranks by ``best_val_accuracy``. Only when no finished trial has validation
+    data does it fall back to test accuracy, and the returned warning says so.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    finished = [t for t in trials if t.finished]
+    warning = ""
+    if metric == "val_accuracy" and not any(t.best_val_accuracy is not None for t in finished):
+        if any(t.test_accuracy is not None for t in finished):
+            metric = "test_accuracy"
+            warning = TEST_SELECTION_WARNING.format(
+                why=" because no finished trial has validation data",
+                fix="Hold out validation data (e.g. data.validation_split=0.1) to select on it.",
+            )
+    elif metric == "test_accuracy":
+        warning = TEST_SELECTION_WARNING.format(
+            why=" as asked (--metric test_accuracy)", fix="Rank by val_accuracy (the default) to select a model."
+        )
+    ranked = [t for t in finished if metric_value(t, metric) is not None]
+    notes = []
+    if unfinished := len(trials) - len(finished):
+        notes.append(f"{unfinished} unfinished trial(s) not ranked")
+    if without := len(finished) - len(ranked):
+        notes.append(f"{without} finished trial(s) without {metric} not ranked")
+    best = max(ranked, key=lambda t: metric_value(t, metric), default=None)  # type: ignore[arg-type,return-value]
+    return Selection(trial=best, metric=metric, ranked=len(ranked), note="; ".join(notes), warning=warning)

@@ -1,0 +1,115 @@
+"""What Slurm says about jobs: ``sacct`` (accounting, still knows a job after it left the queue)
+and ``squeue`` (the controller, knows a job before accounting does), parsed into one shape.
+
+Parsing is kept apart from running the commands so that it can be tested on recorded output.
+Login-node code.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from typing import Optional, Sequence
+
+# One row per job or array task: state, elapsed time, node list, exit code.
+Row = dict[str, str]
+SACCT_FIELDS = "JobID,State,Elapsed,NodeList,ExitCode"
+SQUEUE_FORMAT = "%i|%T|%M|%N"
+
+
+def run_client(cmd: list[str]) -> Optional[str]:
+    """Stdout of a Slurm client command, or None when it is missing or fails."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def normalise_state(raw: str) -> str:
+    """``CANCELLED by 0`` -> ``CANCELLED``; ``NODE_FAIL`` and ``OUT_OF_MEMORY`` stay as they are."""
+    return raw.split()[0].rstrip("+") if raw.strip() else "UNKNOWN"
+
+
+def expand_array_id(job_id: str) -> list[str]:
+    """sacct shows the not-yet-started tasks of an array as one row, ``123_[0-3,7%2]``."""
+    match = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", job_id)
+    if not match:
+        return [job_id]
+    base, spec = match.groups()
+    tasks: list[str] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        if first:
+            tasks += [f"{base}_{i}" for i in range(int(first), int(last or first) + 1)]
+    return tasks
+
+
+def parse_sacct(text: str) -> dict[str, Row]:
+    """Rows of ``sacct -X -n -P -o JobID,State,Elapsed,NodeList,ExitCode``, by job or task id.
+
+    A requeued job appears once per run; the last line is the current one.
+    """
+    rows: dict[str, Row] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != 5:
+            continue
+        job_id, state, elapsed, node, exit_code = parts
+        for task_id in expand_array_id(job_id.strip()):
+            rows[task_id] = {"state": normalise_state(state), "elapsed": elapsed, "node": node, "exit_code": exit_code}
+    return rows
+
+
+def parse_squeue(text: str) -> dict[str, Row]:
+    """Rows of ``squeue -h -r -o '%i|%T|%M|%N'`` (pending and running jobs), by job or task id."""
+    rows: dict[str, Row] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4 and parts[0]:
+            rows[parts[0]] = {"state": normalise_state(parts[1]), "elapsed": parts[2], "node": parts[3], "exit_code": ""}
+    return rows
+
+
+def query_sacct(job_ids: Sequence[str]) -> Optional[dict[str, Row]]:
+    """Accounting's rows for these jobs, or None when sacct cannot answer."""
+    if not job_ids:
+        return {}
+    out = run_client(["sacct", "-X", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(sorted(set(job_ids)))])
+    return None if out is None else parse_sacct(out)
+
+
+def query_squeue(job_ids: Sequence[str]) -> Optional[dict[str, Row]]:
+    """The controller's rows for these jobs (pending or running), or None when squeue fails."""
+    if not job_ids:
+        return {}
+    base_ids = sorted({j.partition("_")[0] for j in job_ids})
+    out = run_client(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", SQUEUE_FORMAT])
+    return None if out is None else parse_squeue(out)
+
+
+def squeue_available() -> bool:
+    return run_client(["squeue", "-h", "-o", "%i"]) is not None
+
+
+def job_states(job_ids: Sequence[str]) -> tuple[dict[str, Row], list[str]]:
+    """Rows for ``job_ids`` from sacct, else squeue; and notes on where the states came from.
+
+    Accounting learns of a job some time after submission (held jobs even later): the ones
+    sacct does not know yet are asked of the controller.
+    """
+    notes: list[str] = []
+    rows = query_sacct(job_ids)
+    if rows is None:
+        notes.append("sacct is unavailable (no accounting here?); states come from squeue and the run files")
+        rows = query_squeue(job_ids) or {}
+        if not rows and job_ids and not squeue_available():
+            notes.append("squeue is unavailable too; states come from the run files only")
+        return rows, notes
+    unknown = [j for j in job_ids if j not in rows]
+    if unknown:
+        rows.update(query_squeue(unknown) or {})
+    return rows, notes

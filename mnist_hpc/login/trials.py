@@ -1,0 +1,290 @@
+"""Reading a sweep's trials (or one run) on the login node: their files and their jobs' states.
+
+Shared by ``mnist-hpc-status`` and ``mnist-hpc-report``: each finds the run directories of
+its target here (:func:`find_runs`), reads them (:func:`read_trials`) and shows the result
+its own way. A run's files are read through :mod:`mnist_hpc.rundir` (which also derives its
+state), its job's state comes from :mod:`mnist_hpc.login.slurm`. A sweep that is still
+running is normal: missing files mean "not there yet", and a damaged file becomes a note on
+its trial, never an error that stops the command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from mnist_hpc import rundir
+from mnist_hpc.login import slurm
+
+TRACEBACK_START = "Traceback (most recent call last):"
+# What Slurm writes into a job's stderr when it cancels or kills it (time limit, memory, scancel).
+SLURM_ERROR = "slurmstepd: error:"
+# Only the end of a job log is read: the traceback that ended the job is there, and logs can be long.
+LOG_TAIL_BYTES = 256 * 1024
+
+
+class TargetError(RuntimeError):
+    """A target is neither a sweep directory with trials nor a run directory."""
+
+
+@dataclass
+class Trial:
+    """One run (a trial of a sweep, or a single run) and its job, as status and report show it."""
+
+    # None for a job named by its id only (``mnist-hpc-status 1234``).
+    run_dir: Optional[Path]
+    files: rundir.RunFiles
+    job_id: str = "-"
+    # "slurm" or "local", "files" for a run that was not submitted; " (files)" is added when
+    # the state had to come from the files because no scheduler knew the job.
+    source: str = "files"
+    state: str = "UNKNOWN"
+    elapsed: str = ""
+    node: str = ""
+    exit_code: str = ""
+    # Why a file was ignored, or how the state was obtained.
+    notes: list[str] = field(default_factory=list)
+    # The error line of an unfinished trial (failure.json or its own job log).
+    error: Optional[str] = None
+
+    @property
+    def number(self) -> Optional[int]:
+        """The trial's number in its sweep (``job.json``, else the directory's numeric name)."""
+        if self.files.job is not None and self.files.job.trial is not None:
+            return self.files.job.trial
+        return int(self.run_dir.name) if self.run_dir is not None and self.run_dir.name.isdigit() else None
+
+    @property
+    def label(self) -> str:
+        if self.number is not None:
+            return f"trial {self.number}"
+        return f"run {self.run_dir.name}" if self.run_dir is not None else f"job {self.job_id}"
+
+    @property
+    def overrides(self) -> list[str]:
+        return self.files.overrides
+
+    @property
+    def finished(self) -> bool:
+        return self.files.finished
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.files.history
+
+    @property
+    def epochs_done(self) -> Optional[int]:
+        return self.files.epochs[0]
+
+    @property
+    def epochs_planned(self) -> Optional[int]:
+        return self.files.epochs[1]
+
+    def _metric(self, key: str) -> Optional[float]:
+        value = (self.files.metrics or {}).get(key)
+        return float(value) if value is not None else None
+
+    @property
+    def best_val_accuracy(self) -> Optional[float]:
+        return self._metric("best_val_accuracy")
+
+    @property
+    def val_accuracy(self) -> Optional[float]:
+        return self._metric("val_accuracy")
+
+    @property
+    def test_accuracy(self) -> Optional[float]:
+        return self._metric("test_accuracy")
+
+    @property
+    def wall_time_s(self) -> Optional[float]:
+        return self._metric("wall_time_s")
+
+    @property
+    def packed_slot(self) -> Optional[int]:
+        return self.files.job.packed_slot if self.files.job else None
+
+    @property
+    def stdout(self) -> Optional[str]:
+        return self.files.job.stdout if self.files.job else None
+
+    @property
+    def stderr(self) -> Optional[str]:
+        return self.files.job.stderr if self.files.job else None
+
+    def status_row(self) -> dict[str, Any]:
+        """What ``mnist-hpc-status --json`` prints for this trial."""
+        result_file = self.files.job.result_file if self.files.job else None
+        return {
+            "trial": self.number,
+            "job_id": self.job_id,
+            "state": self.state,
+            "elapsed": self.elapsed,
+            "node": self.node,
+            "exit_code": self.exit_code,
+            "last_epoch": self.epochs_done,
+            "epochs": self.epochs_planned,
+            "run_dir": None if self.run_dir is None else str(self.run_dir),
+            "log": self.stdout,
+            "overrides": self.overrides,
+            "source": self.source,
+            "result_file": None if result_file is None else str(result_file),
+            "packed_slot": self.packed_slot,
+            "notes": self.notes,
+        }
+
+
+# --- finding runs -------------------------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is one run's directory (submitted, or a plain Hydra run)."""
+    markers = (rundir.JOB_FILE, rundir.METRICS_FILE, str(rundir.HYDRA_OVERRIDES), rundir.CONFIG_FILE,
+               rundir.PROGRESS_FILE, rundir.LOG_FILE)
+    return any((path / marker).is_file() for marker in markers)
+
+
+def trial_dirs(sweep_dir: Path) -> list[Path]:
+    """The numbered trial directories of a sweep (basic or Optuna sweeper), in trial order."""
+    found = [
+        p
+        for p in sweep_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and ((p / rundir.JOB_FILE).is_file() or (p / rundir.HYDRA_OVERRIDES).is_file())
+    ]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def find_runs(target: Path) -> tuple[bool, list[Path]]:
+    """Whether ``target`` is a sweep, and its run directories (the target itself for a run).
+
+    Raises:
+        TargetError: ``target`` holds neither numbered trials nor a run.
+    """
+    if not target.is_dir():
+        raise TargetError(f"{target} is not a directory; pass a sweep directory or a run directory")
+    if is_run_dir(target):
+        return False, [target]
+    trials = trial_dirs(target)
+    if not trials:
+        raise TargetError(
+            f"{target} holds no trials (numbered directories with {rundir.JOB_FILE} or {rundir.HYDRA_OVERRIDES}) "
+            f"and is not a run directory (no {rundir.JOB_FILE}, {rundir.METRICS_FILE} or {rundir.HYDRA_OVERRIDES}); "
+            "pass a sweep directory such as $SCRATCH/mnist-hpc/sweeps/<date>/<time> or one of its numbered "
+            "trial directories"
+        )
+    return True, trials
+
+
+# --- reading them -------------------------------------------------------------------------------
+
+
+def read_trial(run_dir: Path) -> Trial:
+    """A run's files, before its job's state is known."""
+    files = rundir.read_run(run_dir)
+    trial = Trial(run_dir=Path(run_dir), files=files, notes=list(files.notes))
+    if files.job is not None:
+        trial.job_id, trial.source = files.job.job_id, files.job.cluster
+    return trial
+
+
+def job_trial(job_id: str) -> Trial:
+    """A job named by its Slurm id only."""
+    return Trial(run_dir=None, files=rundir.RunFiles(Path()), job_id=job_id, source="slurm")
+
+
+def _expand_arrays(trials: list[Trial], rows: dict[str, slurm.Row]) -> list[Trial]:
+    """A bare array id (``123``) named on the command line stands for all of its tasks."""
+    out: list[Trial] = []
+    for t in trials:
+        tasks = sorted((k for k in rows if k.startswith(t.job_id + "_")), key=lambda k: k.split("_", 1)[1].zfill(9))
+        if t.run_dir is None and t.job_id not in rows and tasks:
+            out += [job_trial(task) for task in tasks]
+        else:
+            out.append(t)
+    return out
+
+
+def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
+    """Each trial's state, elapsed time and node: Slurm's view joined with the trial's files.
+
+    Returns:
+        The trials (a bare array id expanded into its tasks) and notes on where states came from.
+    """
+    slurm_ids = [t.job_id for t in trials if t.source == "slurm"]
+    rows, notes = slurm.job_states(slurm_ids) if slurm_ids else ({}, [])
+    trials = _expand_arrays(trials, rows)
+    for t in trials:
+        row = rows.get(t.job_id) if t.source == "slurm" else None
+        if row:
+            t.elapsed, t.node, t.exit_code = row["elapsed"], row["node"], row["exit_code"]
+        if t.run_dir is None:
+            t.state = row["state"] if row else "UNKNOWN"
+            continue
+        result_file = t.files.job.result_file if t.files.job else None
+        t.state = rundir.run_state(t.files, row["state"] if row else None, bool(result_file and result_file.is_file()))
+        if row is None and t.source != "files":
+            t.source += " (files)"
+        if not t.finished:
+            t.error = trial_error(t)
+    return trials, notes
+
+
+def read_trials(run_dirs: Sequence[Path]) -> tuple[list[Trial], list[str]]:
+    """Read every run and fill in its state (``sacct``, else ``squeue``, else the files).
+
+    Returns:
+        The trials in the order given, and notes about how states were obtained.
+    """
+    return fill_states([read_trial(run_dir) for run_dir in run_dirs])
+
+
+# --- why a trial did not finish ---------------------------------------------------------------
+
+
+def _read_tail(path: Path, n_bytes: int = LOG_TAIL_BYTES) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(max(0, size - n_bytes))
+        return fh.read().decode("utf-8", errors="replace")
+
+
+def last_error_line(log: Path) -> Optional[str]:
+    """The exception line that ended a job: the last line of the last traceback in its log.
+
+    Lines after the traceback (submitit's "Submitted job triggered an exception", srun's exit
+    notice) are skipped. Without a traceback, Slurm's own last ``slurmstepd: error:`` line
+    (time limit, out of memory, cancelled) is the best explanation there is.
+    """
+    try:
+        lines = _read_tail(log).splitlines()
+    except OSError:
+        return None
+    starts = [i for i, line in enumerate(lines) if line.startswith(TRACEBACK_START)]
+    if starts:
+        for line in lines[starts[-1] + 1 :]:
+            # Frames and source lines are indented; the exception line is the first that is not.
+            if line.strip() and not line[0].isspace():
+                return line.strip()
+    for line in reversed(lines):
+        if SLURM_ERROR in line:
+            return line.strip()
+    return None
+
+
+def trial_error(trial: Trial) -> Optional[str]:
+    """The error line of an unfinished trial: its ``failure.json``, else the end of its own job log.
+
+    A log shared by the trials of a packed task may end with another trial's traceback, so it is
+    only pointed to, not quoted.
+    """
+    if trial.files.failure:
+        return trial.files.failure
+    stderr, shared_log = trial.stderr, trial.packed_slot is not None
+    if stderr and not shared_log:
+        if (line := last_error_line(Path(stderr))) is not None:
+            return line
+    if trial.state == "FAILED" and stderr:
+        return f"no error line found; see {stderr}" + (" (shared by the trials of this task)" if shared_log else "")
+    return None
