@@ -194,3 +194,24 @@ def test_packed_task_isolates_failures_but_stops_when_time_is_up(tmp_path, error
     with pytest.raises(expected):
         PackedTrainJob(trials)()
     assert calls == (["0", "1", "2"] if runs_third else ["0", "1"])
+
+
+def test_local_launcher_with_wait_blocks_until_trials_end_and_fails_with_a_failed_trial(synthetic_cache, tmp_path):
+    """``hydra.launcher.wait=true`` (what sweepers that read results need), through the local executor."""
+    sweep = tmp_path / "sweep"
+    proc, _ = run_login_command(
+        TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "hydra.launcher.wait=true", "train.seed=1,2"),
+        tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Blocking: both trials had finished when the command returned.
+    assert [json.loads((sweep / str(i) / "metrics.json").read_text())["epochs_completed"] for i in (0, 1)] == [1, 1]
+
+    # A trial that fails at run time makes the waiting command fail, naming the trial and its error.
+    failing = tmp_path / "failing"
+    args = ["-m", *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={failing}", "hydra/launcher=local",
+            "hydra.launcher.wait=true", "data.validation_split=0.1,1e-9"]
+    proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
+    assert proc.returncode != 0
+    assert "trial 1 failed" in proc.stderr and "validation_split=1e-09" in proc.stderr
+    assert (failing / "0" / "metrics.json").is_file() and (failing / "1" / "failure.json").is_file()

@@ -132,3 +132,35 @@ def test_checkpoint_of_another_config_is_refused(cfg, tmp_path):
     cfg.optimizer.learning_rate = 0.01
     with pytest.raises(checkpoint.CheckpointError, match="different config"):
         train_and_evaluate(cfg, run_dir)
+
+
+@pytest.mark.parametrize("at_batch", [None, 11], ids=["between-epochs", "mid-epoch"])
+def test_lesson_execution_resumes_identically(compose, synthetic_cache, tmp_path, caplog, at_batch):
+    """``train=lesson`` (Keras' own ``fit``): interrupted and resumed, it ends bit-identical too."""
+    from mnist_hpc.config import Execution
+
+    overrides = tiny_overrides(synthetic_cache, tmp_path) + [
+        "train=lesson",
+        "train.epochs=4",
+        "train.deterministic=true",
+        "model.dropout=0.2",
+        "data.validation_split=0.1",
+        "train.checkpoint_every_batches=5",
+    ]
+    cfg = to_typed(compose(overrides))
+    assert cfg.train.execution is Execution.keras_fit
+    reference_result = train_and_evaluate(cfg, tmp_path / "reference")
+    reference = (
+        reference_result,
+        json.loads((tmp_path / "reference" / "metrics.json").read_text()),
+        weights(tmp_path / "reference"),
+    )
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2, at_batch=at_batch)])
+    expected = "ckpt-e00002-b0000000.npz" if at_batch is None else "ckpt-e00002-b0000010.npz"
+    assert checkpoint.list_checkpoints(run_dir)[0].name == expected
+    with caplog.at_level(logging.INFO, logger="mnist_hpc.compute.train"):
+        result = train_and_evaluate(cfg, run_dir)
+    assert f"resuming from {expected}" in caplog.text
+    assert_same_as_reference(run_dir, result, reference)

@@ -140,18 +140,19 @@ def test_sigkilled_job_requeued_resumes_from_last_completed_epoch(slow_cache: Pa
     [record] = job_records(tmp_path / "sweep")
     run_dir = tmp_path / "sweep" / "0"
     wait_for_file(run_dir / "checkpoints" / "ckpt-e00002-b0000000.npz")
-    time.sleep(0.3)  # mid-epoch 3
     # submitit's command line names the folder template (".../.submitit/%j").
     pids = subprocess.run(["pgrep", "-f", f"submitit.core._submit {tmp_path / 'sweep' / '.submitit'}"],
                           capture_output=True, text=True, timeout=30).stdout.split()
     pids = [p for p in pids if int(p) != os.getpid()]
     assert pids, "job process not found"
-    done_before_kill = max(int(p.name[6:11]) for p in (run_dir / "checkpoints").glob("ckpt-*.npz"))
     for pid in pids:
         os.kill(int(pid), signal.SIGKILL)
     first = wait_for_states([record["job_id"]])
     assert first[record["job_id"]] in {"FAILED", "CANCELLED", "NODE_FAIL"}, first
     assert not (run_dir / "metrics.json").exists()
+    # The job is dead: the checkpoints it left can no longer change.
+    done_before_kill = max(int(p.name[6:11]) for p in (run_dir / "checkpoints").glob("ckpt-*.npz"))
+    assert done_before_kill >= 2
 
     subprocess.run(["scontrol", "requeue", record["job_id"]], check=True, timeout=30)
     deadline = time.time() + 180
@@ -208,3 +209,28 @@ def test_requeue_cap_ends_failed_with_guidance_and_resubmission_resumes(slow_cac
     log = (run_dir / "train.log").read_text()
     last_resume = log.rindex("resuming from ckpt-e")
     assert int(log[last_resume + len("resuming from ckpt-e") :][:5]) >= 4
+
+
+def test_packed_task_requeued_skips_its_finished_trial_and_resumes_the_other(slow_cache: Path, tmp_path: Path):
+    """Two trials in one task (trials_per_task=2): a requeue after the first finished does not rerun it."""
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, *overrides(slow_cache, tmp_path), "hydra.launcher.trials_per_task=2", "train.epochs=1,6")
+    proc = submit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = job_records(sweep)
+    assert first["job_id"] == second["job_id"] and (first["packed_slot"], second["packed_slot"]) == (0, 1)
+    wait_for_file(sweep / "1" / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    finished = {name: (sweep / "0" / name).read_bytes() for name in ("metrics.json", "provenance.json", "model.keras")}
+
+    subprocess.run(["scancel", "--signal=USR2", first["job_id"]], check=True, timeout=30)
+    assert wait_for_states([first["job_id"]], timeout_s=600)[first["job_id"]] == "COMPLETED"
+    assert "REQUEUED" in sacct_history(first["job_id"])
+
+    # Trial 0 was not run again: its outputs are the very bytes it wrote before the requeue.
+    assert {name: (sweep / "0" / name).read_bytes() for name in finished} == finished
+    assert (sweep / "0" / "train.log").read_text().count("training on") == 1
+    # Trial 1 resumed from its checkpoint and ended with each of its epochs once.
+    log = (sweep / "1" / "train.log").read_text()
+    assert "resuming from ckpt-e0000" in log
+    metrics = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == list(range(1, 7))

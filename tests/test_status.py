@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mnist_hpc import rundir
+from mnist_hpc.login import slurm
 
 
 def make_run(sweep: Path, trial: int, job_id: str, finished: bool) -> Path:
@@ -67,3 +70,37 @@ def test_without_any_slurm_client_states_come_from_files(tmp_path: Path):
 def test_a_directory_without_runs_is_an_error(tmp_path: Path):
     proc = run_status(tmp_path, tmp_path)
     assert proc.returncode == 1 and "holds no submitted run" in proc.stderr
+
+
+def recorded(name: str) -> str:
+    """Client output recorded on the local cluster (tests/data), without its comment lines."""
+    text = (Path(__file__).parent / "data" / name).read_text()
+    return "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
+
+
+def test_sacct_output_recorded_on_the_cluster_is_parsed():
+    rows = slurm.parse_sacct(recorded("sacct.txt"))
+    assert rows["78"] == {"state": "FAILED", "elapsed": "00:00:00", "node": "vm", "exit_code": "3:0"}
+    assert rows["80"]["state"] == "CANCELLED"  # "CANCELLED by 0"
+    assert rows["79"]["state"] == "PENDING"  # requeued: its current run
+    # 77 was listed RUNNING, then CANCELLED by a later query: the later line is the current one.
+    assert rows["77"] == {"state": "CANCELLED", "elapsed": "00:00:16", "node": "vm", "exit_code": "0:0"}
+    # The held array was one row "76_[0-3%2]"; once released, two tasks run and "76_[2-3%2]" waits.
+    assert [rows[f"76_{i}"]["state"] for i in range(4)] == ["RUNNING", "RUNNING", "PENDING", "PENDING"]
+    assert rows["76_2"]["node"] == "None assigned"
+    assert "76_[2-3%2]" not in rows and "76" not in rows
+
+
+def test_squeue_output_recorded_on_the_cluster_is_parsed():
+    rows = slurm.parse_squeue(recorded("squeue.txt"))
+    assert rows["77"] == {"state": "RUNNING", "elapsed": "0:14", "node": "vm", "exit_code": ""}
+    assert rows["79"] == {"state": "PENDING", "elapsed": "0:00", "node": "", "exit_code": ""}
+    assert [rows[f"76_{i}"]["state"] for i in range(4)] == ["RUNNING", "RUNNING", "PENDING", "PENDING"]
+    assert rows["76_0"]["node"] == "vm"
+
+
+@pytest.mark.parametrize("line", ["", "|", "garbage", "1|2|3", "77|RUNNING|0:01|vm|0:0|extra", "|RUNNING|1|n|0"])
+def test_malformed_client_lines_are_skipped(line: str):
+    assert slurm.parse_squeue(line + "\n") == {}
+    rows = slurm.parse_sacct(line + "\n")
+    assert all(key and "[" not in key for key in rows)

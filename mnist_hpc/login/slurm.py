@@ -59,6 +59,8 @@ def parse_sacct(text: str) -> dict[str, Row]:
         if len(parts) != 5:
             continue
         job_id, state, elapsed, node, exit_code = parts
+        if not job_id.strip():
+            continue
         for task_id in expand_array_id(job_id.strip()):
             rows[task_id] = {"state": normalise_state(state), "elapsed": elapsed, "node": node, "exit_code": exit_code}
     return rows
