@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import struct
 import zipfile
 from pathlib import Path
@@ -218,6 +219,26 @@ def check_cached(npz_path: Path) -> dict[str, Any]:
             f"run `{prefetch_hint(npz_path.parent)} --force` on a login node"
         )
     return manifest
+
+
+def split_index(n: int, validation_split: float) -> int:
+    """Index where the held-out validation tail starts (Keras' ``validation_split`` rule)."""
+    return int(math.ceil(n * (1.0 - validation_split)))
+
+
+def validation_cut(n: int, validation_split: float) -> int:
+    """:func:`split_index`, refusing a split that leaves either part empty.
+
+    Raises:
+        DatasetError: naming ``data.validation_split`` and what it leaves.
+    """
+    cut = split_index(n, validation_split)
+    if cut < 1 or cut >= n:
+        raise DatasetError(
+            f"data.validation_split={validation_split} leaves {cut} of {n} "
+            "training samples; choose a split that keeps both parts non-empty"
+        )
+    return cut
 
 
 def read_verified(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -10,16 +10,26 @@ from omegaconf import DictConfig
 
 
 def _train_task(cfg: DictConfig) -> float:
-    """One Hydra job: check the config, train in Hydra's output dir, return the objective."""
+    """One Hydra job: check the config, train in Hydra's output dir, return the objective.
+
+    A known error (see :mod:`mnist_hpc.compute.failures`) becomes one line, no traceback.
+    """
     from hydra.core.hydra_config import HydraConfig
 
+    from mnist_hpc.compute.failures import RunError, known_error
     from mnist_hpc.compute.train import train_and_evaluate
     from mnist_hpc.config import to_typed
     from mnist_hpc.rundir import objective
 
     typed = to_typed(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return objective(train_and_evaluate(typed, run_dir))
+    try:
+        return objective(train_and_evaluate(typed, run_dir))
+    except Exception as exc:
+        message = known_error(exc)
+        if message is None:
+            raise
+        raise RunError(message) from exc  # a submitted job records the cause (mnist_hpc.compute.job)
 
 
 TRAIN_USAGE = """\

@@ -3,7 +3,9 @@
 One run (a single training, or one trial of a sweep) owns one directory::
 
     <run dir>/
+      identity.json     once, by the first submission or run: the config this directory is bound to
       job.json          at submission (launcher): job id, array task, trial, overrides, log paths
+      lease.json        while a job writes the directory: which job (or host and pid); .lease.lock guards it
       config.yaml       at start: the resolved, typed config
       .hydra/           at start: Hydra's own copy of the config and overrides.yaml
       progress.json     at start and after every epoch: epochs done and planned, history so far
@@ -28,9 +30,12 @@ handle arrays, TensorFlow only inside :func:`save_model`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
+import shutil
 import traceback
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
@@ -45,9 +50,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from mnist_hpc.config import Config
 
+IDENTITY_FILE = "identity.json"
 JOB_FILE = "job.json"
+LEASE_FILE = "lease.json"
+LEASE_LOCK = ".lease.lock"
 CONFIG_FILE = "config.yaml"
-HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+HYDRA_DIR = ".hydra"
+# Hydra writes a job's config here (hydra.output_subdir); it becomes .hydra once the run may use the directory.
+HYDRA_PENDING_DIR = ".hydra-pending"
+HYDRA_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_DIR = "checkpoints"
 # Hydra names the job log after hydra.job.name, which conf/config.yaml sets to "train".
@@ -169,6 +180,78 @@ def read_job(run_dir: Path) -> Optional[JobRecord]:
     return JobRecord(**values)
 
 
+# --- identity.json and lease.json: who may write the directory (policy: mnist_hpc.claim) ----------
+
+
+def write_identity(run_dir: Path, identity: dict[str, Any], fingerprint: str) -> None:
+    """Bind the directory to a config: written once, when the first run or submission claims it."""
+    write_json_atomic(Path(run_dir) / IDENTITY_FILE, {"fingerprint": fingerprint, "config": identity, "created": utc_now()})
+
+
+def read_identity(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The directory's binding; None for a directory not claimed yet.
+
+    Raises:
+        RunFileError: the file is damaged.
+    """
+    path = Path(run_dir) / IDENTITY_FILE
+    data = _read_json_object(path)
+    if data is None:
+        return None
+    _require(path, data, "fingerprint", str)
+    _require(path, data, "config", dict)
+    return data
+
+
+def write_lease(run_dir: Path, holder: dict[str, Any]) -> None:
+    write_json_atomic(Path(run_dir) / LEASE_FILE, {"holder": holder, "taken": utc_now()})
+
+
+def read_lease(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The lease; None when no job holds the directory.
+
+    Raises:
+        RunFileError: the file is damaged.
+    """
+    path = Path(run_dir) / LEASE_FILE
+    data = _read_json_object(path)
+    if data is None:
+        return None
+    _require(path, data, "holder", dict)
+    return data
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete half-written files (``.<name>.*.tmp*``, see :func:`mnist_hpc.io.atomic_path`) of dead writers.
+
+    Only for a caller that holds the lease: no live writer can be writing them.
+    """
+    removed = []
+    for directory in (Path(run_dir), Path(run_dir) / CHECKPOINT_DIR):
+        if directory.is_dir():
+            for path in directory.glob(".*.tmp*"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+def commit_hydra_files(run_dir: Path) -> None:
+    """Make the config Hydra wrote for this attempt (``.hydra-pending``) the run's ``.hydra``."""
+    pending = Path(run_dir) / HYDRA_PENDING_DIR
+    if not pending.is_dir():
+        return
+    final = Path(run_dir) / HYDRA_DIR
+    if final.is_dir():
+        shutil.rmtree(final)
+    os.replace(pending, final)
+
+
+def discard_hydra_files(run_dir: Path) -> None:
+    """Drop what Hydra wrote for an attempt that may not use the directory."""
+    shutil.rmtree(Path(run_dir) / HYDRA_PENDING_DIR, ignore_errors=True)
+
+
 # --- config.yaml and Hydra's overrides ------------------------------------------------------
 
 
@@ -275,6 +358,11 @@ def write_provenance(run_dir: Path, info: dict[str, Any]) -> None:
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     """The final metrics: written last, so their presence marks a finished run."""
     write_json_atomic(Path(run_dir) / METRICS_FILE, metrics)
+
+
+def retract_metrics(run_dir: Path) -> None:
+    """A finished run continues (more epochs): until it finishes again it has no final metrics."""
+    (Path(run_dir) / METRICS_FILE).unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: Path) -> Optional[dict[str, Any]]:
@@ -435,7 +523,8 @@ class RunFiles:
 
     @property
     def finished(self) -> bool:
-        return self.metrics is not None
+        """The run's last attempt ended with its final metrics (and did not fail after them)."""
+        return self.metrics is not None and self.failure is None
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -489,11 +578,12 @@ def run_state(run: RunFiles, scheduler_state: Optional[str], process_ended: bool
         process_ended: the job's process is known to have ended (submitit's result file).
     """
     packed = run.job is not None and run.job.packed_slot is not None
-    if run.finished:
-        return "COMPLETED" if packed or scheduler_state in (None, "COMPLETED") else scheduler_state
-    # A new attempt removes the failure.json of the one before when it starts.
+    # A new attempt removes the failure.json of the one before when it starts, so a failure.json
+    # is the newest word on the run, even beside a metrics.json that an earlier attempt left.
     if run.failure is not None and (packed or scheduler_state is None or scheduler_state in ENDED_STATES):
         return "FAILED"
+    if run.finished:
+        return "COMPLETED" if packed or scheduler_state in (None, "COMPLETED") else scheduler_state
     if scheduler_state == "COMPLETED" or (scheduler_state is None and process_ended):
         return "FAILED"
     if scheduler_state is not None:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from mnist_hpc import rundir
-from mnist_hpc.login import slurm, trials as trials_mod
+from mnist_hpc import slurm
+from mnist_hpc.login import trials as trials_mod
 from mnist_hpc.login.report import build, cli, plots, ranking, tables
 from mnist_hpc.rundir import write_predictions
 
@@ -511,7 +512,7 @@ def test_report_imports_no_tensorflow(sweep_report: build.Report, tmp_path: Path
 
 
 def test_sacct_row_of_pending_array_tasks_is_expanded():
-    from mnist_hpc.login.slurm import expand_array_id
+    from mnist_hpc.slurm import expand_array_id
 
     assert expand_array_id("123_[0-2,5%2]") == ["123_0", "123_1", "123_2", "123_5"]
     assert expand_array_id("123_4") == ["123_4"]

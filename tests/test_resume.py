@@ -125,13 +125,22 @@ def test_truncated_only_checkpoint_fails_loudly(cfg, tmp_path):
         train_and_evaluate(cfg, run_dir)
 
 
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file under ``run_dir`` and its bytes."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
 def test_checkpoint_of_another_config_is_refused(cfg, tmp_path):
+    from mnist_hpc.claim import RunConflict
+
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1)])
+    before = snapshot(run_dir)
     cfg.optimizer.learning_rate = 0.01
-    with pytest.raises(checkpoint.CheckpointError, match="different config"):
+    with pytest.raises(RunConflict, match=r"another config \(optimizer.learning_rate: 0.001 -> 0.01\)"):
         train_and_evaluate(cfg, run_dir)
+    assert snapshot(run_dir) == before  # refused before anything in the directory changed
 
 
 @pytest.mark.parametrize("at_batch", [None, 11], ids=["between-epochs", "mid-epoch"])

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from mnist_hpc.login.launcher import options
 from mnist_hpc.login.launcher.compose import SweepComposer
 from mnist_hpc.login.launcher.preflight import check_writable
-from mnist_hpc.login.launcher.submit import launch_jobs
+from mnist_hpc.login.launcher.submit import SweepRecord, launch_jobs
 
 options.register()
 
@@ -37,7 +37,10 @@ class _SubmititLauncher(Launcher):
         self.hydra_context = hydra_context
         self.task_function = task_function
         # Before Hydra's sweeper creates the sweep directory: fail with a clear message.
-        check_writable(Path(str(config.hydra.sweep.dir)).resolve())
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        check_writable(sweep_dir)
+        # Hydra's sweeper rewrites multirun.yaml next; a refused launch puts it back.
+        self.sweep_record = SweepRecord(sweep_dir)
         self.composer = SweepComposer.install(hydra_context.config_loader, config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:

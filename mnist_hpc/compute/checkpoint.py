@@ -126,11 +126,22 @@ def save(run_dir: Path, state: TrainState, model: "keras.Model", fp: str, *, wit
 
 def read(path: Path) -> TrainState:
     """Read one checkpoint fully (every member's CRC is checked). Raises on any damage."""
-    with np.load(path, allow_pickle=False) as npz:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("it is a bare .npy array, not a checkpoint archive")
+    with loaded as npz:
         arrays = {key: npz[key] for key in npz.files}
+    if "header" not in arrays:
+        raise ValueError("no header")
     header = json.loads(arrays.pop("header").tobytes().decode())
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"unknown checkpoint format {header.get('format')!r}")
+    fields = {"epoch": int, "batch": int, "history": list, "fingerprint": str}
+    for key, kind in fields.items():
+        if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
+            raise ValueError(f"its header's {key!r} is {header.get(key)!r}, expected {kind.__name__}")
 
     def group(name: str) -> list[np.ndarray]:
         keys = sorted(k for k in arrays if k.startswith(name + "/"))
@@ -160,7 +171,7 @@ def load_latest(run_dir: Path, fp: str) -> Optional[TrainState]:
     for path in candidates:
         try:
             state = read(path)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
             log.warning("checkpoint %s is unreadable (%s); falling back to the previous one", path.name, exc)
             failures.append(f"{path.name}: {exc}")
             continue
@@ -179,20 +190,24 @@ def load_latest(run_dir: Path, fp: str) -> Optional[TrainState]:
     return None
 
 
+def _assign(variables: Sequence[Any], values: Sequence[np.ndarray], what: str, path: Optional[Path]) -> None:
+    if len(values) != len(variables):
+        raise CheckpointError(f"{path} holds {len(values)} {what} variables, this run has {len(variables)}")
+    for variable, value in zip(variables, values):
+        if tuple(value.shape) != tuple(variable.shape):
+            raise CheckpointError(
+                f"{path} holds a {what} variable of shape {tuple(value.shape)} where this run has "
+                f"{tuple(variable.shape)} ({variable.path}); delete {path.parent if path else 'the checkpoints'} "
+                "to start the run over"
+            )
+        variable.assign(value)
+
+
 def restore(model: "keras.Model", state: TrainState) -> None:
     """Put a checkpoint's values into a freshly built and compiled model."""
-    if len(state.model_values) != len(model.variables):
-        raise CheckpointError(f"{state.path} holds {len(state.model_values)} model variables, the model has {len(model.variables)}")
-    for variable, value in zip(model.variables, state.model_values):
-        variable.assign(value)
+    _assign(model.variables, state.model_values, "model", state.path)
     model.optimizer.build(model.trainable_variables)
-    if len(state.optimizer_values) != len(model.optimizer.variables):
-        raise CheckpointError(
-            f"{state.path} holds {len(state.optimizer_values)} optimizer variables, the optimizer has "
-            f"{len(model.optimizer.variables)}"
-        )
-    for variable, value in zip(model.optimizer.variables, state.optimizer_values):
-        variable.assign(value)
+    _assign(model.optimizer.variables, state.optimizer_values, "optimizer", state.path)
 
 
 def restore_metrics(model: "keras.Model", state: TrainState) -> None:

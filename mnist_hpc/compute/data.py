@@ -15,13 +15,12 @@ differs from its pin when offline, and silently swaps a read-only cache for ``/t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from mnist_hpc.cache import IMAGE_SHAPE, NUM_CLASSES, DatasetError, read_verified
+from mnist_hpc.cache import IMAGE_SHAPE, NUM_CLASSES, read_verified, validation_cut
 from mnist_hpc.config import DataConfig
 
 PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
@@ -37,26 +36,6 @@ def one_hot(y: np.ndarray) -> np.ndarray:
     out = np.zeros((y.shape[0], NUM_CLASSES), dtype="float32")
     out[np.arange(y.shape[0]), y.astype(np.int64)] = 1.0
     return out
-
-
-def split_index(n: int, validation_split: float) -> int:
-    """Index where the held-out validation tail starts (Keras' ``validation_split`` rule)."""
-    return int(math.ceil(n * (1.0 - validation_split)))
-
-
-def validation_cut(n: int, validation_split: float) -> int:
-    """:func:`split_index`, refusing a split that leaves either part empty.
-
-    Raises:
-        DatasetError: naming ``data.validation_split`` and what it leaves.
-    """
-    cut = split_index(n, validation_split)
-    if cut < 1 or cut >= n:
-        raise DatasetError(
-            f"data.validation_split={validation_split} leaves {cut} of {n} "
-            "training samples; choose a split that keeps both parts non-empty"
-        )
-    return cut
 
 
 @dataclass

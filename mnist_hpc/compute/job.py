@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, open_dict
 
 from mnist_hpc import rundir
+from mnist_hpc.compute.failures import RunError, record_failure
 from mnist_hpc.io import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,6 @@ class RequeueLimitReached(RuntimeError):
 
 class PackedTrialsFailed(RuntimeError):
     """Some trials of a packed task failed (each has its own failure.json); the others finished."""
-
-
-def record_failure(run_dir: Path, exc: BaseException) -> None:
-    """``failure.json`` in the run directory; a job that cannot even write it still fails, loudly."""
-    try:
-        rundir.write_failure(run_dir, exc)
-    except OSError:
-        log.exception("could not write %s into %s", rundir.FAILURE_FILE, run_dir)
 
 
 class LaunchContext:
@@ -96,7 +89,8 @@ class TrainJob:
     Hydra's ``run_job`` records a task's exception in the returned ``JobReturn`` instead of
     raising it, so a launcher that just returns it leaves a failed job COMPLETED in Slurm.
     This re-raises (after writing ``failure.json`` into the run directory), so the job exits
-    non-zero and ends FAILED, with the traceback in its log.
+    non-zero and ends FAILED (see :mod:`mnist_hpc.compute.entry`: one line for a known error, the
+    traceback for a bug).
     """
 
     def __init__(self, context: LaunchContext, config: DictConfig, run_dir: Path) -> None:
@@ -114,8 +108,6 @@ class TrainJob:
         except (OSError, pickle.UnpicklingError) as exc:
             record_failure(self.run_dir, exc)
             raise
-        # A resubmission into the same directory supersedes an earlier attempt's failure.
-        rundir.clear_failure(self.run_dir)
         setup_globals()
         Singleton.set_state(singleton_state)
         config = self.config.copy()
@@ -132,6 +124,8 @@ class TrainJob:
         )
         if ret.status == JobStatus.FAILED:
             error = ret._return_value
+            if isinstance(error, RunError) and error.__cause__ is not None:
+                error = error.__cause__  # the known error itself, not its one-line wrapper
             if isinstance(error, UncompletedJobError):  # time is up and no requeue is left
                 error = RequeueLimitReached(
                     f"{error} The job reached its time limit with no requeue left "

@@ -53,6 +53,13 @@ class RuntimeInfo:
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    @property
+    def job_label(self) -> Optional[str]:
+        """The job as squeue shows it: ``1234_5`` for an array task, else the job id."""
+        if self.slurm_array_job_id and self.slurm_array_task_id:
+            return f"{self.slurm_array_job_id}_{self.slurm_array_task_id}"
+        return self.slurm_job_id
+
 
 def configure_tensorflow(train: TrainConfig, runtime: RuntimeInfo) -> dict[str, Optional[int]]:
     """Quiet TensorFlow's start-up logging, size its thread pools and set determinism.

@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from mnist_hpc import rundir
+from mnist_hpc import claim, rundir
 from mnist_hpc.compute import checkpoint
-from mnist_hpc.compute.data import load_mnist
+from mnist_hpc.compute.data import MnistData, load_mnist
 from mnist_hpc.compute.engine import build_engine
 from mnist_hpc.compute.runtime import RuntimeInfo, configure_tensorflow, provenance
 from mnist_hpc.config import Config, Execution
@@ -64,11 +64,35 @@ def train_and_evaluate(
     started = utc_now()
     runtime = runtime or RuntimeInfo.from_env()
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_config(run_dir, cfg)
-
-    # Before TensorFlow starts: a missing or corrupt cache fails in well under a second.
+    # Before anything is written, and before TensorFlow starts: a missing or corrupt cache fails
+    # in well under a second.
     data = load_mnist(cfg.data)
+    label = ""  # messages name the directory itself
+    run_dir.mkdir(parents=True, exist_ok=True)
+    me = claim.Holder.this_process(runtime.slurm_job_id, runtime.job_label)
+    try:
+        with claim.lease(run_dir, me, label):
+            verdict = claim.bind(run_dir, claim.identity_of(cfg, data.sha256), cfg.train.epochs, label)
+            if verdict.action == "done":
+                log.info("%s has finished its %d epoch(s) with this config already; nothing to do", run_dir, verdict.epochs_done)
+                return final_result(rundir.read_metrics(run_dir) or {})
+            return _train(cfg, run_dir, data, runtime, callbacks, wall_start, started)
+    except claim.RunConflict:
+        rundir.discard_hydra_files(run_dir)
+        raise
+
+
+def final_result(metrics: dict[str, Any]) -> dict[str, float]:
+    """What :func:`train_and_evaluate` returns, from a run's final metrics."""
+    keys = ("test_loss", "test_accuracy", "val_accuracy", "best_val_accuracy")
+    return {k: float(metrics[k]) for k in keys if metrics.get(k) is not None}
+
+
+def _train(
+    cfg: Config, run_dir: Path, data: MnistData, runtime: RuntimeInfo, callbacks: Sequence[Any], wall_start: float, started: str
+) -> dict[str, float]:
+    """The training itself, in a directory this process holds and may write."""
+    rundir.write_config(run_dir, cfg)
     threads = configure_tensorflow(cfg.train, runtime)
     import keras
 

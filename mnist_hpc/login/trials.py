@@ -3,7 +3,7 @@
 Shared by ``mnist-hpc-status`` and ``mnist-hpc-report``: each finds the run directories of
 its target here (:func:`find_runs`), reads them (:func:`read_trials`) and shows the result
 its own way. A run's files are read through :mod:`mnist_hpc.rundir` (which also derives its
-state), its job's state comes from :mod:`mnist_hpc.login.slurm`. A sweep that is still
+state), its job's state comes from :mod:`mnist_hpc.slurm`. A sweep that is still
 running is normal: missing files mean "not there yet", and a damaged file becomes a note on
 its trial, never an error that stops the command.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mnist_hpc import rundir
-from mnist_hpc.login import slurm
+from mnist_hpc import slurm
 
 TRACEBACK_START = "Traceback (most recent call last):"
 # What Slurm writes into a job's stderr when it cancels or kills it (time limit, memory, scancel).

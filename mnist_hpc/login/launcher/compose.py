@@ -12,10 +12,11 @@ import contextlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mnist_hpc.claim import Verdict
 from mnist_hpc.config import Config, ConfigError, to_typed
 from mnist_hpc.login.launcher.preflight import PreflightError
 
@@ -29,6 +30,8 @@ class PlannedJob:
     config: DictConfig
     typed: Config
     run_dir: Path
+    # What the run may do in its directory (set by the preflight): new, continue, or done.
+    verdict: Optional[Verdict] = None
 
 
 class SweepComposer:

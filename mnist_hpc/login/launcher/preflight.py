@@ -1,21 +1,28 @@
-"""Checks before anything is queued: a job that cannot succeed is refused on the login node.
+"""Checks before anything is queued: a job that cannot succeed, or must not run, is refused here.
 
 Each check raises :class:`PreflightError`, whose message starts with "nothing was queued" and
-says what to do. Numpy at most, never TensorFlow.
+says what to do; every planned job is checked first, so one message names every trial in the
+way. Numpy at most, never TensorFlow.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from hydra.errors import CompactHydraException
 
+from mnist_hpc import claim, rundir
+from mnist_hpc.cache import split_index
 from mnist_hpc.config import Config, cache_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from mnist_hpc.login.launcher.compose import PlannedJob
+
+# Trials named in one refusal at most; the rest are counted.
+MAX_NAMED = 12
 
 
 class PreflightError(CompactHydraException):
@@ -25,13 +32,12 @@ class PreflightError(CompactHydraException):
     """
 
 
-def check_cache(cfg: Config) -> None:
-    """Refuse to queue a job whose data cache is missing or invalid (numpy only, no TensorFlow)."""
+def check_cache(cfg: Config) -> dict[str, Any]:
+    """Refuse to queue a job whose data cache is missing or invalid; return its manifest (no numpy)."""
     from mnist_hpc.cache import CacheCorruptError, CacheMissingError, DatasetError, check_cached
 
-    path = cache_file(cfg.data)
     try:
-        check_cached(path)
+        return check_cached(cache_file(cfg.data))
     except (CacheMissingError, CacheCorruptError, DatasetError) as exc:
         raise PreflightError(f"nothing was queued: {exc}") from exc
 
@@ -50,13 +56,70 @@ def check_writable(directory: Path) -> None:
         ) from exc
 
 
+def check_batch_size(job: "PlannedJob", manifest: dict[str, Any]) -> Optional[str]:
+    """A batch larger than the training set is a typo (and would not fit in memory); say which."""
+    shapes = manifest.get("shapes") or {}
+    try:
+        n_train = int(shapes["x_train"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    cfg = job.typed
+    n = split_index(n_train, cfg.data.validation_split) if cfg.data.validation_split else n_train
+    if cfg.train.batch_size > n:
+        return f"trial {job.num}: train.batch_size={cfg.train.batch_size} exceeds the {n} training samples; use at most {n}"
+    return None
+
+
+def recorded_job_alive(job: "PlannedJob") -> Optional[str]:
+    """The live job that the run directory's ``job.json`` or lease names, if any: it still owns the trial."""
+    me = claim.Holder.this_process()
+    try:
+        record = rundir.read_job(job.run_dir)
+    except rundir.RunFileError:
+        record = None
+    if record is not None:
+        if record.cluster == "local":
+            ended = record.result_file is not None and record.result_file.is_file()
+            holder = claim.Holder(host=socket.gethostname(), pid=int(record.job_id) if record.job_id.isdigit() else -1)
+            if not ended and claim.alive(holder, me) is not False:
+                return f"trial {job.num}: its earlier job {record.job_id} (local) has not ended"
+        elif claim.alive(claim.Holder(host="", pid=-1, slurm_job_id=record.job_id), me):
+            return f"trial {job.num}: its earlier job {record.job_id} is still queued or running"
+    try:
+        claim.check_lease(job.run_dir, me, f"trial {job.num}")
+    except claim.RunConflict as exc:
+        return str(exc)
+    return None
+
+
 def preflight(planned: Sequence["PlannedJob"]) -> None:
-    """Check every distinct cache and run directory before anything is queued."""
-    seen_caches: set[Path] = set()
+    """Check every distinct cache and run directory, and every trial's claim on its directory.
+
+    Sets each job's ``verdict`` (new, continue, or done: finished with this config and these
+    epochs, so it is not queued again).
+    """
+    manifests: dict[Path, dict[str, Any]] = {}
     for job in planned:
         path = cache_file(job.typed.data)
-        if path not in seen_caches:
-            check_cache(job.typed)
-            seen_caches.add(path)
+        if path not in manifests:
+            manifests[path] = check_cache(job.typed)
     for parent in sorted({job.run_dir.parent for job in planned}):
         check_writable(parent)
+    problems: list[str] = []
+    for job in planned:
+        manifest = manifests[cache_file(job.typed.data)]
+        if (batch := check_batch_size(job, manifest)) is not None:
+            problems.append(batch)
+            continue
+        identity = claim.identity_of(job.typed, str(manifest["sha256"]))
+        try:
+            job.verdict = claim.judge(job.run_dir, identity, job.typed.train.epochs, f"trial {job.num}")
+        except claim.RunConflict as exc:
+            problems.append(str(exc))
+            continue
+        if job.verdict.action != "done" and (owner := recorded_job_alive(job)) is not None:
+            problems.append(f"{owner}; wait for it to end (or scancel it) before submitting this trial again")
+    if problems:
+        shown = problems[:MAX_NAMED] + ([f"... and {len(problems) - MAX_NAMED} more"] if len(problems) > MAX_NAMED else [])
+        raise PreflightError("nothing was queued:\n  " + "\n  ".join(shown))
+

@@ -26,12 +26,13 @@ from typing import Any, Optional, Sequence
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
 
-from mnist_hpc import rundir
+from mnist_hpc import rundir, slurm
+from mnist_hpc.compute.entry import JobEntry, environment_versions
 from mnist_hpc.compute.job import LaunchContext, PackedTrainJob, TrainJob
-from mnist_hpc.io import utc_now
+from mnist_hpc.io import utc_now, write_bytes_atomic
 from mnist_hpc.login.launcher.compose import PlannedJob, plan_jobs
 from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
-from mnist_hpc.login.launcher.preflight import preflight
+from mnist_hpc.login.launcher.preflight import PreflightError, preflight
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,46 @@ def folder_root(submitit_folder: str) -> Path:
     return Path(*fixed)
 
 
+def process_settings(job: PlannedJob) -> tuple[Any, ...]:
+    """TensorFlow settings that hold for a whole process: trials that differ in them cannot share one."""
+    train = job.typed.train
+    return (train.deterministic, train.intra_op_threads, train.inter_op_threads)
+
+
+def pack(jobs: Sequence[PlannedJob], per_task: int) -> list[list[PlannedJob]]:
+    """Trials grouped into tasks of at most ``per_task``, each task's trials alike in :func:`process_settings`."""
+    alike: dict[tuple[Any, ...], list[PlannedJob]] = {}
+    for job in jobs:
+        alike.setdefault(process_settings(job), []).append(job)
+    return [members[i : i + per_task] for members in alike.values() for i in range(0, len(members), per_task)]
+
+
+def array_chunks(groups: list[list[PlannedJob]], cluster: str) -> list[list[list[PlannedJob]]]:
+    """Tasks split into arrays no larger than the cluster's MaxArraySize (one array when they fit)."""
+    limit = slurm.max_array_size() if cluster == "slurm" else None
+    size = limit if limit else max(1, len(groups))
+    return [groups[i : i + size] for i in range(0, len(groups), size)]
+
+
 def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
-    """Plan, check, queue (one array), record and report; optionally wait."""
+    """Plan, check, queue (one array, or one per MaxArraySize tasks), record and report; optionally wait."""
     import submitit
     from hydra.core.singleton import Singleton
 
     conf = launcher.params
     planned = plan_jobs(launcher, job_overrides, initial_job_idx)
-    preflight(planned)
+    try:
+        preflight(planned)
+    except PreflightError:
+        record = getattr(launcher, "sweep_record", None)
+        if record is not None:
+            record.restore()  # Hydra's sweeper rewrote multirun.yaml before this refusal
+        raise
+    todo = [job for job in planned if job.verdict is None or job.verdict.action != "done"]
     sweep_dir = Path(str(planned[0].config.hydra.sweep.dir))
+    if not todo:
+        print(summary(sweep_dir, planned, {}, cluster), flush=True)
+        return [trial_return(job) for job in planned]
     folder = str(conf.submitit_folder).replace("${hydra.sweep.dir}", str(sweep_dir))
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
     executor.update_parameters(**submitit_parameters(conf, cluster))
@@ -65,26 +97,28 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
         launcher.task_function,
         Singleton.get_state(),
     )
-    train_jobs = [TrainJob(context, j.config, j.run_dir) for j in planned]
     per_task = max(1, int(conf.get("trials_per_task", 1)))
     # Trials packed per Slurm task share one process (one TensorFlow import, one data load).
-    groups = [list(range(i, min(i + per_task, len(planned)))) for i in range(0, len(planned), per_task)]
+    groups = pack(todo, per_task)
+    versions = environment_versions()
     submitted = time.time()
     composer = getattr(launcher, "composer", None)
     root = folder_root(folder)
     before = set(root.iterdir()) if root.is_dir() else set()
+    futures: list[Any] = []
     try:
         # The context holds Hydra's config loader: pickle it with the loader's own methods.
         with composer.detached() if composer else contextlib.nullcontext():
             context.save()
-            with executor.batch():
-                futures = [
-                    executor.submit(train_jobs[g[0]] if len(g) == 1 else PackedTrainJob([train_jobs[i] for i in g]))
-                    for g in groups
-                ]
+            for chunk in array_chunks(groups, cluster):
+                with executor.batch():
+                    futures += [executor.submit(entry(context, group, versions)) for group in chunk]
     except BaseException as exc:
         from submitit.core.utils import FailedJobError
 
+        if futures and isinstance(exc, FailedJobError):
+            for sjob in futures:  # an earlier array went in: take it back, so that nothing half-queued stays
+                sjob.cancel(check=False)
         # Nothing was queued: take out what this launch wrote (our context, submitit's pickles).
         for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
             shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
@@ -95,31 +129,59 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
                 "timeout_min, additional_parameters) against your site's limits (`sinfo`, `sacctmgr show assoc`)."
             ) from exc
         raise
-    tasks = list(futures)
-    task_of = {i: (tasks[k], slot) for k, g in enumerate(groups) for slot, i in enumerate(g)}
-    for i, job in enumerate(planned):
-        sjob, slot = task_of[i]
-        record_submission(job, sjob, cluster, packed_slot=slot if per_task > 1 else None)
-    print(summary(sweep_dir, planned, [task_of[i][0] for i in range(len(planned))], cluster), flush=True)
+    task_of: dict[int, tuple[Any, Optional[int]]] = {}
+    for sjob, group in zip(futures, groups):
+        for slot, job in enumerate(group):
+            task_of[job.num] = (sjob, slot if per_task > 1 else None)
+    for job in todo:
+        sjob, slot = task_of[job.num]
+        record_submission(job, sjob, cluster, packed_slot=slot)
+    print(summary(sweep_dir, planned, {num: sjob for num, (sjob, _) in task_of.items()}, cluster), flush=True)
 
     if not conf.wait:
         return [
-            QueuedReturn(overrides=job.overrides, status=JobStatus.UNKNOWN, _return_value=QueuedJob(str(task_of[i][0].job_id), str(job.run_dir)))
-            for i, job in enumerate(planned)
+            QueuedReturn(overrides=job.overrides, status=JobStatus.UNKNOWN, _return_value=QueuedJob(str(task_of[job.num][0].job_id), str(job.run_dir)))
+            if job.num in task_of
+            else trial_return(job)
+            for job in planned
         ]
-    for sjob in tasks:
+    for sjob in futures:
         try:
             sjob.result()
         except Exception:  # reported per trial below, from what each trial left on disk
             pass
-    log.info("all %d tasks ended after %.0f s", len(tasks), time.time() - submitted)
+    log.info("all %d tasks ended after %.0f s", len(futures), time.time() - submitted)
     return [trial_return(job) for job in planned]
+
+
+def entry(context: LaunchContext, group: Sequence[PlannedJob], versions: dict[str, Optional[str]]) -> JobEntry:
+    """What one task runs: its trial, or its trials one after another, behind a version-checking entry."""
+    jobs = [TrainJob(context, job.config, job.run_dir) for job in group]
+    return JobEntry(jobs[0] if len(jobs) == 1 else PackedTrainJob(jobs), [job.run_dir for job in group], versions)
+
+
+class SweepRecord:
+    """Hydra's sweeper rewrites ``<sweep dir>/multirun.yaml`` before our launcher's checks run: a
+    refused launch puts back what was there, so that a refusal changes nothing."""
+
+    def __init__(self, sweep_dir: Path) -> None:
+        self.path = Path(sweep_dir) / "multirun.yaml"
+        try:
+            self.before: Optional[bytes] = self.path.read_bytes()
+        except OSError:
+            self.before = None
+
+    def restore(self) -> None:
+        if self.before is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            write_bytes_atomic(self.path, self.before)
 
 
 def trial_return(job: PlannedJob) -> Any:
     """A finished trial's JobReturn, from its run directory: COMPLETED with its objective, or FAILED."""
     run = rundir.read_run(job.run_dir)
-    if run.metrics is not None:
+    if run.metrics is not None and run.failure is None:
         ret = JobReturn(overrides=job.overrides, status=JobStatus.COMPLETED)
         ret._return_value = rundir.objective(run.metrics)
         return ret
@@ -173,10 +235,15 @@ def record_submission(job: PlannedJob, sjob: Any, cluster: str, packed_slot: Opt
     )
 
 
-def summary(sweep_dir: Path, planned: Sequence[PlannedJob], jobs: Sequence[Any], cluster: str) -> str:
-    ids = sorted({str(j.job_id).partition("_")[0] for j in jobs})
-    lines = [f"queued {len(jobs)} job(s) on {cluster}: {', '.join(ids)}", f"sweep dir: {sweep_dir}"]
-    for job, sjob in zip(planned, jobs):
+def summary(sweep_dir: Path, planned: Sequence[PlannedJob], tasks: dict[int, Any], cluster: str) -> str:
+    """What was queued (job ids, run directories, logs) and what was not because it is done already."""
+    ids = sorted({str(j.job_id).partition("_")[0] for j in tasks.values()})
+    lines = [f"queued {len(tasks)} job(s) on {cluster}: {', '.join(ids)}" if tasks else "nothing to queue", f"sweep dir: {sweep_dir}"]
+    for job in planned:
+        sjob = tasks.get(job.num)
+        if sjob is None:
+            lines.append(f"  [{job.num}] already finished with this config: {job.run_dir} (not queued again)")
+            continue
         lines.append(f"  [{job.num}] job {sjob.job_id}  {' '.join(job.overrides) or '(defaults)'}")
         lines.append(f"      run dir: {job.run_dir}")
         lines.append(f"      logs:    {sjob.paths.stdout}")

@@ -2,7 +2,7 @@
 and ``squeue`` (the controller, knows a job before accounting does), parsed into one shape.
 
 Parsing is kept apart from running the commands so that it can be tested on recorded output.
-Login-node code.
+Used on both sides: status and report on the login node, run-directory leases on compute nodes.
 """
 
 from __future__ import annotations
@@ -91,6 +91,39 @@ def query_squeue(job_ids: Sequence[str]) -> Optional[dict[str, Row]]:
     base_ids = sorted({j.partition("_")[0] for j in job_ids})
     out = run_client(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", SQUEUE_FORMAT])
     return None if out is None else parse_squeue(out)
+
+
+# squeue states of a job whose processes may still run, or that will run again.
+LIVE_STATES = frozenset(
+    {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING", "COMPLETING",
+     "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+)
+
+
+def job_alive(job_id: str) -> Optional[bool]:
+    """Whether Slurm still knows ``job_id`` as pending, running or about to run again.
+
+    Returns None when squeue cannot answer (no client here, controller unreachable): the caller
+    must then not guess.
+    """
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        # A job that has left the controller's memory is an "Invalid job id"; anything else is unknown.
+        return False if "invalid job id" in proc.stderr.lower() else None
+    states = {normalise_state(line) for line in proc.stdout.splitlines() if line.strip()}
+    return bool(states & LIVE_STATES)
+
+
+def max_array_size() -> Optional[int]:
+    """The controller's MaxArraySize (array task indices must stay below it); None if unknown."""
+    out = run_client(["scontrol", "show", "config"])
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out or "", re.MULTILINE)
+    return int(match.group(1)) if match else None
 
 
 def squeue_available() -> bool:

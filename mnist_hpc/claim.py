@@ -1,0 +1,290 @@
+"""Who may write a run directory: the config it is bound to, and the one live job that holds it.
+
+A run directory holds the results of one config. Its ``identity.json`` (written once, by the
+first run or submission that claims it) binds it to a fingerprint of everything that decides
+what the run computes; its ``lease.json`` names the one job (Slurm job, or host and pid) that
+writes it now. Before anything in a directory changes:
+
+- a different config is refused, naming the keys that differ (use another directory);
+- fewer ``train.epochs`` than the run has finished is refused; more continues the run;
+- a second live writer is refused, naming the holder; a holder that is gone is taken over.
+
+The same checks run twice: on the login node before a job is queued (nothing is queued if
+one fails), and in the job itself before it writes (another submission, or a run started by
+hand, may have come in between). File formats are :mod:`mnist_hpc.rundir`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import getpass
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from mnist_hpc import rundir, slurm
+
+log = logging.getLogger(__name__)
+
+# Keys that say where things are or how fast and how often a run works, not what it computes:
+# they may differ between the attempts of one run. Everything else binds the directory.
+NOT_IDENTITY = (
+    "paths.",
+    "data.cache_dir",
+    "data.filename",
+    "train.epochs",
+    "train.intra_op_threads",
+    "train.inter_op_threads",
+    "train.checkpoint_every_epochs",
+    "train.checkpoint_every_batches",
+    "train.steps_per_execution",
+)
+
+
+class RunConflict(RuntimeError):
+    """This run may not write this directory (another config, fewer epochs, or a live holder)."""
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):  # enums
+        value = value.value
+    return {prefix[:-1]: list(value) if isinstance(value, (list, tuple)) else value}
+
+
+def identity_of(cfg: Any, data_sha256: str) -> dict[str, Any]:
+    """The keys and values that decide what a run with config ``cfg`` computes, and the data's hash."""
+    keys = {k: v for k, v in _flat(cfg).items() if not k.startswith(NOT_IDENTITY)}
+    keys["data.sha256"] = data_sha256
+    return dict(sorted(keys.items()))
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``key: recorded -> wanted`` for every key whose value differs."""
+    keys = sorted(set(recorded) | set(wanted))
+    return [f"{k}: {recorded.get(k, '(unset)')!r} -> {wanted.get(k, '(unset)')!r}" for k in keys if recorded.get(k) != wanted.get(k)]
+
+
+@dataclass
+class Verdict:
+    """What a run with a given config and epoch count may do in a directory."""
+
+    # "new" (nothing there yet), "continue" (resume or extend), or "done" (finished with these epochs).
+    action: str
+    epochs_done: int = 0
+
+
+def judge(run_dir: Path, identity: dict[str, Any], epochs: int, label: str) -> Verdict:
+    """Whether a run of ``identity`` for ``epochs`` epochs may use ``run_dir``.
+
+    Raises:
+        RunConflict: the directory holds another config, more finished epochs than asked for,
+            or a damaged identity file.
+    """
+    try:
+        recorded = rundir.read_identity(run_dir)
+    except rundir.RunFileError as exc:
+        raise RunConflict(f"{_at(label)}{exc}; this directory cannot be trusted: use a new one") from exc
+    if recorded is None:
+        if _holds_results(run_dir):
+            raise RunConflict(
+                f"{_at(label)}{run_dir} holds results but no {rundir.IDENTITY_FILE} (written by an older mnist-hpc?), "
+                "so it is not known which config they belong to; use a new directory"
+            )
+        return Verdict("new")
+    if recorded.get("fingerprint") != fingerprint(identity):
+        changed = differences(recorded.get("config", {}), identity)
+        raise RunConflict(
+            f"{_at(label)}{run_dir} holds a run of another config ({'; '.join(changed) or 'fingerprint differs'}). "
+            "Its results would be relabelled; use a new directory (e.g. another hydra.sweep.dir or hydra.run.dir), "
+            "or submit the same overrides as before to continue it"
+        )
+    done = _epochs_finished(run_dir)
+    if done is None:
+        return Verdict("continue")
+    if epochs < done:
+        raise RunConflict(
+            f"{_at(label)}{run_dir} has finished {done} epoch(s); train.epochs={epochs} asks for fewer, which cannot be "
+            f"undone. Use train.epochs>={done} (more epochs continue the run) or a new directory"
+        )
+    return Verdict("done" if epochs == done else "continue", done)
+
+
+def bind(run_dir: Path, identity: dict[str, Any], epochs: int, label: str) -> Verdict:
+    """Under the lease: :func:`judge`, then make the directory this run's.
+
+    A new directory gets its ``identity.json``; half-written files of dead writers go; the config
+    Hydra wrote for this attempt becomes the run's ``.hydra`` (except for a run that is already
+    done, which changes nothing); a finished run that is asked for more epochs loses its final
+    ``metrics.json`` until it finishes again, so that nothing shows old numbers as final.
+
+    Raises:
+        RunConflict: as :func:`judge`.
+    """
+    verdict = judge(run_dir, identity, epochs, label)
+    if verdict.action == "done":
+        rundir.discard_hydra_files(run_dir)
+        return verdict
+    if verdict.action == "new":
+        rundir.write_identity(run_dir, identity, fingerprint(identity))
+    # This attempt supersedes an earlier one's failure.
+    rundir.clear_failure(run_dir)
+    for path in rundir.remove_stale_temporaries(run_dir):
+        log.info("removed %s, left half-written by a writer that is gone", path.name)
+    rundir.commit_hydra_files(run_dir)
+    if verdict.epochs_done:
+        rundir.retract_metrics(run_dir)
+    return verdict
+
+
+def _at(label: str) -> str:
+    return f"{label}: " if label else ""
+
+
+def _holds_results(run_dir: Path) -> bool:
+    checkpoints = run_dir / rundir.CHECKPOINT_DIR
+    has_checkpoints = checkpoints.is_dir() and any(p.name.startswith("ckpt-") for p in checkpoints.iterdir())
+    return has_checkpoints or any((run_dir / name).exists() for name in (rundir.METRICS_FILE, rundir.PROGRESS_FILE))
+
+
+def _epochs_finished(run_dir: Path) -> Optional[int]:
+    try:
+        metrics = rundir.read_metrics(run_dir)
+    except rundir.RunFileError:
+        return None  # a damaged metrics.json is rewritten when the run finishes again
+    return None if metrics is None else len(metrics["history"])
+
+
+# --- the lease ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Holder:
+    """A process that writes a run directory: a Slurm job, or a process on a host."""
+
+    host: str
+    pid: int
+    pid_start: Optional[str] = None
+    slurm_job_id: Optional[str] = None
+    # How people know the job: "1234_5" for an array task.
+    job_label: Optional[str] = None
+    user: str = ""
+
+    @classmethod
+    def this_process(cls, slurm_job_id: Optional[str] = None, job_label: Optional[str] = None) -> "Holder":
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = str(os.getuid())
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), slurm_job_id, job_label, user)
+
+    def describe(self) -> str:
+        who = f"Slurm job {self.job_label or self.slurm_job_id}" if self.slurm_job_id else "a process"
+        return f"{who} (pid {self.pid} on {self.host}, user {self.user or '?'})"
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks (field 22 of /proc/PID/stat): tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def alive(holder: Holder, me: Holder) -> Optional[bool]:
+    """Whether ``holder`` may still write; None when that cannot be told from here."""
+    if holder.slurm_job_id:
+        if holder.slurm_job_id == me.slurm_job_id:
+            return False  # this very job, requeued: its earlier run is gone
+        return slurm.job_alive(holder.slurm_job_id)
+    if holder.host != me.host:
+        return None
+    if holder.pid == me.pid and holder.pid_start == me.pid_start:
+        return False  # this process took it earlier (a second run in one interpreter)
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process exists
+    return holder.pid_start is None or _process_start(holder.pid) == holder.pid_start
+
+
+def check_lease(run_dir: Path, me: Holder, label: str) -> None:
+    """Refuse when another live writer holds ``run_dir`` (or when that cannot be told)."""
+    try:
+        lease = rundir.read_lease(run_dir)
+    except rundir.RunFileError as exc:
+        log.warning("%s; treating the lease as stale", exc)
+        return
+    if lease is None:
+        return
+    holder = Holder(**{k: v for k, v in lease.get("holder", {}).items() if k in {f.name for f in dataclasses.fields(Holder)}})
+    state = alive(holder, me)
+    if state is False:
+        return
+    path = run_dir / rundir.LEASE_FILE
+    if state is None:
+        raise RunConflict(
+            f"{_at(label)}{path} names {holder.describe()} as the writer of this run, and it cannot be told from "
+            f"here whether it still runs; if it is gone, remove {path} and try again"
+        )
+    raise RunConflict(
+        f"{_at(label)}{run_dir} is being written by {holder.describe()}, which is still alive; wait for it to end "
+        "(or cancel it) before starting another run in this directory"
+    )
+
+
+@contextlib.contextmanager
+def lease(run_dir: Path, me: Holder, label: str) -> Iterator[None]:
+    """Hold ``run_dir``'s lease for the duration: refuse a live holder, take over a gone one.
+
+    The check and the take happen under an exclusive lock on ``.lease.lock`` in the directory, so
+    two starters cannot both take it; the lease is removed on the way out if it is still ours.
+    """
+    with _locked(run_dir / rundir.LEASE_LOCK):
+        check_lease(run_dir, me, label)
+        rundir.write_lease(run_dir, dataclasses.asdict(me))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(rundir.RunFileError, OSError):
+            current = rundir.read_lease(run_dir)
+            if current is not None and current.get("holder") == dataclasses.asdict(me):
+                (run_dir / rundir.LEASE_FILE).unlink()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created group-writable); carries on unlocked where flock is unsupported."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log.warning("cannot lock %s (%s); taking the lease without a lock", path, exc.strerror)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,100 @@
+"""The one object submitit unpickles on a compute node: stable, builtins inside, and loud on mismatch.
+
+submitit unpickles what it runs before any of our code runs, so a job whose pickle refers to a
+class the compute node's environment does not have (another mnist-hpc, Hydra, OmegaConf or
+Python than the login node's) would die with an ``AttributeError`` in submitit's own code and
+leave no word in its run directory. :class:`JobEntry` holds only builtins: the versions the job
+was prepared with, its run directories, and the real job (:mod:`mnist_hpc.compute.job`) as
+pickled bytes. Its ``__call__`` unpickles those bytes itself, so a failure becomes a
+``failure.json`` in every run directory that names the versions that differ.
+
+Only the standard library is imported at module level: this module must import anywhere.
+"""
+
+from __future__ import annotations
+
+import pickle
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+# The distributions whose versions must match between the login node and the compute node.
+DISTRIBUTIONS = ("mnist-hpc", "hydra-core", "omegaconf", "submitit", "cloudpickle")
+
+
+def environment_versions() -> dict[str, Optional[str]]:
+    """Python's version and those of :data:`DISTRIBUTIONS` in this process's environment."""
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in DISTRIBUTIONS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def version_differences(prepared: dict[str, Optional[str]], here: dict[str, Optional[str]]) -> list[str]:
+    return [f"{k} {prepared.get(k)} (login node) vs {here.get(k)} (here)" for k in prepared if prepared.get(k) != here.get(k)]
+
+
+class JobUnloadable(RuntimeError):
+    """The job's pickle cannot be loaded here (the environment differs from the login node's)."""
+
+
+class JobEntry:
+    """What submitit runs: checks the environment, unpickles the real job, runs it.
+
+    Checkpointable like the job it carries: a requeue runs this same entry again, and the job
+    resumes from its run directories.
+    """
+
+    def __init__(self, job: Any, run_dirs: Sequence[Path], versions: Optional[dict[str, Optional[str]]] = None) -> None:
+        self.payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        self.run_dirs = [str(d) for d in run_dirs]
+        self.versions = versions or environment_versions()
+
+    def load(self) -> Any:
+        """The real job.
+
+        Raises:
+            JobUnloadable: its pickle refers to code this environment lacks or has in another form.
+        """
+        try:
+            return pickle.loads(self.payload)
+        except Exception as exc:  # any unpickling error: missing module, class, attribute, bad state
+            differ = version_differences(self.versions, environment_versions())
+            why = f" ({'; '.join(differ)})" if differ else ""
+            raise JobUnloadable(
+                f"this job was prepared on the login node with another environment than this node's{why}: "
+                f"its pickle cannot be loaded ({type(exc).__name__}: {exc}). Run jobs with the same Python and "
+                "packages as the login node (activate the same venv or modules in hydra.launcher.setup), "
+                "then submit again"
+            ) from exc
+
+    def __call__(self) -> Any:
+        try:
+            job = self.load()
+        except JobUnloadable as exc:
+            from mnist_hpc import rundir
+
+            for run_dir in self.run_dirs:
+                try:
+                    rundir.write_failure(Path(run_dir), exc)
+                except OSError:
+                    pass
+            print(f"mnist-hpc: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        from mnist_hpc.compute.failures import exit_on
+
+        try:
+            return job()
+        except Exception as exc:  # known errors end in one line, bugs keep their traceback
+            exit_on(exc)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """The resubmission after a timeout or preemption: this entry again (the job resumes from disk)."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)

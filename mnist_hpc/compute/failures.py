@@ -1,0 +1,82 @@
+"""How a run that cannot go on says so: one line with the fix for known errors, tracebacks for bugs.
+
+Known errors are the ones a user causes or can mend (a missing or damaged cache, a damaged
+checkpoint, a directory that belongs to another run, a full or read-only disk, a batch that
+does not fit in memory, a job out of requeues). Each becomes one message that names what is
+wrong and what to do: printed alone (no traceback), written into ``failure.json`` for
+submitted runs, and the process exits non-zero. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from pathlib import Path
+from typing import Optional
+
+from hydra.errors import CompactHydraException
+
+from mnist_hpc import claim, rundir
+from mnist_hpc.cache import CacheCorruptError, CacheMissingError, DatasetError
+from mnist_hpc.config import ConfigError
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class RunError(CompactHydraException):
+    """A known error of an in-process run: Hydra prints its message alone and exits 1."""
+
+
+def known_error(exc: BaseException) -> Optional[str]:
+    """The one-line message for a known error (with what to do), or None for a bug."""
+    from mnist_hpc.compute.checkpoint import CheckpointError
+    from mnist_hpc.compute.job import PackedTrialsFailed, RequeueLimitReached
+
+    if isinstance(exc, (CacheMissingError, CacheCorruptError, DatasetError, ConfigError, CheckpointError)):
+        return str(exc)
+    if isinstance(exc, (claim.RunConflict, RequeueLimitReached, PackedTrialsFailed)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (
+            f"no space left on the device{where} ({exc.strerror}); free space there (or raise your quota) and run "
+            "again with the same overrides and directory: the run resumes from its last checkpoint"
+        )
+    if isinstance(exc, OSError) and exc.errno in _NOT_WRITABLE:
+        where = f" {exc.filename}" if exc.filename else " the run directory"
+        return f"cannot write{where} ({exc.strerror}); set paths.output_root (or hydra.run.dir) to a writable place"
+    if isinstance(exc, MemoryError) or _is_tf_out_of_memory(exc):
+        return (
+            "ran out of memory; lower train.batch_size, or ask for more memory (hydra.launcher.mem_gb) "
+            f"({type(exc).__name__})"
+        )
+    return None
+
+
+def _is_tf_out_of_memory(exc: BaseException) -> bool:
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(exc, tf.errors.ResourceExhaustedError)
+
+
+def record_failure(run_dir: Path, exc: BaseException) -> None:
+    """``failure.json`` in the run directory; a job that cannot even write it still fails, loudly.
+
+    A refusal to use the directory (:class:`~mnist_hpc.claim.RunConflict`) is not the run's
+    failure: it is not written into the directory, which belongs to another run.
+    """
+    if isinstance(exc, claim.RunConflict):
+        return
+    try:
+        rundir.write_failure(run_dir, exc)
+    except OSError as write_error:
+        print(f"mnist-hpc: could not write {rundir.FAILURE_FILE} into {run_dir}: {write_error}", file=sys.stderr)
+
+
+def exit_on(exc: BaseException) -> None:
+    """End a job's process on ``exc``: one line and exit 1 for a known error; a bug keeps its traceback."""
+    message = known_error(exc)
+    if message is None:
+        raise exc
+    print(f"mnist-hpc: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None

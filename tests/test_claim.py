@@ -1,0 +1,193 @@
+"""A run directory belongs to one config and one live writer (issue 11, cases 2, 3, 4, 11, 13).
+
+Runs through the real entry point (``mnist-hpc-train`` in a subprocess) and through
+``train_and_evaluate``; every refusal must leave the directory exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_hpc import claim, rundir
+from mnist_hpc.compute import checkpoint
+from mnist_hpc.compute.train import train_and_evaluate
+from mnist_hpc.config import to_typed
+from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
+from tests.test_resume import snapshot, strip_seconds, weights
+
+TRAIN = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
+
+
+def train_cli(args: list[str], cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run(TRAIN + args, capture_output=True, text=True, timeout=timeout, cwd=cwd, **popen)
+
+
+def assert_one_line_refusal(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 1, the message on stderr, no traceback."""
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.fixture
+def finished(synthetic_cache: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """A finished 2-epoch run through the CLI, deterministic, and its overrides."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=2", "train.deterministic=true", f"hydra.run.dir={run_dir}"]
+    proc = train_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs_completed"] == 2
+    return args, run_dir
+
+
+def test_rerun_with_another_config_is_refused_before_anything_changes(finished, tmp_path):
+    """Case 2: config.yaml and .hydra/ keep the finished run's config; the refusal names the key."""
+    args, run_dir = finished
+    before = snapshot(run_dir)
+    assert "hidden_units:\n  - 512" in before["config.yaml"].decode()
+    proc = train_cli(args + ["model.hidden_units=[256]"], tmp_path)
+    assert_one_line_refusal(proc, "model.hidden_units: [512] -> [256]", "use a new directory")
+    assert snapshot(run_dir) == before
+    assert not (run_dir / rundir.HYDRA_PENDING_DIR).exists()
+
+
+def test_fewer_epochs_are_refused_more_continue_and_equal_is_done(finished, compose, synthetic_cache, tmp_path):
+    """Case 3: epochs only grow. A longer run continues from the checkpoint and ends as a fresh run would."""
+    args, run_dir = finished
+    before = snapshot(run_dir)
+    proc = train_cli(args + ["train.epochs=1"], tmp_path)
+    assert_one_line_refusal(proc, "has finished 2 epoch(s); train.epochs=1 asks for fewer")
+    assert snapshot(run_dir) == before
+
+    # The same config and epochs again: nothing to do, nothing rewritten.
+    proc = train_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = snapshot(run_dir)
+    assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+
+    # More epochs: the run continues and its files describe a 3-epoch run, equal to a fresh one.
+    proc = train_cli(args[:-2] + ["train.epochs=3", "train.deterministic=true", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from ckpt-e00002-b0000000.npz" in (run_dir / "train.log").read_text()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
+    assert "epochs: 3" in (run_dir / "config.yaml").read_text()
+    assert rundir.read_progress(run_dir).epochs_planned == 3
+    fresh_cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "train.deterministic=true"]))
+    fresh = train_and_evaluate(fresh_cfg, tmp_path / "fresh")
+    fresh_metrics = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == fresh["test_accuracy"]
+    assert strip_seconds(metrics["history"]) == strip_seconds(fresh_metrics["history"])
+    for got, want in zip(weights(run_dir), weights(tmp_path / "fresh")):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_second_live_writer_is_refused_and_a_dead_one_taken_over(tmp_path):
+    """Case 4, local runs: the lease names host and pid; a killed holder's lease is taken over."""
+    cache = tmp_path / "cache"
+    fill_cache(cache, synthetic_mnist(n_train=6000, n_test=200))
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(cache, tmp_path) + ["train.epochs=30", f"hydra.run.dir={run_dir}"]
+    first = subprocess.Popen(TRAIN + args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "SLURM_CPUS_PER_TASK": "1"})
+    try:
+        deadline = time.time() + 120
+        while rundir.read_progress(run_dir) is None or rundir.read_progress(run_dir).epochs_done < 1:
+            assert time.time() < deadline and first.poll() is None, "first run did not start training"
+            time.sleep(0.2)
+        holder = rundir.read_lease(run_dir)["holder"]
+        assert holder["pid"] == first.pid and holder["slurm_job_id"] is None
+        before = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(("checkpoints", "progress", "train.log"))}
+
+        second = train_cli(args, tmp_path)
+        assert_one_line_refusal(second, f"is being written by a process (pid {first.pid} on", "still alive")
+        after = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(("checkpoints", "progress", "train.log"))}
+        assert after == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert rundir.read_lease(run_dir)["holder"]["pid"] == first.pid  # left behind by the kill
+
+    done = max(int(p.name[6:11]) for p in (run_dir / rundir.CHECKPOINT_DIR).glob("ckpt-*.npz"))
+    third = train_cli(tiny_overrides(cache, tmp_path) + [f"train.epochs={done + 1}", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"resuming from ckpt-e{done:05d}" in (run_dir / "train.log").read_text()
+    assert rundir.read_lease(run_dir) is None  # released at the end
+
+
+def test_stale_temporaries_of_a_dead_writer_are_removed(compose, synthetic_cache, tmp_path):
+    """Case 13: a writer killed mid-write leaves ``.<name>.*.tmp*`` files; the next holder removes them."""
+    from tests.test_resume import Interrupt, interrupter
+
+    cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=2"]))
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1)])
+    stale = [run_dir / ".metrics.json.k3j2.tmp", run_dir / rundir.CHECKPOINT_DIR / ".ckpt-e00001-b0000000.npz.x1.tmp.npz"]
+    for path in stale:
+        path.write_bytes(b"half")
+    train_and_evaluate(cfg, run_dir)
+    assert not any(path.exists() for path in stale)
+    assert not list(run_dir.rglob(".*.tmp*"))
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("truncate", "no readable checkpoint"),
+        ("json-list", "its header is a JSON list"),
+        ("bare-npy", "bare .npy array"),
+    ],
+)
+def test_damaged_checkpoints_end_in_one_line(compose, synthetic_cache, tmp_path, damage, needle):
+    """Case 11: every checkpoint damaged, or a header that is a JSON list: one line, no traceback."""
+    args = tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    cfg = to_typed(compose(args[:-1]))
+    run_dir = tmp_path / "run"
+    train_and_evaluate(cfg, run_dir)
+    (run_dir / rundir.METRICS_FILE).unlink()  # an unfinished run: it will want its checkpoints
+    for path in checkpoint.list_checkpoints(run_dir):
+        if damage == "truncate":
+            path.write_bytes(path.read_bytes()[:500])
+        elif damage == "json-list":
+            with np.load(path) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            arrays["header"] = np.frombuffer(b"[1, 2]", dtype=np.uint8)
+            with open(path, "wb") as fh:
+                np.savez(fh, **arrays)
+        else:
+            with open(path, "wb") as fh:
+                np.save(fh, np.zeros(3))
+    proc = train_cli(args, tmp_path)
+    assert_one_line_refusal(proc, needle)
+
+
+def test_a_corrupt_cache_ends_in_one_line(synthetic_cache, tmp_path):
+    """Case 11: a cache changed after prefetch, on the node that trains: one line naming the fix."""
+    npz = synthetic_cache / "mnist.npz"
+    npz.write_bytes(npz.read_bytes()[:-100])
+    proc = train_cli(tiny_overrides(synthetic_cache, tmp_path) + [f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_one_line_refusal(proc, "mnist-hpc-prefetch", "--force")
+    assert not (tmp_path / "run" / rundir.METRICS_FILE).exists()
+
+
+def test_identity_ignores_where_and_how_fast_but_not_what(compose, tmp_path):
+    base = to_typed(compose(["data.cache_dir=/a"]))
+    moved = to_typed(compose(["data.cache_dir=/b", "paths.output_root=/x", "train.intra_op_threads=3",
+                              "train.checkpoint_every_batches=5", "train.epochs=9", "train.steps_per_execution=8"]))
+    assert claim.fingerprint(claim.identity_of(base, "d")) == claim.fingerprint(claim.identity_of(moved, "d"))
+    for change in (["train.seed=1"], ["model.dropout=0.1"], ["train.deterministic=true"], ["train=lesson"],
+                   ["data.validation_split=0.1"], ["optimizer=adam"]):
+        other = to_typed(compose(["data.cache_dir=/a", *change]))
+        assert claim.fingerprint(claim.identity_of(other, "d")) != claim.fingerprint(claim.identity_of(base, "d")), change
+    assert claim.fingerprint(claim.identity_of(base, "other data")) != claim.fingerprint(claim.identity_of(base, "d"))
