@@ -101,7 +101,8 @@ def _read_json_object(path: Path) -> Optional[dict[str, Any]]:
     except ValueError as exc:
         raise RunFileError(f"{path} is not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise RunFileError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+        kind = {type(None): "null", list: "list", str: "string", bool: "boolean"}.get(type(data), "number")
+        raise RunFileError(f"{path} holds a JSON {kind}, expected an object")
     return data
 
 
@@ -445,9 +446,10 @@ def load_predictions(run_dir: Path) -> Predictions:
     if not path.is_file():
         raise FileNotFoundError(f"no {PREDICTIONS_FILE} in {run_dir}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise RunFileError(f"{path} is a bare .npy array, not the npz a run writes")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise RunFileError(f"{path} is a bare .npy array, not the npz a run writes")
+        with loaded as data:
             pred = Predictions(**{name: data[name] for name in Predictions.__dataclass_fields__})
     except RunFileError:
         raise
@@ -457,14 +459,15 @@ def load_predictions(run_dir: Path) -> Predictions:
     consistent = (
         n >= 0
         and pred.y_pred.shape == (n,)
-        and pred.y_prob.ndim == 2
-        and pred.y_prob.shape[0] == n
+        and pred.y_prob.shape == (n, 10)
         and pred.wrong_index.ndim == 1
-        and pred.wrong_images.shape[0] == pred.wrong_index.shape[0]
+        and pred.wrong_images.shape == (pred.wrong_index.shape[0], 28, 28)
+        and all(a.dtype.kind in "iu" for a in (pred.y_true, pred.y_pred, pred.wrong_index))
         and bool(np.all((pred.wrong_index >= 0) & (pred.wrong_index < n)))
+        and bool(np.all((pred.y_true < 10) & (pred.y_pred < 10)))
     )
     if not consistent:
-        raise RunFileError(f"{path} holds arrays whose shapes do not fit together")
+        raise RunFileError(f"{path} holds arrays whose shapes or values do not fit together")
     return pred
 
 

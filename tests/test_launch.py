@@ -75,7 +75,7 @@ def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tm
     assert len(pickles) == 2
     for path in pickles:
         with open(path, "rb") as fh:
-            job = pickle.load(fh).function
+            job = pickle.load(fh).function.load()  # behind the JobEntry, the trial's TrainJob
         assert job.context.path == context_file and job.context._content is None
         assert path.stat().st_size < context_file.stat().st_size
     status = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", str(tmp_path / "sweep")],

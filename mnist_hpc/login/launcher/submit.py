@@ -112,13 +112,13 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             context.save()
             for chunk in array_chunks(groups, cluster):
                 with executor.batch():
-                    futures += [executor.submit(entry(context, group, versions)) for group in chunk]
+                    array = [executor.submit(entry(context, group, versions)) for group in chunk]
+                futures += array  # queued: only now may its jobs be looked at
     except BaseException as exc:
         from submitit.core.utils import FailedJobError
 
-        if futures and isinstance(exc, FailedJobError):
-            for sjob in futures:  # an earlier array went in: take it back, so that nothing half-queued stays
-                sjob.cancel(check=False)
+        for sjob in futures:  # an earlier array went in: take it back, so that nothing half-queued stays
+            sjob.cancel(check=False)
         # Nothing was queued: take out what this launch wrote (our context, submitit's pickles).
         for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
             shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()

@@ -1,0 +1,150 @@
+"""Readers of files that other processes and people write: damaged files give notes, never tracebacks.
+
+Issue 11, case 12: a 0-byte predictions.npz, a metrics.json holding null, [1,2] or garbage, a
+job.json that is not JSON or lacks job_id... Status and report show the trial with a note naming
+the file and go on with the rest. Fuzzed here with truncations, wrong JSON types and random bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_hpc import rundir
+from mnist_hpc.login import trials as trials_mod
+from tests.test_report import epoch_record, fake_metrics, fake_predictions, make_trial
+
+READERS = {
+    rundir.JOB_FILE: rundir.read_job,
+    rundir.METRICS_FILE: rundir.read_metrics,
+    rundir.PROGRESS_FILE: rundir.read_progress,
+    rundir.FAILURE_FILE: rundir.read_failure,
+    rundir.IDENTITY_FILE: rundir.read_identity,
+    rundir.LEASE_FILE: rundir.read_lease,
+}
+WRONG_JSON = ["null", "[1, 2]", "5", '"text"', "true", "{}", '{"job_id": 7}', '{"history": "x"}',
+              '{"test_accuracy": "high", "history": []}', '{"history": [{"epoch": "one"}]}']
+
+
+def valid_files(run_dir: Path) -> dict[str, bytes]:
+    """Each JSON run file as the real writers produce it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.write_job(run_dir, rundir.JobRecord(cluster="slurm", job_id="9_1", run_dir=str(run_dir), trial=1))
+    rundir.write_metrics(run_dir, fake_metrics(0.97, 0.98, 0.975))
+    rundir.write_progress(run_dir, 2, 3, [epoch_record(1, 0.9, 0.91), epoch_record(2, 0.92, 0.93)])
+    rundir.write_failure(run_dir, ValueError("boom"))
+    rundir.write_identity(run_dir, {"train.seed": 0}, "abc")
+    rundir.write_lease(run_dir, {"host": "h", "pid": 1})
+    return {name: (run_dir / name).read_bytes() for name in READERS}
+
+
+def fuzz_cases(original: bytes, rng: np.random.Generator) -> list[bytes]:
+    cases = [b"", b"\x00", original[: len(original) // 2], original[:-1], original + b"garbage", b"\xff\xfe\x00bad"]
+    cases += [original[:cut] for cut in sorted(set(rng.integers(1, len(original), size=8).tolist()))]
+    cases += [rng.bytes(int(n)) for n in rng.integers(1, 300, size=6)]
+    flipped = bytearray(original)
+    for i in rng.integers(0, len(original), size=4):
+        flipped[i] ^= 0xFF
+    cases.append(bytes(flipped))
+    return cases + [text.encode() for text in WRONG_JSON]
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_each_reader_accepts_the_writer_and_refuses_damage_cleanly(tmp_path: Path, name: str) -> None:
+    original = valid_files(tmp_path / "run")[name]
+    assert READERS[name](tmp_path / "run") is not None  # the writer's own output reads back
+    rng = np.random.default_rng(sum(name.encode()))
+    for case in fuzz_cases(original, rng):
+        (tmp_path / "run" / name).write_bytes(case)
+        try:
+            READERS[name](tmp_path / "run")
+        except rundir.RunFileError as exc:
+            assert str(tmp_path / "run" / name) in str(exc)  # the message names the file
+
+
+def test_a_directory_where_a_file_should_be_is_a_clean_error(tmp_path: Path) -> None:
+    for name, reader in READERS.items():
+        (tmp_path / name).mkdir(parents=True)
+        with pytest.raises(rundir.RunFileError, match=name):
+            reader(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "bare-npy", "random", "mismatched", "text"])
+def test_damaged_predictions_are_a_clean_error(tmp_path: Path, damage: str) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fake_predictions(run_dir, {3: (5, 0.9)})
+    path = run_dir / rundir.PREDICTIONS_FILE
+    assert rundir.load_predictions(run_dir).y_true.shape == (100,)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    elif damage == "bare-npy":
+        with open(path, "wb") as fh:
+            np.save(fh, np.zeros(3))
+    elif damage == "random":
+        path.write_bytes(np.random.default_rng(1).bytes(2000))
+    elif damage == "text":
+        path.write_text("not an archive")
+    else:
+        with open(path, "wb") as fh:
+            np.savez(fh, y_true=np.zeros(5), y_pred=np.zeros(3), y_prob=np.zeros((5, 10)),
+                     wrong_index=np.array([99]), wrong_images=np.zeros((1, 28, 28)))
+    with pytest.raises(rundir.RunFileError, match=str(path)):
+        rundir.load_predictions(run_dir)
+
+
+def damaged_sweep(sweep: Path) -> Path:
+    """Six trials; five carry one damaged file each, one is sound."""
+    sweep.mkdir(parents=True)
+    for num in range(6):
+        make_trial(sweep, num, [f"train.seed={num}", "data.validation_split=0.1"], started_epochs=3,
+                   metrics=fake_metrics(0.97, 0.98 - num / 100, 0.97), mistakes={1: (2, 0.8)}, ended=True)
+    (sweep / "0" / rundir.METRICS_FILE).write_text("null")
+    (sweep / "1" / rundir.METRICS_FILE).write_text("[1, 2]")
+    (sweep / "2" / rundir.JOB_FILE).write_text("{not json")
+    (sweep / "3" / rundir.JOB_FILE).write_text(json.dumps({"cluster": "local", "trial": 3}))  # lacks job_id
+    (sweep / "2" / rundir.PREDICTIONS_FILE).write_bytes(b"")  # 0 bytes, and trial 2 is the best readable one
+    (sweep / "4" / rundir.PROGRESS_FILE).write_bytes(b"\x00\x01garbage")
+    return sweep
+
+
+def test_status_and_report_go_on_past_damaged_files_with_notes(tmp_path: Path) -> None:
+    sweep = damaged_sweep(tmp_path / "sweep")
+    env = {**os.environ, "PATH": str(tmp_path / "no-slurm-here")}  # states from the files
+    status = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", "--json", str(sweep)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert status.returncode == 0, status.stderr
+    assert "Traceback" not in status.stderr
+    rows = json.loads(status.stdout)
+    # Every trial is shown; a damaged file is a note naming it, and is not believed.
+    assert [r["trial"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert f"trial 0: {sweep / '0' / rundir.METRICS_FILE} holds a JSON null, expected an object; ignored" in status.stderr
+    assert f"trial 1: {sweep / '1' / rundir.METRICS_FILE} holds a JSON list" in status.stderr
+    assert f"trial 2: {sweep / '2' / rundir.JOB_FILE} is not valid JSON" in status.stderr
+    # 0 and 1 ended without usable final metrics: never COMPLETED; 2 and 3 (no job record) finished per their files.
+    assert [r["state"] for r in rows] == ["FAILED", "FAILED", "COMPLETED", "COMPLETED", "COMPLETED", "COMPLETED"]
+    assert [r["job_id"] for r in rows] == ["1000", "1001", "-", "-", "1004", "1005"]
+
+    report = subprocess.run([sys.executable, "-c", "from mnist_hpc.cli import report_main; report_main()", str(sweep)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert report.returncode == 0, report.stderr
+    assert "Traceback" not in report.stdout + report.stderr
+    out = report.stdout
+    for needle in (f"{sweep / '0' / rundir.METRICS_FILE} holds a JSON null",
+                   f"{sweep / '2' / rundir.JOB_FILE} is not valid JSON",
+                   f"{sweep / '3' / rundir.JOB_FILE}: field 'job_id' is None",
+                   f"{sweep / '4' / rundir.PROGRESS_FILE} is", f"cannot read {sweep / '2' / rundir.PREDICTIONS_FILE}"):
+        assert needle in out, needle
+    trials, _ = trials_mod.read_trials(trials_mod.find_runs(sweep)[1])
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4, 5]
+    assert [t.finished for t in trials] == [False, False, True, True, True, True]
+    assert "**Best trial: 2**" in out  # best_val 0.96 among the readable ones (3, 4 and 5 are lower)
+    assert not (sweep / "report" / "confusion_matrix.png").exists()  # nothing drawn from a damaged file
