@@ -86,3 +86,32 @@ def tiny_overrides(cache_dir: Path, output_root: Path) -> list[str]:
         "train.epochs=1",
         "train.batch_size=32",
     ]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """Mount tmpfs file systems of a given size under ``tmp_path`` (root only); unmounted afterwards.
+
+    Where mounting is impossible the test skips, except under CI (root there), where it fails.
+    """
+    import shutil
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        point = tmp_path / name
+        point.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True) if shutil.which("mount") else None
+        if proc is None or proc.returncode != 0:
+            message = f"cannot mount a tmpfs ({proc.stderr.strip() if proc else 'no mount(8)'}); run as root"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)

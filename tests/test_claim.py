@@ -191,3 +191,26 @@ def test_identity_ignores_where_and_how_fast_but_not_what(compose, tmp_path):
         other = to_typed(compose(["data.cache_dir=/a", *change]))
         assert claim.fingerprint(claim.identity_of(other, "d")) != claim.fingerprint(claim.identity_of(base, "d")), change
     assert claim.fingerprint(claim.identity_of(base, "other data")) != claim.fingerprint(claim.identity_of(base, "d"))
+
+
+def test_a_run_stopped_by_a_full_disk_says_so_and_resumes_once_space_is_freed(compose, synthetic_cache, tmp_path, small_tmpfs):
+    """Case 13: ENOSPC at the second epoch's checkpoint: one line; space freed, the run resumes and finishes."""
+    disk = small_tmpfs("disk", "12m")
+    run_dir = disk / "run"
+    args = tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "train.deterministic=true", f"hydra.run.dir={run_dir}"]
+    # About 5 MB left: the first checkpoint (3.3 MB) fits, the second does not.
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * (7 * 2**20))
+    proc = train_cli(args, tmp_path)
+    assert_one_line_refusal(proc, "no space left on the device", "resumes from its last checkpoint")
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["ckpt-e00001-b0000000.npz"]
+    assert not list(run_dir.rglob(".*.tmp*"))  # the failed write took its temporary file with it
+
+    filler.unlink()
+    proc = train_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from ckpt-e00001-b0000000.npz" in (run_dir / "train.log").read_text()
+    fresh_cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "train.deterministic=true"]))
+    train_and_evaluate(fresh_cfg, tmp_path / "fresh")
+    for got, want in zip(weights(run_dir), weights(tmp_path / "fresh")):
+        np.testing.assert_array_equal(got, want)

@@ -138,6 +138,18 @@ class TrainJob:
             raise error
         return ret
 
+    def finished(self) -> bool:
+        """The trial has its final metrics for the epochs it asks for (a requeued packed task skips it).
+
+        Anything else (no metrics, fewer epochs: a run to continue) goes through the claim in
+        ``train_and_evaluate``, which also refuses another config.
+        """
+        try:
+            metrics = rundir.read_metrics(self.run_dir)
+        except rundir.RunFileError:
+            return False
+        return metrics is not None and len(metrics["history"]) == int(self.config.train.epochs)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """The resubmission after a timeout or preemption: this job again, resuming from disk."""
         from submitit.helpers import DelayedSubmission
@@ -150,8 +162,8 @@ class PackedTrainJob:
 
     Each trial pays for TensorFlow's import once per task instead of once per trial, and keeps
     its own run directory, outputs and checkpoints. A failing trial does not stop the others;
-    the task ends FAILED if any trial failed. On requeue, finished trials (``metrics.json``
-    present) are skipped and an interrupted one resumes from its checkpoint.
+    the task ends FAILED if any trial failed. On requeue, finished trials are skipped and an
+    interrupted one resumes from its checkpoint.
     """
 
     def __init__(self, jobs: Sequence[TrainJob]) -> None:
@@ -161,7 +173,7 @@ class PackedTrainJob:
         results: list[Any] = []
         failed: list[str] = []
         for job in self.jobs:
-            if (job.run_dir / rundir.METRICS_FILE).is_file():
+            if job.finished():
                 log.info("trial %s already finished; skipping", job.run_dir.name)
                 results.append(None)
                 continue
