@@ -34,7 +34,8 @@ TENSORFLOW_DISTS = {"tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflo
 # Where the install commands are documented: the README's Quickstart section (with its
 # "Installing on a cluster" subsection) and the two scripts it runs.
 INSTALL_DOCS = ("README.md#Quickstart", "scripts/quickstart.sh", "scripts/test.sh")
-PIP_EDITABLE = re.compile(r'pip install [^\n`]*?-e "\.(?:\[([a-z0-9,-]+)\])?"')
+# `pip install -e ".[cpu]"`, `pip install --quiet -e ".[cpu,test]"`, and the bare `pip install -e .`
+PIP_EDITABLE = re.compile(r'pip install [^\n`]*?-e "?\.(?:\[([a-z0-9,-]+)\])?"?(?=[\s`]|$)', flags=re.M)
 
 
 def is_tensorflow(name: str) -> bool:
