@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# One command runs the whole test suite: installs the package with its test extra, starts the
-# local single-node Slurm cluster (root on Debian; see slurm/cluster.sh), then runs pytest.
-# Arguments go to pytest, e.g. `scripts/test.sh -m "not slow"`.
+# One command runs the whole test suite: installs the package with CPU TensorFlow and its test
+# extra, starts the local single-node Slurm cluster (root on Debian; see slurm/cluster.sh), then
+# runs pytest. Arguments go to pytest, e.g. `scripts/test.sh -m "not slow"`.
+#
+# Installs into the active venv (or conda env); with none active, into the project's own venv
+# (.venv in the checkout, or $MNIST_HPC_VENV), made on first use. PYTHON=/path/to/python uses
+# that interpreter as it is. See scripts/python-env.sh.
 #
 # Without root the cluster cannot be started here; the Slurm tests then skip locally and fail
 # under CI=true, where a missing cluster is an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+source scripts/python-env.sh
+mnist_hpc_python
 
-"$PYTHON" -m pip install --quiet -e ".[test]"
+"$PYTHON" -m pip install --quiet -e ".[cpu,test]"
 if [ "$(id -u)" = 0 ]; then
     slurm/cluster.sh start
 elif [ "${CI:-}" = true ]; then
