@@ -33,7 +33,7 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 TENSORFLOW_DISTS = {"tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-intel", "tensorflow-macos"}
 # Where the install commands are documented: the README's Quickstart section (with its
 # "Installing on a cluster" subsection) and the two scripts it runs.
-INSTALL_DOCS = ("README.md#Quickstart", "scripts/quickstart.sh", "scripts/test.sh")
+INSTALL_DOCS = ("README.md", "scripts/quickstart.sh", "scripts/test.sh")
 # `pip install -e ".[cpu]"`, `pip install --quiet -e ".[cpu,test]"`, and the bare `pip install -e .`
 PIP_EDITABLE = re.compile(r'pip install [^\n`]*?-e "?\.(?:\[([a-z0-9,-]+)\])?"?(?=[\s`]|$)', flags=re.M)
 
