@@ -540,3 +540,30 @@ def test_unchanged_plots_are_not_redrawn_and_changed_ones_are(tmp_path: Path, fa
     # whatever the file's size or time stamp.
     fake_predictions(sweep / "1", {**BEST_MISTAKES, 90: (8, 0.75)})
     assert sorted(build.build_report(sweep).drawn) == ["confusion_matrix.png", "wrong_digits.png"]
+
+
+def one_epoch_sweep(sweep: Path, learning_rates: list[str]) -> list:
+    """A sweep of one-epoch trials over ``learning_rates``, as read for the report."""
+    sweep.mkdir(parents=True)
+    for num, lr in enumerate(learning_rates):
+        metrics = fake_metrics(0.97, 0.96 - num / 100, 0.96 - num / 100)
+        metrics["history"] = [epoch_record(1, 0.9, 0.96 - num / 100)]
+        make_trial(sweep, num, [f"optimizer.learning_rate={lr}"], metrics=metrics, started_epochs=1)
+    return trials_mod.read_trials(trials_mod.find_runs(sweep)[1])[0]
+
+
+def test_learning_curves_of_a_one_epoch_sweep_have_whole_epochs_only(tmp_path: Path) -> None:
+    trials = one_epoch_sweep(tmp_path / "sweep", ["1e-4", "3e-4", "1e-3"])
+    ax = plots.learning_curves_figure(trials).axes[0]
+    assert list(ax.get_xticks()) == [1.0]
+    lo, hi = ax.get_xlim()
+    assert lo < 1 < hi and hi - lo == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("rates, scale", [(["1e-4", "3e-4", "1e-3"], "log"), (["3e-4", "1e-3", "1e-2"], "log"),
+                                          (["3e-4", "1e-3"], "linear"), (["0.1", "0.2", "0.5"], "linear")])
+def test_a_hyperparameter_spanning_a_decade_is_drawn_on_a_log_axis(tmp_path: Path, rates: list[str], scale: str) -> None:
+    trials = one_epoch_sweep(tmp_path / "sweep", rates)
+    values = ranking.swept_params(trials)["optimizer.learning_rate"]
+    ax = plots.metric_vs_param_figure(trials, "optimizer.learning_rate", values, "val_accuracy").axes[0]
+    assert ax.get_xscale() == scale

@@ -148,3 +148,43 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_a_job_runs_through_a_python_wrapper(synthetic_cache: Path, tmp_path: Path):
+    """hydra.launcher.python (a container's python, say): the job runs through it and completes."""
+    import sys
+
+    marker = tmp_path / "wrapper-ran"
+    wrapper = tmp_path / "python-in-container"
+    wrapper.write_text(f"#!/bin/sh\necho \"$SLURM_JOB_ID $*\" >> {marker}\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    sweep = tmp_path / "sweep"
+    proc = submit(slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), f"hydra.launcher.python={wrapper}"),
+                  tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(sweep)
+    assert wait_for_states([record["job_id"]])[record["job_id"]] == "COMPLETED"
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["epochs_completed"] == 1
+    [line] = marker.read_text().splitlines()
+    assert line.startswith(record["job_id"]) and "-m submitit.core._submit" in line
+
+
+def test_report_job_starts_after_the_last_trial_ends_even_when_one_failed(synthetic_cache: Path, tmp_path: Path):
+    """hydra.launcher.report_after=true: a report job with --dependency=afterany on the sweep's array."""
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.launcher.report_after=true",
+                               "data.validation_split=0.1,1e-9")
+    proc = submit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [report_id] = [line.split()[2].rstrip(":") for line in proc.stdout.splitlines() if line.startswith("report job ")]
+    records = job_records(sweep)
+    states = wait_for_states([r["job_id"] for r in records] + [report_id], timeout_s=600)
+    assert [states[r["job_id"]] for r in records] == ["COMPLETED", "FAILED"]
+    assert states[report_id] == "COMPLETED"
+    times = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,Start,End", "-j",
+                            ",".join([records[0]["array_job_id"], report_id])], capture_output=True, text=True).stdout
+    rows = {line.split("|")[0]: line.split("|")[1:] for line in times.splitlines()}
+    last_trial_end = max(rows[r["job_id"]][1] for r in records)
+    assert rows[report_id][0] >= last_trial_end  # ISO times compare as strings
+    rows_csv = (sweep / "report" / "report.csv").read_text()
+    assert "FAILED" in rows_csv and "COMPLETED" in rows_csv

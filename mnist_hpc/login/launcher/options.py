@@ -12,12 +12,21 @@ Imported during Hydra's plugin discovery: light (no submitit, no TensorFlow).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 PLUGIN = "hydra_plugins.mnist_hpc_launcher.launcher"
+
+
+class GpuRequest(str, enum.Enum):
+    """The sbatch spelling of a GPU request (sites accept one or another)."""
+
+    gpus_per_node = "gpus_per_node"
+    gres = "gres"
+    gpus_per_task = "gpus_per_task"
 
 
 @dataclass
@@ -40,7 +49,8 @@ class LocalQueueConf:
     mem_gb: float = 4.0
     # Tasks per node (one training process per task).
     tasks_per_node: int = 1
-    # GPUs per node (install the `cuda` extra on GPU clusters); 0: none.
+    # GPUs per node (install the `cuda` extra on GPU clusters); 0: none. How it is spelled to
+    # sbatch is gpu_request's.
     gpus_per_node: int = 0
     # Nodes per job.
     nodes: int = 1
@@ -73,10 +83,26 @@ class SlurmQueueConf(LocalQueueConf):
     setup: list[str] = field(default_factory=list)
     # Any other sbatch option, e.g. {mail-type: END, reservation: myres}.
     additional_parameters: dict[str, Any] = field(default_factory=dict)
+    # How GPUs are asked for, as sites spell it: gpus_per_node (--gpus-per-node=N), gres
+    # (--gres=gpu:N) or gpus_per_task (--gpus-per-task=N/tasks_per_node).
+    gpu_request: GpuRequest = GpuRequest.gpus_per_node
+    # The command that runs Python on the compute node; null: the login node's Python. For a
+    # container: "apptainer exec --bind /scratch /path/image.sif python3" (see README).
+    python: Optional[str] = None
+    # Extra arguments to the srun that starts each task, e.g. ["--container-image=..."] (Pyxis).
+    srun_args: list[str] = field(default_factory=list)
+    # Start the tasks through srun (false: run Python directly in the batch script, one task).
+    use_srun: bool = True
+    # Also queue a small job that writes the report (mnist-hpc-report) once every task has
+    # ended, failed ones included (--dependency=afterany).
+    report_after: bool = False
 
 
 # Options the launcher itself acts on, never passed to submitit's update_parameters.
-LAUNCHER_ONLY = frozenset({"_target_", "submitit_folder", "wait", "trials_per_task", "max_num_timeout"})
+LAUNCHER_ONLY = frozenset(
+    {"_target_", "submitit_folder", "wait", "trials_per_task", "max_num_timeout", "python", "report_after",
+     "gpus_per_node", "gpu_request"}
+)
 LOCAL_FIELDS = tuple(f.name for f in dataclasses.fields(LocalQueueConf))
 
 
@@ -97,7 +123,7 @@ def submitit_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
     """Translate ``hydra.launcher`` into ``AutoExecutor.update_parameters`` keywords.
 
     Shared options keep their name; the Slurm launcher's own become ``slurm_<name>``. Unset
-    values (None, an empty list or mapping, zero GPUs) are left to submitit's defaults.
+    values (None, an empty list or mapping) are left to submitit's defaults.
     """
     params: dict[str, Any] = {}
     for key in conf:
@@ -105,15 +131,33 @@ def submitit_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
         value = _plain(conf[key])
         if key in LAUNCHER_ONLY or value is None or value == [] or value == {}:
             continue
-        if key == "gpus_per_node" and not value:
-            continue
         if key in LOCAL_FIELDS:
             params[key] = value
         elif cluster == "slurm":
             params[f"slurm_{key}"] = value
+    params.update(gpu_parameters(conf, cluster))
     return params
+
+
+def gpu_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
+    """The GPU request in the spelling ``gpu_request`` names (nothing when no GPU is asked for)."""
+    gpus = int(conf.get("gpus_per_node", 0) or 0)
+    if gpus <= 0:
+        return {}
+    spelling = GpuRequest(conf.get("gpu_request", GpuRequest.gpus_per_node))
+    if cluster != "slurm" or spelling is GpuRequest.gpus_per_node:
+        return {"gpus_per_node": gpus}
+    if spelling is GpuRequest.gres:
+        return {"slurm_gres": f"gpu:{gpus}"}
+    tasks = int(conf.get("tasks_per_node", 1))
+    return {"slurm_gpus_per_task": max(1, gpus // tasks)}
 
 
 def executor_init(conf: DictConfig, cluster: str) -> dict[str, Any]:
     """Keywords for ``submitit.AutoExecutor`` itself (not its ``update_parameters``)."""
-    return {"slurm_max_num_timeout": int(conf.max_num_timeout)} if cluster == "slurm" else {}
+    if cluster != "slurm":
+        return {}
+    init: dict[str, Any] = {"slurm_max_num_timeout": int(conf.max_num_timeout)}
+    if conf.get("python"):
+        init["slurm_python"] = str(conf.python)
+    return init

@@ -17,6 +17,7 @@ from hydra.errors import CompactHydraException
 from mnist_hpc import claim, rundir
 from mnist_hpc.cache import split_index
 from mnist_hpc.config import Config, cache_file
+from mnist_hpc.login.launcher.options import GpuRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     from mnist_hpc.login.launcher.compose import PlannedJob
@@ -30,6 +31,23 @@ class PreflightError(CompactHydraException):
 
     A CompactHydraException, so Hydra prints the message alone, not a traceback.
     """
+
+
+def check_launcher(conf: Any, cluster: str) -> None:
+    """Launcher options that contradict each other (the schema has checked each one's type)."""
+    gpus, tasks = int(conf.get("gpus_per_node", 0) or 0), int(conf.get("tasks_per_node", 1))
+    spelling = GpuRequest(conf.get("gpu_request", GpuRequest.gpus_per_node))
+    if cluster == "slurm" and gpus and spelling is GpuRequest.gpus_per_task and gpus % tasks:
+        raise PreflightError(
+            f"nothing was queued: hydra.launcher.gpu_request=gpus_per_task splits gpus_per_node={gpus} over "
+            f"tasks_per_node={tasks}, which does not divide it; make tasks_per_node a divisor of gpus_per_node "
+            "(one task per GPU is what a multi-worker run wants)"
+        )
+    if not conf.get("use_srun", True) and (tasks > 1 or int(conf.get("nodes", 1)) > 1):
+        raise PreflightError(
+            "nothing was queued: hydra.launcher.use_srun=false starts one process, but tasks_per_node or nodes "
+            "asks for several; keep use_srun=true for multi-task jobs"
+        )
 
 
 def check_cache(cfg: Config) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from mnist_hpc.compute.job import LaunchContext, PackedTrainJob, TrainJob
 from mnist_hpc.io import utc_now, write_bytes_atomic
 from mnist_hpc.login.launcher.compose import PlannedJob, plan_jobs
 from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
-from mnist_hpc.login.launcher.preflight import PreflightError, preflight
+from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher, preflight
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     conf = launcher.params
     planned = plan_jobs(launcher, job_overrides, initial_job_idx)
     try:
+        check_launcher(conf, cluster)
         preflight(planned)
     except PreflightError:
         record = getattr(launcher, "sweep_record", None)
@@ -137,6 +138,9 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
         sjob, slot = task_of[job.num]
         record_submission(job, sjob, cluster, packed_slot=slot)
     print(summary(sweep_dir, planned, {num: sjob for num, (sjob, _) in task_of.items()}, cluster), flush=True)
+    if conf.get("report_after") and cluster == "slurm":
+        report = queue_report(executor, conf, sweep_dir, futures)
+        print(f"report job {report.job_id}: writes {sweep_dir / 'report'} once every task above has ended", flush=True)
 
     if not conf.wait:
         return [
@@ -152,6 +156,34 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             pass
     log.info("all %d tasks ended after %.0f s", len(futures), time.time() - submitted)
     return [trial_return(job) for job in planned]
+
+
+class ReportJob:
+    """The report of a sweep, written on a compute node once its tasks have ended (login-node code, no TensorFlow)."""
+
+    def __init__(self, sweep_dir: Path) -> None:
+        self.sweep_dir = Path(sweep_dir)
+
+    def __call__(self) -> str:
+        from mnist_hpc.login.report.build import build_report
+
+        report = build_report(self.sweep_dir)
+        print(report.markdown, flush=True)
+        return str(report.out_dir)
+
+
+def queue_report(executor: Any, conf: Any, sweep_dir: Path, tasks: Sequence[Any]) -> Any:
+    """A one-CPU job that runs ``mnist-hpc-report`` on the sweep after every task has ended (``afterany``)."""
+    arrays = sorted({str(t.job_id).partition("_")[0] for t in tasks}, key=int)
+    extra = dict(submitit_parameters(conf, "slurm").get("slurm_additional_parameters", {}))
+    extra["dependency"] = "afterany:" + ":".join(arrays)
+    executor.update_parameters(
+        timeout_min=30, cpus_per_task=1, mem_gb=2, tasks_per_node=1, nodes=1, name=f"{conf.name}-report",
+        slurm_additional_parameters=extra,
+        # The report needs no GPU, whatever the trials asked for.
+        gpus_per_node=None, slurm_gres=None, slurm_gpus_per_task=None,
+    )
+    return executor.submit(ReportJob(sweep_dir))
 
 
 def entry(context: LaunchContext, group: Sequence[PlannedJob], versions: dict[str, Optional[str]]) -> JobEntry:

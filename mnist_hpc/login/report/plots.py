@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 LEARNING_CURVES_PNG = "learning_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 WRONG_DIGITS_PNG = "wrong_digits.png"
-# Numeric hyperparameters spanning more than this factor get a logarithmic axis.
+# Numeric hyperparameters spanning this factor (a decade) or more get a logarithmic axis.
 LOG_AXIS_SPAN = 10.0
 # More trials than this and the learning-curve legend would hide the curves.
 MAX_LEGEND_ENTRIES = 12
@@ -65,6 +65,11 @@ def _short(text: str, width: int = 48) -> str:
 
 def plot_learning_curves(trials: Sequence[Trial], path: Path, best: Optional[Trial] = None) -> Path:
     """Every trial's per-epoch accuracy: validation (solid) where held out, else training (dashed)."""
+    return save_png(learning_curves_figure(trials, best), path)
+
+
+def learning_curves_figure(trials: Sequence[Trial], best: Optional[Trial] = None) -> "Figure":
+    """The figure of :func:`plot_learning_curves`."""
     import matplotlib
 
     fig = _figure(8, 5)
@@ -104,9 +109,23 @@ def plot_learning_curves(trials: Sequence[Trial], path: Path, best: Optional[Tri
     }
     used = [text for name, text in styles.items() if any(c[1] == name for c in curves)]
     ax.set_title("Learning curves" + (f" ({'; '.join(used)})" if used else ""), fontsize=9)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    epoch_axis(ax, sorted({e for c in curves for e in c[2]}))
     ax.grid(alpha=0.3)
-    return save_png(fig, path)
+    return fig
+
+
+def epoch_axis(ax: Any, epochs: Sequence[int]) -> None:
+    """Epochs are whole numbers: a tick per epoch when they are few, integer ticks otherwise."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not epochs:
+        return
+    lo, hi = epochs[0], epochs[-1]
+    ax.set_xlim(lo - 0.5, hi + 0.5) if hi - lo < 2 else None
+    if hi - lo <= 20:
+        ax.set_xticks(range(lo, hi + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def numeric_values(values: Sequence[Optional[str]]) -> Optional[list[float]]:
@@ -130,9 +149,20 @@ def plot_metric_vs_param(
     path: Path,
     best: Optional[Trial] = None,
 ) -> Path:
-    """The ranking metric of each finished trial against one swept hyperparameter.
+    """The ranking metric of each finished trial against one swept hyperparameter (see :func:`metric_vs_param_figure`)."""
+    return save_png(metric_vs_param_figure(trials, key, values, metric, best), path)
 
-    Numeric values spanning more than ``LOG_AXIS_SPAN`` get a log axis; other values (lists,
+
+def metric_vs_param_figure(
+    trials: Sequence[Trial],
+    key: str,
+    values: Sequence[Optional[str]],
+    metric: str,
+    best: Optional[Trial] = None,
+) -> "Figure":
+    """The figure of :func:`plot_metric_vs_param`.
+
+    Numeric values spanning ``LOG_AXIS_SPAN`` (a decade) or more get a log axis; other values (lists,
     names, or a parameter some trials leave at its default) are categories.
     """
     fig = _figure(6.5, 4.2)
@@ -141,7 +171,7 @@ def plot_metric_vs_param(
     shown = [(t, v, i) for i, (t, v) in enumerate(zip(trials, values)) if metric_value(t, metric) is not None]
     if numbers is not None:
         xs = [numbers[i] for _, _, i in shown]
-        if min(numbers) > 0 and max(numbers) / min(numbers) > LOG_AXIS_SPAN:
+        if min(numbers) > 0 and max(numbers) / min(numbers) >= LOG_AXIS_SPAN:
             ax.set_xscale("log")
     else:
         categories = list(dict.fromkeys("(default)" if v is None else v for v in values))
@@ -173,7 +203,7 @@ def plot_metric_vs_param(
     ax.set_ylabel("best val_accuracy" if metric == "val_accuracy" else metric)
     ax.set_title(f"{metric} vs {key} ({len(shown)} finished trials; numbers are trials)", fontsize=9)
     ax.grid(alpha=0.3)
-    return save_png(fig, path)
+    return fig
 
 
 def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> Path:
@@ -238,7 +268,7 @@ class PlotCache:
     in the output directory.
     """
 
-    VERSION = 1
+    VERSION = 2
     FILE = ".plot-keys.json"
 
     def __init__(self, out_dir: Path) -> None:
