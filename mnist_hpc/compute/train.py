@@ -22,6 +22,7 @@ from mnist_hpc.compute import checkpoint
 from mnist_hpc.compute.data import MnistData, load_mnist
 from mnist_hpc.compute.engine import build_engine
 from mnist_hpc.compute.runtime import RuntimeInfo, configure_tensorflow, provenance
+from mnist_hpc.compute.tensorboard import TensorBoardLog
 from mnist_hpc.config import Config, Execution
 from mnist_hpc.io import utc_now
 
@@ -131,6 +132,8 @@ def _train(
         log.info("resuming from %s: %d epoch(s) and %d batch(es) done", state.path.name, state.epoch, state.batch)
     history: list[dict[str, Any]] = list(state.history)
     rundir.write_progress(run_dir, state.epoch, cfg.train.epochs, history)
+    board = TensorBoardLog(run_dir, hyperparameters(cfg), cfg.optimizer.learning_rate)
+    board.restart(history)  # exactly the epochs the resume state holds
 
     def batch_saver(epoch: int) -> Optional[Callable[[int], None]]:
         if not cfg.train.checkpoint_every_batches:
@@ -158,6 +161,7 @@ def _train(
         if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             saved = checkpoint.save(run_dir, checkpoint.TrainState(epoch + 1, 0, history), model, fp, with_metrics=False)
             log.info("checkpoint %s", saved.name)
+            board.commit(history)
         rundir.write_progress(run_dir, epoch + 1, cfg.train.epochs, history)
     train_time = time.perf_counter() - train_start
 
@@ -189,5 +193,12 @@ def _train(
             "threads": threads,
         },
     )
+    board.final(result, len(history))
     log.info("run directory: %s", run_dir)
     return result
+
+
+def hyperparameters(cfg: Config) -> dict[str, Any]:
+    """What TensorBoard's HParams tab compares: the keys that decide the result, and the epochs."""
+    keys = {k: v for k, v in claim.identity_of(cfg, "").items() if k != "data.sha256"}
+    return {**keys, "train.epochs": cfg.train.epochs}
