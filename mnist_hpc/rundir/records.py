@@ -1,0 +1,299 @@
+"""The files that describe a run rather than its results: who submitted it (job.json), what it is
+bound to and who writes it (identity.json, lease.json), its config, its progress, its failure."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from mnist_hpc.io import utc_now, write_json_atomic, write_text_atomic
+from mnist_hpc.rundir.files import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    FAILURE_FILE,
+    HYDRA_DIR,
+    HYDRA_OVERRIDES,
+    HYDRA_PENDING_DIR,
+    IDENTITY_FILE,
+    JOB_FILE,
+    LEASE_FILE,
+    PROGRESS_FILE,
+    RunFileError,
+    _history,
+    _read_json_object,
+    _require,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mnist_hpc.config import Config
+
+
+# --- job.json: written at submission ----------------------------------------------------------
+
+
+__all__ = [
+    "JobRecord",
+    "write_job",
+    "read_job",
+    "write_identity",
+    "read_identity",
+    "write_lease",
+    "read_lease",
+    "remove_stale_temporaries",
+    "commit_hydra_files",
+    "discard_hydra_files",
+    "write_config",
+    "planned_epochs",
+    "hydra_overrides",
+    "Progress",
+    "write_progress",
+    "read_progress",
+    "error_line",
+    "write_failure",
+    "clear_failure",
+    "read_failure",
+]
+
+@dataclass
+class JobRecord:
+    """What the launcher knows of a submitted run (``job.json``)."""
+
+    # "slurm" or "local" (submitit's executor).
+    cluster: str
+    # Slurm job id, ``<array>_<task>`` for an array task.
+    job_id: str
+    run_dir: str
+    overrides: list[str] = field(default_factory=list)
+    # The trial's number in its sweep.
+    trial: Optional[int] = None
+    array_job_id: Optional[str] = None
+    array_task_id: Optional[int] = None
+    # Position inside a packed task (hydra.launcher.trials_per_task > 1), else None.
+    packed_slot: Optional[int] = None
+    # submitit's logs and folder.
+    stdout: Optional[str] = None
+    stderr: Optional[str] = None
+    submitit_folder: Optional[str] = None
+    submitted: str = ""
+
+    @property
+    def result_file(self) -> Optional[Path]:
+        """submitit's result pickle: it exists once the job's Python process has ended."""
+        return Path(self.submitit_folder) / f"{self.job_id}_0_result.pkl" if self.submitit_folder else None
+
+
+def write_job(run_dir: Path, record: JobRecord) -> None:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(run_dir) / JOB_FILE, asdict(record))
+
+
+def read_job(run_dir: Path) -> Optional[JobRecord]:
+    """The run's ``job.json``; None when it was not submitted.
+
+    Raises:
+        RunFileError: the file is damaged or lacks ``job_id``.
+    """
+    path = Path(run_dir) / JOB_FILE
+    data = _read_json_object(path)
+    if data is None:
+        return None
+    _require(path, data, "job_id", str)
+    known = {f.name for f in fields(JobRecord)}
+    values = {k: v for k, v in data.items() if k in known}
+    values.setdefault("cluster", "slurm")
+    values.setdefault("run_dir", str(run_dir))
+    if not isinstance(values.get("overrides", []), list):
+        raise RunFileError(f"{path}: field 'overrides' must be a list")
+    values["overrides"] = [str(o) for o in values.get("overrides", [])]
+    for key in ("trial", "array_task_id", "packed_slot"):
+        if values.get(key) is not None and not isinstance(values[key], int):
+            raise RunFileError(f"{path}: field {key!r} is {values[key]!r}, expected an integer")
+    return JobRecord(**values)
+
+
+# --- identity.json and lease.json: who may write the directory (policy: mnist_hpc.claim) ----------
+
+
+def write_identity(run_dir: Path, identity: dict[str, Any], fingerprint: str) -> None:
+    """Bind the directory to a config: written once, when the first run or submission claims it."""
+    write_json_atomic(Path(run_dir) / IDENTITY_FILE, {"fingerprint": fingerprint, "config": identity, "created": utc_now()})
+
+
+def read_identity(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The directory's binding; None for a directory not claimed yet.
+
+    Raises:
+        RunFileError: the file is damaged.
+    """
+    path = Path(run_dir) / IDENTITY_FILE
+    data = _read_json_object(path)
+    if data is None:
+        return None
+    _require(path, data, "fingerprint", str)
+    _require(path, data, "config", dict)
+    return data
+
+
+def write_lease(run_dir: Path, holder: dict[str, Any]) -> None:
+    write_json_atomic(Path(run_dir) / LEASE_FILE, {"holder": holder, "taken": utc_now()})
+
+
+def read_lease(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The lease; None when no job holds the directory.
+
+    Raises:
+        RunFileError: the file is damaged.
+    """
+    path = Path(run_dir) / LEASE_FILE
+    data = _read_json_object(path)
+    if data is None:
+        return None
+    _require(path, data, "holder", dict)
+    return data
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete half-written files (``.<name>.*.tmp*``, see :func:`mnist_hpc.io.atomic_path`) of dead writers.
+
+    Only for a caller that holds the lease: no live writer can be writing them.
+    """
+    removed = []
+    for directory in (Path(run_dir), Path(run_dir) / CHECKPOINT_DIR):
+        if directory.is_dir():
+            for path in directory.glob(".*.tmp*"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+def commit_hydra_files(run_dir: Path) -> None:
+    """Make the config Hydra wrote for this attempt (``.hydra-pending``) the run's ``.hydra``."""
+    pending = Path(run_dir) / HYDRA_PENDING_DIR
+    if not pending.is_dir():
+        return
+    final = Path(run_dir) / HYDRA_DIR
+    if final.is_dir():
+        shutil.rmtree(final)
+    os.replace(pending, final)
+
+
+def discard_hydra_files(run_dir: Path) -> None:
+    """Drop what Hydra wrote for an attempt that may not use the directory."""
+    shutil.rmtree(Path(run_dir) / HYDRA_PENDING_DIR, ignore_errors=True)
+
+
+# --- config.yaml and Hydra's overrides ------------------------------------------------------
+
+
+def write_config(run_dir: Path, cfg: "Config") -> None:
+    """The resolved, typed config as YAML: enough to rerun the same job."""
+    from omegaconf import OmegaConf
+
+    write_text_atomic(Path(run_dir) / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml  # PyYAML comes with omegaconf
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RunFileError(f"{path} is not readable YAML ({exc})") from exc
+
+
+def planned_epochs(run_dir: Path) -> Optional[int]:
+    """``train.epochs`` of the config a run wrote at its start; None before it started."""
+    cfg = _read_yaml(Path(run_dir) / CONFIG_FILE)
+    try:
+        return int(cfg["train"]["epochs"])
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def hydra_overrides(run_dir: Path) -> list[str]:
+    """The overrides Hydra recorded for a run (``.hydra/overrides.yaml``), or [] if none."""
+    data = _read_yaml(Path(run_dir) / HYDRA_OVERRIDES)
+    return [str(item) for item in data] if isinstance(data, list) else []
+
+
+# --- progress.json: written during training ---------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """How far a run has got: whole epochs done, of those planned, and their history."""
+
+    epochs_done: int
+    epochs_planned: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    updated: str = ""
+
+
+def write_progress(run_dir: Path, epochs_done: int, epochs_planned: int, history: Sequence[dict[str, Any]]) -> None:
+    """Written at the start (or resume) and after every epoch; a resume rewrites it from the checkpoint."""
+    progress = Progress(epochs_done, epochs_planned, [dict(r) for r in history], utc_now())
+    write_json_atomic(Path(run_dir) / PROGRESS_FILE, asdict(progress))
+
+
+def read_progress(run_dir: Path) -> Optional[Progress]:
+    """The run's progress; None before it started.
+
+    Raises:
+        RunFileError: the file is damaged.
+    """
+    path = Path(run_dir) / PROGRESS_FILE
+    data = _read_json_object(path)
+    if data is None:
+        return None
+    return Progress(
+        epochs_done=_require(path, data, "epochs_done", int),
+        epochs_planned=_require(path, data, "epochs_planned", int),
+        history=_history(path, data),
+        updated=str(data.get("updated", "")),
+    )
+
+
+# --- failure.json ----------------------------------------------------------------------------
+
+
+def error_line(exc: BaseException) -> str:
+    """``module.Type: first line of the message`` (as a traceback's last line): what a table shows."""
+    module = type(exc).__module__
+    name = type(exc).__name__ if module == "builtins" else f"{module}.{type(exc).__name__}"
+    return f"{name}: {exc}".splitlines()[0]
+
+
+def write_failure(run_dir: Path, exc: BaseException) -> None:
+    """``failure.json``: the error a status or report shows for a run that raised."""
+    write_json_atomic(
+        Path(run_dir) / FAILURE_FILE,
+        {
+            "error": error_line(exc),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            "time": utc_now(),
+        },
+    )
+
+
+def clear_failure(run_dir: Path) -> None:
+    """A new attempt supersedes an earlier one's failure."""
+    (Path(run_dir) / FAILURE_FILE).unlink(missing_ok=True)
+
+
+def read_failure(run_dir: Path) -> Optional[str]:
+    """The error line of a run that raised; None if it did not.
+
+    Raises:
+        RunFileError: the file is damaged.
+    """
+    path = Path(run_dir) / FAILURE_FILE
+    data = _read_json_object(path)
+    return None if data is None else str(_require(path, data, "error", str))

@@ -1,0 +1,101 @@
+"""A run's state: its files read together (damage becomes a note), and the one derivation of its state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mnist_hpc.rundir.files import ENDED_STATES, RunFileError
+from mnist_hpc.rundir.outputs import read_metrics
+from mnist_hpc.rundir.records import JobRecord, Progress, hydra_overrides, read_failure, read_job, read_progress
+
+
+__all__ = [
+    "RunFiles",
+    "read_run",
+    "run_state",
+]
+
+@dataclass
+class RunFiles:
+    """What a run's files say about it; ``notes`` name the files that could not be used."""
+
+    run_dir: Path
+    job: Optional[JobRecord] = None
+    metrics: Optional[dict[str, Any]] = None
+    progress: Optional[Progress] = None
+    failure: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """The run's last attempt ended with its final metrics (and did not fail after them)."""
+        return self.metrics is not None and self.failure is None
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        if self.metrics is not None:
+            return [dict(r) for r in self.metrics["history"]]
+        return list(self.progress.history) if self.progress else []
+
+    @property
+    def epochs(self) -> tuple[Optional[int], Optional[int]]:
+        """(epochs done, epochs planned); None where not known yet."""
+        if self.metrics is not None:
+            done = len(self.metrics["history"])
+            return done, (self.progress.epochs_planned if self.progress else done)
+        if self.progress is not None:
+            return self.progress.epochs_done, self.progress.epochs_planned
+        return None, None
+
+
+def read_run(run_dir: Path) -> RunFiles:
+    """Read every file that tells a run's state; a damaged one becomes a note, not an error."""
+    run = RunFiles(Path(run_dir))
+    readers = (
+        ("job", read_job),
+        ("metrics", read_metrics),
+        ("progress", read_progress),
+        ("failure", read_failure),
+    )
+    for name, reader in readers:
+        try:
+            setattr(run, name, reader(run.run_dir))
+        except RunFileError as exc:
+            run.notes.append(f"{exc}; ignored")
+    try:
+        run.overrides = list(run.job.overrides) if run.job else hydra_overrides(run.run_dir)
+    except RunFileError as exc:
+        run.notes.append(f"{exc}; ignored")
+    return run
+
+
+def run_state(run: RunFiles, scheduler_state: Optional[str], process_ended: bool = False) -> str:
+    """A run's state, from its files and (when known) its Slurm job's state.
+
+    For a trial packed with others into one task, the task's state says how the task as a
+    whole is doing; the trial's own files say how the trial ended. A task that ended
+    COMPLETED without its trial's ``metrics.json`` did not finish that trial: it is FAILED,
+    never COMPLETED.
+
+    Args:
+        run: the run's files (:func:`read_run`).
+        scheduler_state: the job's state from sacct or squeue; None when no scheduler knows it.
+        process_ended: the job's process is known to have ended (submitit's result file).
+    """
+    packed = run.job is not None and run.job.packed_slot is not None
+    # A new attempt removes the failure.json of the one before when it starts, so a failure.json
+    # is the newest word on the run, even beside a metrics.json that an earlier attempt left.
+    if run.failure is not None and (packed or scheduler_state is None or scheduler_state in ENDED_STATES):
+        return "FAILED"
+    if run.finished:
+        return "COMPLETED" if packed or scheduler_state in (None, "COMPLETED") else scheduler_state
+    if scheduler_state == "COMPLETED" or (scheduler_state is None and process_ended):
+        return "FAILED"
+    if scheduler_state is not None:
+        return scheduler_state
+    if run.job is not None and run.job.cluster == "local":
+        return "RUNNING" if run.progress is not None else "PENDING"
+    return "UNKNOWN"
