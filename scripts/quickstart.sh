@@ -17,5 +17,5 @@ if [ $# -gt 0 ] && [ "${1#*=}" = "$1" ]; then
     source_arg=(--from "$1")
     shift
 fi
-"$PYTHON" -m mnist_hpc.login.prefetch.fetch "${source_arg[@]}"
+"$PYTHON" -m mnist_hpc.login.prefetch "${source_arg[@]}"
 "$PYTHON" -c 'from mnist_hpc.cli import train_main; train_main()' "$@"

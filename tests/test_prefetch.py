@@ -28,12 +28,13 @@ import numpy as np
 import pytest
 
 from mnist_hpc import __version__
-from mnist_hpc.login.prefetch import fetch as prefetch
-from mnist_hpc.config import DataConfig
+from mnist_hpc.login import prefetch
+from mnist_hpc.login.prefetch import download, fetch, sources, store
+from mnist_hpc.config import KERAS_MNIST_SHA256, DataConfig
 from mnist_hpc.cache import DatasetError, manifest_path, read_npz, verify_cached
 from mnist_hpc.compute.data import load_mnist
 from mnist_hpc.io import sha256_file
-from mnist_hpc.login.prefetch.fetch import (
+from mnist_hpc.login.prefetch.errors import (
     CacheFullError,
     CacheNotWritableError,
     HashMismatchError,
@@ -324,7 +325,7 @@ def test_retry_succeeds_after_a_transient_error(server: LoopbackServer, good, ca
         sleeps.append(seconds)
         route.status, route.body = 200, data  # the server recovers during the backoff
 
-    monkeypatch.setattr(prefetch.time, "sleep", sleep)
+    monkeypatch.setattr(download.time, "sleep", sleep)
     prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, retries=3, backoff_s=0.5, progress=False)
     assert server.count("/mnist.npz") == 2
     assert sleeps == [0.5]
@@ -332,7 +333,7 @@ def test_retry_succeeds_after_a_transient_error(server: LoopbackServer, good, ca
 
 def test_backoff_is_exponential(server: LoopbackServer, cache: Path, monkeypatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr(prefetch.time, "sleep", sleeps.append)
+    monkeypatch.setattr(download.time, "sleep", sleeps.append)
     url = server.add("/mnist.npz", Route(status=500))
     with pytest.raises(HttpError):
         prefetch.prefetch(cache / "mnist.npz", url=url, retries=3, backoff_s=0.25, progress=False)
@@ -346,7 +347,7 @@ def test_unreachable_host_explains_the_hand_copy(cache: Path) -> None:
     message = str(info.value)
     assert url in message and "Connection refused" in message
     assert "--from /path/to/mnist.npz" in message and "scp" in message and "--url" in message
-    assert prefetch.KERAS_MNIST_SHA256 in message  # so the hand copy can be checked
+    assert KERAS_MNIST_SHA256 in message  # so the hand copy can be checked
     assert_clean(cache)
 
 
@@ -574,7 +575,7 @@ def test_full_disk_while_copying(tmp_path: Path, good, cache: Path, monkeypatch)
         Path(dst).write_bytes(Path(src).read_bytes()[:1000])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
-    monkeypatch.setattr(prefetch.shutil, "copyfile", copy_until_full)
+    monkeypatch.setattr(sources.shutil, "copyfile", copy_until_full)
     with pytest.raises(CacheFullError, match=f"no space left in the cache directory {cache}"):
         prefetch.prefetch(cache / "mnist.npz", source=source)
     assert_clean(cache)
@@ -610,7 +611,7 @@ def test_two_concurrent_prefetches_leave_one_valid_file(server: LoopbackServer, 
     _, data, digest = good
     gate = threading.Event()
     url = server.add("/mnist.npz", Route(body=data, gate=gate))
-    command = [sys.executable, "-m", "mnist_hpc.login.prefetch.fetch", "--url", url, "--sha256", digest, "--retries", "0",
+    command = [sys.executable, "-m", "mnist_hpc.login.prefetch", "--url", url, "--sha256", digest, "--retries", "0",
                f"data.cache_dir={cache}"]
     procs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
@@ -658,7 +659,7 @@ def test_lock_without_flock_support_still_works(good, tmp_path: Path, cache: Pat
         def flock(fd: int, op: int) -> None:
             raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(prefetch, "fcntl", NoFlock)
+    monkeypatch.setattr(store, "fcntl", NoFlock)
     assert prefetch.prefetch(cache / "mnist.npz", source=source)["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
@@ -751,7 +752,8 @@ class Spy:
             attempts.append(name)
         return None
 sys.meta_path.insert(0, Spy())
-from mnist_hpc.login.prefetch import fetch as prefetch
+from mnist_hpc.login import prefetch
+from mnist_hpc.login.prefetch import download, fetch, sources, store
 args = ["--url", {url!r}, "--sha256", {digest!r}, "--retries", "0", "data.cache_dir=" + {str(cache)!r}]
 assert prefetch.main(args) == 0   # downloads
 assert prefetch.main(args) == 0   # already cached
@@ -777,5 +779,5 @@ def test_valid_cache_is_checked_without_decompressing_the_arrays(tmp_path: Path,
     def no_full_read(*args, **kwargs):
         raise AssertionError("read the whole npz to check a valid cache")
 
-    monkeypatch.setattr(prefetch, "read_npz", no_full_read)
+    monkeypatch.setattr(fetch, "read_npz", no_full_read)
     assert prefetch.prefetch(target, source=source) == first
