@@ -45,12 +45,9 @@ from mnist_hpc.login.prefetch.errors import (
     TruncatedDownloadError,
 )
 
-try:
-    from tests.http_fixture import LoopbackServer, Route
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path itself
-    from http_fixture import LoopbackServer, Route
+from tests.conftest import IN_CI, REPO
+from tests.http_fixture import LoopbackServer, Route
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = {"retries": 1, "backoff_s": 0.0, "timeout_s": 10.0, "progress": False}
 
 
@@ -143,15 +140,24 @@ def cache(tmp_path: Path) -> Path:
 
 
 def tmpfs(mountpoint: Path, options: str) -> None:
-    """Mount a tmpfs (needs root and CAP_SYS_ADMIN); skip the test where that is impossible."""
+    """Mount a tmpfs (needs root and CAP_SYS_ADMIN, as CI has).
+
+    Where that is impossible the test skips locally, with the reason, and fails under CI=true:
+    these are the only tests of real ENOSPC/EROFS errors, so CI must not pass without them.
+    """
     mountpoint.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
-        pytest.skip("no mount(8) here; the monkeypatched unit test covers this path")
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the unit test covers this path")
+        problem = "no mount(8) on PATH"
+    else:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)], capture_output=True, text=True
+        )
+        if result.returncode == 0:
+            return
+        problem = f"mount -t tmpfs failed: {result.stderr.strip() or result.returncode}"
+    if IN_CI:
+        pytest.fail(f"{problem}; CI runs as root and must run this filesystem test")
+    pytest.skip(f"{problem} (needs root); CI fails here instead of skipping")
 
 
 @pytest.fixture
