@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from mnist_hpc.cache import DatasetError
 from mnist_hpc.config import KERAS_MNIST_URL
-from mnist_hpc.login.prefetch.download import first_line
-from mnist_hpc.login.prefetch.errors import PROG, PrefetchError
+from mnist_hpc.login.prefetch.download import DEFAULT_MAX_TIME_S, first_line
+from mnist_hpc.login.prefetch.errors import PROG, Interrupted, PrefetchError
 from mnist_hpc.login.prefetch.fetch import log, prefetch
 from mnist_hpc.login.prefetch.sources import normalise_sha256
 
@@ -98,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="timeout per network request (default: 60)",
     )
     parser.add_argument(
+        "--max-time-s",
+        type=_bounded(float, 0, inclusive=False),
+        default=DEFAULT_MAX_TIME_S,
+        metavar="S",
+        help=f"give up a download not finished after S seconds, retries included (default: {DEFAULT_MAX_TIME_S:g})",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
@@ -138,6 +148,25 @@ def target_from_overrides(overrides: Sequence[str]) -> Path:
     return cache_file(to_typed(cfg).data)
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted`, so that the staging area is removed and
+    the lock released on the way out (the default SIGTERM kills at once and leaves them)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run ``mnist-hpc-prefetch``; return the exit code (0 ok, 1 failure, 2 usage error)."""
     from hydra.errors import HydraException
@@ -165,19 +194,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     previous_level = log.level
     log.setLevel(logging.INFO)
     try:
-        prefetch(
-            target,
-            url=args.url or KERAS_MNIST_URL,
-            sha256=args.sha256,
-            source=args.source,
-            force=args.force,
-            retries=args.retries,
-            backoff_s=args.backoff_s,
-            timeout_s=args.timeout_s,
-        )
+        with _signals_interrupt():
+            prefetch(
+                target,
+                url=args.url or KERAS_MNIST_URL,
+                sha256=args.sha256,
+                source=args.source,
+                force=args.force,
+                retries=args.retries,
+                backoff_s=args.backoff_s,
+                timeout_s=args.timeout_s,
+                max_time_s=args.max_time_s,
+            )
     except (PrefetchError, DatasetError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"{PROG}: stopped by {name}; the cache is as it was and no partial file was left", file=sys.stderr)
+        return 128 + exc.signum
     finally:
         log.removeHandler(handler)
         log.setLevel(previous_level)

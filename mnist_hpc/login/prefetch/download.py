@@ -8,8 +8,10 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 from mnist_hpc.login.prefetch.errors import (
+    DownloadTimeoutError,
     HashMismatchError,
     HttpError,
     NetworkError,
@@ -19,6 +21,9 @@ from mnist_hpc.login.prefetch.errors import (
 )
 
 _HASH_GOT = re.compile(r"but got ([0-9a-fA-F]{64})")
+# The whole download's deadline: MNIST's 11 MB at 12 KB/s. requests' timeout is per read, so
+# a server trickling a byte now and then would otherwise keep a prefetch going for hours.
+DEFAULT_MAX_TIME_S = 900.0
 
 log = logging.getLogger("mnist_hpc.login.prefetch")
 
@@ -38,6 +43,45 @@ def _quiet_pooch() -> Iterator[None]:
         logger.setLevel(level)
 
 
+class _DeadlinePassed(Exception):
+    """Raised inside pooch's streaming loop; not a ValueError, which pooch would take for a bad hash."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(received)
+        self.received = received
+
+
+class _DeadlineFile:
+    """The download's output file, refusing further chunks once the deadline has passed."""
+
+    def __init__(self, fh: BinaryIO, deadline: float) -> None:
+        self.fh, self.deadline, self.received = fh, deadline, 0
+
+    def write(self, chunk: bytes) -> int:
+        if time.monotonic() > self.deadline:
+            raise _DeadlinePassed(self.received)
+        self.received += len(chunk)
+        return self.fh.write(chunk)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _downloader(deadline: float, timeout_s: float, progress: bool) -> Callable[[str, str, Any], None]:
+    """A pooch downloader whose reads time out at the per-read timeout or the deadline, if sooner."""
+    import pooch
+
+    def fetch(url: str, output_file: str, pooch_obj: Any) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _DeadlinePassed(0)
+        inner = pooch.HTTPDownloader(progressbar=progress, timeout=min(timeout_s, remaining))
+        with open(output_file, "w+b") as fh:
+            inner(url, _DeadlineFile(fh, deadline), pooch_obj)
+
+    return fetch
+
+
 def download(
     url: str,
     staging: Path,
@@ -47,6 +91,7 @@ def download(
     retries: int,
     backoff_s: float,
     timeout_s: float,
+    max_time_s: float = DEFAULT_MAX_TIME_S,
     progress: bool,
 ) -> Path:
     """Download ``url`` into ``staging`` with pooch, retrying transient failures.
@@ -56,16 +101,17 @@ def download(
     every RequestException and ValueError alike, with a linear wait, so it would retry a 404
     or a hash mismatch (which cannot succeed) just as often as a dropped connection. Here only
     transient failures (connection errors, timeouts, truncated bodies, HTTP 5xx and 429) are
-    retried, with exponential backoff.
+    retried, with exponential backoff, all within ``max_time_s``.
 
     Raises:
-        NetworkError, HttpError, TruncatedDownloadError, HashMismatchError.
+        NetworkError, HttpError, TruncatedDownloadError, HashMismatchError, DownloadTimeoutError.
     """
     # Imported here so that `--help` and the already-cached path do not pay for them.
     import pooch
     import requests
 
-    downloader = pooch.HTTPDownloader(progressbar=progress, timeout=timeout_s)
+    deadline = time.monotonic() + max_time_s
+    downloader = _downloader(deadline, timeout_s, progress)
     attempts = retries + 1
     for attempt in range(1, attempts + 1):
         try:
@@ -105,11 +151,17 @@ def download(
             )
             error.__cause__ = exc
         except (requests.ConnectionError, requests.Timeout) as exc:
+            if time.monotonic() >= deadline:  # the last read's timeout was cut to the deadline
+                raise _too_slow(url, sha256, max_time_s, None, attempt) from exc
             transient = True
             cause = f"timed out after {timeout_s:g} s" if isinstance(exc, requests.Timeout) else _reason(exc)
             error = NetworkError(f"cannot reach {url}: {cause} ({attempt} attempt(s)). {hand_copy_hint(url, sha256)}")
             error.__cause__ = exc
+        except _DeadlinePassed as exc:
+            raise _too_slow(url, sha256, max_time_s, exc.received, attempt) from None
         except requests.RequestException as exc:
+            if time.monotonic() >= deadline:  # the last read's timeout was cut to the deadline
+                raise _too_slow(url, sha256, max_time_s, None, attempt) from exc
             # Malformed or unsupported URLs (no scheme, file://): retrying cannot help.
             raise PrefetchError(
                 f"cannot download {url!r}: {exc}. Give an http(s) URL with --url, or a local file with --from"
@@ -129,9 +181,19 @@ def download(
         if not transient or attempt == attempts:
             raise error
         delay_s = backoff_s * 2 ** (attempt - 1)
+        if time.monotonic() + delay_s >= deadline:
+            raise _too_slow(url, sha256, max_time_s, None, attempt) from error
         log.warning("attempt %d of %d for %s failed (%s); retrying in %.1f s", attempt, attempts, url, cause, delay_s)
         time.sleep(delay_s)
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _too_slow(url: str, sha256: str, max_time_s: float, received: int | None, attempts: int) -> DownloadTimeoutError:
+    got = f", {received} bytes received" if received is not None else ""
+    return DownloadTimeoutError(
+        f"the download from {url} did not finish within --max-time-s {max_time_s:g} ({attempts} attempt(s){got}); "
+        f"the connection is too slow or stalls. Try again later, or raise --max-time-s. {hand_copy_hint(url, sha256)}"
+    )
 
 
 def _reason(exc: BaseException) -> str:

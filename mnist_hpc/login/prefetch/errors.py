@@ -46,6 +46,14 @@ class TruncatedDownloadError(PrefetchError):
     """The server closed the connection before sending the whole file."""
 
 
+class DownloadTimeoutError(NetworkError):
+    """The download, all attempts included, did not finish within its overall deadline."""
+
+
+class LockError(PrefetchError):
+    """The cache's lock file cannot be opened or locked; the message names the file."""
+
+
 class SourceError(PrefetchError):
     """The ``--from`` path is missing, unreadable or incomplete."""
 
@@ -56,6 +64,14 @@ class CacheNotWritableError(PrefetchError):
 
 class CacheFullError(CacheNotWritableError):
     """The cache directory's filesystem (or quota) ran out of space."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived; raised (like KeyboardInterrupt) so that cleanup runs on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def move_hint() -> str:

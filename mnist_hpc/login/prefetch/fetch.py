@@ -8,74 +8,87 @@ write the shared cache) and training jobs only ever read the result (see
 * ``--from FILE.npz``: a file copied over by hand (``scp``) from a machine with internet;
 * ``--from DIR``: the four original IDX files (optionally gzipped), converted to the npz.
 
-Whatever the source, the file is staged inside the cache directory, validated (keys, dtypes,
-shapes, labels), then renamed into place, and its manifest is written after it; on any
-failure the staging area is removed, so the cache never holds a partial or invalid file.
+A local source is validated before the cache is touched; a download is staged inside the
+cache directory and validated there. The validated bytes become a content-addressed object,
+and the manifest is switched to it last (see :mod:`mnist_hpc.cache`): a job never sees a
+partial, invalid or mismatched file, and on any failure the staging area is removed.
 
 Nothing here imports TensorFlow, directly or indirectly: the login node stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
 import shutil
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 from mnist_hpc import __version__
-from mnist_hpc.cache import (
-    CacheCorruptError,
-    CacheMissingError,
-    DatasetError,
-    check_cached,
-    manifest_path,
-    read_npz,
-    validate_arrays,
-)
-from mnist_hpc.config import KERAS_MNIST_URL
-from mnist_hpc.io import sha256_file
-from mnist_hpc.login.prefetch.download import download
-from mnist_hpc.login.prefetch.errors import NO_SPACE, NOT_WRITABLE, HashMismatchError, cache_error
-from mnist_hpc.login.prefetch.sources import Plan, normalise_sha256, plan_source, write_source
-from mnist_hpc.login.prefetch.store import STAGING_PREFIX, cache_lock, ensure_writable, install, sweep_stale
+from mnist_hpc.cache import FORMAT, MAX_NPZ_BYTES, CacheError, DatasetError, check_cached, load_arrays, manifest_path
+from mnist_hpc.config import KERAS_MNIST_SHA256, KERAS_MNIST_URL
+from mnist_hpc.login.prefetch import store
+from mnist_hpc.login.prefetch.download import DEFAULT_MAX_TIME_S, download
+from mnist_hpc.login.prefetch.errors import NO_SPACE, NOT_WRITABLE, PrefetchError, cache_error
+from mnist_hpc.login.prefetch.sources import Plan, normalise_sha256, plan_source, prepare
 
 log = logging.getLogger("mnist_hpc.login.prefetch")
 
 
-def _cached_manifest(target: Path, plan: Plan) -> Optional[dict[str, Any]]:
-    """The manifest of a cached file that already satisfies ``plan``, else None (and why, logged)."""
-    if not target.exists() and not manifest_path(target).exists():
-        return None
+def _up_to_date(target: Path, plan: Plan, *, explain: bool) -> Optional[dict[str, Any]]:
+    """The manifest of a cache that already satisfies ``plan`` (logged), else None (why: logged if ``explain``)."""
+    say = log.info if explain else log.debug
     try:
-        # Hash against manifest, then the arrays' headers: the file that passed full validation.
+        # Manifest, object hash, then the arrays' headers: the file that passed full validation.
         manifest = check_cached(target)
-        if plan.expected_sha256 is not None and manifest["sha256"] != plan.expected_sha256:
-            log.info(
-                "%s holds sha256 %s (from %s), not the expected %s; replacing it",
-                target,
-                manifest["sha256"],
-                manifest.get("source", "unknown source"),
-                plan.expected_sha256,
-            )
-            return None
-        if plan.kind == "idx" and manifest.get("source_files") != plan.source_files:
-            log.info("%s was not built from these IDX files; replacing it", target)
-            return None
-    except (CacheMissingError, CacheCorruptError, DatasetError, OSError) as exc:
-        log.info("not using the cached file: %s", exc)
+    except CacheError as exc:
+        if manifest_path(target).exists() or os.path.lexists(target):
+            say("not using the cached file: %s", exc)
         return None
+    if plan.expected_sha256 is not None and manifest["sha256"] != plan.expected_sha256:
+        say("%s holds sha256 %s (from %s), not the expected %s; replacing it",
+            target, manifest["sha256"], manifest["source"], plan.expected_sha256)
+        return None
+    if plan.kind == "idx" and manifest.get("source_files") != plan.source_files:
+        say("%s was not built from these IDX files; replacing it", target)
+        return None
+    note = ""
+    if plan.kind == "download" and manifest["sha256"] != KERAS_MNIST_SHA256:
+        # A plain prefetch after `--from`: the imported file is valid and stays.
+        note = (f" (sha256 {manifest['sha256'][:12]}…, from {manifest['source']}; it differs from the "
+                f"file Keras pins, {KERAS_MNIST_SHA256[:12]}…; --force replaces it with a download)")
+    log.info("already cached and verified: %s%s", target, note)
     return manifest
 
 
-def stage(plan: Plan, staging: Path, fname: str, **options: Any) -> Path:
-    """Produce the candidate npz inside ``staging`` from the plan's source."""
-    if plan.kind == "download":
-        assert plan.expected_sha256 is not None
-        return download(plan.source, staging, fname, plan.expected_sha256, **options)
-    return write_source(plan, staging / fname)
+def _tidy(target: Path, manifest: dict[str, Any], grace_s: float) -> None:
+    """Repair the link and drop replaced objects when due; never waits and never fails the caller."""
+    if not store.needs_tidying(target, manifest, grace_s):
+        return
+    try:
+        with store.cache_lock(target.parent, wait=False):
+            store.tidy(target, grace_s)
+    except (BlockingIOError, PrefetchError, OSError) as exc:  # busy or read-only for us: next time
+        log.debug("cache not tidied: %s", exc)
+
+
+def _candidate(
+    plan: Plan, prepared: Optional[tuple[bytes, dict[str, list[int]]]], staged: Path, **options: Any
+) -> tuple[Path, bytes, dict[str, list[int]]]:
+    """The staged npz, its bytes and their validated shapes: a local source's, or a download's."""
+    if prepared is not None:
+        data, shapes = prepared
+        staged.write_bytes(data)
+        return staged, data, shapes
+    staged = download(plan.source, staged.parent, staged.name, plan.expected_sha256 or KERAS_MNIST_SHA256, **options)
+    if staged.stat().st_size > MAX_NPZ_BYTES:
+        raise DatasetError(f"{plan.source} is larger than any MNIST-like npz ({MAX_NPZ_BYTES} bytes at most)")
+    data = staged.read_bytes()
+    return staged, data, load_arrays(data, plan.source)[1]
 
 
 def prefetch(
@@ -88,33 +101,38 @@ def prefetch(
     retries: int = 3,
     backoff_s: float = 1.0,
     timeout_s: float = 60.0,
+    max_time_s: float = DEFAULT_MAX_TIME_S,
     progress: Optional[bool] = None,
+    grace_s: float = store.GC_GRACE_S,
 ) -> dict[str, Any]:
     """Place a verified MNIST npz at ``target`` with its manifest beside it; return the manifest.
 
-    Idempotent: when ``target`` already matches its manifest, holds valid arrays and has the
-    expected hash, nothing is fetched. Concurrent calls on the same cache serialise on a lock
-    file and the later one finds the earlier one's result.
+    Idempotent: a cache that matches its manifest, holds valid arrays and has the expected hash
+    is kept and nothing is fetched. Without ``sha256`` any valid cache counts as up to date for
+    a download (a file imported with ``source`` stays; ``force`` replaces it). Concurrent calls
+    on the same cache serialise on a lock file and the later one finds the earlier one's result.
 
     Args:
-        target: Final path of the npz (``mnist_hpc.config.cache_file``).
+        target: The npz's path, ``mnist_hpc.config.cache_file`` (a link to the current object).
         url: Where to download from when ``source`` is None.
-        sha256: Expected hex sha256 of the npz. None means Keras' pinned hash for a download,
-            and no check (beyond the arrays' validation) for ``source``.
+        sha256: Expected hex sha256 of the npz. None: Keras' pinned hash checks a download, and
+            an existing valid cache is kept whatever its hash.
         source: A hand-copied ``.npz``, or a directory of the four MNIST IDX files (each
             optionally ``.gz``), to import instead of downloading.
         force: Replace the cached file even when it is valid.
         retries: Extra attempts after a transient network failure.
         backoff_s: Wait before the first retry; doubled for each further one.
         timeout_s: Timeout of each network request (connect, and between bytes).
+        max_time_s: Deadline of the whole download, all attempts and waits included.
         progress: Show a progress bar; None shows one when stderr is a terminal.
+        grace_s: How long a replaced object stays for jobs that read the previous manifest.
 
     Returns:
         The manifest: source, sha256, size, shapes, created (ISO-8601 UTC), mnist_hpc version.
 
     Raises:
-        PrefetchError: a subclass naming the failure (network, HTTP status, hash, truncation,
-            source, unwritable or full cache).
+        PrefetchError: a subclass naming the failure (network, HTTP status, deadline, hash,
+            truncation, source, lock, unwritable or full cache).
         DatasetError: the file is not a valid MNIST npz (or the IDX files are invalid).
     """
     target = Path(target).expanduser().absolute()
@@ -123,70 +141,52 @@ def prefetch(
     source = Path(source).expanduser().absolute() if source is not None else None
     plan = plan_source(url, expected, source)
 
-    if not force and (manifest := _cached_manifest(target, plan)) is not None:
-        log.info("already cached and verified: %s", target)
+    if not force and (manifest := _up_to_date(target, plan, explain=True)) is not None:
+        _tidy(target, manifest, grace_s)
         return manifest
 
-    ensure_writable(cache_dir)
-    with cache_lock(cache_dir) as locked:
+    prepared = None
+    if plan.kind != "download":
+        try:  # validated before anything is written: a bad file leaves no trace
+            prepared = prepare(plan)
+        except DatasetError as exc:
+            raise DatasetError(f"{exc}; nothing was written to the cache") from exc
+    store.ensure_writable(cache_dir)
+    with store.cache_lock(cache_dir):
         # Another prefetch may have filled the cache while we waited for the lock.
-        if not force and (manifest := _cached_manifest(target, plan)) is not None:
-            log.info("already cached and verified: %s", target)
+        if not force and (manifest := _up_to_date(target, plan, explain=False)) is not None:
             return manifest
-        if locked:
-            sweep_stale(cache_dir, target)
-        log.info("fetching %s -> %s", plan.source, target)
+        store.sweep_stale(cache_dir, target)
+        log.info("fetching %s -> %s", plan.label or plan.source, target)
+        staging = store.make_staging(cache_dir)
         try:
-            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=cache_dir))
-        except OSError as exc:
-            raise cache_error(exc, cache_dir, "creating a staging directory") from exc
-        try:
-            staged = stage(
-                plan,
-                staging,
-                target.name,
-                retries=retries,
-                backoff_s=backoff_s,
-                timeout_s=timeout_s,
-                progress=sys.stderr.isatty() if progress is None else progress,
+            staged, data, shapes = _candidate(
+                plan, prepared, staging / target.name, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
+                max_time_s=max_time_s, progress=sys.stderr.isatty() if progress is None else progress,
             )
-            shapes = _validate_staged(staged, plan)
-            digest = sha256_file(staged)
-            if plan.expected_sha256 is not None and digest != plan.expected_sha256:
-                # The download was checked by pooch; this catches a source changed while copied.
-                raise HashMismatchError(
-                    f"sha256 mismatch for {plan.source}: expected {plan.expected_sha256}, got {digest} "
-                    "(the file changed while it was copied?); try again",
-                    expected=plan.expected_sha256,
-                    got=digest,
-                )
             manifest = {
+                "format": FORMAT,
                 "source": plan.source,
                 "source_kind": plan.kind,
-                "sha256": digest,
-                "size": staged.stat().st_size,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
                 "shapes": shapes,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "mnist_hpc_version": __version__,
             }
             if plan.source_files:
                 manifest["source_files"] = plan.source_files
-            install(staged, target, manifest)
+            store.install(staged, target, manifest)
+        except DatasetError as exc:
+            raise DatasetError(f"{exc}; nothing was written to the cache") from exc
         except OSError as exc:
-            # requests' exceptions are OSErrors too, but _download has translated them all.
+            # requests' exceptions are OSErrors too, but download() has translated them all.
             if exc.errno in NO_SPACE | NOT_WRITABLE:
                 raise cache_error(exc, cache_dir, f"writing {target.name}") from exc
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            store.collect_garbage(target, grace_s)
     log.info("cached and verified: %s (sha256 %s)", target, manifest["sha256"])
     return manifest
-
-
-def _validate_staged(staged: Path, plan: Plan) -> dict[str, list[int]]:
-    """Validate the staged npz, naming the real source (the staging path is private)."""
-    try:
-        return validate_arrays(read_npz(staged), source=plan.source)
-    except DatasetError as exc:
-        message = str(exc).replace(str(staged), "the file")
-        raise DatasetError(f"rejected {plan.source}: {message}; nothing was written to the cache") from exc
