@@ -217,19 +217,22 @@ def describe_bytes(head: bytes) -> str:
 
 
 def _npy_header(member: Any, name: str) -> tuple[dict[str, Any], int]:
-    """The header dict of a ``.npy`` stream (format 1-3) and the header's length in bytes."""
+    """The header dict of a ``.npy`` stream (format 1-3) and the header's length in bytes.
+
+    ``name`` says where the stream is ("f.npz: member x.npy") in the messages.
+    """
     magic = member.read(8)
     if len(magic) < 8 or magic[:6] != b"\x93NUMPY" or magic[6] not in (1, 2, 3):
-        raise DatasetError(f"member {name} is not a .npy array")
+        raise DatasetError(f"{name} is not a .npy array")
     length_format = "<H" if magic[6] == 1 else "<I"
     (length,) = struct.unpack(length_format, member.read(struct.calcsize(length_format)))
     if length > MAX_NPY_HEADER_BYTES:
-        raise DatasetError(f"member {name} has a .npy header of {length} bytes (numpy allows {MAX_NPY_HEADER_BYTES})")
+        raise DatasetError(f"{name} has a .npy header of {length} bytes (numpy allows {MAX_NPY_HEADER_BYTES})")
     text = member.read(length).decode("utf-8" if magic[6] == 3 else "latin1")
     header = ast.literal_eval(text)
     shape = header.get("shape") if isinstance(header, dict) else None
     if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape) or "descr" not in header:
-        raise DatasetError(f"member {name} has a malformed .npy header")
+        raise DatasetError(f"{name} has a malformed .npy header")
     return header, 8 + struct.calcsize(length_format) + length
 
 
@@ -269,7 +272,7 @@ def read_npz_layout(source: Union[Path, bytes], name: str = "") -> dict[str, tup
                 raise DatasetError(f"{name} holds {len(infos)} members; an MNIST npz holds {len(REQUIRED_KEYS)}")
             for info in infos:
                 with archive.open(info) as member:
-                    header, header_bytes = _npy_header(member, info.filename)
+                    header, header_bytes = _npy_header(member, f"{name}: member {info.filename}")
                 key = info.filename.removesuffix(".npy")
                 shape, size = tuple(header["shape"]), _itemsize(header["descr"])
                 count = 1
