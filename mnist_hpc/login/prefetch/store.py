@@ -54,10 +54,10 @@ def shared_mode(cache_dir: Path, mode: int) -> int:
     return (mode & ~mask) | (mode & 0o070 if shared else 0)
 
 
-def _make_shared_dir(directory: Path, cache_dir: Path) -> None:
-    directory.mkdir(exist_ok=True)
-    with contextlib.suppress(OSError):  # not ours: its owner set it up
-        os.chmod(directory, shared_mode(cache_dir, 0o777) | (directory.stat().st_mode & stat.S_ISGID))
+def _share_dir(directory: Path, cache_dir: Path, mode: int) -> None:
+    """chmod a directory we made to ``shared_mode``, keeping the setgid bit it inherited (which
+    gives what is created inside it the cache's group)."""
+    os.chmod(directory, shared_mode(cache_dir, mode) | (directory.stat().st_mode & stat.S_ISGID))
 
 
 def ensure_writable(cache_dir: Path) -> None:
@@ -167,7 +167,7 @@ def make_staging(cache_dir: Path) -> Path:
     try:
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=cache_dir))
         # Group-accessible like the cache, so another member can sweep it if this process is killed.
-        os.chmod(staging, shared_mode(cache_dir, 0o700 | 0o070))
+        _share_dir(staging, cache_dir, 0o770)
     except OSError as exc:
         raise cache_error(exc, cache_dir, "creating a staging directory") from exc
     return staging
@@ -207,7 +207,9 @@ def install(staged: Path, target: Path, manifest: dict[str, Any]) -> None:
     try:
         with atomic_path(cache.manifest_path(target)) as manifest_tmp:
             manifest_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            _make_shared_dir(obj.parent, cache_dir)
+            if not obj.parent.is_dir():
+                obj.parent.mkdir(exist_ok=True)
+                _share_dir(obj.parent, cache_dir, 0o777)
             os.chmod(staged, shared_mode(cache_dir, 0o444))  # immutable: its name is its hash
             with open(staged, "rb") as fh:
                 os.fsync(fh.fileno())
