@@ -22,6 +22,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import re
 import shlex
 import struct
@@ -127,16 +128,11 @@ def prefetch_command(npz_path: Path, manifest: Optional[dict[str, Any]] = None, 
 # ---------------------------------------------------------------------------- manifest
 
 
-def _json_kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number"
-    )
-
-
 def _manifest_problem(manifest: Any) -> Optional[str]:
     """What is wrong with a parsed manifest, or None."""
     if not isinstance(manifest, dict):
-        return f"holds {_json_kind(manifest)}, not a JSON object"
+        kinds = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+        return f"holds {kinds.get(type(manifest), 'a number')}, not a JSON object"
     if manifest.get("format") != FORMAT:
         return f"has format {manifest.get('format')!r}, not {FORMAT} (written by another mnist-hpc version)"
     if not isinstance(manifest.get("sha256"), str) or not _SHA256.fullmatch(manifest["sha256"]):
@@ -236,18 +232,13 @@ def _npy_header(member: Any, name: str) -> tuple[dict[str, Any], int]:
     return header, 8 + struct.calcsize(length_format) + length
 
 
-def _itemsize(descr: Any) -> Optional[int]:
-    """Bytes per item of a simple ``.npy`` descr (``'|u1'`` -> 1), None for others."""
-    if isinstance(descr, str) and len(descr) >= 3 and descr[1] in "uifb" and descr[2:].isdigit():
-        return int(descr[2:])
-    return None
-
-
-def _dtype_name(descr: Any) -> str:
-    """numpy's name for a simple ``.npy`` descr (``'|u1'`` -> ``'uint8'``, ``'<f4'`` -> ``'float32'``)."""
-    kinds = {"u": "uint", "i": "int", "f": "float"}
-    size = _itemsize(descr)
-    return f"{kinds[descr[1]]}{size * 8}" if size and descr[1] in kinds else str(descr)
+def _dtype(descr: Any) -> tuple[str, Optional[int]]:
+    """numpy's name and item size of a simple ``.npy`` descr (``'|u1'`` -> ``('uint8', 1)``), else ``(descr, None)``."""
+    kinds = {"u": "uint", "i": "int", "f": "float", "b": "bool"}
+    if isinstance(descr, str) and len(descr) >= 3 and descr[1] in kinds and descr[2:].isdigit():
+        size = int(descr[2:])
+        return ("bool" if descr[1] == "b" else f"{kinds[descr[1]]}{size * 8}"), size
+    return str(descr), None
 
 
 def read_npz_layout(source: Union[Path, bytes], name: str = "") -> dict[str, tuple[tuple[int, ...], str]]:
@@ -274,10 +265,8 @@ def read_npz_layout(source: Union[Path, bytes], name: str = "") -> dict[str, tup
                 with archive.open(info) as member:
                     header, header_bytes = _npy_header(member, f"{name}: member {info.filename}")
                 key = info.filename.removesuffix(".npy")
-                shape, size = tuple(header["shape"]), _itemsize(header["descr"])
-                count = 1
-                for n in shape:
-                    count *= n
+                shape, (dtype, size) = header["shape"], _dtype(header["descr"])
+                count = math.prod(shape)
                 if (key in REQUIRED_KEYS and shape and shape[0] > MAX_IMAGES) or count * (size or 1) > MAX_NPZ_BYTES:
                     raise DatasetError(
                         f"{name}: {key} claims shape {shape}; MNIST-like data holds at most {MAX_IMAGES} "
@@ -288,7 +277,7 @@ def read_npz_layout(source: Union[Path, bytes], name: str = "") -> dict[str, tup
                         f"{name}: {key} declares shape {shape} ({header_bytes + count * size} bytes) but the "
                         f"zip directory records {info.file_size} bytes (damaged or forged archive)"
                     )
-                layout[key] = (shape, _dtype_name(header["descr"]))
+                layout[key] = (shape, dtype)
     except DatasetError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, struct.error,
@@ -363,47 +352,46 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------- readers
 
 
+def _fault(kind: type[CacheError], what: str, npz_path: Path, manifest: dict[str, Any]) -> CacheError:
+    """A cache error whose message ends with the command that refetches the recorded source."""
+    return kind(f"{what}; run `{prefetch_command(npz_path, manifest)}` on a login node")
+
+
+def _manifest_bytes(npz_path: Path) -> Optional[bytes]:
+    try:
+        return manifest_path(npz_path).read_bytes()
+    except OSError:
+        return None
+
+
 def _read_object(npz_path: Path) -> tuple[bytes, dict[str, Any]]:
     """The bytes of the current object and the manifest that names them, sha256 verified.
 
     A prefetch that switches datasets meanwhile makes the object vanish (after a grace period)
     or the manifest change: then the manifest is read again, so a pair is always consistent.
     """
-    failure: Optional[CacheError] = None
-    for _ in range(READ_ATTEMPTS):
+    for attempt in range(1, READ_ATTEMPTS + 1):
         manifest, raw = read_manifest(npz_path)
-        obj, fix = object_path(npz_path, manifest["sha256"]), prefetch_command(npz_path, manifest)
+        obj, size = object_path(npz_path, manifest["sha256"]), manifest["size"]
         try:
             with open(obj, "rb") as fh:
-                data = fh.read(manifest["size"] + 1)  # one byte more shows a file grown since
+                data = fh.read(size + 1)  # one byte more shows a file grown since
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ESTALE):
-                raise CacheCorruptError(f"cannot read {obj}: {exc.strerror or exc}; run `{fix}` on a login node") from exc
-            failure = CacheMissingError(f"{npz_path}: its manifest names {obj}, which is missing; run `{fix}` on a login node")
+                raise _fault(CacheCorruptError, f"cannot read {obj}: {exc.strerror}", npz_path, manifest) from exc
+            problem = (CacheMissingError, f"{npz_path}: its manifest names {obj}, which is missing")
         else:
-            if len(data) != manifest["size"]:
-                failure = CacheCorruptError(
-                    f"{obj} is {len(data)} bytes but its manifest records {manifest['size']} (truncated or replaced); "
-                    f"run `{fix}` on a login node"
-                )
+            if len(data) != size:
+                problem = (CacheCorruptError, f"{obj} is {len(data)} bytes but its manifest records {size} "
+                                              "(truncated or replaced)")
             elif (digest := hashlib.sha256(data).hexdigest()) != manifest["sha256"]:
-                failure = CacheCorruptError(
-                    f"{obj} has sha256 {digest} but its manifest records {manifest['sha256']} (corrupted or "
-                    f"replaced after prefetch); run `{fix}` on a login node"
-                )
+                problem = (CacheCorruptError, f"{obj} has sha256 {digest} but its manifest records "
+                                              f"{manifest['sha256']} (corrupted or replaced after prefetch)")
             else:
                 return data, manifest
-        if _raw_manifest(npz_path) == raw:  # not a switch under our feet: a real fault
-            raise failure
-    assert failure is not None
-    raise failure
-
-
-def _raw_manifest(npz_path: Path) -> Optional[bytes]:
-    try:
-        return manifest_path(npz_path).read_bytes()
-    except OSError:
-        return None
+        if attempt == READ_ATTEMPTS or _manifest_bytes(npz_path) == raw:  # not a switch under our feet
+            raise _fault(*problem, npz_path, manifest)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _checked(data: bytes, npz_path: Path, manifest: dict[str, Any]) -> dict[str, list[int]]:
@@ -411,12 +399,10 @@ def _checked(data: bytes, npz_path: Path, manifest: dict[str, Any]) -> dict[str,
     try:
         shapes = _validate_layout(read_npz_layout(data, str(npz_path)), str(npz_path))
     except DatasetError as exc:
-        raise CacheInvalidError(f"{exc}; run `{prefetch_command(npz_path, manifest)}` on a login node") from exc
+        raise _fault(CacheInvalidError, str(exc), npz_path, manifest) from exc
     if shapes != manifest["shapes"]:
-        raise CacheCorruptError(
-            f"{npz_path} holds arrays of shapes {shapes} but its manifest records {manifest['shapes']}; "
-            f"run `{prefetch_command(npz_path, manifest)}` on a login node"
-        )
+        what = f"{npz_path} holds arrays of shapes {shapes} but its manifest records {manifest['shapes']}"
+        raise _fault(CacheCorruptError, what, npz_path, manifest)
     return shapes
 
 
@@ -447,5 +433,5 @@ def read_verified(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, Any
     try:
         arrays, _ = load_arrays(data, str(path))
     except DatasetError as exc:
-        raise CacheInvalidError(f"{exc}; run `{prefetch_command(path, manifest)}` on a login node") from exc
+        raise _fault(CacheInvalidError, str(exc), path, manifest) from exc
     return arrays, manifest
