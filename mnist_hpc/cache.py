@@ -5,7 +5,8 @@ Layout of ``data.cache_dir`` for ``data.filename=mnist.npz`` (the only module th
     mnist.npz.manifest.json     the pointer: names the current object by its sha256, records
                                 source, size and shapes; replaced atomically to switch datasets
     .mnist.npz.objects/<sha256>.npz   immutable, content-addressed copies of validated files
-    mnist.npz                   symbolic link to the current object, for people and tools
+    mnist.npz                   symbolic link to the current object, for people and tools;
+                                without it the cache counts as missing (deleting it deletes the cache)
 
 Readers (:func:`read_verified` on compute nodes, :func:`check_cached` on login nodes) read the
 manifest once, read the object it names into memory once, hash those bytes and parse those same
@@ -23,6 +24,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import shlex
 import struct
@@ -169,6 +171,10 @@ def parse_manifest(raw: bytes, npz_path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _missing(npz_path: Path) -> CacheMissingError:
+    return CacheMissingError(f"no cached MNIST at {npz_path}; run `{prefetch_command(npz_path)}` on a login node first")
+
+
 def read_manifest(npz_path: Path) -> tuple[dict[str, Any], bytes]:
     """The checked manifest of ``npz_path`` and its raw bytes (to notice a switch later).
 
@@ -181,9 +187,7 @@ def read_manifest(npz_path: Path) -> tuple[dict[str, Any], bytes]:
         with open(path, "rb") as fh:
             raw = fh.read(1 << 16)
     except FileNotFoundError:
-        raise CacheMissingError(
-            f"no cached MNIST at {npz_path}; run `{prefetch_command(npz_path)}` on a login node first"
-        ) from None
+        raise _missing(npz_path) from None
     except OSError as exc:
         raise CacheCorruptError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return parse_manifest(raw, npz_path), raw
@@ -370,6 +374,8 @@ def _read_object(npz_path: Path) -> tuple[bytes, dict[str, Any]]:
     A prefetch that switches datasets meanwhile makes the object vanish (after a grace period)
     or the manifest change: then the manifest is read again, so a pair is always consistent.
     """
+    if not os.path.lexists(npz_path):  # deleting the link (the user-facing name) deletes the dataset
+        raise _missing(npz_path)
     for attempt in range(1, READ_ATTEMPTS + 1):
         manifest, raw = read_manifest(npz_path)
         obj, size = object_path(npz_path, manifest["sha256"]), manifest["size"]

@@ -228,7 +228,8 @@ def test_replaced_object_stays_for_its_grace_period_then_goes(tmp_path: Path, ca
     assert os.readlink(target) == view_target(target, second)
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
-    os.unlink(target)  # a lost link is repaired too
+    os.unlink(target)  # a stale link (e.g. a crash between manifest and link) is repaired too
+    os.symlink(view_target(target, first), target)
     switched = manifest_path(target).stat().st_mtime - store.GC_GRACE_S - 1
     os.utime(manifest_path(target), (switched, switched))
     assert prefetch.main([f"data.cache_dir={cache}"]) == 0  # the valid-cache path tidies
@@ -256,3 +257,17 @@ def test_lock_file_in_a_group_directory_is_group_writable(tmp_path: Path, good) 
     assert stat.S_IMODE(os.stat(objects_dir(shared / "mnist.npz")).st_mode) & 0o070 == 0o070
     manifest = json.loads(manifest_path(shared / "mnist.npz").read_text())
     assert stat.S_IMODE(os.stat(object_path(shared / "mnist.npz", manifest["sha256"])).st_mode) == 0o444
+
+
+def test_deleting_the_link_deletes_the_dataset_for_jobs(tmp_path: Path, cache: Path) -> None:
+    """``mnist.npz`` is the name users know: without it a job reports a missing cache."""
+    from mnist_hpc.cache import CacheMissingError, read_verified
+    from mnist_hpc.config import DataConfig
+
+    _, digest = import_file(tmp_path, cache, seed=1)
+    assert read_verified(DataConfig(cache_dir=str(cache)))[1]["sha256"] == digest
+    os.unlink(cache / "mnist.npz")
+    with pytest.raises(CacheMissingError, match=f"no cached MNIST at {cache / 'mnist.npz'}; run `mnist-hpc-prefetch"):
+        read_verified(DataConfig(cache_dir=str(cache)))
+    assert prefetch.main(["--from", str(tmp_path / "copied-1.npz"), f"data.cache_dir={cache}"]) == 0
+    assert read_verified(DataConfig(cache_dir=str(cache)))[1]["sha256"] == digest
