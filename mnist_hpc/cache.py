@@ -162,7 +162,10 @@ def parse_manifest(raw: bytes, npz_path: Path) -> dict[str, Any]:
         manifest: Any = json.loads(raw)
         problem = _manifest_problem(manifest)
     except (ValueError, RecursionError):
-        problem = "is not valid JSON (truncated or overwritten?)"
+        manifest, problem = None, "is not valid JSON (truncated or overwritten?)"
+    if problem is not None and isinstance(manifest, dict) and "format" not in manifest and "sha256" in manifest:
+        adopt = f"{prefetch_command(npz_path)} --from {shlex.quote(str(npz_path))}"
+        raise CacheCorruptError(f"{npz_path} was cached by an older mnist-hpc; adopt it with `{adopt}` on a login node")
     if problem is not None:
         raise CacheCorruptError(
             f"the manifest {manifest_path(npz_path)} {problem}; run `{prefetch_command(npz_path, force=True)}` "

@@ -271,3 +271,21 @@ def test_deleting_the_link_deletes_the_dataset_for_jobs(tmp_path: Path, cache: P
         read_verified(DataConfig(cache_dir=str(cache)))
     assert prefetch.main(["--from", str(tmp_path / "copied-1.npz"), f"data.cache_dir={cache}"]) == 0
     assert read_verified(DataConfig(cache_dir=str(cache)))[1]["sha256"] == digest
+
+
+def test_a_cache_of_the_previous_format_is_adopted_offline(tmp_path: Path, cache: Path, good) -> None:
+    """A regular mnist.npz with an old manifest (no format): jobs are told how to adopt it, and that works."""
+    from mnist_hpc.cache import CacheCorruptError, check_cached
+
+    _, data, digest = good
+    cache.mkdir()
+    (cache / "mnist.npz").write_bytes(data)
+    old = {"source": "/old/mnist.npz", "source_kind": "npz", "sha256": digest, "size": len(data)}
+    manifest_path(cache / "mnist.npz").write_text(json.dumps(old))
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(cache / "mnist.npz")
+    adopt = str(info.value).split("`")[1]
+    assert "older mnist-hpc" in str(info.value) and adopt.endswith(f"--from {cache / 'mnist.npz'}")
+    assert prefetch.main(adopt.split()[1:]) == 0
+    assert check_cached(cache / "mnist.npz")["sha256"] == digest
+    assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
