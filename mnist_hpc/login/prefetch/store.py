@@ -259,7 +259,8 @@ def tidy(target: Path, grace_s: float = GC_GRACE_S) -> None:
     """Point the link at the current object and drop replaced ones past their grace (holding the lock)."""
     current = _current_sha256(target)
     if current is not None:
-        update_view(target, current)
+        if target.is_symlink():  # a file put there by hand is not ours to replace
+            update_view(target, current)
         collect_garbage(target, grace_s)
 
 
