@@ -14,9 +14,8 @@ from typing import Any, Optional
 
 from mnist_hpc.cache import DatasetError
 from mnist_hpc.config import KERAS_MNIST_URL
-from mnist_hpc.login.prefetch.download import DEFAULT_MAX_TIME_S, first_line
-from mnist_hpc.login.prefetch.errors import PROG, Interrupted, PrefetchError
-from mnist_hpc.login.prefetch.fetch import log, prefetch
+from mnist_hpc.login.prefetch.errors import PROG, Interrupted, PrefetchError, first_line
+from mnist_hpc.login.prefetch.fetch import DEFAULT_MAX_TIME_S, log, prefetch
 from mnist_hpc.login.prefetch.sources import normalise_sha256
 
 

@@ -17,13 +17,11 @@ from mnist_hpc.login.prefetch.errors import (
     NetworkError,
     PrefetchError,
     TruncatedDownloadError,
+    first_line,
     hand_copy_hint,
 )
 
 _HASH_GOT = re.compile(r"but got ([0-9a-fA-F]{64})")
-# The whole download's deadline: MNIST's 11 MB at 12 KB/s. requests' timeout is per read, so
-# a server trickling a byte now and then would otherwise keep a prefetch going for hours.
-DEFAULT_MAX_TIME_S = 900.0
 
 log = logging.getLogger("mnist_hpc.login.prefetch")
 
@@ -91,7 +89,7 @@ def download(
     retries: int,
     backoff_s: float,
     timeout_s: float,
-    max_time_s: float = DEFAULT_MAX_TIME_S,
+    max_time_s: float,
     progress: bool,
 ) -> Path:
     """Download ``url`` into ``staging`` with pooch, retrying transient failures.
@@ -210,8 +208,3 @@ def _reason(exc: BaseException) -> str:
     if errno_reason:
         return errno_reason.group(0).strip()
     return first_line(exc)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

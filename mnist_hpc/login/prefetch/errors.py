@@ -103,3 +103,9 @@ def hand_copy_hint(url: str, sha256: str) -> str:
         f"`{PROG} --from /path/to/mnist.npz`. Or point --url at a mirror you can reach; if the "
         "login node reaches the internet only through a proxy, set HTTPS_PROXY."
     )
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -32,9 +32,12 @@ from mnist_hpc import __version__
 from mnist_hpc.cache import FORMAT, MAX_NPZ_BYTES, CacheError, DatasetError, check_cached, load_arrays, manifest_path
 from mnist_hpc.config import KERAS_MNIST_SHA256, KERAS_MNIST_URL
 from mnist_hpc.login.prefetch import store
-from mnist_hpc.login.prefetch.download import DEFAULT_MAX_TIME_S, download
 from mnist_hpc.login.prefetch.errors import NO_SPACE, NOT_WRITABLE, PrefetchError, cache_error
 from mnist_hpc.login.prefetch.sources import Plan, normalise_sha256, plan_source, prepare
+
+# The whole download's deadline: MNIST's 11 MB at 12 KB/s. requests' timeout is per read, so
+# a server trickling a byte now and then would otherwise keep a prefetch going for hours.
+DEFAULT_MAX_TIME_S = 900.0
 
 log = logging.getLogger("mnist_hpc.login.prefetch")
 
@@ -84,6 +87,8 @@ def _candidate(
         data, shapes = prepared
         staged.write_bytes(data)
         return staged, data, shapes
+    from mnist_hpc.login.prefetch.download import download  # not needed on the valid-cache path
+
     staged = download(plan.source, staged.parent, staged.name, plan.expected_sha256 or KERAS_MNIST_SHA256, **options)
     if staged.stat().st_size > MAX_NPZ_BYTES:
         raise DatasetError(f"{plan.source} is larger than any MNIST-like npz ({MAX_NPZ_BYTES} bytes at most)")
