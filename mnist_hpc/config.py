@@ -144,7 +144,11 @@ def _require(ok: bool, key: str, value: Any, what: str) -> None:
 def validate(cfg: Config) -> Config:
     """Check value ranges that types alone cannot express; raise ConfigError naming the key."""
     d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.train
-    _require(bool(d.cache_dir), "data.cache_dir", d.cache_dir, "set a cache directory")
+    _require(bool(d.cache_dir) and "\0" not in d.cache_dir, "data.cache_dir", d.cache_dir, "set a cache directory")
+    from mnist_hpc.cache import filename_problem  # cache.py owns the names; it imports this module
+
+    problem = filename_problem(d.filename)
+    _require(problem is None, "data.filename", d.filename, problem or "")
     _require(
         0.0 <= d.validation_split < 1.0,
         "data.validation_split",

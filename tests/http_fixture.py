@@ -1,8 +1,8 @@
 """A real HTTP server on 127.0.0.1 for tests that must not touch the internet.
 
 Routes are configured per path (status, body, headers, a truncated body, a gate that holds
-the response back) and every request is counted, so a test can assert how many downloads
-and retries actually happened.
+the response back, a trickle of a few bytes per second) and every request is counted, so a
+test can assert how many downloads and retries actually happened.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class Route:
     # When set, the response waits until the event is set (bounded by gate_timeout_s).
     gate: Optional[threading.Event] = None
     gate_timeout_s: float = 30.0
+    # When set, the body is sent in 256-byte pieces at about this many bytes per second.
+    trickle_bytes_per_s: Optional[float] = None
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -43,7 +45,9 @@ class LoopbackServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()  # body bytes written per path
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,7 +72,20 @@ class LoopbackServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(route.body)
+                if route.trickle_bytes_per_s is None:
+                    self.wfile.write(route.body)
+                    return
+                for start in range(0, len(route.body), 256):
+                    if server._stopping.wait(256 / route.trickle_bytes_per_s):
+                        return
+                    try:
+                        self.wfile.write(route.body[start:start + 256])
+                        self.wfile.flush()
+                    except OSError:  # the client gave up (deadline, signal): stop sending
+                        self.close_connection = True
+                        return
+                    with server._lock:
+                        server.sent[self.path] += len(route.body[start:start + 256])
 
             def log_message(self, format: str, *args: object) -> None:  # keep test output clean
                 pass
@@ -93,7 +110,12 @@ class LoopbackServer:
         self._thread.start()
         return self
 
+    def bytes_sent(self, path: str) -> int:
+        with self._lock:
+            return self.sent[path]
+
     def stop(self) -> None:
+        self._stopping.set()
         for route in self.routes.values():
             if route.gate is not None:
                 route.gate.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -105,16 +106,21 @@ def test_check_cached_refuses_headers_that_disagree_with_the_manifest(tmp_path: 
 
 
 def test_check_cached_refuses_a_float_array_behind_a_matching_hash(tmp_path: Path):
-    from mnist_hpc.cache import DatasetError, check_cached, manifest_path
-    from mnist_hpc.io import sha256_file
+    """A manifest forged to point at another file (hash and size match) still has to hold MNIST."""
+    import io
     import json
+
+    from mnist_hpc.cache import DatasetError, check_cached, manifest_path, object_path
 
     cache = fill_cache(tmp_path / "cache", synthetic_mnist(n_train=40, n_test=10))
     bad = synthetic_mnist(n_train=40, n_test=10)
     bad["x_test"] = bad["x_test"].astype(np.float32)
-    np.savez(cache, **bad)
+    buffer = io.BytesIO()
+    np.savez(buffer, **bad)
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    object_path(cache, digest).write_bytes(buffer.getvalue())
     manifest = json.loads(manifest_path(cache).read_text())
-    manifest.update(sha256=sha256_file(cache), size=cache.stat().st_size)
+    manifest.update(sha256=digest, size=len(buffer.getvalue()))
     manifest_path(cache).write_text(json.dumps(manifest))
     with pytest.raises(DatasetError, match="x_test has dtype float32"):
         check_cached(cache)

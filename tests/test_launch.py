@@ -175,6 +175,9 @@ class _FakeTrial:
     def __init__(self, run_dir, calls, error=None):
         self.run_dir, self.calls, self.error = run_dir, calls, error
 
+    def finished(self):
+        return False
+
     def __call__(self):
         self.calls.append(self.run_dir.name)
         if self.error is not None:

@@ -1,7 +1,7 @@
 """Tests of the login-node prefetch, all offline: downloads come from a loopback HTTP server.
 
 Every failure test also checks that the cache directory gained nothing: no npz, no manifest,
-no temporary file, no staging directory, no lock file.
+no object, no temporary file, no staging directory (only the lock file, which stays by design).
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ import numpy as np
 import pytest
 
 from mnist_hpc import __version__
-from mnist_hpc.login.prefetch import fetch as prefetch
-from mnist_hpc.config import DataConfig
-from mnist_hpc.cache import DatasetError, manifest_path, read_npz, verify_cached
+from mnist_hpc.login import prefetch
+from mnist_hpc.login.prefetch import download, fetch, sources, store
+from mnist_hpc.config import KERAS_MNIST_SHA256, DataConfig
+from mnist_hpc.cache import DatasetError, check_cached, manifest_path, objects_dir, read_npz, view_target
 from mnist_hpc.compute.data import load_mnist
 from mnist_hpc.io import sha256_file
-from mnist_hpc.login.prefetch.fetch import (
+from mnist_hpc.login.prefetch.errors import (
     CacheFullError,
     CacheNotWritableError,
     HashMismatchError,
@@ -44,12 +45,9 @@ from mnist_hpc.login.prefetch.fetch import (
     TruncatedDownloadError,
 )
 
-try:
-    from tests.http_fixture import LoopbackServer, Route
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path itself
-    from http_fixture import LoopbackServer, Route
+from tests.conftest import IN_CI, REPO
+from tests.http_fixture import LoopbackServer, Route
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = {"retries": 1, "backoff_s": 0.0, "timeout_s": 10.0, "progress": False}
 
 
@@ -83,8 +81,23 @@ def listing(directory: Path) -> list[str]:
 
 
 def assert_clean(cache_dir: Path, *, allowed: tuple[str, ...] = ()) -> None:
-    """The cache directory holds nothing but ``allowed`` (no partial, temp or staging files)."""
-    assert listing(cache_dir) == sorted(allowed)
+    """The cache directory holds nothing but ``allowed``, the lock file and the objects behind them.
+
+    Each allowed npz is the link to its current object, and its object store holds only
+    complete objects, each named by its own sha256: no partial, temporary or staging file.
+    """
+    expected = set(allowed)
+    for name in allowed:
+        if name.endswith(".npz"):
+            target = cache_dir / name
+            sha = json.loads(manifest_path(target).read_text())["sha256"]
+            assert os.readlink(target) == view_target(target, sha)
+            stored = listing(objects_dir(target))
+            assert f"{sha}.npz" in stored
+            for obj in stored:
+                assert obj == f"{sha256_file(objects_dir(target) / obj)}.npz", obj
+            expected.add(objects_dir(target).name)
+    assert set(listing(cache_dir)) - {store.LOCK_NAME} == expected
 
 
 def free_port() -> int:
@@ -142,15 +155,24 @@ def cache(tmp_path: Path) -> Path:
 
 
 def tmpfs(mountpoint: Path, options: str) -> None:
-    """Mount a tmpfs (needs root and CAP_SYS_ADMIN); skip the test where that is impossible."""
+    """Mount a tmpfs (needs root and CAP_SYS_ADMIN, as CI has).
+
+    Where that is impossible the test skips locally, with the reason, and fails under CI=true:
+    these are the only tests of real ENOSPC/EROFS errors, so CI must not pass without them.
+    """
     mountpoint.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
-        pytest.skip("no mount(8) here; the monkeypatched unit test covers this path")
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the unit test covers this path")
+        problem = "no mount(8) on PATH"
+    else:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)], capture_output=True, text=True
+        )
+        if result.returncode == 0:
+            return
+        problem = f"mount -t tmpfs failed: {result.stderr.strip() or result.returncode}"
+    if IN_CI:
+        pytest.fail(f"{problem}; CI runs as root and must run this filesystem test")
+    pytest.skip(f"{problem} (needs root); CI fails here instead of skipping")
 
 
 @pytest.fixture
@@ -185,7 +207,7 @@ def test_download_places_file_and_manifest(server: LoopbackServer, good, cache: 
     created = datetime.fromisoformat(manifest["created"])
     assert created.utcoffset().total_seconds() == 0 and created >= before
     # The loader's own check accepts it, and the arrays are the ones served.
-    assert verify_cached(target) == manifest
+    assert check_cached(target) == manifest
     loaded = read_npz(target)
     for key, value in arrays.items():
         np.testing.assert_array_equal(loaded[key], value)
@@ -235,7 +257,7 @@ def test_corrupted_cache_is_replaced(server: LoopbackServer, good, cache: Path) 
 
     assert server.count("/mnist.npz") == 2
     assert target.read_bytes() == data
-    assert verify_cached(target)["sha256"] == digest
+    assert check_cached(target)["sha256"] == digest
 
 
 def test_cache_with_other_hash_is_replaced_and_force_redownloads(server: LoopbackServer, good, cache: Path) -> None:
@@ -250,7 +272,7 @@ def test_cache_with_other_hash_is_replaced_and_force_redownloads(server: Loopbac
     prefetch.prefetch(target, url=url, sha256=digest, force=True, **FAST)
 
     assert server.count("/mnist.npz") == 2
-    assert verify_cached(target)["sha256"] == digest
+    assert check_cached(target)["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
 
@@ -324,7 +346,7 @@ def test_retry_succeeds_after_a_transient_error(server: LoopbackServer, good, ca
         sleeps.append(seconds)
         route.status, route.body = 200, data  # the server recovers during the backoff
 
-    monkeypatch.setattr(prefetch.time, "sleep", sleep)
+    monkeypatch.setattr(download.time, "sleep", sleep)
     prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, retries=3, backoff_s=0.5, progress=False)
     assert server.count("/mnist.npz") == 2
     assert sleeps == [0.5]
@@ -332,7 +354,7 @@ def test_retry_succeeds_after_a_transient_error(server: LoopbackServer, good, ca
 
 def test_backoff_is_exponential(server: LoopbackServer, cache: Path, monkeypatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr(prefetch.time, "sleep", sleeps.append)
+    monkeypatch.setattr(download.time, "sleep", sleeps.append)
     url = server.add("/mnist.npz", Route(status=500))
     with pytest.raises(HttpError):
         prefetch.prefetch(cache / "mnist.npz", url=url, retries=3, backoff_s=0.25, progress=False)
@@ -346,7 +368,7 @@ def test_unreachable_host_explains_the_hand_copy(cache: Path) -> None:
     message = str(info.value)
     assert url in message and "Connection refused" in message
     assert "--from /path/to/mnist.npz" in message and "scp" in message and "--url" in message
-    assert prefetch.KERAS_MNIST_SHA256 in message  # so the hand copy can be checked
+    assert KERAS_MNIST_SHA256 in message  # so the hand copy can be checked
     assert_clean(cache)
 
 
@@ -402,7 +424,7 @@ def test_invalid_content_does_not_replace_a_valid_cache(server: LoopbackServer, 
     bad = npz_bytes(_bad("labels"))
     with pytest.raises(DatasetError):
         prefetch.prefetch(target, url=server.add("/bad", Route(body=bad)), sha256=sha(bad), force=True, **FAST)
-    assert verify_cached(target)["sha256"] == digest
+    assert check_cached(target)["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
 
@@ -546,7 +568,7 @@ def test_read_only_filesystem(server: LoopbackServer, good, tmp_path: Path, moun
         prefetch.prefetch(mountpoint / "cache" / "mnist.npz", url=url, sha256=digest, **FAST)
     assert "Read-only file system" in str(info.value) and str(mountpoint / "cache") in str(info.value)
     assert server.count("/mnist.npz") == 0
-    assert listing(mountpoint) == []
+    assert listing(mountpoint) == []  # not even the lock file
 
 
 def test_full_filesystem(server: LoopbackServer, good, tmp_path: Path, mounts: list[Path]) -> None:
@@ -561,20 +583,23 @@ def test_full_filesystem(server: LoopbackServer, good, tmp_path: Path, mounts: l
     message = str(info.value)
     assert "no space left" in message and str(mountpoint) in message and "MNIST_HPC_CACHE" in message
     assert server.count("/mnist.npz") == 1  # ENOSPC is not retried
-    assert listing(mountpoint) == []
+    assert_clean(mountpoint)
 
 
 def test_full_disk_while_copying(tmp_path: Path, good, cache: Path, monkeypatch) -> None:
-    # The same as above without a mount: the copy writes half the file, then the disk is full.
+    # The same as above without a mount: staging writes half the file, then the disk is full.
     _, data, _ = good
     source = tmp_path / "copied.npz"
     source.write_bytes(data)
+    real_write_bytes = Path.write_bytes
 
-    def copy_until_full(src: str, dst: Path) -> None:
-        Path(dst).write_bytes(Path(src).read_bytes()[:1000])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+    def write_until_full(self: Path, content: bytes) -> int:
+        if ".mnist-hpc-staging-" not in str(self):
+            return real_write_bytes(self, content)
+        real_write_bytes(self, content[:1000])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
 
-    monkeypatch.setattr(prefetch.shutil, "copyfile", copy_until_full)
+    monkeypatch.setattr(Path, "write_bytes", write_until_full)
     with pytest.raises(CacheFullError, match=f"no space left in the cache directory {cache}"):
         prefetch.prefetch(cache / "mnist.npz", source=source)
     assert_clean(cache)
@@ -599,7 +624,7 @@ def test_full_disk_while_writing_manifest_keeps_previous_cache(tmp_path: Path, g
     with pytest.raises(CacheFullError):
         prefetch.prefetch(target, source=newer, force=True)
     # The manifest is staged before the npz moves, so the previous cache is untouched.
-    assert verify_cached(target)["sha256"] == digest
+    assert check_cached(target)["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
 
@@ -610,7 +635,7 @@ def test_two_concurrent_prefetches_leave_one_valid_file(server: LoopbackServer, 
     _, data, digest = good
     gate = threading.Event()
     url = server.add("/mnist.npz", Route(body=data, gate=gate))
-    command = [sys.executable, "-m", "mnist_hpc.login.prefetch.fetch", "--url", url, "--sha256", digest, "--retries", "0",
+    command = [sys.executable, "-m", "mnist_hpc.login.prefetch", "--url", url, "--sha256", digest, "--retries", "0",
                f"data.cache_dir={cache}"]
     procs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
@@ -641,7 +666,7 @@ def test_two_concurrent_prefetches_leave_one_valid_file(server: LoopbackServer, 
     assert sum("waiting for another" in j for j in joined) == 1, joined
     assert sum("already cached and verified" in j for j in joined) == 1, joined
     assert server.count("/mnist.npz") == 1
-    assert verify_cached(cache / "mnist.npz")["sha256"] == digest
+    assert check_cached(cache / "mnist.npz")["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
 
@@ -658,7 +683,7 @@ def test_lock_without_flock_support_still_works(good, tmp_path: Path, cache: Pat
         def flock(fd: int, op: int) -> None:
             raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(prefetch, "fcntl", NoFlock)
+    monkeypatch.setattr(store, "fcntl", NoFlock)
     assert prefetch.prefetch(cache / "mnist.npz", source=source)["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
@@ -675,7 +700,7 @@ def test_main_composes_cache_dir_override(server: LoopbackServer, good, tmp_path
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert out.strip() == str(cache_dir / "digits.npz")
-    assert verify_cached(cache_dir / "digits.npz")["sha256"] == digest
+    assert check_cached(cache_dir / "digits.npz")["sha256"] == digest
 
 
 def test_main_uses_mnist_hpc_cache_env(tmp_path: Path, good, monkeypatch, capsys) -> None:
@@ -751,7 +776,8 @@ class Spy:
             attempts.append(name)
         return None
 sys.meta_path.insert(0, Spy())
-from mnist_hpc.login.prefetch import fetch as prefetch
+from mnist_hpc.login import prefetch
+from mnist_hpc.login.prefetch import download, fetch, sources, store
 args = ["--url", {url!r}, "--sha256", {digest!r}, "--retries", "0", "data.cache_dir=" + {str(cache)!r}]
 assert prefetch.main(args) == 0   # downloads
 assert prefetch.main(args) == 0   # already cached
@@ -777,5 +803,6 @@ def test_valid_cache_is_checked_without_decompressing_the_arrays(tmp_path: Path,
     def no_full_read(*args, **kwargs):
         raise AssertionError("read the whole npz to check a valid cache")
 
-    monkeypatch.setattr(prefetch, "read_npz", no_full_read)
+    for module in (fetch, sources):
+        monkeypatch.setattr(module, "load_arrays", no_full_read)
     assert prefetch.prefetch(target, source=source) == first

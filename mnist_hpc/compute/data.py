@@ -1,7 +1,8 @@
 """The offline loader on compute nodes: the verified cache, split, in two views of the same arrays.
 
-One loader (:func:`load_mnist`) reads and checks the cache (:func:`mnist_hpc.cache.read_verified`)
-and holds its arrays as stored: uint8 images flattened to 784 columns and uint8 class ids.
+One loader (:func:`load_mnist`) reads and checks the cache (:func:`mnist_hpc.cache.read_verified`
+parses the arrays from the very bytes whose sha256 matched the manifest) and holds its arrays
+as stored: uint8 images flattened to 784 columns and uint8 class ids.
 Two views of them serve the two executions of training:
 
 - :meth:`MnistData.lesson` gives a split as the lesson prepares it (float32 in [0, 1], one-hot
@@ -20,10 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from mnist_hpc.cache import IMAGE_SHAPE, NUM_CLASSES, read_verified, validation_cut
+from mnist_hpc.cache import NUM_CLASSES, PIXELS, read_verified, validation_cut
 from mnist_hpc.config import DataConfig
-
-PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
 
 
 def prepare_images(x: np.ndarray) -> np.ndarray:
@@ -65,8 +64,9 @@ def load_mnist(cfg: DataConfig) -> MnistData:
 
     Raises:
         CacheMissingError: nothing cached at the configured path (names the prefetch command).
-        CacheCorruptError: the file no longer matches its manifest.
-        DatasetError: the file's content is invalid.
+        CacheCorruptError: the cache no longer matches its manifest, or its content is invalid
+            (CacheInvalidError); the message names the file and the command that repairs it.
+        DatasetError: ``data.validation_split`` leaves an empty part.
     """
     arrays, manifest = read_verified(cfg)
     x_train = arrays["x_train"].reshape((-1, PIXELS))

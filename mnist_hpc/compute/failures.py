@@ -17,7 +17,7 @@ from typing import Optional
 from hydra.errors import CompactHydraException
 
 from mnist_hpc import claim, rundir
-from mnist_hpc.cache import CacheCorruptError, CacheMissingError, DatasetError
+from mnist_hpc.cache import CacheError, DatasetError
 from mnist_hpc.config import ConfigError
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -33,7 +33,7 @@ def known_error(exc: BaseException) -> Optional[str]:
     from mnist_hpc.compute.checkpoint import CheckpointError
     from mnist_hpc.compute.job import PackedTrialsFailed, RequeueLimitReached
 
-    if isinstance(exc, (CacheMissingError, CacheCorruptError, DatasetError, ConfigError, CheckpointError)):
+    if isinstance(exc, (CacheError, DatasetError, ConfigError, CheckpointError)):
         return str(exc)
     if isinstance(exc, (claim.RunConflict, RequeueLimitReached, PackedTrialsFailed)):
         return str(exc)

@@ -1,5 +1,33 @@
-"""``mnist-hpc-prefetch``: put a verified ``mnist.npz`` and its manifest into the cache (login node)."""
+"""``mnist-hpc-prefetch``: put a verified ``mnist.npz`` and its manifest into the cache (login node).
 
-from mnist_hpc.login.prefetch.fetch import main, prefetch
+The parts, by concern: :mod:`.errors` (error types and their hints), :mod:`.sources` (what to
+fetch, the IDX reader), :mod:`.download` (HTTP with retries), :mod:`.store` (the cache
+directory: lock, staging, install), :mod:`.fetch` (:func:`prefetch` itself), :mod:`.cli`.
+"""
 
-__all__ = ["main", "prefetch"]
+from mnist_hpc.login.prefetch.cli import main, target_from_overrides
+from mnist_hpc.login.prefetch.errors import (
+    CacheFullError,
+    CacheNotWritableError,
+    HashMismatchError,
+    HttpError,
+    NetworkError,
+    PrefetchError,
+    SourceError,
+    TruncatedDownloadError,
+)
+from mnist_hpc.login.prefetch.fetch import prefetch
+
+__all__ = [
+    "CacheFullError",
+    "CacheNotWritableError",
+    "HashMismatchError",
+    "HttpError",
+    "NetworkError",
+    "PrefetchError",
+    "SourceError",
+    "TruncatedDownloadError",
+    "main",
+    "prefetch",
+    "target_from_overrides",
+]

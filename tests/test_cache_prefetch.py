@@ -1,0 +1,291 @@
+"""Prefetch against slow servers, signals, odd ``--from`` paths, imported caches and bad names.
+
+Downloads come from the loopback server; signals are real, sent to a real prefetch process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_hpc.cache import manifest_path, object_path, objects_dir, prefetch_command, view_target
+from mnist_hpc.config import KERAS_MNIST_SHA256, KERAS_MNIST_URL, ConfigError
+from mnist_hpc.login import prefetch
+from mnist_hpc.login.prefetch import store
+from mnist_hpc.login.prefetch.errors import DownloadTimeoutError
+from tests.http_fixture import LoopbackServer, Route
+from tests.test_prefetch import (  # noqa: F401 - fixtures: server, good, cache, no_proxy
+    assert_clean,
+    cache,
+    good,
+    listing,
+    make_arrays,
+    no_proxy,
+    npz_bytes,
+    server,
+    sha,
+    subprocess_env,
+)
+
+
+def lock_is_free(cache_dir: Path) -> bool:
+    """Whether the cache's lock file exists and nobody holds it."""
+    fd = os.open(cache_dir / store.LOCK_NAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def import_file(tmp_path: Path, cache_dir: Path, seed: int) -> tuple[Path, str]:
+    """Import a small valid npz with ``--from`` (through main, as users do); return it and its sha256."""
+    data = npz_bytes(make_arrays(seed=seed))
+    source = tmp_path / f"copied-{seed}.npz"
+    source.write_bytes(data)
+    assert prefetch.main(["--from", str(source), f"data.cache_dir={cache_dir}"]) == 0
+    return source, sha(data)
+
+
+# ---------------------------------------------------------------------------- deadline and signals
+
+
+def test_overall_deadline_stops_a_trickling_download(server: LoopbackServer, cache: Path) -> None:
+    # 64 KB at 1 KB/s: each read arrives well within the 2 s per-read timeout, so only the
+    # overall deadline can stop it before the minute the whole body takes.
+    body = npz_bytes(make_arrays(n_train=80))
+    url = server.add("/slow.npz", Route(body=body, trickle_bytes_per_s=1024))
+    with pytest.raises(DownloadTimeoutError) as info:
+        prefetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(body), retries=2, backoff_s=0.0, timeout_s=2.0,
+                          max_time_s=1.5, progress=False)
+    message = str(info.value)
+    assert "--max-time-s 1.5" in message and url in message and "--from" in message
+    assert 0 < server.bytes_sent("/slow.npz") < len(body)
+    assert server.count("/slow.npz") == 1  # a missed deadline is not retried
+    assert_clean(cache)
+    assert lock_is_free(cache)
+
+
+def test_max_time_option_reaches_the_download(server: LoopbackServer, cache: Path, capsys) -> None:
+    body = npz_bytes(make_arrays(n_train=80))
+    url = server.add("/slow.npz", Route(body=body, trickle_bytes_per_s=1024))
+    rc = prefetch.main(["--url", url, "--timeout-s", "2", "--max-time-s", "1", f"data.cache_dir={cache}"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 1 and len(errors) == 1 and "did not finish within --max-time-s 1 " in errors[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_download_cleans_up(server: LoopbackServer, cache: Path, signum: int) -> None:
+    body = npz_bytes(make_arrays(n_train=80))
+    url = server.add("/slow.npz", Route(body=body, trickle_bytes_per_s=1024))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_hpc.login.prefetch", "--url", url, "--sha256", sha(body),
+         f"data.cache_dir={cache}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+    )
+    try:
+        # Mid-download: bytes have arrived in a staging directory and the lock is held.
+        wait_for(lambda: server.bytes_sent("/slow.npz") > 0 and any(
+            any(d.iterdir()) for d in cache.glob(store.STAGING_PREFIX + "*")), "the download to start")
+        assert not lock_is_free(cache)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
+    assert out == ""
+    assert_clean(cache)  # no staging directory, no partial file
+    assert lock_is_free(cache)
+
+
+# ---------------------------------------------------------------------------- imported caches
+
+
+def test_plain_prefetch_keeps_a_valid_import(tmp_path: Path, cache: Path, capsys) -> None:
+    source, digest = import_file(tmp_path, cache, seed=1)
+    capsys.readouterr()
+    mtime = os.stat(object_path(cache / "mnist.npz", digest)).st_mtime_ns
+
+    assert prefetch.main([f"data.cache_dir={cache}"]) == 0  # offline: a download would fail
+
+    out, err = capsys.readouterr()
+    assert out.strip() == str(cache / "mnist.npz")
+    assert err.count("\n") == 1 and "replacing" not in err
+    assert f"already cached and verified: {cache / 'mnist.npz'}" in err
+    assert f"from {source}" in err and "differs from the file Keras pins" in err and KERAS_MNIST_SHA256[:12] in err
+    assert os.stat(object_path(cache / "mnist.npz", digest)).st_mtime_ns == mtime
+    assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
+
+
+def test_repair_command_reuses_the_recorded_source(tmp_path: Path) -> None:
+    target = tmp_path / "c d" / "digits.npz"
+    base = {"sha256": "ab" * 32}
+    assert prefetch_command(target) == f"mnist-hpc-prefetch 'data.cache_dir={target.parent}' data.filename=digits.npz"
+    imported = prefetch_command(target, {**base, "source_kind": "npz", "source": "/data/my file.npz"})
+    assert imported.endswith("data.filename=digits.npz --from '/data/my file.npz' --force")
+    mirror = prefetch_command(target, {**base, "source_kind": "download", "source": "http://mirror/m.npz"})
+    assert mirror.endswith(f"--url http://mirror/m.npz --sha256 {'ab' * 32} --force")
+    keras = prefetch_command(target, {**base, "source_kind": "download", "source": KERAS_MNIST_URL})
+    assert keras.endswith("data.filename=digits.npz --force")
+
+
+# ---------------------------------------------------------------------------- odd --from paths
+
+
+def odd_source(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / "odd.npz"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "passwd-link":
+        os.symlink("/etc/passwd", path)
+    elif kind == "bare-npy":
+        with open(path, "wb") as fh:
+            np.save(fh, make_arrays()["x_train"])
+    elif kind == "pickle":
+        with open(path, "wb") as fh:
+            np.save(fh, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    elif kind == "dangling-link":
+        os.symlink(tmp_path / "gone.npz", path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("fifo", "is a FIFO (named pipe), not a file"),
+        ("passwd-link", "(a symbolic link to /etc/passwd) is not a readable npz archive: it is a text file"),
+        ("bare-npy", "is not a readable npz archive: it is a bare .npy array"),
+        ("pickle", "is not a readable npz archive: it is a bare .npy array"),
+        ("dangling-link", "no such file or directory"),
+    ],
+)
+def test_odd_from_paths_give_one_message_and_write_nothing(tmp_path: Path, kind: str, expected: str) -> None:
+    source = odd_source(kind, tmp_path)
+    cache_dir = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_hpc.login.prefetch", "--from", str(source), f"data.cache_dir={cache_dir}"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=60,  # a FIFO that was opened would hang
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("mnist-hpc-prefetch: error: ")
+    assert expected in proc.stderr and str(source) in proc.stderr
+    assert "allow_pickle" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not cache_dir.exists()
+
+
+# ---------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    ("filename", "expected"),
+    [("../../x.npz", "no '/'"), ("", "give a file name"), (".mnist.npz.objects", "reserved"),
+     ("a.npz.manifest.json", "reserved")],
+)
+def test_bad_filenames_are_refused_at_config_time(compose, tmp_path: Path, filename: str, expected: str, capsys) -> None:
+    from mnist_hpc.config import to_typed
+
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", f"data.filename={filename}"]
+    with pytest.raises(ConfigError) as info:
+        to_typed(compose(overrides))
+    assert f"data.filename={filename!r}" in str(info.value) and expected in str(info.value)
+    assert prefetch.main(overrides) == 2
+    assert "data.filename" in capsys.readouterr().err
+    assert listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- replaced objects
+
+
+def test_replaced_object_stays_for_its_grace_period_then_goes(tmp_path: Path, cache: Path) -> None:
+    target = cache / "mnist.npz"
+    _, first = import_file(tmp_path, cache, seed=1)
+    _, second = import_file(tmp_path, cache, seed=2)
+    # A job that read the first manifest a moment ago still finds its object.
+    assert sorted(listing(objects_dir(target))) == sorted([f"{first}.npz", f"{second}.npz"])
+    assert os.readlink(target) == view_target(target, second)
+    assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
+
+    os.unlink(target)  # a stale link (e.g. a crash between manifest and link) is repaired too
+    os.symlink(view_target(target, first), target)
+    switched = manifest_path(target).stat().st_mtime - store.GC_GRACE_S - 1
+    os.utime(manifest_path(target), (switched, switched))
+    assert prefetch.main([f"data.cache_dir={cache}"]) == 0  # the valid-cache path tidies
+    assert listing(objects_dir(target)) == [f"{second}.npz"]
+    assert os.readlink(target) == view_target(target, second)
+
+
+def test_lock_file_in_a_group_directory_is_group_writable(tmp_path: Path, good) -> None:
+    _, data, _ = good
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    source = tmp_path / "copied.npz"
+    source.write_bytes(data)
+    old = os.umask(0o022)  # a user whose umask would make every file private to them
+    try:
+        prefetch.prefetch(shared / "mnist.npz", source=source)
+        first = os.stat(shared / store.LOCK_NAME)
+        prefetch.prefetch(shared / "mnist.npz", source=source, force=True)
+    finally:
+        os.umask(old)
+    lock = os.stat(shared / store.LOCK_NAME)
+    assert (lock.st_ino, lock.st_dev) == (first.st_ino, first.st_dev)  # never removed and recreated
+    assert stat.S_IMODE(lock.st_mode) == 0o664
+    assert stat.S_IMODE(os.stat(objects_dir(shared / "mnist.npz")).st_mode) & 0o070 == 0o070
+    manifest = json.loads(manifest_path(shared / "mnist.npz").read_text())
+    assert stat.S_IMODE(os.stat(object_path(shared / "mnist.npz", manifest["sha256"])).st_mode) == 0o444
+
+
+def test_deleting_the_link_deletes_the_dataset_for_jobs(tmp_path: Path, cache: Path) -> None:
+    """``mnist.npz`` is the name users know: without it a job reports a missing cache."""
+    from mnist_hpc.cache import CacheMissingError, read_verified
+    from mnist_hpc.config import DataConfig
+
+    _, digest = import_file(tmp_path, cache, seed=1)
+    assert read_verified(DataConfig(cache_dir=str(cache)))[1]["sha256"] == digest
+    os.unlink(cache / "mnist.npz")
+    with pytest.raises(CacheMissingError, match=f"no cached MNIST at {cache / 'mnist.npz'}; run `mnist-hpc-prefetch"):
+        read_verified(DataConfig(cache_dir=str(cache)))
+    assert prefetch.main(["--from", str(tmp_path / "copied-1.npz"), f"data.cache_dir={cache}"]) == 0
+    assert read_verified(DataConfig(cache_dir=str(cache)))[1]["sha256"] == digest
+
+
+def test_a_cache_of_the_previous_format_is_adopted_offline(tmp_path: Path, cache: Path, good) -> None:
+    """A regular mnist.npz with an old manifest (no format): jobs are told how to adopt it, and that works."""
+    from mnist_hpc.cache import CacheCorruptError, check_cached
+
+    _, data, digest = good
+    cache.mkdir()
+    (cache / "mnist.npz").write_bytes(data)
+    old = {"source": "/old/mnist.npz", "source_kind": "npz", "sha256": digest, "size": len(data)}
+    manifest_path(cache / "mnist.npz").write_text(json.dumps(old))
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(cache / "mnist.npz")
+    adopt = str(info.value).split("`")[1]
+    assert "older mnist-hpc" in str(info.value) and adopt.endswith(f"--from {cache / 'mnist.npz'}")
+    assert prefetch.main(adopt.split()[1:]) == 0
+    assert check_cached(cache / "mnist.npz")["sha256"] == digest
+    assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))

@@ -1,0 +1,203 @@
+"""A cache shared by a group, used in turns by two real Unix users, one of them killed mid-prefetch.
+
+The test creates the users and their group itself (root, as in CI) and a Python environment
+they can run: /root is private, so /root/.pyenv's interpreter is out of their reach. It builds
+a venv from the system Python in /var/tmp (kept between runs, rebuilt when the pinned versions
+change) and copies the package to a world-readable directory. The shared directory is set up
+as on a cluster: owned by the group, setgid, and each user runs with umask 002.
+"""
+
+from __future__ import annotations
+
+import grp
+import importlib.metadata
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mnist_hpc.cache import manifest_path, object_path
+from mnist_hpc.login.prefetch import store
+from tests.conftest import IN_CI, REPO, synthetic_mnist, write_npz
+from tests.http_fixture import LoopbackServer, Route
+from tests.test_prefetch import npz_bytes, sha
+
+GROUP = "mnisthpc-share"
+USERS = ("mnisthpc-a", "mnisthpc-b")
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+VENV = Path("/var/tmp/mnist-hpc-test-users-venv")
+PACKAGES = ("numpy", "hydra-core", "omegaconf", "pooch", "requests", "tqdm")
+
+
+def need(ok: bool, problem: str) -> None:
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"{problem}; CI runs as root and must run the shared-cache test")
+        pytest.skip(problem)
+
+
+def ensure_users() -> None:
+    """The shared group and two users in it, each with a private primary group (created if missing)."""
+    if subprocess.run(["getent", "group", GROUP], capture_output=True).returncode != 0:
+        subprocess.run(["groupadd", GROUP], check=True, capture_output=True)
+    for user in USERS:
+        if subprocess.run(["getent", "passwd", user], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--no-create-home", "--user-group", "--groups", GROUP,
+                            "--shell", "/usr/sbin/nologin", user], check=True, capture_output=True)
+
+
+def ensure_venv() -> Path:
+    """A venv any user can run, with the versions this environment has of what prefetch imports."""
+    pins = sorted(f"{name}=={importlib.metadata.version(name)}" for name in PACKAGES)
+    marker = VENV / "mnist-hpc-pins.txt"
+    python = VENV / "bin" / "python"
+    if python.exists() and marker.exists() and marker.read_text().split() == pins:
+        return python
+    shutil.rmtree(VENV, ignore_errors=True)
+    old = os.umask(0o022)  # world-readable, whatever the caller's umask
+    try:
+        subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(VENV)], check=True, capture_output=True)
+        result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"pip install {' '.join(pins)} failed:\n{result.stderr[-2000:]}")
+        marker.write_text("\n".join(pins) + "\n")
+    finally:
+        os.umask(old)
+    return python
+
+
+class Users:
+    """Runs commands as the test users, from a readable copy of this checkout."""
+
+    def __init__(self, base: Path, python: Path) -> None:
+        self.base, self.python = base, python
+        self.src = base / "src"
+        for part in ("mnist_hpc", "conf"):
+            shutil.copytree(REPO / part, self.src / part, ignore=shutil.ignore_patterns("__pycache__"))
+        for user in USERS:
+            home = base / f"home-{user}"
+            home.mkdir()
+            os.chown(home, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+
+    def popen(self, user: str, *args: str) -> subprocess.Popen:
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.base / f"home-{user}"), "PYTHONPATH": str(self.src),
+               "PYTHONDONTWRITEBYTECODE": "1", "NO_PROXY": "127.0.0.1,localhost", "LANG": "C.UTF-8"}
+        return subprocess.Popen([str(self.python), *args], user=user, group=user, extra_groups=[GROUP],
+                                umask=0o002, env=env, cwd=self.base, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def run(self, user: str, *args: str) -> subprocess.CompletedProcess:
+        proc = self.popen(user, *args)
+        out, err = proc.communicate(timeout=180)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def prefetch(self, user: str, *args: str) -> subprocess.CompletedProcess:
+        return self.run(user, "-m", "mnist_hpc.login.prefetch", *args)
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[Users]:
+    need(os.geteuid() == 0, "creating users needs root")
+    need(SYSTEM_PYTHON.exists() and shutil.which("useradd") is not None, "needs /usr/bin/python3 and useradd")
+    ensure_users()
+    python = ensure_venv()
+    base = Path(tempfile.mkdtemp(prefix="mnist-hpc-users-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        yield Users(base, python)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def group_dir(parent: Path, name: str) -> Path:
+    """A directory as a cluster's group space is set up: group-owned, setgid, group-writable."""
+    path = parent / name
+    path.mkdir()
+    os.chown(path, 0, grp.getgrnam(GROUP).gr_gid)
+    os.chmod(path, 0o2775)
+    return path
+
+
+def readable_npz(users: Users, name: str, seed: int) -> tuple[Path, str]:
+    path = users.base / name
+    write_npz(path, synthetic_mnist(n_train=60, n_test=20, seed=seed))
+    os.chmod(path, 0o644)
+    return path, sha(path.read_bytes())
+
+
+def test_group_cache_survives_a_killed_prefetch_and_users_taking_turns(users: Users) -> None:
+    cache_dir = group_dir(users.base, "project") / "mnist"
+    a_source, a_sha = readable_npz(users, "a.npz", seed=1)
+    b_source, b_sha = readable_npz(users, "b.npz", seed=2)
+    server = LoopbackServer().start()
+    gate = threading.Event()
+    body = npz_bytes(synthetic_mnist(n_train=30, n_test=10))
+    url = server.add("/mnist.npz", Route(body=body, gate=gate, gate_timeout_s=120))
+    try:
+        # User A starts a download and is killed while it holds the lock.
+        killed = users.popen(USERS[0], "-m", "mnist_hpc.login.prefetch", "--url", url, "--sha256", sha(body),
+                             f"data.cache_dir={cache_dir}")
+        deadline = time.monotonic() + 120
+        while not (server.count("/mnist.npz") and list(cache_dir.glob(store.STAGING_PREFIX + "*"))):
+            assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()
+            time.sleep(0.05)
+        killed.kill()
+        killed.communicate(timeout=60)
+    finally:
+        gate.set()
+        server.stop()
+    lock = cache_dir / store.LOCK_NAME
+    left = os.stat(lock)
+    assert pwd.getpwuid(left.st_uid).pw_name == USERS[0] and grp.getgrgid(left.st_gid).gr_name == GROUP
+    assert stat.S_IMODE(left.st_mode) == 0o664
+    assert list(cache_dir.glob(store.STAGING_PREFIX + "*"))  # SIGKILL leaves the staging directory
+
+    # User B takes over: the leftover lock blocks nothing, the staging directory is swept.
+    b = users.prefetch(USERS[1], "--from", str(b_source), f"data.cache_dir={cache_dir}")
+    assert b.returncode == 0, b.stderr
+    assert b.stdout.strip() == str(cache_dir / "mnist.npz")
+    assert not list(cache_dir.glob(store.STAGING_PREFIX + "*"))
+    assert (os.stat(lock).st_ino, stat.S_IMODE(os.stat(lock).st_mode)) == (left.st_ino, 0o664)
+
+    # User A replaces B's dataset, then B's jobs read A's dataset, and B's plain prefetch keeps it.
+    a = users.prefetch(USERS[0], "--force", "--from", str(a_source), f"data.cache_dir={cache_dir}")
+    assert a.returncode == 0, a.stderr
+    read = users.run(USERS[1], "-c", "import sys; from mnist_hpc.cache import read_verified; "
+                     "from mnist_hpc.config import DataConfig; "
+                     "print(read_verified(DataConfig(cache_dir=sys.argv[1]))[1]['sha256'])", str(cache_dir))
+    assert read.returncode == 0 and read.stdout.strip() == a_sha, read.stderr
+    again = users.prefetch(USERS[1], f"data.cache_dir={cache_dir}")
+    assert again.returncode == 0 and "already cached and verified" in again.stderr, again.stderr
+    manifest = json.loads(manifest_path(cache_dir / "mnist.npz").read_text())
+    assert manifest["sha256"] == a_sha
+    for obj in (object_path(cache_dir / "mnist.npz", a_sha), object_path(cache_dir / "mnist.npz", b_sha)):
+        assert grp.getgrgid(os.stat(obj).st_gid).gr_name == GROUP and os.stat(obj).st_mode & stat.S_IRGRP
+    assert os.stat(lock).st_ino == left.st_ino  # never removed
+
+
+def test_another_users_private_lock_is_named_in_the_error(users: Users) -> None:
+    """A lock left by an older version (0644) still works; an unreadable one is named, with the fix."""
+    cache_dir = group_dir(users.base, "legacy")
+    source, _ = readable_npz(users, "legacy.npz", seed=3)
+    lock = cache_dir / store.LOCK_NAME
+    lock.touch()
+    os.chown(lock, pwd.getpwnam(USERS[0]).pw_uid, pwd.getpwnam(USERS[0]).pw_gid)
+    os.chmod(lock, 0o644)
+    ok = users.prefetch(USERS[1], "--from", str(source), f"data.cache_dir={cache_dir}")
+    assert ok.returncode == 0, ok.stderr
+
+    os.chmod(lock, 0o600)
+    refused = users.prefetch(USERS[1], "--force", "--from", str(source), f"data.cache_dir={cache_dir}")
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert f"cannot open the lock file {lock}" in refused.stderr
+    assert f"owner {USERS[0]}" in refused.stderr and f"chmod g+rw {lock}" in refused.stderr
