@@ -145,7 +145,9 @@ def validate(cfg: Config) -> Config:
     """Check value ranges that types alone cannot express; raise ConfigError naming the key."""
     d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.train
     _require(bool(d.cache_dir) and "\0" not in d.cache_dir, "data.cache_dir", d.cache_dir, "set a cache directory")
-    from mnist_hpc.cache import filename_problem  # cache.py owns the names; it imports this module
+    from mnist_hpc.cache import (
+        filename_problem,  # cache.py owns the names; it imports this module
+    )
 
     problem = filename_problem(d.filename)
     _require(problem is None, "data.filename", d.filename, problem or "")

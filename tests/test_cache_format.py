@@ -24,21 +24,18 @@ import pytest
 
 from mnist_hpc.cache import (
     FORMAT,
-    MAX_IMAGES,
     CacheCorruptError,
     CacheError,
     CacheInvalidError,
     CacheMissingError,
-    DatasetError,
     check_cached,
-    load_arrays,
     manifest_path,
     object_path,
     parse_manifest,
-    read_npz_layout,
     read_verified,
 )
 from mnist_hpc.config import DataConfig
+from mnist_hpc.dataset import MAX_IMAGES, DatasetError, load_arrays, read_npz_layout
 from tests.conftest import REPO, fill_cache, synthetic_mnist
 
 

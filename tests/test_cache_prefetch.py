@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc.cache import manifest_path, object_path, objects_dir, prefetch_command, view_target
+from mnist_hpc.cache import (
+    manifest_path,
+    object_path,
+    objects_dir,
+    prefetch_command,
+    view_target,
+)
 from mnist_hpc.config import KERAS_MNIST_SHA256, KERAS_MNIST_URL, ConfigError
 from mnist_hpc.login import prefetch
 from mnist_hpc.login.prefetch import store

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc.config import DataConfig
 from mnist_hpc.cache import CacheCorruptError, CacheMissingError
 from mnist_hpc.compute.data import load_mnist
+from mnist_hpc.config import DataConfig
 from tests.conftest import fill_cache, synthetic_mnist
 
 
@@ -71,7 +71,7 @@ def test_corrupted_cache_is_detected(tmp_path: Path):
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_layout_is_read_from_the_headers(tmp_path: Path, compressed: bool):
-    from mnist_hpc.cache import read_npz_layout
+    from mnist_hpc.dataset import read_npz_layout
 
     arrays = synthetic_mnist(n_train=30, n_test=12)
     arrays["extra"] = np.zeros((2, 3), dtype=np.float64)
@@ -82,7 +82,7 @@ def test_layout_is_read_from_the_headers(tmp_path: Path, compressed: bool):
 
 
 def test_layout_of_a_non_zip_file_is_a_dataset_error(tmp_path: Path):
-    from mnist_hpc.cache import DatasetError, read_npz_layout
+    from mnist_hpc.dataset import DatasetError, read_npz_layout
 
     path = tmp_path / "m.npz"
     path.write_bytes(b"<html>proxy error</html>")
@@ -110,7 +110,8 @@ def test_check_cached_refuses_a_float_array_behind_a_matching_hash(tmp_path: Pat
     import io
     import json
 
-    from mnist_hpc.cache import DatasetError, check_cached, manifest_path, object_path
+    from mnist_hpc.cache import check_cached, manifest_path, object_path
+    from mnist_hpc.dataset import DatasetError
 
     cache = fill_cache(tmp_path / "cache", synthetic_mnist(n_train=40, n_test=10))
     bad = synthetic_mnist(n_train=40, n_test=10)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mnist_hpc.compute import checkpoint
-from mnist_hpc.config import DataConfig, Execution, TrainConfig, to_typed
 from mnist_hpc.compute.data import load_mnist, one_hot, prepare_images
 from mnist_hpc.compute.train import train_and_evaluate
+from mnist_hpc.config import DataConfig, Execution, TrainConfig, to_typed
 from tests.conftest import tiny_overrides
 from tests.test_resume import Interrupt, interrupter, strip_seconds, weights
 
@@ -145,9 +145,9 @@ def test_one_xla_program_serves_every_chunk_length(synthetic_cache):
     import keras
     import tensorflow as tf
 
-    from mnist_hpc.config import ModelConfig, OptimizerConfig
-    from mnist_hpc.compute.model import build_model, compile_model
     from mnist_hpc.compute.engine import CompiledLoop
+    from mnist_hpc.compute.model import build_model, compile_model
+    from mnist_hpc.config import ModelConfig, OptimizerConfig
 
     model = compile_model(build_model(ModelConfig()), OptimizerConfig())
     data = load_mnist(DataConfig(cache_dir=str(synthetic_cache)))

@@ -187,7 +187,11 @@ class _FakeTrial:
 
 @pytest.mark.parametrize("error, runs_third", [(ValueError("bad trial"), True), ("limit", False)])
 def test_packed_task_isolates_failures_but_stops_when_time_is_up(tmp_path, error, runs_third):
-    from mnist_hpc.compute.job import PackedTrainJob, PackedTrialsFailed, RequeueLimitReached
+    from mnist_hpc.compute.job import (
+        PackedTrainJob,
+        PackedTrialsFailed,
+        RequeueLimitReached,
+    )
 
     if error == "limit":
         error = RequeueLimitReached("no requeue left")

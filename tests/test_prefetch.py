@@ -28,12 +28,13 @@ import numpy as np
 import pytest
 
 from mnist_hpc import __version__
+from mnist_hpc.cache import check_cached, manifest_path, objects_dir, view_target
+from mnist_hpc.compute.data import load_mnist
+from mnist_hpc.config import KERAS_MNIST_SHA256, DataConfig
+from mnist_hpc.dataset import DatasetError, read_npz
+from mnist_hpc.io import sha256_file
 from mnist_hpc.login import prefetch
 from mnist_hpc.login.prefetch import download, fetch, sources, store
-from mnist_hpc.config import KERAS_MNIST_SHA256, DataConfig
-from mnist_hpc.cache import DatasetError, check_cached, manifest_path, objects_dir, read_npz, view_target
-from mnist_hpc.compute.data import load_mnist
-from mnist_hpc.io import sha256_file
 from mnist_hpc.login.prefetch.errors import (
     CacheFullError,
     CacheNotWritableError,
@@ -44,7 +45,6 @@ from mnist_hpc.login.prefetch.errors import (
     SourceError,
     TruncatedDownloadError,
 )
-
 from tests.conftest import IN_CI, REPO
 from tests.http_fixture import LoopbackServer, Route
 

@@ -13,8 +13,7 @@ from typing import Any, Optional
 import numpy as np
 import pytest
 
-from mnist_hpc import rundir
-from mnist_hpc import slurm
+from mnist_hpc import rundir, slurm
 from mnist_hpc.login import trials as trials_mod
 from mnist_hpc.login.report import build, cli, plots, ranking, tables
 from mnist_hpc.rundir import write_predictions

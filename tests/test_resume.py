@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mnist_hpc.compute import checkpoint
-from mnist_hpc.config import to_typed
 from mnist_hpc.compute.train import train_and_evaluate
+from mnist_hpc.config import to_typed
 from tests.conftest import tiny_overrides
 
 

@@ -4,7 +4,6 @@ version mismatches, packing and array limits, on the real local cluster (and the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mnist_hpc import rundir
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import tiny_overrides
 from tests.slurm_helpers import (
     TRAIN,
     job_records,

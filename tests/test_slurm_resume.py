@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import fill_cache, synthetic_mnist
-from tests.slurm_helpers import job_records, require_cluster, slurm_launcher_args, submit, wait_for_states
+from tests.slurm_helpers import (
+    job_records,
+    require_cluster,
+    slurm_launcher_args,
+    submit,
+    wait_for_states,
+)
 
 pytestmark = pytest.mark.slurm
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_hpc import rundir
-from mnist_hpc import slurm
+from mnist_hpc import rundir, slurm
 
 
 def make_run(sweep: Path, trial: int, job_id: str, finished: bool) -> Path:

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_overrides
-from tests.slurm_helpers import job_records, require_cluster, sacct_states, slurm_launcher_args, submit, wait_for_states
+from tests.slurm_helpers import (
+    job_records,
+    require_cluster,
+    sacct_states,
+    slurm_launcher_args,
+    submit,
+    wait_for_states,
+)
 
 pytestmark = pytest.mark.slurm
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from mnist_hpc.config import to_typed
 from mnist_hpc.compute.engine import epoch_order
 from mnist_hpc.compute.train import train_and_evaluate
+from mnist_hpc.config import to_typed
 from tests.conftest import IN_CI, SHARED_MNIST, tiny_overrides
 
 TRAIN_CMD = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
@@ -28,8 +28,8 @@ def run_train_cli(args: list[str], *, netns: bool = False, env: dict | None = No
 
 
 def test_default_model_has_the_lessons_parameter_count():
-    from mnist_hpc.config import ModelConfig
     from mnist_hpc.compute.model import build_model
+    from mnist_hpc.config import ModelConfig
 
     model = build_model(ModelConfig())
     assert model.count_params() == 407_050
@@ -87,8 +87,8 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
     # The saved model scores what metrics.json reports.
     import keras
 
-    from mnist_hpc.config import DataConfig
     from mnist_hpc.compute.data import load_mnist
+    from mnist_hpc.config import DataConfig
 
     x_test, y_test = load_mnist(DataConfig(cache_dir=str(synthetic_cache))).lesson("test")
     model = keras.models.load_model(run_dir / "model.keras")

@@ -21,8 +21,9 @@ from typing import Optional
 
 import numpy as np
 
-from mnist_hpc.cache import NUM_CLASSES, PIXELS, read_verified, validation_cut
+from mnist_hpc.cache import read_verified
 from mnist_hpc.config import DataConfig
+from mnist_hpc.dataset import NUM_CLASSES, PIXELS, validation_cut
 
 
 def prepare_images(x: np.ndarray) -> np.ndarray:

@@ -17,8 +17,9 @@ from typing import Optional
 from hydra.errors import CompactHydraException
 
 from mnist_hpc import claim, rundir
-from mnist_hpc.cache import CacheError, DatasetError
+from mnist_hpc.cache import CacheError
 from mnist_hpc.config import ConfigError
+from mnist_hpc.dataset import DatasetError
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

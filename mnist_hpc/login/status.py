@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mnist_hpc import rundir
-from mnist_hpc.login.trials import TargetError, Trial, fill_states, find_runs, job_trial, read_trial
+from mnist_hpc.login.trials import (
+    TargetError,
+    Trial,
+    fill_states,
+    find_runs,
+    job_trial,
+    read_trial,
+)
 
 
 def collect(target: str) -> list[Trial]:

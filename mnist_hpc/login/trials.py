@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mnist_hpc import rundir
-from mnist_hpc import slurm
+from mnist_hpc import rundir, slurm
 
 TRACEBACK_START = "Traceback (most recent call last):"
 # What Slurm writes into a job's stderr when it cancels or kills it (time limit, memory, scancel).

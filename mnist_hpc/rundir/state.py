@@ -8,8 +8,14 @@ from typing import Any, Optional
 
 from mnist_hpc.rundir.files import ENDED_STATES, RunFileError
 from mnist_hpc.rundir.outputs import read_metrics
-from mnist_hpc.rundir.records import JobRecord, Progress, hydra_overrides, read_failure, read_job, read_progress
-
+from mnist_hpc.rundir.records import (
+    JobRecord,
+    Progress,
+    hydra_overrides,
+    read_failure,
+    read_job,
+    read_progress,
+)
 
 __all__ = [
     "RunFiles",

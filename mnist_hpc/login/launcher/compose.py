@@ -95,9 +95,11 @@ class SweepComposer:
         return not self.loader.repository.group_exists(override.key_or_group)
 
     def compose(self, overrides: list[str]) -> DictConfig:
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra._internal.config_loader_impl import (
+            ConfigLoaderImpl,
+            get_overrides_dirname,
+        )
         from hydra.core.override_parser.overrides_parser import OverridesParser
-        from hydra._internal.config_loader_impl import get_overrides_dirname
 
         parsed = OverridesParser.create().parse_overrides(overrides=overrides)
         if any(o.is_sweep_override() for o in parsed):

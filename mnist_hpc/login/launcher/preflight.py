@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from hydra.errors import CompactHydraException
 
 from mnist_hpc import claim, rundir
-from mnist_hpc.cache import split_index
 from mnist_hpc.config import Config, cache_file
+from mnist_hpc.dataset import split_index
 from mnist_hpc.login.launcher.options import GpuRequest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,7 +52,8 @@ def check_launcher(conf: Any, cluster: str) -> None:
 
 def check_cache(cfg: Config) -> dict[str, Any]:
     """Refuse to queue a job whose data cache is missing or invalid; return its manifest (no numpy)."""
-    from mnist_hpc.cache import CacheCorruptError, CacheMissingError, DatasetError, check_cached
+    from mnist_hpc.cache import CacheCorruptError, CacheMissingError, check_cached
+    from mnist_hpc.dataset import DatasetError
 
     try:
         return check_cached(cache_file(cfg.data))

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from mnist_hpc.cache import DatasetError
 from mnist_hpc.config import KERAS_MNIST_URL
+from mnist_hpc.dataset import DatasetError
 from mnist_hpc.login.prefetch.errors import PROG, Interrupted, PrefetchError, first_line
 from mnist_hpc.login.prefetch.fetch import DEFAULT_MAX_TIME_S, log, prefetch
 from mnist_hpc.login.prefetch.sources import normalise_sha256

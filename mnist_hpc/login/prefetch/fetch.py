@@ -29,11 +29,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnist_hpc import __version__
-from mnist_hpc.cache import FORMAT, MAX_NPZ_BYTES, CacheError, DatasetError, check_cached, load_arrays, manifest_path
+from mnist_hpc.cache import FORMAT, CacheError, check_cached, manifest_path
 from mnist_hpc.config import KERAS_MNIST_SHA256, KERAS_MNIST_URL
+from mnist_hpc.dataset import MAX_NPZ_BYTES, DatasetError, load_arrays
 from mnist_hpc.login.prefetch import store
-from mnist_hpc.login.prefetch.errors import NO_SPACE, NOT_WRITABLE, PrefetchError, cache_error
-from mnist_hpc.login.prefetch.sources import Plan, normalise_sha256, plan_source, prepare
+from mnist_hpc.login.prefetch.errors import (
+    NO_SPACE,
+    NOT_WRITABLE,
+    PrefetchError,
+    cache_error,
+)
+from mnist_hpc.login.prefetch.sources import (
+    Plan,
+    normalise_sha256,
+    plan_source,
+    prepare,
+)
 
 # The whole download's deadline: MNIST's 11 MB at 12 KB/s. requests' timeout is per read, so
 # a server trickling a byte now and then would otherwise keep a prefetch going for hours.
@@ -87,7 +98,9 @@ def _candidate(
         data, shapes = prepared
         staged.write_bytes(data)
         return staged, data, shapes
-    from mnist_hpc.login.prefetch.download import download  # not needed on the valid-cache path
+    from mnist_hpc.login.prefetch.download import (
+        download,  # not needed on the valid-cache path
+    )
 
     staged = download(plan.source, staged.parent, staged.name, plan.expected_sha256 or KERAS_MNIST_SHA256, **options)
     if staged.stat().st_size > MAX_NPZ_BYTES:

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:  # numpy is imported where arrays are built: a valid cache is checked without it
     import numpy as np
 
-from mnist_hpc.cache import MAX_IMAGES, MAX_NPZ_BYTES, PIXELS, DatasetError, load_arrays, validate_arrays
+from mnist_hpc.dataset import (
+    MAX_IMAGES,
+    MAX_NPZ_BYTES,
+    PIXELS,
+    DatasetError,
+    load_arrays,
+    validate_arrays,
+)
 from mnist_hpc.io import sha256_file
 from mnist_hpc.login.prefetch.errors import HashMismatchError, SourceError
 

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from mnist_hpc.io import atomic_path, write_text_atomic
-from mnist_hpc.login.report.ranking import Selection, metric_value, swept_params, trial_params
+from mnist_hpc.login.report.ranking import (
+    Selection,
+    metric_value,
+    swept_params,
+    trial_params,
+)
 from mnist_hpc.login.report.tables import wrong_digit_titles
 from mnist_hpc.login.trials import Trial
 from mnist_hpc.rundir import Predictions

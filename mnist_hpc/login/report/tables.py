@@ -10,7 +10,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mnist_hpc.login.report.ranking import Selection, parse_override, shared_overrides, swept_params
+from mnist_hpc.login.report.ranking import (
+    Selection,
+    parse_override,
+    shared_overrides,
+    swept_params,
+)
 from mnist_hpc.login.trials import Trial
 from mnist_hpc.rundir import Predictions
 
