@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig
 
 
-def _train_task(cfg: DictConfig) -> float:
-    """One Hydra job: check the config, train in Hydra's output dir, return the objective."""
+def _train_task(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> float:
+    """One Hydra job: check the config, train in Hydra's output dir, return the objective.
+
+    ``callbacks``: extra Keras callbacks (a search worker passes its pruning callback).
+    """
     from hydra.core.hydra_config import HydraConfig
 
     from mnist_hpc.compute.train import train_and_evaluate
@@ -19,7 +22,7 @@ def _train_task(cfg: DictConfig) -> float:
 
     typed = to_typed(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return objective(train_and_evaluate(typed, run_dir))
+    return objective(train_and_evaluate(typed, run_dir, callbacks=callbacks))
 
 
 TRAIN_USAGE = """\
