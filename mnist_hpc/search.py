@@ -251,16 +251,21 @@ class WorkerBeat:
     """A worker's heartbeat file: who it is, what it runs, and how it ended."""
 
     job_id: str
+    # "slurm" or "local" (submitit's executor): whom to ask for the job's state.
+    cluster: str = ""
     host: str = ""
     pid: int = 0
     started: str = ""
     beat: str = ""
     # The trial number it runs, None between trials.
     trial: Optional[int] = None
-    # running, done (the study has its trials), stopped (an error ended the worker) or requeued.
+    # queued (written at submission), running, done (the study has its trials), stopped (an
+    # error ended the worker) or requeued.
     state: str = "running"
     trials_run: list[int] = field(default_factory=list)
     message: str = ""
+    # The worker's own log (submitit's stdout file).
+    log: str = ""
 
 
 def beat_path(search_dir: Path, job_id: str) -> Path:

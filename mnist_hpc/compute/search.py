@@ -90,6 +90,10 @@ def worker_id() -> str:
         return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _cluster() -> str:
+    return "slurm" if "SLURM_JOB_ID" in os.environ else "local"
+
+
 class Heartbeat:
     """Rewrites the worker's file every ``interval_s`` from a daemon thread (dies with the process)."""
 
@@ -142,12 +146,13 @@ class SearchWorker:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         me = worker_id()
         spec = self._spec()
-        heartbeat = Heartbeat(
-            self.search_dir, sd.WorkerBeat(job_id=me, host=socket.gethostname(), pid=os.getpid(), started=utc_now()),
-            spec.heartbeat_s,
-        ).start()
+        # A requeued worker keeps the list of trials it ran before.
+        before = next((b for b, _ in sd.read_beats(self.search_dir)[0] if b.job_id == me), sd.WorkerBeat(job_id=me))
+        ran = list(before.trials_run)
+        beat = sd.WorkerBeat(job_id=me, cluster=_cluster(), host=socket.gethostname(), pid=os.getpid(),
+                             started=utc_now(), trials_run=list(ran), log=before.log)
+        heartbeat = Heartbeat(self.search_dir, beat, spec.heartbeat_s).start()
         storage = sd.open_storage(self.search_dir)
-        ran: list[int] = []
         try:
             while True:
                 spec = self._spec()
@@ -289,9 +294,9 @@ class SearchWorker:
         try:
             env = submitit.JobEnvironment()
             paths, job_id = env.paths, str(env.job_id)
-            cluster = "local" if "SLURM_JOB_ID" not in os.environ else "slurm"
         except RuntimeError:
-            paths, job_id, cluster = None, worker_id(), "local"
+            paths, job_id = None, worker_id()
+        cluster = _cluster()
         array_job, _, task = job_id.partition("_")
         rundir.write_job(
             run_dir,

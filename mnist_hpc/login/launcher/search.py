@@ -245,6 +245,8 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
         if isinstance(exc, FailedJobError):
             raise SubmissionError(f"nothing was queued: {cluster} refused the {n_workers} worker(s): {str(exc).strip()}") from exc
         raise
+    for job in jobs:  # status lists a worker from submission on, before it starts
+        sd.write_beat(search_dir, sd.WorkerBeat(job_id=str(job.job_id), cluster=cluster, state="queued", log=str(job.paths.stdout)))
     print(summary(search_dir, spec, counted, jobs, cluster), flush=True)
 
 
