@@ -143,8 +143,8 @@ def parse_params(params: dict[str, str]) -> tuple[dict[str, "BaseDistribution"],
 
     ``choice(a, b)`` and ``a,b`` are categorical; ``range(lo, hi, step)`` is an integer (or, with a
     float, a stepped float) distribution whose ``hi`` is excluded, as Hydra's range is;
-    ``interval(lo, hi)`` is uniform (integers if both bounds are), ``tag(log, interval(...))`` log-
-    uniform. A value without sweep syntax is fixed for every trial.
+    ``interval(lo, hi)`` is uniform over floats (Hydra makes its bounds floats), ``int(interval(lo,
+    hi))`` over integers, ``tag(log, ...)`` log-uniform. A value without sweep syntax is fixed.
 
     Raises:
         ValueError: an expression is not valid Hydra override syntax or is not supported.

@@ -58,7 +58,7 @@ class AsyncOptunaSweeperConf:
     sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 0})
     # Optuna pruner fed the validation accuracy after every epoch; null: never prune.
     pruner: Any = field(
-        default_factory=lambda: {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 1}
+        default_factory=lambda: {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0}
     )
     # Search space: parameter -> hydra-optuna-sweeper expression (choice, range, interval, tag(log, ...)).
     params: dict[str, Any] = field(default_factory=dict)
@@ -182,10 +182,13 @@ def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int]:
             )
         spec.created = previous.created
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        storage=sd.open_storage(search_dir), study_name=spec.study_name, direction=spec.direction, load_if_exists=True
-    )
-    if previous is None:
+    storage = sd.open_storage(search_dir)
+    try:  # loading writes nothing to the journal (create_study would append an entry)
+        study = optuna.load_study(study_name=spec.study_name, storage=storage) if previous is not None else None
+    except KeyError:  # a submission that stopped between search.json and the study
+        study = None
+    if study is None:
+        study = optuna.create_study(storage=storage, study_name=spec.study_name, direction=spec.direction)
         for entry in spec.enqueue:
             study.enqueue_trial(entry, skip_if_exists=True)
     counted = sum(sd.counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
