@@ -1,0 +1,233 @@
+"""Asynchronous search against the batch-synchronous sweeper, on this machine's local Slurm cluster.
+
+Issue 13's benchmark: a 16-trial Optuna search whose trial lengths differ (hidden units 64 to
+1024, 1 to 5 epochs, learning rate log-uniform), run twice in one invocation, one after the
+other on the same cluster:
+
+- **batch** (baseline): hydra-optuna-sweeper, TPE with seed 0, batches of ``n_jobs=2`` trials,
+  each batch one Slurm array through this project's launcher with ``hydra.launcher.wait=true``
+  (the sweeper needs a batch's results before it proposes the next);
+- **async**: ``hparams_search=optuna`` with 2 workers, TPE with seed 0 (made distinct per
+  worker), pruning off so that both runs train the same kind of trials.
+
+Reported per run: wall time from the submit command's start until the study holds 16 finished
+trials, the submit command's own time, the summed training time of the trials (each trial's
+``metrics.json`` ``wall_time_s``: the same code in both), and the workers' idle fraction
+``1 - sum(trial time) / (2 x wall time)``: the share of the two CPU slots that did not train
+(waiting for the slowest trial of a batch, Slurm scheduling, Python and TensorFlow start-up per
+job). Also the load average before and after each run (other work on the machine slows both).
+
+The baseline runs in a separate environment, since hydra-optuna-sweeper pins optuna<3 and the
+search needs optuna>=4::
+
+    python -m venv --system-site-packages /tmp/hos && /tmp/hos/bin/pip install hydra-optuna-sweeper==1.3.0
+    python benchmarks/bench_search.py --data ../shared/data/mnist.npz --baseline-python /tmp/hos/bin/python
+
+Needs the cluster (``slurm/cluster.sh start``). Writes search.md and search.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mnist_hpc.io import write_json_atomic, write_text_atomic  # noqa: E402
+
+TRIALS = 16
+WORKERS = 2
+TARGET = 1.3
+SPACE = {
+    "model.hidden_units": "choice('[64]','[128]','[256]','[512]','[1024]')",
+    "train.epochs": "int(interval(1, 5))",
+    "optimizer.learning_rate": "tag(log, interval(1e-4, 1e-2))",
+}
+# The baseline's config: the sweeper this project used before (hydra-optuna-sweeper), same space.
+BATCH_YAML = """# @package _global_
+defaults:
+  - override /hydra/sweeper: optuna
+  - override /hydra/sweeper/sampler: tpe
+  - override /hydra/launcher: slurm
+data:
+  validation_split: 0.1
+hydra:
+  launcher:
+    wait: true
+  sweeper:
+    direction: maximize
+    study_name: bench
+    storage: null
+    n_trials: {trials}
+    n_jobs: {workers}
+    sampler:
+      seed: 0
+    params:
+{params}
+"""
+TRAIN = "from mnist_hpc.cli import train_main; train_main()"
+
+
+def common_args(search_dir: Path, cache: Path, work: Path) -> list[str]:
+    return [
+        "-m", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=30",
+        f"hydra.sweep.dir={search_dir}", f"data.cache_dir={cache}", f"paths.output_root={work}",
+    ]
+
+
+def trial_seconds(search_dir: Path) -> list[float]:
+    """Each trial's own training wall time (``metrics.json``), for every trial that finished."""
+    out = []
+    for metrics in search_dir.glob("*/metrics.json"):
+        out.append(float(json.loads(metrics.read_text())["wall_time_s"]))
+    return out
+
+
+def run_batch(python: str, search_dir: Path, cache: Path, work: Path) -> dict[str, Any]:
+    confdir = work / "baseline-conf" / "hparams_search"
+    confdir.mkdir(parents=True, exist_ok=True)
+    params = "\n".join(f"      {k}: {v}" for k, v in SPACE.items())
+    (confdir / "optuna_batch.yaml").write_text(BATCH_YAML.format(trials=TRIALS, workers=WORKERS, params=params))
+    cmd = [python, "-c", TRAIN, *common_args(search_dir, cache, work), "hparams_search=optuna_batch",
+           f"hydra.searchpath=[file://{work / 'baseline-conf'}]"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env())
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"baseline failed: {proc.stderr[-3000:]}")
+    return {"wall_s": wall, "submit_s": wall, "trial_s": trial_seconds(search_dir)}
+
+
+def run_async(search_dir: Path, cache: Path, work: Path) -> dict[str, Any]:
+    import optuna
+
+    from mnist_hpc import search as sd
+
+    sweeper = [f"hydra.sweeper.n_trials={TRIALS}", f"hydra.sweeper.workers={WORKERS}", "hydra.sweeper.pruner=null",
+               "hydra.sweeper.params={}"]
+    cmd = [sys.executable, "-c", TRAIN, *common_args(search_dir, cache, work), "hparams_search=optuna", *sweeper,
+           *(f"{k}={v}" for k, v in SPACE.items())]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env())
+    submit_s = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"async submission failed: {proc.stderr[-3000:]}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    while True:
+        trials = optuna.load_study(study_name="mnist-hpc", storage=sd.open_storage(search_dir)).get_trials()
+        if sum(sd.counts_toward_budget(t) for t in trials) >= TRIALS:
+            break
+        if time.perf_counter() - start > 3600:
+            raise SystemExit("the asynchronous search did not finish within an hour")
+        time.sleep(0.5)
+    wall = time.perf_counter() - start
+    failed = [t.number for t in trials if t.state.name != "COMPLETE"]
+    if failed:
+        raise SystemExit(f"asynchronous trials did not complete: {failed}")
+    return {"wall_s": wall, "submit_s": submit_s, "trial_s": trial_seconds(search_dir)}
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def summarise(run: dict[str, Any], load_before: tuple, load_after: tuple) -> dict[str, Any]:
+    busy = sum(run["trial_s"])
+    return {
+        **run,
+        "trials": len(run["trial_s"]),
+        "busy_s": busy,
+        "idle_fraction": 1.0 - busy / (WORKERS * run["wall_s"]),
+        "load_before": list(load_before),
+        "load_after": list(load_after),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    b, a = results["batch"], results["async"]
+    rows = [
+        "| | batch-synchronous (hydra-optuna-sweeper, n_jobs=2) | asynchronous (2 workers) |",
+        "|---|---|---|",
+        f"| wall time, submit to 16 trials done | {b['wall_s']:.1f} s | {a['wall_s']:.1f} s |",
+        f"| submit command returned after | {b['submit_s']:.1f} s (it waits for the search) | {a['submit_s']:.1f} s |",
+        f"| trials finished | {b['trials']} | {a['trials']} |",
+        f"| summed trial training time | {b['busy_s']:.1f} s | {a['busy_s']:.1f} s |",
+        f"| workers' idle fraction | {b['idle_fraction']:.1%} | {a['idle_fraction']:.1%} |",
+        f"| load average before / after (1 min) | {b['load_before'][0]:.2f} / {b['load_after'][0]:.2f} "
+        f"| {a['load_before'][0]:.2f} / {a['load_after'][0]:.2f} |",
+    ]
+    speedup = results["speedup"]
+    verdict = "met" if speedup >= TARGET else "NOT met"
+    return "\n".join([
+        "# Asynchronous search vs batch-synchronous sweeper",
+        "",
+        f"Generated by `benchmarks/bench_search.py` on {results['machine']} ({results['date']}), "
+        f"local Slurm cluster, 1 CPU per task, {results['data']}.",
+        "",
+        f"16-trial Optuna search (TPE, seed 0, no pruning), space: "
+        + ", ".join(f"`{k}: {v}`" for k, v in SPACE.items()) + ". The two runs ran one after the other.",
+        "",
+        *rows,
+        "",
+        f"**Speed-up: {speedup:.2f}x** (target {TARGET}x: {verdict}). Idle fraction: 1 - summed trial "
+        "time / (2 x wall time): the share of the two CPU slots not spent training (a batch waiting "
+        "for its slowest trial, Slurm scheduling, and one Python + TensorFlow start-up per trial for "
+        "the batch sweeper against one per worker for the search).",
+        "",
+        "The trials differ between the runs (each proposes from its own history, and the "
+        "asynchronous workers' samplers are seeded per worker), so the summed training time "
+        "differs too; the idle fraction compares the two independently of that.",
+        "",
+    ])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="a local mnist.npz (e.g. ../shared/data/mnist.npz)")
+    parser.add_argument("--baseline-python", required=True, help="a Python with hydra-optuna-sweeper (see above)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    probe = subprocess.run([args.baseline_python, "-c", "import hydra_plugins.hydra_optuna_sweeper, mnist_hpc"],
+                           capture_output=True, env=env())
+    if probe.returncode != 0:
+        raise SystemExit(f"{args.baseline_python} lacks hydra-optuna-sweeper: {probe.stderr.decode()[-500:]}")
+
+    from mnist_hpc.login.prefetch import prefetch
+
+    work = Path(tempfile.mkdtemp(prefix="mnist-hpc-bench-search-"))
+    cache = work / "cache"
+    prefetch(cache / "mnist.npz", source=args.data)
+    results: dict[str, Any] = {
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "data": f"real MNIST ({args.data.name}, validation split 0.1)",
+        "trials": TRIALS,
+        "workers": WORKERS,
+        "space": SPACE,
+    }
+    for name in ("batch", "async"):
+        print(f"{name} ...", flush=True)
+        load_before = os.getloadavg()
+        run = (run_batch(args.baseline_python, work / name, cache, work) if name == "batch"
+               else run_async(work / name, cache, work))
+        results[name] = summarise(run, load_before, os.getloadavg())
+        print(f"  {results[name]['wall_s']:.1f} s, idle {results[name]['idle_fraction']:.1%}", flush=True)
+    results["speedup"] = results["batch"]["wall_s"] / results["async"]["wall_s"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "search.json", results)
+    write_text_atomic(args.out / "search.md", markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
