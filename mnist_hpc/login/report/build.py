@@ -33,7 +33,7 @@ from mnist_hpc.login.report.tables import (
     top_confusions,
 )
 from mnist_hpc.login.report.study import search_report
-from mnist_hpc.login.trials import Trial, find_runs, read_trials
+from mnist_hpc.login.trials import Trial, find_runs, read_trials, trial_dirs
 from mnist_hpc.search import is_search_dir
 
 REPORT_DIR = "report"
@@ -108,7 +108,8 @@ def build_report(target: Path, out_dir: Optional[Path] = None, metric: str = "va
         OSError: the output directory cannot be written.
     """
     target = Path(target).resolve()
-    is_sweep, run_dirs = find_runs(target)
+    # A search has its study even before its first trial directory exists.
+    is_sweep, run_dirs = (True, trial_dirs(target)) if is_search_dir(target) else find_runs(target)
     out_dir = Path(out_dir) if out_dir is not None else target / REPORT_DIR
     trials, notes = read_trials(run_dirs)
     cache = PlotCache(out_dir)
