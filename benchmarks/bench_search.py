@@ -1,14 +1,16 @@
 """Asynchronous search against the batch-synchronous sweeper, on this machine's local Slurm cluster.
 
 Issue 13's benchmark: a 16-trial Optuna search whose trial lengths differ (hidden units 64 to
-1024, 1 to 5 epochs, learning rate log-uniform), run twice in one invocation, one after the
-other on the same cluster:
+1024, 1 to 5 epochs, learning rate log-uniform), run in one invocation, one after the other on
+the same cluster:
 
 - **batch** (baseline): hydra-optuna-sweeper, TPE with seed 0, batches of ``n_jobs=2`` trials,
   each batch one Slurm array through this project's launcher with ``hydra.launcher.wait=true``
   (the sweeper needs a batch's results before it proposes the next);
 - **async**: ``hparams_search=optuna`` with 2 workers, TPE with seed 0 (made distinct per
-  worker), pruning off so that both runs train the same kind of trials.
+  worker), pruning off so that both runs train the same kind of trials;
+- **replay**: the asynchronous workers given exactly the batch run's 16 trials
+  (``hydra.sweeper.enqueue``): the same training work, so the difference is the schedule alone.
 
 Reported per run: wall time from the submit command's start until the study holds 16 finished
 trials, the submit command's own time, the summed training time of the trials (each trial's
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -64,6 +66,7 @@ hydra:
     n_trials: {trials}
     workers: {workers}
     pruner: null
+    enqueue: {enqueue}
     sampler:
       _target_: optuna.samplers.TPESampler
       seed: 0
@@ -110,12 +113,13 @@ def trial_seconds(search_dir: Path) -> list[float]:
     return out
 
 
-def search_config(work: Path, name: str, template: str) -> list[str]:
-    """Write ``hparams_search/<name>.yaml`` (the same SPACE in both) and the overrides that select it."""
+def search_config(work: Path, name: str, template: str, enqueue: Optional[list[dict[str, Any]]] = None) -> list[str]:
+    """Write ``hparams_search/<name>.yaml`` (the same SPACE in all) and the overrides that select it."""
     confdir = work / "bench-conf" / "hparams_search"
     confdir.mkdir(parents=True, exist_ok=True)
     params = "\n".join(f"      {k}: {v}" for k, v in SPACE.items())
-    (confdir / f"{name}.yaml").write_text(template.format(trials=TRIALS, workers=WORKERS, params=params))
+    text = template.format(trials=TRIALS, workers=WORKERS, params=params, enqueue=json.dumps(enqueue or []))
+    (confdir / f"{name}.yaml").write_text(text)
     return [f"hparams_search={name}", f"hydra.searchpath=[file://{work / 'bench-conf'}]"]
 
 
@@ -129,12 +133,31 @@ def run_batch(python: str, search_dir: Path, cache: Path, work: Path) -> dict[st
     return {"wall_s": wall, "submit_s": wall, "trial_s": trial_seconds(search_dir)}
 
 
-def run_async(search_dir: Path, cache: Path, work: Path) -> dict[str, Any]:
+def batch_trials(search_dir: Path) -> list[dict[str, Any]]:
+    """The parameters of a batch run's trials, in trial order, as the asynchronous search's
+    ``enqueue`` takes them: replaying them trains exactly the same trials."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    from mnist_hpc import search as sd
+    from mnist_hpc.rundir import hydra_overrides
+
+    space, _ = sd.parse_params(SPACE)
+    out = []
+    for run in sorted((d for d in search_dir.iterdir() if d.name.isdigit()), key=lambda d: int(d.name)):
+        values = dict(o.split("=", 1) for o in hydra_overrides(run))
+        kinds = {k: str if isinstance(d, CategoricalDistribution) else int if isinstance(d, IntDistribution) else float
+                 for k, d in space.items()}
+        out.append({k: kinds[k](values[k]) for k in SPACE})
+    return out
+
+
+def run_async(search_dir: Path, cache: Path, work: Path, replay: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     import optuna
 
     from mnist_hpc import search as sd
 
-    cmd = [sys.executable, "-c", TRAIN, *common_args(search_dir, cache, work), *search_config(work, "bench_async", ASYNC_YAML)]
+    config = search_config(work, f"bench_async_{search_dir.name}", ASYNC_YAML, replay)
+    cmd = [sys.executable, "-c", TRAIN, *common_args(search_dir, cache, work), *config]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env())
     submit_s = time.perf_counter() - start
@@ -173,48 +196,54 @@ def summarise(run: dict[str, Any], load_before: tuple, load_after: tuple) -> dic
 
 
 def markdown(results: dict[str, Any]) -> str:
-    b, a = results["batch"], results["async"]
+    b, a, r = results["batch"], results["async"], results["replay"]
+    cols = (b, a, r)
     rows = [
-        "| | batch-synchronous (hydra-optuna-sweeper, n_jobs=2) | asynchronous (2 workers) |",
-        "|---|---|---|",
-        f"| wall time, submit to 16 trials done | {b['wall_s']:.1f} s | {a['wall_s']:.1f} s |",
-        f"| submit command returned after | {b['submit_s']:.1f} s (it waits for the search) | {a['submit_s']:.1f} s |",
-        f"| trials finished | {b['trials']} | {a['trials']} |",
-        f"| summed trial training time | {b['busy_s']:.1f} s | {a['busy_s']:.1f} s |",
-        f"| workers' idle fraction | {b['idle_fraction']:.1%} | {a['idle_fraction']:.1%} |",
-        f"| load average before / after (1 min) | {b['load_before'][0]:.2f} / {b['load_after'][0]:.2f} "
-        f"| {a['load_before'][0]:.2f} / {a['load_after'][0]:.2f} |",
+        "| | batch-synchronous (hydra-optuna-sweeper, n_jobs=2) | asynchronous search (2 workers) "
+        "| asynchronous, replaying the batch run's 16 trials |",
+        "|---|---|---|---|",
+        "| wall time, submit to 16 trials done | " + " | ".join(f"{c['wall_s']:.1f} s" for c in cols) + " |",
+        f"| submit command returned after | {b['submit_s']:.1f} s (it waits for the search) "
+        f"| {a['submit_s']:.1f} s | {r['submit_s']:.1f} s |",
+        "| trials finished | " + " | ".join(str(c["trials"]) for c in cols) + " |",
+        "| summed trial training time | " + " | ".join(f"{c['busy_s']:.1f} s" for c in cols) + " |",
+        "| workers' idle fraction | " + " | ".join(f"{c['idle_fraction']:.1%}" for c in cols) + " |",
+        "| load average before / after (1 min) | "
+        + " | ".join(f"{c['load_before'][0]:.2f} / {c['load_after'][0]:.2f}" for c in cols) + " |",
     ]
     speedup = results["speedup"]
     verdict = "met" if speedup >= TARGET else "NOT met"
     every = "; ".join(
-        f"{name}: " + ", ".join(f"{r['wall_s']:.1f} s (idle {r['idle_fraction']:.0%}, load {r['load_before'][0]:.1f})"
-                                for r in results["runs"][name])
-        for name in ("batch", "async")
+        f"{name}: " + ", ".join(f"{x['wall_s']:.1f} s (idle {x['idle_fraction']:.0%}, load {x['load_before'][0]:.1f})"
+                                for x in results["runs"][name])
+        for name in ("batch", "async", "replay")
     )
     pairs = ", ".join(f"{x:.2f}x" for x in results["speedups_per_pair"])
+    replays = ", ".join(f"{x:.2f}x" for x in results["replay_speedups"])
     return "\n".join([
         "# Asynchronous search vs batch-synchronous sweeper",
         "",
         f"Generated by `benchmarks/bench_search.py` on {results['machine']} ({results['date']}), "
-        f"local Slurm cluster, 1 CPU per task, {results['data']}.",
+        f"local Slurm cluster shared with other work, 1 CPU per task, {results['data']}.",
         "",
-        f"16-trial Optuna search (TPE, seed 0, no pruning), space: "
-        + ", ".join(f"`{k}: {v}`" for k, v in SPACE.items()) + ". The runs ran one after the other; "
-        "the table shows each kind's median run (the lower of two).",
+        "16-trial Optuna search (TPE, seed 0, no pruning), space: "
+        + ", ".join(f"`{k}: {v}`" for k, v in SPACE.items()) + ". All runs one after the other; per "
+        "repeat: batch and async (alternating which goes first), then the replay of that repeat's batch "
+        "trials. The table shows each kind's median run (the lower of two).",
         "",
         *rows,
         "",
-        f"Every run, in the order batch, async, async, batch, ...: {every}. Speed-up per pair: {pairs}.",
+        f"Every run: {every}.",
         "",
-        f"**Speed-up: {speedup:.2f}x** (median runs; target {TARGET}x: {verdict}). Idle fraction: 1 - summed trial "
-        "time / (2 x wall time): the share of the two CPU slots not spent training (a batch waiting "
-        "for its slowest trial, Slurm scheduling, and one Python + TensorFlow start-up per trial for "
-        "the batch sweeper against one per worker for the search).",
+        f"**Speed-up of the search: {speedup:.2f}x** (median runs; per repeat {pairs}; target {TARGET}x: "
+        f"{verdict}). The two searches train different trials (each proposes from its own history, and "
+        "the workers' samplers are seeded per worker), so their summed training times differ; the "
+        f"replay trains exactly the batch run's trials: **{results['batch']['wall_s'] / r['wall_s']:.2f}x** "
+        f"(per repeat {replays}) is the gain from the schedule alone.",
         "",
-        "The trials differ between the runs (each proposes from its own history, and the "
-        "asynchronous workers' samplers are seeded per worker), so the summed training time "
-        "differs too; the idle fraction compares the two independently of that.",
+        "Idle fraction: 1 - summed trial time / (2 x wall time): the share of the two CPU slots not "
+        "spent training (a batch waiting for its slowest trial, Slurm scheduling, and one Python + "
+        "TensorFlow start-up per trial for the batch sweeper against one per worker for the search).",
         "",
     ])
 
@@ -224,7 +253,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True, help="a local mnist.npz (e.g. ../shared/data/mnist.npz)")
     parser.add_argument("--baseline-python", required=True, help="a Python with hydra-optuna-sweeper (see above)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each kind, in ABBA order")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each kind")
     args = parser.parse_args()
     probe = subprocess.run([args.baseline_python, "-c", "import hydra_plugins.hydra_optuna_sweeper, mnist_hpc"],
                            capture_output=True, env=env())
@@ -244,22 +273,27 @@ def main() -> int:
         "workers": WORKERS,
         "space": SPACE,
     }
-    # ABBA...: each kind runs first as often as second, so a drift in the machine's load hits both.
-    order = [name for i in range(args.repeats) for name in (("batch", "async") if i % 2 == 0 else ("async", "batch"))]
-    runs: dict[str, list[dict[str, Any]]] = {"batch": [], "async": []}
-    for i, name in enumerate(order):
-        print(f"{name} ({i + 1}/{len(order)}) ...", flush=True)
-        load_before = os.getloadavg()
-        search_dir = work / f"{name}-{i}"
-        run = (run_batch(args.baseline_python, search_dir, cache, work) if name == "batch"
-               else run_async(search_dir, cache, work))
-        runs[name].append(summarise(run, load_before, os.getloadavg()))
-        print(f"  {runs[name][-1]['wall_s']:.1f} s, idle {runs[name][-1]['idle_fraction']:.1%}", flush=True)
+    # Per repeat: batch and async in alternating order (a drift in the machine's load hits both),
+    # then "replay": the asynchronous workers training exactly the batch run's 16 trials.
+    kinds = ("batch", "async", "replay")
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    for i in range(args.repeats):
+        for name in (("batch", "async") if i % 2 == 0 else ("async", "batch")) + ("replay",):
+            print(f"{name} (repeat {i + 1}/{args.repeats}) ...", flush=True)
+            load_before = os.getloadavg()
+            search_dir = work / f"{name}-{i}"
+            if name == "batch":
+                run = run_batch(args.baseline_python, search_dir, cache, work)
+            else:
+                run = run_async(search_dir, cache, work, batch_trials(work / f"batch-{i}") if name == "replay" else None)
+            runs[name].append(summarise(run, load_before, os.getloadavg()))
+            print(f"  {runs[name][-1]['wall_s']:.1f} s, idle {runs[name][-1]['idle_fraction']:.1%}", flush=True)
     results["runs"] = runs
-    for name in runs:  # the run with the median wall time (the lower one of two) stands for its kind
+    for name in kinds:  # the run with the median wall time (the lower one of two) stands for its kind
         results[name] = sorted(runs[name], key=lambda r: r["wall_s"])[(len(runs[name]) - 1) // 2]
     results["speedup"] = results["batch"]["wall_s"] / results["async"]["wall_s"]
     results["speedups_per_pair"] = [b["wall_s"] / a["wall_s"] for b, a in zip(runs["batch"], runs["async"])]
+    results["replay_speedups"] = [b["wall_s"] / a["wall_s"] for b, a in zip(runs["batch"], runs["replay"])]
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "search.json", results)
     write_text_atomic(args.out / "search.md", markdown(results))

@@ -197,8 +197,9 @@ class SearchWorker:
 
     @staticmethod
     def _sampler(spec: sd.SearchSpec, me: str, storage: Any) -> Any:
-        """The configured sampler, seeded per worker and per start: W workers with one seed would
-        propose the same random start-up trials; a requeued one would repeat its proposals."""
+        """The configured sampler, its seed made distinct per worker and per study size (it is built
+        for each ask): W workers with one seed would propose the same random start-up trials, and
+        a requeued worker would repeat its proposals."""
         import zlib
 
         from hydra.utils import instantiate
@@ -238,8 +239,8 @@ class SearchWorker:
                     live.append((t, age))
             trials = study.get_trials(deepcopy=False)
             counted = sum(sd.counts_toward_budget(t) for t in trials)
-            waiting = sum(t.state == TrialState.WAITING for t in trials)
-            if waiting or counted + len(live) < spec.n_trials:
+            # Queued trials (retries, hydra.sweeper.enqueue) are asked first, within the budget.
+            if counted + len(live) < spec.n_trials:
                 trial = study.ask(space)
                 trial.set_user_attr(sd.WORKER_ATTR, me)
                 return trial
