@@ -200,3 +200,33 @@ def test_a_worker_killed_mid_trial_leaves_no_trial_behind(larger_cache, tmp_path
     out, rows = report(search_dir)
     assert [r["state"] for r in rows if int(r["trial"]) == killed.number] == ["INTERRUPTED"]
     assert f"retry of {killed.number}" in out
+
+
+def test_a_preempted_worker_is_requeued_and_resumes_its_trial_in_place(larger_cache, tmp_path):
+    from tests.test_slurm_resume import restarts, sacct_history
+
+    search_dir = tmp_path / "search"
+    proc = submit(search_args(search_dir, larger_cache, tmp_path, "train.epochs=8", "hydra.sweeper.n_trials=2",
+                              "hydra.sweeper.workers=1", "hydra.sweeper.pruner=null"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [job] = worker_ids(search_dir, proc.stdout)
+    try:
+        wait_until(lambda: (search_dir / "0" / "checkpoints" / "ckpt-e00002-b0000000.npz").is_file(), 900,
+                   "trial 0's second checkpoint", poll_s=0.2)
+        # What Slurm sends before a time limit or a preemption: submitit checkpoints and requeues.
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        wait_until(lambda: restarts(job) >= 1, 300, "the worker's requeue")
+    except BaseException:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+        raise
+    trials, states = finish(search_dir, [job], 2)
+    assert states[job] == "COMPLETED" and "REQUEUED" in sacct_history(job)
+    assert [(t.number, t.state) for t in trials] == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
+    assert {t.user_attrs[sd.WORKER_ATTR] for t in trials} == {job}
+    # The same trial number, in the same directory, resumed from its checkpoint (not retried).
+    log = (search_dir / "0" / "train.log").read_text()
+    resumed = log.index("resuming from ckpt-e0000")
+    assert int(log[resumed + len("resuming from ckpt-e"):][:5]) >= 2 and "epoch 1/" not in log[resumed:]
+    assert not any(sd.is_interrupted(t) for t in trials)
+    [beat] = [b for b, _ in sd.read_beats(search_dir)[0] if b.job_id == job]
+    assert beat.state == "done" and beat.trials_run == [0, 1]
