@@ -28,10 +28,6 @@ class WorkerRow:
     silent_s: Optional[float]
     slurm_state: str = ""
 
-    @property
-    def state(self) -> str:
-        return self.beat.state
-
 
 @dataclass
 class StudyView:
