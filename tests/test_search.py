@@ -245,8 +245,14 @@ def test_status_of_a_damaged_search_notes_it_and_shows_the_rest(tmp_path, damage
         (search_dir / sd.WORKERS_DIR / "w2.json").write_text('{"job_id": 7}')
     proc, tf = run_login_command(STATUS, [str(search_dir)], tmp_path)
     assert proc.returncode == 0 and not tf, proc.stderr
-    assert "note:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert "w1" in proc.stdout  # the workers are still shown
+    if damage == "truncate":
+        # A last line without its newline is an append in progress: Optuna's reader leaves it out
+        # (here: trial 1's owner), and the rest of the study is shown.
+        assert "0.7000" in proc.stdout and "\n1      RUNNING    -" in proc.stdout
+        return
+    assert "note:" in proc.stderr
     if damage == "bad_beat":
         assert "w2.json is not a usable worker heartbeat" in proc.stderr
         assert "0.7000" in proc.stdout
