@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig
 
 
-def _train_task(cfg: DictConfig) -> float:
+def _train_task(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> float:
     """One Hydra job: check the config, train in Hydra's output dir, return the objective.
 
-    A known error (see :mod:`mnist_hpc.compute.failures`) becomes one line, no traceback.
+    ``callbacks``: extra Keras callbacks (a search worker passes its pruning callback). A known
+    error (see :mod:`mnist_hpc.compute.failures`) becomes one line, no traceback.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -24,7 +25,7 @@ def _train_task(cfg: DictConfig) -> float:
     typed = to_typed(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return objective(train_and_evaluate(typed, run_dir))
+        return objective(train_and_evaluate(typed, run_dir, callbacks=callbacks))
     except Exception as exc:
         message = known_error(exc)
         if message is None:

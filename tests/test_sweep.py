@@ -104,29 +104,6 @@ def test_report_on_pending_sweep_shows_pending(synthetic_cache: Path, tmp_path: 
         subprocess.run(["scancel", records[0]["array_job_id"]], timeout=30)
 
 
-def test_two_trial_optuna_search_completes_and_is_reported(synthetic_cache: Path, tmp_path: Path):
-    sweep = tmp_path / "optuna"
-    args = slurm_launcher_args(
-        sweep, *tiny_overrides(synthetic_cache, tmp_path), "hparams_search=optuna",
-        "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-    )
-    proc = submit(args, tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = (sweep / "optimization_results.yaml").read_text()
-    assert "best_value" in results
-    records = job_records(sweep)
-    assert len(records) == 2 and len({r["array_job_id"] for r in records}) == 1
-    # The job's result is in before Slurm has closed the job: give it a moment.
-    assert set(wait_for_states([r["job_id"] for r in records]).values()) == {"COMPLETED"}
-    _, rows = report(sweep)
-    assert [r["state"] for r in rows] == ["COMPLETED", "COMPLETED"]
-    best = [r for r in rows if r["best"] == "yes"][0]
-    import yaml
-
-    assert float(best["final_val_accuracy"]) == pytest.approx(yaml.safe_load(results)["best_value"])
-    assert all("optimizer.learning_rate=" in r["overrides"] for r in rows)
-
-
 def test_packed_trials_keep_their_own_dirs_failures_and_states(synthetic_cache: Path, tmp_path: Path):
     """Three trials, two per task: two tasks; the failing trial fails alone."""
     sweep = tmp_path / "sweep"

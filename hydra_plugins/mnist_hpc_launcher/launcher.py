@@ -63,5 +63,7 @@ def register_plugins() -> None:
     """
     from hydra.core.plugins import Plugins
 
-    for clazz in (SlurmLauncher, LocalLauncher):
+    from hydra_plugins.mnist_hpc_launcher.sweeper import AsyncOptunaSweeper
+
+    for clazz in (SlurmLauncher, LocalLauncher, AsyncOptunaSweeper):
         Plugins.instance().register(clazz)

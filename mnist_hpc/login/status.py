@@ -24,6 +24,7 @@ from mnist_hpc.login.trials import (
     job_trial,
     read_trial,
 )
+from mnist_hpc.search import is_search_dir
 
 
 def collect(target: str) -> list[Trial]:
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # An asynchronous search directory: its study and workers (mnist_hpc.login.study).
+    searches = [t for t in args.targets if is_search_dir(Path(t))]
+    if searches:
+        return search_main(searches, args.json) if len(searches) == len(args.targets) else _mixed_targets()
     trials: list[Trial] = []
     try:
         for target in args.targets:
@@ -92,6 +97,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps([t.status_row() for t in trials], indent=2))
     else:
         print(format_table(trials))
+    return 0
+
+
+def _mixed_targets() -> int:
+    print("mnist-hpc-status: error: pass search directories alone (not with runs, sweeps or job ids)", file=sys.stderr)
+    return 1
+
+
+def search_main(search_dirs: list[str], as_json: bool) -> int:
+    """``mnist-hpc-status SEARCH_DIR``: the study (trials by state, best so far) and its workers."""
+    from mnist_hpc.login.study import format_status, read_study, status_json
+
+    views = [read_study(Path(d)) for d in search_dirs]
+    for note in [n for v in views for n in v.notes]:
+        print(f"note: {note}", file=sys.stderr)
+    if as_json:
+        print(json.dumps([status_json(v) for v in views], indent=2))
+    else:
+        print("\n\n".join(format_status(v) for v in views))
     return 0
 
 

@@ -32,7 +32,9 @@ from mnist_hpc.login.report.tables import (
     table_rows,
     top_confusions,
 )
-from mnist_hpc.login.trials import Trial, find_runs, read_trials
+from mnist_hpc.login.report.study import search_report
+from mnist_hpc.login.trials import Trial, find_runs, read_trials, trial_dirs
+from mnist_hpc.search import is_search_dir
 
 REPORT_DIR = "report"
 CSV_FILE = "report.csv"
@@ -106,19 +108,24 @@ def build_report(target: Path, out_dir: Optional[Path] = None, metric: str = "va
         OSError: the output directory cannot be written.
     """
     target = Path(target).resolve()
-    is_sweep, run_dirs = find_runs(target)
+    # A search has its study even before its first trial directory exists.
+    is_sweep, run_dirs = (True, trial_dirs(target)) if is_search_dir(target) else find_runs(target)
     out_dir = Path(out_dir) if out_dir is not None else target / REPORT_DIR
     trials, notes = read_trials(run_dirs)
+    cache = PlotCache(out_dir)
+    # An asynchronous search: its study decides each trial's state and adds its own section.
+    search = search_report(target, trials, out_dir, cache) if is_search_dir(target) else ("", [], [])
+    notes += search[2]
     notes += [f"{t.label}: {note}" for t in trials for note in t.notes]
     selection = best_trial(trials, metric) if is_sweep else None
     best = selection.trial if selection else None
 
     parts = [summary_section(target, trials, selection), markdown_table(trials, best)]
     parts += ["\n".join(f"- note: {n}" for n in notes)] if notes else []
-    files = [write_csv(table_rows(trials, best), out_dir / CSV_FILE)]
-    cache = PlotCache(out_dir)
+    files = [write_csv(table_rows(trials, best), out_dir / CSV_FILE)] + search[1]
     pngs, plot_links = write_plots(trials, out_dir, selection, cache)
     files += pngs
+    parts += [search[0]] if search[0] else []
     parts.append(plot_links)
     # The confusion matrix and wrong digits of the best trial (sweep) or of the run itself.
     focus = best if is_sweep else trials[0]

@@ -1,0 +1,365 @@
+"""A search worker on the compute node: loop ask -> train -> tell until the study has its trials.
+
+``mnist-hpc-train -m hparams_search=optuna`` queues W of these as one Slurm array (see
+:mod:`mnist_hpc.login.launcher.search`) and returns. Each worker, on its own:
+
+1. takes the search's ask lock, and there: resumes a RUNNING trial that its own job left behind
+   (the job was requeued after a time limit or preemption), else interrupts trials whose owner
+   has stopped beating (told FAIL, marked ``interrupted``, re-queued with the same parameters),
+   else asks the study for a new trial while the budget allows;
+2. trains the trial in ``<search dir>/<trial number>`` through Hydra's ``run_job`` (so the trial
+   has ``.hydra/``, ``train.log`` and every output of a run), reporting the validation accuracy
+   after every epoch to the pruner;
+3. tells the study COMPLETE (the objective), PRUNED, or FAIL (the error recorded), and goes on.
+
+A worker ends when the study has ``n_trials`` trials that count (interrupted ones do not) and no
+other worker's trial looks abandoned. The state of a worker is its heartbeat file, rewritten by a
+daemon thread every ``heartbeat_s``. The search directory's files: :mod:`mnist_hpc.search`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, open_dict
+
+from mnist_hpc import rundir
+from mnist_hpc import search as sd
+from mnist_hpc.compute.job import LaunchContext, _reset_keras_state, record_failure
+from mnist_hpc.io import utc_now
+
+log = logging.getLogger(__name__)
+
+# A trial whose owner's heartbeat is older than this many intervals is "quiet": a worker that has
+# nothing left to ask waits to see whether it goes stale rather than leaving it behind.
+QUIET_BEATS = 3
+
+
+class TrialTakenOver(RuntimeError):
+    """Another worker declared this worker's trial interrupted (it was silent for too long)."""
+
+
+def pruning_callback(trial: Any) -> Any:
+    """A Keras callback: report ``val_accuracy`` after every epoch; prune when the pruner says so.
+
+    The decision is taken at the epoch's end, but the trial stops at the *next* epoch's start: by
+    then the epoch's checkpoint and ``progress.json`` are written, so a pruned trial keeps every
+    epoch it trained. A pruning decision after the last epoch changes nothing (it completes).
+    """
+    import keras
+    import optuna
+
+    class OptunaPruning(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prune_after: Optional[int] = None
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            if self.prune_after is not None:
+                raise optuna.TrialPruned(f"pruned after epoch {self.prune_after}")
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            value = (logs or {}).get("val_accuracy")
+            if value is None:
+                return
+            try:
+                trial.report(float(value), step=epoch + 1)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as exc:
+                raise TrialTakenOver(f"trial {trial.number} is no longer this worker's: {exc}") from exc
+            if trial.should_prune():
+                self.prune_after = epoch + 1
+
+    return OptunaPruning()
+
+
+def worker_id() -> str:
+    """The worker's job id (``<array>_<task>`` on Slurm), stable across requeues of the job."""
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    except RuntimeError:  # not inside a submitit job (tests call the worker directly)
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _cluster() -> str:
+    return "slurm" if "SLURM_JOB_ID" in os.environ else "local"
+
+
+class Heartbeat:
+    """Rewrites the worker's file every ``interval_s`` from a daemon thread (dies with the process)."""
+
+    def __init__(self, search_dir: Path, beat: sd.WorkerBeat, interval_s: float) -> None:
+        self.search_dir, self.beat, self.interval_s = search_dir, beat, interval_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="search-heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self.now()
+        self._thread.start()
+        return self
+
+    def now(self, **changes: Any) -> float:
+        """Beat at once (with ``changes`` to the record); the file's mtime: the file server's 'now'."""
+        with self._lock:
+            for key, value in changes.items():
+                setattr(self.beat, key, value)
+            return os.stat(sd.write_beat(self.search_dir, self.beat)).st_mtime
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.now()
+            except OSError:  # a full or flaky filesystem: the next beat tries again
+                log.warning("could not write the heartbeat of %s", self.beat.job_id, exc_info=True)
+
+    def stop(self, **changes: Any) -> None:
+        self._stop.set()
+        self.now(**changes)
+
+
+class SearchWorker:
+    """The callable each array task runs: the ask -> train -> tell loop (checkpointable)."""
+
+    def __init__(self, context: LaunchContext, master_config: DictConfig, search_dir: Path) -> None:
+        self.context = context
+        self.master_config = master_config
+        self.search_dir = Path(search_dir)
+
+    def __call__(self) -> list[int]:
+        import optuna
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import setup_globals
+
+        hydra_context, _, singleton_state = self.context.load()
+        setup_globals()
+        Singleton.set_state(singleton_state)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        me = worker_id()
+        spec = self._spec()
+        # A requeued worker keeps the list of trials it ran before.
+        before = next((b for b, _ in sd.read_beats(self.search_dir)[0] if b.job_id == me), sd.WorkerBeat(job_id=me))
+        ran = list(before.trials_run)
+        beat = sd.WorkerBeat(job_id=me, cluster=_cluster(), host=socket.gethostname(), pid=os.getpid(),
+                             started=utc_now(), trials_run=list(ran), log=before.log)
+        heartbeat = Heartbeat(self.search_dir, beat, spec.heartbeat_s).start()
+        storage = sd.open_storage(self.search_dir)
+        try:
+            while True:
+                spec = self._spec()
+                study = optuna.load_study(
+                    study_name=spec.study_name, storage=storage,
+                    sampler=self._sampler(spec, me, storage), pruner=self._pruner(spec),
+                )
+                step = self._next(study, spec, me, heartbeat)
+                if step is None:
+                    break
+                if step == "wait":
+                    time.sleep(spec.heartbeat_s)
+                    continue
+                heartbeat.now(trial=step.number)
+                self._run_trial(hydra_context, study, spec, step)
+                ran.append(step.number)
+                heartbeat.now(trial=None, trials_run=list(ran))
+                _reset_keras_state()
+        except BaseException as exc:
+            # SystemExit is submitit's requeue: the trial stays RUNNING under this job id and the
+            # requeued job resumes it.
+            requeued = isinstance(exc, SystemExit)
+            heartbeat.stop(state="requeued" if requeued else "stopped", message=rundir.error_line(exc))
+            raise
+        heartbeat.stop(state="done", trial=None, message=f"the study has its {spec.n_trials} trials")
+        log.info("worker %s ends: the study has its %d trials; this worker ran %s", me, spec.n_trials, ran)
+        return ran
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """On a time limit or preemption: this worker again; it resumes its RUNNING trial."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+    # --- choosing the next trial (under the ask lock) --------------------------------------------
+
+    def _spec(self) -> sd.SearchSpec:
+        spec = sd.read_spec(self.search_dir)
+        if spec is None:
+            raise FileNotFoundError(f"{self.search_dir / sd.SPEC_FILE} is gone; submit the search again")
+        return spec
+
+    @staticmethod
+    def _sampler(spec: sd.SearchSpec, me: str, storage: Any) -> Any:
+        """The configured sampler, its seed made distinct per worker and per study size (it is built
+        for each ask): W workers with one seed would propose the same random start-up trials, and
+        a requeued worker would repeat its proposals."""
+        import zlib
+
+        from hydra.utils import instantiate
+
+        config = dict(spec.sampler)
+        if config.get("seed") is not None:
+            n_done = len(storage.get_all_trials(storage.get_study_id_from_name(spec.study_name), deepcopy=False))
+            config["seed"] = zlib.crc32(f"{config['seed']}/{me}/{n_done}".encode()) & 0x7FFFFFFF
+        return instantiate(config)
+
+    @staticmethod
+    def _pruner(spec: sd.SearchSpec) -> Any:
+        import optuna
+        from hydra.utils import instantiate
+
+        return instantiate(dict(spec.pruner)) if spec.pruner else optuna.pruners.NopPruner()
+
+    def _next(self, study: Any, spec: sd.SearchSpec, me: str, heartbeat: Heartbeat) -> Any:
+        """The trial to run next, "wait", or None when the study has its trials."""
+        from optuna.trial import Trial, TrialState
+
+        space, _ = sd.parse_params(spec.params)
+        with sd.ask_lock(self.search_dir):
+            now = heartbeat.now()
+            trials = study.get_trials(deepcopy=False)
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            for t in running:
+                if t.user_attrs.get(sd.WORKER_ATTR) == me:
+                    log.info("resuming trial %d, left RUNNING by this job before its requeue", t.number)
+                    return Trial(study, t._trial_id)
+            live = []
+            for t in running:
+                age = self._silence_s(t, now)
+                if age is not None and age > spec.stale_after_s:
+                    self._interrupt(study, t, f"its worker {t.user_attrs.get(sd.WORKER_ATTR)} was silent for {age:.0f} s")
+                else:
+                    live.append((t, age))
+            trials = study.get_trials(deepcopy=False)
+            counted = sum(sd.counts_toward_budget(t) for t in trials)
+            # Queued trials (retries, hydra.sweeper.enqueue) are asked first, within the budget.
+            if counted + len(live) < spec.n_trials:
+                trial = study.ask(space)
+                trial.set_user_attr(sd.WORKER_ATTR, me)
+                return trial
+        if counted >= spec.n_trials:
+            return None
+        # The budget is taken by other workers' trials. Leave unless one of them looks abandoned.
+        quiet = [t.number for t, age in live if age is None or age > QUIET_BEATS * spec.heartbeat_s]
+        if quiet:
+            log.info("trials %s have quiet workers; waiting to see whether they go stale", quiet)
+            return "wait"
+        return None
+
+    def _silence_s(self, trial: Any, now: float) -> Optional[float]:
+        """Seconds since the trial's owner last beat; None when unknown (no owner or file yet)."""
+        owner = trial.user_attrs.get(sd.WORKER_ATTR)
+        mtime = sd.beat_mtime(self.search_dir, owner) if owner else None
+        return None if mtime is None else now - mtime
+
+    @staticmethod
+    def _interrupt(study: Any, trial: Any, reason: str) -> None:
+        """Fail a trial whose worker is gone and queue it again with the same parameters.
+
+        Telling FAIL is the claim: of two workers doing this at once, the second's tell is refused
+        by the journal and it queues nothing.
+        """
+        import optuna
+
+        try:
+            optuna.trial.Trial(study, trial._trial_id).set_user_attr(sd.INTERRUPTED_ATTR, reason)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+            return
+        study.enqueue_trial(dict(trial.params), user_attrs={sd.RETRY_OF_ATTR: trial.number})
+        log.warning("trial %d interrupted (%s); queued again", trial.number, reason)
+
+    # --- running one trial ------------------------------------------------------------------------
+
+    def _compose(self, hydra_context: Any, spec: sd.SearchSpec, trial: Any) -> DictConfig:
+        overrides = sd.trial_overrides(spec, trial.params)
+        config = hydra_context.config_loader.load_sweep_config(self.master_config, overrides)
+        with open_dict(config):
+            config.hydra.job.num = trial.number
+            config.hydra.job.id = os.environ.get("SLURM_JOB_ID") or f"trial_{trial.number}"
+            config.hydra.sweep.dir = str(self.search_dir)
+            config.hydra.sweep.subdir = str(trial.number)
+        return config
+
+    def _record(self, spec: sd.SearchSpec, trial: Any, run_dir: Path) -> None:
+        """``job.json`` in the trial's directory: which worker ran it, its overrides and logs."""
+        import submitit
+
+        try:
+            env = submitit.JobEnvironment()
+            paths, job_id = env.paths, str(env.job_id)
+        except RuntimeError:
+            paths, job_id = None, worker_id()
+        cluster = _cluster()
+        array_job, _, task = job_id.partition("_")
+        rundir.write_job(
+            run_dir,
+            rundir.JobRecord(
+                cluster=cluster, job_id=job_id, run_dir=str(run_dir), overrides=sd.trial_overrides(spec, trial.params),
+                trial=trial.number, array_job_id=array_job if task else None,
+                array_task_id=int(task) if task.isdigit() else None,
+                stdout=str(paths.stdout) if paths else None, stderr=str(paths.stderr) if paths else None,
+                submitit_folder=str(paths.folder) if paths else None, submitted=utc_now(),
+            ),
+        )
+
+    def _seed_from_retry(self, study: Any, trial: Any, run_dir: Path) -> None:
+        """A retry of an interrupted trial starts from that trial's newest checkpoints."""
+        origin = trial.user_attrs.get(sd.RETRY_OF_ATTR)
+        source = self.search_dir / str(origin) / rundir.CHECKPOINT_DIR
+        target = run_dir / rundir.CHECKPOINT_DIR
+        if origin is None or not source.is_dir() or target.exists():
+            return
+        shutil.copytree(source, target)
+        trial.set_user_attr(sd.RESUMED_FROM_ATTR, int(origin))
+        log.info("trial %d starts from the checkpoints of interrupted trial %s", trial.number, origin)
+
+    def _run_trial(self, hydra_context: Any, study: Any, spec: sd.SearchSpec, trial: Any) -> None:
+        import optuna
+        from hydra.core.utils import JobStatus, run_job
+        from submitit.core.utils import UncompletedJobError
+
+        from mnist_hpc.cli import _train_task
+
+        run_dir = self.search_dir / str(trial.number)
+        try:
+            config = self._compose(hydra_context, spec, trial)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._record(spec, trial, run_dir)
+            self._seed_from_retry(study, trial, run_dir)
+            rundir.clear_failure(run_dir)
+            ret = run_job(
+                hydra_context=hydra_context,
+                task_function=functools.partial(_train_task, callbacks=[pruning_callback(trial)]),
+                config=config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+            error = ret._return_value if ret.status == JobStatus.FAILED else None
+        except Exception as exc:  # composing or recording failed: the trial fails, the worker goes on
+            error = exc
+        try:
+            if error is None:
+                study.tell(trial, float(ret.return_value))
+            elif isinstance(error, optuna.TrialPruned):
+                log.info("trial %d %s", trial.number, error)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            elif isinstance(error, UncompletedJobError):  # out of time with no requeue left
+                self._interrupt(study, trial, f"its worker ran out of time: {error}")
+                raise error
+            elif isinstance(error, TrialTakenOver):
+                log.warning("%s; going on with the next trial", error)
+            else:
+                log.error("trial %d failed: %s", trial.number, rundir.error_line(error))
+                record_failure(run_dir, error)
+                trial.set_user_attr(sd.ERROR_ATTR, rundir.error_line(error))
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+            log.warning("trial %d was finished by another worker meanwhile (%s)", trial.number, exc)

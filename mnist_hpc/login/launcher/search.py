@@ -1,0 +1,272 @@
+"""Submitting an asynchronous Optuna search: check, create or continue the study, queue W workers, return.
+
+``mnist-hpc-train -m hparams_search=optuna hydra.sweeper.workers=4 hydra.sweeper.n_trials=40``
+selects the sweeper ``hydra/sweeper=async_optuna`` (thin plugin in
+``hydra_plugins/mnist_hpc_launcher/sweeper.py``; the logic is here). It
+
+1. reads the search space from ``hydra.sweeper.params`` (hydra-optuna-sweeper's syntax) and the
+   command line's sweep overrides; every other override is fixed for all trials;
+2. composes and checks a config for every categorical choice and range bound and for each
+   queued parameter set, checks the data cache and the search directory (nothing is queued
+   when one fails);
+3. creates the study in ``<search dir>/study.journal``, or continues the one there when the
+   search is the same (a changed space or fixed override is refused);
+4. queues one array of W :class:`~mnist_hpc.compute.search.SearchWorker` tasks with the
+   ``hydra.launcher`` options (Slurm or local) and returns.
+
+Nothing waits on the login node: the workers ask, train and tell by themselves.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_hpc import search as sd
+from mnist_hpc.config import to_typed
+from mnist_hpc.login.launcher.preflight import PreflightError, check_cache, check_writable
+
+PLUGIN = "hydra_plugins.mnist_hpc_launcher.sweeper.AsyncOptunaSweeper"
+LAUNCHERS = {"SlurmLauncher": "slurm", "LocalLauncher": "local"}
+
+
+@dataclass
+class AsyncOptunaSweeperConf:
+    """``hydra/sweeper=async_optuna``: the study's settings (``hydra.sweeper.*``).
+
+    The names follow hydra-optuna-sweeper where they mean the same (``n_trials``, ``direction``,
+    ``study_name``, ``sampler``, ``params``); ``workers`` replaces its ``n_jobs`` batch size.
+    """
+
+    _target_: str = PLUGIN
+    # Keep sampler and pruner as configs: each worker instantiates its own (seeded per worker).
+    _recursive_: bool = False
+    # Trials the study should end with: complete, pruned or failed (interrupted ones are retried).
+    n_trials: int = 20
+    # Worker tasks queued as one Slurm array; each loops ask -> train -> tell.
+    workers: int = 4
+    # maximize or minimize the objective (validation accuracy).
+    direction: str = "maximize"
+    # Name of the study inside the journal.
+    study_name: str = "mnist-hpc"
+    # Optuna sampler, instantiated by each worker; its seed is made distinct per worker.
+    sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 0})
+    # Optuna pruner fed the validation accuracy after every epoch; null: never prune.
+    pruner: Any = field(
+        default_factory=lambda: {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0}
+    )
+    # Search space: parameter -> hydra-optuna-sweeper expression (choice, range, interval, tag(log, ...)).
+    params: dict[str, Any] = field(default_factory=dict)
+    # Parameter sets tried first, e.g. [{optimizer.learning_rate: 0.001}] (Optuna's enqueue_trial).
+    enqueue: list[Any] = field(default_factory=list)
+    # Seconds between two heartbeats of a worker.
+    heartbeat_s: float = 30.0
+    # A RUNNING trial whose worker has been silent this long is failed and retried (keep it well
+    # above the shared filesystem's attribute cache time, often up to 60 s on NFS).
+    stale_after_s: float = 300.0
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="hydra/sweeper", name="async_optuna", node=AsyncOptunaSweeperConf, provider="mnist_hpc")
+
+
+def _refuse(message: str) -> PreflightError:
+    return PreflightError(f"nothing was queued: {message}")
+
+
+def build_spec(conf: DictConfig, arguments: list[str]) -> sd.SearchSpec:
+    """The search's spec from ``hydra.sweeper`` and the command line; refuses bad settings."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = OmegaConf.to_container(conf, resolve=True)
+    assert isinstance(plain, dict)
+    params = {str(k): str(v) for k, v in (plain.get("params") or {}).items()}
+    fixed: list[str] = []
+    for override in OverridesParser.create().parse_overrides(arguments):
+        if override.is_sweep_override():
+            params[override.get_key_element()] = override.input_line.split("=", 1)[1]
+        else:
+            # As in hydra-optuna-sweeper: a plain value on the command line fixes that parameter.
+            params.pop(override.get_key_element(), None)
+            fixed.append(override.input_line)
+    try:
+        space, fixed_params = sd.parse_params(params)
+    except ValueError as exc:
+        raise _refuse(str(exc)) from exc
+    if not space:
+        raise _refuse("the search has no parameters to sample: set hydra.sweeper.params (see conf/hparams_search/optuna.yaml)")
+    spec = sd.SearchSpec(
+        study_name=str(plain["study_name"]), direction=str(plain["direction"]), n_trials=int(plain["n_trials"]),
+        params={k: v for k, v in params.items() if k in space}, fixed=fixed + fixed_params,
+        enqueue=[dict(e) for e in plain.get("enqueue") or []], sampler=dict(plain.get("sampler") or {}),
+        pruner=dict(plain["pruner"]) if plain.get("pruner") else None, heartbeat_s=float(plain["heartbeat_s"]),
+        stale_after_s=float(plain["stale_after_s"]), workers=int(plain["workers"]),
+    )
+    checks = [
+        (spec.n_trials >= 1, f"hydra.sweeper.n_trials={spec.n_trials}: must be >= 1"),
+        (spec.workers >= 1, f"hydra.sweeper.workers={spec.workers}: must be >= 1"),
+        (spec.direction in ("maximize", "minimize"), f"hydra.sweeper.direction={spec.direction}: maximize or minimize"),
+        (spec.heartbeat_s > 0, "hydra.sweeper.heartbeat_s must be > 0"),
+        (spec.stale_after_s >= 3 * spec.heartbeat_s, "hydra.sweeper.stale_after_s must be at least 3 heartbeats"),
+        (bool(spec.sampler.get("_target_")), "hydra.sweeper.sampler needs a _target_ (e.g. optuna.samplers.TPESampler)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise _refuse(message)
+    for entry in spec.enqueue:
+        unknown = sorted(set(entry) - set(space))
+        if unknown:
+            raise _refuse(f"hydra.sweeper.enqueue names {unknown}, which are not search parameters ({sorted(space)})")
+    from hydra.utils import instantiate
+
+    for key in ("sampler", "pruner"):
+        if getattr(spec, key):
+            try:
+                instantiate(getattr(spec, key))
+            except Exception as exc:  # any construction error of the user's config
+                raise _refuse(f"hydra.sweeper.{key} cannot be built: {exc}") from exc
+    return spec
+
+
+def check_trials(composer: Any, spec: sd.SearchSpec) -> None:
+    """Compose and check a config per categorical choice, range bound and queued parameter set."""
+    from optuna.distributions import CategoricalDistribution
+
+    space, _ = sd.parse_params(spec.params)
+    first = {k: (d.choices[0] if isinstance(d, CategoricalDistribution) else d.low) for k, d in space.items()}
+    points = [dict(first, **entry) for entry in spec.enqueue] or [first]
+    for name, dist in space.items():
+        values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+        points += [dict(first, **{name: v}) for v in values]
+    checked = None
+    for point in points:
+        overrides = sd.trial_overrides(spec, point)
+        try:
+            typed = to_typed(composer.compose(overrides))
+        except Exception as exc:  # ConfigError, or Hydra's own error naming the bad override
+            raise _refuse(f"a trial with {' '.join(overrides)} would fail: {exc}") from exc
+        if typed.data.validation_split <= 0:
+            raise _refuse(
+                "a search chooses on validation accuracy, so it needs data.validation_split > 0 "
+                "(hparams_search=optuna sets 0.1); the test set never chooses"
+            )
+        checked = checked or typed
+    assert checked is not None
+    check_cache(checked)
+
+
+def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int]:
+    """Create the study, or continue the one in ``search_dir``; returns it and its counted trials."""
+    import optuna
+
+    try:
+        previous = sd.read_spec(search_dir)
+    except sd.SearchFileError as exc:
+        raise _refuse(f"{exc}; use a new hydra.sweep.dir") from exc
+    if previous is None and sd.journal_path(search_dir).exists():
+        raise _refuse(f"{sd.journal_path(search_dir)} exists without {sd.SPEC_FILE}; use a new hydra.sweep.dir")
+    if previous is not None:
+        changed = spec.differences(previous)
+        if changed:
+            raise _refuse(
+                f"{search_dir} holds a different search; continuing it would mix trials that are not comparable:\n  "
+                + "\n  ".join(changed)
+                + "\nsubmit the same space and overrides to continue it, or use a new hydra.sweep.dir"
+            )
+        spec.created = previous.created
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = sd.open_storage(search_dir)
+    try:  # loading writes nothing to the journal (create_study would append an entry)
+        study = optuna.load_study(study_name=spec.study_name, storage=storage) if previous is not None else None
+    except KeyError:  # a submission that stopped between search.json and the study
+        study = None
+    if study is None:
+        study = optuna.create_study(storage=storage, study_name=spec.study_name, direction=spec.direction)
+        for entry in spec.enqueue:
+            study.enqueue_trial(entry, skip_if_exists=True)
+    counted = sum(sd.counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+    if counted >= spec.n_trials:
+        raise _refuse(
+            f"the study in {search_dir} already has {counted} finished trials (n_trials={spec.n_trials}); "
+            "pass a larger hydra.sweeper.n_trials to continue it"
+        )
+    return study, counted
+
+
+def submit_search(sweeper: Any, arguments: list[str]) -> None:
+    """What ``AsyncOptunaSweeper.sweep`` does: check, open the study, queue the workers, print, return."""
+    import submitit
+    from hydra.core.singleton import Singleton
+
+    from mnist_hpc.compute.job import LaunchContext
+    from mnist_hpc.compute.search import SearchWorker
+    from mnist_hpc.login.launcher.compose import SweepComposer
+    from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
+    from mnist_hpc.login.launcher.submit import SubmissionError, folder_root
+
+    config: DictConfig = sweeper.config
+    launcher = config.hydra.launcher
+    cluster = launcher_cluster(config)
+    if cluster is None:
+        raise _refuse("the asynchronous search runs its workers with hydra/launcher=slurm (or local); "
+                      f"{launcher.get('_target_')} is not supported")
+    search_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    check_writable(search_dir)
+    spec = build_spec(config.hydra.sweeper, arguments)
+    check_trials(SweepComposer(sweeper.hydra_context.config_loader, config), spec)
+    _, counted = open_study(search_dir, spec)
+    n_workers = min(spec.workers, spec.n_trials - counted)
+    sd.write_spec(search_dir, spec)
+    OmegaConf.save(config, search_dir / "multirun.yaml")
+
+    raw_folder = OmegaConf.to_container(launcher, resolve=False)["submitit_folder"]  # type: ignore[index]
+    folder = str(raw_folder).replace("${hydra.sweep.dir}", str(search_dir))
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(launcher, cluster))
+    executor.update_parameters(**submitit_parameters(launcher, cluster))
+    root = folder_root(folder)
+    context = LaunchContext(
+        root / f"search-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{counted}.pkl",
+        sweeper.hydra_context, sweeper.task_function, Singleton.get_state(),
+    )
+    before = set(root.iterdir()) if root.is_dir() else set()
+    try:
+        context.save()
+        with executor.batch():
+            jobs = [executor.submit(SearchWorker(context, config, search_dir)) for _ in range(n_workers)]
+    except BaseException as exc:
+        from submitit.core.utils import FailedJobError
+
+        for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
+            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+        if isinstance(exc, FailedJobError):
+            raise SubmissionError(f"nothing was queued: {cluster} refused the {n_workers} worker(s): {str(exc).strip()}") from exc
+        raise
+    for job in jobs:  # status lists a worker from submission on, before it starts
+        sd.write_beat(search_dir, sd.WorkerBeat(job_id=str(job.job_id), cluster=cluster, state="queued", log=str(job.paths.stdout)))
+    print(summary(search_dir, spec, counted, jobs, cluster), flush=True)
+
+
+def summary(search_dir: Path, spec: sd.SearchSpec, counted: int, jobs: list[Any], cluster: str) -> str:
+    ids = sorted({str(j.job_id).partition("_")[0] for j in jobs})
+    verb = f"continuing the study ({counted} trials done)" if counted else "new study"
+    lines = [
+        f"queued {len(jobs)} search worker(s) on {cluster}: {', '.join(ids)} ({' '.join(str(j.job_id) for j in jobs)})",
+        f"search dir: {search_dir}",
+        f"study: {spec.study_name} in {sd.journal_path(search_dir)}, {verb}, n_trials={spec.n_trials}, "
+        f"{spec.direction} validation accuracy, pruner {spec.pruner['_target_'].rsplit('.', 1)[-1] if spec.pruner else 'off'}",
+        f"worker logs: {Path(str(jobs[0].paths.stdout)).parent}",
+        f"check on it with: mnist-hpc-status {search_dir}   (and mnist-hpc-report {search_dir})",
+    ]
+    return "\n".join(lines)
+
+
+def launcher_cluster(config: DictConfig) -> Optional[str]:
+    """``slurm`` or ``local`` for our launchers; None for any other."""
+    return LAUNCHERS.get(str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1])

@@ -1,0 +1,232 @@
+"""The asynchronous Optuna search on the real local Slurm cluster with the real journal file:
+two workers, a trial that raises, a worker killed with SIGKILL mid-trial, and a continued study."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mnist_hpc import search as sd
+from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
+from tests.slurm_helpers import require_cluster, slurm_launcher_args, submit, wait_for_states
+
+pytestmark = pytest.mark.slurm
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _cluster() -> None:
+    require_cluster()
+
+
+@pytest.fixture
+def larger_cache(tmp_path: Path) -> Path:
+    """Synthetic data big enough that an epoch takes a moment (trials overlap, a kill lands mid-trial)."""
+    fill_cache(tmp_path / "cache", synthetic_mnist(n_train=3000, n_test=300))
+    return tmp_path / "cache"
+
+
+def search_args(search_dir: Path, cache: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return slurm_launcher_args(
+        search_dir, *tiny_overrides(cache, tmp_path / "out"), "hparams_search=optuna", "hydra.sweeper.workers=2",
+        "optimizer.learning_rate=tag(log,interval(1e-4,1e-2))", "model.hidden_units=choice('[16]','[32]')",
+        "hydra.sweeper.heartbeat_s=1", "hydra.sweeper.stale_after_s=8", *extra,
+    )
+
+
+def load(search_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="mnist-hpc", storage=sd.open_storage(search_dir)).get_trials()
+
+
+def worker_ids(search_dir: Path, out: str) -> list[str]:
+    """The worker job ids the submission printed (``queued 2 search worker(s) on slurm: A (A_0 A_1)``)."""
+    line = next(line for line in out.splitlines() if line.startswith("queued"))
+    return line.rsplit("(", 1)[1].rstrip(")").split()
+
+
+def wait_until(condition, timeout_s: float, what: str, poll_s: float = 1.0):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"{what}: not reached within {timeout_s}s")
+
+
+def finish(search_dir: Path, jobs: list[str], counted: int) -> tuple[list[optuna.trial.FrozenTrial], dict[str, str]]:
+    """Wait for the study to hold ``counted`` trials and for every worker job to end."""
+    try:
+        states = wait_for_states(jobs, timeout_s=1200)
+    finally:
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)  # ours only; a no-op once ended
+    trials = load(search_dir)
+    assert sum(sd.counts_toward_budget(t) for t in trials) == counted, [(t.number, t.state) for t in trials]
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    return trials, states
+
+
+def status(search_dir: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", "--json", str(search_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)[0]
+
+
+def report(search_dir: Path) -> tuple[str, list[dict[str, str]]]:
+    proc = subprocess.run([sys.executable, "-c", "from mnist_hpc.cli import report_main; report_main()", str(search_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(search_dir / "report" / "report.csv") as fh:
+        return proc.stdout, list(csv.DictReader(fh))
+
+
+def test_two_workers_run_eight_trials_one_fails_and_the_study_continues(larger_cache, tmp_path):
+    search_dir = tmp_path / "search"
+    proc = submit(search_args(
+        search_dir, larger_cache, tmp_path, "train.epochs=2", "hydra.sweeper.n_trials=8",
+        "hydra.sweeper.pruner.n_startup_trials=3",
+        # One trial raises at run time: its validation split leaves no validation sample.
+        "data.validation_split=interval(0.1,0.2)", "hydra.sweeper.enqueue=[{data.validation_split:1e-9}]",
+    ), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = worker_ids(search_dir, proc.stdout)
+    assert len(jobs) == 2 and len({j.partition("_")[0] for j in jobs}) == 1  # one array of 2 workers
+    # The command returned before any trial finished: nothing waited for the search.
+    assert not any(t.state.is_finished() for t in load(search_dir))
+
+    trials, states = finish(search_dir, jobs, 8)
+    assert [states[j] for j in jobs] == ["COMPLETED", "COMPLETED"]
+    assert [t.number for t in trials] == list(range(8))  # no number twice, no gap
+    assert {t.user_attrs[sd.WORKER_ATTR] for t in trials} == set(jobs)  # both workers ran trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.params["data.validation_split"] for t in failed] == [1e-9]
+    assert "DatasetError" in failed[0].user_attrs[sd.ERROR_ATTR]
+    assert "DatasetError" in json.loads((search_dir / str(failed[0].number) / "failure.json").read_text())["error"]
+    for t in trials:
+        run = search_dir / str(t.number)
+        assert json.loads((run / "job.json").read_text())["job_id"] == t.user_attrs[sd.WORKER_ATTR]
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        assert f"optimizer.learning_rate={t.params['optimizer.learning_rate']}" in overrides
+        if t.state == TrialState.COMPLETE:
+            metrics = json.loads((run / "metrics.json").read_text())
+            assert metrics["val_accuracy"] == pytest.approx(t.value) and (run / "model.keras").is_file()
+            assert json.loads((run / "provenance.json").read_text())["slurm_job_id"]
+
+    view = status(search_dir)
+    by_state = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    assert (view["counts"]["COMPLETED"], view["counts"]["PRUNED"], view["counts"]["FAILED"]) == tuple(by_state.values())
+    assert view["counted"] == 8 and sorted(w["job_id"] for w in view["workers"]) == sorted(jobs)
+    assert {w["state"] for w in view["workers"]} == {"done"} and {w["slurm_state"] for w in view["workers"]} == {"COMPLETED"}
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert view["best"]["trial"] == best.number and view["best"]["value"] == pytest.approx(best.value)
+
+    out, rows = report(search_dir)
+    expected = {TrialState.COMPLETE: "COMPLETED", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAILED"}
+    assert [(int(r["trial"]), r["state"]) for r in rows] == [(t.number, expected[t.state]) for t in trials]
+    assert f"best so far: trial {best.number}, validation accuracy {best.value:.4f}" in out
+    assert f"| {failed[0].number} | FAILED |" in out and "DatasetError" in out
+    for png in ("optimization_history.png", "param_importances.png"):
+        assert (search_dir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Continue: the same search with n_trials=10 runs exactly two more trials.
+    before = {t.number: (t.state, t.values, t.datetime_complete) for t in trials}
+    again = submit(search_args(
+        search_dir, larger_cache, tmp_path, "train.epochs=2", "hydra.sweeper.n_trials=10",
+        "hydra.sweeper.pruner.n_startup_trials=3",
+        "data.validation_split=interval(0.1,0.2)", "hydra.sweeper.enqueue=[{data.validation_split:1e-9}]",
+    ), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing the study (8 trials done)" in again.stdout
+    more = worker_ids(search_dir, again.stdout)
+    trials, _ = finish(search_dir, more, 10)
+    assert [t.number for t in trials] == list(range(10))
+    assert {t.number: (t.state, t.values, t.datetime_complete) for t in trials[:8]} == before  # never rerun
+    assert {t.user_attrs[sd.WORKER_ATTR] for t in trials[8:]} <= set(more)
+
+
+def test_a_worker_killed_mid_trial_leaves_no_trial_behind(larger_cache, tmp_path):
+    search_dir = tmp_path / "search"
+    proc = submit(search_args(search_dir, larger_cache, tmp_path, "train.epochs=8", "hydra.sweeper.n_trials=8",
+                              "hydra.sweeper.pruner=null"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = worker_ids(search_dir, proc.stdout)
+
+    def mid_trial():
+        """A worker whose trial has checkpointed at least one epoch and has not finished."""
+        for beat, _ in sd.read_beats(search_dir)[0]:
+            if beat.state != "running" or beat.trial is None:
+                continue
+            progress = search_dir / str(beat.trial) / "progress.json"
+            try:
+                done = json.loads(progress.read_text())["epochs_done"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if 1 <= done <= 6:
+                return beat
+        return None
+
+    try:
+        victim = wait_until(mid_trial, 900, "a worker in the middle of a trial", poll_s=0.1)
+        os.kill(victim.pid, signal.SIGKILL)
+    except BaseException:
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+        raise
+    trials, states = finish(search_dir, jobs, 8)
+    assert states[victim.job_id] != "COMPLETED"
+    [killed] = [t for t in trials if t.number == victim.trial]
+    assert killed.state == TrialState.FAIL and "silent for" in killed.user_attrs[sd.INTERRUPTED_ATTR]
+    [retry] = [t for t in trials if t.user_attrs.get(sd.RETRY_OF_ATTR) == killed.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+    # The retry started from the killed trial's checkpoint, not from scratch.
+    assert retry.user_attrs[sd.RESUMED_FROM_ATTR] == killed.number
+    assert "resuming from" in (search_dir / str(retry.number) / "train.log").read_text()
+    assert len(trials) == 9 and [t.number for t in trials] == list(range(9))
+
+    view = status(search_dir)
+    assert view["counted"] == 8 and view["counts"]["INTERRUPTED"] == 1 and view["counts"]["RUNNING"] == 0
+    [dead] = [w for w in view["workers"] if w["job_id"] == victim.job_id]
+    assert dead["slurm_state"] == states[victim.job_id] and dead["state"] == "running"
+    out, rows = report(search_dir)
+    assert [r["state"] for r in rows if int(r["trial"]) == killed.number] == ["INTERRUPTED"]
+    assert f"retry of {killed.number}" in out
+
+
+def test_a_preempted_worker_is_requeued_and_resumes_its_trial_in_place(larger_cache, tmp_path):
+    from tests.test_slurm_resume import restarts, sacct_history
+
+    search_dir = tmp_path / "search"
+    proc = submit(search_args(search_dir, larger_cache, tmp_path, "train.epochs=8", "hydra.sweeper.n_trials=2",
+                              "hydra.sweeper.workers=1", "hydra.sweeper.pruner=null"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [job] = worker_ids(search_dir, proc.stdout)
+    try:
+        wait_until(lambda: (search_dir / "0" / "checkpoints" / "ckpt-e00002-b0000000.npz").is_file(), 900,
+                   "trial 0's second checkpoint", poll_s=0.2)
+        # What Slurm sends before a time limit or a preemption: submitit checkpoints and requeues.
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        wait_until(lambda: restarts(job) >= 1, 300, "the worker's requeue")
+    except BaseException:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+        raise
+    trials, states = finish(search_dir, [job], 2)
+    assert states[job] == "COMPLETED" and "REQUEUED" in sacct_history(job)
+    assert [(t.number, t.state) for t in trials] == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
+    assert {t.user_attrs[sd.WORKER_ATTR] for t in trials} == {job}
+    # The same trial number, in the same directory, resumed from its checkpoint (not retried).
+    log = (search_dir / "0" / "train.log").read_text()
+    resumed = log.index("resuming from ckpt-e0000")
+    assert int(log[resumed + len("resuming from ckpt-e"):][:5]) >= 2 and "epoch 1/" not in log[resumed:]
+    assert not any(sd.is_interrupted(t) for t in trials)
+    [beat] = [b for b, _ in sd.read_beats(search_dir)[0] if b.job_id == job]
+    assert beat.state == "done" and beat.trials_run == [0, 1]
