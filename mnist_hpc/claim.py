@@ -154,6 +154,18 @@ def bind(run_dir: Path, identity: dict[str, Any], epochs: int, label: str) -> Ve
     return verdict
 
 
+def settle_unclaimed(run_dir: Path) -> None:
+    """A run that failed before its claim: keep Hydra's record of it in a directory nobody claimed."""
+    try:
+        unclaimed = rundir.read_identity(run_dir) is None and not _holds_results(run_dir)
+    except (rundir.RunFileError, OSError):
+        unclaimed = False
+    if unclaimed and run_dir.is_dir():
+        rundir.commit_hydra_files(run_dir)
+    else:
+        rundir.discard_hydra_files(run_dir)
+
+
 def _at(label: str) -> str:
     return f"{label}: " if label else ""
 

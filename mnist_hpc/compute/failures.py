@@ -29,6 +29,11 @@ class RunError(CompactHydraException):
     """A known error of an in-process run: Hydra prints its message alone and exits 1."""
 
 
+def unwrap(error: BaseException) -> BaseException:
+    """The known error itself, behind the one-line :class:`RunError` the Hydra task raised for it."""
+    return error.__cause__ if isinstance(error, RunError) and error.__cause__ is not None else error
+
+
 def known_error(exc: BaseException) -> Optional[str]:
     """The one-line message for a known error (with what to do), or None for a bug."""
     from mnist_hpc.compute.checkpoint import CheckpointError

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, open_dict
 
 from mnist_hpc import rundir
-from mnist_hpc.compute.failures import RunError, record_failure
+from mnist_hpc.compute.failures import record_failure, unwrap
 from mnist_hpc.io import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,7 @@ class TrainJob:
             job_subdir_key="hydra.sweep.subdir",
         )
         if ret.status == JobStatus.FAILED:
-            error = ret._return_value
-            if isinstance(error, RunError) and error.__cause__ is not None:
-                error = error.__cause__  # the known error itself, not its one-line wrapper
+            error = unwrap(ret._return_value)
             if isinstance(error, UncompletedJobError):  # time is up and no requeue is left
                 error = RequeueLimitReached(
                     f"{error} The job reached its time limit with no requeue left "

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, open_dict
 
 from mnist_hpc import rundir
 from mnist_hpc import search as sd
+from mnist_hpc.compute.failures import unwrap
 from mnist_hpc.compute.job import LaunchContext, _reset_keras_state, record_failure
 from mnist_hpc.io import utc_now
 
@@ -318,6 +319,11 @@ class SearchWorker:
         if origin is None or not source.is_dir() or target.exists():
             return
         shutil.copytree(source, target)
+        # The checkpoints come with the binding they were made under (same parameters, same
+        # config): the new directory's claim then checks them like any resume would.
+        identity = self.search_dir / str(origin) / rundir.IDENTITY_FILE
+        if identity.is_file():
+            shutil.copy2(identity, run_dir / rundir.IDENTITY_FILE)
         trial.set_user_attr(sd.RESUMED_FROM_ATTR, int(origin))
         log.info("trial %d starts from the checkpoints of interrupted trial %s", trial.number, origin)
 
@@ -342,7 +348,7 @@ class SearchWorker:
                 job_dir_key="hydra.sweep.dir",
                 job_subdir_key="hydra.sweep.subdir",
             )
-            error = ret._return_value if ret.status == JobStatus.FAILED else None
+            error = unwrap(ret._return_value) if ret.status == JobStatus.FAILED else None
         except Exception as exc:  # composing or recording failed: the trial fails, the worker goes on
             error = exc
         try:

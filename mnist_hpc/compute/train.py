@@ -67,7 +67,13 @@ def train_and_evaluate(
     run_dir = Path(run_dir).resolve()
     # Before anything is written, and before TensorFlow starts: a missing or corrupt cache fails
     # in well under a second.
-    data = load_mnist(cfg.data)
+    try:
+        data = load_mnist(cfg.data)
+    except Exception:
+        # A directory no run has claimed yet still records what was asked of it (Hydra's
+        # overrides); one that belongs to a run is left exactly as it was.
+        claim.settle_unclaimed(run_dir)
+        raise
     label = ""  # messages name the directory itself
     run_dir.mkdir(parents=True, exist_ok=True)
     me = claim.Holder.this_process(runtime.slurm_job_id, runtime.job_label)

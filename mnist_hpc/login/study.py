@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mnist_hpc import search as sd
-from mnist_hpc.login import slurm
+from mnist_hpc import slurm
 
 # Optuna's trial states in the words status and report use for runs.
 STATES = {"COMPLETE": "COMPLETED", "PRUNED": "PRUNED", "FAIL": "FAILED", "RUNNING": "RUNNING", "WAITING": "PENDING"}
