@@ -52,6 +52,7 @@ class Engine(Protocol):
         callbacks: Sequence[Any],
         restore_metrics: Optional[Callable[[], None]],
         save_batch: Optional[Callable[[int], None]],
+        after_call: Optional[Callable[[int], None]] = None,
     ) -> dict[str, float]:
         """Train epoch ``epoch`` from batch ``done_batches`` to its end; return the epoch's logs.
 
@@ -63,13 +64,21 @@ class Engine(Protocol):
                 engine reset them at the epoch's start); None for a whole epoch.
             save_batch: called with the batches done every ``train.checkpoint_every_batches``
                 batches inside the epoch; None: no batch checkpoints.
+            after_call: called with the batches done at every step boundary inside the epoch
+                (after each compiled call, after each batch under ``model.fit``); it may raise
+                to stop training there (Slurm's warning signals).
         """
 
 
-def build_engine(model: Any, data: MnistData, train: TrainConfig, jit_compile: bool) -> Engine:
-    """The engine ``train.execution`` asks for, ready to run epochs of ``model`` on ``data``."""
+def build_engine(model: Any, data: MnistData, train: TrainConfig, jit_compile: bool, workers: Any = None) -> Engine:
+    """The engine ``train.execution`` asks for, ready to run epochs of ``model`` on ``data``.
+
+    ``workers`` (:mod:`mnist_hpc.compute.distribute`) supplies the compiled loop and the model
+    that validates; None: a single process.
+    """
     if Execution(train.execution) is Execution.compiled_loop:
-        return CompiledEngine(model, data, train, jit_compile)
+        return CompiledEngine(model, data, train, jit_compile, workers)
+    assert workers is None or workers.num_workers == 1, "model.fit runs in a single process only"
     return FitEngine(model, data, train)
 
 
@@ -95,6 +104,7 @@ class FitEngine:
         callbacks: Sequence[Any],
         restore_metrics: Optional[Callable[[], None]],
         save_batch: Optional[Callable[[int], None]],
+        after_call: Optional[Callable[[int], None]] = None,
     ) -> dict[str, float]:
         train = self.train
         # The rest of this epoch's fixed order: a part-done epoch continues at its next batch.
@@ -106,6 +116,8 @@ class FitEngine:
             epoch_callbacks.append(
                 _batch_checkpointer(save_batch, done_batches, self.steps_per_epoch, train.checkpoint_every_batches)
             )
+        if after_call is not None:
+            epoch_callbacks.append(_after_batch(after_call, done_batches, self.steps_per_epoch))
         fitted = self.model.fit(
             self.x[order],
             self.y[order],
@@ -129,6 +141,19 @@ def _at_epoch_begin(action: Callable[[], None]) -> Any:
             action()
 
     return AtEpochBegin()
+
+
+def _after_batch(action: Callable[[int], None], done_batches: int, steps_per_epoch: int) -> Any:
+    """A callback that calls ``action`` with the batches done after every batch but the epoch's last."""
+    import keras
+
+    class AfterBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+            done = done_batches + batch + 1
+            if done < steps_per_epoch:
+                action(done)
+
+    return AfterBatch()
 
 
 def _batch_checkpointer(save: Callable[[int], None], done_batches: int, steps_per_epoch: int, every: int) -> Any:
@@ -236,6 +261,7 @@ class CompiledLoop:
         chunk: int,
         boundary: Callable[[int], bool],
         at_boundary: Callable[[int], None],
+        after_call: Optional[Callable[[int], None]] = None,
     ) -> None:
         """Train on ``order`` from batch ``done_batches`` to the end of the epoch.
 
@@ -247,6 +273,7 @@ class CompiledLoop:
             chunk: at most this many batches per compiled call.
             boundary: whether a call must end after this many batches of the epoch.
             at_boundary: called with the batches done after each call that ends at a boundary.
+            after_call: called with the batches done after every call that does not end the epoch.
         """
         import tensorflow as tf
 
@@ -263,6 +290,8 @@ class CompiledLoop:
             step = stop
             if boundary(step) and step < self.steps_per_epoch:
                 at_boundary(step)
+            if after_call is not None and step < self.steps_per_epoch:
+                after_call(step)
         if self.full_batches < self.steps_per_epoch:
             tail = order[self.full_batches * self.batch_size :].astype(np.int32)[None, :]
             callbacks.on_train_batch_begin(self.full_batches - done_batches)
@@ -271,13 +300,20 @@ class CompiledLoop:
 
 
 class CompiledEngine:
-    """One epoch (or its rest) through the compiled loop, with ``model.fit``'s callbacks and logs."""
+    """One epoch (or its rest) through the compiled loop, with ``model.fit``'s callbacks and logs.
 
-    def __init__(self, model: Any, data: MnistData, train: TrainConfig, jit_compile: bool) -> None:
+    Under several workers, callbacks and validation run on the chief only (on a plain copy of
+    the model); the other workers train and take part in every collective.
+    """
+
+    def __init__(self, model: Any, data: MnistData, train: TrainConfig, jit_compile: bool, workers: Any = None) -> None:
         self.model = model
         self.train = train
-        self.loop = CompiledLoop(model, data.x_train, data.y_train, train.batch_size, train.steps_per_execution, jit_compile)
-        self.validation = data.lesson("val")
+        self.workers = workers
+        args = (model, data.x_train, data.y_train, train.batch_size, train.steps_per_execution, jit_compile)
+        self.loop = workers.make_loop(*args) if workers is not None else CompiledLoop(*args)
+        self.is_chief = workers is None or workers.is_chief
+        self.validation = data.lesson("val") if self.is_chief else None
         self.steps_per_epoch = self.loop.steps_per_epoch
 
     def run_epoch(
@@ -287,14 +323,16 @@ class CompiledEngine:
         callbacks: Sequence[Any],
         restore_metrics: Optional[Callable[[], None]],
         save_batch: Optional[Callable[[int], None]],
+        after_call: Optional[Callable[[int], None]] = None,
     ) -> dict[str, float]:
         import keras
 
         model, train = self.model, self.train
         every = train.checkpoint_every_batches if save_batch is not None else None
-        # A callback that watches batches sees every one; otherwise calls run steps_per_execution batches.
+        # A callback that watches batches sees every one; otherwise calls run steps_per_execution
+        # batches. Every worker decides alike, so their calls (and collectives) stay in step.
         chunk = 1 if has_batch_hooks(callbacks) else train.steps_per_execution
-        hooks = keras.callbacks.CallbackList(list(callbacks), model=model)
+        hooks = keras.callbacks.CallbackList(list(callbacks) if self.is_chief else [], model=model)
         hooks.on_train_begin()
         model.reset_metrics()
         if restore_metrics is not None:
@@ -307,13 +345,15 @@ class CompiledEngine:
             chunk,
             boundary=lambda done: every is not None and done % every == 0,
             at_boundary=save_batch or (lambda done: None),
+            after_call=after_call,
         )
         # Key order as fit's logs have it (its compiled functions return sorted dicts): the
         # history.csv columns and log lines stay the same under either execution.
         logs = dict(sorted(model.get_metrics_result().items()))
         if self.validation is not None:
             x_val, y_val = self.validation
-            val = model.evaluate(
+            evaluator = self.workers.plain_model(model) if self.workers is not None else model
+            val = evaluator.evaluate(
                 x_val, y_val, batch_size=train.batch_size, callbacks=list(callbacks), verbose=0, return_dict=True
             )
             logs.update({f"val_{k}": v for k, v in sorted(val.items())})
