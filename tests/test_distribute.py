@@ -89,11 +89,28 @@ def test_ranks_fill_the_nodes_in_order_with_ports_from_the_job_id():
     assert not ports_77 & ports_78
 
 
+def test_cyclic_placement_deals_ranks_round_robin_and_large_jobs_reuse_ports_per_node():
+    # srun's default with no more tasks than nodes is cyclic: one task per node, as block would.
+    one_each = [task_layout(step(r, 2, "localhost,vm", "1(x2)", ["localhost", "vm"][r], slurm_distribution="cyclic"))
+                for r in range(2)]
+    assert one_each[0].hosts == one_each[1].hosts == ("localhost", "vm")
+    dealt = task_layout(step(1, 4, "n[1-2]", "2(x2)", "n2", slurm_distribution="cyclic:block"))
+    assert dealt.hosts == ("n1", "n2", "n1", "n2")
+    big = task_layout(step(0, 16, "n[1-4]", "4(x4)", "n1", job="9"))
+    base = job_port_block("9")
+    assert big.ports == tuple(base + i for i in (0, 1, 2, 3) * 4)
+    # Within each node, every task has its own port.
+    for node in ("n1", "n2", "n3", "n4"):
+        mine = [port for host, port in zip(big.hosts, big.ports) if host == node]
+        assert len(set(mine)) == len(mine)
+
+
 @pytest.mark.parametrize(
     "runtime, message",
     [
-        (step(1, 2, "n[1-2]", "1(x2)", "n1"), "block placement puts it on n2"),
-        (step(0, 2, "n[1-2]", "1(x2)", "n1", slurm_distribution="cyclic"), "--distribution=cyclic"),
+        (step(1, 2, "n[1-2]", "1(x2)", "n1"), "--distribution=block puts it on n2"),
+        (step(1, 4, "n[1-2]", "2(x2)", "n1", slurm_distribution="cyclic"), "--distribution=cyclic puts it on n2"),
+        (step(0, 2, "n[1-2]", "1(x2)", "n1", slurm_distribution="plane=2"), "--distribution=plane=2: where it puts"),
         (step(0, 3, "n[1-2]", "1(x2)", "n1"), "does not add up"),
         (step(0, 2, "n[1-", "2", "n1"), "cannot read Slurm's task layout"),
         (step(0, 9, "n1", "9", "n1"), "at most 8 per node"),
@@ -272,3 +289,38 @@ def test_independent_copies_are_refused_before_training(cache, tmp_path):
     assert "train.distribution=none: they would train 2 independent copies into one run directory" in log
     assert "Traceback" not in log
     assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+
+
+# --- the launcher: a multi-task job trains one run, or nothing is queued ----------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["train.distribution=none"], "train.distribution=none would train 2 independent copies into one run directory"),
+        (["train=lesson"], "train.execution=keras_fit (train=lesson) cannot train across 2 tasks"),
+        (["hydra.launcher.trials_per_task=2", "train.seed=1,2"], "their trials cannot be packed"),
+        (["hydra.launcher.gpus_per_node=2"], "set hydra.launcher.gpu_request=gpus_per_task"),
+    ],
+)
+def test_a_multi_task_job_that_would_not_train_one_run_is_refused(cache, tmp_path, extra, message):
+    from tests.slurm_helpers import submit
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}",
+            *tiny_overrides(cache, tmp_path), *extra]
+    proc = submit(args, tmp_path)
+    assert proc.returncode != 0
+    assert "nothing was queued" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (sweep / ".submitit").exists() or not any((sweep / ".submitit").iterdir())
+
+
+def test_the_local_launcher_refuses_several_tasks(cache, tmp_path):
+    from tests.slurm_helpers import submit
+
+    sweep = tmp_path / "sweep"
+    proc = submit(["-m", "hydra/launcher=local", "hydra.launcher.nodes=2", f"hydra.sweep.dir={sweep}",
+                   *tiny_overrides(cache, tmp_path)], tmp_path)
+    assert proc.returncode != 0
+    assert "the local launcher starts one process per job; use hydra/launcher=slurm" in proc.stderr

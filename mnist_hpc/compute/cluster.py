@@ -2,9 +2,10 @@
 
 A multi-worker training needs every worker's address before TensorFlow starts. Slurm gives
 each task the step's node list (``SLURM_STEP_NODELIST``), how many tasks each node runs
-(``SLURM_STEP_TASKS_PER_NODE``) and its own rank (``SLURM_PROCID``); with srun's default block
-distribution, ranks fill the nodes in list order. :class:`TaskLayout` turns those into one
-``host:port`` per rank. Ports are derived from the job id, as JAX's Slurm detection does, so
+(``SLURM_STEP_TASKS_PER_NODE``), how srun placed them (``SLURM_DISTRIBUTION``: block fills the
+nodes in list order, cyclic deals ranks round-robin) and its own rank (``SLURM_PROCID``).
+:class:`TaskLayout` turns those into one ``host:port`` per rank; each task checks that the
+layout puts it on the node it runs on. Ports are derived from the job id, as JAX's Slurm detection does, so
 that two jobs sharing a node do not collide and a requeued job finds the same ports again.
 
 TensorFlow's ``SlurmClusterResolver`` reads the same variables but requires ``nvidia-smi`` on
@@ -105,6 +106,32 @@ def expand_tasks_per_node(expr: str) -> list[int]:
     return counts
 
 
+def task_hosts(nodes: list[str], counts: list[int], distribution: str) -> list[str]:
+    """The node of each rank, as srun places tasks (``SLURM_DISTRIBUTION``'s node level).
+
+    block fills each node in turn; cyclic deals ranks round-robin over the nodes that still have
+    room (srun's default when there are no more tasks than nodes, where both agree).
+
+    Raises:
+        LayoutError: a distribution whose placement is not known here (plane, arbitrary).
+    """
+    kind = distribution.split(":")[0].split(",")[0]
+    if kind == "block":
+        return [node for node, count in zip(nodes, counts) for _ in range(count)]
+    if kind == "cyclic":
+        left, hosts = list(counts), []
+        while any(left):
+            for i, node in enumerate(nodes):
+                if left[i]:
+                    hosts.append(node)
+                    left[i] -= 1
+        return hosts
+    raise LayoutError(
+        f"srun --distribution={distribution}: where it puts each task is not known here; use the default "
+        "(block, or cyclic)"
+    )
+
+
 def job_port_block(job_id: str) -> int:
     """First port of a job's block: a function of its numeric id, the same after a requeue."""
     digits = re.sub(r"\D", "", job_id) or "0"
@@ -136,6 +163,21 @@ class TaskLayout:
     def describe(self, rank: int) -> str:
         """``worker 1 of 2 (Slurm task 1 on node n02)``: how messages name a worker."""
         return f"worker {rank} of {self.num_workers} (Slurm task {rank} on node {self.hosts[rank]})"
+
+    def check_hosts_resolve(self) -> None:
+        """Refuse to start when a node name does not resolve here (workers address each other by it).
+
+        Raises:
+            LayoutError: naming the node.
+        """
+        for host in sorted(set(self.hosts)):
+            try:
+                socket.getaddrinfo(host, None)
+            except OSError as exc:
+                raise LayoutError(
+                    f"Slurm node name {host!r} does not resolve on {socket.gethostname()} ({exc}); the workers of a "
+                    "multi-node training reach each other by node name, so every node name must resolve on every node"
+                ) from exc
 
     def check_port_free(self) -> None:
         """Refuse to start when another program holds this task's port on this node.
@@ -181,11 +223,6 @@ def task_layout(runtime: RuntimeInfo) -> Optional[TaskLayout]:
         raise LayoutError(f"a Slurm step of {ntasks} tasks without {', '.join(missing)}: run the training through srun")
     assert runtime.slurm_step_nodelist and runtime.slurm_step_tasks_per_node and runtime.slurm_job_id
     assert runtime.slurm_procid is not None
-    if runtime.slurm_distribution and not runtime.slurm_distribution.startswith("block"):
-        raise LayoutError(
-            f"tasks are placed with srun --distribution={runtime.slurm_distribution}; one training needs the "
-            "default block placement (ranks fill the nodes in order): drop --distribution or use block"
-        )
     try:
         nodes = expand_hostlist(runtime.slurm_step_nodelist)
         counts = expand_tasks_per_node(runtime.slurm_step_tasks_per_node)
@@ -201,19 +238,21 @@ def task_layout(runtime: RuntimeInfo) -> Optional[TaskLayout]:
             f"{max(counts)} tasks on one node; a multi-worker job runs at most {PORTS_PER_JOB} per node "
             "(one per GPU, or one per node using all its GPUs, is TensorFlow's usual layout)"
         )
-    hosts = tuple(node for node, count in zip(nodes, counts) for _ in range(count))
+    hosts = tuple(task_hosts(nodes, counts, runtime.slurm_distribution or "block"))
     rank = runtime.slurm_procid
     if not 0 <= rank < ntasks:
         raise LayoutError(f"SLURM_PROCID={rank} is outside the step's {ntasks} tasks")
     if runtime.slurmd_nodename and hosts[rank] != runtime.slurmd_nodename:
         raise LayoutError(
-            f"task {rank} runs on {runtime.slurmd_nodename}, but block placement puts it on {hosts[rank]}: "
-            "tasks must fill the nodes in order (srun's default --distribution=block)"
+            f"task {rank} runs on {runtime.slurmd_nodename}, but srun's --distribution="
+            f"{runtime.slurm_distribution or 'block'} puts it on {hosts[rank]}; use the default distribution"
         )
-    # Ports by rank, not by local task id: tasks of one job on different nodes may still share an
-    # address (several slurmd on one host); ranks on one node are consecutive, so rank % 8 is unique there.
+    # Up to PORTS_PER_JOB tasks, each rank its own port: tasks on different nodes may still share an
+    # address (several slurmd on one host). Beyond that, ports repeat across nodes only.
+    local = [hosts[:r].count(hosts[r]) for r in range(ntasks)]
+    index = list(range(ntasks)) if ntasks <= PORTS_PER_JOB else local
     base = job_port_block(runtime.slurm_job_id)
-    ports = tuple(base + r % PORTS_PER_JOB for r in range(ntasks))
+    ports = tuple(base + i for i in index)
     return TaskLayout(rank=rank, hosts=hosts, ports=ports, job_id=runtime.slurm_job_id)
 
 

@@ -166,6 +166,7 @@ class MultiWorker:
         self.timeout_s = train.collective_timeout_s
         self._build = build
         self._plain: Optional[Any] = None
+        layout.check_hosts_resolve()
         layout.check_port_free()
         # Its INFO lines report every all-reduce it sets up: noise in a job log.
         logging.getLogger("tensorflow").setLevel(logging.WARNING)
