@@ -324,3 +324,30 @@ def test_the_local_launcher_refuses_several_tasks(cache, tmp_path):
                    *tiny_overrides(cache, tmp_path)], tmp_path)
     assert proc.returncode != 0
     assert "the local launcher starts one process per job; use hydra/launcher=slurm" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_workers_on_real_mnist_reach_the_single_workers_accuracy(tmp_path, compose):
+    """The lesson's 5 epochs at global batch 128 (64 per worker): test accuracy within 0.005 of one process."""
+    import subprocess
+    import sys
+
+    from mnist_hpc.compute.train import train_and_evaluate
+    from tests.conftest import IN_CI, SHARED_MNIST
+
+    if not SHARED_MNIST.is_file():
+        if IN_CI:
+            pytest.fail(f"CI must have the real dataset at {SHARED_MNIST}")
+        pytest.skip(f"real MNIST not at {SHARED_MNIST}")
+    cache = tmp_path / "cache"
+    pre = subprocess.run([sys.executable, "-c", "from mnist_hpc.cli import prefetch_main; prefetch_main()",
+                          "--from", str(SHARED_MNIST), f"data.cache_dir={cache}"], capture_output=True, text=True, timeout=300)
+    assert pre.returncode == 0, pre.stderr
+    args = [f"data.cache_dir={cache}", f"paths.output_root={tmp_path / 'out'}"]
+    codes, logs = run_local(tmp_path, "real", [str(tmp_path / "two")] + args)
+    assert codes == [0, 0], logs[0][-3000:]
+    one = train_and_evaluate(to_typed(compose(args)), tmp_path / "one")
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["workers"] == 2 and two["epochs_completed"] == 5
+    assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.005, (two["test_accuracy"], one["test_accuracy"])
+    assert two["test_accuracy"] >= 0.975

@@ -53,7 +53,7 @@ class WorkerFailure(RuntimeError):
         self.failed_rank = failed_rank
 
 
-def peer_failure(exc: BaseException, layout: TaskLayout, timeout_s: int) -> Optional[WorkerFailure]:
+def peer_failure(exc: BaseException, layout: TaskLayout, timeout_s: int, runtime: RuntimeInfo) -> Optional[WorkerFailure]:
     """A TensorFlow error caused by another worker, as a :class:`WorkerFailure`; None otherwise."""
     import tensorflow as tf
 
@@ -68,10 +68,10 @@ def peer_failure(exc: BaseException, layout: TaskLayout, timeout_s: int) -> Opti
     if isinstance(exc, tf.errors.DeadlineExceededError):
         reason = f"a collective did not complete within train.collective_timeout_s={timeout_s} s ({reason[:200]})"
     who = layout.describe(failed) if failed is not None else "another worker"
+    where = runtime.task_log(failed) if failed is not None else "the other tasks' logs"
     return WorkerFailure(
         f"{who} died, hung or became unreachable: {reason[:300]}. The training stopped on "
-        f"{layout.describe(layout.rank)}; that worker's own log (submitit: <job>_{failed if failed is not None else 'N'}"
-        "_log.err; sbatch: the job's output) shows why it stopped",
+        f"{layout.describe(layout.rank)}. Why that worker stopped: {where}",
         failed,
     )
 
@@ -157,10 +157,13 @@ class MultiWorker:
 
     distribution = Distribution.multi_worker
 
-    def __init__(self, layout: TaskLayout, train: TrainConfig, build: Callable[[], Any], run_dir: Path) -> None:
+    def __init__(
+        self, layout: TaskLayout, train: TrainConfig, build: Callable[[], Any], run_dir: Path, runtime: RuntimeInfo
+    ) -> None:
         import tensorflow as tf
 
         self.layout = layout
+        self.runtime = runtime
         self.is_chief = layout.is_chief
         self.num_workers = layout.num_workers
         self.timeout_s = train.collective_timeout_s
@@ -257,7 +260,7 @@ class MultiWorker:
         try:
             yield
         except Exception as exc:
-            failure = peer_failure(exc, self.layout, self.timeout_s)
+            failure = peer_failure(exc, self.layout, self.timeout_s, self.runtime)
             if failure is None:
                 raise
             raise failure from exc
@@ -273,7 +276,12 @@ class MultiWorker:
 
 
 def start(
-    train: TrainConfig, layout: Optional[TaskLayout], distribution: Distribution, build: Callable[[], Any], run_dir: Path
+    train: TrainConfig,
+    layout: Optional[TaskLayout],
+    distribution: Distribution,
+    build: Callable[[], Any],
+    run_dir: Path,
+    runtime: RuntimeInfo,
 ) -> Workers:
     """The workers for a resolved ``distribution`` (see :func:`mnist_hpc.compute.cluster.resolve_distribution`).
 
@@ -285,7 +293,7 @@ def start(
     if layout is None:
         log.info("train.distribution=multi_worker in a step of one task: it trains alone")
         return SingleProcess()
-    return MultiWorker(layout, train, build, run_dir)
+    return MultiWorker(layout, train, build, run_dir, runtime)
 
 
 class DistributedLoop:

@@ -55,6 +55,8 @@ class RuntimeInfo:
     slurm_distribution: Optional[str] = None
     # CPUs this process may run on (its affinity mask): what Slurm's task binding really gave it.
     cpus_allowed: Optional[int] = None
+    # submitit's folder for this job's pickles and logs (%j unexpanded); None outside submitit.
+    submitit_folder: Optional[str] = None
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "RuntimeInfo":
@@ -74,7 +76,15 @@ class RuntimeInfo:
             slurmd_nodename=env.get("SLURMD_NODENAME") or None,
             slurm_distribution=env.get("SLURM_DISTRIBUTION") or None,
             cpus_allowed=_cpus_allowed(),
+            submitit_folder=env.get("SUBMITIT_FOLDER") or None,
         )
+
+    def task_log(self, task: int) -> str:
+        """Where Slurm task ``task`` of this job writes its log: submitit's per-task file, or the job's output."""
+        if self.submitit_folder and self.slurm_job_id:
+            job = self.job_label or self.slurm_job_id
+            return str(Path(self.submitit_folder.replace("%j", job)) / f"{job}_{task}_log.err")
+        return "the job's output file (sbatch --output)"
 
     @property
     def is_worker_task(self) -> bool:

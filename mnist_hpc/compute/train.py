@@ -154,7 +154,7 @@ def _train(
                 steps_per_execution=1 if compiled else cfg.train.steps_per_execution,
             )
 
-        workers = distribute.start(cfg.train, layout, distribution, build, run_dir)
+        workers = distribute.start(cfg.train, layout, distribution, build, run_dir, runtime)
         with workers.failures():
             keras.utils.set_random_seed(cfg.train.seed)
             with workers.scope():
