@@ -36,7 +36,7 @@ import numpy as np
 
 from mnist_hpc import rundir
 from mnist_hpc.compute.cluster import TaskLayout
-from mnist_hpc.compute.engine import CompiledLoop, lesson_batch, scale_table
+from mnist_hpc.compute.engine import CompiledLoop, build_training_state, lesson_batch, scale_table
 from mnist_hpc.compute.runtime import RuntimeInfo
 from mnist_hpc.config import Distribution, TrainConfig
 
@@ -296,8 +296,8 @@ def start(
     return MultiWorker(layout, train, build, run_dir, runtime)
 
 
-class DistributedLoop:
-    """:class:`~mnist_hpc.compute.engine.CompiledLoop` under a multi-worker strategy.
+class DistributedLoop(CompiledLoop):
+    """:class:`~mnist_hpc.compute.engine.CompiledLoop` under a multi-worker strategy (its ``run_epoch``).
 
     Each call runs up to ``steps_per_call`` global batches. Worker ``k`` gathers rows
     ``[k * local, (k + 1) * local)`` of each global batch (``local = ceil(batch / workers)``),
@@ -310,7 +310,7 @@ class DistributedLoop:
     so that the gradient and the metrics still average over exactly the global batch's rows.
     """
 
-    def __init__(
+    def __init__(  # noqa: D107 - CompiledLoop's state, built under the strategy
         self, strategy: Any, model: Any, x_train: np.ndarray, y_train: np.ndarray, batch_size: int, steps_per_call: int,
         jit_compile: bool,
     ) -> None:
@@ -394,48 +394,23 @@ class DistributedLoop:
         self._run_last = make_run(self._tail_local, tail % workers == 0, False) if tail else None
         self._rows = np.zeros((steps_per_call, self._local * workers), dtype=np.int32)
         with strategy.scope():
-            model.optimizer.build(model.trainable_variables)
-            x0 = np.zeros((1, x_train.shape[1]), dtype=np.float32)
-            y0 = np.zeros((1, num_classes), dtype=np.float32)
-            y_pred = model(x0, training=False)
-            model.compute_loss(x=x0, y=y0, y_pred=y_pred)
-            model.compute_metrics(x0, y0, y_pred, sample_weight=None)
-            model.reset_metrics()
+            build_training_state(model, x_train.shape[1], num_classes)
 
-    def run_epoch(
-        self,
-        order: np.ndarray,
-        done_batches: int,
-        callbacks: Any,
-        chunk: int,
-        boundary: Callable[[int], bool],
-        at_boundary: Callable[[int], None],
-        after_call: Optional[Callable[[int], None]] = None,
-    ) -> None:
-        """As :meth:`CompiledLoop.run_epoch`; metrics for batch hooks are read only when ``chunk`` is 1
-        (reading them sums across workers, so every worker must do it at the same calls)."""
+    def _call(self, block: np.ndarray) -> None:
         import tensorflow as tf
 
-        rows = order[: self.full_batches * self.batch_size].astype(np.int32).reshape(self.full_batches, self.batch_size)
-        step = done_batches
-        real = tf.constant(self.batch_size, tf.int32)
-        while step < self.full_batches:
-            stop = step + 1
-            while stop < min(step + chunk, self.full_batches) and not boundary(stop):
-                stop += 1
-            self._rows[: stop - step, : self.batch_size] = rows[step:stop]
-            callbacks.on_train_batch_begin(step - done_batches)
-            self._run(tf.constant(self._rows), real, tf.constant(stop - step, tf.int32))
-            callbacks.on_train_batch_end(stop - 1 - done_batches, self.model.get_metrics_result() if chunk == 1 else {})
-            step = stop
-            if boundary(step) and step < self.steps_per_epoch:
-                at_boundary(step)
-            if after_call is not None and step < self.steps_per_epoch:
-                after_call(step)
-        if self._run_last is not None:
-            tail = order[self.full_batches * self.batch_size :].astype(np.int32)
-            block = np.zeros((1, self._tail_local * self.workers), dtype=np.int32)
-            block[0, : tail.shape[0]] = tail
-            callbacks.on_train_batch_begin(self.full_batches - done_batches)
-            self._run_last(tf.constant(block), tf.constant(tail.shape[0], tf.int32), tf.constant(1, tf.int32))
-            callbacks.on_train_batch_end(self.full_batches - done_batches, self.model.get_metrics_result() if chunk == 1 else {})
+        self._rows[: block.shape[0], : self.batch_size] = block
+        self._run(tf.constant(self._rows), tf.constant(self.batch_size, tf.int32), tf.constant(block.shape[0], tf.int32))
+
+    def _call_last(self, tail: np.ndarray) -> None:
+        import tensorflow as tf
+
+        block = np.zeros((1, self._tail_local * self.workers), dtype=np.int32)
+        block[0, : tail.shape[0]] = tail
+        assert self._run_last is not None
+        self._run_last(tf.constant(block), tf.constant(tail.shape[0], tf.int32), tf.constant(1, tf.int32))
+
+    def _batch_logs(self, chunk: int) -> dict[str, Any]:
+        # Reading the metrics sums them across workers: every worker does it, at the same calls,
+        # and only where a callback watches batches (chunk 1).
+        return self.model.get_metrics_result() if chunk == 1 else {}

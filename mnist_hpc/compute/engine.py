@@ -196,6 +196,21 @@ def lesson_batch(scale: Any, images: Any, labels: Any, rows: Any, num_classes: i
     return x, y
 
 
+def build_training_state(model: Any, features: int, num_classes: int) -> None:
+    """Build the optimizer, loss and metric state now, as fit does before its first step.
+
+    A part-done epoch's checkpoint restores into it, and a compiled loop's trace then creates no
+    variables (tf.function traces a function that creates variables twice).
+    """
+    model.optimizer.build(model.trainable_variables)
+    x0 = np.zeros((1, features), dtype=np.float32)
+    y0 = np.zeros((1, num_classes), dtype=np.float32)
+    y_pred = model(x0, training=False)
+    model.compute_loss(x=x0, y=y0, y_pred=y_pred)
+    model.compute_metrics(x0, y0, y_pred, sample_weight=None)
+    model.reset_metrics()
+
+
 class CompiledLoop:
     """Runs training batches inside one compiled TensorFlow loop, ``steps_per_call`` per call.
 
@@ -242,16 +257,7 @@ class CompiledLoop:
         # The epoch's last, smaller batch (a shape of its own) runs once per epoch: as a plain
         # graph it costs ~0.3 s of tracing per process instead of ~1.3 s for a second XLA program.
         self._run_last = tf.function(run) if jit_compile else self._run
-        # Build the optimizer, loss and metric state now, as fit does before its first step: a
-        # part-done epoch's checkpoint restores into it, and the loop's trace then creates no
-        # variables (tf.function traces a function that creates variables twice).
-        model.optimizer.build(model.trainable_variables)
-        x0 = np.zeros((1, x_train.shape[1]), dtype=np.float32)
-        y0 = np.zeros((1, num_classes), dtype=np.float32)
-        y_pred = model(x0, training=False)
-        model.compute_loss(x=x0, y=y0, y_pred=y_pred)
-        model.compute_metrics(x0, y0, y_pred, sample_weight=None)
-        model.reset_metrics()
+        build_training_state(model, x_train.shape[1], num_classes)
 
     def run_epoch(
         self,
@@ -275,28 +281,41 @@ class CompiledLoop:
             at_boundary: called with the batches done after each call that ends at a boundary.
             after_call: called with the batches done after every call that does not end the epoch.
         """
-        import tensorflow as tf
-
         rows = order[: self.full_batches * self.batch_size].astype(np.int32).reshape(self.full_batches, self.batch_size)
         step = done_batches
         while step < self.full_batches:
             stop = step + 1
             while stop < min(step + chunk, self.full_batches) and not boundary(stop):
                 stop += 1
-            self._rows[: stop - step] = rows[step:stop]
             callbacks.on_train_batch_begin(step - done_batches)
-            self._run(self._images, self._labels, tf.constant(self._rows), tf.constant(stop - step, tf.int32))
-            callbacks.on_train_batch_end(stop - 1 - done_batches, self.model.get_metrics_result())
+            self._call(rows[step:stop])
+            callbacks.on_train_batch_end(stop - 1 - done_batches, self._batch_logs(chunk))
             step = stop
             if boundary(step) and step < self.steps_per_epoch:
                 at_boundary(step)
             if after_call is not None and step < self.steps_per_epoch:
                 after_call(step)
         if self.full_batches < self.steps_per_epoch:
-            tail = order[self.full_batches * self.batch_size :].astype(np.int32)[None, :]
             callbacks.on_train_batch_begin(self.full_batches - done_batches)
-            self._run_last(self._images, self._labels, tf.constant(tail), tf.constant(1, tf.int32))
-            callbacks.on_train_batch_end(self.full_batches - done_batches, self.model.get_metrics_result())
+            self._call_last(order[self.full_batches * self.batch_size :].astype(np.int32))
+            callbacks.on_train_batch_end(self.full_batches - done_batches, self._batch_logs(chunk))
+
+    def _call(self, block: np.ndarray) -> None:
+        """One compiled call over the full batches in ``block`` (one row of indices per batch)."""
+        import tensorflow as tf
+
+        self._rows[: block.shape[0]] = block
+        self._run(self._images, self._labels, tf.constant(self._rows), tf.constant(block.shape[0], tf.int32))
+
+    def _call_last(self, tail: np.ndarray) -> None:
+        """The epoch's last, smaller batch."""
+        import tensorflow as tf
+
+        self._run_last(self._images, self._labels, tf.constant(tail[None, :]), tf.constant(1, tf.int32))
+
+    def _batch_logs(self, chunk: int) -> dict[str, Any]:
+        """The logs batch hooks get after a call."""
+        return self.model.get_metrics_result()
 
 
 class CompiledEngine:
