@@ -4,7 +4,6 @@ themselves (local processes posing as the tasks of one srun step; the cluster te
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
