@@ -107,7 +107,7 @@ class TrainJob:
         from mnist_hpc.compute.cluster import quiet_worker_config
         from mnist_hpc.compute.distribute import writes_failure
         from mnist_hpc.compute.runtime import RuntimeInfo
-        from mnist_hpc.compute.signals import TrainingInterrupted
+        from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted
 
         runtime = RuntimeInfo.from_env()
         try:
@@ -125,16 +125,17 @@ class TrainJob:
                 config.hydra.job.id = job_id
         if runtime.is_worker_task:
             quiet_worker_config(config)
-        # submitit's USR2 handler (checkpoint, requeue, count timeouts): training replaces it
-        # while it runs and stops at a step boundary first; see _after_stop.
-        submitit_handler = signal.getsignal(signal.SIGUSR2)
-        ret = run_job(
-            hydra_context=hydra_context,
-            task_function=task_function,
-            config=config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
+        # submitit's USR2 handler (checkpoint, requeue, count timeouts): our request replaces it
+        # for the whole job, training stops at a step boundary first; see _after_stop.
+        submitit_handler = StopRequest.handler_before(signal.SIGUSR2)
+        with StopRequest(ignore_after=True):
+            ret = run_job(
+                hydra_context=hydra_context,
+                task_function=task_function,
+                config=config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
         if ret.status == JobStatus.FAILED:
             error = ret._return_value
             if isinstance(error, RunError) and error.__cause__ is not None:
@@ -205,6 +206,14 @@ class PackedTrainJob:
         self.jobs = list(jobs)
 
     def __call__(self) -> list[Any]:
+        from mnist_hpc.compute.signals import StopRequest
+
+        # One request for the whole task: a warning between two trials stops the next one at
+        # its first step boundary (and requeues), instead of being lost or killing the task.
+        with StopRequest(ignore_after=True):
+            return self._run_all()
+
+    def _run_all(self) -> list[Any]:
         results: list[Any] = []
         failed: list[str] = []
         for job in self.jobs:

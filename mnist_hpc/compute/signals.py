@@ -68,14 +68,23 @@ class StopRequest:
     """Records USR2/SIGTERM while installed; the training loop reads it at step boundaries.
 
     A context manager: handlers are installed on entry and the previous ones (submitit's, or
-    the defaults) restored on exit, so the signal reaches them once training has ended.
+    the defaults) restored on exit, so the signal reaches them once training has ended. A job
+    installs one for its whole call, so that a warning that comes between two trials of a
+    packed task, or before training starts, is kept for the next step boundary; a training
+    inside it shares it (entering again returns the active one). ``ignore_after``: once the
+    work ended without an error, a late USR2 is ignored instead of restored to a handler that
+    would requeue (or, by default, kill) a process that has only to exit.
     Signal handlers only run in the main thread; elsewhere (a test calling training from a
     thread) nothing is installed and :attr:`signum` stays None.
     """
 
-    def __init__(self) -> None:
+    _active: Optional["StopRequest"] = None
+
+    def __init__(self, ignore_after: bool = False) -> None:
         self.signum: Optional[int] = None
+        self.ignore_after = ignore_after
         self._previous: dict[int, Any] = {}
+        self._shared = False
 
     def _record(self, signum: int, frame: Optional[FrameType]) -> None:
         # SIGTERM (cancel, preemption) overrides an earlier USR2: no requeue then.
@@ -84,21 +93,38 @@ class StopRequest:
         log.warning("received %s: stopping at the next step boundary", signal.Signals(signum).name)
 
     def __enter__(self) -> "StopRequest":
+        active = StopRequest._active
+        if active is not None:
+            self._shared = True
+            return active
         for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._record)
             except ValueError:  # not the main thread
                 break
+        StopRequest._active = self if self._previous else None
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Optional[type], *exc: object) -> None:
+        if self._shared:
+            return
+        StopRequest._active = None
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            ignore = self.ignore_after and exc_type is None and sig == signal.SIGUSR2
+            signal.signal(sig, signal.SIG_IGN if ignore else previous)
         self._previous.clear()
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    @staticmethod
+    def handler_before(sig: int) -> Any:
+        """The handler ``sig`` had before the active request took it (submitit's), or its current one."""
+        active = StopRequest._active
+        if active is not None and sig in active._previous:
+            return active._previous[sig]
+        return signal.getsignal(sig)
 
 
 def requeue_job(job_id: str) -> Optional[str]:
@@ -125,7 +151,8 @@ def train_in_process(cfg: "Config", run_dir: Path) -> dict[str, float]:
 
     runtime = RuntimeInfo.from_env()
     try:
-        return train_and_evaluate(cfg, run_dir, runtime)
+        with StopRequest(ignore_after=True):
+            return train_and_evaluate(cfg, run_dir, runtime)
     except TrainingInterrupted as stop:
         finish_in_process(stop, Path(run_dir), runtime.slurm_job_id, chief=not runtime.is_worker_task)
     except WorkerFailure as exc:
