@@ -45,6 +45,10 @@ NOT_IDENTITY = (
     "train.checkpoint_every_epochs",
     "train.checkpoint_every_batches",
     "train.steps_per_execution",
+    # How many Slurm tasks share the training may change between attempts (the same training,
+    # to float rounding), and how long they wait for each other.
+    "train.distribution",
+    "train.collective_timeout_s",
 )
 
 

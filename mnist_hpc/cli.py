@@ -13,18 +13,27 @@ def _train_task(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> float:
     """One Hydra job: check the config, train in Hydra's output dir, return the objective.
 
     ``callbacks``: extra Keras callbacks (a search worker passes its pruning callback). A known
-    error (see :mod:`mnist_hpc.compute.failures`) becomes one line, no traceback.
+    error (see :mod:`mnist_hpc.compute.failures`) becomes one line, no traceback. Run in this
+    process (Hydra's run mode: a shell, srun, a plain sbatch script), the training acts on Slurm's
+    warning signals itself; a job of the launcher leaves that to its job object.
     """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from mnist_hpc.compute.failures import RunError, known_error
-    from mnist_hpc.compute.train import train_and_evaluate
     from mnist_hpc.config import to_typed
     from mnist_hpc.rundir import objective
 
     typed = to_typed(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
+        if hydra_cfg.mode == RunMode.RUN:
+            from mnist_hpc.compute.signals import train_in_process
+
+            return objective(train_in_process(typed, run_dir, callbacks=callbacks))
+        from mnist_hpc.compute.train import train_and_evaluate
+
         return objective(train_and_evaluate(typed, run_dir, callbacks=callbacks))
     except Exception as exc:
         message = known_error(exc)
@@ -100,8 +109,18 @@ def train_main() -> None:
     from hydra_plugins.mnist_hpc_launcher.launcher import register_plugins
 
     register_plugins()
+    _quiet_worker_task()
 
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_train_task)()
+
+
+def _quiet_worker_task() -> None:
+    """A task other than the first of a multi-task srun step writes nothing into the run directory."""
+    from mnist_hpc.compute.cluster import WORKER_HYDRA_OVERRIDES
+    from mnist_hpc.compute.runtime import RuntimeInfo
+
+    if RuntimeInfo.from_env().is_worker_task and not {"-m", "--multirun"} & set(sys.argv[1:]):
+        sys.argv += list(WORKER_HYDRA_OVERRIDES)
 
 
 def prefetch_main(argv: Optional[list[str]] = None) -> None:

@@ -41,6 +41,17 @@ class Execution(str, enum.Enum):
     compiled_loop = "compiled_loop"
 
 
+class Distribution(str, enum.Enum):
+    """How one training uses the tasks of its Slurm job."""
+
+    # One process trains alone; a job with several tasks is refused (they would be copies).
+    none = "none"
+    # One training across every task (MultiWorkerMirroredStrategy): train.batch_size is global.
+    multi_worker = "multi_worker"
+    # multi_worker when the job step has more than one task, else none.
+    auto = "auto"
+
+
 class OptimizerName(str, enum.Enum):
     rmsprop = "rmsprop"
     adam = "adam"
@@ -102,6 +113,11 @@ class TrainConfig:
     checkpoint_every_epochs: int = 1
     # Also checkpoint every this many batches inside an epoch (for long epochs); null: off.
     checkpoint_every_batches: Optional[int] = None
+    # none, multi_worker or auto (multi_worker when the job step has several Slurm tasks).
+    distribution: Distribution = Distribution.auto
+    # multi_worker: seconds a worker waits for the others (to join, at any collective) before
+    # the job fails; bounds how long a dead or stuck worker can hold the job.
+    collective_timeout_s: int = 120
 
 
 @dataclass
@@ -187,6 +203,14 @@ def validate(cfg: Config) -> Config:
         "train.checkpoint_every_batches",
         t.checkpoint_every_batches,
         "must be >= 1 or null",
+    )
+    _require(t.collective_timeout_s >= 10, "train.collective_timeout_s", t.collective_timeout_s, "must be >= 10 seconds")
+    _require(
+        not (Distribution(t.distribution) is Distribution.multi_worker and Execution(t.execution) is Execution.keras_fit),
+        "train.distribution",
+        Distribution(t.distribution).value,
+        "multi_worker runs on train.execution=compiled_loop only (Keras 3's model.fit does not support "
+        "MultiWorkerMirroredStrategy, keras #20585); drop train=lesson / train.execution=keras_fit",
     )
     return cfg
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# slurm/cluster.sh -- run a real, single-node Slurm cluster on this Debian 12 host.
+# slurm/cluster.sh -- run a real Slurm cluster of two nodes on this Debian 12 host.
 #
 #   sudo slurm/cluster.sh start    # install (if needed), configure and start everything
 #   sudo slurm/cluster.sh status   # exit 0 only if the cluster accepts jobs
@@ -8,7 +8,7 @@
 # The point is to exercise the submitit/Hydra launcher against the genuine
 # slurmctld/slurmd/slurmdbd (requeue, signals, arrays, sacct), not a mock.
 #
-# Daemons: munged -> mariadbd -> slurmdbd -> slurmctld -> slurmd.
+# Daemons: munged -> mariadbd -> slurmdbd -> slurmctld -> one slurmd per node.
 #
 # Design notes (the "why"):
 # * Daemons are always launched directly, never via systemctl/invoke-rc.d.
@@ -29,6 +29,15 @@
 #   oversubscribe the machine (handy for big array tests) without the node
 #   being drained as "Low RealMemory"/"Low CPUs".
 # * Every wait is bounded; on failure the relevant daemon log tail is printed.
+# * Two nodes on one host: the second is a second slurmd started with
+#   "slurmd -N <name>" (works with Debian's Slurm 22.05), with its own port,
+#   spool directory, pid file and log (%n in slurm.conf). Its name must
+#   resolve to this host, as real node names resolve to their nodes (a
+#   multi-node training addresses its workers by node name): "localhost" does
+#   on every machine. Both nodes offer the whole machine's CPUs and memory
+#   (config_overrides again), so any job that fits one node today fits
+#   either; the second is weighted to be used only when the first is full or
+#   a job asks for two nodes.
 #
 # Environment overrides (all optional):
 #   SLURM_CLUSTER_NAME          ClusterName                      [mnisthpc]
@@ -39,6 +48,8 @@
 #   SLURM_CLUSTER_MEM_MB        RealMemory of the node in MB     [95% of MemTotal]
 #   SLURM_CLUSTER_DEF_MEM_PER_CPU  DefMemPerCPU in MB            [MEM_MB / CPUS]
 #   SLURM_CLUSTER_TIMEOUT       seconds allowed for each wait    [60]
+#   SLURM_CLUSTER_EXTRA_NODES   names of further nodes, each one more
+#                               slurmd on this host; "" = one node   [localhost]
 
 set -euo pipefail
 
@@ -48,6 +59,7 @@ CLUSTER_NAME="${SLURM_CLUSTER_NAME:-mnisthpc}"
 PARTITION="${SLURM_CLUSTER_PARTITION:-debug}"
 ACCOUNT="${SLURM_CLUSTER_ACCOUNT:-mnisthpc}"
 TIMEOUT="${SLURM_CLUSTER_TIMEOUT:-60}"
+EXTRA_NODES="${SLURM_CLUSTER_EXTRA_NODES-localhost}"
 
 readonly SLURM_ETC=/etc/slurm
 readonly SLURM_LOG_DIR=/var/log/slurm
@@ -76,14 +88,14 @@ declare -A PIDFILE=(
   [mariadb]=/run/mysqld/mysqld.pid
   [slurmdbd]=$SLURM_RUN_DIR/slurmdbd.pid
   [slurmctld]=$SLURM_RUN_DIR/slurmctld.pid
-  [slurmd]=$SLURM_RUN_DIR/slurmd.pid
+  [slurmd]=$SLURM_RUN_DIR/slurmd.pid # the one-node layout's; now one per node, see slurmd_pidfile
 )
 declare -A LOGFILE=(
   [munged]=/var/log/munge/munged.log
   [mariadb]=$SLURM_LOG_DIR/mariadb.log
   [slurmdbd]=$SLURM_LOG_DIR/slurmdbd.log
   [slurmctld]=$SLURM_LOG_DIR/slurmctld.log
-  [slurmd]=$SLURM_LOG_DIR/slurmd.log
+  [slurmd]=$SLURM_LOG_DIR/slurmd-*.log # one per node, see slurmd_logfile
 )
 readonly DAEMONS_UP=(munged mariadb slurmdbd slurmctld slurmd)
 readonly DAEMONS_DOWN=(slurmd slurmctld slurmdbd mariadb munged)
@@ -99,11 +111,15 @@ fail() {
   while (($#)) && [[ $1 != -- ]]; do daemons+=("$1"); shift; done
   shift || true
   printf '[%s] ERROR: %s\n' "$PROG" "$*" >&2
+  local log
   for d in "${daemons[@]}"; do
-    if [[ -s ${LOGFILE[$d]} ]]; then
-      printf '\n----- last 25 lines of %s -----\n' "${LOGFILE[$d]}" >&2
-      tail -n 25 "${LOGFILE[$d]}" >&2
-    fi
+    # (LOGFILE[slurmd] is a pattern: one log per node)
+    for log in ${LOGFILE[$d]}; do
+      if [[ -s $log ]]; then
+        printf '\n----- last 25 lines of %s -----\n' "$log" >&2
+        tail -n 25 "$log" >&2
+      fi
+    done
   done
   exit 1
 }
@@ -212,6 +228,23 @@ config_stale() { # <daemon> <conf>: running with a config other than <conf>?
 
 short_hostname() { hostname -s 2>/dev/null || uname -n | cut -d. -f1; }
 
+# The cluster's nodes: this host first, then the extra ones (each one more slurmd here).
+node_names() {
+  local host=$1 n
+  printf '%s\n' "$host"
+  for n in $EXTRA_NODES; do [[ $n == "$host" ]] || printf '%s\n' "$n"; done
+}
+# slurmd ports: the first node keeps SlurmdPort (6818); 6819 is slurmdbd's.
+node_port() { (($1 == 0)) && echo 6818 || echo $((6820 + $1)); }
+slurmd_pidfile() { echo "$SLURM_RUN_DIR/slurmd-$1.pid"; }
+slurmd_logfile() { echo "$SLURM_LOG_DIR/slurmd-$1.log"; }
+# Is the slurmd of node <name> running (its own pid file names a live slurmd)?
+slurmd_running() {
+  local pid=""
+  { read -r pid <"$(slurmd_pidfile "$1")"; } 2>/dev/null || pid=""
+  pid_is "$pid" slurmd
+}
+
 mysql_root() { mariadb --protocol=socket -uroot "$@"; }
 
 # --- installation -------------------------------------------------------------
@@ -319,6 +352,17 @@ prepare_slurm_dirs() {
   install -d -o "$SLURM_USER" -g "$SLURM_GROUP" -m 0755 "$SLURM_LOG_DIR" "$SLURM_RUN_DIR"
   install -d -o "$SLURM_USER" -g "$SLURM_GROUP" -m 0700 "$CTLD_STATE_DIR"
   install -d -o root -g root -m 0755 "$SLURMD_SPOOL_DIR" # slurmd runs as root
+  local node host
+  host=$(short_hostname)
+  # The one-node layout kept the first node's spool (and the sockets of its
+  # running job steps) in $SLURMD_SPOOL_DIR itself: point its per-node
+  # directory there, so that a restarted slurmd finds those steps again.
+  if [[ ! -e $SLURMD_SPOOL_DIR/$host && -e $SLURMD_SPOOL_DIR/cred_state ]]; then
+    ln -s . "$SLURMD_SPOOL_DIR/$host"
+  fi
+  while read -r node; do
+    [[ -e $SLURMD_SPOOL_DIR/$node ]] || install -d -o root -g root -m 0755 "$SLURMD_SPOOL_DIR/$node"
+  done < <(node_names "$host")
   # slurmctld/slurmdbd open their logs after dropping to SlurmUser.
   local f
   for f in slurmctld slurmdbd; do
@@ -398,11 +442,12 @@ AuthInfo=cred_expire=20
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$CTLD_STATE_DIR
-SlurmdSpoolDir=$SLURMD_SPOOL_DIR
+# %n: the node's name; each slurmd on this host has its own of each.
+SlurmdSpoolDir=$SLURMD_SPOOL_DIR/%n
 SlurmctldPidFile=${PIDFILE[slurmctld]}
-SlurmdPidFile=${PIDFILE[slurmd]}
+SlurmdPidFile=$SLURM_RUN_DIR/slurmd-%n.pid
 SlurmctldLogFile=${LOGFILE[slurmctld]}
-SlurmdLogFile=${LOGFILE[slurmd]}
+SlurmdLogFile=$SLURM_LOG_DIR/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -447,8 +492,19 @@ AccountingStorageHost=localhost
 AccountingStoragePort=6819
 JobCompType=jobcomp/none
 
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
-PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP"
+$(node_lines "$host" "$cpus" "$mem")
+PartitionName=$PARTITION Nodes=$(node_names "$host" | paste -sd, -) Default=YES MaxTime=INFINITE State=UP"
+}
+
+# One NodeName line per node: the same size each, all on 127.0.0.1, each slurmd
+# on its own port. Weight: the scheduler fills the first node before the others.
+node_lines() {
+  local host=$1 cpus=$2 mem=$3 node i=0
+  while read -r node; do
+    printf 'NodeName=%s NodeHostname=%s NodeAddr=127.0.0.1 Port=%s Weight=%s CPUs=%s Sockets=1 CoresPerSocket=%s ThreadsPerCore=1 RealMemory=%s State=UNKNOWN\n' \
+      "$node" "$host" "$(node_port $i)" $((i + 1)) "$cpus" "$cpus" "$mem"
+    i=$((i + 1))
+  done < <(node_names "$host")
 }
 
 # --- slurm daemons ------------------------------------------------------------------
@@ -550,28 +606,35 @@ start_slurmctld() {
 }
 
 start_slurmd() {
-  local host=$1
-  if ! is_running slurmd; then
-    clear_stale_pidfile slurmd
-    say "starting slurmd"
-    /usr/sbin/slurmd >>"${LOGFILE[slurmd]}" 2>&1 9>&- ||
-      fail slurmd -- "slurmd failed to start"
-    mark_applied slurmd "$SLURM_CONF"
-  fi
-  # Wait for registration. A node that registered but is DRAINED/DOWN (e.g.
-  # after slurmd was killed with jobs on it) is resumed once: this cluster
-  # exists to run jobs, not to preserve an admin's drain decision.
-  local deadline=$((SECONDS + TIMEOUT)) st resumed=0
-  while ! node_usable "$host"; do
-    is_running slurmd || fail slurmd -- "slurmd died during node registration"
-    st=$(node_state "$host" || true)
+  local host=$1 node
+  while read -r node; do
+    if ! slurmd_running "$node"; then
+      rm -f "$(slurmd_pidfile "$node")"
+      say "starting slurmd for node $node"
+      /usr/sbin/slurmd -N "$node" >>"$(slurmd_logfile "$node")" 2>&1 9>&- ||
+        fail slurmd -- "slurmd for node $node failed to start"
+    fi
+  done < <(node_names "$host")
+  rm -f "${PIDFILE[slurmd]}" # the one-node layout's, if any
+  mark_applied slurmd "$SLURM_CONF"
+  while read -r node; do wait_node_usable "$node"; done < <(node_names "$host")
+}
+
+# Wait for registration. A node that registered but is DRAINED/DOWN (e.g.
+# after slurmd was killed with jobs on it) is resumed once: this cluster
+# exists to run jobs, not to preserve an admin's drain decision.
+wait_node_usable() {
+  local node=$1 deadline=$((SECONDS + TIMEOUT)) st resumed=0
+  while ! node_usable "$node"; do
+    slurmd_running "$node" || fail slurmd -- "slurmd of node $node died during node registration"
+    st=$(node_state "$node" || true)
     if ((!resumed)) && [[ $st =~ ^(drained|draining|drain|down)$ ]]; then
-      say "node $host is $st, resuming it"
-      timeout 10 scontrol update NodeName="$host" State=RESUME || true
+      say "node $node is $st, resuming it"
+      timeout 10 scontrol update NodeName="$node" State=RESUME || true
       resumed=1
     fi
     ((SECONDS < deadline)) ||
-      fail slurmd slurmctld -- "node $host did not become usable within ${TIMEOUT}s (state: ${st:-unknown})"
+      fail slurmd slurmctld -- "node $node did not become usable within ${TIMEOUT}s (state: ${st:-unknown})"
     sleep 0.5
   done
 }
@@ -593,6 +656,13 @@ smoke_test() {
 stop_daemon() {
   local name=$1 pids pid deadline grace=30
   pids=$(daemon_pids "$name")
+  if [[ $name == slurmd ]]; then
+    # Pid files of nodes whose slurmd is gone (any slurmd left is stopped below).
+    local f
+    for f in "$SLURM_RUN_DIR"/slurmd-*.pid; do
+      [[ -e $f ]] && { read -r pid <"$f" || true; pid_is "${pid:-}" slurmd || rm -f "$f"; }
+    done
+  fi
   if [[ -z $pids ]]; then
     clear_stale_pidfile "$name"
     return 0
@@ -619,6 +689,7 @@ print_status() {
   local host=$1 d pid
   echo "daemons:"
   for d in "${DAEMONS_UP[@]}"; do
+    [[ $d == slurmd ]] && continue
     pid=$(main_pid "$d")
     if [[ -n $pid ]]; then
       printf '  %-10s running (pid %s)\n' "$d" "$pid"
@@ -626,6 +697,16 @@ print_status() {
       printf '  %-10s stopped\n' "$d"
     fi
   done
+  local node
+  while read -r node; do
+    pid=""
+    { read -r pid <"$(slurmd_pidfile "$node")"; } 2>/dev/null || pid=""
+    if pid_is "$pid" slurmd; then
+      printf '  %-10s running (pid %s, node %s)\n' slurmd "$pid" "$node"
+    else
+      printf '  %-10s stopped (node %s)\n' slurmd "$node"
+    fi
+  done < <(node_names "$host")
   if is_running slurmctld; then
     echo "sinfo:"
     local out
@@ -639,7 +720,10 @@ cluster_ok() {
   local host=$1 d
   for d in "${DAEMONS_UP[@]}"; do is_running "$d" || return 1; done
   ctld_up || return 1
-  node_usable "$host" || return 1
+  local node
+  while read -r node; do
+    slurmd_running "$node" && node_usable "$node" || return 1
+  done < <(node_names "$host")
   timeout 15 sbatch --test-only -p "$PARTITION" -n1 -t 1 --wrap true >/dev/null 2>&1
 }
 

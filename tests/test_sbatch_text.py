@@ -27,6 +27,7 @@ CASES = {
                   "hydra.launcher.setup=[module load apptainer]"],
     "pyxis": ["hydra.launcher.srun_args=['--container-image=/scratch/img/mnist-hpc.sqsh','--container-mounts=/scratch']"],
     "no_srun": ["hydra.launcher.use_srun=false", "hydra.launcher.partition=cpu", "hydra.launcher.account=proj42"],
+    "multi_worker": ["hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=4"],
 }
 
 

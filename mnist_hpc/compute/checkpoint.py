@@ -95,7 +95,20 @@ def _values(variables: Sequence[Any]) -> list[np.ndarray]:
     return [np.array(v.numpy()) for v in variables]
 
 
-def save(run_dir: Path, state: TrainState, model: "keras.Model", fp: str, *, with_metrics: bool) -> Path:
+def snapshot(model: "keras.Model", *, with_metrics: bool) -> dict[str, list[np.ndarray]]:
+    """The values a checkpoint holds: model, optimizer and (mid-epoch) metric variables.
+
+    Under a multi-worker strategy, reading the metric accumulators sums them across workers (a
+    collective): every worker takes the snapshot, only the chief writes it (:func:`write`).
+    """
+    return {
+        "model": _values(model.variables),
+        "optimizer": _values(model.optimizer.variables),
+        "metrics": _values(model.metrics_variables) if with_metrics else [],
+    }
+
+
+def write(run_dir: Path, state: TrainState, groups: dict[str, list[np.ndarray]], fp: str) -> Path:
     """Write a checkpoint atomically, then drop all but the newest ``KEEP``."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
@@ -107,11 +120,6 @@ def save(run_dir: Path, state: TrainState, model: "keras.Model", fp: str, *, wit
         "fingerprint": fp,
     }
     arrays: dict[str, np.ndarray] = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
-    groups = {
-        "model": _values(model.variables),
-        "optimizer": _values(model.optimizer.variables),
-        "metrics": _values(model.metrics_variables) if with_metrics else [],
-    }
     for group, values in groups.items():
         for i, value in enumerate(values):
             arrays[f"{group}/{i:04d}"] = value
@@ -122,6 +130,11 @@ def save(run_dir: Path, state: TrainState, model: "keras.Model", fp: str, *, wit
     for old in list_checkpoints(run_dir)[KEEP:]:
         old.unlink(missing_ok=True)
     return target
+
+
+def save(run_dir: Path, state: TrainState, model: "keras.Model", fp: str, *, with_metrics: bool) -> Path:
+    """:func:`snapshot` then :func:`write`: a checkpoint of a single-process run."""
+    return write(run_dir, state, snapshot(model, with_metrics=with_metrics), fp)
 
 
 def read(path: Path) -> TrainState:

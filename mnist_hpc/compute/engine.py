@@ -52,6 +52,7 @@ class Engine(Protocol):
         callbacks: Sequence[Any],
         restore_metrics: Optional[Callable[[], None]],
         save_batch: Optional[Callable[[int], None]],
+        after_call: Optional[Callable[[int], None]] = None,
     ) -> dict[str, float]:
         """Train epoch ``epoch`` from batch ``done_batches`` to its end; return the epoch's logs.
 
@@ -63,13 +64,21 @@ class Engine(Protocol):
                 engine reset them at the epoch's start); None for a whole epoch.
             save_batch: called with the batches done every ``train.checkpoint_every_batches``
                 batches inside the epoch; None: no batch checkpoints.
+            after_call: called with the batches done at every step boundary inside the epoch
+                (after each compiled call, after each batch under ``model.fit``); it may raise
+                to stop training there (Slurm's warning signals).
         """
 
 
-def build_engine(model: Any, data: MnistData, train: TrainConfig, jit_compile: bool) -> Engine:
-    """The engine ``train.execution`` asks for, ready to run epochs of ``model`` on ``data``."""
+def build_engine(model: Any, data: MnistData, train: TrainConfig, jit_compile: bool, workers: Any = None) -> Engine:
+    """The engine ``train.execution`` asks for, ready to run epochs of ``model`` on ``data``.
+
+    ``workers`` (:mod:`mnist_hpc.compute.distribute`) supplies the compiled loop and the model
+    that validates; None: a single process.
+    """
     if Execution(train.execution) is Execution.compiled_loop:
-        return CompiledEngine(model, data, train, jit_compile)
+        return CompiledEngine(model, data, train, jit_compile, workers)
+    assert workers is None or workers.num_workers == 1, "model.fit runs in a single process only"
     return FitEngine(model, data, train)
 
 
@@ -95,6 +104,7 @@ class FitEngine:
         callbacks: Sequence[Any],
         restore_metrics: Optional[Callable[[], None]],
         save_batch: Optional[Callable[[int], None]],
+        after_call: Optional[Callable[[int], None]] = None,
     ) -> dict[str, float]:
         train = self.train
         # The rest of this epoch's fixed order: a part-done epoch continues at its next batch.
@@ -106,6 +116,8 @@ class FitEngine:
             epoch_callbacks.append(
                 _batch_checkpointer(save_batch, done_batches, self.steps_per_epoch, train.checkpoint_every_batches)
             )
+        if after_call is not None:
+            epoch_callbacks.append(_after_batch(after_call, done_batches, self.steps_per_epoch))
         fitted = self.model.fit(
             self.x[order],
             self.y[order],
@@ -129,6 +141,19 @@ def _at_epoch_begin(action: Callable[[], None]) -> Any:
             action()
 
     return AtEpochBegin()
+
+
+def _after_batch(action: Callable[[int], None], done_batches: int, steps_per_epoch: int) -> Any:
+    """A callback that calls ``action`` with the batches done after every batch but the epoch's last."""
+    import keras
+
+    class AfterBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+            done = done_batches + batch + 1
+            if done < steps_per_epoch:
+                action(done)
+
+    return AfterBatch()
 
 
 def _batch_checkpointer(save: Callable[[int], None], done_batches: int, steps_per_epoch: int, every: int) -> Any:
@@ -169,6 +194,21 @@ def lesson_batch(scale: Any, images: Any, labels: Any, rows: Any, num_classes: i
     x = tf.gather(scale, tf.cast(tf.gather(images, rows), tf.int32))
     y = tf.one_hot(tf.cast(tf.gather(labels, rows), tf.int32), num_classes, dtype=tf.float32)
     return x, y
+
+
+def build_training_state(model: Any, features: int, num_classes: int) -> None:
+    """Build the optimizer, loss and metric state now, as fit does before its first step.
+
+    A part-done epoch's checkpoint restores into it, and a compiled loop's trace then creates no
+    variables (tf.function traces a function that creates variables twice).
+    """
+    model.optimizer.build(model.trainable_variables)
+    x0 = np.zeros((1, features), dtype=np.float32)
+    y0 = np.zeros((1, num_classes), dtype=np.float32)
+    y_pred = model(x0, training=False)
+    model.compute_loss(x=x0, y=y0, y_pred=y_pred)
+    model.compute_metrics(x0, y0, y_pred, sample_weight=None)
+    model.reset_metrics()
 
 
 class CompiledLoop:
@@ -217,16 +257,7 @@ class CompiledLoop:
         # The epoch's last, smaller batch (a shape of its own) runs once per epoch: as a plain
         # graph it costs ~0.3 s of tracing per process instead of ~1.3 s for a second XLA program.
         self._run_last = tf.function(run) if jit_compile else self._run
-        # Build the optimizer, loss and metric state now, as fit does before its first step: a
-        # part-done epoch's checkpoint restores into it, and the loop's trace then creates no
-        # variables (tf.function traces a function that creates variables twice).
-        model.optimizer.build(model.trainable_variables)
-        x0 = np.zeros((1, x_train.shape[1]), dtype=np.float32)
-        y0 = np.zeros((1, num_classes), dtype=np.float32)
-        y_pred = model(x0, training=False)
-        model.compute_loss(x=x0, y=y0, y_pred=y_pred)
-        model.compute_metrics(x0, y0, y_pred, sample_weight=None)
-        model.reset_metrics()
+        build_training_state(model, x_train.shape[1], num_classes)
 
     def run_epoch(
         self,
@@ -236,6 +267,7 @@ class CompiledLoop:
         chunk: int,
         boundary: Callable[[int], bool],
         at_boundary: Callable[[int], None],
+        after_call: Optional[Callable[[int], None]] = None,
     ) -> None:
         """Train on ``order`` from batch ``done_batches`` to the end of the epoch.
 
@@ -247,37 +279,60 @@ class CompiledLoop:
             chunk: at most this many batches per compiled call.
             boundary: whether a call must end after this many batches of the epoch.
             at_boundary: called with the batches done after each call that ends at a boundary.
+            after_call: called with the batches done after every call that does not end the epoch.
         """
-        import tensorflow as tf
-
         rows = order[: self.full_batches * self.batch_size].astype(np.int32).reshape(self.full_batches, self.batch_size)
         step = done_batches
         while step < self.full_batches:
             stop = step + 1
             while stop < min(step + chunk, self.full_batches) and not boundary(stop):
                 stop += 1
-            self._rows[: stop - step] = rows[step:stop]
             callbacks.on_train_batch_begin(step - done_batches)
-            self._run(self._images, self._labels, tf.constant(self._rows), tf.constant(stop - step, tf.int32))
-            callbacks.on_train_batch_end(stop - 1 - done_batches, self.model.get_metrics_result())
+            self._call(rows[step:stop])
+            callbacks.on_train_batch_end(stop - 1 - done_batches, self._batch_logs(chunk))
             step = stop
             if boundary(step) and step < self.steps_per_epoch:
                 at_boundary(step)
+            if after_call is not None and step < self.steps_per_epoch:
+                after_call(step)
         if self.full_batches < self.steps_per_epoch:
-            tail = order[self.full_batches * self.batch_size :].astype(np.int32)[None, :]
             callbacks.on_train_batch_begin(self.full_batches - done_batches)
-            self._run_last(self._images, self._labels, tf.constant(tail), tf.constant(1, tf.int32))
-            callbacks.on_train_batch_end(self.full_batches - done_batches, self.model.get_metrics_result())
+            self._call_last(order[self.full_batches * self.batch_size :].astype(np.int32))
+            callbacks.on_train_batch_end(self.full_batches - done_batches, self._batch_logs(chunk))
+
+    def _call(self, block: np.ndarray) -> None:
+        """One compiled call over the full batches in ``block`` (one row of indices per batch)."""
+        import tensorflow as tf
+
+        self._rows[: block.shape[0]] = block
+        self._run(self._images, self._labels, tf.constant(self._rows), tf.constant(block.shape[0], tf.int32))
+
+    def _call_last(self, tail: np.ndarray) -> None:
+        """The epoch's last, smaller batch."""
+        import tensorflow as tf
+
+        self._run_last(self._images, self._labels, tf.constant(tail[None, :]), tf.constant(1, tf.int32))
+
+    def _batch_logs(self, chunk: int) -> dict[str, Any]:
+        """The logs batch hooks get after a call."""
+        return self.model.get_metrics_result()
 
 
 class CompiledEngine:
-    """One epoch (or its rest) through the compiled loop, with ``model.fit``'s callbacks and logs."""
+    """One epoch (or its rest) through the compiled loop, with ``model.fit``'s callbacks and logs.
 
-    def __init__(self, model: Any, data: MnistData, train: TrainConfig, jit_compile: bool) -> None:
+    Under several workers, callbacks and validation run on the chief only (on a plain copy of
+    the model); the other workers train and take part in every collective.
+    """
+
+    def __init__(self, model: Any, data: MnistData, train: TrainConfig, jit_compile: bool, workers: Any = None) -> None:
         self.model = model
         self.train = train
-        self.loop = CompiledLoop(model, data.x_train, data.y_train, train.batch_size, train.steps_per_execution, jit_compile)
-        self.validation = data.lesson("val")
+        self.workers = workers
+        args = (model, data.x_train, data.y_train, train.batch_size, train.steps_per_execution, jit_compile)
+        self.loop = workers.make_loop(*args) if workers is not None else CompiledLoop(*args)
+        self.is_chief = workers is None or workers.is_chief
+        self.validation = data.lesson("val") if self.is_chief else None
         self.steps_per_epoch = self.loop.steps_per_epoch
 
     def run_epoch(
@@ -287,14 +342,16 @@ class CompiledEngine:
         callbacks: Sequence[Any],
         restore_metrics: Optional[Callable[[], None]],
         save_batch: Optional[Callable[[int], None]],
+        after_call: Optional[Callable[[int], None]] = None,
     ) -> dict[str, float]:
         import keras
 
         model, train = self.model, self.train
         every = train.checkpoint_every_batches if save_batch is not None else None
-        # A callback that watches batches sees every one; otherwise calls run steps_per_execution batches.
+        # A callback that watches batches sees every one; otherwise calls run steps_per_execution
+        # batches. Every worker decides alike, so their calls (and collectives) stay in step.
         chunk = 1 if has_batch_hooks(callbacks) else train.steps_per_execution
-        hooks = keras.callbacks.CallbackList(list(callbacks), model=model)
+        hooks = keras.callbacks.CallbackList(list(callbacks) if self.is_chief else [], model=model)
         hooks.on_train_begin()
         model.reset_metrics()
         if restore_metrics is not None:
@@ -307,13 +364,15 @@ class CompiledEngine:
             chunk,
             boundary=lambda done: every is not None and done % every == 0,
             at_boundary=save_batch or (lambda done: None),
+            after_call=after_call,
         )
         # Key order as fit's logs have it (its compiled functions return sorted dicts): the
         # history.csv columns and log lines stay the same under either execution.
         logs = dict(sorted(model.get_metrics_result().items()))
         if self.validation is not None:
             x_val, y_val = self.validation
-            val = model.evaluate(
+            evaluator = self.workers.plain_model(model) if self.workers is not None else model
+            val = evaluator.evaluate(
                 x_val, y_val, batch_size=train.batch_size, callbacks=list(callbacks), verbose=0, return_dict=True
             )
             logs.update({f"val_{k}": v for k, v in sorted(val.items())})

@@ -37,9 +37,10 @@ def unwrap(error: BaseException) -> BaseException:
 def known_error(exc: BaseException) -> Optional[str]:
     """The one-line message for a known error (with what to do), or None for a bug."""
     from mnist_hpc.compute.checkpoint import CheckpointError
+    from mnist_hpc.compute.distribute import WorkerFailure
     from mnist_hpc.compute.job import PackedTrialsFailed, RequeueLimitReached
 
-    if isinstance(exc, (CacheError, DatasetError, ConfigError, CheckpointError)):
+    if isinstance(exc, (CacheError, DatasetError, ConfigError, CheckpointError, WorkerFailure)):
         return str(exc)
     if isinstance(exc, (claim.RunConflict, RequeueLimitReached, PackedTrialsFailed)):
         return str(exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -103,10 +104,17 @@ class TrainJob:
         from hydra.core.utils import JobStatus, run_job, setup_globals
         from submitit.core.utils import UncompletedJobError
 
+        from mnist_hpc.compute.cluster import quiet_worker_config
+        from mnist_hpc.compute.distribute import writes_failure
+        from mnist_hpc.compute.runtime import RuntimeInfo
+        from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted
+
+        runtime = RuntimeInfo.from_env()
         try:
             hydra_context, task_function, singleton_state = self.context.load()
         except (OSError, pickle.UnpicklingError) as exc:
-            record_failure(self.run_dir, exc)
+            if writes_failure(exc, runtime):
+                record_failure(self.run_dir, exc)
             raise
         setup_globals()
         Singleton.set_state(singleton_state)
@@ -115,15 +123,23 @@ class TrainJob:
         if job_id:
             with open_dict(config.hydra.job):
                 config.hydra.job.id = job_id
-        ret = run_job(
-            hydra_context=hydra_context,
-            task_function=task_function,
-            config=config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
+        if runtime.is_worker_task:
+            quiet_worker_config(config)
+        # submitit's USR2 handler (checkpoint, requeue, count timeouts): our request replaces it
+        # for the whole job, training stops at a step boundary first; see _after_stop.
+        submitit_handler = StopRequest.handler_before(signal.SIGUSR2)
+        with StopRequest(ignore_after=True):
+            ret = run_job(
+                hydra_context=hydra_context,
+                task_function=task_function,
+                config=config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
         if ret.status == JobStatus.FAILED:
             error = unwrap(ret._return_value)
+            if isinstance(error, TrainingInterrupted):
+                error = self._after_stop(error, submitit_handler, runtime)
             if isinstance(error, UncompletedJobError):  # time is up and no requeue is left
                 error = RequeueLimitReached(
                     f"{error} The job reached its time limit with no requeue left "
@@ -132,7 +148,8 @@ class TrainJob:
                     f"hydra.sweep.dir={self.run_dir.parent} (each trial resumes from its checkpoint), or raise "
                     "hydra.launcher.timeout_min or hydra.launcher.max_num_timeout."
                 )
-            record_failure(self.run_dir, error)
+            if writes_failure(error, runtime):
+                record_failure(self.run_dir, error)
             raise error
         return ret
 
@@ -147,6 +164,25 @@ class TrainJob:
         except rundir.RunFileError:
             return False
         return metrics is not None and len(metrics["history"]) == int(self.config.train.epochs)
+
+    @staticmethod
+    def _after_stop(stop: Any, submitit_handler: Any, runtime: Any) -> BaseException:
+        """Training stopped at a step boundary with its checkpoint written: requeue or exit.
+
+        On USR2 the chief hands over to submitit's handler, which requeues the job through
+        :meth:`checkpoint` and exits, or raises ``UncompletedJobError`` when no requeue is left
+        (returned here, to be recorded like any time-out). Otherwise (SIGTERM: cancel or
+        preemption, which Slurm requeues itself; another worker) the process just exits.
+        """
+        from submitit.core.utils import UncompletedJobError
+
+        log.warning("%s", stop)
+        if stop.requeue and callable(submitit_handler) and not runtime.is_worker_task:
+            try:
+                submitit_handler(signal.SIGUSR2, None)
+            except UncompletedJobError as exc:
+                return exc
+        sys.exit(stop.exit_code)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """The resubmission after a timeout or preemption: this job again, resuming from disk."""
@@ -168,6 +204,14 @@ class PackedTrainJob:
         self.jobs = list(jobs)
 
     def __call__(self) -> list[Any]:
+        from mnist_hpc.compute.signals import StopRequest
+
+        # One request for the whole task: a warning between two trials stops the next one at
+        # its first step boundary (and requeues), instead of being lost or killing the task.
+        with StopRequest(ignore_after=True):
+            return self._run_all()
+
+    def _run_all(self) -> list[Any]:
         results: list[Any] = []
         failed: list[str] = []
         for job in self.jobs:

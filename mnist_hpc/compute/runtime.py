@@ -29,6 +29,13 @@ def _int_or_none(value: Optional[str]) -> Optional[int]:
         return None
 
 
+def _cpus_allowed() -> Optional[int]:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+
+
 @dataclass(frozen=True)
 class RuntimeInfo:
     hostname: str
@@ -37,6 +44,19 @@ class RuntimeInfo:
     slurm_array_task_id: Optional[str] = None
     slurm_cpus_per_task: Optional[int] = None
     slurm_restart_count: int = 0
+    # The job step this process is a task of (srun sets these; a batch script's own shell has
+    # none of the STEP ones, so a process started there is alone whatever --ntasks says).
+    slurm_procid: Optional[int] = None
+    slurm_step_num_tasks: Optional[int] = None
+    slurm_step_nodelist: Optional[str] = None
+    slurm_step_tasks_per_node: Optional[str] = None
+    slurm_localid: Optional[int] = None
+    slurmd_nodename: Optional[str] = None
+    slurm_distribution: Optional[str] = None
+    # CPUs this process may run on (its affinity mask): what Slurm's task binding really gave it.
+    cpus_allowed: Optional[int] = None
+    # submitit's folder for this job's pickles and logs (%j unexpanded); None outside submitit.
+    submitit_folder: Optional[str] = None
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "RuntimeInfo":
@@ -48,7 +68,28 @@ class RuntimeInfo:
             slurm_array_task_id=env.get("SLURM_ARRAY_TASK_ID") or None,
             slurm_cpus_per_task=_int_or_none(env.get("SLURM_CPUS_PER_TASK")),
             slurm_restart_count=_int_or_none(env.get("SLURM_RESTART_COUNT")) or 0,
+            slurm_procid=_int_or_none(env.get("SLURM_PROCID")),
+            slurm_step_num_tasks=_int_or_none(env.get("SLURM_STEP_NUM_TASKS")),
+            slurm_step_nodelist=env.get("SLURM_STEP_NODELIST") or None,
+            slurm_step_tasks_per_node=env.get("SLURM_STEP_TASKS_PER_NODE") or None,
+            slurm_localid=_int_or_none(env.get("SLURM_LOCALID")),
+            slurmd_nodename=env.get("SLURMD_NODENAME") or None,
+            slurm_distribution=env.get("SLURM_DISTRIBUTION") or None,
+            cpus_allowed=_cpus_allowed(),
+            submitit_folder=env.get("SUBMITIT_FOLDER") or None,
         )
+
+    def task_log(self, task: int) -> str:
+        """Where Slurm task ``task`` of this job writes its log: submitit's per-task file, or the job's output."""
+        if self.submitit_folder and self.slurm_job_id:
+            job = self.job_label or self.slurm_job_id
+            return str(Path(self.submitit_folder.replace("%j", job)) / f"{job}_{task}_log.err")
+        return "the job's output file (sbatch --output)"
+
+    @property
+    def is_worker_task(self) -> bool:
+        """A task other than the first of a multi-task step: it never writes the run's files."""
+        return (self.slurm_step_num_tasks or 1) > 1 and (self.slurm_procid or 0) > 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -50,12 +50,13 @@ def collect(target: str) -> list[Trial]:
 
 
 def format_table(trials: Sequence[Trial]) -> str:
-    header = ["TRIAL", "JOBID", "STATE", "ELAPSED", "NODE", "EPOCH", "LOG"]
+    header = ["TRIAL", "JOBID", "STATE", "TASKS", "ELAPSED", "NODE", "EPOCH", "LOG"]
     rows = [
         [
             "-" if t.number is None else str(t.number),
             t.job_id,
             t.state,
+            str(t.tasks),
             t.elapsed or "-",
             t.node or "-",
             f"{t.epochs_done}/{t.epochs_planned}" if t.epochs_done is not None else "-",

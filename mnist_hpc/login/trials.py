@@ -101,6 +101,11 @@ class Trial:
         return self._metric("wall_time_s")
 
     @property
+    def tasks(self) -> int:
+        """Slurm tasks that train this run together (one run, one row, whatever the count)."""
+        return self.files.job.tasks if self.files.job else 1
+
+    @property
     def packed_slot(self) -> Optional[int]:
         return self.files.job.packed_slot if self.files.job else None
 
@@ -130,6 +135,7 @@ class Trial:
             "source": self.source,
             "result_file": None if result_file is None else str(result_file),
             "packed_slot": self.packed_slot,
+            "tasks": self.tasks,
             "notes": self.notes,
         }
 

@@ -75,6 +75,8 @@ class JobRecord:
     array_task_id: Optional[int] = None
     # Position inside a packed task (hydra.launcher.trials_per_task > 1), else None.
     packed_slot: Optional[int] = None
+    # Slurm tasks training this run together (nodes x tasks_per_node; train.distribution).
+    tasks: int = 1
     # submitit's logs and folder.
     stdout: Optional[str] = None
     stderr: Optional[str] = None
@@ -113,6 +115,9 @@ def read_job(run_dir: Path) -> Optional[JobRecord]:
     for key in ("trial", "array_task_id", "packed_slot"):
         if values.get(key) is not None and not isinstance(values[key], int):
             raise RunFileError(f"{path}: field {key!r} is {values[key]!r}, expected an integer")
+    tasks = values.get("tasks", 1)
+    if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1:
+        raise RunFileError(f"{path}: field 'tasks' is {tasks!r}, expected a positive integer")
     return JobRecord(**values)
 
 

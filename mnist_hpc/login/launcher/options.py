@@ -136,7 +136,28 @@ def submitit_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
         elif cluster == "slurm":
             params[f"slurm_{key}"] = value
     params.update(gpu_parameters(conf, cluster))
+    if cluster == "slurm" and conf.get("use_srun", True):
+        params["slurm_srun_args"] = task_srun_args(conf) + list(params.get("slurm_srun_args", []))
     return params
+
+
+# After one task of a multi-task step ends, srun gives the others this long to end on their own
+# (a worker whose peer died records why within seconds) before it ends them: no task can hold
+# the job until its time limit.
+SRUN_WAIT_S = 60
+
+
+def task_srun_args(conf: DictConfig) -> list[str]:
+    """What the srun that starts the tasks must be told (before the user's ``srun_args``).
+
+    Since Slurm 22.05 srun no longer takes ``--cpus-per-task`` from the job: without it each
+    task's step gets one CPU, and with task binding TensorFlow's pools (sized by
+    SLURM_CPUS_PER_TASK) would share it.
+    """
+    args = [f"--cpus-per-task={int(conf.cpus_per_task)}"]
+    if int(conf.get("tasks_per_node", 1)) * int(conf.get("nodes", 1)) > 1:
+        args.append(f"--wait={SRUN_WAIT_S}")
+    return args
 
 
 def gpu_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:

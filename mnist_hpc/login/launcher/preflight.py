@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from hydra.errors import CompactHydraException
 
 from mnist_hpc import claim, rundir
-from mnist_hpc.config import Config, cache_file
+from mnist_hpc.config import Config, Distribution, Execution, cache_file
 from mnist_hpc.dataset import split_index
 from mnist_hpc.login.launcher.options import GpuRequest
 
@@ -48,6 +48,54 @@ def check_launcher(conf: Any, cluster: str) -> None:
             "nothing was queued: hydra.launcher.use_srun=false starts one process, but tasks_per_node or nodes "
             "asks for several; keep use_srun=true for multi-task jobs"
         )
+
+
+def check_tasks(conf: Any, cluster: str, planned: Sequence["PlannedJob"]) -> None:
+    """A job of several tasks trains one run across them (``train.distribution``), or is refused here.
+
+    Several tasks with ``train.distribution=none`` would start that many independent copies
+    writing into one run directory.
+    """
+    nodes, per_node = int(conf.get("nodes", 1)), int(conf.get("tasks_per_node", 1))
+    tasks = nodes * per_node
+    if tasks <= 1:
+        return
+    shape = f"hydra.launcher.nodes={nodes} x tasks_per_node={per_node} = {tasks} tasks"
+    if cluster != "slurm":
+        raise PreflightError(
+            f"nothing was queued: {shape}, but the local launcher starts one process per job; use "
+            "hydra/launcher=slurm for a multi-worker training, or one task (tasks_per_node=1, nodes=1)"
+        )
+    if int(conf.get("trials_per_task", 1)) > 1:
+        raise PreflightError(
+            f"nothing was queued: {shape} train one run together, so their trials cannot be packed "
+            "(hydra.launcher.trials_per_task); set trials_per_task=1"
+        )
+    gpus = int(conf.get("gpus_per_node", 0) or 0)
+    if gpus and per_node > 1 and GpuRequest(conf.get("gpu_request", GpuRequest.gpus_per_node)) is not GpuRequest.gpus_per_task:
+        raise PreflightError(
+            f"nothing was queued: {shape} on nodes with {gpus} GPUs would each see every GPU of their node; set "
+            "hydra.launcher.gpu_request=gpus_per_task (each task its own GPUs), or tasks_per_node=1 (one task "
+            "per node uses all of its GPUs)"
+        )
+    problems: list[str] = []
+    for job in planned:
+        train = job.typed.train
+        if Distribution(train.distribution) is Distribution.none:
+            problems.append(
+                f"trial {job.num}: train.distribution=none would train {tasks} independent copies into one run "
+                "directory; use train.distribution=multi_worker (or auto, the default) for one training across the "
+                "tasks, or ask for one task (hydra.launcher.tasks_per_node=1 and nodes=1)"
+            )
+        elif Execution(train.execution) is Execution.keras_fit:
+            problems.append(
+                f"trial {job.num}: train.execution=keras_fit (train=lesson) cannot train across {tasks} tasks (Keras 3's "
+                "fit does not support MultiWorkerMirroredStrategy, keras #20585); use train.execution=compiled_loop"
+            )
+        elif train.batch_size < tasks:
+            problems.append(f"trial {job.num}: train.batch_size={train.batch_size} is smaller than the {tasks} workers")
+    if problems:
+        raise PreflightError(f"nothing was queued ({shape}):\n  " + "\n  ".join(problems))
 
 
 def check_cache(cfg: Config) -> dict[str, Any]:

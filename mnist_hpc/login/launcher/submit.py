@@ -32,7 +32,7 @@ from mnist_hpc.compute.job import LaunchContext, PackedTrainJob, TrainJob
 from mnist_hpc.io import utc_now, write_bytes_atomic
 from mnist_hpc.login.launcher.compose import PlannedJob, plan_jobs
 from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
-from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher, preflight
+from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher, check_tasks, preflight
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     planned = plan_jobs(launcher, job_overrides, initial_job_idx)
     try:
         check_launcher(conf, cluster)
+        check_tasks(conf, cluster, planned)
         preflight(planned)
     except PreflightError:
         record = getattr(launcher, "sweep_record", None)
@@ -134,9 +135,10 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     for sjob, group in zip(futures, groups):
         for slot, job in enumerate(group):
             task_of[job.num] = (sjob, slot if per_task > 1 else None)
+    tasks = int(conf.get("nodes", 1)) * int(conf.get("tasks_per_node", 1))
     for job in todo:
         sjob, slot = task_of[job.num]
-        record_submission(job, sjob, cluster, packed_slot=slot)
+        record_submission(job, sjob, cluster, packed_slot=slot, tasks=tasks)
     print(summary(sweep_dir, planned, {num: sjob for num, (sjob, _) in task_of.items()}, cluster), flush=True)
     if conf.get("report_after") and cluster == "slurm":
         report = queue_report(executor, conf, sweep_dir, futures)
@@ -244,7 +246,7 @@ class QueuedReturn(JobReturn):
         return self._return_value
 
 
-def record_submission(job: PlannedJob, sjob: Any, cluster: str, packed_slot: Optional[int] = None) -> None:
+def record_submission(job: PlannedJob, sjob: Any, cluster: str, packed_slot: Optional[int] = None, tasks: int = 1) -> None:
     """Write ``job.json`` into the run directory: ids and log paths, for status and report."""
     job_id = str(sjob.job_id)
     array_job_id, _, array_task = job_id.partition("_")
@@ -259,6 +261,7 @@ def record_submission(job: PlannedJob, sjob: Any, cluster: str, packed_slot: Opt
             array_job_id=array_job_id if array_task else None,
             array_task_id=int(array_task) if array_task else None,
             packed_slot=packed_slot,
+            tasks=tasks,
             stdout=str(sjob.paths.stdout),
             stderr=str(sjob.paths.stderr),
             submitit_folder=str(sjob.paths.folder),

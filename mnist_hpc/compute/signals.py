@@ -1,0 +1,184 @@
+"""Slurm's warning signals: stop at the next step boundary, checkpoint, then requeue or exit.
+
+Slurm sends USR2 ``--signal=USR2@<s>`` seconds before a job's time limit (and, on many
+clusters, on preemption), and SIGTERM when it cancels or preempts a job. A handler that acted
+at once would interrupt TensorFlow mid-call and lose everything since the last checkpoint.
+Instead, while training runs, :class:`StopRequest` only records the signal; the training loop
+looks at it after every compiled call (a step boundary), agrees on it with the other workers,
+writes a checkpoint there and raises :class:`TrainingInterrupted`. What happens next belongs
+to whoever started the training:
+
+- a job submitted through the launcher (:class:`mnist_hpc.compute.job.TrainJob`): submitit's
+  own USR2 handler then runs (checkpointable resubmission, requeue counting, ``scontrol
+  requeue``);
+- a run started in a plain sbatch script, srun or a shell (Hydra's run mode):
+  :func:`finish_in_process` requeues the job itself on USR2 under Slurm, or exits so that the
+  run can be started again in the same directory.
+
+SIGTERM never requeues: it means cancel or preempt, and Slurm itself requeues a job it
+preempts under ``PreemptMode=REQUEUE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mnist_hpc.config import Config
+
+log = logging.getLogger(__name__)
+
+# The signals a run acts on at its next step boundary.
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped at a step boundary on a signal, after its checkpoint was written.
+
+    Not a failure: the run resumes from ``checkpoint`` when it starts again in its directory.
+    """
+
+    def __init__(self, signum: int, epoch: int, batch: int, checkpoint: Optional[Path]) -> None:
+        self.signum = signum
+        self.epoch = epoch
+        self.batch = batch
+        self.checkpoint = checkpoint
+        where = f"{epoch} epoch(s) and {batch} batch(es) done"
+        saved = f", checkpoint {checkpoint.name}" if checkpoint is not None else ""
+        super().__init__(f"training stopped on {signal.Signals(signum).name} at a step boundary ({where}{saved})")
+
+    @property
+    def requeue(self) -> bool:
+        """USR2 asks for a requeue (time limit, preemption warning); SIGTERM does not."""
+        return self.signum == signal.SIGUSR2
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal, as a process the signal ended would report."""
+        return 128 + self.signum
+
+
+class StopRequest:
+    """Records USR2/SIGTERM while installed; the training loop reads it at step boundaries.
+
+    A context manager: handlers are installed on entry and the previous ones (submitit's, or
+    the defaults) restored on exit, so the signal reaches them once training has ended. A job
+    installs one for its whole call, so that a warning that comes between two trials of a
+    packed task, or before training starts, is kept for the next step boundary; a training
+    inside it shares it (entering again returns the active one). ``ignore_after``: once the
+    work ended without an error, a late USR2 is ignored instead of restored to a handler that
+    would requeue (or, by default, kill) a process that has only to exit.
+    Signal handlers only run in the main thread; elsewhere (a test calling training from a
+    thread) nothing is installed and :attr:`signum` stays None.
+    """
+
+    _active: Optional["StopRequest"] = None
+
+    def __init__(self, ignore_after: bool = False) -> None:
+        self.signum: Optional[int] = None
+        self.ignore_after = ignore_after
+        self._previous: dict[int, Any] = {}
+        self._shared = False
+
+    def _record(self, signum: int, frame: Optional[FrameType]) -> None:
+        # SIGTERM (cancel, preemption) overrides an earlier USR2: no requeue then.
+        if self.signum is None or signum == signal.SIGTERM:
+            self.signum = signum
+        log.warning("received %s: stopping at the next step boundary", signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopRequest":
+        active = StopRequest._active
+        if active is not None:
+            self._shared = True
+            return active
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._record)
+            except ValueError:  # not the main thread
+                break
+        StopRequest._active = self if self._previous else None
+        return self
+
+    def __exit__(self, exc_type: Optional[type], *exc: object) -> None:
+        if self._shared:
+            return
+        StopRequest._active = None
+        for sig, previous in self._previous.items():
+            ignore = self.ignore_after and exc_type is None and sig == signal.SIGUSR2
+            signal.signal(sig, signal.SIG_IGN if ignore else previous)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @staticmethod
+    def handler_before(sig: int) -> Any:
+        """The handler ``sig`` had before the active request took it (submitit's), or its current one."""
+        active = StopRequest._active
+        if active is not None and sig in active._previous:
+            return active._previous[sig]
+        return signal.getsignal(sig)
+
+
+def requeue_job(job_id: str) -> Optional[str]:
+    """Ask Slurm to requeue ``job_id`` (it then ends this attempt); the reason if it refused."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"scontrol requeue could not run ({exc})"
+    if done.returncode != 0:
+        return (done.stderr or done.stdout).strip() or f"scontrol requeue exited with {done.returncode}"
+    return None
+
+
+def train_in_process(cfg: "Config", run_dir: Path, callbacks: Sequence[Any] = ()) -> dict[str, float]:
+    """:func:`~mnist_hpc.compute.train.train_and_evaluate` for a run started outside the launcher.
+
+    A stop at a step boundary ends as :func:`finish_in_process` says; a failure caused by
+    another worker is recorded in ``failure.json`` (a launcher job records its failures itself).
+    """
+    from mnist_hpc.compute.distribute import WorkerFailure, writes_failure
+    from mnist_hpc.compute.failures import record_failure
+    from mnist_hpc.compute.runtime import RuntimeInfo
+    from mnist_hpc.compute.train import train_and_evaluate
+
+    runtime = RuntimeInfo.from_env()
+    try:
+        with StopRequest(ignore_after=True):
+            return train_and_evaluate(cfg, run_dir, runtime, callbacks=callbacks)
+    except TrainingInterrupted as stop:
+        finish_in_process(stop, Path(run_dir), runtime.slurm_job_id, chief=not runtime.is_worker_task)
+    except WorkerFailure as exc:
+        if writes_failure(exc, runtime):
+            record_failure(Path(run_dir), exc)
+        raise
+
+
+def finish_in_process(stop: TrainingInterrupted, run_dir: Path, job_id: Optional[str], chief: bool) -> NoReturn:
+    """End a run started outside the launcher after it stopped at a checkpoint.
+
+    On USR2 under Slurm the chief requeues the job (Slurm then ends this attempt and starts
+    the batch script again, which resumes in the same run directory); otherwise, or when
+    Slurm refuses, the process exits with ``128 + signal`` and says how to resume.
+    """
+    if chief and stop.requeue and job_id:
+        refused = requeue_job(job_id)
+        if refused is None:
+            log.warning("%s; requeued Slurm job %s, which resumes in %s", stop, job_id, run_dir)
+            sys.exit(stop.exit_code)
+        log.error("%s; Slurm did not requeue job %s: %s", stop, job_id, refused)
+    if chief:
+        log.error(
+            "%s; not finished. To resume, run the same command again with hydra.run.dir=%s "
+            "(sbatch scripts: keep #SBATCH --requeue so that Slurm can requeue it)",
+            stop,
+            run_dir,
+        )
+    sys.exit(stop.exit_code)

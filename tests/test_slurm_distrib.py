@@ -1,0 +1,265 @@
+"""One training across several Slurm tasks and nodes, on the real local cluster (two slurmd nodes).
+
+Multi-task jobs through the launcher (identical weights on every worker, outputs once, USR2
+requeue and bit-identical resume, a killed worker, two nodes), and both plain sbatch templates
+acting on their own time-limit warning through to COMPLETED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_hpc import rundir
+from tests.conftest import REPO, fill_cache, synthetic_mnist
+from tests.slurm_helpers import job_records, require_cluster, slurm_launcher_args, status_rows, submit, wait_for_states
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(autouse=True)
+def _cluster() -> None:
+    require_cluster()
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    """Enough synthetic data that an epoch of two workers lasts a few seconds here."""
+    cache_dir = tmp_path / "cache"
+    fill_cache(cache_dir, synthetic_mnist(n_train=4000, n_test=300))
+    return cache_dir
+
+
+def overrides(cache: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        f"data.cache_dir={cache}",
+        f"paths.output_root={tmp_path / 'out'}",
+        "train.epochs=6",
+        "train.batch_size=32",
+        "train.deterministic=true",
+        "model.dropout=0.2",
+        *extra,
+    ]
+
+
+def two_tasks(sweep: Path, cache: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return slurm_launcher_args(sweep, "hydra.launcher.tasks_per_node=2", *overrides(cache, tmp_path), *extra)
+
+
+def wait_for_file(path: Path, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def task_log(record: dict, task: int) -> str:
+    """A task's submitit output, where its log lines go (task k's file has _k_ in its name)."""
+    return Path(record["stdout"].replace("_0_log.out", f"_{task}_log.out")).read_text()
+
+
+def digests(text: str) -> list[str]:
+    return re.findall(r"trained weights: sha256 ([0-9a-f]{64})", text)
+
+
+def weights(run_dir: Path) -> list[np.ndarray]:
+    import keras
+
+    return keras.models.load_model(run_dir / "model.keras").get_weights()
+
+
+def running(job_ids: list[str]) -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T"], capture_output=True, text=True, timeout=30).stdout
+    return {job for job, _, state in (line.partition("|") for line in out.split()) if state == "RUNNING"}
+
+
+def submitit_pid(folder: Path, procid: int) -> int:
+    """The process of Slurm task ``procid`` of the submitit job whose folder is ``folder``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmdline and any(str(folder).encode() in part for part in cmdline):
+            if f"SLURM_PROCID={procid}".encode() in environ:
+                return int(proc.name)
+    raise AssertionError(f"no task {procid} of {folder}")
+
+
+def test_two_task_jobs_at_the_same_time_train_side_by_side(cache: Path, tmp_path: Path):
+    """Ports come from the job id: two 2-task jobs (on one node, or on the two nodes of this host,
+    which share one address) both train while the other does."""
+    ids, runs = [], []
+    for name in ("a", "b"):
+        proc = submit(two_tasks(tmp_path / name, cache, tmp_path, "train.epochs=500"), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        [record] = job_records(tmp_path / name)
+        ids.append(record["job_id"])
+        runs.append(tmp_path / name / "0")
+    try:
+        deadline = time.time() + 900
+        while running(ids) != set(ids):
+            assert time.time() < deadline, "the two jobs never ran at the same time"
+            assert not wait_for_states_nowait(ids), "a job ended before the other started"
+            time.sleep(0.5)
+        # Both are running now: each must get further with its own training while the other runs.
+        start = [rundir.read_progress(run) for run in runs]
+        deadline = time.time() + 600
+        while True:
+            now = [rundir.read_progress(run) for run in runs]
+            if all(p is not None and (s is None or p.epochs_done > s.epochs_done) for p, s in zip(now, start)):
+                break
+            assert time.time() < deadline and running(ids) == set(ids), (now, running(ids))
+            time.sleep(0.5)
+        assert running(ids) == set(ids)
+        for record_dir in (tmp_path / "a", tmp_path / "b"):
+            assert "port" not in (record_dir / "0" / "train.log").read_text().lower()
+    finally:
+        subprocess.run(["scancel", *ids], timeout=30)
+
+
+def wait_for_states_nowait(job_ids: list[str]) -> bool:
+    """Whether any of the jobs has ended already."""
+    from tests.slurm_helpers import TERMINAL, sacct_states
+
+    return any(state in TERMINAL for state in sacct_states(job_ids).values())
+
+
+def test_two_task_job_trains_one_run_and_usr2_resumes_bit_identically(cache: Path, tmp_path: Path):
+    """The reference runs through; the other gets USR2 mid-run, stops at a step boundary on both
+    workers, requeues and resumes to the same weights. Each epoch is logged once, by the chief."""
+    reference = submit(two_tasks(tmp_path / "ref", cache, tmp_path), tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    stopped = submit(two_tasks(tmp_path / "stop", cache, tmp_path), tmp_path)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    [ref], [rec] = job_records(tmp_path / "ref"), job_records(tmp_path / "stop")
+    assert ref["tasks"] == rec["tasks"] == 2
+
+    run = tmp_path / "stop" / "0"
+    wait_for_file(run / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True, timeout=30)
+    states = wait_for_states([ref["job_id"], rec["job_id"]], timeout_s=900)
+    assert states == {ref["job_id"]: "COMPLETED", rec["job_id"]: "COMPLETED"}, states
+
+    history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", rec["job_id"]],
+                             capture_output=True, text=True, timeout=30).stdout
+    assert "REQUEUED" in history
+    log = (run / "train.log").read_text()
+    assert "received SIGUSR2: stopping at the next step boundary" in log
+    stop_line = re.search(r"training stopped on SIGUSR2 at a step boundary \((\d+) epoch\(s\) and (\d+) batch", log)
+    assert stop_line, log[-3000:]
+    epochs, batches = map(int, stop_line.groups())
+    # The resume starts exactly where the stop wrote its checkpoint.
+    assert f"resuming from ckpt-e{epochs:05d}-b{batches:07d}.npz" in log
+    for run_dir in (run, tmp_path / "ref" / "0"):
+        text = (run_dir / "train.log").read_text()
+        assert [int(n) for n in re.findall(r"\] - epoch (\d+)/6 ", text)] == [1, 2, 3, 4, 5, 6]  # each epoch once
+
+    # Both workers of each job ended with the same weights, and the resumed job with the reference's.
+    for record in (ref, rec):
+        chief, worker = digests(task_log(record, 0)), digests(task_log(record, 1))
+        assert chief and chief[-1:] == worker[-1:]
+        assert "epoch 1/6" not in task_log(record, 1)  # the other worker's log is its own, not the run's
+    assert digests(task_log(ref, 0))[-1] == digests(task_log(rec, 0))[-1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    ref_metrics = json.loads((tmp_path / "ref" / "0" / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["test_accuracy"] == ref_metrics["test_accuracy"]
+    for got, want in zip(weights(run), weights(tmp_path / "ref" / "0")):
+        np.testing.assert_array_equal(got, want)
+
+    [row] = status_rows(tmp_path / "ref")
+    assert row["state"] == "COMPLETED" and row["tasks"] == 2 and row["last_epoch"] == 6
+    report = subprocess.run([sys.executable, "-m", "mnist_hpc.login.report.cli", str(tmp_path / "ref")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    csv_rows = (tmp_path / "ref" / "report" / "report.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 2  # a header and the one run
+
+
+def test_killing_one_worker_ends_the_job_failed_with_failure_json(cache: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    proc = submit(two_tasks(sweep, cache, tmp_path, "train.epochs=200"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(sweep)
+    wait_for_file(sweep / "0" / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    os.kill(submitit_pid(sweep / ".submitit", 1), signal.SIGKILL)
+    killed = time.time()
+    assert wait_for_states([record["job_id"]], timeout_s=300)[record["job_id"]] == "FAILED"
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "End", "-j", record["job_id"]], capture_output=True, text=True, timeout=30)
+    ended = time.mktime(time.strptime(out.stdout.strip().splitlines()[-1], "%Y-%m-%dT%H:%M:%S"))
+    assert ended - killed < 120, f"the job ended {ended - killed:.0f} s after the kill"
+    failure = json.loads((sweep / "0" / "failure.json").read_text())
+    assert "worker 1 of 2 (Slurm task 1 on node" in failure["error"] and "died, hung or became unreachable" in failure["error"]
+    [row] = status_rows(sweep)
+    assert row["state"] == "FAILED" and row["tasks"] == 2
+
+
+def test_one_training_across_two_nodes_gets_every_cpu_it_asked_for(cache: Path, tmp_path: Path):
+    """nodes=2, one task each with 2 CPUs: the step really holds 4 CPUs (srun is given
+    --cpus-per-task) and each worker's TensorFlow uses 2 threads."""
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, "hydra.launcher.nodes=2", "hydra.launcher.cpus_per_task=2",
+                               *overrides(cache, tmp_path, "train.epochs=2"))
+    proc = submit(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(sweep)
+    assert wait_for_states([record["job_id"]], timeout_s=900)[record["job_id"]] == "COMPLETED"
+    out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,NodeList,AllocCPUS", "-j", record["job_id"]],
+                         capture_output=True, text=True, timeout=30).stdout
+    rows = {line.split("|")[0]: line.split("|")[1:] for line in out.splitlines()}
+    nodes, cpus = rows[f"{record['job_id']}.0"]
+    assert len(nodes.split(",")) == 2 and cpus == "4", rows
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["threads"] == {"intra_op_threads": 2, "inter_op_threads": 2}
+    hosts = json.loads((sweep / "0" / "provenance.json").read_text())["distribution"]["hosts"]
+    assert len(set(hosts)) == 2
+    assert "'intra_op_threads': 2" in task_log(record, 1)
+    assert digests(task_log(record, 0))[-1] == digests(task_log(record, 1))[-1]
+
+
+def sbatch(args: list[str], tmp_path: Path, **env: str) -> str:
+    done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def test_sbatch_templates_act_on_their_own_time_limit_warning_through_to_completed(tmp_path: Path):
+    """A 2-minute limit, USR2 60 s before it: each attempt stops at a step boundary, checkpoints and
+    requeues itself; the requeued script resumes in the same directory until the run is done. The
+    one-task run, a 2-task run and an array task alike."""
+    cache = tmp_path / "cache"
+    fill_cache(cache, synthetic_mnist(n_train=8000, n_test=300))
+    common = [f"data.cache_dir={cache}", "train.batch_size=32", "train.deterministic=true"]
+    short = ["--time=2", "--signal=USR2@60", "--mem=2G"]
+    single = sbatch([*short, "--cpus-per-task=1", f"--output={tmp_path}/single-%j.out", str(REPO / "slurm" / "train.sbatch"),
+                     *common, "train.epochs=80"], tmp_path, RUN_DIR=str(tmp_path / "single"))
+    multi = sbatch([*short, "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/multi-%j.out",
+                    str(REPO / "slurm" / "train.sbatch"), *common, "train.epochs=30"], tmp_path, RUN_DIR=str(tmp_path / "multi"))
+    array = sbatch([*short, "--array=0", "--cpus-per-task=1", f"--output={tmp_path}/sweep-%A_%a.out",
+                    str(REPO / "slurm" / "sweep.sbatch"), *common, "train.epochs=80"], tmp_path, SWEEP_DIR=str(tmp_path / "sweep"))
+    jobs = {single: tmp_path / "single", multi: tmp_path / "multi", f"{array}_0": tmp_path / "sweep" / "0"}
+    states = wait_for_states(list(jobs), timeout_s=1800)
+    assert set(states.values()) == {"COMPLETED"}, states
+    for job_id, run_dir in jobs.items():
+        history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id],
+                                 capture_output=True, text=True, timeout=30).stdout
+        assert "REQUEUED" in history, (job_id, history)
+        log = (run_dir / "train.log").read_text()
+        assert "requeued Slurm job" in log and "resuming from ckpt-e" in log
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert [r["epoch"] for r in metrics["history"]] == list(range(1, len(metrics["history"]) + 1))
+        assert len(metrics["history"]) == (30 if run_dir.name == "multi" else 80)
+    assert json.loads((tmp_path / "multi" / "metrics.json").read_text())["workers"] == 2
