@@ -90,11 +90,18 @@ def write_files_atomic(files: Sequence[tuple[Path, bytes]]) -> None:
         for target, data in files:
             target = Path(target)
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            pending.append((Path(tmp_name), target))
+            # Named as mkstemp names them (remove_stale_temporaries knows the pattern), created
+            # with open()'s mode; mkstemp's own name search costs more than the write here.
+            tmp = target.parent / f".{target.name}.{os.getpid()}-{len(pending)}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:  # left by a dead process that had our pid
+                fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+                tmp = Path(name)
+                os.fchmod(fd, _file_mode())
+            pending.append((tmp, target))
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-                os.fchmod(fh.fileno(), _file_mode())
         roots = _filesystems(target.parent for _, target in pending)
         synced = all(sync_filesystem(root) for root in roots)
         if not synced:

@@ -250,10 +250,14 @@ def test_a_config_that_resolves_otherwise_on_the_node_is_refused_with_failure_js
         context.save()
     assert job.typed.data.filename == "mnist.npz"
     trial = pickle.loads(pickle.dumps(TrainJob(LaunchContext(context.path), job.spec, job.run_dir)))
-    assert trial.config().hydra.job.num == 0  # same environment: rebuilt and accepted
-    monkeypatch.setenv("MNIST_HPC_TEST_FILE", "other.npz")
-    with pytest.raises(ConfigMismatch, match=r"data.filename: 'mnist.npz' checked, 'other.npz' here"):
-        trial()
+    ours = Singleton.get_state()  # the job installs the launch's Hydra state, as on a node
+    try:
+        assert trial.config().hydra.job.num == 0  # same environment: rebuilt and accepted
+        monkeypatch.setenv("MNIST_HPC_TEST_FILE", "other.npz")
+        with pytest.raises(ConfigMismatch, match=r"data.filename: 'mnist.npz' checked, 'other.npz' here"):
+            trial()
+    finally:
+        Singleton.set_state(ours)
     failure = json.loads((job.run_dir / "failure.json").read_text())
     assert "not the one checked on the login node" in failure["error"] and "data.filename" in failure["error"]
 

@@ -81,6 +81,16 @@ from mnist_hpc.cli import train_main
 train_main()
 """
 
+NO_SPACE_FOR_JOB_JSON = """
+import errno, os
+from mnist_hpc import rundir
+def full(records):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), records[0].run_dir)
+rundir.write_jobs = full
+from mnist_hpc.cli import train_main
+train_main()
+"""
+
 KILL_BEFORE_SBATCH = """
 import os
 from submitit.slurm.slurm import SlurmExecutor
@@ -163,3 +173,21 @@ def test_a_job_replaces_only_a_record_of_an_ended_job(synthetic_cache, tmp_path,
         record = rundir.read_job(run_dir)
         assert (record.job_id, record.array_job_id, record.array_task_id, record.trial, record.packed_slot) == ("70_3", "70", 3, 3, 1)
         assert record.stdout == str(tmp_path / "sub" / "70_3" / "70_3_0_log.out") and record.overrides == ["train.seed=3"]
+
+
+def test_job_json_that_cannot_be_written_is_one_message_naming_the_queued_jobs(synthetic_cache, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=1,2",
+                               "+hydra.launcher.additional_parameters.hold=true")
+    proc = subprocess.run([sys.executable, "-c", NO_SPACE_FOR_JOB_JSON, *args], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    queued = squeue_ids(workdir=tmp_path)
+    try:
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        [array] = {j.partition("_")[0] for j in queued}
+        assert len(queued) == 2 and f"queued 2 task(s) ({array})" in proc.stderr
+        assert "No space left on device" in proc.stderr and "each job writes its own when it starts" in proc.stderr
+        assert not job_records(sweep)
+    finally:
+        for array in {j.partition("_")[0] for j in queued}:
+            subprocess.run(["scancel", array], timeout=30)

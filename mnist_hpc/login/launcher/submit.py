@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 
 class SubmissionError(CompactHydraException):
-    """The scheduler refused the submission (e.g. sbatch rejected a partition); nothing was queued."""
+    """The submission did not go through whole: the scheduler refused it (e.g. sbatch rejected a
+    partition; nothing was queued), or the queued jobs' ``job.json`` could not be written (the
+    message names the jobs, which record themselves when they start)."""
 
 
 def folder_root(submitit_folder: str) -> Path:
@@ -140,7 +142,14 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     for job in todo:
         sjob, slot = task_of[job.num]
         records[job.num] = rundir.JobRecord.of(cluster, str(sjob.job_id), sjob.paths, job.run_dir, job.overrides, job.num, slot, now)
-    rundir.write_jobs(list(records.values()))
+    try:
+        rundir.write_jobs(list(records.values()))
+    except OSError as exc:  # queued all the same: each job writes its own job.json when it starts
+        raise SubmissionError(
+            f"queued {len(futures)} task(s) ({', '.join(sorted({r.array_job_id or r.job_id for r in records.values()}))}), "
+            f"but their job.json files could not be written ({exc}); each job writes its own when it starts, so "
+            f"mnist-hpc-status {sweep_dir} shows the trials from then on. Free space or fix permissions there."
+        ) from exc
     print(summary(sweep_dir, planned, records, cluster), flush=True)
     if conf.get("report_after") and cluster == "slurm":
         report = queue_report(executor, conf, sweep_dir, futures)
