@@ -148,7 +148,9 @@ def time_submission(
     The jobs are held, then cancelled.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # Run from the sweep's parent: `python -c` puts its working directory first on sys.path, and
+    # the code under test must come from PYTHONPATH, not from wherever the benchmark was started.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=sweep.parent)
     queued_s = returned_s = None
     try:
         while time.perf_counter() - start < timeout_s:

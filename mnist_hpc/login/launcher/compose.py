@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.override_parser.types import OverrideType, ValueType
+from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_hpc.claim import Verdict
@@ -248,10 +249,15 @@ _SECTIONS = frozenset(f.name for f in dataclasses.fields(Config))
 
 
 def _validating(caller: Any) -> bool:
-    """Whether ``load_sweep_config`` was called by Hydra's ``Sweeper.validate_batch_is_legal``."""
-    from hydra.plugins.sweeper import Sweeper
+    """Whether ``load_sweep_config`` was called by Hydra's ``Sweeper.validate_batch_is_legal``.
 
-    return caller.f_code is Sweeper.validate_batch_is_legal.__code__
+    Any other caller (a sweeper of its own, a launcher) gets the job's full config.
+    """
+    return caller.f_code is _VALIDATE_BATCH
+
+
+# Taken when this module is imported (at Hydra's plugin discovery), before anything could wrap it.
+_VALIDATE_BATCH = Sweeper.validate_batch_is_legal.__code__
 
 
 def _overlapping(values: Sequence[Any], structural: Sequence[Any]) -> bool:
