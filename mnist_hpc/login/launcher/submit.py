@@ -43,7 +43,7 @@ class SubmissionError(CompactHydraException):
 
 
 def folder_root(submitit_folder: str) -> Path:
-    """The fixed part of a submitit folder template (``<sweep>/.submitit/%j`` -> ``<sweep>/.submitit``)."""
+    """The fixed part of a submitit folder template (``<sweep>/.submitit/%A`` -> ``<sweep>/.submitit``)."""
     fixed = itertools.takewhile(lambda part: "%" not in part, Path(submitit_folder).parts)
     return Path(*fixed)
 
