@@ -1,9 +1,14 @@
-"""Login-node latency and sweep packing, measured on this machine's local Slurm cluster.
+"""Login-node latency, sweep submission and sweep packing, measured on this machine's local Slurm cluster.
 
-Issue 6, items 3 and 4:
+Issue 6, items 3 and 4, and issue 15:
 - wall time (median over repeats, Python start-up included) of `mnist-hpc-prefetch` on a
   valid cache, `mnist-hpc-status`, `mnist-hpc-report` and `--help` of every command, and
   whether each imported TensorFlow;
+- a 1,000-trial sweep (`train.seed='range(1000)'`, held jobs) queued by this checkout and by a
+  checkout of main (`--main-tree`, run with PYTHONPATH pointing at it), interleaved, in the
+  same run: seconds from the command's start until all 1,000 tasks are in `squeue`, when the
+  command returned, and what it wrote under the sweep's `.submitit` folder; medians and
+  main / this ratios;
 - time to queue a 64-trial sweep (one job array) until every task is in `squeue`, over several
   submissions, side by side with hydra-submitit-launcher running the same sweep when
   `--baseline-python` names a Python that has it installed;
@@ -11,12 +16,14 @@ Issue 6, items 3 and 4:
   (`hydra.launcher.trials_per_task=4`, 2 tasks), wall time from submission to the last
   trial finished, in one run, as a ratio.
 
+    git worktree add --detach /work/wt/old-main main
     python benchmarks/bench_login.py --data ../shared/data/mnist.npz --out benchmarks/results \
-        --baseline-python /tmp/hsl/bin/python
+        --main-tree /work/wt/old-main --baseline-python /tmp/hsl/bin/python
 
 where the baseline's Python is made with
 `python -m venv --system-site-packages /tmp/hsl && /tmp/hsl/bin/pip install hydra-submitit-launcher==1.2.0`
 (a separate environment, so its plugin does not join every Hydra start-up of the main one).
+Every submission's held jobs are cancelled by their own array ids once counted.
 
 Needs the cluster (`slurm/cluster.sh start`). Writes login.md and login.json.
 """
@@ -44,6 +51,7 @@ from mnist_hpc.io import sha256_file, write_json_atomic, write_text_atomic  # no
 LIMIT_S = 1.0
 COLD_REPORT = "mnist-hpc-report SWEEP, plots redrawn every run"
 SUBMIT_LIMIT_S = 5.0
+LARGE_SUBMIT_LIMIT_S = 3.0
 TF_PROBE = (
     "import atexit, sys\n"
     "marker = sys.argv.pop(1)\n"
@@ -111,8 +119,27 @@ def queued_tasks(name: str) -> int:
     return len(out.split())
 
 
+def cancel_own(name: str) -> None:
+    """Cancel the arrays this benchmark queued under ``name``, by their own array ids."""
+    out = subprocess.run(["squeue", "-h", "-n", name, "-u", str(os.getuid()), "-o", "%F"], capture_output=True, text=True).stdout
+    arrays = sorted(set(out.split()))
+    if arrays:
+        subprocess.run(["scancel", *arrays], check=False)
+
+
+def folder_bytes(folder: Path) -> tuple[int, int]:
+    """(bytes of the files, bytes on disk with the directories: what `du` counts) under ``folder``."""
+    written = disk = 0
+    for path in [folder, *folder.rglob("*")] if folder.exists() else []:
+        st = path.lstat()
+        disk += st.st_blocks * 512
+        written += st.st_size if path.is_file() else 0
+    return written, disk
+
+
 def time_submission(
-    cmd: list[str], name: str, sweep: Path, blocks: bool = False, tasks: int = 64, timeout_s: float = 300
+    cmd: list[str], name: str, sweep: Path, blocks: bool = False, tasks: int = 64, timeout_s: float = 300,
+    env: Optional[dict[str, str]] = None,
 ) -> dict[str, Any]:
     """Seconds from starting ``cmd`` until ``tasks`` tasks named ``name`` are in squeue.
 
@@ -121,7 +148,9 @@ def time_submission(
     The jobs are held, then cancelled.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Run from the sweep's parent: `python -c` puts its working directory first on sys.path, and
+    # the code under test must come from PYTHONPATH, not from wherever the benchmark was started.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=sweep.parent)
     queued_s = returned_s = None
     try:
         while time.perf_counter() - start < timeout_s:
@@ -143,20 +172,88 @@ def time_submission(
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=30)
-        subprocess.run(["scancel", "-n", name], check=False)
-    written = sum(f.stat().st_size for f in (sweep / ".submitit").rglob("*") if f.is_file())
-    return {"queued_s": queued_s, "returned_s": returned_s, "submitit_bytes": written}
+        cancel_own(name)
+    written, disk = folder_bytes(sweep / ".submitit")
+    return {"queued_s": queued_s, "returned_s": returned_s, "submitit_bytes": written, "submitit_disk_bytes": disk}
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that makes Python import ``mnist_hpc`` (and the launcher plugin) from ``tree``."""
+    return {**os.environ, "PYTHONPATH": str(tree)}
+
+
+def large_sweep(trials: int, repeats: int, main_tree: Optional[Path], cache: Path, work: Path) -> dict[str, Any]:
+    """The ``trials``-trial held sweep queued by this checkout and by main's, interleaved."""
+    runs: dict[str, list[dict[str, Any]]] = {"this": [], "main": []}
+    trees = {"this": REPO, **({"main": main_tree} if main_tree else {})}
+    for i in range(repeats):
+        for label, tree in trees.items():
+            print(f"{trials}-trial submission {i + 1}/{repeats} ({label}) ...", flush=True)
+            sweep, name = work / f"sweep{trials}-{label}-{i}", f"bench{trials}-{label}-{i}"
+            cmd = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()",
+                   *sweep_args(sweep, cache, work, f"train.seed=range({trials})", "+hydra.launcher.additional_parameters.hold=true",
+                               f"hydra.launcher.name={name}", mem_gb=1)]
+            runs[label].append(time_submission(cmd, name, sweep, tasks=trials, env=tree_env(tree), timeout_s=600))
+            shutil.rmtree(sweep, ignore_errors=True)
+
+    def median(label: str, key: str) -> Optional[float]:
+        return statistics.median(r[key] for r in runs[label]) if runs[label] else None
+
+    out: dict[str, Any] = {"trials": trials, "runs": runs, "main_tree": str(main_tree) if main_tree else None,
+                           "limit_s": LARGE_SUBMIT_LIMIT_S}
+    for label in runs:
+        for key in ("queued_s", "returned_s", "submitit_bytes", "submitit_disk_bytes"):
+            out[f"{label}_median_{key}"] = median(label, key)
+    if runs["main"]:
+        for key in ("queued_s", "returned_s", "submitit_bytes", "submitit_disk_bytes"):
+            out[f"main_over_this_{key}"] = out[f"main_median_{key}"] / out[f"this_median_{key}"]
+    return out
 
 
 def job_ids(sweep: Path) -> list[str]:
     return sorted({json.loads(p.read_text())["job_id"] for p in sweep.glob("*/job.json")})
 
 
-def sweep_args(sweep: Path, cache: Path, work: Path, *extra: str) -> list[str]:
+def sweep_args(sweep: Path, cache: Path, work: Path, *extra: str, mem_gb: int = 3) -> list[str]:
     return [
-        "-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3",
+        "-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", f"hydra.launcher.mem_gb={mem_gb}",
         f"hydra.sweep.dir={sweep}", f"data.cache_dir={cache}", f"paths.output_root={work}", *extra,
     ]
+
+
+def large_sweep_lines(large: dict[str, Any]) -> list[str]:
+    """login.md's table of the large held sweep, this checkout against main's."""
+    n, runs = large["trials"], large["runs"]
+
+    def row(label: str, title: str) -> str:
+        r = runs[label]
+        return (f"| {title} | {large[f'{label}_median_queued_s']:.2f} | {min(x['queued_s'] for x in r):.2f} | "
+                f"{max(x['queued_s'] for x in r):.2f} | {large[f'{label}_median_returned_s']:.2f} | "
+                f"{large[f'{label}_median_submitit_bytes']:,.0f} | {large[f'{label}_median_submitit_disk_bytes']:,.0f} |")
+
+    lines = [
+        "",
+        f"{n}-trial sweep (`train.seed='range({n})'`, held jobs), {len(runs['this'])} submissions per checkout, "
+        "interleaved: seconds from the command's start until all tasks are in `squeue` "
+        f"(target <= {large['limit_s']:.0f} s), when the command returned, and its `.submitit` folder "
+        "(bytes of the files; bytes on disk, directories included, as `du` counts them):",
+        "",
+        "| code | median s | min s | max s | command returned after s (median) | .submitit bytes | .submitit on disk |",
+        "|---|---|---|---|---|---|---|",
+        row("this", "this branch"),
+    ]
+    if runs["main"]:
+        lines.append(row("main", f"main (`{large['main_tree']}`)"))
+    verdict = "met" if large["this_median_queued_s"] <= large["limit_s"] else "NOT met"
+    lines += ["", f"Target {verdict}: median {large['this_median_queued_s']:.2f} s."]
+    if runs["main"]:
+        lines[-1] += (
+            f" main / this branch: {large['main_over_this_queued_s']:.2f}x until queued, "
+            f"{large['main_over_this_returned_s']:.2f}x until the command returned, "
+            f"{large['main_over_this_submitit_bytes']:.1f}x the .submitit bytes "
+            f"({large['main_over_this_submitit_disk_bytes']:.1f}x on disk)."
+        )
+    return lines
 
 
 def main() -> int:
@@ -172,7 +269,15 @@ def main() -> int:
         help="a Python with hydra-submitit-launcher installed (e.g. a venv made with "
         "--system-site-packages): times the same 64-trial sweep through it, side by side",
     )
+    parser.add_argument("--main-tree", type=Path,
+                        help="a checkout of main (git worktree add --detach /work/wt/old-main main): its 1,000-trial "
+                        "submission is timed beside this checkout's")
+    parser.add_argument("--large-trials", type=int, default=1000, help="trials of the large held sweep")
+    parser.add_argument("--large-repeats", type=int, default=3, help="submissions of it per checkout")
     args = parser.parse_args()
+    # Every command below runs this checkout's code (main's runs point PYTHONPATH at --main-tree).
+    os.environ["PYTHONPATH"] = str(REPO)
+    load_start = os.getloadavg()
 
     work = Path(tempfile.mkdtemp(prefix="mnist-hpc-bench-"))
     cache = work / "cache"
@@ -192,6 +297,8 @@ def main() -> int:
                    check=True, capture_output=True)
     packed_s = (time.perf_counter() - start) + wait_done(job_ids(work / "packed"))
     print(f"  {packed_s:.1f} s", flush=True)
+
+    large = large_sweep(args.large_trials, args.large_repeats, args.main_tree, cache, work)
 
     submit = {"ours": [], "baseline": []}
     baseline = baseline_python(args.baseline_python)
@@ -238,8 +345,10 @@ def main() -> int:
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average_1_5_15_min": {"start": load_start, "end": os.getloadavg()},
         },
         "latency": latency,
+        "submit_large": large,
         "submit_64": {
             "runs": submit,
             "median_queued_s": statistics.median(r["queued_s"] for r in submit["ours"]),
@@ -257,10 +366,12 @@ def main() -> int:
         },
     }
     lines = [
-        "# Login-node latency and sweep packing",
+        "# Login-node latency, sweep submission and sweep packing",
         "",
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, Python "
-        f"{results['machine']['python']}, local single-node Slurm; {results['machine']['date']}.",
+        f"{results['machine']['python']}, local single-node Slurm; {results['machine']['date']}; load average "
+        f"(1 min) {load_start[0]:.1f} at the start, {results['machine']['load_average_1_5_15_min']['end'][0]:.1f} at "
+        "the end (the machine is shared).",
         "",
         f"Median wall time over {args.repeats} runs, Python start-up included (target <= {LIMIT_S:.1f} s):",
         "",
@@ -272,6 +383,7 @@ def main() -> int:
         verdict = ("yes" if ok else "NO") if label != COLD_REPORT else "no target"
         lines.append(f"| `{label}` | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
                      f"{'yes' if r['imports_tensorflow'] else 'no'} | {verdict} |")
+    lines += large_sweep_lines(large)
     s64 = results["submit_64"]
     ours = s64["runs"]["ours"]
     lines += [
@@ -299,8 +411,8 @@ def main() -> int:
         f"{s64['median_queued_s']:.2f} s."
         + (
             f" hydra-submitit-launcher / mnist-hpc: {s64['baseline_median_queued_s'] / s64['median_queued_s']:.2f}x "
-            "(mnist-hpc also composes and type-checks every job, checks the data cache and writes "
-            "job.json per trial before it queues; hydra-submitit-launcher composes each job again on the node)."
+            "(mnist-hpc also composes and type-checks every job and checks the data cache before it queues, "
+            "and writes job.json per trial; hydra-submitit-launcher composes each job again on the node)."
             if base else " (no baseline run: pass --baseline-python)"
         ),
         "",

@@ -27,9 +27,10 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from mnist_hpc import rundir, slurm
+from mnist_hpc.config import flat_config
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,14 @@ class RunConflict(RuntimeError):
     """This run may not write this directory (another config, fewer epochs, or a live holder)."""
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if dataclasses.is_dataclass(value):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flat(item, f"{prefix}{key}."))
-        return out
-    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):  # enums
-        value = value.value
-    return {prefix[:-1]: list(value) if isinstance(value, (list, tuple)) else value}
-
-
 def identity_of(cfg: Any, data_sha256: str) -> dict[str, Any]:
     """The keys and values that decide what a run with config ``cfg`` computes, and the data's hash."""
-    keys = {k: v for k, v in _flat(cfg).items() if not k.startswith(NOT_IDENTITY)}
+    return identity_from_flat(flat_config(cfg), data_sha256)
+
+
+def identity_from_flat(flat: dict[str, Any], data_sha256: str) -> dict[str, Any]:
+    """:func:`identity_of` from the config already flattened (``mnist_hpc.config.flat_config``)."""
+    keys = {k: v for k, v in flat.items() if not k.startswith(NOT_IDENTITY)}
     keys["data.sha256"] = data_sha256
     return dict(sorted(keys.items()))
 
@@ -225,12 +218,16 @@ def _process_start(pid: int) -> Optional[str]:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def alive(holder: Holder, me: Holder) -> Optional[bool]:
-    """Whether ``holder`` may still write; None when that cannot be told from here."""
+def alive(holder: Holder, me: Holder, slurm_alive: Optional[Callable[[str], Optional[bool]]] = None) -> Optional[bool]:
+    """Whether ``holder`` may still write; None when that cannot be told from here.
+
+    ``slurm_alive`` answers for a Slurm job id (default: :func:`mnist_hpc.slurm.job_alive`, one
+    squeue call; the preflight passes answers it got for all trials at once).
+    """
     if holder.slurm_job_id:
         if holder.slurm_job_id == me.slurm_job_id:
             return False  # this very job, requeued: its earlier run is gone
-        return slurm.job_alive(holder.slurm_job_id)
+        return (slurm_alive or slurm.job_alive)(holder.slurm_job_id)
     if holder.host != me.host:
         return None
     if holder.pid == me.pid and holder.pid_start == me.pid_start:
@@ -244,8 +241,10 @@ def alive(holder: Holder, me: Holder) -> Optional[bool]:
     return holder.pid_start is None or _process_start(holder.pid) == holder.pid_start
 
 
-def check_lease(run_dir: Path, me: Holder, label: str) -> None:
-    """Refuse when another live writer holds ``run_dir`` (or when that cannot be told)."""
+def check_lease(
+    run_dir: Path, me: Holder, label: str, slurm_alive: Optional[Callable[[str], Optional[bool]]] = None
+) -> None:
+    """Refuse when another live writer holds ``run_dir`` (or when that cannot be told; ``slurm_alive`` as in :func:`alive`)."""
     try:
         lease = rundir.read_lease(run_dir)
     except rundir.RunFileError as exc:
@@ -253,8 +252,8 @@ def check_lease(run_dir: Path, me: Holder, label: str) -> None:
         return
     if lease is None:
         return
-    holder = Holder(**{k: v for k, v in lease.get("holder", {}).items() if k in {f.name for f in dataclasses.fields(Holder)}})
-    state = alive(holder, me)
+    holder = lease_holder(lease)
+    state = alive(holder, me, slurm_alive)
     if state is False:
         return
     path = run_dir / rundir.LEASE_FILE
@@ -267,6 +266,14 @@ def check_lease(run_dir: Path, me: Holder, label: str) -> None:
         f"{_at(label)}{run_dir} is being written by {holder.describe()}, which is still alive; wait for it to end "
         "(or cancel it) before starting another run in this directory"
     )
+
+
+def lease_holder(lease: dict[str, Any]) -> Holder:
+    """The holder a lease (``rundir.read_lease``) names."""
+    return Holder(**{k: v for k, v in lease.get("holder", {}).items() if k in _HOLDER_FIELDS})
+
+
+_HOLDER_FIELDS = frozenset(f.name for f in dataclasses.fields(Holder))
 
 
 @contextlib.contextmanager

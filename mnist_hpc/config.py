@@ -244,6 +244,20 @@ def to_typed(cfg: DictConfig) -> Config:
     return validate(obj)
 
 
+def flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A typed config (or part of one) as ``{"train.seed": 0, ...}``: enums by value, lists as lists."""
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flat_config(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, enum.Enum):
+        value = value.value
+    return {prefix[:-1]: list(value) if isinstance(value, (list, tuple)) else value}
+
+
 def cache_file(cfg: DataConfig) -> Path:
     """Absolute path of the cached dataset file."""
     return Path(cfg.cache_dir).expanduser().resolve() / cfg.filename

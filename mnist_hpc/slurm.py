@@ -119,6 +119,39 @@ def job_alive(job_id: str) -> Optional[bool]:
     return bool(states & LIVE_STATES)
 
 
+def parse_liveness(text: str, job_ids: Sequence[str]) -> dict[str, bool]:
+    """Which of ``job_ids`` are live in ``squeue -h -r -o '%i|%A|%T'`` output.
+
+    A job is named there by its ``%i`` (``123_4`` for an array task) and by its own numeric id
+    ``%A`` (an array task's ``SLURM_JOB_ID`` once it runs): either form of an id counts.
+    """
+    states: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3 and parts[0]:
+            state = normalise_state(parts[2])
+            for name in {parts[0], parts[1]}:
+                states.setdefault(name, set()).add(state)
+    return {j: bool(states.get(j, set()) & LIVE_STATES) for j in job_ids}
+
+
+def jobs_alive(job_ids: Sequence[str]) -> dict[str, Optional[bool]]:
+    """:func:`job_alive` for many jobs, asked of squeue at once; None for each when it cannot answer."""
+    ids = sorted(set(job_ids))
+    if len(ids) <= 1:
+        return {j: job_alive(j) for j in ids}
+    if shutil.which("squeue") is None:
+        return {j: None for j in ids}
+    try:
+        proc = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%A|%T"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return {j: None for j in ids}
+    if proc.returncode != 0:  # e.g. a list squeue will not take: ask one by one
+        return {j: job_alive(j) for j in ids}
+    return dict(parse_liveness(proc.stdout, ids))
+
+
 def max_array_size() -> Optional[int]:
     """The controller's MaxArraySize (array task indices must stay below it); None if unknown."""
     out = run_client(["scontrol", "show", "config"])

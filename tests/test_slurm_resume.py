@@ -146,7 +146,7 @@ def test_sigkilled_job_requeued_resumes_from_last_completed_epoch(slow_cache: Pa
     [record] = job_records(tmp_path / "sweep")
     run_dir = tmp_path / "sweep" / "0"
     wait_for_file(run_dir / "checkpoints" / "ckpt-e00002-b0000000.npz")
-    # submitit's command line names the folder template (".../.submitit/%j").
+    # submitit's command line names the folder template (".../.submitit/%A").
     pids = subprocess.run(["pgrep", "-f", f"submitit.core._submit {tmp_path / 'sweep' / '.submitit'}"],
                           capture_output=True, text=True, timeout=30).stdout.split()
     pids = [p for p in pids if int(p) != os.getpid()]

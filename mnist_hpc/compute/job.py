@@ -18,8 +18,10 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, open_dict
 
-from mnist_hpc import rundir
+from mnist_hpc import rundir, slurm
 from mnist_hpc.compute.failures import record_failure, unwrap
+from mnist_hpc.compute.jobconfig import BaseConfig, JobSpec, check_rebuilt, job_config
+from mnist_hpc.config import ConfigError
 from mnist_hpc.io import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -34,18 +36,25 @@ class PackedTrialsFailed(RuntimeError):
 
 
 class LaunchContext:
-    """What every job of one launch shares: Hydra's context, the task function, Hydra's singletons.
+    """What every job of one launch shares: Hydra's context, the task function, Hydra's singletons,
+    and the composed configs the jobs' values apply to (:class:`~mnist_hpc.compute.jobconfig.BaseConfig`).
 
     Written once per launch into the submitit folder (``launch-<id>.pkl``); each job's pickle
-    carries only this file's path. Pickling the whole context into every job made a 64-trial
-    sweep write 64 copies of it (90 KB and 15 ms each) before anything was queued. On the
-    compute node it is read once per process, on first use.
+    carries only this file's path and its :class:`~mnist_hpc.compute.jobconfig.JobSpec`, a few
+    hundred bytes. On the compute node it is read once per process, on first use.
     """
 
-    def __init__(self, path: Path, hydra_context: Any = None, task_function: Any = None, singleton_state: Any = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        hydra_context: Any = None,
+        task_function: Any = None,
+        singleton_state: Any = None,
+        bases: Sequence[BaseConfig] = (),
+    ) -> None:
         self.path = Path(path)
-        self._content: Optional[tuple[Any, Any, Any]] = (
-            (hydra_context, task_function, singleton_state) if hydra_context is not None else None
+        self._content: Optional[tuple[Any, Any, Any, list[BaseConfig]]] = (
+            (hydra_context, task_function, singleton_state, list(bases)) if hydra_context is not None else None
         )
 
     def save(self) -> "LaunchContext":
@@ -59,6 +68,13 @@ class LaunchContext:
 
     def load(self) -> tuple[Any, Any, Any]:
         """``(hydra_context, task_function, singleton_state)``."""
+        return self._loaded()[:3]
+
+    def bases(self) -> list[BaseConfig]:
+        """The launch's composed configs, which its jobs' :class:`~mnist_hpc.compute.jobconfig.JobSpec` name."""
+        return self._loaded()[3]
+
+    def _loaded(self) -> tuple[Any, Any, Any, list[BaseConfig]]:
         if self._content is None:
             try:
                 with open(self.path, "rb") as fh:
@@ -94,14 +110,32 @@ class TrainJob:
     traceback for a bug).
     """
 
-    def __init__(self, context: LaunchContext, config: DictConfig, run_dir: Path) -> None:
+    def __init__(self, context: LaunchContext, spec: JobSpec, run_dir: Path, packed_slot: Optional[int] = None) -> None:
         self.context = context
-        self.config = config
+        self.spec = spec
         self.run_dir = Path(run_dir)
+        # Its place in a packed task (hydra.launcher.trials_per_task > 1), as job.json records it.
+        self.packed_slot = packed_slot
+
+    def config(self) -> DictConfig:
+        """The job's config, rebuilt from the launch's base and checked against what the login node checked.
+
+        Raises:
+            ConfigMismatch: it resolves to other values here (see :func:`~mnist_hpc.compute.jobconfig.check_rebuilt`).
+        """
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import setup_globals
+
+        _, _, singleton_state = self.context.load()
+        setup_globals()  # the resolvers (now, hydra) its interpolations may use
+        Singleton.set_state(singleton_state)
+        base = self.context.bases()[self.spec.base]
+        config = job_config(base.config, self.spec.values, self.spec.overrides, self.spec.num)
+        check_rebuilt(config, base, self.spec)
+        return config
 
     def __call__(self) -> Any:
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import JobStatus, run_job, setup_globals
+        from hydra.core.utils import JobStatus, run_job
         from submitit.core.utils import UncompletedJobError
 
         from mnist_hpc.compute.cluster import quiet_worker_config
@@ -110,15 +144,14 @@ class TrainJob:
         from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted
 
         runtime = RuntimeInfo.from_env()
+        self.ensure_recorded()
         try:
-            hydra_context, task_function, singleton_state = self.context.load()
-        except (OSError, pickle.UnpicklingError) as exc:
+            hydra_context, task_function, _ = self.context.load()
+            config = self.config()
+        except (OSError, pickle.UnpicklingError, ConfigError) as exc:
             if writes_failure(exc, runtime):
                 record_failure(self.run_dir, exc)
             raise
-        setup_globals()
-        Singleton.set_state(singleton_state)
-        config = self.config.copy()
         job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
         if job_id:
             with open_dict(config.hydra.job):
@@ -153,6 +186,35 @@ class TrainJob:
             raise error
         return ret
 
+    def ensure_recorded(self) -> None:
+        """Write ``job.json`` if the submission could not: status and the preflight find this job then.
+
+        The launcher writes every trial's ``job.json`` right after queueing; a launcher killed
+        in between leaves a queued job that no ``job.json`` names. The job writes its own when
+        the file is missing or damaged, or names an earlier Slurm job that has ended; a record
+        of another job that may still run is left alone (that job's lease keeps the two apart).
+        """
+        import submitit
+
+        try:
+            env = submitit.JobEnvironment()
+        except RuntimeError:
+            return  # not run by submitit (called directly)
+        if env.global_rank != 0:
+            return
+        try:
+            record = rundir.read_job(self.run_dir)
+        except rundir.RunFileError:
+            record = None
+        if record is not None and record.job_id == env.job_id:
+            return
+        if record is not None and not (record.cluster == env.cluster == "slurm" and slurm.job_alive(record.job_id) is False):
+            return
+        log.warning("%s: no job.json names this job (%s); writing it", self.run_dir, env.job_id)
+        rundir.write_job(self.run_dir, rundir.JobRecord.of(
+            env.cluster, env.job_id, env.paths, self.run_dir, self.spec.overrides, self.spec.num, self.packed_slot,
+            tasks=env.num_tasks))
+
     def finished(self) -> bool:
         """The trial has its final metrics for the epochs it asks for (a requeued packed task skips it).
 
@@ -161,9 +223,10 @@ class TrainJob:
         """
         try:
             metrics = rundir.read_metrics(self.run_dir)
-        except rundir.RunFileError:
-            return False
-        return metrics is not None and len(metrics["history"]) == int(self.config.train.epochs)
+            epochs = int(self.config().train.epochs) if metrics is not None else None
+        except (rundir.RunFileError, OSError, pickle.UnpicklingError, ConfigError):
+            return False  # running it records why it cannot run
+        return metrics is not None and len(metrics["history"]) == epochs
 
     @staticmethod
     def _after_stop(stop: Any, submitit_handler: Any, runtime: Any) -> BaseException:

@@ -4,6 +4,7 @@ bound to and who writes it (identity.json, lease.json), its config, its progress
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import traceback
@@ -11,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from mnist_hpc.io import utc_now, write_json_atomic, write_text_atomic
+from mnist_hpc.io import utc_now, write_bytes_atomic, write_files_atomic, write_json_atomic, write_text_atomic
 from mnist_hpc.rundir.files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "JobRecord",
     "write_job",
+    "write_jobs",
     "read_job",
     "write_identity",
     "read_identity",
@@ -83,15 +85,54 @@ class JobRecord:
     submitit_folder: Optional[str] = None
     submitted: str = ""
 
+    @classmethod
+    def of(
+        cls, cluster: str, job_id: str, paths: Any, run_dir: Path, overrides: Sequence[str], trial: Optional[int],
+        packed_slot: Optional[int] = None, submitted: str = "", tasks: int = 1,
+    ) -> "JobRecord":
+        """The record of a submitit job (``paths``: its ``JobPaths``), made at submission or by the job itself."""
+        array_job_id, _, array_task = job_id.partition("_")
+        return cls(
+            cluster=cluster,
+            job_id=job_id,
+            run_dir=str(run_dir),
+            overrides=list(overrides),
+            trial=trial,
+            array_job_id=array_job_id if array_task else None,
+            array_task_id=int(array_task) if array_task else None,
+            packed_slot=packed_slot,
+            tasks=tasks,
+            stdout=str(paths.stdout),
+            stderr=str(paths.stderr),
+            submitit_folder=str(paths.folder),
+            submitted=submitted,
+        )
+
     @property
     def result_file(self) -> Optional[Path]:
         """submitit's result pickle: it exists once the job's Python process has ended."""
         return Path(self.submitit_folder) / f"{self.job_id}_0_result.pkl" if self.submitit_folder else None
 
 
+def _job_json(record: JobRecord) -> bytes:
+    # Its fields are plain values and one list of strings: no need for asdict's deep copy.
+    data = {f.name: getattr(record, f.name) for f in _JOB_FIELDS}
+    data["overrides"] = list(record.overrides)
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+_JOB_FIELDS = fields(JobRecord)
+
+
 def write_job(run_dir: Path, record: JobRecord) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(run_dir) / JOB_FILE, asdict(record))
+    write_bytes_atomic(Path(run_dir) / JOB_FILE, _job_json(record))
+
+
+def write_jobs(records: Sequence[JobRecord]) -> None:
+    """``job.json`` of every run a launch queued (each record's ``run_dir``): written together, one
+    flush of the filesystem for all of them (see :func:`mnist_hpc.io.write_files_atomic`)."""
+    write_files_atomic([(Path(r.run_dir) / JOB_FILE, _job_json(r)) for r in records])
 
 
 def read_job(run_dir: Path) -> Optional[JobRecord]:

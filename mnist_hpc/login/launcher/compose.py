@@ -1,24 +1,41 @@
-"""Composing a sweep's jobs on the login node: every job's config, once, checked, with its run directory.
+"""Composing and checking a sweep's jobs on the login node: once per choice of config groups.
 
-Hydra's own ``load_sweep_config`` rebuilds the whole defaults tree for every job; a large
-sweep then takes longer to compose than to queue. :class:`SweepComposer` composes once per
-distinct choice of config groups and copies the result per job; :func:`plan_jobs` turns each
-job into a :class:`PlannedJob` whose typed config has passed the schema's checks.
+Hydra's own ``load_sweep_config`` rebuilds the whole defaults tree for every job. Jobs that
+choose the same config groups share that tree: :class:`SweepComposer` composes it once per
+distinct choice (a base) and describes each job by its value overrides on that base (a
+:class:`~mnist_hpc.compute.jobconfig.JobSpec`), from which the compute node rebuilds the
+job's config exactly as Hydra would (:mod:`mnist_hpc.compute.jobconfig`).
+
+Every job is still checked before anything is queued. Its typed config is the base's,
+converted and checked once, with each overridden value converted by the base's own OmegaConf
+node for that key (its type, optionality, enum), then :func:`~mnist_hpc.config.validate`.
+A value that needs more than that (a list, an interpolation, a new key) takes the long way:
+a copy of the base's application part, Hydra's ``_apply_overrides_to_config`` and
+:func:`~mnist_hpc.config.to_typed`. Tests compare both with Hydra's composition.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import dataclasses
 import pickle
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from hydra.core.override_parser.types import OverrideType, ValueType
+from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_hpc.claim import Verdict
-from mnist_hpc.config import Config, ConfigError, to_typed
+from mnist_hpc.compute.jobconfig import BaseConfig, JobSpec, apply_values, copy_config, job_config
+from mnist_hpc.config import Config, ConfigError, flat_config, to_typed, validate
+from mnist_hpc.login.launcher.overrides import OverrideCache
 from mnist_hpc.login.launcher.preflight import PreflightError
+
+# The sweep subdirectory of conf/config.yaml: each trial's directory is its number.
+SUBDIR_IS_NUM = "${hydra.job.num}"
 
 
 @dataclass
@@ -27,118 +44,252 @@ class PlannedJob:
 
     num: int
     overrides: list[str]
-    config: DictConfig
     typed: Config
     run_dir: Path
+    # What the compute node rebuilds the job's config from (with the launch's bases).
+    spec: JobSpec
+    # ``typed``, flat (mnist_hpc.config.flat_config).
+    flat: dict[str, Any]
     # What the run may do in its directory (set by the preflight): new, continue, or done.
     verdict: Optional[Verdict] = None
 
 
-class SweepComposer:
-    """Compose the configs of a sweep's jobs, fast: once per combination of config groups.
+@dataclass
+class _Base:
+    """A composition shared by the jobs that choose the same config groups, and what checks them."""
 
-    Hydra's ``load_sweep_config`` rebuilds the whole defaults tree for every job (about 0.2 s
-    each here), which makes a large sweep slow to queue. Jobs that choose the same config
-    groups share that tree: this composes it once per distinct group choice, then applies each
-    job's value overrides the way Hydra does (``_apply_overrides_to_config``) and records them
-    in ``hydra.overrides.task`` and ``hydra.job.override_dirname``. A test checks the result
-    equals ``load_sweep_config``'s.
+    index: int
+    # Hydra's composition, untouched (each job works on a copy).
+    config: DictConfig
+    # The application part (no ``hydra`` node), pickled: the long way starts from a copy of it.
+    app: bytes
+    # Its typed config (or why it has none), and that flattened.
+    typed: Optional[Config] = None
+    error: Optional[ConfigError] = None
+    flat: dict[str, Any] = field(default_factory=dict)
+    # Per ``section.field`` key: a copy of the base's node, which converts and checks a value as Hydra's update would.
+    converters: dict[str, Any] = field(default_factory=dict)
+    # hydra.sweep.subdir as composed (unresolved).
+    subdir: str = ""
+
+
+@dataclass
+class _Plan:
+    """A job's composition: its base, its value overrides, and its typed config (or why it has none)."""
+
+    base: _Base
+    overrides: list[str]
+    values: list[str]
+    typed: Optional[Config]
+    error: Optional[ConfigError]
+
+
+class SweepComposer:
+    """Compose and check the jobs of a sweep, fast: Hydra composes once per combination of config groups.
+
+    A test checks that the config each job gets equals ``load_sweep_config``'s.
     """
 
     def __init__(self, config_loader: Any, master_config: DictConfig) -> None:
         self.loader = config_loader
         self.master = master_config
-        self._bases: dict[tuple[str, ...], DictConfig] = {}
         self._hydra_load_sweep_config = config_loader.load_sweep_config
-        self._composed: dict[tuple[str, ...], DictConfig] = {}
+        self._bases: dict[tuple[str, ...], _Base] = {}
+        self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._overrides = OverrideCache()
+        self._is_group: dict[str, bool] = {}
 
     @classmethod
     def install(cls, config_loader: Any, master_config: DictConfig) -> "SweepComposer":
         """Serve this process's sweep compositions from a composer (our launchers only).
 
         Hydra's basic sweeper composes every job once to validate it, then hands the batch to
-        the launcher, which composes it again. With the loader's ``load_sweep_config`` served
-        by :meth:`compose_once`, the sweeper's pass does the work and the launcher's reuses it.
+        the launcher. With the loader's ``load_sweep_config`` served by :meth:`load_sweep_config`,
+        the sweeper's pass plans each job and the launcher's :func:`plan_jobs` reuses the plan.
         """
         composer = cls(config_loader, master_config)
         config_loader.load_sweep_config = composer.load_sweep_config
         return composer
 
-    @contextlib.contextmanager
     def detached(self) -> Any:
-        """Hand the loader back its own method while jobs are pickled (they carry the loader)."""
-        patched = self.loader.__dict__.pop("load_sweep_config", None)
-        try:
-            yield
-        finally:
-            if patched is not None:
-                self.loader.load_sweep_config = patched
+        """Hand the loader back its own method while the launch context is pickled (it carries the loader)."""
+        import contextlib
 
-    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        @contextlib.contextmanager
+        def restored() -> Any:
+            patched = self.loader.__dict__.pop("load_sweep_config", None)
+            try:
+                yield
+            finally:
+                if patched is not None:
+                    self.loader.load_sweep_config = patched
+
+        return restored()
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> Optional[DictConfig]:
         if master_config is not self.master:
             return self._hydra_load_sweep_config(master_config, sweep_overrides)
-        key = tuple(sweep_overrides)
-        if key not in self._composed:
-            self._composed[key] = self.compose(list(sweep_overrides))
-        return self._composed[key]
+        if _validating(sys._getframe(1)):
+            # Hydra's sweeper composes each job to see that it composes, and drops the result:
+            # plan the job (raising what Hydra would) and keep the plan for the launcher.
+            self._plans[tuple(sweep_overrides)] = self.plan(sweep_overrides)
+            return None
+        return self.compose(sweep_overrides)
 
-    def compose_once(self, overrides: list[str]) -> DictConfig:
-        """The job's config, composed at most once in this process (callers may modify it)."""
-        key = tuple(overrides)
-        return self._composed.pop(key, None) or self.compose(list(overrides))
+    def plan(self, overrides: Sequence[str]) -> _Plan:
+        """The job's base, value overrides and typed config; Hydra's composition errors are raised here.
 
-    def _is_value_override(self, override: Any) -> bool:
-        if override.is_hydra_override() or override.package is not None:
-            return False
-        if override.is_add() or override.is_force_add() or override.is_delete():
-            return False
-        return not self.loader.repository.group_exists(override.key_or_group)
-
-    def compose(self, overrides: list[str]) -> DictConfig:
-        from hydra._internal.config_loader_impl import (
-            ConfigLoaderImpl,
-            get_overrides_dirname,
-        )
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+        A config the schema or :func:`~mnist_hpc.config.validate` refuses is kept in the plan's
+        ``error``: :func:`plan_jobs` names the job in its refusal.
+        """
+        cached = self._plans.pop(tuple(overrides), None)
+        if cached is not None:
+            return cached
+        parsed = self._overrides.parse(overrides)
         if any(o.is_sweep_override() for o in parsed):
-            return self._hydra_load_sweep_config(self.master, overrides)
-        structural = tuple(o.input_line for o in parsed if not self._is_value_override(o))
-        if structural not in self._bases:
-            base = self._hydra_load_sweep_config(self.master, list(structural))
-            # Each job starts from a copy; unpickling one is ~4x faster than deepcopy of a DictConfig.
-            self._bases[structural] = pickle.dumps(base, protocol=pickle.HIGHEST_PROTOCOL)
-        config = pickle.loads(self._bases[structural])
-        values = [o for o in parsed if self._is_value_override(o)]
-        ConfigLoaderImpl._apply_overrides_to_config(values, config)
-        app = [o for o in parsed if not o.is_hydra_override()]
-        with open_dict(config.hydra):
-            config.hydra.overrides.task = [o.input_line for o in app]
-            dirname = config.hydra.job.config.override_dirname
-            config.hydra.job.override_dirname = get_overrides_dirname(
-                overrides=app, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys
-            )
-        OmegaConf.copy_cache(from_config=self.master, to_config=config)
-        return config
+            self._hydra_load_sweep_config(self.master, list(overrides))  # raises Hydra's own error
+        values = [o for o in parsed if self._value_override(o)]
+        structural = [o for o in parsed if not self._value_override(o)]
+        if _overlapping(values, structural):  # their order matters: let Hydra apply them all
+            values, structural = [], parsed
+        base = self._base(tuple(o.input_line for o in structural))
+        typed, error = base.typed, base.error
+        if error is None and values:
+            try:
+                typed = self._typed_by_node(base, values)
+                if typed is None:
+                    typed = self._typed_the_long_way(base, values)
+            except ConfigError as exc:
+                typed, error = None, exc
+        return _Plan(base, list(overrides), [o.input_line for o in values], typed, error)
+
+    def compose(self, overrides: Sequence[str]) -> DictConfig:
+        """The job's full config, as ``load_sweep_config`` gives it (without ``hydra.job.num``)."""
+        plan = self.plan(overrides)
+        return job_config(plan.base.config, plan.values, plan.overrides, num=None)
+
+    def bases(self, sweep_dir: Path) -> list[BaseConfig]:
+        """The bases for the launch file, each with the sweep directory pinned (so that requeues land in it)."""
+        out = []
+        for base in sorted(self._bases.values(), key=lambda b: b.index):
+            config = copy_config(base.config)
+            with open_dict(config):
+                config.hydra.sweep.dir = str(sweep_dir)
+            out.append(BaseConfig(config, base.flat))
+        return out
+
+    # --- inside ----------------------------------------------------------------------------
+
+    def _value_override(self, override: Any) -> bool:
+        """A plain value on a config key: applied per job (config group choices and the rest make the base)."""
+        if override.is_hydra_override() or override.package is not None or override.type is not OverrideType.CHANGE:
+            return False
+        key = override.key_or_group
+        if key not in self._is_group:
+            self._is_group[key] = self.loader.repository.group_exists(key)
+        return not self._is_group[key]
+
+    def _base(self, structural: tuple[str, ...]) -> _Base:
+        base = self._bases.get(structural)
+        if base is None:
+            config = self._hydra_load_sweep_config(self.master, list(structural))
+            app = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+            base = _Base(len(self._bases), config, pickle.dumps(app, protocol=pickle.HIGHEST_PROTOCOL))
+            base.subdir = str(config.hydra.sweep._get_node("subdir")._value())
+            try:
+                base.typed = to_typed(app)
+                base.flat = flat_config(base.typed)
+            except ConfigError as exc:
+                base.error = exc
+            self._bases[structural] = base
+        return base
+
+    def _typed_by_node(self, base: _Base, values: Sequence[Any]) -> Optional[Config]:
+        """The typed config with each value converted by the base's node for its key; None if one needs the long way."""
+        from omegaconf import ValueNode
+        from omegaconf._utils import ValueKind, get_value_kind
+
+        assert base.typed is not None
+        changes: dict[str, dict[str, Any]] = {}
+        for override in values:
+            value = override.value()
+            if override.value_type is not ValueType.ELEMENT or not (
+                value is None or isinstance(value, (bool, int, float)) or isinstance(value, str) and get_value_kind(value) is ValueKind.VALUE
+            ):
+                return None
+            key = override.key_or_group
+            converter = base.converters.get(key)
+            if converter is None:
+                section, _, name = key.partition(".")
+                parent = base.config._get_node(section, validate_access=False) if section in _SECTIONS else None
+                node = parent._get_node(name, validate_access=False) if isinstance(parent, DictConfig) and "." not in name else None
+                if not isinstance(node, ValueNode) or not node._has_ref_type():
+                    return None
+                # Hydra's update of a typed leaf is this node's _set_value (the None check included);
+                # a copy keeps the base's node as it is.
+                converter = base.converters[key] = copy.deepcopy(node)
+            try:
+                converter._set_value(value)
+            except Exception:  # the long way raises Hydra's own error for it
+                return None
+            section, _, name = key.partition(".")
+            changes.setdefault(section, {})[name] = converter._value()
+        typed = dataclasses.replace(
+            base.typed, **{s: dataclasses.replace(getattr(base.typed, s), **fields) for s, fields in changes.items()}
+        )
+        return validate(typed)
+
+    def _typed_the_long_way(self, base: _Base, values: Sequence[Any]) -> Config:
+        app = pickle.loads(base.app)
+        apply_values(app, values)
+        return to_typed(app)
 
 
-def plan_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[PlannedJob]:
-    """Compose and check every job's config; pin the sweep directory so requeues land in it."""
-    sweep_dir = Path(str(launcher.config.hydra.sweep.dir)).resolve()
-    composer = getattr(launcher, "composer", None) or SweepComposer(launcher.hydra_context.config_loader, launcher.config)
+_SECTIONS = frozenset(f.name for f in dataclasses.fields(Config))
+
+
+def _validating(caller: Any) -> bool:
+    """Whether ``load_sweep_config`` was called by Hydra's ``Sweeper.validate_batch_is_legal``.
+
+    Any other caller (a sweeper of its own, a launcher) gets the job's full config.
+    """
+    return caller.f_code is _VALIDATE_BATCH
+
+
+# Taken when this module is imported (at Hydra's plugin discovery), before anything could wrap it.
+_VALIDATE_BATCH = Sweeper.validate_batch_is_legal.__code__
+
+
+def _overlapping(values: Sequence[Any], structural: Sequence[Any]) -> bool:
+    """A value override on a key that a structural one (``+``, ``~``, a package) also touches."""
+    keys = [o.key_or_group for o in structural if o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None]
+    return any(v.key_or_group == k or v.key_or_group.startswith(k + ".") or k.startswith(v.key_or_group + ".")
+               for v in values for k in keys)
+
+
+def plan_jobs(
+    composer: SweepComposer, sweep_dir: Path, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+) -> list[PlannedJob]:
+    """Compose and check every job's config; nothing is queued if one fails.
+
+    Raises:
+        PreflightError: a job's config fails the schema or its checks (the message names the job).
+    """
     planned: list[PlannedJob] = []
     for offset, overrides in enumerate(job_overrides):
         num = initial_job_idx + offset
-        config = composer.compose_once(list(overrides))
-        with open_dict(config):
-            config.hydra.job.num = num
-            config.hydra.job.id = f"{config.hydra.job.name}_{num}"
-            config.hydra.sweep.dir = str(sweep_dir)
-        try:
-            typed = to_typed(config)
-        except ConfigError as exc:
-            raise PreflightError(f"nothing was queued: job {num} ({' '.join(overrides)}): {exc}") from exc
-        run_dir = sweep_dir / str(OmegaConf.select(config, "hydra.sweep.subdir"))
-        planned.append(PlannedJob(num=num, overrides=list(overrides), config=config, typed=typed, run_dir=run_dir))
+        plan = composer.plan(list(overrides))
+        if plan.error is not None or plan.typed is None:
+            raise PreflightError(f"nothing was queued: job {num} ({' '.join(overrides)}): {plan.error}") from plan.error
+        base = plan.base
+        flat = flat_config(plan.typed)
+        spec = JobSpec(base.index, plan.overrides, plan.values, num, {k: v for k, v in flat.items() if base.flat.get(k) != v})
+        planned.append(PlannedJob(num, list(overrides), plan.typed, sweep_dir / _subdir(base, spec), spec, flat))
     return planned
+
+
+def _subdir(base: _Base, spec: JobSpec) -> str:
+    """``hydra.sweep.subdir`` of the job (resolved on the job's full config unless it is just the number)."""
+    if base.subdir == SUBDIR_IS_NUM:
+        return str(spec.num)
+    return str(OmegaConf.select(job_config(base.config, spec.values, spec.overrides, spec.num), "hydra.sweep.subdir"))

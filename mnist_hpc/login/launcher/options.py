@@ -34,8 +34,10 @@ class LocalQueueConf:
     """Options of the local launcher, and those the Slurm launcher shares (``hydra.launcher.*``)."""
 
     _target_: str = f"{PLUGIN}.LocalLauncher"
-    # Where submitit keeps pickles and logs; %j becomes the job id.
-    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+    # Where submitit keeps pickles and logs; %A becomes the job array's id (a single job's id),
+    # %j a job's or an array task's own id. One folder per array, not one per task: a
+    # 1,000-trial sweep makes one directory, not 1,000, on the shared filesystem.
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%A"
     # Block until every job ends (sweepers that read results need this); default: return when queued.
     wait: bool = False
     # Sweep trials run one after another in each task: pays TensorFlow's import and the data

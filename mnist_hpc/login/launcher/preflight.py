@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from hydra.errors import CompactHydraException
 
-from mnist_hpc import claim, rundir
+from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.config import Config, Distribution, Execution, cache_file
 from mnist_hpc.dataset import split_index
 from mnist_hpc.login.launcher.options import GpuRequest
@@ -137,56 +137,91 @@ def check_batch_size(job: "PlannedJob", manifest: dict[str, Any]) -> Optional[st
     return None
 
 
-def recorded_job_alive(job: "PlannedJob") -> Optional[str]:
-    """The live job that the run directory's ``job.json`` or lease names, if any: it still owns the trial."""
-    me = claim.Holder.this_process()
-    try:
-        record = rundir.read_job(job.run_dir)
-    except rundir.RunFileError:
-        record = None
+def recorded_job_alive(
+    job: "PlannedJob", me: claim.Holder, slurm_alive: Callable[[str], Optional[bool]], record: Optional[rundir.JobRecord]
+) -> Optional[str]:
+    """The live job that the run directory's ``job.json`` (``record``) or lease names, if any: it still owns the trial."""
     if record is not None:
         if record.cluster == "local":
             ended = record.result_file is not None and record.result_file.is_file()
             holder = claim.Holder(host=socket.gethostname(), pid=int(record.job_id) if record.job_id.isdigit() else -1)
             if not ended and claim.alive(holder, me) is not False:
                 return f"trial {job.num}: its earlier job {record.job_id} (local) has not ended"
-        elif claim.alive(claim.Holder(host="", pid=-1, slurm_job_id=record.job_id), me):
+        elif claim.alive(claim.Holder(host="", pid=-1, slurm_job_id=record.job_id), me, slurm_alive):
             return f"trial {job.num}: its earlier job {record.job_id} is still queued or running"
     try:
-        claim.check_lease(job.run_dir, me, f"trial {job.num}")
+        claim.check_lease(job.run_dir, me, f"trial {job.num}", slurm_alive)
     except claim.RunConflict as exc:
         return str(exc)
     return None
+
+
+def recorded_owners(jobs: Sequence["PlannedJob"]) -> dict[int, str]:
+    """:func:`recorded_job_alive` of every job, with one squeue call for all the Slurm jobs they name."""
+    me = claim.Holder.this_process()
+    records: dict[int, Optional[rundir.JobRecord]] = {}
+    named: list[str] = []
+    for job in jobs:
+        try:
+            records[job.num] = rundir.read_job(job.run_dir)
+        except rundir.RunFileError:
+            records[job.num] = None
+        record = records[job.num]
+        if record is not None and record.cluster != "local":
+            named.append(record.job_id)
+        try:
+            lease = rundir.read_lease(job.run_dir)
+        except rundir.RunFileError:
+            lease = None  # check_lease says so and treats it as stale
+        if lease is not None and (holder := claim.lease_holder(lease)).slurm_job_id:
+            named.append(holder.slurm_job_id)
+    answers = slurm.jobs_alive(named) if named else {}
+
+    def slurm_alive(job_id: str) -> Optional[bool]:
+        # A lease may have changed since it was read: ask about a job not in the answers on its own.
+        return answers[job_id] if job_id in answers else slurm.job_alive(job_id)
+
+    owners = {job.num: recorded_job_alive(job, me, slurm_alive, records[job.num]) for job in jobs}
+    return {num: owner for num, owner in owners.items() if owner is not None}
 
 
 def preflight(planned: Sequence["PlannedJob"]) -> None:
     """Check every distinct cache and run directory, and every trial's claim on its directory.
 
     Sets each job's ``verdict`` (new, continue, or done: finished with this config and these
-    epochs, so it is not queued again).
+    epochs, so it is not queued again). The jobs that earlier submissions recorded are looked
+    up in one squeue call.
     """
+    caches: dict[tuple[str, str], Path] = {}
     manifests: dict[Path, dict[str, Any]] = {}
     for job in planned:
-        path = cache_file(job.typed.data)
-        if path not in manifests:
-            manifests[path] = check_cache(job.typed)
+        where = (job.typed.data.cache_dir, job.typed.data.filename)
+        if where not in caches:
+            caches[where] = cache_file(job.typed.data)
+            if caches[where] not in manifests:
+                manifests[caches[where]] = check_cache(job.typed)
     for parent in sorted({job.run_dir.parent for job in planned}):
         check_writable(parent)
-    problems: list[str] = []
+    problems: list[tuple[int, str]] = []  # by trial, named in trial order
+    to_run: list["PlannedJob"] = []
     for job in planned:
-        manifest = manifests[cache_file(job.typed.data)]
+        manifest = manifests[caches[(job.typed.data.cache_dir, job.typed.data.filename)]]
         if (batch := check_batch_size(job, manifest)) is not None:
-            problems.append(batch)
+            problems.append((job.num, batch))
             continue
-        identity = claim.identity_of(job.typed, str(manifest["sha256"]))
+        identity = claim.identity_from_flat(job.flat, str(manifest["sha256"]))
         try:
             job.verdict = claim.judge(job.run_dir, identity, job.typed.train.epochs, f"trial {job.num}")
         except claim.RunConflict as exc:
-            problems.append(str(exc))
+            problems.append((job.num, str(exc)))
             continue
-        if job.verdict.action != "done" and (owner := recorded_job_alive(job)) is not None:
-            problems.append(f"{owner}; wait for it to end (or scancel it) before submitting this trial again")
+        if job.verdict.action != "done":
+            to_run.append(job)
+    owners = recorded_owners(to_run)
+    for job in to_run:
+        if (owner := owners.get(job.num)) is not None:
+            problems.append((job.num, f"{owner}; wait for it to end (or scancel it) before submitting this trial again"))
     if problems:
-        shown = problems[:MAX_NAMED] + ([f"... and {len(problems) - MAX_NAMED} more"] if len(problems) > MAX_NAMED else [])
+        messages = [message for _, message in sorted(problems, key=lambda p: p[0])]
+        shown = messages[:MAX_NAMED] + ([f"... and {len(messages) - MAX_NAMED} more"] if len(messages) > MAX_NAMED else [])
         raise PreflightError("nothing was queued:\n  " + "\n  ".join(shown))
-

@@ -13,7 +13,6 @@ What the jobs run on the compute node is :mod:`mnist_hpc.compute.job`.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -30,7 +29,7 @@ from mnist_hpc import rundir, slurm
 from mnist_hpc.compute.entry import JobEntry, environment_versions
 from mnist_hpc.compute.job import LaunchContext, PackedTrainJob, TrainJob
 from mnist_hpc.io import utc_now, write_bytes_atomic
-from mnist_hpc.login.launcher.compose import PlannedJob, plan_jobs
+from mnist_hpc.login.launcher.compose import PlannedJob, SweepComposer, plan_jobs
 from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
 from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher, check_tasks, preflight
 
@@ -38,11 +37,13 @@ log = logging.getLogger(__name__)
 
 
 class SubmissionError(CompactHydraException):
-    """The scheduler refused the submission (e.g. sbatch rejected a partition); nothing was queued."""
+    """The submission did not go through whole: the scheduler refused it (e.g. sbatch rejected a
+    partition; nothing was queued), or the queued jobs' ``job.json`` could not be written (the
+    message names the jobs, which record themselves when they start)."""
 
 
 def folder_root(submitit_folder: str) -> Path:
-    """The fixed part of a submitit folder template (``<sweep>/.submitit/%j`` -> ``<sweep>/.submitit``)."""
+    """The fixed part of a submitit folder template (``<sweep>/.submitit/%A`` -> ``<sweep>/.submitit``)."""
     fixed = itertools.takewhile(lambda part: "%" not in part, Path(submitit_folder).parts)
     return Path(*fixed)
 
@@ -74,7 +75,9 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     from hydra.core.singleton import Singleton
 
     conf = launcher.params
-    planned = plan_jobs(launcher, job_overrides, initial_job_idx)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir)).resolve()
+    composer = getattr(launcher, "composer", None) or SweepComposer(launcher.hydra_context.config_loader, launcher.config)
+    planned = plan_jobs(composer, sweep_dir, job_overrides, initial_job_idx)
     try:
         check_launcher(conf, cluster)
         check_tasks(conf, cluster, planned)
@@ -85,7 +88,6 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             record.restore()  # Hydra's sweeper rewrote multirun.yaml before this refusal
         raise
     todo = [job for job in planned if job.verdict is None or job.verdict.action != "done"]
-    sweep_dir = Path(str(planned[0].config.hydra.sweep.dir))
     if not todo:
         print(summary(sweep_dir, planned, {}, cluster), flush=True)
         return [trial_return(job) for job in planned]
@@ -98,23 +100,23 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
         launcher.hydra_context,
         launcher.task_function,
         Singleton.get_state(),
+        composer.bases(sweep_dir),
     )
     per_task = max(1, int(conf.get("trials_per_task", 1)))
     # Trials packed per Slurm task share one process (one TensorFlow import, one data load).
     groups = pack(todo, per_task)
     versions = environment_versions()
     submitted = time.time()
-    composer = getattr(launcher, "composer", None)
     root = folder_root(folder)
     before = set(root.iterdir()) if root.is_dir() else set()
     futures: list[Any] = []
     try:
         # The context holds Hydra's config loader: pickle it with the loader's own methods.
-        with composer.detached() if composer else contextlib.nullcontext():
+        with composer.detached():
             context.save()
             for chunk in array_chunks(groups, cluster):
                 with executor.batch():
-                    array = [executor.submit(entry(context, group, versions)) for group in chunk]
+                    array = [executor.submit(entry(context, group, versions, per_task > 1)) for group in chunk]
                 futures += array  # queued: only now may its jobs be looked at
     except BaseException as exc:
         from submitit.core.utils import FailedJobError
@@ -135,11 +137,22 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     for sjob, group in zip(futures, groups):
         for slot, job in enumerate(group):
             task_of[job.num] = (sjob, slot if per_task > 1 else None)
+    # Only now, with the jobs queued, may a job.json name them; one flush for all of them.
+    now = utc_now()
     tasks = int(conf.get("nodes", 1)) * int(conf.get("tasks_per_node", 1))
+    records = {}
     for job in todo:
         sjob, slot = task_of[job.num]
-        record_submission(job, sjob, cluster, packed_slot=slot, tasks=tasks)
-    print(summary(sweep_dir, planned, {num: sjob for num, (sjob, _) in task_of.items()}, cluster), flush=True)
+        records[job.num] = rundir.JobRecord.of(cluster, str(sjob.job_id), sjob.paths, job.run_dir, job.overrides, job.num, slot, now, tasks)
+    try:
+        rundir.write_jobs(list(records.values()))
+    except OSError as exc:  # queued all the same: each job writes its own job.json when it starts
+        raise SubmissionError(
+            f"queued {len(futures)} task(s) ({', '.join(sorted({r.array_job_id or r.job_id for r in records.values()}))}), "
+            f"but their job.json files could not be written ({exc}); each job writes its own when it starts, so "
+            f"mnist-hpc-status {sweep_dir} shows the trials from then on. Free space or fix permissions there."
+        ) from exc
+    print(summary(sweep_dir, planned, records, cluster), flush=True)
     if conf.get("report_after") and cluster == "slurm":
         report = queue_report(executor, conf, sweep_dir, futures)
         print(f"report job {report.job_id}: writes {sweep_dir / 'report'} once every task above has ended", flush=True)
@@ -188,9 +201,9 @@ def queue_report(executor: Any, conf: Any, sweep_dir: Path, tasks: Sequence[Any]
     return executor.submit(ReportJob(sweep_dir))
 
 
-def entry(context: LaunchContext, group: Sequence[PlannedJob], versions: dict[str, Optional[str]]) -> JobEntry:
+def entry(context: LaunchContext, group: Sequence[PlannedJob], versions: dict[str, Optional[str]], packed: bool) -> JobEntry:
     """What one task runs: its trial, or its trials one after another, behind a version-checking entry."""
-    jobs = [TrainJob(context, job.config, job.run_dir) for job in group]
+    jobs = [TrainJob(context, job.spec, job.run_dir, slot if packed else None) for slot, job in enumerate(group)]
     return JobEntry(jobs[0] if len(jobs) == 1 else PackedTrainJob(jobs), [job.run_dir for job in group], versions)
 
 
@@ -246,42 +259,18 @@ class QueuedReturn(JobReturn):
         return self._return_value
 
 
-def record_submission(job: PlannedJob, sjob: Any, cluster: str, packed_slot: Optional[int] = None, tasks: int = 1) -> None:
-    """Write ``job.json`` into the run directory: ids and log paths, for status and report."""
-    job_id = str(sjob.job_id)
-    array_job_id, _, array_task = job_id.partition("_")
-    rundir.write_job(
-        job.run_dir,
-        rundir.JobRecord(
-            cluster=cluster,
-            job_id=job_id,
-            run_dir=str(job.run_dir),
-            overrides=list(job.overrides),
-            trial=job.num,
-            array_job_id=array_job_id if array_task else None,
-            array_task_id=int(array_task) if array_task else None,
-            packed_slot=packed_slot,
-            tasks=tasks,
-            stdout=str(sjob.paths.stdout),
-            stderr=str(sjob.paths.stderr),
-            submitit_folder=str(sjob.paths.folder),
-            submitted=utc_now(),
-        ),
-    )
-
-
-def summary(sweep_dir: Path, planned: Sequence[PlannedJob], tasks: dict[int, Any], cluster: str) -> str:
+def summary(sweep_dir: Path, planned: Sequence[PlannedJob], records: dict[int, rundir.JobRecord], cluster: str) -> str:
     """What was queued (job ids, run directories, logs) and what was not because it is done already."""
-    ids = sorted({str(j.job_id).partition("_")[0] for j in tasks.values()})
-    lines = [f"queued {len(tasks)} job(s) on {cluster}: {', '.join(ids)}" if tasks else "nothing to queue", f"sweep dir: {sweep_dir}"]
+    ids = sorted({r.array_job_id or r.job_id for r in records.values()})
+    lines = [f"queued {len(records)} job(s) on {cluster}: {', '.join(ids)}" if records else "nothing to queue", f"sweep dir: {sweep_dir}"]
     for job in planned:
-        sjob = tasks.get(job.num)
-        if sjob is None:
+        record = records.get(job.num)
+        if record is None:
             lines.append(f"  [{job.num}] already finished with this config: {job.run_dir} (not queued again)")
             continue
-        lines.append(f"  [{job.num}] job {sjob.job_id}  {' '.join(job.overrides) or '(defaults)'}")
+        lines.append(f"  [{job.num}] job {record.job_id}  {' '.join(job.overrides) or '(defaults)'}")
         lines.append(f"      run dir: {job.run_dir}")
-        lines.append(f"      logs:    {sjob.paths.stdout}")
-        lines.append(f"               {sjob.paths.stderr}")
+        lines.append(f"      logs:    {record.stdout}")
+        lines.append(f"               {record.stderr}")
     lines.append(f"check on them with: mnist-hpc-status {sweep_dir}")
     return "\n".join(lines)
