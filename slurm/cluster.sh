@@ -570,11 +570,14 @@ node_state() {
 }
 
 # idle/mixed/allocated/completing without a trailing "*" (= not responding)
-# are the states in which the node runs jobs.
+# are the states in which the node runs jobs; so is planned ("plnd": backfill
+# keeps the node for a pending job that waits for more resources, e.g. one
+# asking for more nodes than the partition has, and still starts jobs on it
+# that end before then).
 node_usable() {
   local st
   st=$(node_state "$1") || return 1
-  [[ $st =~ ^(idle|mixed|allocated|completing)$ ]]
+  [[ $st =~ ^(idle|mixed|allocated|completing|planned)$ ]]
 }
 
 start_slurmctld() {

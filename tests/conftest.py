@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -115,3 +117,20 @@ def small_tmpfs(tmp_path: Path):
     yield mount
     for point in reversed(mounted):
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs(request: pytest.FixtureRequest):
+    """After a test, its Slurm jobs still queued or running (submitted from its tmp_path) are cancelled.
+
+    A test that fails half-way would otherwise leave jobs that hold CPUs, or wait for more than
+    the cluster has, under every test after it.
+    """
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if tmp is None or shutil.which("squeue") is None:
+        return
+    out = subprocess.run(["squeue", "-h", "-o", "%A %Z"], capture_output=True, text=True, timeout=30).stdout
+    mine = [line.split()[0] for line in out.splitlines() if len(line.split()) == 2 and line.split()[1].startswith(str(tmp))]
+    if mine:
+        subprocess.run(["scancel", *mine], capture_output=True, timeout=30)

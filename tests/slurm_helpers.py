@@ -19,12 +19,15 @@ TRAIN = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main
 
 
 def require_cluster() -> None:
-    """Skip locally without a cluster; in CI a missing cluster is a failure."""
-    ok = shutil.which("sinfo") is not None and subprocess.run(
-        [str(REPO / "slurm" / "cluster.sh"), "status"], capture_output=True, timeout=60
-    ).returncode == 0
-    if not ok:
+    """Skip locally without a cluster; in CI a missing cluster is a failure that says what was seen."""
+    status = None
+    if shutil.which("sinfo") is not None:
+        status = subprocess.run([str(REPO / "slurm" / "cluster.sh"), "status"], capture_output=True, text=True, timeout=60)
+    if status is None or status.returncode != 0:
         message = "no local Slurm cluster: run `slurm/cluster.sh start` (as root)"
+        if status is not None:
+            queue = subprocess.run(["squeue", "-o", "%i %T %r %D %j"], capture_output=True, text=True, timeout=30)
+            message += f"\ncluster.sh status:\n{status.stdout}{status.stderr}squeue:\n{queue.stdout}{queue.stderr}"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
