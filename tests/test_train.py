@@ -136,6 +136,18 @@ def test_deterministic_runs_give_identical_metrics(compose, synthetic_cache: Pat
     assert "val_accuracy" in h1[0] and first["best_val_accuracy"] >= first["val_accuracy"]
 
 
+@pytest.mark.parametrize("execution", ["keras_fit", "compiled_loop"])
+def test_a_deterministic_run_with_validation_logs_no_tensorflow_error_line(synthetic_cache: Path, tmp_path: Path, execution: str):
+    """Arrays handed to evaluate under op determinism made TensorFlow log an E0000 line into every job log."""
+    overrides = tiny_overrides(synthetic_cache, tmp_path) + [
+        "train.deterministic=true", "data.validation_split=0.2", f"train.execution={execution}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_train_cli(overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("E0000") or "use_unbounded_threadpool" in line]
+    assert errors == []
+
+
 @pytest.mark.slow
 def test_real_mnist_reaches_the_lessons_accuracy(tmp_path: Path):
     """Import the real mnist.npz with --from, train the default config, reach >= 0.975."""

@@ -33,6 +33,20 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def batches(xy: Optional[tuple[np.ndarray, np.ndarray]], batch_size: int) -> Any:
+    """``(x, y)`` as a ``tf.data`` pipeline of fixed batches, in order, for evaluate and predict.
+
+    The same batches Keras cuts from arrays. Given arrays, Keras builds its own pipeline with a
+    parallel map that op determinism rewrites, and TensorFlow then logs an ``E0000 ...
+    use_unbounded_threadpool`` line into every deterministic job's log.
+    """
+    if xy is None:
+        return None
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(xy).batch(batch_size)
+
+
 def has_batch_hooks(callbacks: Sequence[Any]) -> bool:
     """Whether any callback overrides a per-batch training hook (so wants to see every batch)."""
     import keras
@@ -94,7 +108,7 @@ class FitEngine:
         lesson_train = data.lesson("train")
         assert lesson_train is not None
         self.x, self.y = lesson_train
-        self.validation = data.lesson("val")
+        self.validation = batches(data.lesson("val"), train.batch_size)
         self.steps_per_epoch = -(-self.x.shape[0] // train.batch_size)
 
     def run_epoch(
@@ -332,7 +346,7 @@ class CompiledEngine:
         args = (model, data.x_train, data.y_train, train.batch_size, train.steps_per_execution, jit_compile)
         self.loop = workers.make_loop(*args) if workers is not None else CompiledLoop(*args)
         self.is_chief = workers is None or workers.is_chief
-        self.validation = data.lesson("val") if self.is_chief else None
+        self.validation = batches(data.lesson("val"), train.batch_size) if self.is_chief else None
         self.steps_per_epoch = self.loop.steps_per_epoch
 
     def run_epoch(
@@ -370,11 +384,8 @@ class CompiledEngine:
         # history.csv columns and log lines stay the same under either execution.
         logs = dict(sorted(model.get_metrics_result().items()))
         if self.validation is not None:
-            x_val, y_val = self.validation
             evaluator = self.workers.plain_model(model) if self.workers is not None else model
-            val = evaluator.evaluate(
-                x_val, y_val, batch_size=train.batch_size, callbacks=list(callbacks), verbose=0, return_dict=True
-            )
+            val = evaluator.evaluate(self.validation, callbacks=list(callbacks), verbose=0, return_dict=True)
             logs.update({f"val_{k}": v for k, v in sorted(val.items())})
         logs = {k: float(v) for k, v in logs.items()}
         hooks.on_epoch_end(epoch, logs)

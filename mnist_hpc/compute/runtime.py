@@ -122,12 +122,33 @@ def configure_tensorflow(train: TrainConfig, runtime: RuntimeInfo) -> dict[str, 
     except RuntimeError:
         # The runtime was already initialised in this process (a second run in one interpreter).
         log.warning("TensorFlow already initialised; keeping its thread pools as they are")
+    gpu_memory_growth(tf)
     if train.deterministic:
         tf.config.experimental.enable_op_determinism()
     return {
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or None,
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or None,
     }
+
+
+def gpu_memory_growth(tf: Any) -> list[str]:
+    """Let every visible GPU's memory grow as needed instead of being taken whole at start-up.
+
+    Packed trials run one after another in one process, and several tasks may share a node's
+    GPUs: without growth the first TensorFlow context takes (almost) all of a GPU's memory.
+    Returns the GPUs set; on a CPU node, none.
+    """
+    done = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            # Already initialised in this process (a second trial): growth was set by the first.
+            if not tf.config.experimental.get_memory_growth(gpu):
+                log.warning("%s was initialised without memory growth; it keeps its whole memory", gpu.name)
+                continue
+        done.append(gpu.name)
+    return done
 
 
 def _dist_version(*names: str) -> Optional[str]:

@@ -23,7 +23,7 @@ from mnist_hpc import claim, rundir
 from mnist_hpc.compute import checkpoint, distribute
 from mnist_hpc.compute.cluster import LayoutError, TaskLayout, resolve_distribution, task_layout
 from mnist_hpc.compute.data import MnistData, load_mnist
-from mnist_hpc.compute.engine import build_engine
+from mnist_hpc.compute.engine import batches, build_engine
 from mnist_hpc.compute.runtime import RuntimeInfo, configure_tensorflow, provenance
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted
 from mnist_hpc.compute.tensorboard import TensorBoardLog
@@ -312,8 +312,8 @@ def _write_outputs(run_dir: Path, data: MnistData, model: Any, history: list[dic
     """The chief's final evaluation and outputs (a model without collectives: see ``plain_model``)."""
     test = data.lesson("test")
     assert test is not None
-    x_test, y_test = test
-    test_loss, test_accuracy = model.evaluate(x_test, y_test, batch_size=EVAL_BATCH_SIZE, verbose=0)
+    test_batches = batches(test, EVAL_BATCH_SIZE)
+    test_loss, test_accuracy = model.evaluate(test_batches, verbose=0)
     result: dict[str, float] = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy)}
     val_accs = [r["val_accuracy"] for r in history if "val_accuracy" in r]
     if val_accs:
@@ -321,7 +321,7 @@ def _write_outputs(run_dir: Path, data: MnistData, model: Any, history: list[dic
         result["best_val_accuracy"] = max(val_accs)
     log.info("test_loss=%.4f test_accuracy=%.4f", result["test_loss"], result["test_accuracy"])
 
-    probabilities = model.predict(x_test, batch_size=EVAL_BATCH_SIZE, verbose=0)
+    probabilities = model.predict(test_batches, verbose=0)
     rundir.write_predictions(run_dir, data.y_test, probabilities, data.x_test)
     rundir.write_history(run_dir, history)
     rundir.save_model(run_dir, model)
