@@ -195,6 +195,7 @@ def test_a_hopeless_trial_is_pruned_and_keeps_its_outputs(synthetic_cache, tmp_p
         (["hydra.sweeper.sampler._target_=optuna.samplers.NoSuchSampler"], "hydra.sweeper.sampler cannot be built"),
         (["model.dropout=choice(0.1,1.5)"], "model.dropout=1.5 would fail"),
         (["hydra.sweeper.workers=0"], "hydra.sweeper.workers=0"),
+        (["hydra.launcher.tasks_per_node=2"], "ask for more workers instead: hydra.sweeper.workers=N"),
     ],
 )
 def test_a_search_that_cannot_run_is_refused_before_queueing(synthetic_cache, tmp_path, extra, message):

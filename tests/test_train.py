@@ -62,6 +62,12 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
     assert metrics["trainable_params"] == 407_050
     assert metrics["history"][0]["seconds"] > 0 and metrics["wall_time_s"] >= metrics["train_time_s"] > 0
     assert metrics["threads"] == {"intra_op_threads": 1, "inter_op_threads": 1}
+    # Where the wall time went: laps that follow each other, so they add up to (almost) all of it.
+    phases = metrics["phases"]
+    assert set(phases) == {"load_s", "claim_s", "setup_s", "epochs_s", "evaluate_s", "write_s"}
+    assert all(v >= 0 for v in phases.values())
+    assert phases["epochs_s"] >= metrics["history"][0]["seconds"]
+    assert sum(phases.values()) <= metrics["wall_time_s"] <= sum(phases.values()) + 1.0
 
     with open(run_dir / "history.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -168,3 +174,25 @@ def test_real_mnist_reaches_the_lessons_accuracy(tmp_path: Path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs_completed"] == 5
     assert metrics["test_accuracy"] >= 0.975
+
+
+def test_test_scores_from_predictions_equal_kerass_loss_and_accuracy():
+    """One pass over the test set: the scores computed from the predictions are Keras's own."""
+    import keras
+
+    from mnist_hpc.compute.train import test_scores
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1000, 10)).astype(np.float32) * 4
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    probabilities[:5] = 0.0  # rows that clip: a zero probability for the true class
+    probabilities[:5, 0] = 1.0
+    labels = rng.integers(0, 10, size=1000)
+    labels[:5] = 3
+    y = np.eye(10, dtype=np.float32)[labels]
+    scores = test_scores(probabilities, y)
+    expected_loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(y, probabilities))))
+    expected_accuracy = float(np.mean(keras.ops.convert_to_numpy(keras.metrics.categorical_accuracy(y, probabilities))))
+    assert scores["test_loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert scores["test_accuracy"] == pytest.approx(expected_accuracy, abs=1e-7) and scores["test_accuracy"] * 1000 == int(round(expected_accuracy * 1000))
+    assert scores["test_loss"] > 16 * 5 / 1000  # the five clipped rows add -log(1e-7) = 16.1 each

@@ -33,8 +33,8 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batches(xy: Optional[tuple[np.ndarray, np.ndarray]], batch_size: int) -> Any:
-    """``(x, y)`` as a ``tf.data`` pipeline of fixed batches, in order, for evaluate and predict.
+def batches(xy: Any, batch_size: int) -> Any:
+    """``(x, y)`` (or ``x``) as a ``tf.data`` pipeline of fixed batches, in order, for evaluate and predict.
 
     The same batches Keras cuts from arrays. Given arrays, Keras builds its own pipeline with a
     parallel map that op determinism rewrites, and TensorFlow then logs an ``E0000 ...

@@ -141,7 +141,7 @@ class TrainJob:
         from mnist_hpc.compute.cluster import quiet_worker_config
         from mnist_hpc.compute.distribute import writes_failure
         from mnist_hpc.compute.runtime import RuntimeInfo
-        from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted
+        from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, hand_over
 
         runtime = RuntimeInfo.from_env()
         self.ensure_recorded()
@@ -159,7 +159,7 @@ class TrainJob:
         if runtime.is_worker_task:
             quiet_worker_config(config)
         # submitit's USR2 handler (checkpoint, requeue, count timeouts): our request replaces it
-        # for the whole job, training stops at a step boundary first; see _after_stop.
+        # for the whole job, training stops at a step boundary first; see hand_over.
         submitit_handler = StopRequest.handler_before(signal.SIGUSR2)
         with StopRequest(ignore_after=True):
             ret = run_job(
@@ -172,7 +172,7 @@ class TrainJob:
         if ret.status == JobStatus.FAILED:
             error = unwrap(ret._return_value)
             if isinstance(error, TrainingInterrupted):
-                error = self._after_stop(error, submitit_handler, runtime)
+                error = hand_over(error, submitit_handler, chief=not runtime.is_worker_task)
             if isinstance(error, UncompletedJobError):  # time is up and no requeue is left
                 error = RequeueLimitReached(
                     f"{error} The job reached its time limit with no requeue left "
@@ -227,25 +227,6 @@ class TrainJob:
         except (rundir.RunFileError, OSError, pickle.UnpicklingError, ConfigError):
             return False  # running it records why it cannot run
         return metrics is not None and len(metrics["history"]) == epochs
-
-    @staticmethod
-    def _after_stop(stop: Any, submitit_handler: Any, runtime: Any) -> BaseException:
-        """Training stopped at a step boundary with its checkpoint written: requeue or exit.
-
-        On USR2 the chief hands over to submitit's handler, which requeues the job through
-        :meth:`checkpoint` and exits, or raises ``UncompletedJobError`` when no requeue is left
-        (returned here, to be recorded like any time-out). Otherwise (SIGTERM: cancel or
-        preemption, which Slurm requeues itself; another worker) the process just exits.
-        """
-        from submitit.core.utils import UncompletedJobError
-
-        log.warning("%s", stop)
-        if stop.requeue and callable(submitit_handler) and not runtime.is_worker_task:
-            try:
-                submitit_handler(signal.SIGUSR2, None)
-            except UncompletedJobError as exc:
-                return exc
-        sys.exit(stop.exit_code)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """The resubmission after a timeout or preemption: this job again, resuming from disk."""

@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ from mnist_hpc import rundir
 from mnist_hpc import search as sd
 from mnist_hpc.compute.failures import unwrap
 from mnist_hpc.compute.job import LaunchContext, _reset_keras_state, record_failure
+from mnist_hpc.compute.signals import TrainingInterrupted, hand_over
 from mnist_hpc.io import utc_now
 
 log = logging.getLogger(__name__)
@@ -357,6 +359,13 @@ class SearchWorker:
             elif isinstance(error, optuna.TrialPruned):
                 log.info("trial %d %s", trial.number, error)
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            elif isinstance(error, TrainingInterrupted):
+                # USR2 or SIGTERM: stopped at a step boundary with its checkpoint. The trial stays
+                # RUNNING under this worker: submitit's handler requeues the worker (SystemExit), which
+                # resumes it; with no requeue left the trial is interrupted for another worker to retry.
+                handed = hand_over(error, signal.getsignal(signal.SIGUSR2), chief=True)
+                self._interrupt(study, trial, f"its worker ran out of time: {handed}")
+                raise handed
             elif isinstance(error, UncompletedJobError):  # out of time with no requeue left
                 self._interrupt(study, trial, f"its worker ran out of time: {error}")
                 raise error

@@ -127,6 +127,26 @@ class StopRequest:
         return signal.getsignal(sig)
 
 
+def hand_over(stop: TrainingInterrupted, submitit_handler: Any, chief: bool) -> BaseException:
+    """A job's training stopped at a step boundary with its checkpoint written: requeue or exit.
+
+    On USR2 the chief hands over to submitit's handler, which requeues the job through the
+    callable's ``checkpoint`` and exits (``SystemExit``), or raises ``UncompletedJobError`` when
+    no requeue is left (returned here, to be recorded like any time-out). Otherwise (SIGTERM:
+    cancel or preemption, which Slurm requeues itself; a worker that is not the chief) the
+    process just exits.
+    """
+    from submitit.core.utils import UncompletedJobError
+
+    log.warning("%s", stop)
+    if stop.requeue and callable(submitit_handler) and chief:
+        try:
+            submitit_handler(signal.SIGUSR2, None)
+        except UncompletedJobError as exc:
+            return exc
+    sys.exit(stop.exit_code)
+
+
 def requeue_job(job_id: str) -> Optional[str]:
     """Ask Slurm to requeue ``job_id`` (it then ends this attempt); the reason if it refused."""
     try:

@@ -217,6 +217,10 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     if cluster is None:
         raise _refuse("the asynchronous search runs its workers with hydra/launcher=slurm (or local); "
                       f"{launcher.get('_target_')} is not supported")
+    tasks = int(launcher.get("nodes", 1)) * int(launcher.get("tasks_per_node", 1))
+    if tasks > 1:
+        raise _refuse(f"a search worker trains its trials in one process, but hydra.launcher asks for {tasks} tasks per "
+                      "job (nodes x tasks_per_node); ask for more workers instead: hydra.sweeper.workers=N")
     search_dir = Path(str(config.hydra.sweep.dir)).resolve()
     check_writable(search_dir)
     spec = build_spec(config.hydra.sweeper, arguments)
