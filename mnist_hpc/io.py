@@ -85,7 +85,7 @@ def write_files_atomic(files: Sequence[tuple[Path, bytes]]) -> None:
     file is fsynced as :func:`atomic_path` does. On an error before the renames no target
     has changed and the temporary files are gone.
     """
-    pending: list[tuple[Path, Path]] = []
+    pending: list[tuple[Path, Path, bytes]] = []
     try:
         for target, data in files:
             target = Path(target)
@@ -99,19 +99,25 @@ def write_files_atomic(files: Sequence[tuple[Path, bytes]]) -> None:
                 fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
                 tmp = Path(name)
                 os.fchmod(fd, _file_mode())
-            pending.append((tmp, target))
+            pending.append((tmp, target, data))
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-        roots = _filesystems(target.parent for _, target in pending)
+        roots = _filesystems(target.parent for _, target, _ in pending)
         synced = all(sync_filesystem(root) for root in roots)
         if not synced:
-            for tmp, _ in pending:
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        for tmp, target in pending:
-            os.replace(tmp, target)
+            for tmp, _, _ in pending:
+                with contextlib.suppress(FileNotFoundError):
+                    with open(tmp, "rb+") as fh:
+                        os.fsync(fh.fileno())
+        for tmp, target, data in pending:
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError:
+                # Its temporary was removed meanwhile: a job that started in that directory took
+                # the lease and cleared what it took for a dead writer's leftovers. Write it alone.
+                write_bytes_atomic(target, data)
     except BaseException:
-        for tmp, _ in pending:
+        for tmp, _, _ in pending:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         raise
@@ -119,7 +125,7 @@ def write_files_atomic(files: Sequence[tuple[Path, bytes]]) -> None:
         for root in roots:
             sync_filesystem(root)
     else:
-        for directory in {target.parent for _, target in pending}:
+        for directory in {target.parent for _, target, _ in pending}:
             fsync_dir(directory)
 
 

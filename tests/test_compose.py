@@ -317,3 +317,22 @@ def test_liveness_of_many_jobs_is_read_from_one_squeue_listing():
         "371_0": True, "371_2": True, "373": True, "371": True, "371_3": False, "374": False, "385": False, "390": True,
         "999": False, "371_9": False,
     }
+
+
+def test_a_batch_write_whose_temporary_vanished_writes_that_file_alone(tmp_path, monkeypatch):
+    """A job that starts before the launcher's batch lands takes its lease and removes the directory's
+    temporaries (a dead writer's, it must assume): that job.json is then written on its own."""
+    from mnist_hpc import io, rundir
+
+    files = [(tmp_path / str(i) / "job.json", f"record {i}".encode()) for i in range(3)]
+    real_sync = io.sync_filesystem
+
+    def sync_and_claim(directory):
+        # Between the writes and the renames: the claim's cleanup in run directory 1.
+        rundir.remove_stale_temporaries(tmp_path / "1")
+        return real_sync(directory)
+
+    monkeypatch.setattr(io, "sync_filesystem", sync_and_claim)
+    io.write_files_atomic(files)
+    assert [p.read_bytes() for p, _ in files] == [data for _, data in files]
+    assert not list(tmp_path.rglob(".*.tmp*"))

@@ -350,3 +350,18 @@ def test_two_workers_on_real_mnist_reach_the_single_workers_accuracy(tmp_path, c
     assert two["workers"] == 2 and two["epochs_completed"] == 5
     assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.005, (two["test_accuracy"], one["test_accuracy"])
     assert two["test_accuracy"] >= 0.975
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"SLURM_JOB_ID": "101", "SLURM_ARRAY_JOB_ID": "100", "SLURM_ARRAY_TASK_ID": "1"}, "/s/.submitit/100/100_1_1_log.err"),
+        ({"SLURM_JOB_ID": "101"}, "/s/.submitit/101/101_1_log.err"),
+    ],
+)
+def test_a_workers_log_is_named_as_submitit_names_it_with_one_folder_per_array(env, expected):
+    """The launcher's default folder is .submitit/%A: a failure must point at a file that exists there."""
+    from mnist_hpc.compute.runtime import RuntimeInfo
+
+    runtime = RuntimeInfo.from_env({**env, "SUBMITIT_FOLDER": "/s/.submitit/%A"})
+    assert runtime.task_log(1) == expected

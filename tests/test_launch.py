@@ -178,6 +178,9 @@ class _FakeTrial:
     def finished(self):
         return False
 
+    def ensure_recorded(self):
+        self.calls.append(f"record {self.run_dir.name}")
+
     def __call__(self):
         self.calls.append(self.run_dir.name)
         if self.error is not None:
@@ -200,7 +203,9 @@ def test_packed_task_isolates_failures_but_stops_when_time_is_up(tmp_path, error
     expected = PackedTrialsFailed if runs_third else RequeueLimitReached
     with pytest.raises(expected):
         PackedTrainJob(trials)()
-    assert calls == (["0", "1", "2"] if runs_third else ["0", "1"])
+    # Every trial records itself before the first runs (a submission that died before job.json).
+    assert calls[:3] == ["record 0", "record 1", "record 2"]
+    assert calls[3:] == (["0", "1", "2"] if runs_third else ["0", "1"])
 
 
 def test_local_launcher_with_wait_blocks_until_trials_end_and_fails_with_a_failed_trial(synthetic_cache, tmp_path):

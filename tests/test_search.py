@@ -257,3 +257,24 @@ def test_status_of_a_damaged_search_notes_it_and_shows_the_rest(tmp_path, damage
     if damage == "bad_beat":
         assert "w2.json is not a usable worker heartbeat" in proc.stderr
         assert "0.7000" in proc.stdout
+
+
+@pytest.mark.parametrize("signum, exit_code, handler_calls", [(15, 143, 0), (12, None, 1)])
+def test_a_signal_between_trials_ends_the_worker_before_it_asks_for_another(tmp_path, signum, exit_code, handler_calls):
+    """USR2 or SIGTERM that came after a trial's last step boundary (or during ask and tell) is acted on
+    before the next ask: USR2 goes to submitit's requeue, SIGTERM exits; no trial is asked for."""
+    from mnist_hpc.compute.signals import StopRequest
+
+    calls: list[int] = []
+
+    def submitit_handler(sig, frame):  # stands in for submitit's: requeue, then exit
+        calls.append(sig)
+        raise SystemExit(0)
+
+    worker = SearchWorker.__new__(SearchWorker)
+    worker._spec = lambda: pytest.fail("the worker asked for another trial")  # type: ignore[method-assign]
+    stop = StopRequest()
+    stop.signum = signum
+    with pytest.raises(SystemExit) as ended:
+        worker._loop(None, None, "7", None, [], stop, submitit_handler)
+    assert len(calls) == handler_calls and (exit_code is None or ended.value.code == exit_code)

@@ -170,10 +170,14 @@ def test_a_job_runs_through_a_python_wrapper(synthetic_cache: Path, tmp_path: Pa
 
 
 def test_report_job_starts_after_the_last_trial_ends_even_when_one_failed(synthetic_cache: Path, tmp_path: Path):
-    """hydra.launcher.report_after=true: a report job with --dependency=afterany on the sweep's array."""
+    """hydra.launcher.report_after=true: a report job with --dependency=afterany on the sweep's array.
+
+    The trials ask for 2 CPUs each; the one-CPU report job must not pass their srun --cpus-per-task on.
+    """
     sweep = tmp_path / "sweep"
     args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.launcher.report_after=true",
                                "data.validation_split=0.1,1e-9")
+    args = ["hydra.launcher.cpus_per_task=2" if a == "hydra.launcher.cpus_per_task=1" else a for a in args]
     proc = submit(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [report_id] = [line.split()[2].rstrip(":") for line in proc.stdout.splitlines() if line.startswith("report job ")]

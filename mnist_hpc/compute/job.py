@@ -172,7 +172,8 @@ class TrainJob:
         if ret.status == JobStatus.FAILED:
             error = unwrap(ret._return_value)
             if isinstance(error, TrainingInterrupted):
-                error = hand_over(error, submitit_handler, chief=not runtime.is_worker_task)
+                log.warning("%s", error)
+                error = hand_over(error.signum, submitit_handler, chief=not runtime.is_worker_task)
             if isinstance(error, UncompletedJobError):  # time is up and no requeue is left
                 error = RequeueLimitReached(
                     f"{error} The job reached its time limit with no requeue left "
@@ -258,6 +259,10 @@ class PackedTrainJob:
     def _run_all(self) -> list[Any]:
         results: list[Any] = []
         failed: list[str] = []
+        # Every trial of the task at once: status and a resubmission see the later ones as queued
+        # even when the submission died before their job.json (not only when each starts).
+        for job in self.jobs:
+            job.ensure_recorded()
         for job in self.jobs:
             if job.finished():
                 log.info("trial %s already finished; skipping", job.run_dir.name)

@@ -55,7 +55,7 @@ class RuntimeInfo:
     slurm_distribution: Optional[str] = None
     # CPUs this process may run on (its affinity mask): what Slurm's task binding really gave it.
     cpus_allowed: Optional[int] = None
-    # submitit's folder for this job's pickles and logs (%j unexpanded); None outside submitit.
+    # submitit's folder for this job's pickles and logs (%j, %A unexpanded); None outside submitit.
     submitit_folder: Optional[str] = None
 
     @classmethod
@@ -82,8 +82,9 @@ class RuntimeInfo:
     def task_log(self, task: int) -> str:
         """Where Slurm task ``task`` of this job writes its log: submitit's per-task file, or the job's output."""
         if self.submitit_folder and self.slurm_job_id:
-            job = self.job_label or self.slurm_job_id
-            return str(Path(self.submitit_folder.replace("%j", job)) / f"{job}_{task}_log.err")
+            from submitit.core.utils import JobPaths  # its own expansion of %j, %A, %a, %t
+
+            return str(JobPaths(self.submitit_folder, job_id=self.job_label or self.slurm_job_id, task_id=task).stderr)
         return "the job's output file (sbatch --output)"
 
     @property

@@ -36,7 +36,7 @@ from mnist_hpc import rundir
 from mnist_hpc import search as sd
 from mnist_hpc.compute.failures import unwrap
 from mnist_hpc.compute.job import LaunchContext, _reset_keras_state, record_failure
-from mnist_hpc.compute.signals import TrainingInterrupted, hand_over
+from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, hand_over
 from mnist_hpc.io import utc_now
 
 log = logging.getLogger(__name__)
@@ -156,33 +156,51 @@ class SearchWorker:
                              started=utc_now(), trials_run=list(ran), log=before.log)
         heartbeat = Heartbeat(self.search_dir, beat, spec.heartbeat_s).start()
         storage = sd.open_storage(self.search_dir)
+        # One stop request for the whole worker, as a launcher job has: USR2 or SIGTERM during a
+        # trial stops it at its next step boundary; between trials (or inside ask and tell) it is
+        # acted on at the top of the loop, never in the middle of a study update.
+        submitit_handler = StopRequest.handler_before(signal.SIGUSR2)
+        stop = StopRequest(ignore_after=True)
         try:
-            while True:
-                spec = self._spec()
-                study = optuna.load_study(
-                    study_name=spec.study_name, storage=storage,
-                    sampler=self._sampler(spec, me, storage), pruner=self._pruner(spec),
-                )
-                step = self._next(study, spec, me, heartbeat)
-                if step is None:
-                    break
-                if step == "wait":
-                    time.sleep(spec.heartbeat_s)
-                    continue
-                heartbeat.now(trial=step.number)
-                self._run_trial(hydra_context, study, spec, step)
-                ran.append(step.number)
-                heartbeat.now(trial=None, trials_run=list(ran))
-                _reset_keras_state()
+            with stop:
+                self._loop(hydra_context, storage, me, heartbeat, ran, stop, submitit_handler)
         except BaseException as exc:
-            # SystemExit is submitit's requeue: the trial stays RUNNING under this job id and the
-            # requeued job resumes it.
-            requeued = isinstance(exc, SystemExit)
+            # SystemExit after USR2 is submitit's requeue: a trial stopped at a step boundary stays
+            # RUNNING under this job id and the requeued job resumes it.
+            requeued = isinstance(exc, SystemExit) and stop.signum != signal.SIGTERM
             heartbeat.stop(state="requeued" if requeued else "stopped", message=rundir.error_line(exc))
             raise
+        spec = self._spec()
         heartbeat.stop(state="done", trial=None, message=f"the study has its {spec.n_trials} trials")
         log.info("worker %s ends: the study has its %d trials; this worker ran %s", me, spec.n_trials, ran)
         return ran
+
+    def _loop(self, hydra_context: Any, storage: Any, me: str, heartbeat: Heartbeat, ran: list[int],
+              stop: StopRequest, submitit_handler: Any) -> None:
+        """ask -> train -> tell until the study has its trials; a stop request ends it between trials."""
+        import optuna
+
+        while True:
+            if stop.requested:
+                assert stop.signum is not None
+                log.warning("stopping between trials on %s", signal.Signals(stop.signum).name)
+                raise hand_over(stop.signum, submitit_handler, chief=True)
+            spec = self._spec()
+            study = optuna.load_study(
+                study_name=spec.study_name, storage=storage,
+                sampler=self._sampler(spec, me, storage), pruner=self._pruner(spec),
+            )
+            step = self._next(study, spec, me, heartbeat)
+            if step is None:
+                return
+            if step == "wait":
+                time.sleep(spec.heartbeat_s)
+                continue
+            heartbeat.now(trial=step.number)
+            self._run_trial(hydra_context, study, spec, step, submitit_handler)
+            ran.append(step.number)
+            heartbeat.now(trial=None, trials_run=list(ran))
+            _reset_keras_state()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """On a time limit or preemption: this worker again; it resumes its RUNNING trial."""
@@ -329,7 +347,7 @@ class SearchWorker:
         trial.set_user_attr(sd.RESUMED_FROM_ATTR, int(origin))
         log.info("trial %d starts from the checkpoints of interrupted trial %s", trial.number, origin)
 
-    def _run_trial(self, hydra_context: Any, study: Any, spec: sd.SearchSpec, trial: Any) -> None:
+    def _run_trial(self, hydra_context: Any, study: Any, spec: sd.SearchSpec, trial: Any, submitit_handler: Any) -> None:
         import optuna
         from hydra.core.utils import JobStatus, run_job
         from submitit.core.utils import UncompletedJobError
@@ -363,7 +381,7 @@ class SearchWorker:
                 # USR2 or SIGTERM: stopped at a step boundary with its checkpoint. The trial stays
                 # RUNNING under this worker: submitit's handler requeues the worker (SystemExit), which
                 # resumes it; with no requeue left the trial is interrupted for another worker to retry.
-                handed = hand_over(error, signal.getsignal(signal.SIGUSR2), chief=True)
+                handed = hand_over(error.signum, submitit_handler, chief=True)
                 self._interrupt(study, trial, f"its worker ran out of time: {handed}")
                 raise handed
             elif isinstance(error, UncompletedJobError):  # out of time with no requeue left

@@ -127,8 +127,8 @@ class StopRequest:
         return signal.getsignal(sig)
 
 
-def hand_over(stop: TrainingInterrupted, submitit_handler: Any, chief: bool) -> BaseException:
-    """A job's training stopped at a step boundary with its checkpoint written: requeue or exit.
+def hand_over(signum: int, submitit_handler: Any, chief: bool) -> BaseException:
+    """A job stopped on ``signum`` at a step boundary (its checkpoint written) or between trials: requeue or exit.
 
     On USR2 the chief hands over to submitit's handler, which requeues the job through the
     callable's ``checkpoint`` and exits (``SystemExit``), or raises ``UncompletedJobError`` when
@@ -138,13 +138,12 @@ def hand_over(stop: TrainingInterrupted, submitit_handler: Any, chief: bool) -> 
     """
     from submitit.core.utils import UncompletedJobError
 
-    log.warning("%s", stop)
-    if stop.requeue and callable(submitit_handler) and chief:
+    if signum == signal.SIGUSR2 and callable(submitit_handler) and chief:
         try:
             submitit_handler(signal.SIGUSR2, None)
         except UncompletedJobError as exc:
             return exc
-    sys.exit(stop.exit_code)
+    sys.exit(128 + signum)
 
 
 def requeue_job(job_id: str) -> Optional[str]:

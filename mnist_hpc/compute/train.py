@@ -111,8 +111,9 @@ def train_and_evaluate(
         data = load_mnist(cfg.data)
     except Exception:
         # A directory no run has claimed yet still records what was asked of it (Hydra's
-        # overrides); one that belongs to a run is left exactly as it was.
-        claim.settle_unclaimed(run_dir)
+        # overrides); one that belongs to a run is left exactly as it was. The chief's to do.
+        if layout is None or layout.is_chief:
+            claim.settle_unclaimed(run_dir)
         raise
     phases.lap("load")
     label = ""  # messages name the directory itself

@@ -190,13 +190,20 @@ class ReportJob:
 def queue_report(executor: Any, conf: Any, sweep_dir: Path, tasks: Sequence[Any]) -> Any:
     """A one-CPU job that runs ``mnist-hpc-report`` on the sweep after every task has ended (``afterany``)."""
     arrays = sorted({str(t.job_id).partition("_")[0] for t in tasks}, key=int)
-    extra = dict(submitit_parameters(conf, "slurm").get("slurm_additional_parameters", {}))
+    base = submitit_parameters(conf, "slurm")
+    extra = dict(base.get("slurm_additional_parameters", {}))
     extra["dependency"] = "afterany:" + ":".join(arrays)
+    srun = {}
+    if "slurm_srun_args" in base:
+        # One task on one CPU: the trials' srun --cpus-per-task (and --wait) are not its own; the
+        # user's srun_args (a container, say) are.
+        srun["slurm_srun_args"] = ["--cpus-per-task=1", *[str(a) for a in (conf.get("srun_args") or [])]]
     executor.update_parameters(
         timeout_min=30, cpus_per_task=1, mem_gb=2, tasks_per_node=1, nodes=1, name=f"{conf.name}-report",
         slurm_additional_parameters=extra,
         # The report needs no GPU, whatever the trials asked for.
         gpus_per_node=None, slurm_gres=None, slurm_gpus_per_task=None,
+        **srun,
     )
     return executor.submit(ReportJob(sweep_dir))
 
