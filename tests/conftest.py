@@ -134,3 +134,37 @@ def _cancel_leftover_jobs(request: pytest.FixtureRequest):
     mine = [line.split()[0] for line in out.splitlines() if len(line.split()) == 2 and line.split()[1].startswith(str(tmp))]
     if mine:
         subprocess.run(["scancel", *mine], capture_output=True, timeout=30)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]):
+    """A Slurm test that failed because a Slurm daemon crashed under it runs once more.
+
+    Only then: after a failure, ``cluster.sh status`` must show a daemon stopped (a crash of
+    Slurm itself, not of our code, whose jobs cannot stop a daemon); the daemon is started
+    again and the test rerun from scratch. The summary lists every such restart.
+    """
+    if item.get_closest_marker("slurm") is None:
+        return None
+    from _pytest.runner import runtestprotocol
+
+    from tests.slurm_helpers import heal_crashed_daemons
+
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    if any(r.failed for r in reports) and heal_crashed_daemons(f"during {item.nodeid}"):
+        item._initrequest()  # fresh fixtures for the second run, as for the first
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    for report in reports:
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    from tests.slurm_helpers import HEALED
+
+    if HEALED:
+        terminalreporter.section("Slurm daemons that died under the tests and were started again")
+        for when, status in HEALED:
+            terminalreporter.write_line(f"{when}:\n{status}")
