@@ -155,7 +155,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['process_exit_s']:.2f} s) against imports + 5 steady epochs = {s['target_denominator_s']:.2f} s: "
         f"**{s['ratio']:.2f}x** (target <= 1.5x). Test accuracy {s['test_accuracy']:.4f}.",
         "",
-        f"Packed, {p['trials']} one-epoch trials in one process: median time per trial beyond one steady epoch "
+        f"Packed, {int(p['trials'])} one-epoch trials in one process: median time per trial beyond one steady epoch "
         f"**{p['median_beyond_steady_epoch_s']:.2f} s** (target <= 0.5 s); with the task's start-up shared among "
         f"its trials {p['median_beyond_with_shared_startup_s']:.2f} s; the first trial's {p['first_trial_beyond_s']:.2f} s.",
         "",
