@@ -202,17 +202,29 @@ def test_a_worker_killed_mid_trial_leaves_no_trial_behind(larger_cache, tmp_path
     assert f"retry of {killed.number}" in out
 
 
+def epochs_done(run_dir: Path) -> int:
+    """Epochs a running trial has checkpointed (its progress.json), 0 before it has any."""
+    from mnist_hpc import rundir
+
+    try:
+        progress = rundir.read_progress(run_dir)
+    except rundir.RunFileError:
+        return 0
+    return 0 if progress is None else progress.epochs_done
+
+
 def test_a_preempted_worker_is_requeued_and_resumes_its_trial_in_place(larger_cache, tmp_path):
     from tests.test_slurm_resume import restarts, sacct_history
 
     search_dir = tmp_path / "search"
-    proc = submit(search_args(search_dir, larger_cache, tmp_path, "train.epochs=8", "hydra.sweeper.n_trials=2",
+    # 60 epochs: on an idle node an epoch of this data takes 0.07 s, and the warning must land
+    # while trial 0 still trains (a USR2 after it ended requeues the worker between trials).
+    proc = submit(search_args(search_dir, larger_cache, tmp_path, "train.epochs=60", "hydra.sweeper.n_trials=2",
                               "hydra.sweeper.workers=1", "hydra.sweeper.pruner=null"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [job] = worker_ids(search_dir, proc.stdout)
     try:
-        wait_until(lambda: (search_dir / "0" / "checkpoints" / "ckpt-e00002-b0000000.npz").is_file(), 900,
-                   "trial 0's second checkpoint", poll_s=0.2)
+        wait_until(lambda: epochs_done(search_dir / "0") >= 2, 900, "trial 0's second epoch", poll_s=0.1)
         # What Slurm sends before a time limit or a preemption: submitit checkpoints and requeues.
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
         wait_until(lambda: restarts(job) >= 1, 300, "the worker's requeue")
