@@ -53,6 +53,7 @@ def child(cache_dir: str, work: str, trials: int, epochs: int) -> None:
 
     from hydra import compose, initialize_config_dir
 
+    from mnist_hpc.compute.job import _reset_keras_state
     from mnist_hpc.compute.train import train_and_evaluate
     from mnist_hpc.config import conf_dir, register_configs, to_typed
 
@@ -69,6 +70,7 @@ def child(cache_dir: str, work: str, trials: int, epochs: int) -> None:
                                                         f"train.seed={seed}"]))
         begin = time.time()
         result = train_and_evaluate(cfg, run_dir)
+        _reset_keras_state()  # as a packed task does between its trials
         metrics = json.loads((run_dir / "metrics.json").read_text())
         out.append({"begin_unix": begin, "end_unix": time.time(), "wall_time_s": metrics["wall_time_s"],
                     "phases": metrics["phases"], "epoch_s": [row["seconds"] for row in metrics["history"]],

@@ -69,6 +69,29 @@ def test_corrupted_cache_is_detected(tmp_path: Path):
         load_mnist(DataConfig(cache_dir=str(cache.parent)))
 
 
+def test_a_process_that_loads_the_cache_again_verifies_it_again(tmp_path: Path):
+    """A packed task's trials parse the verified arrays once, but every load hashes the bytes again:
+    a cache damaged between two trials fails the second; another dataset gives its own arrays."""
+    arrays = synthetic_mnist(n_train=50, n_test=20)
+    cache = fill_cache(tmp_path / "cache", arrays)
+    cfg = DataConfig(cache_dir=str(cache.parent))
+    first, second = load_mnist(cfg), load_mnist(cfg)
+    np.testing.assert_array_equal(second.x_train, arrays["x_train"].reshape(50, 784))
+    np.testing.assert_array_equal(second.y_test, arrays["y_test"])
+    assert second.sha256 == first.sha256
+    with pytest.raises(ValueError, match="read-only"):
+        second.x_test[0, 0] = 1  # a later trial cannot see an earlier one's changes
+    raw = bytearray(cache.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    cache.write_bytes(bytes(raw))
+    with pytest.raises(CacheCorruptError, match="sha256"):
+        load_mnist(cfg)
+    other_arrays = synthetic_mnist(n_train=50, n_test=20, seed=1)
+    other = load_mnist(DataConfig(cache_dir=str(fill_cache(tmp_path / "other", other_arrays).parent)))
+    np.testing.assert_array_equal(other.x_train, other_arrays["x_train"].reshape(50, 784))
+    assert other.sha256 != first.sha256
+
+
 @pytest.mark.parametrize("compressed", [False, True])
 def test_layout_is_read_from_the_headers(tmp_path: Path, compressed: bool):
     from mnist_hpc.dataset import read_npz_layout

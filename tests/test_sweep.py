@@ -130,3 +130,44 @@ def test_packed_trials_keep_their_own_dirs_failures_and_states(synthetic_cache: 
     _, report_rows = report(sweep)
     assert [r["state"] for r in report_rows] == ["COMPLETED", "FAILED", "COMPLETED"]
     assert "DatasetError" in report_rows[1]["error"]
+
+
+def test_packed_trials_equal_the_same_trials_each_alone(synthetic_cache: Path, tmp_path: Path):
+    """Three trials of the same shapes in one task (the later two train through the first one's
+    compiled programs) give the metrics, predictions and weights those trials give each in its own
+    job, bit for bit; the task's log says where programs were reused."""
+    import keras
+    import numpy as np
+
+    from mnist_hpc import rundir
+
+    trials = ("train.seed=1,2,3", "optimizer.learning_rate=0.002", "train.epochs=2", "model.dropout=0.3",
+              "data.validation_split=0.2", "train.steps_per_execution=4")
+    packed, alone = tmp_path / "packed", tmp_path / "alone"
+    for sweep, per_task in ((packed, 3), (alone, 1)):
+        proc = submit(slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), *trials,
+                                          f"hydra.launcher.trials_per_task={per_task}"), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    packed_records, alone_records = job_records(packed), job_records(alone)
+    assert len({r["job_id"] for r in packed_records}) == 1 and len({r["job_id"] for r in alone_records}) == 3
+    states = wait_for_states(sorted({r["job_id"] for r in packed_records + alone_records}))
+    assert set(states.values()) == {"COMPLETED"}, states
+    log_text = Path(packed_records[0]["stderr"]).read_text() + Path(packed_records[0]["stdout"]).read_text()
+    assert log_text.count("same shapes as this process's previous trial") == 2, log_text[-3000:]
+
+    def outcome(run_dir: Path):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        history = [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["history"]]
+        scores = {k: metrics[k] for k in ("test_loss", "test_accuracy", "val_accuracy", "best_val_accuracy")}
+        weights = keras.saving.load_model(run_dir / rundir.MODEL_FILE).get_weights()
+        return history, scores, rundir.load_predictions(run_dir).y_prob, weights
+
+    results = []
+    for trial in ("0", "1", "2"):
+        mine, theirs = outcome(packed / trial), outcome(alone / trial)
+        assert mine[:2] == theirs[:2]
+        np.testing.assert_array_equal(mine[2], theirs[2])
+        for a, b in zip(mine[3], theirs[3], strict=True):
+            np.testing.assert_array_equal(a, b)
+        results.append(mine[1])
+    assert results[0] != results[1] != results[2], "the trials differ, so their equality above means something"

@@ -15,12 +15,17 @@ at its next batch, in the epoch's own order (:func:`epoch_order`).
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import asdict
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
 from mnist_hpc.compute.data import MnistData
-from mnist_hpc.config import Execution, TrainConfig
+from mnist_hpc.config import Config, Distribution, Execution, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -391,3 +396,90 @@ class CompiledEngine:
         hooks.on_epoch_end(epoch, logs)
         hooks.on_train_end(logs)
         return logs
+
+
+# --- several trials in one process: each shape traced and compiled once ------------------------
+
+
+class _Warm:
+    """The compiled engine of this process's last trial, kept for its next trial of the same shapes."""
+
+    def __init__(self, key: str, model: Any, engine: "CompiledEngine") -> None:
+        self.key = key
+        self.model = model
+        self.engine = engine
+
+
+_warm: Optional[_Warm] = None
+
+
+def shapes_key(cfg: Config, data: MnistData, jit_compile: bool) -> str:
+    """Everything the compiled programs (train loop, evaluate, predict) are traced from.
+
+    The network and optimizer configs (all but the learning rate, which Keras keeps in a
+    variable the programs read), the batches, the execution and the data itself. Two trials
+    with equal keys differ only in variable values: seed, learning rate, epochs, paths.
+    """
+    optimizer = {k: v for k, v in asdict(cfg.optimizer).items() if k != "learning_rate"}
+    return json.dumps(
+        {
+            "model": asdict(cfg.model),
+            "optimizer": optimizer,
+            "batch_size": cfg.train.batch_size,
+            "steps_per_execution": cfg.train.steps_per_execution,
+            "execution": str(cfg.train.execution),
+            "jit_compile": jit_compile,
+            "deterministic": cfg.train.deterministic,
+            "data_sha256": data.sha256,
+            "validation_split": cfg.data.validation_split,
+        },
+        sort_keys=True,
+        default=str,
+    )
+
+
+def engine_for(fresh: Any, data: MnistData, cfg: Config, jit_compile: bool, workers: Any) -> tuple[Any, Engine]:
+    """The model a trial trains and its engine, given the trial's freshly built and compiled model.
+
+    A process that trains several trials (a packed task, a search worker) traces and compiles
+    once per shape (:func:`shapes_key`): a later trial of the same shapes trains the earlier
+    trial's model object through its compiled programs, with every variable (weights, dropout
+    RNG state, optimizer slots, iteration count, learning rate) set from ``fresh``, which was
+    built exactly as the trial alone builds it. It starts where the trial alone starts and runs
+    the same programs, so its metrics and weights are the same, bit for bit (tests compare
+    them). Several workers, and ``model.fit``, build their own engine every time.
+    """
+    global _warm
+    reusable = (
+        Execution(cfg.train.execution) is Execution.compiled_loop
+        and Distribution(workers.distribution) is Distribution.none
+    )
+    key = shapes_key(cfg, data, jit_compile) if reusable else None
+    if key is not None and _warm is not None and _warm.key == key:
+        log.info("same shapes as this process's previous trial: training through its compiled programs, "
+                 "every variable set as this trial's fresh build sets it")
+        start_from(_warm.model, fresh)
+        _warm.engine.train = cfg.train  # this trial's seed (data order) and checkpoint interval
+        return _warm.model, _warm.engine
+    _warm = None  # another shape: let the previous programs and data go first
+    engine = build_engine(fresh, data, cfg.train, jit_compile, workers)
+    if key is not None:
+        assert isinstance(engine, CompiledEngine)
+        _warm = _Warm(key, fresh, engine)
+    return fresh, engine
+
+
+def start_from(model: Any, fresh: Any) -> None:
+    """Set every variable of ``model`` (and its optimizer) to ``fresh``'s; reset its metrics."""
+    fresh.optimizer.build(fresh.trainable_variables)
+    for mine, theirs in ((model.variables, fresh.variables), (model.optimizer.variables, fresh.optimizer.variables)):
+        assert len(mine) == len(theirs), "models of the same shapes key have the same variables"
+        for variable, value in zip(mine, theirs):
+            variable.assign(value.value)
+    model.reset_metrics()
+
+
+def forget_warm() -> None:
+    """Drop the kept engine (its model, programs and training data)."""
+    global _warm
+    _warm = None

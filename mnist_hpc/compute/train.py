@@ -23,7 +23,7 @@ from mnist_hpc import claim, rundir
 from mnist_hpc.compute import checkpoint, distribute
 from mnist_hpc.compute.cluster import LayoutError, TaskLayout, resolve_distribution, task_layout
 from mnist_hpc.compute.data import MnistData, load_mnist
-from mnist_hpc.compute.engine import batches, build_engine
+from mnist_hpc.compute.engine import batches, engine_for
 from mnist_hpc.compute.runtime import RuntimeInfo, configure_tensorflow, provenance
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted
 from mnist_hpc.compute.tensorboard import TensorBoardLog
@@ -187,7 +187,7 @@ def _train(
                 model = build()
             if chief:
                 model.summary(print_fn=lambda line, *args, **kwargs: log.info(line))
-            engine = build_engine(model, data, cfg.train, jit, workers)
+            model, engine = engine_for(model, data, cfg, jit, workers)
             log.info(
                 "training on %d samples (validation %d, test %d), execution %s (XLA %s, up to %d batches per call), "
                 "threads %s, %s, run dir %s",
