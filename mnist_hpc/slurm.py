@@ -159,6 +159,30 @@ def max_array_size() -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def parse_sinfo_cpus(text: str, partition: Optional[str]) -> Optional[int]:
+    """Idle CPUs of ``partition`` (None: the default one, marked ``*``) from ``sinfo -h -o %P|%C``.
+
+    ``%C`` is allocated/idle/other/total; a partition listed on several lines is summed.
+    """
+    idle: Optional[int] = None
+    for line in text.splitlines():
+        name, _, cpus = line.strip().partition("|")
+        default = name.endswith("*")
+        if (name.rstrip("*") != partition) if partition else not default:
+            continue
+        parts = cpus.split("/")
+        if len(parts) != 4 or not parts[1].isdigit():
+            continue
+        idle = (idle or 0) + int(parts[1])
+    return idle
+
+
+def idle_cpus(partition: Optional[str] = None) -> Optional[int]:
+    """CPUs of ``partition`` (default: the cluster's default one) idle right now; None if unknown."""
+    out = run_client(["sinfo", "-h", "-o", "%P|%C"])
+    return parse_sinfo_cpus(out, partition) if out is not None else None
+
+
 def squeue_available() -> bool:
     return run_client(["squeue", "-h", "-o", "%i"]) is not None
 

@@ -52,6 +52,8 @@ class PlannedJob:
     flat: dict[str, Any]
     # What the run may do in its directory (set by the preflight): new, continue, or done.
     verdict: Optional[Verdict] = None
+    # Training images of its data cache, as the cache's manifest records them (set by the preflight).
+    train_samples: Optional[int] = None
 
 
 @dataclass

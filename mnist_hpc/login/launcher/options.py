@@ -40,9 +40,11 @@ class LocalQueueConf:
     submitit_folder: str = "${hydra.sweep.dir}/.submitit/%A"
     # Block until every job ends (sweepers that read results need this); default: return when queued.
     wait: bool = False
-    # Sweep trials run one after another in each task: pays TensorFlow's import and the data
-    # load once per task instead of once per trial. 1: one trial per task.
-    trials_per_task: int = 1
+    # Sweep trials run one after another in each task: TensorFlow's import, the data load and
+    # the compiled programs are paid once per task instead of once per trial. auto: packs short
+    # trials as far as the free CPUs allow (see mnist_hpc/login/launcher/packing.py); 1: one
+    # trial per task; N: N trials per task.
+    trials_per_task: str = "auto"
     # Wall-clock limit of each job, in minutes.
     timeout_min: int = 60
     # CPUs per task; TensorFlow's thread pools follow it through SLURM_CPUS_PER_TASK.

@@ -18,6 +18,7 @@ from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.config import Config, Distribution, Execution, cache_file
 from mnist_hpc.dataset import split_index
 from mnist_hpc.login.launcher.options import GpuRequest
+from mnist_hpc.login.launcher.packing import PackingError, requested
 
 if TYPE_CHECKING:  # pragma: no cover
     from mnist_hpc.login.launcher.compose import PlannedJob
@@ -35,6 +36,10 @@ class PreflightError(CompactHydraException):
 
 def check_launcher(conf: Any, cluster: str) -> None:
     """Launcher options that contradict each other (the schema has checked each one's type)."""
+    try:
+        requested(conf)
+    except PackingError as exc:
+        raise PreflightError(f"nothing was queued: {exc}") from exc
     gpus, tasks = int(conf.get("gpus_per_node", 0) or 0), int(conf.get("tasks_per_node", 1))
     spelling = GpuRequest(conf.get("gpu_request", GpuRequest.gpus_per_node))
     if cluster == "slurm" and gpus and spelling is GpuRequest.gpus_per_task and gpus % tasks:
@@ -66,7 +71,7 @@ def check_tasks(conf: Any, cluster: str, planned: Sequence["PlannedJob"]) -> Non
             f"nothing was queued: {shape}, but the local launcher starts one process per job; use "
             "hydra/launcher=slurm for a multi-worker training, or one task (tasks_per_node=1, nodes=1)"
         )
-    if int(conf.get("trials_per_task", 1)) > 1:
+    if requested(conf) not in (None, 1):
         raise PreflightError(
             f"nothing was queued: {shape} train one run together, so their trials cannot be packed "
             "(hydra.launcher.trials_per_task); set trials_per_task=1"
@@ -124,7 +129,10 @@ def check_writable(directory: Path) -> None:
 
 
 def check_batch_size(job: "PlannedJob", manifest: dict[str, Any]) -> Optional[str]:
-    """A batch larger than the training set is a typo (and would not fit in memory); say which."""
+    """A batch larger than the training set is a typo (and would not fit in memory); say which.
+
+    Records the job's training samples (``train_samples``) on the way.
+    """
     shapes = manifest.get("shapes") or {}
     try:
         n_train = int(shapes["x_train"][0])
@@ -132,6 +140,7 @@ def check_batch_size(job: "PlannedJob", manifest: dict[str, Any]) -> Optional[st
         return None
     cfg = job.typed
     n = split_index(n_train, cfg.data.validation_split) if cfg.data.validation_split else n_train
+    job.train_samples = n
     if cfg.train.batch_size > n:
         return f"trial {job.num}: train.batch_size={cfg.train.batch_size} exceeds the {n} training samples; use at most {n}"
     return None

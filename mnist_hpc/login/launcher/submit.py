@@ -31,6 +31,7 @@ from mnist_hpc.compute.job import LaunchContext, PackedTrainJob, TrainJob
 from mnist_hpc.io import utc_now, write_bytes_atomic
 from mnist_hpc.login.launcher.compose import PlannedJob, SweepComposer, plan_jobs
 from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
+from mnist_hpc.login.launcher.packing import choose, pack
 from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher, check_tasks, preflight
 
 log = logging.getLogger(__name__)
@@ -46,20 +47,6 @@ def folder_root(submitit_folder: str) -> Path:
     """The fixed part of a submitit folder template (``<sweep>/.submitit/%A`` -> ``<sweep>/.submitit``)."""
     fixed = itertools.takewhile(lambda part: "%" not in part, Path(submitit_folder).parts)
     return Path(*fixed)
-
-
-def process_settings(job: PlannedJob) -> tuple[Any, ...]:
-    """TensorFlow settings that hold for a whole process: trials that differ in them cannot share one."""
-    train = job.typed.train
-    return (train.deterministic, train.intra_op_threads, train.inter_op_threads)
-
-
-def pack(jobs: Sequence[PlannedJob], per_task: int) -> list[list[PlannedJob]]:
-    """Trials grouped into tasks of at most ``per_task``, each task's trials alike in :func:`process_settings`."""
-    alike: dict[tuple[Any, ...], list[PlannedJob]] = {}
-    for job in jobs:
-        alike.setdefault(process_settings(job), []).append(job)
-    return [members[i : i + per_task] for members in alike.values() for i in range(0, len(members), per_task)]
 
 
 def array_chunks(groups: list[list[PlannedJob]], cluster: str) -> list[list[list[PlannedJob]]]:
@@ -102,8 +89,9 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
         Singleton.get_state(),
         composer.bases(sweep_dir),
     )
-    per_task = max(1, int(conf.get("trials_per_task", 1)))
     # Trials packed per Slurm task share one process (one TensorFlow import, one data load).
+    packing = choose(todo, conf, cluster)
+    per_task = packing.per_task
     groups = pack(todo, per_task)
     versions = environment_versions()
     submitted = time.time()
@@ -153,6 +141,8 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             f"mnist-hpc-status {sweep_dir} shows the trials from then on. Free space or fix permissions there."
         ) from exc
     print(summary(sweep_dir, planned, records, cluster), flush=True)
+    if packing.reason and len(todo) > 1:
+        print(f"packing (hydra.launcher.trials_per_task=auto): {packing.reason}", flush=True)
     if conf.get("report_after") and cluster == "slurm":
         report = queue_report(executor, conf, sweep_dir, futures)
         print(f"report job {report.job_id}: writes {sweep_dir / 'report'} once every task above has ended", flush=True)

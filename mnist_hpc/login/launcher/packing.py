@@ -1,0 +1,155 @@
+"""Which trials of a sweep share a Slurm task (``hydra.launcher.trials_per_task``).
+
+Trials packed into one task run one after another in one process: TensorFlow's import, the
+data's inflation and (for trials of the same shapes) the compiled programs are paid once per
+task instead of once per trial, and the results are the same as each trial's alone. Packing
+costs parallelism, though: a task's trials do not run at the same time.
+
+``trials_per_task=auto`` (the default) packs only what that trade favours, from an estimate
+made of the configs before anything is queued (:func:`auto_trials_per_task`):
+
+- enough trials per task that a task's start-up (:data:`STARTUP_S`) is about a tenth of its
+  time (:data:`TASK_S`): long trials are never packed;
+- no more than the free CPUs allow to run at once: packing a sweep into fewer tasks than could
+  run side by side would only make it slower (``sinfo``'s idle CPUs of the partition, or this
+  machine's CPUs for the local launcher);
+- no more than half the task's time limit, so that a packed task does not live off requeues.
+
+Imported during Hydra's plugin discovery: light (no submitit, no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from mnist_hpc import slurm
+from mnist_hpc.dataset import NUM_CLASSES, PIXELS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mnist_hpc.login.launcher.compose import PlannedJob
+
+AUTO = "auto"
+# What a task pays before its first trial trains: Slurm starting it, Python, TensorFlow's import,
+# the data, the first trace and XLA compilation (about 5 s on a 2-core node; see the breakdown benchmark).
+STARTUP_S = 6.0
+# The least compute time worth a task of its own: start-up then costs at most ~10% of it.
+TASK_S = 10 * STARTUP_S
+# Sustained float32 training rate of one CPU core, in GFLOP/s, for the estimate. Deliberately
+# low (a 2-core AMD EPYC node trains the lesson at about 100 per core): a trial is estimated too
+# long rather than too short, which packs less rather than more.
+GFLOPS_PER_CPU = 50.0
+# MNIST's training images, for a trial whose cache could not tell.
+MNIST_TRAIN = 60_000
+
+
+class PackingError(ValueError):
+    """``hydra.launcher.trials_per_task`` is neither ``auto`` nor a positive whole number."""
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Trials per task, and why (printed with the submission when chosen automatically)."""
+
+    per_task: int
+    reason: str = ""
+
+
+def process_settings(job: "PlannedJob") -> tuple[Any, ...]:
+    """TensorFlow settings that hold for a whole process: trials that differ in them cannot share one."""
+    train = job.typed.train
+    return (train.deterministic, train.intra_op_threads, train.inter_op_threads)
+
+
+def pack(jobs: Sequence["PlannedJob"], per_task: int) -> list[list["PlannedJob"]]:
+    """Trials grouped into tasks of at most ``per_task``, each task's trials alike in :func:`process_settings`."""
+    alike: dict[tuple[Any, ...], list["PlannedJob"]] = {}
+    for job in jobs:
+        alike.setdefault(process_settings(job), []).append(job)
+    return [members[i : i + per_task] for members in alike.values() for i in range(0, len(members), per_task)]
+
+
+def requested(conf: Any) -> Optional[int]:
+    """``hydra.launcher.trials_per_task`` as asked: a positive number, or None for ``auto``.
+
+    Raises:
+        PackingError: anything else, with what to write instead.
+    """
+    raw = conf.get("trials_per_task", AUTO)
+    text = str(raw).strip().lower()
+    if text == AUTO:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text:
+        raise PackingError(
+            f"hydra.launcher.trials_per_task={raw!r}: use auto (packing chosen from the trials' size) or a whole "
+            "number >= 1 (1: one trial per task)"
+        )
+    return value
+
+
+def trial_gflop(job: "PlannedJob") -> float:
+    """Floating-point work of a trial's remaining epochs: forward and backward through every Dense layer."""
+    cfg = job.typed
+    widths = [PIXELS, *cfg.model.hidden_units, NUM_CLASSES]
+    weights = sum(a * b for a, b in zip(widths, widths[1:]))
+    samples = job.train_samples if job.train_samples is not None else MNIST_TRAIN
+    done = job.verdict.epochs_done if job.verdict is not None else 0
+    epochs = max(cfg.train.epochs - done, 0)
+    return 6.0 * weights * samples * epochs / 1e9
+
+
+def trial_seconds(job: "PlannedJob", cpus_per_task: int) -> float:
+    """Estimated training time of a trial on ``cpus_per_task`` CPUs (not counting the task's start-up)."""
+    return trial_gflop(job) / (GFLOPS_PER_CPU * max(cpus_per_task, 1))
+
+
+def free_slots(conf: Any, cluster: str) -> Optional[int]:
+    """Tasks of this shape that could start now: idle CPUs over CPUs per task (None: unknown)."""
+    cpus = max(int(conf.get("cpus_per_task", 1) or 1), 1)
+    if cluster == "slurm":
+        idle = slurm.idle_cpus(conf.get("partition"))
+    else:
+        idle = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if idle is None:
+        return None
+    slots = max(idle // cpus, 1)
+    limit = conf.get("array_parallelism")
+    return min(slots, int(limit)) if limit else slots
+
+
+def auto_trials_per_task(jobs: Sequence["PlannedJob"], conf: Any, cluster: str) -> Packing:
+    """``trials_per_task=auto``: pack short trials, as far as the free CPUs and the time limit allow."""
+    tasks = int(conf.get("nodes", 1)) * int(conf.get("tasks_per_node", 1))
+    if len(jobs) <= 1 or tasks > 1:
+        return Packing(1, "one trial per task (a single trial, or several tasks train each one)")
+    cpus = max(int(conf.get("cpus_per_task", 1) or 1), 1)
+    # The longest trial sets the pace: a task of it alone must be worth its start-up.
+    longest = max(trial_seconds(job, cpus) for job in jobs)
+    if longest >= TASK_S:
+        return Packing(1, f"one trial per task: trials are estimated at up to {longest:.0f} s each")
+    for_startup = math.ceil(TASK_S / max(longest, 1e-3))
+    slots = free_slots(conf, cluster)
+    for_parallelism = math.ceil(len(jobs) / slots) if slots else len(jobs)
+    limit_s = float(conf.get("timeout_min", 60)) * 60
+    for_limit = max(int(0.5 * limit_s // max(longest, 1e-3)), 1)
+    per_task = max(min(for_startup, for_parallelism, for_limit, len(jobs)), 1)
+    where = f"{slots} task(s) of {cpus} CPU(s) can start now" if slots else "free CPUs unknown"
+    return Packing(
+        per_task,
+        f"{per_task} trial(s) per task: trials estimated at up to {longest:.1f} s each, a task's start-up at "
+        f"~{STARTUP_S:.0f} s, {where} (set hydra.launcher.trials_per_task=N to choose)",
+    )
+
+
+def choose(jobs: Sequence["PlannedJob"], conf: Any, cluster: str) -> Packing:
+    """The packing of a launch: the number asked for, or the automatic one."""
+    asked = requested(conf)
+    if asked is not None:
+        return Packing(asked)
+    return auto_trials_per_task(jobs, conf, cluster)
