@@ -6,7 +6,12 @@ compiled loop with XLA):
 
 - **single**: one 5-epoch run, as ``mnist-hpc-train`` runs it;
 - **packed**: ``--packed`` one-epoch trials (seeds 0, 1, ...) one after another in one process,
-  as a task of ``hydra.launcher.trials_per_task`` runs them.
+  as a task of ``hydra.launcher.trials_per_task`` runs them;
+- **search** (``--search N``, needs the local cluster): one search worker (``hparams_search``,
+  1 worker, 2 CPUs) running N one-epoch trials over the learning rate, with a 10% validation
+  split as the search has; besides each trial's phases, the worker's start (submission to its
+  first trial) and the time between two trials (tell, ask, compose, record), from the trials'
+  ``metrics.json`` (written when a trial ends) and wall times.
 
 The parts come from the run itself (``metrics.json``: ``phases`` and each epoch's seconds) and
 from the parent's clock: interpreter start and imports (process start until the child has
@@ -21,7 +26,7 @@ Ratios reported against the targets of issue 15, measured in this one run:
 - packed one-epoch trials: median seconds per trial beyond one steady epoch (the steady epoch
   is the single run's median of epochs 2-5), with the process's start-up shared among them.
 
-    python benchmarks/bench_breakdown.py --data ../shared/data/mnist.npz [--packed 16] [--repeats 2]
+    python benchmarks/bench_breakdown.py --data ../shared/data/mnist.npz [--packed 16] [--repeats 2] [--search 8]
 
 Writes breakdown.md and breakdown.json into ``--out`` (default benchmarks/results).
 """
@@ -90,6 +95,73 @@ def run(cache_dir: Path, work: Path, trials: int, epochs: int) -> dict[str, Any]
     record.update(start_unix=start, exit_s=exited - start, imports_s=record["imported_unix"] - start,
                   load_average=os.getloadavg()[0])
     return record
+
+
+SEARCH_YAML = """# @package _global_
+defaults:
+  - override /hydra/sweeper: async_optuna
+  - override /hydra/launcher: slurm
+data:
+  validation_split: 0.1
+hydra:
+  sweeper:
+    n_trials: {trials}
+    workers: 1
+    pruner: null
+    sampler:
+      _target_: optuna.samplers.TPESampler
+      seed: 0
+    params:
+      optimizer.learning_rate: tag(log, interval(1e-4, 1e-2))
+"""
+
+
+def run_search(cache_dir: Path, work: Path, trials: int) -> dict[str, Any]:
+    """One search worker on the local cluster; the trials' records in the order they ran."""
+    import shutil
+
+    conf = work / "conf" / "hparams_search"
+    conf.mkdir(parents=True)
+    (conf / "bench_breakdown.yaml").write_text(SEARCH_YAML.format(trials=trials))
+    search_dir = work / "search"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    start = time.time()
+    proc = subprocess.run(
+        [shutil.which("mnist-hpc-train") or "mnist-hpc-train", "-m", "hparams_search=bench_breakdown",
+         f"hydra.searchpath=[file://{work / 'conf'}]", "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4",
+         f"hydra.sweep.dir={search_dir}", f"data.cache_dir={cache_dir}", f"paths.output_root={work}", "train.epochs=1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"search submission failed:\n{proc.stderr[-3000:]}")
+    deadline = time.time() + 1800
+    while len(list(search_dir.glob("*/metrics.json"))) < trials:
+        if time.time() > deadline:
+            raise RuntimeError("the search worker did not finish its trials within 30 minutes")
+        time.sleep(1)
+    files = sorted(search_dir.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    out = []
+    for path in files:
+        metrics = json.loads(path.read_text())
+        end = path.stat().st_mtime
+        out.append({"begin_unix": end - metrics["wall_time_s"], "end_unix": end, "wall_time_s": metrics["wall_time_s"],
+                    "phases": metrics["phases"], "epoch_s": [row["seconds"] for row in metrics["history"]]})
+    return {"submitted_unix": start, "trials": out}
+
+
+def summarise_search(search: dict[str, Any]) -> dict[str, Any]:
+    trials = search["trials"]
+    gaps = [b["begin_unix"] - a["end_unix"] for a, b in zip(trials, trials[1:])]
+    later = trials[1:]  # the first trial also pays TensorFlow's import and the first compilation
+    return {
+        "trials": len(trials),
+        "worker_start_s": trials[0]["begin_unix"] - search["submitted_unix"],
+        "first_trial_wall_s": trials[0]["wall_time_s"],
+        "median_between_trials_s": statistics.median(gaps),
+        "median_phases": {k: statistics.median(t["phases"][k] for t in later) for k in PHASES},
+        "median_epoch_s": statistics.median(t["epoch_s"][0] for t in later),
+        "median_wall_s": statistics.median(t["wall_time_s"] for t in later),
+        "median_beyond_epoch_s": statistics.median(t["wall_time_s"] - t["epoch_s"][0] for t in later),
+    }
 
 
 def summarise(single: dict[str, Any], packed: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +234,28 @@ def markdown(results: dict[str, Any]) -> str:
         f"its trials {p['median_beyond_with_shared_startup_s']:.2f} s; the first trial's {p['first_trial_beyond_s']:.2f} s.",
         "",
     ]
+    q = results["summary"].get("search")
+    if q:
+        lines += [
+            f"Search worker, {int(q['trials'])} one-epoch trials over the learning rate (10% validation split, 2 CPUs), "
+            "medians over the trials after the first:",
+            "",
+            "| part | s |",
+            "|---|---|",
+            f"| submission to the first trial's start (Slurm, interpreter, imports, first ask) | {q['worker_start_s']:.2f} |",
+            f"| the first trial, whole (TensorFlow's import and the first compilation included) | {q['first_trial_wall_s']:.2f} |",
+            f"| between two trials (tell, ask, compose and record the next) | {q['median_between_trials_s']:.2f} |",
+            f"| cache check and load | {q['median_phases']['load_s']:.2f} |",
+            f"| claim the run directory, write config | {q['median_phases']['claim_s']:.2f} |",
+            f"| TensorFlow set-up, model build, engine | {q['median_phases']['setup_s']:.2f} |",
+            f"| the epoch (training and validation) | {q['median_epoch_s']:.2f} |",
+            f"| evaluation | {q['median_phases']['evaluate_s']:.2f} |",
+            f"| writing outputs | {q['median_phases']['write_s']:.2f} |",
+            "",
+            f"A later trial takes {q['median_wall_s']:.2f} s, {q['median_beyond_epoch_s']:.2f} s beyond its epoch, plus "
+            f"{q['median_between_trials_s']:.2f} s between trials.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -176,6 +270,7 @@ def main() -> int:
     parser.add_argument("--packed", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--search", type=int, default=0, help="also one search worker's N trials (needs the cluster)")
     args = parser.parse_args()
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-breakdown-") as tmp:
@@ -187,11 +282,18 @@ def main() -> int:
             single = run(cache, Path(tmp) / f"single-{i}", 1, 5)
             packed = run(cache, Path(tmp) / f"packed-{i}", args.packed, 1)
             summaries.append(summarise(single, packed))
+            if args.search:
+                summaries[-1]["search"] = summarise_search(run_search(cache, Path(tmp) / f"search-{i}", args.search))
             print(json.dumps(summaries[-1]), flush=True)
     summary = {part: {k: (statistics.median(s[part][k] for s in summaries) if isinstance(v, (int, float)) else v)
                       for k, v in summaries[0][part].items()} for part in ("single", "packed")}
     summary["packed"]["median_phases"] = {k: statistics.median(s["packed"]["median_phases"][k] for s in summaries)
                                           for k in PHASES}
+    if args.search:
+        summary["search"] = {k: statistics.median(s["search"][k] for s in summaries)
+                             for k, v in summaries[0]["search"].items() if isinstance(v, (int, float))}
+        summary["search"]["median_phases"] = {k: statistics.median(s["search"]["median_phases"][k] for s in summaries)
+                                              for k in PHASES}
     results = {"machine": machine, "repeats": args.repeats, "runs": summaries, "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "breakdown.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -53,7 +53,8 @@ def test_help_imports_no_tensorflow(code, args, tmp_path):
 
 
 def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tmp_path):
-    proc, tf = run_login_command(TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "train.seed=1,2"), tmp_path)
+    proc, tf = run_login_command(TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "train.seed=1,2",
+                                                        "hydra.launcher.trials_per_task=1"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not tf, "the submission path imported TensorFlow"
     out = proc.stdout

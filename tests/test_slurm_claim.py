@@ -233,7 +233,7 @@ def test_a_sweep_larger_than_max_array_size_is_split_into_arrays(synthetic_cache
     lowered = "\n".join(line for line in original.splitlines() if not line.startswith("MaxArraySize")) + "\nMaxArraySize=3\n"
     sweep = tmp_path / "sweep"
     args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=range(7)",
-                               "+hydra.launcher.additional_parameters.hold=true")
+                               "+hydra.launcher.additional_parameters.hold=true", "hydra.launcher.trials_per_task=1")
     conf.write_text(lowered)
     try:
         subprocess.run(["scontrol", "reconfigure"], check=True, timeout=60)

@@ -41,6 +41,7 @@ def test_four_trial_sweep_is_one_array_and_reported(synthetic_cache: Path, tmp_p
     args = slurm_launcher_args(
         sweep, *tiny_overrides(synthetic_cache, tmp_path), "experiment=sweep",
         "model.hidden_units=[32],[64]", "optimizer.learning_rate=0.001,0.0003", "hydra.launcher.array_parallelism=2",
+        "hydra.launcher.trials_per_task=1",
     )
     proc = submit(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -171,3 +172,26 @@ def test_packed_trials_equal_the_same_trials_each_alone(synthetic_cache: Path, t
             np.testing.assert_array_equal(a, b)
         results.append(mine[1])
     assert results[0] != results[1] != results[2], "the trials differ, so their equality above means something"
+
+
+def test_short_trials_are_packed_by_default_as_far_as_the_idle_cpus_allow(synthetic_cache: Path, tmp_path: Path):
+    """trials_per_task=auto (the default): eight one-epoch trials of a 600-image dataset are
+    short, so they are packed into as many tasks as the idle CPUs (sinfo) can run at once."""
+    import re
+
+    sweep = tmp_path / "sweep"
+    proc = submit(slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=range(8)"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("packing (hydra.launcher.trials_per_task=auto)"))
+    match = re.search(r": (\d+) trial\(s\) per task: .* (\d+) task\(s\) of 1 CPU\(s\) can start now", line)
+    assert match, line
+    per_task, slots = int(match.group(1)), int(match.group(2))
+    assert slots >= 1 and per_task == -(-8 // slots)
+    records = job_records(sweep)
+    tasks = sorted({r["job_id"] for r in records})
+    assert len(tasks) == -(-8 // per_task)
+    if per_task > 1:
+        assert [r["packed_slot"] for r in records] == [i % per_task for i in range(8)]
+    states = wait_for_states(tasks)
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert all(json.loads((sweep / str(i) / "metrics.json").read_text())["epochs_completed"] == 1 for i in range(8))
