@@ -192,6 +192,7 @@ def large_sweep(trials: int, repeats: int, main_tree: Optional[Path], cache: Pat
             sweep, name = work / f"sweep{trials}-{label}-{i}", f"bench{trials}-{label}-{i}"
             cmd = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()",
                    *sweep_args(sweep, cache, work, f"train.seed=range({trials})", "+hydra.launcher.additional_parameters.hold=true",
+                               "hydra.launcher.trials_per_task=1",
                                f"hydra.launcher.name={name}", mem_gb=1)]
             runs[label].append(time_submission(cmd, name, sweep, tasks=trials, env=tree_env(tree), timeout_s=600))
             shutil.rmtree(sweep, ignore_errors=True)
@@ -289,7 +290,8 @@ def main() -> int:
     print("8-trial sweep, unpacked ...", flush=True)
     common = ("train.epochs=1", f"train.seed=range({args.trials})", "data.validation_split=0.1")
     start = time.perf_counter()
-    subprocess.run([train, *sweep_args(work / "unpacked", cache, work, *common)], check=True, capture_output=True)
+    subprocess.run([train, *sweep_args(work / "unpacked", cache, work, *common, "hydra.launcher.trials_per_task=1")],
+                   check=True, capture_output=True)
     unpacked_s = (time.perf_counter() - start) + wait_done(job_ids(work / "unpacked"))
     print(f"  {unpacked_s:.1f} s; packed ...", flush=True)
     start = time.perf_counter()
@@ -305,7 +307,7 @@ def main() -> int:
     for i in range(args.submit_repeats):
         print(f"64-trial submission {i + 1}/{args.submit_repeats} ...", flush=True)
         submit["ours"].append(time_submission(
-            [train, *sweep_args(work / f"sweep64-{i}", cache, work, "train.seed=range(64)",
+            [train, *sweep_args(work / f"sweep64-{i}", cache, work, "train.seed=range(64)", "hydra.launcher.trials_per_task=1",
                                 "+hydra.launcher.additional_parameters.hold=true", f"hydra.launcher.name=bench64-{i}")],
             f"bench64-{i}", work / f"sweep64-{i}"))
         if baseline:

@@ -493,7 +493,10 @@ AccountingStoragePort=6819
 JobCompType=jobcomp/none
 
 $(node_lines "$host" "$cpus" "$mem")
-PartitionName=$PARTITION Nodes=$(node_names "$host" | paste -sd, -) Default=YES MaxTime=INFINITE State=UP"
+PartitionName=$PARTITION Nodes=$(node_names "$host" | paste -sd, -) Default=YES MaxTime=INFINITE State=UP
+# The first node alone: its CPUs are this machine's real cores (the nodes of the default
+# partition share them), for benchmarks that read the idle CPUs (sinfo) as a real cluster's.
+PartitionName=one Nodes=$(node_names "$host" | head -1) Default=NO MaxTime=INFINITE State=UP"
 }
 
 # One NodeName line per node: the same size each, all on 127.0.0.1, each slurmd
