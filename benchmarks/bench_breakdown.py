@@ -243,7 +243,7 @@ def markdown(results: dict[str, Any]) -> str:
             "| part | s |",
             "|---|---|",
             f"| submission to the first trial's start (Slurm, interpreter, imports, first ask) | {q['worker_start_s']:.2f} |",
-            f"| the first trial, whole (TensorFlow's import and the first compilation included) | {q['first_trial_wall_s']:.2f} |",
+            f"| the first trial, whole (its first trace and XLA compilation included) | {q['first_trial_wall_s']:.2f} |",
             f"| between two trials (tell, ask, compose and record the next) | {q['median_between_trials_s']:.2f} |",
             f"| cache check and load | {q['median_phases']['load_s']:.2f} |",
             f"| claim the run directory, write config | {q['median_phases']['claim_s']:.2f} |",
