@@ -113,3 +113,16 @@ def test_free_slots_follow_the_idle_cpus_and_the_array_limit(monkeypatch):
     assert packing.free_slots(conf(cpus_per_task=64), "slurm") == 1
     monkeypatch.setattr(slurm, "idle_cpus", lambda partition: None)
     assert packing.free_slots(conf(), "slurm") is None
+
+
+def test_the_local_launcher_counts_this_machines_cpus():
+    import os
+
+    from mnist_hpc.login.launcher.options import LocalQueueConf
+
+    def local(**changes):
+        return OmegaConf.merge(OmegaConf.structured(LocalQueueConf), changes)
+
+    cpus = len(os.sched_getaffinity(0))
+    assert packing.free_slots(local(cpus_per_task=1), "local") == cpus
+    assert packing.free_slots(local(cpus_per_task=cpus + 1), "local") == 1
