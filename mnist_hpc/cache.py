@@ -265,7 +265,7 @@ def read_verified(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, Any
     data, manifest = _read_object(path)
     _checked(data, path, manifest)
     if _inflated is not None and _inflated[0] == manifest["sha256"]:
-        return _inflated[1], manifest  # these very bytes, verified again above, were parsed before
+        return dict(_inflated[1]), manifest  # these very bytes, verified again above, were parsed before
     try:
         arrays, _ = load_arrays(data, str(path))
     except DatasetError as exc:

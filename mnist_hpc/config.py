@@ -258,6 +258,32 @@ def flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(value) if isinstance(value, (list, tuple)) else value}
 
 
+# Keys that never reach a traced TensorFlow program: where things are, how long and how often a
+# run works, its seed (the data order is computed outside the programs; the initial values are
+# variables) and its learning rate (a variable the programs read). Trials of one process that
+# differ only in these share compiled programs (mnist_hpc.compute.engine.engine_for); any other
+# key, a new one included, gives a trial programs of its own.
+NOT_TRACED = (
+    "paths.",
+    "data.cache_dir",
+    "data.filename",
+    "train.seed",
+    "train.epochs",
+    "train.intra_op_threads",
+    "train.inter_op_threads",
+    "train.checkpoint_every_epochs",
+    "train.checkpoint_every_batches",
+    "train.distribution",
+    "train.collective_timeout_s",
+    "optimizer.learning_rate",
+)
+
+
+def traced_config(flat: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a flattened config (:func:`flat_config`) that its compiled programs are traced from."""
+    return {k: v for k, v in sorted(flat.items()) if not k.startswith(NOT_TRACED)}
+
+
 def cache_file(cfg: DataConfig) -> Path:
     """Absolute path of the cached dataset file."""
     return Path(cfg.cache_dir).expanduser().resolve() / cfg.filename

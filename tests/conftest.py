@@ -120,6 +120,18 @@ def small_tmpfs(tmp_path: Path):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_process_state():
+    """Each test trains as a new process would: no compiled engine kept from an earlier test's
+    trial, no cache arrays inflated by one (tests that want them keep them within the test)."""
+    from mnist_hpc import cache
+    from mnist_hpc.compute import engine
+
+    engine.forget_warm()
+    cache._inflated = None
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _cancel_leftover_jobs(request: pytest.FixtureRequest):
     """After a test, its Slurm jobs still queued or running (submitted from its tmp_path) are cancelled.
 

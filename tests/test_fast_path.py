@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc.compute import checkpoint
+from mnist_hpc.compute import checkpoint, engine
 from mnist_hpc.compute.data import load_mnist, one_hot, prepare_images
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import DataConfig, Execution, TrainConfig, to_typed
@@ -105,6 +105,7 @@ def test_xla_loop_is_reproducible_and_independent_of_the_chunk_length(compose, o
     cfg = to_typed(compose(overrides))
     assert cfg.train.jit_compile and not cfg.train.deterministic
     first = run(cfg, tmp_path / "first")
+    engine.forget_warm()  # a second fresh build, trace and compilation
     assert_same_run(run(cfg, tmp_path / "again"), first)
     cfg.train.checkpoint_every_batches = 5  # calls end after batches 5, 10, 15 of each epoch
     assert_same_run(run(cfg, tmp_path / "split"), first)
@@ -117,14 +118,17 @@ def test_xla_loop_is_reproducible_and_independent_of_the_chunk_length(compose, o
 def test_xla_loop_interrupted_mid_epoch_resumes_bit_identically(compose, overrides, tmp_path, caplog):
     cfg = to_typed(compose(overrides))
     reference = run(cfg, tmp_path / "reference")
+    # The interrupted and the resumed run train through the reference's kept programs (as the
+    # trials of a packed task do); the resume restores its checkpoint into that model.
     cfg.train.checkpoint_every_batches = 5
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1, at_batch=11)])
     assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00001-b0000010.npz"
-    with caplog.at_level("INFO", logger="mnist_hpc.compute.train"):
+    with caplog.at_level("INFO", logger="mnist_hpc.compute"):
         resumed = run(cfg, run_dir)
     assert "1 epoch(s) and 10 batch(es) done" in caplog.text
+    assert "same shapes as this process's previous trial" in caplog.text
     assert_same_run(resumed, reference)
 
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from mnist_hpc import slurm
 from mnist_hpc.claim import Verdict
-from mnist_hpc.config import Config, ModelConfig, TrainConfig
+from mnist_hpc.config import Config, ModelConfig, TrainConfig, flat_config
 from mnist_hpc.login.launcher import packing
 from mnist_hpc.login.launcher.options import SlurmQueueConf
 
@@ -20,8 +20,8 @@ def conf(**changes):
 
 
 def job(num: int = 0, epochs: int = 5, hidden=(512,), samples: int = 60_000, done: int = 0):
-    typed = Config(model=ModelConfig(hidden_units=list(hidden)), train=TrainConfig(epochs=epochs))
-    return SimpleNamespace(num=num, typed=typed, train_samples=samples,
+    typed = Config(model=ModelConfig(hidden_units=list(hidden)), train=TrainConfig(epochs=epochs, seed=num))
+    return SimpleNamespace(num=num, typed=typed, flat=flat_config(typed), train_samples=samples,
                            verdict=Verdict("continue", done) if done else None, run_dir=Path(f"/x/{num}"))
 
 
@@ -58,7 +58,10 @@ def test_the_lessons_trial_is_estimated_from_its_layers_samples_and_epochs():
     lesson = job()
     # 6 flops per weight per sample: 784x512 + 512x10 weights, 60,000 samples, 5 epochs.
     assert packing.trial_gflop(lesson) == pytest.approx(6 * (784 * 512 + 512 * 10) * 60_000 * 5 / 1e9)
-    assert packing.trial_seconds(lesson, 2) == pytest.approx(packing.trial_seconds(lesson, 1) / 2)
+    compute = packing.trial_gflop(lesson) / packing.GFLOPS_PER_CPU
+    steps = 469 * 5
+    assert packing.trial_seconds(lesson, 1) == pytest.approx(compute + steps * packing.STEP_S + packing.TRIAL_S)
+    assert packing.trial_seconds(lesson, 2) == pytest.approx(compute / 2 + steps * packing.STEP_S + packing.TRIAL_S)
     assert packing.trial_gflop(job(done=3)) == pytest.approx(packing.trial_gflop(job()) * 2 / 5)
     assert packing.trial_gflop(job(hidden=(512, 512))) > packing.trial_gflop(job())
 
@@ -126,3 +129,24 @@ def test_the_local_launcher_counts_this_machines_cpus():
     cpus = len(os.sched_getaffinity(0))
     assert packing.free_slots(local(cpus_per_task=1), "local") == cpus
     assert packing.free_slots(local(cpus_per_task=cpus + 1), "local") == 1
+
+
+def test_small_batches_and_small_networks_are_estimated_by_their_steps_and_trials():
+    """A narrow network's trial is mostly per-step and per-trial cost, not arithmetic."""
+    narrow = job(hidden=(16,), epochs=1)
+    assert packing.trial_seconds(narrow, 1) > packing.TRIAL_S + 469 * packing.STEP_S
+    one = job(epochs=5)
+    one.typed.train.batch_size = 1
+    assert packing.trial_seconds(one, 1) >= 60_000 * 5 * packing.STEP_S
+    assert auto([job(i, hidden=(16,), epochs=1) for i in range(1000)], slots=None, cpus_per_task=1,
+                timeout_min=10).per_task * packing.trial_seconds(narrow, 1) <= 300
+
+
+def test_trials_of_the_same_shapes_are_packed_next_to_each_other():
+    """Hydra varies the last override fastest: shapes alternate in the sweep's order, not in the tasks."""
+    trials = [job(i, hidden=((256,), (512,))[i % 2], epochs=1, samples=600) for i in range(6)]
+    groups = packing.pack(trials, 3)
+    assert [[j.num for j in g] for g in groups] == [[0, 2, 4], [1, 3, 5]]
+    assert [[j.num for j in g] for g in packing.pack(trials[:3], 3)] == [[0, 2, 1]]
+    alike = [job(i, epochs=1, samples=600) for i in range(5)]  # seeds differ only: sweep order
+    assert [[j.num for j in g] for g in packing.pack(alike, 2)] == [[0, 1], [2, 3], [4]]

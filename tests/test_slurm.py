@@ -96,7 +96,8 @@ def test_job_whose_launch_context_is_gone_ends_failed(synthetic_cache: Path, tmp
 def test_refused_submission_leaves_nothing_behind(synthetic_cache: Path, tmp_path: Path):
     """sbatch rejects the partition: a clear error, no job records, no pickles left in .submitit."""
     sweep = tmp_path / "sweep"
-    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.launcher.partition=nosuch", "train.seed=1,2")
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.launcher.partition=nosuch", "train.seed=1,2",
+                               "hydra.launcher.trials_per_task=1")
     proc = submit(args, tmp_path)
     assert proc.returncode != 0
     assert "nothing was queued: slurm refused the 2 task(s)" in proc.stderr
@@ -175,7 +176,7 @@ def test_report_job_starts_after_the_last_trial_ends_even_when_one_failed(synthe
     The trials ask for 2 CPUs each; the one-CPU report job must not pass their srun --cpus-per-task on.
     """
     sweep = tmp_path / "sweep"
-    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.launcher.report_after=true",
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.launcher.report_after=true", "hydra.launcher.trials_per_task=1",
                                "data.validation_split=0.1,1e-9")
     args = ["hydra.launcher.cpus_per_task=2" if a == "hydra.launcher.cpus_per_task=1" else a for a in args]
     proc = submit(args, tmp_path)

@@ -106,7 +106,8 @@ def test_usr2_requeues_and_resumes_identically_for_a_run_and_an_array_trial(slow
     reference = reference_run(slow_cache, tmp_path)
     single = submit(slurm_launcher_args(tmp_path / "single", *overrides(slow_cache, tmp_path)), tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    sweep = submit(slurm_launcher_args(tmp_path / "sweep", *overrides(slow_cache, tmp_path), "model.activation=relu,tanh"), tmp_path)
+    sweep = submit(slurm_launcher_args(tmp_path / "sweep", *overrides(slow_cache, tmp_path), "model.activation=relu,tanh",
+                                      "hydra.launcher.trials_per_task=1"), tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     [single_rec] = job_records(tmp_path / "single")
     trial_rec, other_rec = job_records(tmp_path / "sweep")

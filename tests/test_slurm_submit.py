@@ -107,7 +107,7 @@ def test_a_launcher_killed_after_queueing_leaves_jobs_that_record_themselves(syn
     sweep = tmp_path / "sweep"
     earlier = ended_job(tmp_path)
     rundir.write_job(sweep / "0", rundir.JobRecord(cluster="slurm", job_id=earlier, run_dir=str(sweep / "0"), trial=0))
-    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=1,2",
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=1,2", "hydra.launcher.trials_per_task=1",
                                "+hydra.launcher.additional_parameters.hold=true")
     proc = subprocess.run([sys.executable, "-c", KILL_BEFORE_JOB_JSON, *args], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
@@ -132,7 +132,7 @@ def test_a_launcher_killed_after_queueing_leaves_jobs_that_record_themselves(syn
 
 def test_a_launcher_killed_before_sbatch_queues_nothing_and_records_nothing(synthetic_cache, tmp_path):
     sweep = tmp_path / "sweep"
-    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=1,2",
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=1,2", "hydra.launcher.trials_per_task=1",
                                "+hydra.launcher.additional_parameters.hold=true")
     proc = subprocess.run([sys.executable, "-c", KILL_BEFORE_SBATCH, *args], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
@@ -177,7 +177,7 @@ def test_a_job_replaces_only_a_record_of_an_ended_job(synthetic_cache, tmp_path,
 
 def test_job_json_that_cannot_be_written_is_one_message_naming_the_queued_jobs(synthetic_cache, tmp_path):
     sweep = tmp_path / "sweep"
-    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=1,2",
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=1,2", "hydra.launcher.trials_per_task=1",
                                "+hydra.launcher.additional_parameters.hold=true")
     proc = subprocess.run([sys.executable, "-c", NO_SPACE_FOR_JOB_JSON, *args], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)

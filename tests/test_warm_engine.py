@@ -33,10 +33,13 @@ def trial(compose, cache: Path, run_dir: Path, *overrides: str):
     return result, history, probabilities, weights
 
 
-@pytest.mark.parametrize("jit", ["true", "false"])
-def test_a_trial_after_another_of_the_same_shapes_equals_the_trial_alone(compose, synthetic_cache: Path, tmp_path: Path, jit: str):
-    a = ("train.seed=1", "optimizer.learning_rate=0.002", f"train.jit_compile={jit}")
-    b = ("train.seed=2", "optimizer.learning_rate=0.0005", f"train.jit_compile={jit}")
+@pytest.mark.parametrize("jit, optimizer", [("true", "rmsprop"), ("false", "rmsprop"), ("true", "adam"),
+                                           ("true", "sgd"), ("false", "sgd")])
+def test_a_trial_after_another_of_the_same_shapes_equals_the_trial_alone(compose, synthetic_cache: Path, tmp_path: Path,
+                                                                        jit: str, optimizer: str):
+    shared = (f"train.jit_compile={jit}", f"optimizer={optimizer}") + (("optimizer.momentum=0.9",) if optimizer == "sgd" else ())
+    a = ("train.seed=1", "optimizer.learning_rate=0.002", *shared)
+    b = ("train.seed=2", "optimizer.learning_rate=0.0005", *shared)
     engine.forget_warm()
     alone_a = trial(compose, synthetic_cache, tmp_path / "a-alone", *a)
     engine.forget_warm()
@@ -55,3 +58,33 @@ def test_a_trial_after_another_of_the_same_shapes_equals_the_trial_alone(compose
         for mine, theirs in zip(reused[3], alone[3]):
             np.testing.assert_array_equal(mine, theirs)
     assert alone_a[0] != alone_b[0], "the two trials differ, so equality above means something"
+
+
+def test_the_shapes_key_holds_every_key_that_reaches_a_program(compose):
+    """Trials may share programs only when they differ in keys that never reach one; a key not
+    named in NOT_TRACED (a new one included) keeps them apart."""
+    from types import SimpleNamespace
+
+    from mnist_hpc.config import NOT_TRACED, flat_config
+
+    def key(*overrides: str, sha: str = "a" * 64, jit: bool = True) -> str:
+        return engine.shapes_key(to_typed(compose(list(overrides))), SimpleNamespace(sha256=sha), jit)
+
+    base = key()
+    same = ["train.seed=5", "optimizer.learning_rate=0.1", "train.epochs=9", "paths.output_root=/elsewhere",
+            "data.cache_dir=/other", "train.checkpoint_every_batches=10", "train.checkpoint_every_epochs=2",
+            "train.intra_op_threads=1", "train.inter_op_threads=1", "train.distribution=none",
+            "train.collective_timeout_s=50"]
+    for override in same:
+        assert key(override) == base, override
+    differ = ["model.hidden_units=[256]", "model.dropout=0.2", "model.activation=tanh", "optimizer.name=adam",
+              "optimizer.momentum=0.5", "train.batch_size=64", "train.steps_per_execution=8", "train.deterministic=true",
+              "train.execution=keras_fit", "train.jit_compile=false", "data.validation_split=0.1"]
+    for override in differ:
+        assert key(override) != base, override
+    assert key(sha="b" * 64) != base and key(jit=False) != base
+    # Every key of the config is either named as never traced or part of the key.
+    flat = flat_config(to_typed(compose([])))
+    traced = set(json.loads(base)) - {"data.sha256", "xla"}
+    assert traced == {k for k in flat if not k.startswith(NOT_TRACED)}
+    assert {o.split("=")[0] for o in differ} <= traced

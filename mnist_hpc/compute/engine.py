@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
 from mnist_hpc.compute.data import MnistData
-from mnist_hpc.config import Config, Distribution, Execution, TrainConfig
+from mnist_hpc.config import Config, Distribution, Execution, TrainConfig, flat_config, traced_config
 
 log = logging.getLogger(__name__)
 
@@ -416,26 +415,12 @@ _warm: Optional[_Warm] = None
 def shapes_key(cfg: Config, data: MnistData, jit_compile: bool) -> str:
     """Everything the compiled programs (train loop, evaluate, predict) are traced from.
 
-    The network and optimizer configs (all but the learning rate, which Keras keeps in a
-    variable the programs read), the batches, the execution and the data itself. Two trials
-    with equal keys differ only in variable values: seed, learning rate, epochs, paths.
+    Every config key but those that never reach a program (:data:`mnist_hpc.config.NOT_TRACED`:
+    paths, seed, epochs, checkpoint intervals, threads, learning rate, ...), the XLA setting in
+    effect and the data itself. Two trials with equal keys differ only in variable values.
     """
-    optimizer = {k: v for k, v in asdict(cfg.optimizer).items() if k != "learning_rate"}
-    return json.dumps(
-        {
-            "model": asdict(cfg.model),
-            "optimizer": optimizer,
-            "batch_size": cfg.train.batch_size,
-            "steps_per_execution": cfg.train.steps_per_execution,
-            "execution": str(cfg.train.execution),
-            "jit_compile": jit_compile,
-            "deterministic": cfg.train.deterministic,
-            "data_sha256": data.sha256,
-            "validation_split": cfg.data.validation_split,
-        },
-        sort_keys=True,
-        default=str,
-    )
+    traced = traced_config(flat_config(cfg))
+    return json.dumps({**traced, "data.sha256": data.sha256, "xla": jit_compile}, sort_keys=True, default=str)
 
 
 def engine_for(fresh: Any, data: MnistData, cfg: Config, jit_compile: bool, workers: Any) -> tuple[Any, Engine]:
@@ -456,11 +441,15 @@ def engine_for(fresh: Any, data: MnistData, cfg: Config, jit_compile: bool, work
     )
     key = shapes_key(cfg, data, jit_compile) if reusable else None
     if key is not None and _warm is not None and _warm.key == key:
-        log.info("same shapes as this process's previous trial: training through its compiled programs, "
-                 "every variable set as this trial's fresh build sets it")
-        start_from(_warm.model, fresh)
-        _warm.engine.train = cfg.train  # this trial's seed (data order) and checkpoint interval
-        return _warm.model, _warm.engine
+        try:
+            start_from(_warm.model, fresh)
+        except WarmMismatch as exc:  # a bug if it happens: build this trial's own programs instead
+            log.warning("not reusing the previous trial's programs: %s", exc)
+        else:
+            log.info("same shapes as this process's previous trial: training through its compiled programs, "
+                     "every variable set as this trial's fresh build sets it")
+            _warm.engine.train = cfg.train  # this trial's seed (data order) and checkpoint interval
+            return _warm.model, _warm.engine
     _warm = None  # another shape: let the previous programs and data go first
     engine = build_engine(fresh, data, cfg.train, jit_compile, workers)
     if key is not None:
@@ -469,13 +458,29 @@ def engine_for(fresh: Any, data: MnistData, cfg: Config, jit_compile: bool, work
     return fresh, engine
 
 
+class WarmMismatch(RuntimeError):
+    """A fresh model's variables do not match the kept model's one for one (count, shape, dtype)."""
+
+
 def start_from(model: Any, fresh: Any) -> None:
-    """Set every variable of ``model`` (and its optimizer) to ``fresh``'s; reset its metrics."""
+    """Set every variable of ``model`` (and its optimizer) to ``fresh``'s; reset its metrics.
+
+    Raises:
+        WarmMismatch: before anything is assigned, if the variables do not pair up.
+    """
     fresh.optimizer.build(fresh.trainable_variables)
-    for mine, theirs in ((model.variables, fresh.variables), (model.optimizer.variables, fresh.optimizer.variables)):
-        assert len(mine) == len(theirs), "models of the same shapes key have the same variables"
+    pairs = []
+    for what, mine, theirs in (("model", model.variables, fresh.variables),
+                               ("optimizer", model.optimizer.variables, fresh.optimizer.variables)):
+        if len(mine) != len(theirs):
+            raise WarmMismatch(f"{len(theirs)} {what} variables where the kept model has {len(mine)}")
         for variable, value in zip(mine, theirs):
-            variable.assign(value.value)
+            if tuple(variable.shape) != tuple(value.shape) or variable.dtype != value.dtype:
+                raise WarmMismatch(f"{what} variable {value.path} is {value.dtype}{tuple(value.shape)} where the kept "
+                                   f"model's {variable.path} is {variable.dtype}{tuple(variable.shape)}")
+            pairs.append((variable, value))
+    for variable, value in pairs:
+        variable.assign(value.value)
     model.reset_metrics()
 
 

@@ -9,7 +9,7 @@ costs parallelism, though: a task's trials do not run at the same time.
 made of the configs before anything is queued (:func:`auto_trials_per_task`):
 
 - enough trials per task that a task's start-up (:data:`STARTUP_S`) is about a tenth of its
-  time (:data:`TASK_S`): long trials are never packed;
+  time (:data:`TASK_S`); a sweep whose longest trial is estimated at that or more is not packed;
 - no more than the free CPUs allow to run at once: packing a sweep into fewer tasks than could
   run side by side would only make it slower (``sinfo``'s idle CPUs of the partition, or this
   machine's CPUs for the local launcher);
@@ -20,12 +20,14 @@ Imported during Hydra's plugin discovery: light (no submitit, no TensorFlow).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from mnist_hpc import slurm
+from mnist_hpc.config import traced_config
 from mnist_hpc.dataset import NUM_CLASSES, PIXELS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +43,11 @@ TASK_S = 10 * STARTUP_S
 # low (a 2-core AMD EPYC node trains the lesson at about 100 per core): a trial is estimated too
 # long rather than too short, which packs less rather than more.
 GFLOPS_PER_CPU = 50.0
+# What a trial costs beyond its arithmetic: each training step's dispatch and element-wise work
+# (which small networks and small batches are made of), and per trial its set-up, evaluation,
+# outputs and, when its shapes differ from the trial before it, its tracing and XLA compilation.
+STEP_S = 50e-6
+TRIAL_S = 2.0
 # MNIST's training images, for a trial whose cache could not tell.
 MNIST_TRAIN = 60_000
 
@@ -64,11 +71,21 @@ def process_settings(job: "PlannedJob") -> tuple[Any, ...]:
 
 
 def pack(jobs: Sequence["PlannedJob"], per_task: int) -> list[list["PlannedJob"]]:
-    """Trials grouped into tasks of at most ``per_task``, each task's trials alike in :func:`process_settings`."""
-    alike: dict[tuple[Any, ...], list["PlannedJob"]] = {}
+    """Trials grouped into tasks of at most ``per_task``, each task's trials alike in :func:`process_settings`.
+
+    Within those, trials of the same shapes (:func:`mnist_hpc.config.traced_config`) come one
+    after another, in the order the sweep first names each shape: a trial reuses the compiled
+    programs of the trial before it in its process when their shapes are the same.
+    """
+    alike: dict[tuple[Any, ...], dict[str, list["PlannedJob"]]] = {}
     for job in jobs:
-        alike.setdefault(process_settings(job), []).append(job)
-    return [members[i : i + per_task] for members in alike.values() for i in range(0, len(members), per_task)]
+        shapes = json.dumps(traced_config(job.flat), sort_keys=True, default=str)
+        alike.setdefault(process_settings(job), {}).setdefault(shapes, []).append(job)
+    groups = []
+    for by_shapes in alike.values():
+        members = [job for same in by_shapes.values() for job in same]
+        groups += [members[i : i + per_task] for i in range(0, len(members), per_task)]
+    return groups
 
 
 def requested(conf: Any) -> Optional[int]:
@@ -105,8 +122,12 @@ def trial_gflop(job: "PlannedJob") -> float:
 
 
 def trial_seconds(job: "PlannedJob", cpus_per_task: int) -> float:
-    """Estimated training time of a trial on ``cpus_per_task`` CPUs (not counting the task's start-up)."""
-    return trial_gflop(job) / (GFLOPS_PER_CPU * max(cpus_per_task, 1))
+    """Estimated time of a trial on ``cpus_per_task`` CPUs (not counting the task's start-up)."""
+    cfg = job.typed
+    samples = job.train_samples if job.train_samples is not None else MNIST_TRAIN
+    done = job.verdict.epochs_done if job.verdict is not None else 0
+    steps = math.ceil(samples / cfg.train.batch_size) * max(cfg.train.epochs - done, 0)
+    return trial_gflop(job) / (GFLOPS_PER_CPU * max(cpus_per_task, 1)) + steps * STEP_S + TRIAL_S
 
 
 def free_slots(conf: Any, cluster: str) -> Optional[int]:
