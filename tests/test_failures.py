@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,25 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_queueing(synthet
     assert proc.returncode != 0 and "nothing was queued" in proc.stderr
     assert "trial 1: train.batch_size=100000 exceeds the 600 training samples; use at most 600" in proc.stderr
     assert not list((tmp_path / "sweep").rglob("job.json"))
+
+
+@pytest.mark.parametrize("procid, writes", [("0", True), ("1", False), (None, True)])
+def test_an_unloadable_job_is_recorded_once_by_the_first_task(tmp_path, monkeypatch, procid, writes):
+    """A job whose pickle cannot be loaded fails in every task; only the first writes failure.json."""
+    from mnist_hpc.compute.entry import JobEntry
+
+    entry = JobEntry(len, [tmp_path / "a", tmp_path / "b"])
+    entry.payload = entry.payload.replace(b"len", b"nel")  # a name this environment lacks
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    if procid is None:
+        monkeypatch.delenv("SLURM_PROCID", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_PROCID", procid)
+    with pytest.raises(SystemExit) as stop:
+        entry()
+    assert stop.value.code == 1
+    for d in ("a", "b"):
+        assert (tmp_path / d / "failure.json").exists() is writes
+        if writes:
+            assert "cannot be loaded" in json.loads((tmp_path / d / "failure.json").read_text())["error"]

@@ -6,13 +6,14 @@ Python than the login node's) would die with an ``AttributeError`` in submitit's
 leave no word in its run directory. :class:`JobEntry` holds only builtins: the versions the job
 was prepared with, its run directories, and the real job (:mod:`mnist_hpc.compute.job`) as
 pickled bytes. Its ``__call__`` unpickles those bytes itself, so a failure becomes a
-``failure.json`` in every run directory that names the versions that differ.
+``failure.json`` in every run directory (written by the job's first task) that names the versions that differ.
 
 Only the standard library is imported at module level: this module must import anywhere.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import platform
 import sys
@@ -79,7 +80,8 @@ class JobEntry:
         except JobUnloadable as exc:
             from mnist_hpc import rundir
 
-            for run_dir in self.run_dirs:
+            # Every task of a multi-task job fails alike; the first one says so.
+            for run_dir in self.run_dirs if os.environ.get("SLURM_PROCID", "0") == "0" else []:
                 try:
                     rundir.write_failure(Path(run_dir), exc)
                 except OSError:

@@ -123,6 +123,11 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def tasks_per_job(conf: Any) -> int:
+    """Slurm tasks each job runs: ``nodes`` x ``tasks_per_node`` (several train one run together)."""
+    return int(conf.get("nodes", 1)) * int(conf.get("tasks_per_node", 1))
+
+
 def submitit_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
     """Translate ``hydra.launcher`` into ``AutoExecutor.update_parameters`` keywords.
 
@@ -159,7 +164,7 @@ def task_srun_args(conf: DictConfig) -> list[str]:
     SLURM_CPUS_PER_TASK) would share it.
     """
     args = [f"--cpus-per-task={int(conf.cpus_per_task)}"]
-    if int(conf.get("tasks_per_node", 1)) * int(conf.get("nodes", 1)) > 1:
+    if tasks_per_job(conf) > 1:
         args.append(f"--wait={SRUN_WAIT_S}")
     return args
 

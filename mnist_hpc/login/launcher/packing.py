@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from mnist_hpc import slurm
 from mnist_hpc.config import traced_config
 from mnist_hpc.dataset import NUM_CLASSES, PIXELS
+from mnist_hpc.login.launcher.options import tasks_per_job
 
 if TYPE_CHECKING:  # pragma: no cover
     from mnist_hpc.login.launcher.compose import PlannedJob
@@ -146,8 +147,7 @@ def free_slots(conf: Any, cluster: str) -> Optional[int]:
 
 def auto_trials_per_task(jobs: Sequence["PlannedJob"], conf: Any, cluster: str) -> Packing:
     """``trials_per_task=auto``: pack short trials, as far as the free CPUs and the time limit allow."""
-    tasks = int(conf.get("nodes", 1)) * int(conf.get("tasks_per_node", 1))
-    if len(jobs) <= 1 or tasks > 1:
+    if len(jobs) <= 1 or tasks_per_job(conf) > 1:
         return Packing(1, "one trial per task (a single trial, or several tasks train each one)")
     cpus = max(int(conf.get("cpus_per_task", 1) or 1), 1)
     # The longest trial sets the pace: a task of it alone must be worth its start-up.

@@ -17,7 +17,7 @@ from hydra.errors import CompactHydraException
 from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.config import Config, Distribution, Execution, cache_file
 from mnist_hpc.dataset import split_index
-from mnist_hpc.login.launcher.options import GpuRequest
+from mnist_hpc.login.launcher.options import GpuRequest, tasks_per_job
 from mnist_hpc.login.launcher.packing import PackingError, requested
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,8 +61,7 @@ def check_tasks(conf: Any, cluster: str, planned: Sequence["PlannedJob"]) -> Non
     Several tasks with ``train.distribution=none`` would start that many independent copies
     writing into one run directory.
     """
-    nodes, per_node = int(conf.get("nodes", 1)), int(conf.get("tasks_per_node", 1))
-    tasks = nodes * per_node
+    nodes, per_node, tasks = int(conf.get("nodes", 1)), int(conf.get("tasks_per_node", 1)), tasks_per_job(conf)
     if tasks <= 1:
         return
     shape = f"hydra.launcher.nodes={nodes} x tasks_per_node={per_node} = {tasks} tasks"

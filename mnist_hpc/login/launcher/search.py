@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_hpc import search as sd
 from mnist_hpc.config import to_typed
 from mnist_hpc.login.launcher.preflight import PreflightError, check_cache, check_writable
+from mnist_hpc.login.launcher.options import tasks_per_job
 
 PLUGIN = "hydra_plugins.mnist_hpc_launcher.sweeper.AsyncOptunaSweeper"
 LAUNCHERS = {"SlurmLauncher": "slurm", "LocalLauncher": "local"}
@@ -217,7 +218,7 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     if cluster is None:
         raise _refuse("the asynchronous search runs its workers with hydra/launcher=slurm (or local); "
                       f"{launcher.get('_target_')} is not supported")
-    tasks = int(launcher.get("nodes", 1)) * int(launcher.get("tasks_per_node", 1))
+    tasks = tasks_per_job(launcher)
     if tasks > 1:
         raise _refuse(f"a search worker trains its trials in one process, but hydra.launcher asks for {tasks} tasks per "
                       "job (nodes x tasks_per_node); ask for more workers instead: hydra.sweeper.workers=N")

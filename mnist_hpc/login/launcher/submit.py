@@ -30,7 +30,7 @@ from mnist_hpc.compute.entry import JobEntry, environment_versions
 from mnist_hpc.compute.job import LaunchContext, PackedTrainJob, TrainJob
 from mnist_hpc.io import utc_now, write_bytes_atomic
 from mnist_hpc.login.launcher.compose import PlannedJob, SweepComposer, plan_jobs
-from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
+from mnist_hpc.login.launcher.options import executor_init, submitit_parameters, tasks_per_job
 from mnist_hpc.login.launcher.packing import choose, pack
 from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher, check_tasks, preflight
 
@@ -127,7 +127,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             task_of[job.num] = (sjob, slot if per_task > 1 else None)
     # Only now, with the jobs queued, may a job.json name them; one flush for all of them.
     now = utc_now()
-    tasks = int(conf.get("nodes", 1)) * int(conf.get("tasks_per_node", 1))
+    tasks = tasks_per_job(conf)
     records = {}
     for job in todo:
         sjob, slot = task_of[job.num]
