@@ -97,23 +97,8 @@ def run(cache_dir: Path, work: Path, trials: int, epochs: int) -> dict[str, Any]
     return record
 
 
-SEARCH_YAML = """# @package _global_
-defaults:
-  - override /hydra/sweeper: async_optuna
-  - override /hydra/launcher: slurm
-data:
-  validation_split: 0.1
-hydra:
-  sweeper:
-    n_trials: {trials}
-    workers: 1
-    pruner: null
-    sampler:
-      _target_: optuna.samplers.TPESampler
-      seed: 0
-    params:
-      optimizer.learning_rate: tag(log, interval(1e-4, 1e-2))
-"""
+# The search's parameters: the learning rate only, so that every trial has the same shapes.
+SEARCH_PARAMS = "      optimizer.learning_rate: tag(log, interval(1e-4, 1e-2))"
 
 
 def run_search(cache_dir: Path, work: Path, trials: int) -> dict[str, Any]:
@@ -122,7 +107,9 @@ def run_search(cache_dir: Path, work: Path, trials: int) -> dict[str, Any]:
 
     conf = work / "conf" / "hparams_search"
     conf.mkdir(parents=True)
-    (conf / "bench_breakdown.yaml").write_text(SEARCH_YAML.format(trials=trials))
+    from bench_search import ASYNC_YAML
+
+    (conf / "bench_breakdown.yaml").write_text(ASYNC_YAML.format(trials=trials, workers=1, enqueue="[]", params=SEARCH_PARAMS))
     search_dir = work / "search"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start = time.time()
