@@ -318,18 +318,8 @@ class SearchWorker:
             paths, job_id = env.paths, str(env.job_id)
         except RuntimeError:
             paths, job_id = None, worker_id()
-        cluster = _cluster()
-        array_job, _, task = job_id.partition("_")
-        rundir.write_job(
-            run_dir,
-            rundir.JobRecord(
-                cluster=cluster, job_id=job_id, run_dir=str(run_dir), overrides=sd.trial_overrides(spec, trial.params),
-                trial=trial.number, array_job_id=array_job if task else None,
-                array_task_id=int(task) if task.isdigit() else None,
-                stdout=str(paths.stdout) if paths else None, stderr=str(paths.stderr) if paths else None,
-                submitit_folder=str(paths.folder) if paths else None, submitted=utc_now(),
-            ),
-        )
+        rundir.write_job(run_dir, rundir.JobRecord.of(
+            _cluster(), job_id, paths, run_dir, sd.trial_overrides(spec, trial.params), trial.number, submitted=utc_now()))
 
     def _seed_from_retry(self, study: Any, trial: Any, run_dir: Path) -> None:
         """A retry of an interrupted trial starts from that trial's newest checkpoints."""

@@ -90,7 +90,8 @@ class JobRecord:
         cls, cluster: str, job_id: str, paths: Any, run_dir: Path, overrides: Sequence[str], trial: Optional[int],
         packed_slot: Optional[int] = None, submitted: str = "", tasks: int = 1,
     ) -> "JobRecord":
-        """The record of a submitit job (``paths``: its ``JobPaths``), made at submission or by the job itself."""
+        """The record of a submitit job (``paths``: its ``JobPaths``; None outside submitit), made at
+        submission or by the job itself."""
         array_job_id, _, array_task = job_id.partition("_")
         return cls(
             cluster=cluster,
@@ -99,12 +100,12 @@ class JobRecord:
             overrides=list(overrides),
             trial=trial,
             array_job_id=array_job_id if array_task else None,
-            array_task_id=int(array_task) if array_task else None,
+            array_task_id=int(array_task) if array_task.isdigit() else None,
             packed_slot=packed_slot,
             tasks=tasks,
-            stdout=str(paths.stdout),
-            stderr=str(paths.stderr),
-            submitit_folder=str(paths.folder),
+            stdout=str(paths.stdout) if paths is not None else None,
+            stderr=str(paths.stderr) if paths is not None else None,
+            submitit_folder=str(paths.folder) if paths is not None else None,
             submitted=submitted,
         )
 
