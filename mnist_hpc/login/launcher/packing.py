@@ -111,23 +111,25 @@ def requested(conf: Any) -> Optional[int]:
     return value
 
 
-def trial_gflop(job: "PlannedJob") -> float:
-    """Floating-point work of a trial's remaining epochs: forward and backward through every Dense layer."""
-    cfg = job.typed
-    widths = [PIXELS, *cfg.model.hidden_units, NUM_CLASSES]
-    weights = sum(a * b for a, b in zip(widths, widths[1:]))
+def _remaining(job: "PlannedJob") -> tuple[int, int]:
+    """A trial's training images and the epochs it has left to train."""
     samples = job.train_samples if job.train_samples is not None else MNIST_TRAIN
     done = job.verdict.epochs_done if job.verdict is not None else 0
-    epochs = max(cfg.train.epochs - done, 0)
+    return samples, max(job.typed.train.epochs - done, 0)
+
+
+def trial_gflop(job: "PlannedJob") -> float:
+    """Floating-point work of a trial's remaining epochs: forward and backward through every Dense layer."""
+    widths = [PIXELS, *job.typed.model.hidden_units, NUM_CLASSES]
+    weights = sum(a * b for a, b in zip(widths, widths[1:]))
+    samples, epochs = _remaining(job)
     return 6.0 * weights * samples * epochs / 1e9
 
 
 def trial_seconds(job: "PlannedJob", cpus_per_task: int) -> float:
     """Estimated time of a trial on ``cpus_per_task`` CPUs (not counting the task's start-up)."""
-    cfg = job.typed
-    samples = job.train_samples if job.train_samples is not None else MNIST_TRAIN
-    done = job.verdict.epochs_done if job.verdict is not None else 0
-    steps = math.ceil(samples / cfg.train.batch_size) * max(cfg.train.epochs - done, 0)
+    samples, epochs = _remaining(job)
+    steps = math.ceil(samples / job.typed.train.batch_size) * epochs
     return trial_gflop(job) / (GFLOPS_PER_CPU * max(cpus_per_task, 1)) + steps * STEP_S + TRIAL_S
 
 
