@@ -187,3 +187,26 @@ def test_training_modules_import_without_tensorflow():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_a_job_imports_tensorflow_without_notebook_and_plotting_packages():
+    """Keras imports IPython and matplotlib when installed (matplotlib always is: the report needs it).
+
+    A job hides them while TensorFlow imports, so they stay unimported, yet importable; and the
+    modules' objects are frozen out of the garbage collector's reach.
+    """
+    code = (
+        "import gc, json, sys\n"
+        "from mnist_hpc.compute.runtime import NOT_FOR_JOBS, import_tensorflow\n"
+        "tf = import_tensorflow()\n"
+        "seen = {name: name in sys.modules for name in NOT_FOR_JOBS}\n"
+        "frozen = gc.get_freeze_count()\n"
+        "import matplotlib.pyplot\n"
+        "print(json.dumps({'seen': seen, 'frozen': frozen, 'tf': hasattr(tf, 'function'), "
+        "'pyplot': 'matplotlib.pyplot' in sys.modules, 'again': import_tensorflow() is tf}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["seen"] == {"IPython": False, "matplotlib": False}
+    assert got["frozen"] > 100_000  # TensorFlow's modules: ~370,000 objects on this machine
+    assert got["tf"] and got["pyplot"] and got["again"]
