@@ -104,12 +104,18 @@ class RuntimeInfo:
         return self.slurm_job_id
 
 
-def configure_tensorflow(train: TrainConfig, runtime: RuntimeInfo) -> dict[str, Optional[int]]:
-    """Quiet TensorFlow's start-up logging, size its thread pools and set determinism.
+def configure_tensorflow(
+    train: TrainConfig, runtime: RuntimeInfo, compile_cache_root: Optional[str] = None
+) -> dict[str, Optional[int]]:
+    """Quiet TensorFlow's start-up logging, size its thread pools, set determinism and the compile cache.
 
     Threads follow the Slurm allocation (``SLURM_CPUS_PER_TASK``) unless the config sets them:
     TensorFlow otherwise sizes its pools by the node's cores and oversubscribes a shared node.
+    The compile cache (:mod:`mnist_hpc.compute.compile_cache`) is set after the thread pools
+    (it runs a program) and before anything else reads TensorFlow's XLA flags.
     """
+    from mnist_hpc.compute import compile_cache
+
     tf = import_tensorflow()
     intra = train.intra_op_threads or runtime.slurm_cpus_per_task
     inter = train.inter_op_threads or runtime.slurm_cpus_per_task
@@ -121,6 +127,8 @@ def configure_tensorflow(train: TrainConfig, runtime: RuntimeInfo) -> dict[str, 
     except RuntimeError:
         # The runtime was already initialised in this process (a second run in one interpreter).
         log.warning("TensorFlow already initialised; keeping its thread pools as they are")
+    if train.jit_compile and not train.deterministic:  # XLA in use (determinism turns it off)
+        compile_cache.enable(compile_cache_root)
     gpu_memory_growth(tf)
     if train.deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from mnist_hpc import claim, rundir
-from mnist_hpc.compute import checkpoint, distribute
+from mnist_hpc.compute import checkpoint, compile_cache, distribute
 from mnist_hpc.compute.cluster import LayoutError, TaskLayout, resolve_distribution, task_layout
 from mnist_hpc.compute.data import MnistData, load_mnist
 from mnist_hpc.compute.engine import batches, engine_for
@@ -162,7 +162,7 @@ def _train(
         rundir.write_config(run_dir, cfg)
     phases.lap("claim")
     with StopRequest() as stop:
-        threads = configure_tensorflow(cfg.train, runtime)
+        threads = configure_tensorflow(cfg.train, runtime, cfg.paths.compile_cache)
         import keras
 
         from mnist_hpc.compute.model import build_model, compile_model
@@ -233,6 +233,7 @@ def _train(
                 assert board is not None
                 board.final(result, len(history))
                 log.info("run directory: %s", run_dir)
+            compile_cache.publish()  # for later jobs; a process that ends early publishes as it exits
             # The other workers wait here until the chief has written everything, then return its result.
             shared = workers.share([v for k in RESULT_KEYS for v in (float(k in result), result.get(k, 0.0))])
             return {k: shared[2 * i + 1] for i, k in enumerate(RESULT_KEYS) if shared[2 * i]}

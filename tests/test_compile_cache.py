@@ -1,0 +1,151 @@
+"""XLA programs kept between jobs (``paths.compile_cache``): same results, nothing unsafe ever loaded.
+
+Each run is its own process (TensorFlow reads its XLA flags once per process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_overrides
+from tests.test_claim import TRAIN, train_cli
+from tests.test_resume import strip_seconds, weights
+
+SAVED = "compile cache: saved"
+
+
+@pytest.fixture
+def store_root(tmp_path: Path) -> Path:
+    return tmp_path / "xla"
+
+
+def run(synthetic_cache: Path, tmp_path: Path, store_root: Path, name: str, *extra: str) -> tuple[str, Path]:
+    """One run in its own process: (its log, its run directory)."""
+    run_dir = tmp_path / name
+    args = tiny_overrides(synthetic_cache, tmp_path) + [
+        "train.epochs=2", "model.dropout=0.2", f"paths.compile_cache={store_root}", f"hydra.run.dir={run_dir}", *extra,
+    ]
+    proc = train_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc[-3000:]
+    return proc.stdout + proc.stderr, run_dir
+
+
+def entries(store_root: Path) -> list[Path]:
+    return sorted(p for p in store_root.glob("*/*") if not p.name.startswith("."))
+
+
+def result(run_dir: Path) -> tuple[dict, list[np.ndarray]]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    kept = {k: v for k, v in metrics.items() if k not in ("wall_time_s", "train_time_s", "phases")}
+    kept["history"] = strip_seconds(kept["history"])
+    return kept, weights(run_dir)
+
+
+def assert_same(a: tuple[dict, list[np.ndarray]], b: tuple[dict, list[np.ndarray]]) -> None:
+    assert a[0] == b[0]
+    assert len(a[1]) == len(b[1])
+    for x, y in zip(a[1], b[1]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_warm_store_gives_the_cold_runs_results_without_compiling(synthetic_cache, tmp_path, store_root):
+    cold, cold_dir = run(synthetic_cache, tmp_path, store_root, "cold")
+    assert SAVED in cold, cold[-3000:]
+    stored = entries(store_root)
+    assert stored, "the cold run saved no program"
+    for entry in stored:  # each named by its content's sha256, private to this user
+        assert entry.name.rsplit(".", 1)[1] == hashlib.sha256(entry.read_bytes()).hexdigest()
+        assert entry.stat().st_mode & 0o077 == 0
+    assert (store_root.stat().st_mode & 0o777) == 0o700
+
+    warm, warm_dir = run(synthetic_cache, tmp_path, store_root, "warm")
+    assert f"({len(stored)} program(s))" in warm, warm[-3000:]
+    # TensorFlow saves what it compiles: nothing saved is nothing compiled.
+    assert SAVED not in warm, warm[-3000:]
+    assert entries(store_root) == stored
+    assert_same(result(cold_dir), result(warm_dir))
+
+
+def test_damaged_or_foreign_entries_are_never_loaded(synthetic_cache, tmp_path, store_root):
+    _, cold_dir = run(synthetic_cache, tmp_path, store_root, "cold")
+    stored = entries(store_root)
+    biggest = max(stored, key=lambda p: p.stat().st_size)
+    content = biggest.read_bytes()
+    biggest.write_bytes(content[: len(content) // 2])  # a half-written file, under the whole file's hash
+    other = min(stored, key=lambda p: p.stat().st_size)
+    flipped = bytearray(other.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    other.write_bytes(bytes(flipped))
+    (biggest.parent / "xla_compile_cache__1__2__XLA_CPU_JIT.pb.not-a-hash").write_bytes(b"junk")
+
+    again, again_dir = run(synthetic_cache, tmp_path, store_root, "again")
+    assert "skipped 2 damaged or incomplete" in again, again[-3000:]
+    assert SAVED in again  # compiled again, and saved whole
+    assert_same(result(cold_dir), result(again_dir))
+
+
+def test_a_store_others_can_write_is_not_used(synthetic_cache, tmp_path, store_root):
+    _, cold_dir = run(synthetic_cache, tmp_path, store_root, "cold")
+    store_root.chmod(0o777)
+    shared, shared_dir = run(synthetic_cache, tmp_path, store_root, "shared")
+    assert "compile cache off" in shared and "writable by others" in shared, shared[-3000:]
+    assert "Traceback" not in shared
+    assert_same(result(cold_dir), result(shared_dir))
+
+
+def test_off_when_null(synthetic_cache, tmp_path):
+    proc, _ = run(synthetic_cache, tmp_path, tmp_path / "unused", "off", "paths.compile_cache=null")
+    assert "compile cache" not in proc
+    assert not (tmp_path / "unused").exists()
+
+
+def test_two_jobs_filling_one_store_at_once(synthetic_cache, tmp_path, store_root):
+    """Both compile and publish the same programs at the same time; the store stays whole."""
+    procs = []
+    for name in ("a", "b"):
+        args = tiny_overrides(synthetic_cache, tmp_path) + [
+            "train.epochs=2", "model.dropout=0.2", f"paths.compile_cache={store_root}", f"hydra.run.dir={tmp_path / name}",
+        ]
+        procs.append(subprocess.Popen(TRAIN + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    for entry in entries(store_root):
+        assert entry.name.rsplit(".", 1)[1] == hashlib.sha256(entry.read_bytes()).hexdigest()
+    assert not [p for p in store_root.glob("*/.*")], "a temporary file was left behind"
+    warm, warm_dir = run(synthetic_cache, tmp_path, store_root, "warm")
+    assert SAVED not in warm, warm[-3000:]
+    assert_same(result(tmp_path / "a"), result(warm_dir))
+
+
+def test_the_flag_does_not_reach_child_processes_and_the_store_is_keyed_by_machine(tmp_path):
+    code = (
+        "import json, os, sys\n"
+        "from mnist_hpc.compute.runtime import import_tensorflow\n"
+        "tf = import_tensorflow()\n"
+        "from mnist_hpc.compute import compile_cache\n"
+        f"store = compile_cache.enable({str(tmp_path / 'root')!r})\n"
+        "print(json.dumps({'store': str(store), 'env': os.environ.get('TF_XLA_FLAGS'),\n"
+        "                  'again': str(compile_cache.enable('/elsewhere'))}))\n"
+    )
+
+    def enable(**env: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, **env}, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    plain = enable()
+    assert plain["env"] is None  # restored: jobs this process starts do not inherit the private directory
+    assert plain["again"] == plain["store"]  # decided once per process
+    other = enable(XLA_FLAGS="--xla_cpu_enable_fast_math=true")
+    assert other["store"] != plain["store"]  # programs compiled under other XLA flags are kept apart
+    own = enable(TF_XLA_FLAGS="--tf_xla_persistent_cache_directory=/somewhere")
+    assert own["store"] == "None" and own["env"] == "--tf_xla_persistent_cache_directory=/somewhere"
