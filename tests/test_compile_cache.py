@@ -132,9 +132,10 @@ def test_the_flag_does_not_reach_child_processes_and_the_store_is_keyed_by_machi
         "from mnist_hpc.compute.runtime import import_tensorflow\n"
         "tf = import_tensorflow()\n"
         "from mnist_hpc.compute import compile_cache\n"
-        f"store = compile_cache.enable({str(tmp_path / 'root')!r})\n"
+        "from pathlib import Path\n"
+        f"store = compile_cache.enable(Path({str(tmp_path / 'root')!r}))\n"
         "print(json.dumps({'store': str(store), 'env': os.environ.get('TF_XLA_FLAGS'),\n"
-        "                  'again': str(compile_cache.enable('/elsewhere'))}))\n"
+        "                  'again': str(compile_cache.enable(Path('/elsewhere')))}))\n"
     )
 
     def enable(**env: str) -> dict:
@@ -149,3 +150,14 @@ def test_the_flag_does_not_reach_child_processes_and_the_store_is_keyed_by_machi
     assert other["store"] != plain["store"]  # programs compiled under other XLA flags are kept apart
     own = enable(TF_XLA_FLAGS="--tf_xla_persistent_cache_directory=/somewhere")
     assert own["store"] == "None" and own["env"] == "--tf_xla_persistent_cache_directory=/somewhere"
+
+
+def test_the_store_is_under_the_output_root_unless_absolute():
+    from mnist_hpc.compute.compile_cache import store_root
+    from mnist_hpc.config import PathsConfig
+
+    assert store_root(PathsConfig(output_root="/scratch/me/mnist-hpc", compile_cache="compile-cache")) == Path(
+        "/scratch/me/mnist-hpc/compile-cache")
+    assert store_root(PathsConfig(output_root="/scratch/me", compile_cache="/home/me/xla")) == Path("/home/me/xla")
+    assert store_root(PathsConfig(output_root="/scratch/me", compile_cache=None)) is None
+    assert store_root(PathsConfig(output_root="/scratch/me", compile_cache="")) is None

@@ -39,6 +39,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from mnist_hpc.config import PathsConfig
+
 log = logging.getLogger(__name__)
 
 FLAG = "--tf_xla_persistent_cache_directory"
@@ -92,7 +94,18 @@ def _private_to_me(path: Path) -> Optional[str]:
     return None
 
 
-def enable(root: Optional[str]) -> Optional[Path]:
+def store_root(paths: PathsConfig) -> Optional[Path]:
+    """``paths.compile_cache`` as a directory: a relative one is under ``paths.output_root``; None: off.
+
+    (Relative rather than an ``${paths.output_root}`` interpolation: a sweep that overrides the
+    output root then needs no other key rebuilt on the login node.)
+    """
+    if not paths.compile_cache:
+        return None
+    return Path(paths.output_root).expanduser() / Path(paths.compile_cache).expanduser()
+
+
+def enable(root: Optional[Path]) -> Optional[Path]:
     """Give this process's XLA compilations the store under ``root``; None leaves the cache off.
 
     Decided once per process (TensorFlow reads its XLA flags once): later calls return the
@@ -110,7 +123,7 @@ def enable(root: Optional[str]) -> Optional[Path]:
         log.info("compile cache: TF_XLA_FLAGS names its own %s; leaving it to TensorFlow", FLAG)
         return None
     try:
-        store = Path(root).expanduser().resolve() / machine_key()
+        store = root.resolve() / machine_key()
         for d in (store.parent, store):
             d.mkdir(mode=0o700, exist_ok=True)
             why = _private_to_me(d)

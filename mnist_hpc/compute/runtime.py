@@ -105,7 +105,7 @@ class RuntimeInfo:
 
 
 def configure_tensorflow(
-    train: TrainConfig, runtime: RuntimeInfo, compile_cache_root: Optional[str] = None
+    train: TrainConfig, runtime: RuntimeInfo, compile_cache_root: Optional[Path] = None
 ) -> dict[str, Optional[int]]:
     """Quiet TensorFlow's start-up logging, size its thread pools, set determinism and the compile cache.
 

@@ -162,7 +162,7 @@ def _train(
         rundir.write_config(run_dir, cfg)
     phases.lap("claim")
     with StopRequest() as stop:
-        threads = configure_tensorflow(cfg.train, runtime, cfg.paths.compile_cache)
+        threads = configure_tensorflow(cfg.train, runtime, compile_cache.store_root(cfg.paths))
         import keras
 
         from mnist_hpc.compute.model import build_model, compile_model
