@@ -24,7 +24,7 @@ SAVED = "compile cache: saved"
 
 @pytest.fixture
 def store_root(tmp_path: Path) -> Path:
-    return tmp_path / "xla"
+    return tmp_path / "not" / "there" / "yet"
 
 
 def run(synthetic_cache: Path, tmp_path: Path, store_root: Path, name: str, *extra: str) -> tuple[str, Path]:

@@ -125,7 +125,7 @@ def enable(root: Optional[Path]) -> Optional[Path]:
     try:
         store = root.resolve() / machine_key()
         for d in (store.parent, store):
-            d.mkdir(mode=0o700, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
             why = _private_to_me(d)
             if why:
                 log.warning("compile cache off: %s; programs a job loads must be yours alone "
