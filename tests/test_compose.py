@@ -153,6 +153,25 @@ def test_each_jobs_typed_config_equals_the_one_of_hydras_composition(tmp_path):
         assert len(composer._bases) == 6
 
 
+def test_a_job_changing_a_key_that_another_refers_to_is_typed_as_hydra_types_it(tmp_path):
+    """A user's YAML may interpolate one key from another; a job that changes the one sees the other follow."""
+    from mnist_hpc.login.launcher.compose import SweepComposer
+
+    experiments = tmp_path / "user-conf" / "experiment"
+    experiments.mkdir(parents=True)
+    (experiments / "follow.yaml").write_text("# @package _global_\ntrain:\n  epochs: ${train.batch_size}\n")
+    with composing(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'user-conf'}]", "train.seed=1,2") as (loader, master):
+        composer = SweepComposer(loader, master)
+        for job, epochs in ((["experiment=follow", "train.batch_size=7"], 7), (["experiment=follow", "train.seed=3"], 128)):
+            expected = to_typed(loader.load_sweep_config(master, list(job)))
+            plan = composer.plan(list(job))
+            assert plan.error is None, plan.error
+            assert typed_items(plan.typed) == typed_items(expected), job
+            assert plan.typed.train.epochs == epochs
+        # The key nothing refers to still took the short way.
+        assert "train.seed" in composer._bases[("experiment=follow",)].converters
+
+
 # --- the compute node's rebuild -------------------------------------------------------------------
 
 REBUILD = """

@@ -73,6 +73,9 @@ class _Base:
     converters: dict[str, Any] = field(default_factory=dict)
     # hydra.sweep.subdir as composed (unresolved).
     subdir: str = ""
+    # The interpolations among its application values (``${train.batch_size}`` in a user's YAML, say):
+    # a job that changes a key one of them refers to takes the long way, which resolves them again.
+    interpolations: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -198,6 +201,7 @@ class SweepComposer:
             app = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
             base = _Base(len(self._bases), config, pickle.dumps(app, protocol=pickle.HIGHEST_PROTOCOL))
             base.subdir = str(config.hydra.sweep._get_node("subdir")._value())
+            base.interpolations = _interpolations(OmegaConf.to_container(app, resolve=False))
             try:
                 base.typed = to_typed(app)
                 base.flat = flat_config(base.typed)
@@ -214,6 +218,8 @@ class SweepComposer:
         assert base.typed is not None
         changes: dict[str, dict[str, Any]] = {}
         for override in values:
+            if _referred_to(override.key_or_group, base.interpolations):
+                return None
             value = override.value()
             if override.value_type is not ValueType.ELEMENT or not (
                 value is None or isinstance(value, (bool, int, float)) or isinstance(value, str) and get_value_kind(value) is ValueKind.VALUE
@@ -248,6 +254,21 @@ class SweepComposer:
 
 
 _SECTIONS = frozenset(f.name for f in dataclasses.fields(Config))
+
+
+def _interpolations(container: Any) -> list[str]:
+    """Every string in a config container that holds an interpolation (``${...}``)."""
+    if isinstance(container, dict):
+        return [s for v in container.values() for s in _interpolations(v)]
+    if isinstance(container, list):
+        return [s for v in container for s in _interpolations(v)]
+    return [container] if isinstance(container, str) and "${" in container else []
+
+
+def _referred_to(key: str, interpolations: Sequence[str]) -> bool:
+    """Whether an interpolation may refer to ``key``: by its full name, or by its last part (``${.seed}``)."""
+    last = key.rpartition(".")[2]
+    return any(key in text or last in text for text in interpolations)
 
 
 def _validating(caller: Any) -> bool:
