@@ -6,7 +6,11 @@ the launcher's packing chosen three ways:
 
 - ``trials_per_task=1``: one trial per task (8 tasks);
 - ``trials_per_task=4``: four per task (2 tasks), as the issue measured it;
-- ``auto``: the default, chosen from the trials' estimated size and the idle CPUs.
+- ``auto``: the default, chosen from the trials' estimated size and the idle CPUs;
+- ``auto, no compile cache``: the same with ``paths.compile_cache=null``, so each task compiles
+  its XLA program. The other layouts share one compile cache, filled before any measurement by a
+  one-trial sweep of the same program (as any earlier sweep of this user would have), so their
+  tasks load the program instead of compiling it. Each run reports how many tasks compiled.
 
 Each layout is submitted ``--repeats`` times, layouts interleaved. Wall time runs from the submit
 command's start until the last trial's ``metrics.json`` is written. The compute bound is the
@@ -48,6 +52,7 @@ LAYOUTS = {
     "trials_per_task=1": ["hydra.launcher.trials_per_task=1"],
     "trials_per_task=4": ["hydra.launcher.trials_per_task=4"],
     "auto (default)": [],
+    "auto, no compile cache": ["paths.compile_cache=null"],
 }
 TARGET = 1.3
 
@@ -60,20 +65,22 @@ def gemm() -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_sweep(train: str, sweep: Path, cache: Path, work: Path, extra: list[str], partition: str) -> dict[str, Any]:
+def run_sweep(train: str, sweep: Path, cache: Path, work: Path, extra: list[str], partition: str,
+              trials: int = TRIALS) -> dict[str, Any]:
     load = os.getloadavg()[0]
     start = time.time()
     where = [f"hydra.launcher.partition={partition}"] if partition else []
-    proc = subprocess.run([train, *sweep_args(sweep, cache, work, f"train.seed=range({TRIALS})", *where, *extra)],
+    proc = subprocess.run([train, *sweep_args(sweep, cache, work, f"train.seed=range({trials})", *where, *extra)],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise SystemExit(f"submission failed:\n{proc.stderr[-3000:]}")
     tasks = job_ids(sweep)
     wait_done(tasks)
-    metrics = [sweep / str(i) / "metrics.json" for i in range(TRIALS)]
+    metrics = [sweep / str(i) / "metrics.json" for i in range(trials)]
     finished = max(p.stat().st_mtime for p in metrics)
     records = [json.loads(p.read_text()) for p in metrics]
     packing = next((line for line in proc.stdout.splitlines() if line.startswith("packing")), "")
+    logs = [p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out")]
     return {
         "wall_s": finished - start,
         "tasks": len(tasks),
@@ -81,6 +88,7 @@ def run_sweep(train: str, sweep: Path, cache: Path, work: Path, extra: list[str]
         "trial_wall_s_sum": sum(r["wall_time_s"] for r in records),
         "test_accuracy_mean": statistics.fmean(r["test_accuracy"] for r in records),
         "packing": packing,
+        "tasks_that_compiled": sum("compile cache: saved" in log or "compile cache" not in log for log in logs),
         "load_average": load,
     }
 
@@ -101,13 +109,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"at {result['gflops']:.0f} GFLOP/s (GEMM rate at the step's shapes on {m['cores']} cores; "
         f"{', '.join(f'{g:.0f}' for g in result['gflops_runs'])} before and after the sweeps) = **{bound:.1f} s**.",
         "",
-        "| layout | tasks | wall s, submit to last trial | wall / bound | epoch seconds summed | epochs over "
-        f"{m['cores']} cores / bound | load avg at start |",
-        "|---|---|---|---|---|---|---|",
+        "| layout | tasks | tasks that compiled | wall s, submit to last trial | wall / bound | epoch seconds summed | "
+        f"epochs over {m['cores']} cores / bound | load avg at start |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in result["summary"].items():
         lines.append(
-            f"| {name} | {s['tasks']} | {s['wall_s']:.1f} | **{s['ratio']:.2f}x** | {s['epoch_s_sum']:.1f} | "
+            f"| {name} | {s['tasks']} | {s['tasks_that_compiled']:g} | {s['wall_s']:.1f} | **{s['ratio']:.2f}x** | "
+            f"{s['epoch_s_sum']:.1f} | "
             f"{s['epoch_floor_ratio']:.2f}x | {s['load_average']:.1f} |"
         )
     best = min(result["summary"].items(), key=lambda kv: kv[1]["ratio"])
@@ -117,6 +126,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Target: wall at most {TARGET}x the bound. Best layout: {best[0]}, {best[1]['ratio']:.2f}x "
         f"({'met' if best[1]['ratio'] <= TARGET else 'not met'}); the default (auto) {auto['ratio']:.2f}x.",
         f"Auto chose: {auto['packing'] or '(no line printed)'}",
+        f"Without the compile cache (every task compiles its XLA program): "
+        f"{result['summary']['auto, no compile cache']['ratio']:.2f}x.",
         "",
         "The last column is the floor the epochs themselves set: the trials' summed epoch seconds spread over the "
         "machine's cores, over the bound. A sweep cannot beat it without faster epochs; the gap between it and "
@@ -142,6 +153,10 @@ def main() -> int:
     cores = len(os.sched_getaffinity(0))
     print("GEMM rates ...", flush=True)
     rates = [gemm()]
+    # The compile cache the layouts share, filled as an earlier sweep of this user would have.
+    fill = run_sweep(train, work / "fill-compile-cache", cache, work, ["train.epochs=1", "hydra.launcher.trials_per_task=1"],
+                     args.partition, trials=1)
+    print(f"compile cache filled: {fill['tasks_that_compiled']} task(s) compiled", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LAYOUTS}
     for repeat in range(args.repeats):
         for name, extra in LAYOUTS.items():
@@ -161,7 +176,8 @@ def main() -> int:
         summary[name] = {
             "tasks": rs[0]["tasks"], "wall_s": wall, "ratio": wall / bound, "epoch_s_sum": epochs,
             "epoch_floor_ratio": epochs / cores / bound, "load_average": statistics.median(r["load_average"] for r in rs),
-            "packing": rs[0]["packing"], "test_accuracy_mean": statistics.fmean(r["test_accuracy_mean"] for r in rs),
+            "packing": rs[0]["packing"], "tasks_that_compiled": statistics.median(r["tasks_that_compiled"] for r in rs),
+            "test_accuracy_mean": statistics.fmean(r["test_accuracy_mean"] for r in rs),
         }
     result = {
         "machine": {"cpu": _cpu(), "cores": cores, "python": platform.python_version(),
