@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def main() -> int:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LAYOUTS}
     for repeat in range(args.repeats):
         for name, extra in LAYOUTS.items():
-            tag = name.split()[0].replace("=", "")
+            tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
             run = run_sweep(train, work / f"{tag}-{repeat}", cache, work, extra, args.partition)
             runs[name].append(run)
             print(f"{name} #{repeat + 1}: {run['wall_s']:.1f} s in {run['tasks']} task(s)", flush=True)
