@@ -161,3 +161,27 @@ def test_the_store_is_under_the_output_root_unless_absolute():
     assert store_root(PathsConfig(output_root="/scratch/me", compile_cache="/home/me/xla")) == Path("/home/me/xla")
     assert store_root(PathsConfig(output_root="/scratch/me", compile_cache=None)) is None
     assert store_root(PathsConfig(output_root="/scratch/me", compile_cache="")) is None
+
+
+def test_jobs_copy_the_newest_programs_and_the_store_keeps_a_bounded_size(tmp_path):
+    """Pure file handling (no TensorFlow): what a job copies in, and what a publishing job prunes."""
+    from mnist_hpc.compute import compile_cache
+
+    store, private = tmp_path / "store", tmp_path / "private"
+    store.mkdir()
+    private.mkdir()
+    names = []
+    for i in range(6):
+        content = bytes([i]) * 1000
+        name = f"xla_compile_cache__{i}__{i}__XLA_CPU_JIT.pb"
+        entry = store / f"{name}.{hashlib.sha256(content).hexdigest()}"
+        entry.write_bytes(content)
+        os.utime(entry, (1000 + i, 1000 + i))  # entry 5 is the newest
+        names.append(name)
+    loaded, skipped = compile_cache._fill(store, private, budget=3500)
+    assert loaded == set(names[3:]) and skipped == 0  # the three newest fit in 3,500 bytes
+    assert sorted(p.name for p in private.iterdir()) == sorted(names[3:])
+    assert (private / names[5]).read_bytes() == bytes([5]) * 1000
+
+    assert compile_cache.prune(store, budget=2500) == 4
+    assert sorted(p.name.split(".")[0] for p in store.iterdir()) == sorted(n.split(".")[0] for n in names[4:])

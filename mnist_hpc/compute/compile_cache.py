@@ -51,6 +51,10 @@ STORED = re.compile(r"^(?P<name>[A-Za-z0-9_]+\.pb)\.(?P<sha>[0-9a-f]{64})$")
 # Below this much free space in the private directory the cache stays off: TensorFlow fails a
 # compilation whose program it cannot write.
 MIN_FREE_BYTES = 256 << 20
+# A job copies the newest programs, up to this many bytes (~240 of the lesson's, 0.27 MB each);
+# a job that publishes prunes the oldest beyond the store's budget.
+LOAD_BYTES = 64 << 20
+STORE_BYTES = 256 << 20
 
 
 class _Active:
@@ -149,20 +153,40 @@ def enable(root: Optional[Path]) -> Optional[Path]:
     return store
 
 
-def _fill(store: Path, private: Path) -> tuple[set[str], int]:
-    """Copy every store entry whose content matches its sha256 into ``private``; (names, skipped)."""
+def _entries(store: Path) -> list[tuple[float, int, str]]:
+    """The store's entries as (mtime, size, name), newest first; a file gone meanwhile is left out."""
+    found = []
+    try:
+        names = os.listdir(store)
+    except OSError:
+        return []
+    for name in names:
+        if STORED.match(name):
+            try:
+                st = (store / name).stat()
+            except OSError:
+                continue
+            found.append((st.st_mtime, st.st_size, name))
+    return sorted(found, reverse=True)
+
+
+def _fill(store: Path, private: Path, budget: int = LOAD_BYTES) -> tuple[set[str], int]:
+    """Copy the newest store entries whose content matches their sha256 into ``private``, up to
+    ``budget`` bytes; (the names copied, how many were damaged or incomplete)."""
     loaded: set[str] = set()
     skipped = 0
-    try:
-        names = sorted(os.listdir(store))
-    except OSError:
-        return loaded, 0
-    for stored in names:
+    used = 0
+    for _, size, stored in _entries(store):
         m = STORED.match(stored)
-        if not m or m["name"] in loaded:
+        assert m is not None
+        if m["name"] in loaded:
             continue
+        if used + size > budget:
+            break
         try:
             content = (store / stored).read_bytes()
+        except FileNotFoundError:  # pruned by another job meanwhile
+            continue
         except OSError:
             skipped += 1
             continue
@@ -176,7 +200,27 @@ def _fill(store: Path, private: Path) -> tuple[set[str], int]:
             (private / m["name"]).unlink(missing_ok=True)
             break
         loaded.add(m["name"])
+        used += len(content)
     return loaded, skipped
+
+
+def prune(store: Path, budget: int = STORE_BYTES) -> int:
+    """Delete the oldest entries until the store holds at most ``budget`` bytes; how many were deleted.
+
+    A search over a continuous hyperparameter that the program holds as a constant (a dropout
+    rate) compiles a program per trial; without a bound its store would grow by each of them.
+    """
+    deleted = 0
+    total = 0
+    for _, size, name in _entries(store):
+        total += size
+        if total > budget:
+            try:
+                (store / name).unlink()
+                deleted += 1
+            except OSError:
+                pass
+    return deleted
 
 
 def _point_tensorflow_at(private: Path) -> None:
@@ -223,7 +267,9 @@ def publish() -> int:
         _active.known.add(name)
         added += 1
     if added:
-        log.info("compile cache: saved %d new program(s) to %s", added, _active.store)
+        pruned = prune(_active.store)
+        log.info("compile cache: saved %d new program(s) to %s%s", added, _active.store,
+                 f" (removed the {pruned} oldest, over {STORE_BYTES >> 20} MB)" if pruned else "")
     return added
 
 
