@@ -39,7 +39,12 @@ def run(synthetic_cache: Path, tmp_path: Path, store_root: Path, name: str, *ext
 
 
 def entries(store_root: Path) -> list[Path]:
-    return sorted(p for p in store_root.glob("*/*") if not p.name.startswith("."))
+    """<root>/<TensorFlow build, CPU, flags>/<shapes>/<entry>.<sha256>"""
+    return sorted(p for p in store_root.glob("*/*/*") if not p.name.startswith("."))
+
+
+def loaded(log: str, n: int) -> bool:
+    return f"compile cache: {n} program(s) for this trial's shapes" in log
 
 
 def result(run_dir: Path) -> tuple[dict, list[np.ndarray]]:
@@ -67,7 +72,7 @@ def test_a_warm_store_gives_the_cold_runs_results_without_compiling(synthetic_ca
     assert (store_root.stat().st_mode & 0o777) == 0o700
 
     warm, warm_dir = run(synthetic_cache, tmp_path, store_root, "warm")
-    assert f"({len(stored)} program(s))" in warm, warm[-3000:]
+    assert loaded(warm, len(stored)), warm[-3000:]
     # TensorFlow saves what it compiles: nothing saved is nothing compiled.
     assert SAVED not in warm, warm[-3000:]
     assert entries(store_root) == stored
@@ -77,17 +82,25 @@ def test_a_warm_store_gives_the_cold_runs_results_without_compiling(synthetic_ca
 def test_damaged_or_foreign_entries_are_never_loaded(synthetic_cache, tmp_path, store_root):
     _, cold_dir = run(synthetic_cache, tmp_path, store_root, "cold")
     stored = entries(store_root)
-    biggest = max(stored, key=lambda p: p.stat().st_size)
-    content = biggest.read_bytes()
-    biggest.write_bytes(content[: len(content) // 2])  # a half-written file, under the whole file's hash
-    other = min(stored, key=lambda p: p.stat().st_size)
-    flipped = bytearray(other.read_bytes())
+    [entry] = stored  # the training loop's program
+    content = entry.read_bytes()
+    half = content[: len(content) // 2]
+    # Half a file under its own sha256: what publishing a file TensorFlow could not finish would give.
+    entry.with_name(f"{entry.name.rsplit('.', 1)[0]}.{hashlib.sha256(half).hexdigest()}").write_bytes(half)
+    flipped = bytearray(content)
     flipped[len(flipped) // 2] ^= 0xFF
-    other.write_bytes(bytes(flipped))
-    (biggest.parent / "xla_compile_cache__1__2__XLA_CPU_JIT.pb.not-a-hash").write_bytes(b"junk")
+    entry.write_bytes(bytes(flipped))  # damaged after it was saved
+    (entry.parent / "xla_compile_cache__1__2__XLA_CPU_JIT.pb.not-a-hash").write_bytes(b"junk")
+    planted = 0
+    if os.getuid() == 0:  # CI runs as root: a file of another user's is never loaded either
+        other = entry.parent / f"xla_compile_cache__9__9__XLA_CPU_JIT.pb.{hashlib.sha256(content).hexdigest()}"
+        other.write_bytes(content)
+        os.chown(other, 65534, 65534)
+        planted = 1
 
     again, again_dir = run(synthetic_cache, tmp_path, store_root, "again")
-    assert "skipped 2 damaged or incomplete" in again, again[-3000:]
+    assert f"skipped {2 + planted} damaged, incomplete or not yours" in again, again[-3000:]
+    assert loaded(again, 0)
     assert SAVED in again  # compiled again, and saved whole
     assert_same(result(cold_dir), result(again_dir))
 
@@ -163,25 +176,51 @@ def test_the_store_is_under_the_output_root_unless_absolute():
     assert store_root(PathsConfig(output_root="/scratch/me", compile_cache="")) is None
 
 
-def test_jobs_copy_the_newest_programs_and_the_store_keeps_a_bounded_size(tmp_path):
-    """Pure file handling (no TensorFlow): what a job copies in, and what a publishing job prunes."""
+def entry_bytes(key: bytes, hlo: bytes, executable: bytes) -> bytes:
+    """A cache entry as TensorFlow writes one: fields 1, 2 and 3, each length-delimited."""
+    def field(number: int, data: bytes) -> bytes:
+        length, out = len(data), bytearray()
+        while True:
+            out.append((length & 0x7F) | (0x80 if length > 0x7F else 0))
+            length >>= 7
+            if not length:
+                break
+        return bytes([number << 3 | 2]) + bytes(out) + data
+    return field(1, key) + field(2, hlo) + field(3, executable)
+
+
+def test_only_whole_entries_are_taken_and_no_reader_input_makes_it_raise():
+    from mnist_hpc.compute.compile_cache import whole_entry
+
+    whole = entry_bytes(b"k" * 52, b"h" * 1000, b"x" * 300)
+    assert whole_entry(whole)
+    assert not any(whole_entry(whole[:cut]) for cut in range(len(whole)))  # cut short anywhere
+    assert not whole_entry(whole + b"\x00")
+    assert not whole_entry(entry_bytes(b"k", b"h", b""))  # no executable
+    assert not whole_entry(entry_bytes(b"k", b"h", b"x") + entry_bytes(b"k", b"h", b"x"))  # fields twice
+    rng = np.random.default_rng(0)
+    for size in list(range(40)) + [1000] * 200:
+        whole_entry(rng.integers(0, 256, size, dtype=np.uint8).tobytes())  # garbage: False or True, never raises
+    for cut in range(0, len(whole), 7):
+        damaged = bytearray(whole)
+        damaged[cut] ^= 0xFF
+        whole_entry(bytes(damaged))
+
+
+def test_the_store_keeps_the_shapes_used_last_within_its_budget(tmp_path):
+    """Pure file handling (no TensorFlow): a publishing job removes whole shapes, least recently used first."""
     from mnist_hpc.compute import compile_cache
 
-    store, private = tmp_path / "store", tmp_path / "private"
-    store.mkdir()
-    private.mkdir()
-    names = []
-    for i in range(6):
-        content = bytes([i]) * 1000
-        name = f"xla_compile_cache__{i}__{i}__XLA_CPU_JIT.pb"
-        entry = store / f"{name}.{hashlib.sha256(content).hexdigest()}"
-        entry.write_bytes(content)
-        os.utime(entry, (1000 + i, 1000 + i))  # entry 5 is the newest
-        names.append(name)
-    loaded, skipped = compile_cache._fill(store, private, budget=3500)
-    assert loaded == set(names[3:]) and skipped == 0  # the three newest fit in 3,500 bytes
-    assert sorted(p.name for p in private.iterdir()) == sorted(names[3:])
-    assert (private / names[5]).read_bytes() == bytes([5]) * 1000
-
-    assert compile_cache.prune(store, budget=2500) == 4
-    assert sorted(p.name.split(".")[0] for p in store.iterdir()) == sorted(n.split(".")[0] for n in names[4:])
+    store = tmp_path / "store"
+    for i in range(5):
+        shape = store / f"shape{i}"
+        shape.mkdir(parents=True)
+        content = entry_bytes(b"k", b"h", bytes([i]) * 1000)
+        (shape / f"xla_compile_cache__{i}__{i}__XLA_CPU_JIT.pb.{hashlib.sha256(content).hexdigest()}").write_bytes(content)
+        os.utime(shape, (1000 + i, 1000 + i))  # shape4 was used last
+    stale = store / "shape4" / ".incoming-abc"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (1, 1))
+    assert compile_cache.prune(store, budget=2500) == 3
+    assert sorted(p.name for p in store.iterdir()) == ["shape3", "shape4"]
+    assert not stale.exists()  # a killed publisher's temporary file

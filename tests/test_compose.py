@@ -172,6 +172,22 @@ def test_a_job_changing_a_key_that_another_refers_to_is_typed_as_hydra_types_it(
         assert "train.seed" in composer._bases[("experiment=follow",)].converters
 
 
+@pytest.mark.parametrize("key, interpolation, refers", [
+    ("train.batch_size", "${train.batch_size}", True),
+    ("train.seed", "${train}", True),  # the whole section
+    ("train.seed", "${oc.dict.values:train}", True),
+    ("train.seed", "${.seed}", True),  # relative
+    ("train.seed", "${oc.env:SCRATCH,outputs}/mnist-hpc", False),  # the default output root: the fast path stays
+    ("paths.output_root", "${oc.env:SCRATCH,outputs}/mnist-hpc", False),
+    ("train.seed", "${oc.env:SCRATCH}/seeds", False),
+    ("optimizer.name", "${hydra:job.name}", False),
+])
+def test_which_interpolations_send_a_job_the_long_way(key, interpolation, refers):
+    from mnist_hpc.login.launcher.compose import _referred_to
+
+    assert _referred_to(key, [interpolation]) is refers
+
+
 # --- the compute node's rebuild -------------------------------------------------------------------
 
 REBUILD = """

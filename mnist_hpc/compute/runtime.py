@@ -111,8 +111,9 @@ def configure_tensorflow(
 
     Threads follow the Slurm allocation (``SLURM_CPUS_PER_TASK``) unless the config sets them:
     TensorFlow otherwise sizes its pools by the node's cores and oversubscribes a shared node.
-    The compile cache (:mod:`mnist_hpc.compute.compile_cache`) is set after the thread pools
-    (it runs a program) and before anything else reads TensorFlow's XLA flags.
+    The compile cache (:mod:`mnist_hpc.compute.compile_cache`) is set before anything lists
+    TensorFlow's devices (which reads its XLA flags); it runs nothing, so GPU memory growth and
+    multi-worker collectives can still be configured after it.
     """
     from mnist_hpc.compute import compile_cache
 

@@ -23,7 +23,7 @@ from mnist_hpc import claim, rundir
 from mnist_hpc.compute import checkpoint, compile_cache, distribute
 from mnist_hpc.compute.cluster import LayoutError, TaskLayout, resolve_distribution, task_layout
 from mnist_hpc.compute.data import MnistData, load_mnist
-from mnist_hpc.compute.engine import batches, engine_for
+from mnist_hpc.compute.engine import batches, engine_for, shapes_key
 from mnist_hpc.compute.runtime import RuntimeInfo, configure_tensorflow, provenance
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted
 from mnist_hpc.compute.tensorboard import TensorBoardLog
@@ -169,6 +169,7 @@ def _train(
 
         # Keras turns XLA off under op determinism (not every op has a deterministic XLA kernel).
         jit = cfg.train.jit_compile and not cfg.train.deterministic
+        compile_cache.prepare(shapes_key(cfg, data, jit) if jit and compile_cache.store_root(cfg.paths) else None)
         compiled = Execution(cfg.train.execution) is Execution.compiled_loop
 
         def build() -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,10 +266,14 @@ def _interpolations(container: Any) -> list[str]:
     return [container] if isinstance(container, str) and "${" in container else []
 
 
+_NAME = re.compile(r"[A-Za-z_][\w.]*")
+
+
 def _referred_to(key: str, interpolations: Sequence[str]) -> bool:
-    """Whether an interpolation may refer to ``key``: by its full name, or by its last part (``${.seed}``)."""
-    last = key.rpartition(".")[2]
-    return any(key in text or last in text for text in interpolations)
+    """Whether an interpolation may refer to ``key``: a name in it that is the key, its section
+    (``${train}``, ``${oc.dict.values:train}``) or its last part (a relative ``${.seed}``)."""
+    wanted = {key, key.partition(".")[0], key.rpartition(".")[2]}
+    return any(not wanted.isdisjoint(_NAME.findall(text)) for text in interpolations)
 
 
 def _validating(caller: Any) -> bool:
