@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import pytest
 
@@ -75,8 +75,9 @@ def slurm_launcher_args(sweep_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def submit(args: list[str], tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(TRAIN + args, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+def submit(args: list[str], tmp_path: Path, timeout: float = 120, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Submit from ``tmp_path``; ``env`` is the submitting shell's environment (the jobs inherit it)."""
+    return subprocess.run(TRAIN + args, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
 
 
 def job_records(sweep_dir: Path) -> list[dict]:

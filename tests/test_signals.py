@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mnist_hpc.compute import checkpoint
-from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, finish_in_process
+from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, finish_in_process, hand_over
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests.conftest import tiny_overrides
@@ -112,3 +112,28 @@ def test_outside_slurm_a_stopped_run_exits_with_the_signal_code_and_says_how_to_
         finish_in_process(stop, tmp_path, job_id=None, chief=True)
     assert ended.value.code == 128 + signal.SIGUSR2
     assert f"run the same command again with hydra.run.dir={tmp_path}" in caplog.text
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
+def test_a_worker_that_is_not_the_chief_leaves_the_ending_to_the_chief(tmp_path, caplog, signum):
+    """Exit 0, and never submitit's requeue: a non-zero exit would let KillOnBadExit=1 kill the chief first."""
+    calls = []
+    with pytest.raises(SystemExit) as ended:
+        hand_over(signum, lambda *a: calls.append(a), chief=False)
+    assert ended.value.code == 0 and calls == []
+    stop = TrainingInterrupted(signum, 2, 17, None)
+    with pytest.raises(SystemExit) as ended:
+        finish_in_process(stop, tmp_path, job_id="123", chief=False)
+    assert ended.value.code == 0
+    assert "the chief (task 0) checkpoints and ends or requeues the job" in caplog.text
+    assert "run the same command again" not in caplog.text
+
+
+def test_the_chief_hands_usr2_to_submitit_and_exits_with_the_signal_code_on_sigterm():
+    calls = []
+    with pytest.raises(SystemExit) as ended:
+        hand_over(signal.SIGTERM, lambda *a: calls.append(a), chief=True)
+    assert ended.value.code == 128 + signal.SIGTERM and calls == []
+    with pytest.raises(SystemExit) as ended:
+        hand_over(signal.SIGUSR2, lambda *a: calls.append(a), chief=True)
+    assert calls == [(signal.SIGUSR2, None)] and ended.value.code == 128 + signal.SIGUSR2

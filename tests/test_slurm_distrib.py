@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,6 +187,37 @@ def test_two_task_job_trains_one_run_and_usr2_resumes_bit_identically(cache: Pat
     assert report.returncode == 0, report.stderr[-3000:]
     csv_rows = (tmp_path / "ref" / "report" / "report.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 2  # a header and the one run
+
+
+def test_a_two_task_usr2_requeue_survives_kill_on_bad_exit(cache: Path, tmp_path: Path):
+    """Sites with KillOnBadExit=1 (here ``srun --kill-on-bad-exit=1``) end a step as soon as any
+    task exits non-zero. After a USR2 the worker must leave the ending to the chief: had it exited
+    with 128 + USR2 first, Slurm would kill the chief before its checkpoint or its requeue. The
+    chief's ``scontrol requeue`` is made to answer 3 s late, as a busy controller does."""
+    slow = tmp_path / "slow-controller"
+    slow.mkdir()
+    (slow / "scontrol").write_text(f'#!/bin/sh\n[ "$1" = requeue ] && sleep 3\nexec {shutil.which("scontrol")} "$@"\n')
+    (slow / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{slow}{os.pathsep}{os.environ['PATH']}"}
+    stopped = submit(two_tasks(tmp_path / "stop", cache, tmp_path, "hydra.launcher.srun_args=['--kill-on-bad-exit=1']"),
+                     tmp_path, env=env)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    [rec] = job_records(tmp_path / "stop")
+    run = tmp_path / "stop" / "0"
+    wait_for_file(run / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True, timeout=30)
+    states = wait_for_states([rec["job_id"]], timeout_s=900)
+    log = (run / "train.log").read_text()
+    assert states == {rec["job_id"]: "COMPLETED"}, (states, log[-3000:], task_log(rec, 1)[-2000:])
+    history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", rec["job_id"]],
+                             capture_output=True, text=True, timeout=30).stdout
+    assert "REQUEUED" in history
+    stop_line = re.search(r"training stopped on SIGUSR2 at a step boundary \((\d+) epoch\(s\) and (\d+) batch", log)
+    assert stop_line, log[-3000:]
+    epochs, batches = map(int, stop_line.groups())
+    assert f"resuming from ckpt-e{epochs:05d}-b{batches:07d}.npz" in log
+    assert [int(n) for n in re.findall(r"\] - epoch (\d+)/6 ", log)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run / "metrics.json").read_text())["workers"] == 2
 
 
 def test_killing_one_worker_ends_the_job_failed_with_failure_json(cache: Path, tmp_path: Path):

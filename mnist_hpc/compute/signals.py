@@ -133,17 +133,31 @@ def hand_over(signum: int, submitit_handler: Any, chief: bool) -> BaseException:
     On USR2 the chief hands over to submitit's handler, which requeues the job through the
     callable's ``checkpoint`` and exits (``SystemExit``), or raises ``UncompletedJobError`` when
     no requeue is left (returned here, to be recorded like any time-out). Otherwise (SIGTERM:
-    cancel or preemption, which Slurm requeues itself; a worker that is not the chief) the
-    process just exits.
+    cancel or preemption, which Slurm requeues itself) the chief exits; a worker that is not the
+    chief always leaves as :func:`worker_exit` says.
     """
     from submitit.core.utils import UncompletedJobError
 
-    if signum == signal.SIGUSR2 and callable(submitit_handler) and chief:
+    if not chief:
+        worker_exit(signum)
+    if signum == signal.SIGUSR2 and callable(submitit_handler):
         try:
             submitit_handler(signal.SIGUSR2, None)
         except UncompletedJobError as exc:
             return exc
     sys.exit(128 + signum)
+
+
+def worker_exit(signum: int) -> NoReturn:
+    """A worker that is not the chief, stopped at a step boundary with the others: exit 0.
+
+    The chief speaks for the job (its checkpoint, its requeue, its exit code). A worker that
+    left first with ``128 + signal`` would, on clusters with ``KillOnBadExit=1`` (or ``srun
+    --kill-on-bad-exit``), make Slurm kill the chief before its checkpoint or its requeue.
+    """
+    log.warning("stopped on %s at a step boundary with the other workers; the chief (task 0) checkpoints and "
+                "ends or requeues the job", signal.Signals(signum).name)
+    sys.exit(0)
 
 
 def requeue_job(job_id: str) -> Optional[str]:
@@ -193,11 +207,12 @@ def finish_in_process(stop: TrainingInterrupted, run_dir: Path, job_id: Optional
             log.warning("%s; requeued Slurm job %s, which resumes in %s", stop, job_id, run_dir)
             sys.exit(stop.exit_code)
         log.error("%s; Slurm did not requeue job %s: %s", stop, job_id, refused)
-    if chief:
-        log.error(
-            "%s; not finished. To resume, run the same command again with hydra.run.dir=%s "
-            "(sbatch scripts: keep #SBATCH --requeue so that Slurm can requeue it)",
-            stop,
-            run_dir,
-        )
+    if not chief:
+        worker_exit(stop.signum)
+    log.error(
+        "%s; not finished. To resume, run the same command again with hydra.run.dir=%s "
+        "(sbatch scripts: keep #SBATCH --requeue so that Slurm can requeue it)",
+        stop,
+        run_dir,
+    )
     sys.exit(stop.exit_code)
