@@ -165,6 +165,42 @@ def test_the_flag_does_not_reach_child_processes_and_the_store_is_keyed_by_machi
     assert own["store"] == "None" and own["env"] == "--tf_xla_persistent_cache_directory=/somewhere"
 
 
+def test_each_trial_of_a_process_loads_and_saves_under_its_own_store_root(tmp_path):
+    """A packed task's trials may differ in ``paths``: the first trial turns the cache on, and
+    every trial then uses the store its own config names (or none)."""
+    whole = entry_bytes(b"key", b"hlo", b"executable")
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from mnist_hpc.compute.runtime import import_tensorflow\n"
+        "import_tensorflow()\n"
+        "from mnist_hpc.compute import compile_cache as cc\n"
+        "a, b = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "store = cc.enable(a)\n"
+        "saved = []\n"
+        "for i, (root, shapes) in enumerate([(b, 'k'), (None, 'k'), (a, 'k'), (b, 'k')]):\n"
+        "    loaded = cc.prepare(root, shapes)\n"
+        "    (cc._active.private / f'entry_{i}.pb').write_bytes(bytes.fromhex(sys.argv[3]))\n"
+        "    saved.append([loaded, cc.publish()])\n"
+        "cc.prepare(b, 'k')\n"  # a trial that fails before it publishes: the next trial's prepare does
+        "(cc._active.private / 'entry_4.pb').write_bytes(bytes.fromhex(sys.argv[3]))\n"
+        "cc.prepare(a, 'k')\n"
+        "print(json.dumps({'store': str(store), 'saved': saved}))\n"
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = subprocess.run([sys.executable, "-c", code, str(a), str(b), whole.hex()], capture_output=True, text=True,
+                         timeout=300, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    machine = Path(got["store"]).name
+    assert Path(got["store"]) == a.resolve() / machine
+    # Trial 0 saves its program under b; trial 1 (null) saves nothing, and its program is never
+    # saved by a later trial either; trial 2 saves its own under a; trial 3 finds b's program in
+    # this process already (nothing to load) and saves its own under b.
+    assert got["saved"] == [[0, 1], [0, 0], [0, 1], [0, 1]]
+    names = lambda root: sorted(p.name.split(".")[0] for p in (root / machine).glob("*/*.pb.*"))  # noqa: E731
+    assert names(b) == ["entry_0", "entry_3", "entry_4"] and names(a) == ["entry_2"]
+
+
 def test_the_store_is_under_the_output_root_unless_absolute():
     from mnist_hpc.compute.compile_cache import store_root
     from mnist_hpc.config import PathsConfig

@@ -65,8 +65,9 @@ STALE_INCOMING_S = 3600
 
 
 class _Active:
-    def __init__(self, store: Path, private: Path) -> None:
-        self.store = store  # <root>/<machine key>
+    def __init__(self, store: Path, machine: str, private: Path) -> None:
+        self.store = store  # <root>/<machine key> of the call that turned the cache on
+        self.machine = machine  # machine_key(), the same for every trial of this process
         self.private = private
         self.known: set[str] = set()  # entry names in the private directory that a store directory has
         self.shape: Optional[Path] = None  # the store directory of the trial in progress
@@ -132,7 +133,8 @@ def enable(root: Optional[Path]) -> Optional[Path]:
     """Point this process's XLA compilations at a private directory fed from the store under ``root``.
 
     Decided once per process, by its first call (TensorFlow reads its XLA flags once); returns
-    the store, or None with the cache off. Must run before anything lists TensorFlow's devices
+    the store, or None with the cache off. Each trial then names its own store root to
+    :func:`prepare` (a packed task's trials may have different ``paths``). Must run before anything lists TensorFlow's devices
     (which reads the flags) and runs nothing itself, so thread pools, GPU memory growth and
     multi-worker collectives can still be configured afterwards.
     """
@@ -153,7 +155,8 @@ def enable(root: Optional[Path]) -> Optional[Path]:
         return None
     private: Optional[Path] = None
     try:
-        store = root.resolve() / machine_key()
+        machine = machine_key()
+        store = root.resolve() / machine
         _private_dir(root.resolve())
         _private_dir(store)
         private = Path(tempfile.mkdtemp(prefix="mnist-hpc-xla-"))
@@ -177,26 +180,31 @@ def enable(root: Optional[Path]) -> Optional[Path]:
             del os.environ["TF_XLA_FLAGS"]
         else:
             os.environ["TF_XLA_FLAGS"] = before
-    _active = _Active(store, private)
+    _active = _Active(store, machine, private)
     atexit.register(_close)
     log.info("compile cache: %s", store)
     return store
 
 
-def prepare(shapes: Optional[str]) -> int:
-    """Before a trial: copy the store's programs for ``shapes`` into the private directory; how many.
+def prepare(root: Optional[Path], shapes: Optional[str]) -> int:
+    """Before a trial: copy the programs for ``shapes`` from the store under ``root`` into the private directory.
 
-    ``shapes``: the trial's :func:`~mnist_hpc.compute.engine.shapes_key`; None: this trial
-    neither loads nor saves (its ``paths.compile_cache`` is null).
+    ``root``: the trial's :func:`store_root`; ``shapes``: its
+    :func:`~mnist_hpc.compute.engine.shapes_key`. Either None: this trial neither loads nor
+    saves (its ``paths.compile_cache`` is null, or it does not use XLA). Returns how many
+    programs were copied.
     """
     if _active is None:
         return 0
+    publish()  # what the previous trial compiled belongs to its store (if it ended before publishing)
     _active.shape = None
-    if shapes is None:
+    if root is None or shapes is None:
         return 0
-    shape = _active.store / hashlib.sha256(shapes.encode()).hexdigest()[:16]
+    store = root.resolve() / _active.machine
+    shape = store / hashlib.sha256(shapes.encode()).hexdigest()[:16]
     try:
-        _private_dir(shape)
+        for directory in (root.resolve(), store, shape):
+            _private_dir(directory)
         os.utime(shape)  # used now: pruning removes the shapes used least recently
     except OSError as exc:
         log.warning("compile cache: not for this trial: %s", exc)
@@ -284,8 +292,12 @@ def _fill(shape: Path, private: Path, known: set[str]) -> tuple[int, int]:
 
 
 def publish() -> int:
-    """After a trial: copy the whole programs TensorFlow added into the trial's shape directory; how many."""
-    if _active is None or _active.shape is None:
+    """After a trial: copy the whole programs TensorFlow added into the trial's shape directory; how many.
+
+    A trial that neither loads nor saves keeps what it compiled to this process: its programs
+    are never published, under its own shapes or a later trial's.
+    """
+    if _active is None:
         return 0
     added = 0
     try:
@@ -294,6 +306,9 @@ def publish() -> int:
         return 0
     for name in names:
         if name in _active.known or not ENTRY.match(name):
+            continue
+        if _active.shape is None:
+            _active.known.add(name)
             continue
         try:
             content = (_active.private / name).read_bytes()
@@ -316,7 +331,7 @@ def publish() -> int:
         _active.known.add(name)
         added += 1
     if added:
-        pruned = prune(_active.store)
+        pruned = prune(_active.shape.parent)
         log.info("compile cache: saved %d new program(s) to %s%s", added, _active.shape,
                  f" (removed {pruned} shape(s) used least recently, over {STORE_BYTES >> 20} MB)" if pruned else "")
     return added

@@ -162,14 +162,15 @@ def _train(
         rundir.write_config(run_dir, cfg)
     phases.lap("claim")
     with StopRequest() as stop:
-        threads = configure_tensorflow(cfg.train, runtime, compile_cache.store_root(cfg.paths))
+        cache_root = compile_cache.store_root(cfg.paths)
+        threads = configure_tensorflow(cfg.train, runtime, cache_root)
         import keras
 
         from mnist_hpc.compute.model import build_model, compile_model
 
         # Keras turns XLA off under op determinism (not every op has a deterministic XLA kernel).
         jit = cfg.train.jit_compile and not cfg.train.deterministic
-        compile_cache.prepare(shapes_key(cfg, data, jit) if jit and compile_cache.store_root(cfg.paths) else None)
+        compile_cache.prepare(cache_root, shapes_key(cfg, data, jit) if jit else None)
         compiled = Execution(cfg.train.execution) is Execution.compiled_loop
 
         def build() -> Any:
