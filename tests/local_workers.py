@@ -96,7 +96,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         train_and_evaluate(cfg, run_dir, callbacks=callbacks)
     except TrainingInterrupted as stop:
-        print(f"STOPPED {stop.epoch} {stop.batch}", flush=True)
+        # Every worker leaves only once the chief's checkpoint is on disk.
+        print(f"STOPPED {stop.epoch} {stop.batch} checkpoint-written={stop.checkpoint.is_file()}", flush=True)
         sys.exit(stop.exit_code)
 
 

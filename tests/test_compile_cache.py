@@ -184,7 +184,12 @@ def test_each_trial_of_a_process_loads_and_saves_under_its_own_store_root(tmp_pa
         "    saved.append([loaded, cc.publish()])\n"
         "cc.prepare(b, 'k')\n"  # a trial that fails before it publishes: the next trial's prepare does
         "(cc._active.private / 'entry_4.pb').write_bytes(bytes.fromhex(sys.argv[3]))\n"
-        "cc.prepare(a, 'k')\n"
+        "cc.prepare(a, 'k2')\n"  # a trial whose store cannot take its program (its shape directory gone)
+        "(cc._active.private / 'entry_5.pb').write_bytes(bytes.fromhex(sys.argv[3]))\n"
+        "shape = cc._active.shape; shape.rmdir(); shape.write_text('not a directory')\n"
+        "saved.append([0, cc.publish()])\n"
+        "cc.prepare(b, 'k3')\n"  # the next trial never saves the other's program under its own store
+        "saved.append([0, cc.publish()])\n"
         "print(json.dumps({'store': str(store), 'saved': saved}))\n"
     )
     a, b = tmp_path / "a", tmp_path / "b"
@@ -196,9 +201,27 @@ def test_each_trial_of_a_process_loads_and_saves_under_its_own_store_root(tmp_pa
     # Trial 0 saves its program under b; trial 1 (null) saves nothing, and its program is never
     # saved by a later trial either; trial 2 saves its own under a; trial 3 finds b's program in
     # this process already (nothing to load) and saves its own under b.
-    assert got["saved"] == [[0, 1], [0, 0], [0, 1], [0, 1]]
+    assert got["saved"] == [[0, 1], [0, 0], [0, 1], [0, 1], [0, 0], [0, 0]]
     names = lambda root: sorted(p.name.split(".")[0] for p in (root / machine).glob("*/*.pb.*"))  # noqa: E731
     assert names(b) == ["entry_0", "entry_3", "entry_4"] and names(a) == ["entry_2"]
+
+
+def test_the_first_trial_decides_and_a_later_one_is_told_the_cache_is_off(tmp_path):
+    code = (
+        "import json, logging, sys\n"
+        "from pathlib import Path\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "from mnist_hpc.compute.runtime import import_tensorflow\n"
+        "import_tensorflow()\n"
+        "from mnist_hpc.compute import compile_cache as cc\n"
+        "root = Path(sys.argv[1])\n"
+        "print(json.dumps([str(cc.enable(None)), str(cc.enable(root)), cc.prepare(root, 'k'), cc.prepare(root, 'k')]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "root")], capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["None", "None", 0, 0]
+    assert out.stderr.count("compile cache off in this process (its first trial decided") == 1, out.stderr
+    assert not (tmp_path / "root").exists()
 
 
 def test_the_store_is_under_the_output_root_unless_absolute():

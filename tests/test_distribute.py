@@ -232,7 +232,8 @@ def test_usr2_mid_epoch_stops_both_workers_at_one_step_and_the_resume_is_bit_ide
     # 540 samples / 32 = 17 batches per epoch; USR2 after batch 6 (0-based 5) of the second epoch.
     codes, logs = run_local(tmp_path, "stop", [str(run), "--stop-at", "1", "5"] + args)
     assert codes == [128 + signal.SIGUSR2] * 2, logs
-    assert all("STOPPED 1 6" in log for log in logs)  # the same step boundary on both workers
+    # The same step boundary on both workers, and neither left before the chief's checkpoint was written.
+    assert all("STOPPED 1 6 checkpoint-written=True" in log for log in logs), logs
     assert [p.name for p in sorted((run / "checkpoints").iterdir())][-1] == "ckpt-e00001-b0000006.npz"
     assert not (run / "metrics.json").exists()
     assert json.loads((run / "progress.json").read_text())["epochs_done"] == 1

@@ -75,6 +75,7 @@ class _Active:
 
 _active: Optional[_Active] = None
 _decided = False  # this process has decided (cache on, or off for a reason it logged)
+_told_off = False  # a trial that named a store was told the cache is off in this process
 
 
 def store_root(paths: PathsConfig) -> Optional[Path]:
@@ -194,9 +195,15 @@ def prepare(root: Optional[Path], shapes: Optional[str]) -> int:
     saves (its ``paths.compile_cache`` is null, or it does not use XLA). Returns how many
     programs were copied.
     """
+    global _told_off
     if _active is None:
+        if root is not None and shapes is not None and _decided and not _told_off:
+            _told_off = True
+            log.info("compile cache off in this process (its first trial decided: TensorFlow reads the flag once); "
+                     "this trial compiles")
         return 0
     publish()  # what the previous trial compiled belongs to its store (if it ended before publishing)
+    _settle()  # and what could not be saved there is never saved under another trial's store
     _active.shape = None
     if root is None or shapes is None:
         return 0
@@ -335,6 +342,14 @@ def publish() -> int:
         log.info("compile cache: saved %d new program(s) to %s%s", added, _active.shape,
                  f" (removed {pruned} shape(s) used least recently, over {STORE_BYTES >> 20} MB)" if pruned else "")
     return added
+
+
+def _settle() -> None:
+    """Take every program now in the private directory as known: none is published later."""
+    try:
+        _active.known.update(name for name in os.listdir(_active.private) if ENTRY.match(name))
+    except OSError:
+        pass
 
 
 def prune(store: Path, budget: int = STORE_BYTES) -> int:

@@ -128,8 +128,9 @@ def configure_tensorflow(
     except RuntimeError:
         # The runtime was already initialised in this process (a second run in one interpreter).
         log.warning("TensorFlow already initialised; keeping its thread pools as they are")
-    if train.jit_compile and not train.deterministic:  # XLA in use (determinism turns it off)
-        compile_cache.enable(compile_cache_root)
+    # Decided by the process's first trial (TensorFlow reads its XLA flags once, below): on
+    # when it uses XLA (determinism turns XLA off) and names a store.
+    compile_cache.enable(compile_cache_root if train.jit_compile and not train.deterministic else None)
     gpu_memory_growth(tf)
     if train.deterministic:
         tf.config.experimental.enable_op_determinism()

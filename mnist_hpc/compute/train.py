@@ -296,11 +296,17 @@ def _train_epochs(
 
         return save_batch
 
+    def stopped(signum: int, epoch: int, batch: int, saved: Path) -> TrainingInterrupted:
+        # The other workers leave only once the chief's checkpoint is written: a worker that
+        # ended first would start srun's --wait clock (or KillOnBadExit) on the chief.
+        workers.share([0.0])
+        return TrainingInterrupted(signum, epoch, batch, saved)
+
     def stopper(epoch: int) -> Callable[[int], None]:
         def after_call(done: int) -> None:
             signum = workers.agreed_signal(stop.signum)
             if signum is not None:
-                raise TrainingInterrupted(signum, epoch, done, save(epoch, done, with_metrics=True))
+                raise stopped(signum, epoch, done, save(epoch, done, with_metrics=True))
 
         return after_call
 
@@ -331,7 +337,7 @@ def _train_epochs(
         if epoch + 1 < cfg.train.epochs:
             signum = workers.agreed_signal(stop.signum)
             if signum is not None:
-                raise TrainingInterrupted(signum, epoch + 1, 0, saved or save(epoch + 1, 0, with_metrics=False))
+                raise stopped(signum, epoch + 1, 0, saved or save(epoch + 1, 0, with_metrics=False))
     return history, time.perf_counter() - train_start
 
 
