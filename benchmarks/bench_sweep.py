@@ -12,6 +12,12 @@ the launcher's packing chosen three ways:
   one-trial sweep of the same program (as any earlier sweep of this user would have), so their
   tasks load the program instead of compiling it. Each run reports how many tasks compiled.
 
+Beside them, in the same rotation, the sweep's floor: the same 40 epochs as two Slurm tasks of
+``floor_task.py`` (1 CPU each, as auto's two tasks), in which nothing of mnist-hpc runs: plain
+TensorFlow, the lesson's step written by hand in one XLA loop, no Keras, metrics, evaluation or
+outputs. Its wall time is what Slurm, Python, TensorFlow's import and the epochs alone cost on
+this machine; no layout of this sweep can beat it by much, and a target below it cannot be met here.
+
 Each layout is submitted ``--repeats`` times, layouts interleaved. Wall time runs from the submit
 command's start until the last trial's ``metrics.json`` is written. The compute bound is the
 sweep's 40 epochs at this machine's float32 GEMM rate at the training step's shapes on all its
@@ -94,6 +100,39 @@ def run_sweep(train: str, sweep: Path, cache: Path, work: Path, extra: list[str]
     }
 
 
+FLOOR = "floor: plain TensorFlow, hand-written step (no mnist-hpc)"
+
+
+def run_floor(data: Path, out: Path, partition: str) -> dict[str, Any]:
+    """The sweep's floor: ``floor_task.py`` as an array of two 1-CPU tasks, 4 trials of 5 epochs each."""
+    out.mkdir(parents=True)
+    load = os.getloadavg()[0]
+    where = [f"--partition={partition}"] if partition else []
+    start = time.time()
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--mem=2G", *where, "--job-name=floor",
+         f"--output={out}/%a.log", "--wrap",
+         f"srun {sys.executable} {HERE / 'floor_task.py'} --data {data} --trials {TRIALS // 2} --epochs {EPOCHS} "
+         f"--out {out}/$SLURM_ARRAY_TASK_ID.json"],
+        capture_output=True, text=True, timeout=120)
+    if job.returncode != 0:
+        raise SystemExit(f"sbatch of the floor failed: {job.stderr}")
+    job_id = job.stdout.strip().split(";")[0]
+    wait_done([f"{job_id}_0", f"{job_id}_1"])
+    tasks = [json.loads((out / f"{i}.json").read_text()) for i in (0, 1)]
+    return {
+        "wall_s": max(t["ended"] for t in tasks) - start,
+        "wall_without_compile_s": max(t["ended"] - t["compile_s"] for t in tasks) - start,
+        "slurm_to_python_s": max(t["started"] for t in tasks) - start,
+        "import_s": max(t["import_s"] for t in tasks),
+        "data_s": max(t["data_s"] for t in tasks),
+        "compile_s": max(t["compile_s"] for t in tasks),
+        "epoch_s_sum": sum(sum(t["epoch_s"]) for t in tasks),
+        "tasks": 2,
+        "load_average": load,
+    }
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     bound = result["bound_s"]
@@ -120,6 +159,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{s['epoch_s_sum']:.1f} | "
             f"{s['epoch_floor_ratio']:.2f}x | {s['load_average']:.1f} |"
         )
+    floor = result.get("floor")
+    if floor:
+        lines.append(
+            f"| {FLOOR} | 2 | 2 | {floor['wall_s']:.1f} | **{floor['ratio']:.2f}x** | {floor['epoch_s_sum']:.1f} | "
+            f"{floor['epoch_floor_ratio']:.2f}x | {floor['load_average']:.1f} |"
+        )
     best = min(result["summary"].items(), key=lambda kv: kv[1]["ratio"])
     auto = result["summary"]["auto (default)"]
     lines += [
@@ -134,6 +179,22 @@ def markdown(result: dict[str, Any]) -> str:
         "machine's cores, over the bound. A sweep cannot beat it without faster epochs; the gap between it and "
         "wall / bound is what surrounds the epochs (Slurm, start-up, compilation, evaluation, outputs).",
     ]
+    if floor:
+        verdict = ("so the target is below what this machine, Slurm and TensorFlow allow" if floor["ratio_without_compile"]
+                   > TARGET else "so the target is above the floor")
+        lines += [
+            "",
+            f"The floor row: the same 40 epochs as two Slurm tasks (1 CPU each, as auto's) of `floor_task.py`, in which "
+            "nothing of mnist-hpc runs: `sbatch --wrap 'srun python floor_task.py'`, plain `import tensorflow`, the npz "
+            "read with numpy, the lesson's step (Dense 512 relu, Dense 10 softmax, cross-entropy, rmsprop) written by hand "
+            "in one XLA loop, no Keras, metrics, evaluation or outputs. Medians, slowest task: sbatch to Python started "
+            f"{floor['slurm_to_python_s']:.2f} s, `import tensorflow` {floor['import_s']:.2f} s, npz read "
+            f"{floor['data_s']:.2f} s, XLA compilation {floor['compile_s']:.2f} s, epochs {floor['epoch_s_sum'] / 2:.1f} s "
+            f"per task ({floor['epoch_s_sum'] / (TRIALS * EPOCHS):.2f} s per epoch, one thread, both cores busy). "
+            f"Without its compilation (the layouts above load theirs from the compile cache) the floor is "
+            f"{floor['wall_without_compile_s']:.1f} s, **{floor['ratio_without_compile']:.2f}x** the bound, {verdict}. "
+            f"auto (default) takes {auto['wall_s'] / floor['wall_without_compile_s']:.2f}x that floor.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -159,12 +220,15 @@ def main() -> int:
                      args.partition, trials=1)
     print(f"compile cache filled: {fill['tasks_that_compiled']} task(s) compiled", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LAYOUTS}
+    floors: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
         for name, extra in LAYOUTS.items():
             tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
             run = run_sweep(train, work / f"{tag}-{repeat}", cache, work, extra, args.partition)
             runs[name].append(run)
             print(f"{name} #{repeat + 1}: {run['wall_s']:.1f} s in {run['tasks']} task(s)", flush=True)
+        floors.append(run_floor(args.data.resolve(), work / f"floor-{repeat}", args.partition))
+        print(f"floor #{repeat + 1}: {floors[-1]['wall_s']:.1f} s", flush=True)
     print("GEMM rates again ...", flush=True)
     rates.append(gemm())
     bounds = [compute_bound(r) for r in rates]
@@ -180,7 +244,11 @@ def main() -> int:
             "packing": rs[0]["packing"], "tasks_that_compiled": statistics.median(r["tasks_that_compiled"] for r in rs),
             "test_accuracy_mean": statistics.fmean(r["test_accuracy_mean"] for r in rs),
         }
+    floor = {key: statistics.median(f[key] for f in floors) for key in floors[0]}
+    floor.update(ratio=floor["wall_s"] / bound, ratio_without_compile=floor["wall_without_compile_s"] / bound,
+                 epoch_floor_ratio=floor["epoch_s_sum"] / cores / bound)
     result = {
+        "floor": floor, "floor_runs": floors,
         "machine": {"cpu": _cpu(), "cores": cores, "python": platform.python_version(),
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "repeats": args.repeats, "partition": args.partition, "bound": bounds[0], "gflops_runs": [b["step_shapes_gflops"] for b in bounds],
