@@ -135,9 +135,10 @@ def enable(root: Optional[Path]) -> Optional[Path]:
 
     Decided once per process, by its first call (TensorFlow reads its XLA flags once); returns
     the store, or None with the cache off. Each trial then names its own store root to
-    :func:`prepare` (a packed task's trials may have different ``paths``). Must run before anything lists TensorFlow's devices
-    (which reads the flags) and runs nothing itself, so thread pools, GPU memory growth and
-    multi-worker collectives can still be configured afterwards.
+    :func:`prepare` (a packed task's trials may have different ``paths``). Must run before
+    anything lists TensorFlow's devices (which reads the flags) and runs nothing itself, so
+    thread pools, GPU memory growth and multi-worker collectives can still be configured
+    afterwards.
     """
     global _active, _decided
     if _decided:
