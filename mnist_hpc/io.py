@@ -142,6 +142,35 @@ def write_bytes_atomic(target: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_bytes_if_absent(target: Path, data: bytes) -> bool:
+    """Write ``target`` whole unless it exists, which is then left as it is; whether it was written.
+
+    The file appears whole or not at all (a hard link of a synced temporary, which fails if the
+    target exists); on a filesystem without hard links, it is checked first and then renamed.
+    """
+    target = Path(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, _file_mode())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here
+            if target.exists():
+                return False
+            os.replace(tmp, target)
+        fsync_dir(target.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(target: Path, text: str) -> None:
     write_bytes_atomic(target, text.encode("utf-8"))
 

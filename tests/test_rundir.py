@@ -148,3 +148,19 @@ def test_status_and_report_go_on_past_damaged_files_with_notes(tmp_path: Path) -
     assert [t.finished for t in trials] == [False, False, True, True, True, True]
     assert "**Best trial: 2**" in out  # best_val 0.96 among the readable ones (3, 4 and 5 are lower)
     assert not (sweep / "report" / "confusion_matrix.png").exists()  # nothing drawn from a damaged file
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_workers_failure_never_replaces_one_already_written(tmp_path, monkeypatch, hard_links):
+    """keep_existing (a worker that is not the chief): written whole when absent, else left as it is."""
+    if not hard_links:  # a filesystem without hard links: checked, then renamed
+        def no_link(*args, **kwargs):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    assert rundir.write_failure(tmp_path, RuntimeError("the worker's view"), keep_existing=True)
+    assert rundir.read_failure(tmp_path) == "RuntimeError: the worker's view"
+    rundir.write_failure(tmp_path, OSError("the chief's own error"))  # the chief always writes
+    assert not rundir.write_failure(tmp_path, RuntimeError("worker 0 died"), keep_existing=True)
+    assert rundir.read_failure(tmp_path) == "OSError: the chief's own error"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failure.json"]  # no temporary left

@@ -220,6 +220,24 @@ def test_a_two_task_usr2_requeue_survives_kill_on_bad_exit(cache: Path, tmp_path
     assert json.loads((run / "metrics.json").read_text())["workers"] == 2
 
 
+def test_a_chief_that_fails_on_its_own_keeps_its_error_in_failure_json(cache: Path, tmp_path: Path):
+    """The chief cannot write its checkpoint (the directory replaced by a file) and records why;
+    the other worker then sees the chief vanish, and must not replace that with "worker 0 died"."""
+    sweep = tmp_path / "sweep"
+    proc = submit(two_tasks(sweep, cache, tmp_path, "train.epochs=200"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(sweep)
+    checkpoints = sweep / "0" / "checkpoints"
+    wait_for_file(checkpoints / "ckpt-e00002-b0000000.npz")
+    checkpoints.rename(sweep / "0" / "moved-away")
+    checkpoints.write_text("not a directory")
+    assert wait_for_states([record["job_id"]], timeout_s=300)[record["job_id"]] == "FAILED"
+    assert "died, hung or became unreachable" in task_log(record, 1) + (Path(record["stdout"].replace(
+        "_0_log.out", "_1_log.err")).read_text())  # the worker did see the chief vanish
+    failure = json.loads((sweep / "0" / "failure.json").read_text())
+    assert failure["error"].startswith("FileExistsError") and "checkpoints" in failure["error"], failure["error"]
+
+
 def test_killing_one_worker_ends_the_job_failed_with_failure_json(cache: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
     proc = submit(two_tasks(sweep, cache, tmp_path, "train.epochs=200"), tmp_path)

@@ -66,16 +66,17 @@ def _is_tf_out_of_memory(exc: BaseException) -> bool:
     return tf is not None and isinstance(exc, tf.errors.ResourceExhaustedError)
 
 
-def record_failure(run_dir: Path, exc: BaseException) -> None:
+def record_failure(run_dir: Path, exc: BaseException, keep_existing: bool = False) -> None:
     """``failure.json`` in the run directory; a job that cannot even write it still fails, loudly.
 
     A refusal to use the directory (:class:`~mnist_hpc.claim.RunConflict`) is not the run's
     failure: it is not written into the directory, which belongs to another run.
+    ``keep_existing``: see :func:`mnist_hpc.rundir.write_failure` (a worker that is not the chief).
     """
     if isinstance(exc, claim.RunConflict):
         return
     try:
-        rundir.write_failure(run_dir, exc)
+        rundir.write_failure(run_dir, exc, keep_existing=keep_existing)
     except OSError as write_error:
         print(f"mnist-hpc: could not write {rundir.FAILURE_FILE} into {run_dir}: {write_error}", file=sys.stderr)
 

@@ -150,7 +150,7 @@ class TrainJob:
             config = self.config()
         except (OSError, pickle.UnpicklingError, ConfigError) as exc:
             if writes_failure(exc, runtime):
-                record_failure(self.run_dir, exc)
+                record_failure(self.run_dir, exc, keep_existing=runtime.is_worker_task)
             raise
         job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
         if job_id:
@@ -183,7 +183,7 @@ class TrainJob:
                     "hydra.launcher.timeout_min or hydra.launcher.max_num_timeout."
                 )
             if writes_failure(error, runtime):
-                record_failure(self.run_dir, error)
+                record_failure(self.run_dir, error, keep_existing=runtime.is_worker_task)
             raise error
         return ret
 

@@ -190,7 +190,7 @@ def train_in_process(cfg: "Config", run_dir: Path, callbacks: Sequence[Any] = ()
         finish_in_process(stop, Path(run_dir), runtime.slurm_job_id, chief=not runtime.is_worker_task)
     except WorkerFailure as exc:
         if writes_failure(exc, runtime):
-            record_failure(Path(run_dir), exc)
+            record_failure(Path(run_dir), exc, keep_existing=runtime.is_worker_task)
         raise
 
 

@@ -12,7 +12,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from mnist_hpc.io import utc_now, write_bytes_atomic, write_files_atomic, write_json_atomic, write_text_atomic
+from mnist_hpc.io import (
+    utc_now,
+    write_bytes_atomic,
+    write_bytes_if_absent,
+    write_files_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from mnist_hpc.rundir.files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -318,16 +325,22 @@ def error_line(exc: BaseException) -> str:
     return f"{name}: {exc}".splitlines()[0]
 
 
-def write_failure(run_dir: Path, exc: BaseException) -> None:
-    """``failure.json``: the error a status or report shows for a run that raised."""
-    write_json_atomic(
-        Path(run_dir) / FAILURE_FILE,
-        {
-            "error": error_line(exc),
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-            "time": utc_now(),
-        },
-    )
+def write_failure(run_dir: Path, exc: BaseException, keep_existing: bool = False) -> bool:
+    """``failure.json``: the error a status or report shows for a run that raised; whether it was written.
+
+    ``keep_existing``: leave a ``failure.json`` that is already there (a worker that saw the chief
+    vanish must not replace the chief's own account of why it failed).
+    """
+    record = {
+        "error": error_line(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "time": utc_now(),
+    }
+    target = Path(run_dir) / FAILURE_FILE
+    if keep_existing:
+        return write_bytes_if_absent(target, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_json_atomic(target, record)
+    return True
 
 
 def clear_failure(run_dir: Path) -> None:
