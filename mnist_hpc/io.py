@@ -175,8 +175,17 @@ def write_text_atomic(target: Path, text: str) -> None:
     write_bytes_atomic(target, text.encode("utf-8"))
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def write_json_atomic(target: Path, obj: Any) -> None:
-    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_bytes_atomic(target, _json_bytes(obj))
+
+
+def write_json_if_absent(target: Path, obj: Any) -> bool:
+    """:func:`write_bytes_if_absent` of ``obj`` as :func:`write_json_atomic` writes it."""
+    return write_bytes_if_absent(target, _json_bytes(obj))
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from mnist_hpc.io import (
     utc_now,
     write_bytes_atomic,
-    write_bytes_if_absent,
     write_files_atomic,
     write_json_atomic,
+    write_json_if_absent,
     write_text_atomic,
 )
 from mnist_hpc.rundir.files import (
@@ -338,7 +338,7 @@ def write_failure(run_dir: Path, exc: BaseException, keep_existing: bool = False
     }
     target = Path(run_dir) / FAILURE_FILE
     if keep_existing:
-        return write_bytes_if_absent(target, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        return write_json_if_absent(target, record)
     write_json_atomic(target, record)
     return True
 
