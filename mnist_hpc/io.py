@@ -1,4 +1,10 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of one."""
+"""Files written so that a reader never sees half of one, and read without trusting their writer.
+
+Writers are atomic: a reader sees the old file or the complete new one. :func:`read_json`
+reads a JSON file that another process or person wrote: bounded in size and depth, regular
+files only, no NaN or Infinity; whatever the bytes, it returns a value or raises
+:class:`UntrustedFileError` naming the file.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,12 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def _file_mode() -> int:
@@ -200,3 +207,90 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 def utc_now() -> str:
     """The time recorded in files: ISO 8601 in UTC, to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- reading what another process wrote --------------------------------------------------------
+
+# No file of ours nests deeper than a few levels (a history list of epoch records is three).
+MAX_JSON_DEPTH = 16
+
+
+class UntrustedFileError(ValueError):
+    """A file written by another process cannot be used; the message names it and what is wrong."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def read_bytes_bounded(path: Path, max_bytes: int) -> Optional[bytes]:
+    """The bytes of a regular file of at most ``max_bytes``; None when it is absent.
+
+    A FIFO, device or directory is refused without reading it (reading a FIFO would block).
+
+    Raises:
+        UntrustedFileError: not a regular file, unreadable, or larger than ``max_bytes``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UntrustedFileError(f"{path} is unreadable ({exc.strerror or exc})") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UntrustedFileError(f"{path} is not a regular file")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise UntrustedFileError(f"{path} is unreadable ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise UntrustedFileError(f"{path} is larger than {max_bytes:,} bytes, more than such a file ever holds")
+    return b"".join(chunks)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and objects (a scalar is 0), without recursion."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            items: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            items = item
+        else:
+            continue
+        depth = max(depth, level)
+        stack.extend((child, level + 1) for child in items if isinstance(child, (dict, list)))
+    return depth
+
+
+def read_json(path: Path, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON value in ``path``, read without trusting it.
+
+    Raises:
+        FileNotFoundError: the file is absent.
+        UntrustedFileError: not a regular file, unreadable, over ``max_bytes``, not UTF-8, not
+            JSON, holding NaN or Infinity, or nested deeper than ``max_depth``.
+    """
+    raw = read_bytes_bounded(path, max_bytes)
+    if raw is None:
+        raise FileNotFoundError(f"no {path}")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise UntrustedFileError(f"{path} is not UTF-8 text ({exc.reason})") from exc
+    except RecursionError:
+        raise UntrustedFileError(f"{path} nests deeper than {max_depth} levels") from None
+    except ValueError as exc:
+        raise UntrustedFileError(f"{path} is not valid JSON ({exc})") from exc
+    if json_depth(data) > max_depth:
+        raise UntrustedFileError(f"{path} nests deeper than {max_depth} levels")
+    return data

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
+
+from mnist_hpc.io import UntrustedFileError, read_json
 
 __all__ = [
     "IDENTITY_FILE",
@@ -56,26 +57,27 @@ ENDED_STATES = frozenset(
 )
 
 
-class RunFileError(ValueError):
+class RunFileError(UntrustedFileError):
     """A run file exists but cannot be used; the message names the file and what is wrong."""
 
 
-def _read_json_object(path: Path) -> Optional[dict[str, Any]]:
+# The most a run's JSON file may hold before it is refused unread: far above what a run writes
+# (a 1,000-epoch history is about 200 kB).
+MAX_RUN_JSON_BYTES = 4 << 20
+
+
+def _read_json_object(path: Path, max_bytes: int = MAX_RUN_JSON_BYTES) -> Optional[dict[str, Any]]:
     """The JSON object in ``path``; None if the file is absent.
 
     Raises:
-        RunFileError: the file is unreadable, not JSON, or not a JSON object.
+        RunFileError: the file is too large, unreadable, not JSON, or not a JSON object.
     """
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = read_json(path, max_bytes)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunFileError(f"{path} is unreadable ({exc})") from exc
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise RunFileError(f"{path} is not valid JSON ({exc})") from exc
+    except UntrustedFileError as exc:
+        raise RunFileError(str(exc)) from exc
     if not isinstance(data, dict):
         kind = {type(None): "null", list: "list", str: "string", bool: "boolean"}.get(type(data), "number")
         raise RunFileError(f"{path} holds a JSON {kind}, expected an object")
