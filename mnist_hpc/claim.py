@@ -27,7 +27,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from mnist_hpc import rundir, slurm
 from mnist_hpc.config import flat_config
@@ -181,6 +181,59 @@ def _epochs_finished(run_dir: Path) -> Optional[int]:
     return None if metrics is None else len(metrics["history"])
 
 
+# --- a sweep's trial directories ----------------------------------------------------------------
+
+# Names a sweep directory keeps for itself (the report, an asynchronous search's files); names that
+# start with a dot (submitit's folder, temporaries) are kept too. No trial directory may be one.
+SWEEP_OWN_NAMES = frozenset({"report", "workers", "multirun.yaml", "search.json", "study.journal"})
+
+
+def trial_dir_problems(sweep_dir: Path, run_dirs: Sequence[tuple[int, Path]]) -> list[str]:
+    """Why these trials' directories cannot be their own, each inside ``sweep_dir``; [] when they can.
+
+    Each directory (``..`` and symbolic links resolved) must lie strictly inside the sweep
+    directory, must not be a name the sweep keeps for itself, and must be no other trial's, nor
+    inside or around another trial's: two trials in one directory would show one's results as the
+    other's (``hydra.sweep.subdir`` decides the names).
+    """
+    sweep = Path(os.path.realpath(sweep_dir))
+    problems: list[str] = []
+    placed: dict[Path, int] = {}
+    for num, run_dir in run_dirs:
+        where = Path(os.path.realpath(run_dir))
+        relative = where.relative_to(sweep) if where != sweep and sweep in where.parents else None
+        if relative is None:
+            problems.append(
+                f"trial {num} would write {where}, outside the sweep directory {sweep}; hydra.sweep.subdir must "
+                "name a directory inside it (no absolute path, no '..')"
+            )
+            continue
+        first = relative.parts[0]
+        if first.startswith(".") or first in SWEEP_OWN_NAMES:
+            problems.append(
+                f"trial {num} would write {where}, but {first!r} is the sweep directory's own; choose another "
+                "hydra.sweep.subdir"
+            )
+            continue
+        placed.setdefault(where, num)
+        if placed[where] != num:
+            problems.append(
+                f"trials {placed[where]} and {num} would both write {where}; hydra.sweep.subdir must give every "
+                "trial a directory of its own (include ${hydra.job.num}, or every swept key)"
+            )
+    for where, num in placed.items():
+        for parent in where.parents:
+            if parent == sweep:
+                break
+            if parent in placed:
+                problems.append(
+                    f"trial {num} would write {where}, inside trial {placed[parent]}'s directory {parent}; "
+                    "hydra.sweep.subdir must keep trials apart"
+                )
+                break
+    return problems
+
+
 # --- the lease ---------------------------------------------------------------------------------
 
 
@@ -202,20 +255,26 @@ class Holder:
             user = getpass.getuser()
         except (KeyError, OSError):
             user = str(os.getuid())
-        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), slurm_job_id, job_label, user)
+        return cls(socket.gethostname(), os.getpid(), process_start(os.getpid()), slurm_job_id, job_label, user)
 
     def describe(self) -> str:
         who = f"Slurm job {self.job_label or self.slurm_job_id}" if self.slurm_job_id else "a process"
         return f"{who} (pid {self.pid} on {self.host}, user {self.user or '?'})"
 
 
-def _process_start(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat): tells a reused pid apart."""
+def _proc_stat(pid: int) -> Optional[list[str]]:
+    """The fields of /proc/PID/stat after the command name (field 3 onwards), or None if it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks (field 22 of /proc/PID/stat): tells a reused pid apart."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
 
 
 def alive(holder: Holder, me: Holder, slurm_alive: Optional[Callable[[str], Optional[bool]]] = None) -> Optional[bool]:
@@ -238,7 +297,22 @@ def alive(holder: Holder, me: Holder, slurm_alive: Optional[Callable[[str], Opti
         return False
     except PermissionError:
         pass  # another user's process exists
-    return holder.pid_start is None or _process_start(holder.pid) == holder.pid_start
+    fields = _proc_stat(holder.pid)
+    if fields is not None and fields[0] in ("Z", "X"):
+        return False  # it has ended; only its exit status waits for its parent (a zombie)
+    return holder.pid_start is None or (fields[19] if fields else None) == holder.pid_start
+
+
+def job_holder(record: "rundir.JobRecord") -> Holder:
+    """The process (local launcher: its job id is the pid) or Slurm job that a ``job.json`` names.
+
+    A local record written before hosts were recorded is taken to be this host's, as the local
+    launcher runs its jobs where it was started.
+    """
+    if record.cluster == "local":
+        pid = int(record.job_id) if record.job_id.isdigit() else -1
+        return Holder(host=record.host or socket.gethostname(), pid=pid, pid_start=record.pid_start)
+    return Holder(host="", pid=-1, slurm_job_id=record.job_id)
 
 
 def check_lease(

@@ -107,11 +107,11 @@ def test_a_second_live_writer_is_refused_and_a_dead_one_taken_over(tmp_path):
             time.sleep(0.2)
         holder = rundir.read_lease(run_dir)["holder"]
         assert holder["pid"] == first.pid and holder["slurm_job_id"] is None
-        before = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(("checkpoints", "progress", "train.log", "tensorboard"))}
+        before = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(("checkpoints", "progress", "train.log", "tensorboard", ".progress.json."))}
 
         second = train_cli(args, tmp_path)
         assert_one_line_refusal(second, f"is being written by a process (pid {first.pid} on", "still alive")
-        after = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(("checkpoints", "progress", "train.log", "tensorboard"))}
+        after = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(("checkpoints", "progress", "train.log", "tensorboard", ".progress.json."))}
         assert after == before
     finally:
         first.send_signal(signal.SIGKILL)

@@ -225,6 +225,8 @@ def test_local_launcher_with_wait_blocks_until_trials_end_and_fails_with_a_faile
     args = ["-m", *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={failing}", "hydra/launcher=local",
             "hydra.launcher.wait=true", "data.validation_split=0.1,1e-9"]
     proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
-    assert proc.returncode != 0
-    assert "trial 1 failed" in proc.stderr and "validation_split=1e-09" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "1 of 2 trial(s) did not finish" in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.strip().startswith("trial ")]
+    assert line.strip().startswith("trial 1 [data.validation_split=1e-09]: FAILED: ") and "validation_split=1e-09" in line
     assert (failing / "0" / "metrics.json").is_file() and (failing / "1" / "failure.json").is_file()

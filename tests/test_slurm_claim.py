@@ -95,7 +95,8 @@ def test_a_trial_that_raises_is_never_completed(synthetic_cache: Path, tmp_path:
     for path in (sweep / "1" / rundir.CHECKPOINT_DIR).glob("ckpt-*.npz"):
         path.write_bytes(path.read_bytes()[:400])
     longer = submit(common[:-1] + ["train.epochs=2", "train.seed=1,2"], tmp_path, timeout=600)
-    assert longer.returncode != 0 and "trial 1 failed" in longer.stderr
+    assert longer.returncode == 1 and "Traceback" not in longer.stderr
+    assert "trial 1 [train.seed=2]: FAILED: " in longer.stderr and "no readable checkpoint" in longer.stderr
     assert json.loads((sweep / "0" / "metrics.json").read_text())["epochs_completed"] == 2
     assert not (sweep / "1" / "metrics.json").exists()  # the extended run's old final metrics were retracted
     assert "no readable checkpoint" in json.loads((sweep / "1" / "failure.json").read_text())["error"]

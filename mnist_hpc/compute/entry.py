@@ -40,6 +40,30 @@ def version_differences(prepared: dict[str, Optional[str]], here: dict[str, Opti
     return [f"{k} {prepared.get(k)} (login node) vs {here.get(k)} (here)" for k in prepared if prepared.get(k) != here.get(k)]
 
 
+def end_with_local_controller() -> None:
+    """A task of the local launcher stops (as on SIGTERM) when the job's controller process dies.
+
+    The local launcher's job is submitit's controller process (its job id is that pid), which
+    starts the task process that trains. A controller killed with ``kill -9`` cannot pass a
+    signal on: without this the task would train on, orphaned, where status sees a dead job. With
+    the kernel's parent-death signal, the controller's pid alone says whether the job lives.
+    """
+    controller = os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+    if not controller or not controller.isdigit() or "SLURM_JOB_ID" in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    # The controller is the parent, and the job id too unless the controller was started by a shell.
+    if not os.environ.get("SUBMITIT_LOCAL_WITH_SHELL") and os.getppid() != int(controller):
+        os.kill(os.getpid(), signal.SIGTERM)  # it died before the request was in place
+
+
 class JobUnloadable(RuntimeError):
     """The job's pickle cannot be loaded here (the environment differs from the login node's)."""
 
@@ -75,6 +99,7 @@ class JobEntry:
             ) from exc
 
     def __call__(self) -> Any:
+        end_with_local_controller()
         try:
             job = self.load()
         except JobUnloadable as exc:
@@ -86,7 +111,7 @@ class JobEntry:
                     rundir.write_failure(Path(run_dir), exc)
                 except OSError:
                     pass
-            print(f"mnist-hpc: error: {exc}", file=sys.stderr, flush=True)
+            print(f"{rundir.ERROR_LINE_PREFIX}{exc}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         from mnist_hpc.compute.failures import exit_on
 

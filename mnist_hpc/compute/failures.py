@@ -86,5 +86,5 @@ def exit_on(exc: BaseException) -> None:
     message = known_error(exc)
     if message is None:
         raise exc
-    print(f"mnist-hpc: error: {message}", file=sys.stderr, flush=True)
+    print(f"{rundir.ERROR_LINE_PREFIX}{message}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None

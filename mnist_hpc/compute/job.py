@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, open_dict
 
-from mnist_hpc import rundir, slurm
+from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.compute.failures import record_failure, unwrap
 from mnist_hpc.compute.jobconfig import BaseConfig, JobSpec, check_rebuilt, job_config
 from mnist_hpc.config import ConfigError
@@ -217,17 +217,22 @@ class TrainJob:
             tasks=env.num_tasks))
 
     def finished(self) -> bool:
-        """The trial has its final metrics for the epochs it asks for (a requeued packed task skips it).
+        """Whether the trial is done: its directory holds this very config's final metrics for the
+        epochs it asks for, as :func:`mnist_hpc.claim.judge` decides for the launcher and the training.
 
-        Anything else (no metrics, fewer epochs: a run to continue) goes through the claim in
-        ``train_and_evaluate``, which also refuses another config.
+        A requeued packed task skips such a trial. Anything else (no metrics, fewer epochs, another
+        config, a damaged file) is run, and the training's own claim continues it or refuses it.
         """
+        from mnist_hpc.cache import CacheError, read_manifest
+        from mnist_hpc.config import cache_file, to_typed
+
         try:
-            metrics = rundir.read_metrics(self.run_dir)
-            epochs = int(self.config().train.epochs) if metrics is not None else None
-        except (rundir.RunFileError, OSError, pickle.UnpicklingError, ConfigError):
+            typed = to_typed(self.config())
+            data_sha256 = read_manifest(cache_file(typed.data))[0]["sha256"]
+            verdict = claim.judge(self.run_dir, claim.identity_of(typed, data_sha256), typed.train.epochs, "")
+        except (claim.RunConflict, CacheError, rundir.RunFileError, OSError, pickle.UnpicklingError, ConfigError):
             return False  # running it records why it cannot run
-        return metrics is not None and len(metrics["history"]) == epochs
+        return verdict.action == "done"
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """The resubmission after a timeout or preemption: this job again, resuming from disk."""

@@ -230,6 +230,8 @@ def _train(
                         "phases": dict(phases.seconds),
                         "threads": threads,
                         "workers": workers.num_workers,
+                        # The config these numbers come from, as the directory's identity.json binds it.
+                        "fingerprint": claim.fingerprint(claim.identity_of(cfg, data.sha256)),
                     },
                 )
                 assert board is not None

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mnist_hpc import rundir, slurm
+from mnist_hpc import claim, rundir, slurm
 
 TRACEBACK_START = "Traceback (most recent call last):"
 # What Slurm writes into a job's stderr when it cancels or kills it (time limit, memory, scancel).
 SLURM_ERROR = "slurmstepd: error:"
 # Only the end of a job log is read: the traceback that ended the job is there, and logs can be long.
 LOG_TAIL_BYTES = 256 * 1024
+# What a failed trial's error says when neither failure.json nor its log tells why.
+NO_ERROR_LINE = "no error line found"
 
 
 class TargetError(RuntimeError):
@@ -219,6 +221,7 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
     slurm_ids = [t.job_id for t in trials if t.source == "slurm"]
     rows, notes = slurm.job_states(slurm_ids) if slurm_ids else ({}, [])
     trials = _expand_arrays(trials, rows)
+    me = claim.Holder.this_process()
     for t in trials:
         row = rows.get(t.job_id) if t.source == "slurm" else None
         if row:
@@ -227,11 +230,23 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
             t.state = row["state"] if row else "UNKNOWN"
             continue
         result_file = t.files.job.result_file if t.files.job else None
-        t.state = rundir.run_state(t.files, row["state"] if row else None, bool(result_file and result_file.is_file()))
+        ended = bool(result_file and result_file.is_file())
+        gone = False
+        if t.source == "local" and t.files.job is not None and not ended:
+            # The local launcher's job is a process: ask whether it still runs (pid and start time).
+            live = claim.alive(claim.job_holder(t.files.job), me)
+            gone = live is False
+            if live is None:
+                t.notes.append(f"its process runs on {t.files.job.host}; run mnist-hpc-status there to see whether it lives")
+        t.state = rundir.run_state(t.files, row["state"] if row else None, ended or gone)
         if row is None and t.source != "files":
             t.source += " (files)"
         if not t.finished:
             t.error = trial_error(t)
+            if gone and t.files.failure is None and (t.error is None or t.error.startswith(NO_ERROR_LINE)):
+                job = t.files.job
+                t.error = f"its process (pid {job.job_id} on {job.host or 'this host'}) ended without a result: killed?"
+                t.error += f" See {job.stderr}" if job.stderr else ""
     return trials, notes
 
 
@@ -256,17 +271,22 @@ def _read_tail(path: Path, n_bytes: int = LOG_TAIL_BYTES) -> str:
 
 
 def last_error_line(log: Path) -> Optional[str]:
-    """The exception line that ended a job: the last line of the last traceback in its log.
+    """The error that ended a job: its last known-error line, or the last line of its last traceback.
 
-    Lines after the traceback (submitit's "Submitted job triggered an exception", srun's exit
-    notice) are skipped. Without a traceback, Slurm's own last ``slurmstepd: error:`` line
-    (time limit, out of memory, cancelled) is the best explanation there is.
+    A known error is one line after :data:`mnist_hpc.rundir.ERROR_LINE_PREFIX`; of that and a
+    traceback, the later one in the log is the newer attempt's. Lines after a traceback
+    (submitit's "Submitted job triggered an exception", srun's exit notice) are skipped. Without
+    either, Slurm's own last ``slurmstepd: error:`` line (time limit, out of memory, cancelled) is
+    the best explanation there is.
     """
     try:
         lines = _read_tail(log).splitlines()
     except OSError:
         return None
+    known = [i for i, line in enumerate(lines) if line.startswith(rundir.ERROR_LINE_PREFIX)]
     starts = [i for i, line in enumerate(lines) if line.startswith(TRACEBACK_START)]
+    if known and (not starts or known[-1] > starts[-1]):
+        return lines[known[-1]][len(rundir.ERROR_LINE_PREFIX) :].strip()
     if starts:
         for line in lines[starts[-1] + 1 :]:
             # Frames and source lines are indented; the exception line is the first that is not.
@@ -291,5 +311,5 @@ def trial_error(trial: Trial) -> Optional[str]:
         if (line := last_error_line(Path(stderr))) is not None:
             return line
     if trial.state == "FAILED" and stderr:
-        return f"no error line found; see {stderr}" + (" (shared by the trials of this task)" if shared_log else "")
+        return f"{NO_ERROR_LINE}; see {stderr}" + (" (shared by the trials of this task)" if shared_log else "")
     return None

@@ -27,6 +27,7 @@ __all__ = [
     "FAILURE_FILE",
     "WRONG_IMAGES_KEPT",
     "ENDED_STATES",
+    "ERROR_LINE_PREFIX",
     "RunFileError",
 ]
 
@@ -51,6 +52,9 @@ METRICS_FILE = "metrics.json"
 FAILURE_FILE = "failure.json"
 # How many of the most confidently wrong test digits a run keeps as images for the report.
 WRONG_IMAGES_KEPT = 64
+# What a job prints on its stderr before the one line of a known error (then it exits 1): status and
+# report take the last such line of a job's log for its error.
+ERROR_LINE_PREFIX = "mnist-hpc: error: "
 # Scheduler states after which a job's process is gone (sacct's names).
 ENDED_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

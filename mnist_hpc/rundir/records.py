@@ -91,11 +91,19 @@ class JobRecord:
     stderr: Optional[str] = None
     submitit_folder: Optional[str] = None
     submitted: str = ""
+    # The identity fingerprint (mnist_hpc.claim.fingerprint) of the config this job was queued with:
+    # a reader shows the directory's results as this job's only when the directory is bound to it.
+    fingerprint: Optional[str] = None
+    # Where a local launcher's job runs (its job id is its pid there) and when that process started
+    # (clock ticks since boot, mnist_hpc.claim's pid_start): tells a live job from a reused pid.
+    host: Optional[str] = None
+    pid_start: Optional[str] = None
 
     @classmethod
     def of(
         cls, cluster: str, job_id: str, paths: Any, run_dir: Path, overrides: Sequence[str], trial: Optional[int],
-        packed_slot: Optional[int] = None, submitted: str = "", tasks: int = 1,
+        packed_slot: Optional[int] = None, submitted: str = "", tasks: int = 1, fingerprint: Optional[str] = None,
+        host: Optional[str] = None, pid_start: Optional[str] = None,
     ) -> "JobRecord":
         """The record of a submitit job (``paths``: its ``JobPaths``; None outside submitit), made at
         submission or by the job itself."""
@@ -114,6 +122,9 @@ class JobRecord:
             stderr=str(paths.stderr) if paths is not None else None,
             submitit_folder=str(paths.folder) if paths is not None else None,
             submitted=submitted,
+            fingerprint=fingerprint,
+            host=host,
+            pid_start=pid_start,
         )
 
     @property
@@ -164,6 +175,9 @@ def read_job(run_dir: Path) -> Optional[JobRecord]:
     for key in ("trial", "array_task_id", "packed_slot"):
         if values.get(key) is not None and not isinstance(values[key], int):
             raise RunFileError(f"{path}: field {key!r} is {values[key]!r}, expected an integer")
+    for key in ("fingerprint", "host", "pid_start"):
+        if values.get(key) is not None and not isinstance(values[key], str):
+            raise RunFileError(f"{path}: field {key!r} is {values[key]!r}, expected a string")
     tasks = values.get("tasks", 1)
     if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1:
         raise RunFileError(f"{path}: field 'tasks' is {tasks!r}, expected a positive integer")

@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mnist_hpc.rundir.files import ENDED_STATES, RunFileError
+from mnist_hpc.rundir.files import ENDED_STATES, IDENTITY_FILE, JOB_FILE, METRICS_FILE, RunFileError
 from mnist_hpc.rundir.outputs import read_metrics
 from mnist_hpc.rundir.records import (
     JobRecord,
     Progress,
     hydra_overrides,
     read_failure,
+    read_identity,
     read_job,
     read_progress,
 )
@@ -75,7 +76,42 @@ def read_run(run_dir: Path) -> RunFiles:
         run.overrides = list(run.job.overrides) if run.job else hydra_overrides(run.run_dir)
     except RunFileError as exc:
         run.notes.append(f"{exc}; ignored")
+    _keep_only_bound_results(run)
     return run
+
+
+def _keep_only_bound_results(run: RunFiles) -> None:
+    """Show a directory's results as a job's only when the directory is bound to that job's config.
+
+    ``identity.json`` says which config the directory's results come from; ``job.json`` (written
+    at submission) and ``metrics.json`` (written by the run) name the config they were made for by
+    the same fingerprint. Where one of them names another config, the results are not this
+    trial's: they are dropped with a note, never shown beside the wrong overrides.
+    """
+    try:
+        identity = read_identity(run.run_dir)
+    except RunFileError as exc:
+        if run.metrics is not None or run.progress is not None:
+            run.notes.append(f"{exc}; its results are not shown, since it cannot be told which config made them")
+            run.metrics = run.progress = None
+        return
+    bound = identity.get("fingerprint") if identity else None
+    if bound is None:
+        return
+    job_fp = run.job.fingerprint if run.job else None
+    metrics_fp = run.metrics.get("fingerprint") if run.metrics else None
+    if job_fp is not None and job_fp != bound:
+        run.notes.append(
+            f"{run.run_dir / JOB_FILE} was queued for another config (fingerprint {job_fp}) than the one whose results "
+            f"this directory holds ({bound}, {IDENTITY_FILE}); its results are not shown as this trial's"
+        )
+        run.metrics = run.progress = None
+    elif metrics_fp is not None and metrics_fp != bound:
+        run.notes.append(
+            f"{run.run_dir / METRICS_FILE} comes from another config (fingerprint {metrics_fp}) than the one this "
+            f"directory is bound to ({bound}, {IDENTITY_FILE}); ignored"
+        )
+        run.metrics = None
 
 
 def run_state(run: RunFiles, scheduler_state: Optional[str], process_ended: bool = False) -> str:

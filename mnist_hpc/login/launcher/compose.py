@@ -55,6 +55,8 @@ class PlannedJob:
     verdict: Optional[Verdict] = None
     # Training images of its data cache, as the cache's manifest records them (set by the preflight).
     train_samples: Optional[int] = None
+    # Its identity's fingerprint (mnist_hpc.claim.fingerprint), with its data (set by the preflight).
+    fingerprint: Optional[str] = None
 
 
 @dataclass

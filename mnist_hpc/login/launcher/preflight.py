@@ -8,7 +8,6 @@ way. Numpy at most, never TensorFlow.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -150,12 +149,13 @@ def recorded_job_alive(
 ) -> Optional[str]:
     """The live job that the run directory's ``job.json`` (``record``) or lease names, if any: it still owns the trial."""
     if record is not None:
+        live = claim.alive(claim.job_holder(record), me, slurm_alive)
         if record.cluster == "local":
+            # A local job whose liveness cannot be told (another host) is taken to live.
             ended = record.result_file is not None and record.result_file.is_file()
-            holder = claim.Holder(host=socket.gethostname(), pid=int(record.job_id) if record.job_id.isdigit() else -1)
-            if not ended and claim.alive(holder, me) is not False:
+            if not ended and live is not False:
                 return f"trial {job.num}: its earlier job {record.job_id} (local) has not ended"
-        elif claim.alive(claim.Holder(host="", pid=-1, slurm_job_id=record.job_id), me, slurm_alive):
+        elif live:
             return f"trial {job.num}: its earlier job {record.job_id} is still queued or running"
     try:
         claim.check_lease(job.run_dir, me, f"trial {job.num}", slurm_alive)
@@ -193,13 +193,22 @@ def recorded_owners(jobs: Sequence["PlannedJob"]) -> dict[int, str]:
     return {num: owner for num, owner in owners.items() if owner is not None}
 
 
-def preflight(planned: Sequence["PlannedJob"]) -> None:
-    """Check every distinct cache and run directory, and every trial's claim on its directory.
+def check_trial_dirs(sweep_dir: Path, planned: Sequence["PlannedJob"]) -> None:
+    """Every trial's directory is its own and inside the sweep directory (see :func:`mnist_hpc.claim.trial_dir_problems`)."""
+    problems = claim.trial_dir_problems(sweep_dir, [(job.num, job.run_dir) for job in planned])
+    if problems:
+        shown = problems[:MAX_NAMED] + ([f"... and {len(problems) - MAX_NAMED} more"] if len(problems) > MAX_NAMED else [])
+        raise PreflightError("nothing was queued:\n  " + "\n  ".join(shown))
+
+
+def preflight(sweep_dir: Path, planned: Sequence["PlannedJob"]) -> None:
+    """Check the trials' directories, every distinct cache and run directory, and every trial's claim on its directory.
 
     Sets each job's ``verdict`` (new, continue, or done: finished with this config and these
     epochs, so it is not queued again). The jobs that earlier submissions recorded are looked
-    up in one squeue call.
+    up in one squeue call. Nothing is created before the directories are known to be the trials' own.
     """
+    check_trial_dirs(sweep_dir, planned)
     caches: dict[tuple[str, str], Path] = {}
     manifests: dict[Path, dict[str, Any]] = {}
     for job in planned:
@@ -218,6 +227,7 @@ def preflight(planned: Sequence["PlannedJob"]) -> None:
             problems.append((job.num, batch))
             continue
         identity = claim.identity_from_flat(job.flat, str(manifest["sha256"]))
+        job.fingerprint = claim.fingerprint(identity)
         try:
             job.verdict = claim.judge(job.run_dir, identity, job.typed.train.epochs, f"trial {job.num}")
         except claim.RunConflict as exc:

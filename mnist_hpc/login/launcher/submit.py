@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +26,14 @@ from typing import Any, Optional, Sequence
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
 
-from mnist_hpc import rundir, slurm
+from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.compute.entry import JobEntry, environment_versions
 from mnist_hpc.compute.job import LaunchContext, PackedTrainJob, TrainJob
 from mnist_hpc.io import utc_now, write_bytes_atomic
 from mnist_hpc.login.launcher.compose import PlannedJob, SweepComposer, plan_jobs
 from mnist_hpc.login.launcher.options import executor_init, submitit_parameters, tasks_per_job
 from mnist_hpc.login.launcher.packing import choose, pack
-from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher, check_tasks, preflight
+from mnist_hpc.login.launcher.preflight import MAX_NAMED, PreflightError, check_launcher, check_tasks, preflight
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     try:
         check_launcher(conf, cluster)
         check_tasks(conf, cluster, planned)
-        preflight(planned)
+        preflight(sweep_dir, planned)
     except PreflightError:
         record = getattr(launcher, "sweep_record", None)
         if record is not None:
@@ -131,7 +132,9 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     records = {}
     for job in todo:
         sjob, slot = task_of[job.num]
-        records[job.num] = rundir.JobRecord.of(cluster, str(sjob.job_id), sjob.paths, job.run_dir, job.overrides, job.num, slot, now, tasks)
+        records[job.num] = rundir.JobRecord.of(
+            cluster, str(sjob.job_id), sjob.paths, job.run_dir, job.overrides, job.num, slot, now, tasks, job.fingerprint,
+            **local_process(sjob, cluster))
     try:
         rundir.write_jobs(list(records.values()))
     except OSError as exc:  # queued all the same: each job writes its own job.json when it starts
@@ -160,7 +163,44 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
         except Exception:  # reported per trial below, from what each trial left on disk
             pass
     log.info("all %d tasks ended after %.0f s", len(futures), time.time() - submitted)
+    check_all_finished(sweep_dir, planned)
     return [trial_return(job) for job in planned]
+
+
+class TrialsFailed(CompactHydraException):
+    """A waiting launch ended with trials that did not finish; the message names each with its error line."""
+
+
+def check_all_finished(sweep_dir: Path, planned: Sequence[PlannedJob]) -> None:
+    """After a waiting launch: raise :class:`TrialsFailed` (exit 1, one line per trial) unless every trial finished.
+
+    Each trial's state and error come from where status takes them (its files, its job's state,
+    its job's log), so a trial refused on the node (its directory was another run's) is named as
+    well as one that failed while training.
+    """
+    from mnist_hpc.login.trials import read_trials
+
+    trials, _ = read_trials([job.run_dir for job in planned])
+    failed = [(job, t) for job, t in zip(planned, trials) if not (t.finished and t.state == "COMPLETED")]
+    if not failed:
+        return
+    # A trial is named by what sets it apart: the overrides not every trial of the launch has.
+    shared = set.intersection(*(set(job.overrides) for job in planned))
+    lines = [f"{len(failed)} of {len(planned)} trial(s) did not finish:"]
+    for job, t in failed[:MAX_NAMED]:
+        own = " ".join(o for o in job.overrides if o not in shared)
+        lines.append(f"  trial {job.num}{f' [{own}]' if own else ''}: {t.state}: {t.error or 'no error recorded'}")
+    if len(failed) > MAX_NAMED:
+        lines.append(f"  ... and {len(failed) - MAX_NAMED} more")
+    lines.append(f"see mnist-hpc-status {sweep_dir}")
+    raise TrialsFailed("\n".join(lines))
+
+
+def local_process(sjob: Any, cluster: str) -> dict[str, Optional[str]]:
+    """Where a local launcher's job runs and when its process started (its job id is the pid), for ``job.json``."""
+    if cluster != "local" or not str(sjob.job_id).isdigit():
+        return {}
+    return {"host": socket.gethostname(), "pid_start": claim.process_start(int(sjob.job_id))}
 
 
 class ReportJob:
