@@ -102,9 +102,9 @@ def _candidate(
         download,  # not needed on the valid-cache path
     )
 
-    staged = download(plan.source, staged.parent, staged.name, plan.expected_sha256 or KERAS_MNIST_SHA256, **options)
-    if staged.stat().st_size > MAX_NPZ_BYTES:
-        raise DatasetError(f"{plan.source} is larger than any MNIST-like npz ({MAX_NPZ_BYTES} bytes at most)")
+    # The bound that --from applies (sources.plan_source), enforced while the bytes arrive.
+    staged = download(plan.source, staged.parent, staged.name, plan.expected_sha256 or KERAS_MNIST_SHA256,
+                      max_bytes=MAX_NPZ_BYTES, **options)
     data = staged.read_bytes()
     return staged, data, load_arrays(data, plan.source)[1]
 
@@ -169,19 +169,22 @@ def prefetch(
             prepared = prepare(plan)
         except DatasetError as exc:
             raise DatasetError(f"{exc}; nothing was written to the cache") from exc
-    store.ensure_writable(cache_dir)
+    # The bytes the cache must take (named if the disk is full); a download's are known once they arrive.
+    size = len(prepared[0]) if prepared is not None else None
+    store.ensure_writable(cache_dir, size)
     with store.cache_lock(cache_dir):
         # Another prefetch may have filled the cache while we waited for the lock.
         if not force and (manifest := _up_to_date(target, plan, explain=False)) is not None:
             return manifest
         store.sweep_stale(cache_dir, target)
         log.info("fetching %s -> %s", plan.label or plan.source, target)
-        staging = store.make_staging(cache_dir)
+        staging = store.make_staging(cache_dir, size)
         try:
             staged, data, shapes = _candidate(
                 plan, prepared, staging / target.name, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
                 max_time_s=max_time_s, progress=sys.stderr.isatty() if progress is None else progress,
             )
+            size = len(data)
             manifest = {
                 "format": FORMAT,
                 "source": plan.source,
@@ -200,7 +203,7 @@ def prefetch(
         except OSError as exc:
             # requests' exceptions are OSErrors too, but download() has translated them all.
             if exc.errno in NO_SPACE | NOT_WRITABLE:
-                raise cache_error(exc, cache_dir, f"writing {target.name}") from exc
+                raise cache_error(exc, cache_dir, f"writing {target.name}", size) from exc
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)

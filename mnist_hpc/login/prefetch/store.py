@@ -60,8 +60,10 @@ def _share_dir(directory: Path, cache_dir: Path, mode: int) -> None:
     os.chmod(directory, shared_mode(cache_dir, mode) | (directory.stat().st_mode & stat.S_ISGID))
 
 
-def ensure_writable(cache_dir: Path) -> None:
+def ensure_writable(cache_dir: Path, size: Optional[int] = None) -> None:
     """Create the cache directory and prove a file can be written there, before any download.
+
+    ``size``: the bytes the prefetch will place, if known (named when the disk is full).
 
     Raises:
         CacheNotWritableError: the directory cannot be created or written (CacheFullError if full).
@@ -76,7 +78,7 @@ def ensure_writable(cache_dir: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(probe)
     except OSError as exc:
-        raise cache_error(exc, cache_dir, "checking that it is writable") from exc
+        raise cache_error(exc, cache_dir, "checking that it is writable", size) from exc
 
 
 def _describe_owner(path: Path) -> str:
@@ -162,14 +164,14 @@ def cache_lock(cache_dir: Path, *, wait: bool = True) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
-def make_staging(cache_dir: Path) -> Path:
+def make_staging(cache_dir: Path, size: Optional[int] = None) -> Path:
     """A private staging directory in the cache (same filesystem, so the final rename is atomic)."""
     try:
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=cache_dir))
         # Group-accessible like the cache, so another member can sweep it if this process is killed.
         _share_dir(staging, cache_dir, 0o770)
     except OSError as exc:
-        raise cache_error(exc, cache_dir, "creating a staging directory") from exc
+        raise cache_error(exc, cache_dir, "creating a staging directory", size) from exc
     return staging
 
 
