@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from mnist_hpc.login.prefetch import store
 from mnist_hpc.login.prefetch.errors import (
     NO_SPACE,
     NOT_WRITABLE,
@@ -89,14 +91,15 @@ class _Downloader:
 
     pooch's ``HTTPDownloader`` reads Content-Length only to size its progress bar and writes
     each chunk as it comes, so nothing between the headers and the body could refuse a server
-    that announces more than any MNIST file. These few lines of streaming are therefore ours;
-    pooch keeps the temporary file, the sha256 check and the rename. Each read times out at the
-    per-read timeout or the deadline, whichever is sooner; at most ``max_bytes`` are ever written.
+    that announces more than any MNIST file; and it writes pooch's temporary file with
+    mkstemp's private mode. These few lines of streaming are therefore ours; pooch keeps the
+    temporary file, the sha256 check and the rename. Each read times out at the per-read
+    timeout or the deadline, whichever is sooner; at most ``max_bytes`` are ever written.
     """
 
-    def __init__(self, deadline: float, timeout_s: float, progress: bool, max_bytes: int) -> None:
+    def __init__(self, deadline: float, timeout_s: float, progress: bool, max_bytes: int, mode: int) -> None:
         self.deadline, self.timeout_s, self.progress = deadline, timeout_s, progress
-        self.max_bytes = max_bytes
+        self.max_bytes, self.mode = max_bytes, mode
         self.announced: Optional[int] = None  # the last attempt's Content-Length
 
     def __call__(self, url: str, output_file: str, pooch_obj: Any) -> None:
@@ -104,6 +107,7 @@ class _Downloader:
         from tqdm import tqdm
 
         self.announced = None
+        os.chmod(output_file, self.mode)  # pooch made it with mkstemp's private 0600
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise _DeadlinePassed(0)
@@ -144,7 +148,8 @@ def download(
     """Download ``url`` into ``staging`` with pooch, retrying transient failures.
 
     ``staging`` is a staging directory inside the cache directory (:func:`store.make_staging`):
-    a full disk is reported as the cache's.
+    the downloaded file is shared like the cache, and a full disk is reported as the cache's.
+
     pooch does the hash check and the removal of a bad download; :class:`_Downloader` streams.
     We wrap it in our own retry loop rather than using ``pooch.create(retry_if_failed=...)``:
     pooch retries every RequestException and ValueError alike, with a linear wait, so it would
@@ -163,7 +168,7 @@ def download(
     import requests
 
     deadline = time.monotonic() + max_time_s
-    downloader = _Downloader(deadline, timeout_s, progress, max_bytes)
+    downloader = _Downloader(deadline, timeout_s, progress, max_bytes, store.staged_file_mode(staging))
     attempts = retries + 1
     for attempt in range(1, attempts + 1):
         try:

@@ -36,6 +36,7 @@ from mnist_hpc.login.prefetch import store
 from mnist_hpc.login.prefetch.errors import (
     NO_SPACE,
     NOT_WRITABLE,
+    PROG,
     PrefetchError,
     cache_error,
 )
@@ -60,6 +61,10 @@ def _up_to_date(target: Path, plan: Plan, *, explain: bool) -> Optional[dict[str
         # Manifest, object hash, then the arrays' headers: the file that passed full validation.
         manifest = check_cached(target)
     except CacheError as exc:
+        if isinstance(exc.__cause__, PermissionError):
+            # Not missing: another member's dataset, which their jobs may be reading.
+            raise PrefetchError(f"{exc}. A plain {PROG} does not replace a cache it cannot read; "
+                                "--force replaces it") from exc
         if manifest_path(target).exists() or os.path.lexists(target):
             say("not using the cached file: %s", exc)
         return None
@@ -96,7 +101,7 @@ def _candidate(
     """The staged npz, its bytes and their validated shapes: a local source's, or a download's."""
     if prepared is not None:
         data, shapes = prepared
-        staged.write_bytes(data)
+        store.stage_bytes(staged, data)
         return staged, data, shapes
     from mnist_hpc.login.prefetch.download import (
         download,  # not needed on the valid-cache path
