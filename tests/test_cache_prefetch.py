@@ -200,6 +200,18 @@ def test_a_compressed_body_is_bounded_by_its_inflated_size(
     assert_clean(cache)
 
 
+def test_a_download_of_mnists_size_passes_the_bound(server: LoopbackServer, cache: Path) -> None:
+    """About the 11.5 MB of Keras' mnist.npz, with its true Content-Length and the real bound."""
+    data = npz_bytes(make_arrays(n_train=12_500, n_test=2_100))
+    assert 11_000_000 < len(data) < 12_000_000
+    url = server.add("/mnist.npz", Route(body=data))
+    manifest = prefetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(data), **FAST)
+    assert manifest["size"] == len(data) and (cache / "mnist.npz").read_bytes() == data
+    assert manifest["shapes"]["x_train"] == [12_500, 28, 28]
+    assert server.count("/mnist.npz") == 1
+    assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
+
+
 @pytest.mark.parametrize("framing", ["close-delimited", "chunked"])
 def test_a_real_file_without_content_length_is_downloaded(
     server: LoopbackServer, good, cache: Path, framing: str
