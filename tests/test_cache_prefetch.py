@@ -394,6 +394,34 @@ def test_lock_file_in_a_group_directory_is_group_writable(tmp_path: Path, good) 
     assert stat.S_IMODE(os.stat(object_path(shared / "mnist.npz", manifest["sha256"])).st_mode) == 0o444
 
 
+def test_a_world_writable_directory_is_no_groups_space(tmp_path: Path, good) -> None:
+    """A cache made inside a 1777 scratch directory, or one that is 0777 itself, under umask 077:
+    nothing gets group bits there (the writer's group may be one that every user shares)."""
+    _, data, _ = good
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    os.chmod(scratch, 0o1777)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    os.chmod(loose, 0o777)
+    source = tmp_path / "copied.npz"
+    source.write_bytes(data)
+    old = os.umask(0o077)
+    try:
+        prefetch.prefetch(scratch / "alice" / "mnist.npz", source=source)
+        prefetch.prefetch(loose / "mnist.npz", source=source)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(scratch / "alice").st_mode) == 0o700
+    for cache_dir in (scratch / "alice", loose):
+        target = cache_dir / "mnist.npz"
+        digest = json.loads(manifest_path(target).read_text())["sha256"]
+        modes = {path.name: stat.S_IMODE(os.lstat(path).st_mode) for path in (
+            manifest_path(target), cache_dir / store.LOCK_NAME, objects_dir(target), object_path(target, digest))}
+        assert modes == {manifest_path(target).name: 0o600, store.LOCK_NAME: 0o600, objects_dir(target).name: 0o700,
+                         f"{digest}.npz": 0o400}, cache_dir
+
+
 def test_deleting_the_link_deletes_the_dataset_for_jobs(tmp_path: Path, cache: Path) -> None:
     """``mnist.npz`` is the name users know: without it a job reports a missing cache."""
     from mnist_hpc.cache import CacheMissingError, read_verified

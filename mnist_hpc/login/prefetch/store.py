@@ -46,13 +46,19 @@ log = logging.getLogger("mnist_hpc.login.prefetch")
 
 
 def shared_mode(cache_dir: Path, mode: int) -> int:
-    """``mode`` less the umask, plus the group bits of ``mode`` when ``cache_dir`` is group-writable."""
+    """``mode`` less the umask, plus the group bits of ``mode`` when ``cache_dir`` is a group's space.
+
+    A group's space is group-writable but not world-writable: ``/tmp`` or a 1777 scratch is
+    group-writable too, and there the group is whatever the writer's primary group is (often
+    one that every user shares), so nothing made there gets more than the umask allows.
+    """
     mask = os.umask(0)
     os.umask(mask)
     try:
-        shared = cache_dir.stat().st_mode & stat.S_IWGRP
+        dir_mode = cache_dir.stat().st_mode
     except OSError:
-        shared = 0
+        dir_mode = 0
+    shared = dir_mode & stat.S_IWGRP and not dir_mode & stat.S_IWOTH
     return (mode & ~mask) | (mode & 0o070 if shared else 0)
 
 
