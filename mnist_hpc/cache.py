@@ -161,6 +161,12 @@ def parse_manifest(raw: bytes, npz_path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _cannot_read(path: Path, exc: OSError) -> str:
+    """Why ``path`` cannot be read; for a file another member left private, what its owner can run."""
+    fix = f" (its owner can run `chmod g+r {shlex.quote(str(path))}`)" if exc.errno == errno.EACCES else ""
+    return f"cannot read {path}: {exc.strerror or exc}{fix}"
+
+
 def _missing(npz_path: Path) -> CacheMissingError:
     return CacheMissingError(f"no cached MNIST at {npz_path}; run `{prefetch_command(npz_path)}` on a login node first")
 
@@ -179,7 +185,7 @@ def read_manifest(npz_path: Path) -> tuple[dict[str, Any], bytes]:
     except FileNotFoundError:
         raise _missing(npz_path) from None
     except OSError as exc:
-        raise CacheCorruptError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise CacheCorruptError(_cannot_read(path, exc)) from exc
     return parse_manifest(raw, npz_path), raw
 
 
@@ -211,7 +217,7 @@ def _read_object(npz_path: Path) -> tuple[bytes, dict[str, Any]]:
                 data = fh.read(size + 1)  # one byte more shows a file grown since
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ESTALE):
-                raise _fault(CacheCorruptError, f"cannot read {obj}: {exc.strerror}", npz_path, manifest) from exc
+                raise _fault(CacheCorruptError, _cannot_read(obj, exc), npz_path, manifest) from exc
             problem = (CacheMissingError, f"{npz_path}: its manifest names {obj}, which is missing")
         else:
             if len(data) != size:

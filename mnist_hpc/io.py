@@ -42,23 +42,28 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
+def atomic_path(target: Path, suffix: str = "", mode: Optional[int] = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success fsync it and rename it over ``target``.
 
     The caller writes the file at the yielded path (by any means, e.g. ``model.save``). On an
     exception the temporary file is removed and ``target`` is left untouched. ``suffix`` keeps
-    an extension that a writer insists on (Keras wants ``.keras``).
+    an extension that a writer insists on (Keras wants ``.keras``). ``mode`` is the file's
+    permission bits, exactly (not masked by the umask); None gives what a plain ``open()`` would.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    file_mode = _file_mode() if mode is None else mode
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
+        try:  # the temporary has its mode from the start: one left by a killed writer is not private
+            os.fchmod(fd, file_mode)
+        finally:
+            os.close(fd)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, file_mode)  # again: a writer may have replaced the file at the yielded path
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -1,4 +1,4 @@
-"""Prefetch against slow servers, signals, odd ``--from`` paths, imported caches and bad names.
+"""Prefetch against slow, oversized and lying servers, signals, odd ``--from`` paths, imported caches and bad names.
 
 Downloads come from the loopback server; signals are real, sent to a real prefetch process.
 """
@@ -6,6 +6,7 @@ Downloads come from the loopback server; signals are real, sent to a real prefet
 from __future__ import annotations
 
 import fcntl
+import gzip
 import json
 import os
 import signal
@@ -26,9 +27,10 @@ from mnist_hpc.cache import (
     view_target,
 )
 from mnist_hpc.config import KERAS_MNIST_SHA256, KERAS_MNIST_URL, ConfigError
+from mnist_hpc.dataset import MAX_NPZ_BYTES
 from mnist_hpc.login import prefetch
-from mnist_hpc.login.prefetch import store
-from mnist_hpc.login.prefetch.errors import DownloadTimeoutError
+from mnist_hpc.login.prefetch import download, fetch, store
+from mnist_hpc.login.prefetch.errors import DownloadTimeoutError, DownloadTooLargeError, HashMismatchError
 from tests.http_fixture import LoopbackServer, Route
 from tests.test_prefetch import (  # noqa: F401 - fixtures: server, good, cache, no_proxy
     assert_clean,
@@ -125,6 +127,133 @@ def test_signal_during_download_cleans_up(server: LoopbackServer, cache: Path, s
     assert out == ""
     assert_clean(cache)  # no staging directory, no partial file
     assert lock_is_free(cache)
+
+
+# ---------------------------------------------------------------------------- the download's size bound
+
+ENDLESS = 10**12  # zero bytes a route sends after its body: more than any client should take
+SMALL_BOUND = 1 << 20  # tests that must stream past the bound lower it from MNIST's 472 MB to this
+FAST = {"retries": 3, "backoff_s": 0.0, "timeout_s": 10.0, "progress": False}
+
+
+def response_ends(server: LoopbackServer, path: str) -> None:
+    """Wait until every response at ``path`` has ended: sent whole, or its client closed the connection."""
+    wait_for(lambda: server.responses_ended(path) == server.count(path), f"the responses at {path} to end")
+
+
+def test_a_content_length_over_the_bound_is_refused_from_the_header(server: LoopbackServer, small_tmpfs) -> None:
+    """The issue's server: it announces 10**12 bytes and sends zeros without end.
+
+    The cache is a 1 MB tmpfs, so a client that staged more than 1 MB would fail with ENOSPC.
+    """
+    url = server.add("/huge.npz", Route(content_length=ENDLESS, zeros=ENDLESS))
+    cache_dir = small_tmpfs("cache", "1m")
+    with pytest.raises(DownloadTooLargeError) as info:
+        prefetch.prefetch(cache_dir / "mnist.npz", url=url, **FAST)
+    message = str(info.value)
+    assert message == (
+        f"refused the download from {url}: the server announces {ENDLESS:,} bytes (Content-Length), more than "
+        f"any MNIST-like npz holds ({MAX_NPZ_BYTES:,} bytes at most); nothing was kept. It is not an MNIST file: "
+        "check --url"
+    )
+    assert (info.value.announced, info.value.received) == (ENDLESS, 0)  # no body byte was read
+    assert server.count("/huge.npz") == 1  # not retried: it cannot pass
+    response_ends(server, "/huge.npz")  # the client closed the connection
+    assert server.bytes_sent("/huge.npz") < MAX_NPZ_BYTES  # what socket buffers took, not a download
+    assert_clean(cache_dir)
+
+
+@pytest.mark.parametrize("framing", ["close-delimited", "chunked"])
+def test_an_endless_body_without_content_length_is_refused_past_the_bound(
+    server: LoopbackServer, small_tmpfs, monkeypatch: pytest.MonkeyPatch, framing: str
+) -> None:
+    """No size announced: the stream is cut as soon as more than the bound has arrived, and the
+    staged file never exceeds it: the cache is a tmpfs of exactly the bound (256 pages), where one
+    byte more would fail with ENOSPC."""
+    monkeypatch.setattr(fetch, "MAX_NPZ_BYTES", SMALL_BOUND)
+    url = server.add("/endless.npz", Route(zeros=ENDLESS, omit_content_length=True, chunked=framing == "chunked"))
+    cache_dir = small_tmpfs("cache", f"{SMALL_BOUND // 1024}k")
+    with pytest.raises(DownloadTooLargeError) as info:
+        prefetch.prefetch(cache_dir / "mnist.npz", url=url, **FAST)
+    assert f"more than {SMALL_BOUND:,} bytes arrived (the server announced no size)" in str(info.value)
+    assert "It is not an MNIST file: check --url" in str(info.value)
+    assert info.value.announced is None
+    assert SMALL_BOUND < info.value.received <= SMALL_BOUND + download.CHUNK_BYTES
+    assert server.count("/endless.npz") == 1
+    response_ends(server, "/endless.npz")  # the stream stopped: the client closed the connection
+    assert server.bytes_sent("/endless.npz") > SMALL_BOUND
+    assert_clean(cache_dir)
+
+
+def test_a_compressed_body_is_bounded_by_its_inflated_size(
+    server: LoopbackServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that gzips anyway (we ask for identity): 8 MB of zeros in 8 KB, a small honest Content-Length."""
+    monkeypatch.setattr(fetch, "MAX_NPZ_BYTES", SMALL_BOUND)
+    bomb = gzip.compress(bytes(8 * SMALL_BOUND))
+    url = server.add("/bomb.npz", Route(body=bomb, headers={"Content-Encoding": "gzip"}))
+    with pytest.raises(DownloadTooLargeError) as info:
+        prefetch.prefetch(cache / "mnist.npz", url=url, **FAST)
+    assert info.value.announced == len(bomb) < SMALL_BOUND
+    assert SMALL_BOUND < info.value.received <= SMALL_BOUND + download.CHUNK_BYTES
+    assert server.count("/bomb.npz") == 1
+    assert_clean(cache)
+
+
+def test_a_download_of_mnists_size_passes_the_bound(server: LoopbackServer, cache: Path) -> None:
+    """About the 11.5 MB of Keras' mnist.npz, with its true Content-Length and the real bound."""
+    data = npz_bytes(make_arrays(n_train=12_500, n_test=2_100))
+    assert 11_000_000 < len(data) < 12_000_000
+    url = server.add("/mnist.npz", Route(body=data))
+    manifest = prefetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(data), **FAST)
+    assert manifest["size"] == len(data) and (cache / "mnist.npz").read_bytes() == data
+    assert manifest["shapes"]["x_train"] == [12_500, 28, 28]
+    assert server.count("/mnist.npz") == 1
+    assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
+
+
+@pytest.mark.parametrize("framing", ["close-delimited", "chunked"])
+def test_a_real_file_without_content_length_is_downloaded(
+    server: LoopbackServer, good, cache: Path, framing: str
+) -> None:
+    _, data, digest = good
+    url = server.add("/mnist.npz", Route(body=data, omit_content_length=True, chunked=framing == "chunked"))
+    manifest = prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)
+    assert manifest["sha256"] == digest and (cache / "mnist.npz").read_bytes() == data
+    assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
+
+
+def test_a_content_length_shorter_than_the_body_is_what_is_read(server: LoopbackServer, good, cache: Path) -> None:
+    """The announced length is what is read: the zeros a server sends beyond it never reach the cache."""
+    _, data, digest = good
+    url = server.add("/mnist.npz", Route(body=data, zeros=ENDLESS))
+    manifest = prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)
+    assert manifest["size"] == len(data) and (cache / "mnist.npz").read_bytes() == data
+    response_ends(server, "/mnist.npz")  # and the connection was closed, not left streaming
+    assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
+
+
+def test_a_content_length_cutting_the_file_short_is_refused(server: LoopbackServer, good, cache: Path) -> None:
+    _, data, digest = good
+    url = server.add("/mnist.npz", Route(body=data, content_length=len(data) // 2))
+    with pytest.raises(HashMismatchError) as info:
+        prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)
+    assert info.value.got == sha(data[: len(data) // 2])
+    assert server.count("/mnist.npz") == 1
+    assert_clean(cache)
+
+
+def test_a_redirects_body_is_not_read(server: LoopbackServer, good, cache: Path) -> None:
+    """requests reads a redirect's whole body into memory before following it; ours is closed unread."""
+    _, data, digest = good
+    target = server.add("/mnist.npz", Route(body=data))
+    redirect_zeros = 64 << 20
+    url = server.add("/old.npz", Route(status=302, headers={"Location": target}, omit_content_length=True,
+                                       zeros=redirect_zeros))
+    assert prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)["sha256"] == digest
+    response_ends(server, "/old.npz")
+    assert server.bytes_sent("/old.npz") < redirect_zeros // 2  # socket buffers at most, not the whole body
+    assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
 
 # ---------------------------------------------------------------------------- imported caches
@@ -263,6 +392,34 @@ def test_lock_file_in_a_group_directory_is_group_writable(tmp_path: Path, good) 
     assert stat.S_IMODE(os.stat(objects_dir(shared / "mnist.npz")).st_mode) & 0o070 == 0o070
     manifest = json.loads(manifest_path(shared / "mnist.npz").read_text())
     assert stat.S_IMODE(os.stat(object_path(shared / "mnist.npz", manifest["sha256"])).st_mode) == 0o444
+
+
+def test_a_world_writable_directory_is_no_groups_space(tmp_path: Path, good) -> None:
+    """A cache made inside a 1777 scratch directory, or one that is 0777 itself, under umask 077:
+    nothing gets group bits there (the writer's group may be one that every user shares)."""
+    _, data, _ = good
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    os.chmod(scratch, 0o1777)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    os.chmod(loose, 0o777)
+    source = tmp_path / "copied.npz"
+    source.write_bytes(data)
+    old = os.umask(0o077)
+    try:
+        prefetch.prefetch(scratch / "alice" / "mnist.npz", source=source)
+        prefetch.prefetch(loose / "mnist.npz", source=source)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(scratch / "alice").st_mode) == 0o700
+    for cache_dir in (scratch / "alice", loose):
+        target = cache_dir / "mnist.npz"
+        digest = json.loads(manifest_path(target).read_text())["sha256"]
+        modes = {path.name: stat.S_IMODE(os.lstat(path).st_mode) for path in (
+            manifest_path(target), cache_dir / store.LOCK_NAME, objects_dir(target), object_path(target, digest))}
+        assert modes == {manifest_path(target).name: 0o600, store.LOCK_NAME: 0o600, objects_dir(target).name: 0o700,
+                         f"{digest}.npz": 0o400}, cache_dir
 
 
 def test_deleting_the_link_deletes_the_dataset_for_jobs(tmp_path: Path, cache: Path) -> None:

@@ -582,8 +582,25 @@ def test_full_filesystem(server: LoopbackServer, good, tmp_path: Path, mounts: l
         prefetch.prefetch(mountpoint / "mnist.npz", url=url, sha256=digest, **FAST)
     message = str(info.value)
     assert "no space left" in message and str(mountpoint) in message and "MNIST_HPC_CACHE" in message
+    assert "while downloading mnist.npz" in message
+    assert f"It needs {len(data) / 1e6:.3g} MB ({len(data):,} bytes) free there" in message  # its Content-Length
     assert server.count("/mnist.npz") == 1  # ENOSPC is not retried
     assert_clean(mountpoint)
+
+
+def test_full_disk_names_the_size_of_an_idx_import(tmp_path: Path, small_tmpfs) -> None:
+    """An npz converted from IDX files is uncompressed (55 MB for MNIST, not Keras' 11 MB): the
+    message names the size of the object this import writes, measured by the same import elsewhere."""
+    source = make_idx_dir(tmp_path / "idx", make_arrays(n_train=2000, n_test=500))
+    size = prefetch.prefetch(tmp_path / "roomy" / "mnist.npz", source=source)["size"]
+    full = small_tmpfs("full", "1m")
+    assert size > 1 << 20
+    with pytest.raises(CacheFullError) as info:
+        prefetch.prefetch(full / "mnist.npz", source=source)
+    message = str(info.value)
+    assert message.startswith(f"no space left in the cache directory {full} while writing mnist.npz")
+    assert f"It needs {size / 1e6:.3g} MB ({size:,} bytes) free there" in message and "12 MB" not in message
+    assert_clean(full)
 
 
 def test_full_disk_while_copying(tmp_path: Path, good, cache: Path, monkeypatch) -> None:

@@ -9,6 +9,7 @@ from mnist_hpc.login.prefetch.cli import main, target_from_overrides
 from mnist_hpc.login.prefetch.errors import (
     CacheFullError,
     CacheNotWritableError,
+    DownloadTooLargeError,
     HashMismatchError,
     HttpError,
     NetworkError,
@@ -21,6 +22,7 @@ from mnist_hpc.login.prefetch.fetch import prefetch
 __all__ = [
     "CacheFullError",
     "CacheNotWritableError",
+    "DownloadTooLargeError",
     "HashMismatchError",
     "HttpError",
     "NetworkError",

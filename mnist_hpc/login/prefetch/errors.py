@@ -50,6 +50,15 @@ class DownloadTimeoutError(NetworkError):
     """The download, all attempts included, did not finish within its overall deadline."""
 
 
+class DownloadTooLargeError(PrefetchError):
+    """The server announced, or sent, more bytes than any MNIST-like npz holds; not retried."""
+
+    def __init__(self, message: str, announced: Optional[int], received: int) -> None:
+        super().__init__(message)
+        self.announced = announced  # the Content-Length, if the server sent a number
+        self.received = received  # body bytes that had arrived when the download was stopped
+
+
 class LockError(PrefetchError):
     """The cache's lock file cannot be opened or locked; the message names the file."""
 
@@ -81,13 +90,20 @@ def move_hint() -> str:
     )
 
 
-def cache_error(exc: OSError, cache_dir: Path, doing: str) -> CacheNotWritableError:
-    """Turn an OSError met while writing into the cache into an error that says what to do."""
+def cache_error(exc: OSError, cache_dir: Path, doing: str, size: Optional[int] = None) -> CacheNotWritableError:
+    """Turn an OSError met while writing into the cache into an error that says what to do.
+
+    ``size`` is the byte count of the file being placed (its object's size), when known: the
+    space a full disk must find. It varies with the source (Keras' compressed npz is 11 MB, an
+    uncompressed one converted from IDX files 55 MB), so no fixed figure is given without it.
+    """
     reason = exc.strerror or str(exc)
     if exc.errno in NO_SPACE:
+        need = (f"It needs {size / 1e6:.3g} MB ({size:,} bytes) free there: free space or quota, or"
+                if size is not None else "Free space or quota there, or")
         return CacheFullError(
             f"no space left in the cache directory {cache_dir} while {doing} ({reason}); nothing was "
-            f"written. Free space or quota there (MNIST needs about 12 MB), or {move_hint()}"
+            f"written. {need} {move_hint()}"
         )
     return CacheNotWritableError(
         f"cannot write to the cache directory {cache_dir} while {doing} ({reason}); nothing was "

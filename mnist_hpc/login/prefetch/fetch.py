@@ -36,6 +36,7 @@ from mnist_hpc.login.prefetch import store
 from mnist_hpc.login.prefetch.errors import (
     NO_SPACE,
     NOT_WRITABLE,
+    PROG,
     PrefetchError,
     cache_error,
 )
@@ -60,6 +61,10 @@ def _up_to_date(target: Path, plan: Plan, *, explain: bool) -> Optional[dict[str
         # Manifest, object hash, then the arrays' headers: the file that passed full validation.
         manifest = check_cached(target)
     except CacheError as exc:
+        if isinstance(exc.__cause__, PermissionError):
+            # Not missing: another member's dataset, which their jobs may be reading.
+            raise PrefetchError(f"{exc}. A plain {PROG} does not replace a cache it cannot read; "
+                                "--force replaces it") from exc
         if manifest_path(target).exists() or os.path.lexists(target):
             say("not using the cached file: %s", exc)
         return None
@@ -96,15 +101,15 @@ def _candidate(
     """The staged npz, its bytes and their validated shapes: a local source's, or a download's."""
     if prepared is not None:
         data, shapes = prepared
-        staged.write_bytes(data)
+        store.stage_bytes(staged, data)
         return staged, data, shapes
     from mnist_hpc.login.prefetch.download import (
         download,  # not needed on the valid-cache path
     )
 
-    staged = download(plan.source, staged.parent, staged.name, plan.expected_sha256 or KERAS_MNIST_SHA256, **options)
-    if staged.stat().st_size > MAX_NPZ_BYTES:
-        raise DatasetError(f"{plan.source} is larger than any MNIST-like npz ({MAX_NPZ_BYTES} bytes at most)")
+    # The bound that --from applies (sources.plan_source), enforced while the bytes arrive.
+    staged = download(plan.source, staged.parent, staged.name, plan.expected_sha256 or KERAS_MNIST_SHA256,
+                      max_bytes=MAX_NPZ_BYTES, **options)
     data = staged.read_bytes()
     return staged, data, load_arrays(data, plan.source)[1]
 
@@ -169,19 +174,22 @@ def prefetch(
             prepared = prepare(plan)
         except DatasetError as exc:
             raise DatasetError(f"{exc}; nothing was written to the cache") from exc
-    store.ensure_writable(cache_dir)
+    # The bytes the cache must take (named if the disk is full); a download's are known once they arrive.
+    size = len(prepared[0]) if prepared is not None else None
+    store.ensure_writable(cache_dir, size)
     with store.cache_lock(cache_dir):
         # Another prefetch may have filled the cache while we waited for the lock.
         if not force and (manifest := _up_to_date(target, plan, explain=False)) is not None:
             return manifest
         store.sweep_stale(cache_dir, target)
         log.info("fetching %s -> %s", plan.label or plan.source, target)
-        staging = store.make_staging(cache_dir)
+        staging = store.make_staging(cache_dir, size)
         try:
             staged, data, shapes = _candidate(
                 plan, prepared, staging / target.name, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
                 max_time_s=max_time_s, progress=sys.stderr.isatty() if progress is None else progress,
             )
+            size = len(data)
             manifest = {
                 "format": FORMAT,
                 "source": plan.source,
@@ -200,7 +208,7 @@ def prefetch(
         except OSError as exc:
             # requests' exceptions are OSErrors too, but download() has translated them all.
             if exc.errno in NO_SPACE | NOT_WRITABLE:
-                raise cache_error(exc, cache_dir, f"writing {target.name}") from exc
+                raise cache_error(exc, cache_dir, f"writing {target.name}", size) from exc
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -3,8 +3,10 @@
 The names and the manifest are :mod:`mnist_hpc.cache`'s; this module performs the writes in
 the order that keeps every reader safe (object first, then the manifest that points at it,
 then the link for people), and keeps a cache shared by a group usable by all its members:
-what it creates in a group-writable directory is group-writable too (or group-readable, for
-the immutable objects), whatever the umask of whoever ran it.
+what it creates in a group-writable directory (the cache directory itself when it makes it,
+the lock, the manifest, the object store, staging areas and every temporary file) is
+group-writable too (or group-readable, for the immutable objects), whatever the umask of
+whoever ran it. :func:`shared_mode` is the one rule for all of them.
 """
 
 from __future__ import annotations
@@ -44,13 +46,19 @@ log = logging.getLogger("mnist_hpc.login.prefetch")
 
 
 def shared_mode(cache_dir: Path, mode: int) -> int:
-    """``mode`` less the umask, plus the group bits of ``mode`` when ``cache_dir`` is group-writable."""
+    """``mode`` less the umask, plus the group bits of ``mode`` when ``cache_dir`` is a group's space.
+
+    A group's space is group-writable but not world-writable: ``/tmp`` or a 1777 scratch is
+    group-writable too, and there the group is whatever the writer's primary group is (often
+    one that every user shares), so nothing made there gets more than the umask allows.
+    """
     mask = os.umask(0)
     os.umask(mask)
     try:
-        shared = cache_dir.stat().st_mode & stat.S_IWGRP
+        dir_mode = cache_dir.stat().st_mode
     except OSError:
-        shared = 0
+        dir_mode = 0
+    shared = dir_mode & stat.S_IWGRP and not dir_mode & stat.S_IWOTH
     return (mode & ~mask) | (mode & 0o070 if shared else 0)
 
 
@@ -60,23 +68,40 @@ def _share_dir(directory: Path, cache_dir: Path, mode: int) -> None:
     os.chmod(directory, shared_mode(cache_dir, mode) | (directory.stat().st_mode & stat.S_ISGID))
 
 
-def ensure_writable(cache_dir: Path) -> None:
+def _make_dirs(directory: Path) -> None:
+    """``mkdir -p``, where each directory made inside a group-writable one is shared like it."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for made in reversed(missing):
+        try:
+            made.mkdir()
+        except FileExistsError:  # another prefetch made it meanwhile
+            continue
+        _share_dir(made, made.parent, 0o777)
+
+
+def ensure_writable(cache_dir: Path, size: Optional[int] = None) -> None:
     """Create the cache directory and prove a file can be written there, before any download.
+
+    ``size``: the bytes the prefetch will place, if known (named when the disk is full).
 
     Raises:
         CacheNotWritableError: the directory cannot be created or written (CacheFullError if full).
     """
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        _make_dirs(cache_dir)
         fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=cache_dir)
         try:
+            os.fchmod(fd, shared_mode(cache_dir, 0o666))  # never swept: one left behind is not private
             os.write(fd, b"probe")
         finally:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(probe)
     except OSError as exc:
-        raise cache_error(exc, cache_dir, "checking that it is writable") from exc
+        raise cache_error(exc, cache_dir, "checking that it is writable", size) from exc
 
 
 def _describe_owner(path: Path) -> str:
@@ -162,15 +187,27 @@ def cache_lock(cache_dir: Path, *, wait: bool = True) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
-def make_staging(cache_dir: Path) -> Path:
+def make_staging(cache_dir: Path, size: Optional[int] = None) -> Path:
     """A private staging directory in the cache (same filesystem, so the final rename is atomic)."""
     try:
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=cache_dir))
         # Group-accessible like the cache, so another member can sweep it if this process is killed.
         _share_dir(staging, cache_dir, 0o770)
     except OSError as exc:
-        raise cache_error(exc, cache_dir, "creating a staging directory") from exc
+        raise cache_error(exc, cache_dir, "creating a staging directory", size) from exc
     return staging
+
+
+def staged_file_mode(staging: Path) -> int:
+    """The mode of a file written into ``staging``: shared like the cache directory that holds it."""
+    return shared_mode(staging.parent, 0o666)
+
+
+def stage_bytes(staged: Path, data: bytes) -> None:
+    """Write ``data`` to a new file in a staging directory, given :func:`staged_file_mode` before any byte."""
+    staged.touch(exist_ok=False)
+    os.chmod(staged, staged_file_mode(staged.parent))
+    staged.write_bytes(data)
 
 
 def sweep_stale(cache_dir: Path, target: Path) -> None:
@@ -205,7 +242,7 @@ def install(staged: Path, target: Path, manifest: dict[str, Any]) -> None:
     previous = _current_sha256(target)
     placed = False
     try:
-        with atomic_path(cache.manifest_path(target)) as manifest_tmp:
+        with atomic_path(cache.manifest_path(target), mode=shared_mode(cache_dir, 0o666)) as manifest_tmp:
             manifest_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             if not obj.parent.is_dir():
                 obj.parent.mkdir(exist_ok=True)
