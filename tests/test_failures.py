@@ -149,3 +149,26 @@ def test_a_multirun_whose_sweep_directory_cannot_be_written_is_one_line(syntheti
     assert re.fullmatch(rf"cannot write to the sweep directory {re.escape(str(file))}/sweeps/\S+ \({re.escape(str(file))} is "
                         r"not a directory\); set paths.output_root to a writable location \(e\.g\. on \$SCRATCH\)", line), line
     assert not tf and file.read_text() == "a user's file" and listing(ro) == []
+
+
+def test_a_worker_task_is_refused_only_where_its_directory_cannot_be_created(tmp_path, small_tmpfs):
+    """A task other than the first of an srun step writes nothing into the run directory: it is not
+    probed there (no probe file of its own), but a directory it cannot create is one line too."""
+    import subprocess
+
+    from tests.local_workers import CLI, task_env
+
+    ro = read_only_mount(small_tmpfs, "ro", "existing")
+    env = task_env(1, 2, "4242")
+    common = [f"data.cache_dir={tmp_path / 'no-cache'}", "train.epochs=1"]
+    cannot = subprocess.run(CLI + common + [f"hydra.run.dir={ro}/below"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert cannot.returncode == 1, cannot.stderr[-3000:]
+    assert cannot.stderr.strip().splitlines() == [
+        f"cannot write to the run directory {ro}/below (Read-only file system); set hydra.run.dir to a writable location "
+        "(e.g. on $SCRATCH)"]
+    exists = subprocess.run(CLI + common + [f"hydra.run.dir={ro}/existing"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert exists.returncode == 1 and "Traceback" not in exists.stderr, exists.stderr[-3000:]
+    assert "cannot write" not in exists.stderr and f"no cached MNIST at {tmp_path / 'no-cache'}" in exists.stderr
+    assert listing(ro) == ["existing"]

@@ -22,18 +22,22 @@ from omegaconf import DictConfig, OmegaConf
 _OUR_LAUNCHERS = "hydra_plugins.mnist_hpc_launcher."
 
 
-def run_dir_problem(directory: Path, setting: str, what: str = "run directory") -> Optional[str]:
-    """Why the ``what`` ``directory`` cannot be created or written, naming the fix (``setting``); None if it can.
+def run_dir_problem(directory: Path, setting: str, what: str = "run directory", write: bool = True) -> Optional[str]:
+    """Why the ``what`` ``directory`` cannot be created (or written), naming the fix (``setting``); None if it can.
 
-    Creates ``directory`` as Hydra would next (the preflight's probe); a path that fails at
-    its first missing directory leaves nothing behind.
+    Creates ``directory`` as Hydra would next; with ``write``, proves a file can be written
+    there (the preflight's probe). A path that fails at its first missing directory leaves
+    nothing behind.
     """
     from mnist_hpc.login.launcher.preflight import PreflightError, check_writable
 
     try:
-        check_writable(directory)
-    except PreflightError as refused:
-        cause = refused.__cause__
+        if write:
+            check_writable(directory)
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+    except (PreflightError, OSError) as refused:
+        cause = refused.__cause__ if isinstance(refused, PreflightError) else refused
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
         blocker = _not_a_directory(directory)
         where = f"{blocker} is not a directory" if blocker is not None else reason
@@ -51,8 +55,11 @@ def _not_a_directory(path: Path) -> Optional[Path]:
     return None
 
 
-def _refuse_unwritable(config: DictConfig, key: str) -> None:
-    """Print why the directory at ``hydra.<key>.dir`` cannot be written and exit 1; return if it can."""
+def _refuse_unwritable(config: DictConfig, key: str, write: bool = True) -> None:
+    """Print why the directory at ``hydra.<key>.dir`` cannot be written and exit 1; return if it can.
+
+    ``write``: see :func:`run_dir_problem`.
+    """
     node = config.hydra[key]
     try:
         directory = Path(os.path.abspath(str(node.dir)))  # as Hydra's run_job and sweeper make it
@@ -60,7 +67,7 @@ def _refuse_unwritable(config: DictConfig, key: str) -> None:
         return
     raw = str(OmegaConf.to_container(node, resolve=False).get("dir", ""))
     setting = "paths.output_root" if "paths.output_root" in raw else f"hydra.{key}.dir"
-    problem = run_dir_problem(directory, setting, f"{key} directory")
+    problem = run_dir_problem(directory, setting, f"{key} directory", write)
     if problem is not None:
         sys.stderr.write(problem + "\n")
         sys.stderr.flush()
@@ -79,9 +86,10 @@ class CheckRunDir(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mnist_hpc.compute.runtime import RuntimeInfo
 
-        if RuntimeInfo.from_env().is_worker_task:
-            return  # a task other than the first of an srun step writes nothing there (cli._quiet_worker_task)
-        _refuse_unwritable(config, "run")
+        # A task other than the first of an srun step writes nothing there (cli._quiet_worker_task),
+        # but Hydra creates the directory in it too. No probe file: two tasks on two nodes may
+        # have the same process id, hence the same probe name.
+        _refuse_unwritable(config, "run", write=not RuntimeInfo.from_env().is_worker_task)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if str(config.hydra.launcher.get("_target_", "")).startswith(_OUR_LAUNCHERS):
