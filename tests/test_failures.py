@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from mnist_hpc import claim
 from mnist_hpc.cache import CacheCorruptError
 from mnist_hpc.compute.failures import exit_on, known_error
+from tests.conftest import tiny_overrides
 from tests.test_launch import TRAIN, run_login_command, sweep_args
 
 
@@ -73,3 +75,100 @@ def test_an_unloadable_job_is_recorded_once_by_the_first_task(tmp_path, monkeypa
         assert (tmp_path / d / "failure.json").exists() is writes
         if writes:
             assert "cannot be loaded" in json.loads((tmp_path / d / "failure.json").read_text())["error"]
+
+
+# --- a run directory that cannot be written: one line before Hydra touches it (issue I8) --------
+
+
+def read_only_mount(small_tmpfs, name: str, *entries: str) -> Path:
+    """A tmpfs holding ``entries`` (empty directories), remounted read-only: root cannot write it either."""
+    import subprocess
+
+    point = small_tmpfs(name, "1m")
+    for entry in entries:
+        (point / entry).mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True, capture_output=True)
+    return point
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "override, target, setting, reason",
+    [
+        ("paths.output_root", "file", "paths.output_root", "{file} is not a directory"),
+        ("paths.output_root", "ro", "paths.output_root", "Read-only file system"),
+        ("paths.output_root", "ro/below", "paths.output_root", "Read-only file system"),
+        ("hydra.run.dir", "file", "hydra.run.dir", "{file} is not a directory"),
+        ("hydra.run.dir", "file/run", "hydra.run.dir", "{file} is not a directory"),
+        ("hydra.run.dir", "ro", "hydra.run.dir", "Read-only file system"),
+        ("hydra.run.dir", "ro/existing", "hydra.run.dir", "Read-only file system"),
+    ],
+)
+def test_an_in_process_run_whose_directory_cannot_be_written_is_one_line(
+    synthetic_cache, tmp_path, small_tmpfs, override, target, setting, reason
+):
+    ro = read_only_mount(small_tmpfs, "ro", "existing")
+    file = tmp_path / "file"
+    file.write_text("a user's file")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    before = listing(tmp_path)
+    where = tmp_path / target
+    args = [*tiny_overrides(synthetic_cache, tmp_path / "out"), f"{override}={where}"]
+    proc, tf = run_login_command(TRAIN, args, work)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    run_dir = re.escape(str(where)) + (r"/runs/\d{4}-\d\d-\d\d/[\d-]+" if override == "paths.output_root" else "")
+    expected = (
+        rf"cannot write to the run directory {run_dir} \({re.escape(reason.format(file=file))}\); "
+        rf"set {re.escape(setting)} to a writable location \(e\.g\. on \$SCRATCH\)"
+    )
+    assert len(lines) == 1 and re.fullmatch(expected, lines[0]), proc.stderr[-3000:]
+    assert not tf  # refused before the task: TensorFlow never started
+    # Nothing written: not into the mount, the file or the working directory (the probe's marker files aside).
+    assert file.read_text() == "a user's file" and listing(ro) == ["existing"]
+    assert [p for p in listing(tmp_path) if not p.startswith("cwd/tf-imported-")] == before
+
+
+def test_a_multirun_whose_sweep_directory_cannot_be_written_is_one_line(synthetic_cache, tmp_path, small_tmpfs):
+    """The launcher says so before queueing; Hydra's own (basic) launcher, which runs trials here, too."""
+    ro = read_only_mount(small_tmpfs, "ro")
+    file = tmp_path / "file"
+    file.write_text("a user's file")
+    args = ["-m", "hydra/launcher=local", *tiny_overrides(synthetic_cache, ro), f"hydra.sweep.dir={ro}/sweep", "train.seed=1,2"]
+    proc, _ = run_login_command(TRAIN, args, tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"nothing was queued: cannot write to the output directory {ro}/sweep (Read-only file system); "
+            "set paths.output_root to a writable location") in proc.stderr
+    proc, tf = run_login_command(TRAIN, ["-m", *tiny_overrides(synthetic_cache, file), "train.seed=1,2"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert re.fullmatch(rf"cannot write to the sweep directory {re.escape(str(file))}/sweeps/\S+ \({re.escape(str(file))} is "
+                        r"not a directory\); set paths.output_root to a writable location \(e\.g\. on \$SCRATCH\)", line), line
+    assert not tf and file.read_text() == "a user's file" and listing(ro) == []
+
+
+def test_a_worker_task_is_refused_only_where_its_directory_cannot_be_created(tmp_path, small_tmpfs):
+    """A task other than the first of an srun step writes nothing into the run directory: it is not
+    probed there (no probe file of its own), but a directory it cannot create is one line too."""
+    import subprocess
+
+    from tests.local_workers import CLI, task_env
+
+    ro = read_only_mount(small_tmpfs, "ro", "existing")
+    env = task_env(1, 2, "4242")
+    common = [f"data.cache_dir={tmp_path / 'no-cache'}", "train.epochs=1"]
+    cannot = subprocess.run(CLI + common + [f"hydra.run.dir={ro}/below"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert cannot.returncode == 1, cannot.stderr[-3000:]
+    assert cannot.stderr.strip().splitlines() == [
+        f"cannot write to the run directory {ro}/below (Read-only file system); set hydra.run.dir to a writable location "
+        "(e.g. on $SCRATCH)"]
+    exists = subprocess.run(CLI + common + [f"hydra.run.dir={ro}/existing"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert exists.returncode == 1 and "Traceback" not in exists.stderr, exists.stderr[-3000:]
+    assert "cannot write" not in exists.stderr and f"no cached MNIST at {tmp_path / 'no-cache'}" in exists.stderr
+    assert listing(ro) == ["existing"]

@@ -128,3 +128,69 @@ def test_tensorboard_on_a_sweep_directory_shows_every_trial(compose, synthetic_c
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# --- <run dir>/tensorboard that the run cannot use: one line, the user's things left alone (issue I8) --
+
+
+def read_only_tensorboard(small_tmpfs, tmp_path: Path, run_dir: Path) -> Path:
+    """``<run_dir>/tensorboard`` (under ``tmp_path``) as a read-only mount holding an earlier event file."""
+    import subprocess
+
+    board = small_tmpfs(str((run_dir / TENSORBOARD_DIR).relative_to(tmp_path)), "1m")
+    (board / "events.out.tfevents.earlier").write_bytes(b"earlier events")
+    subprocess.run(["mount", "-o", "remount,ro", str(board)], check=True, capture_output=True)
+    return board
+
+
+def test_a_tensorboard_that_is_a_file_or_read_only_stops_an_in_process_run_in_one_line(synthetic_cache, tmp_path, small_tmpfs):
+    from tests.test_claim import assert_one_line_refusal, train_cli
+
+    args = tiny_overrides(synthetic_cache, tmp_path / "out") + ["data.validation_split=0.1"]
+    plain = tmp_path / "runs" / "plain"
+    plain.mkdir(parents=True)
+    (plain / TENSORBOARD_DIR).write_text("a user's notes")
+    proc = train_cli(args + [f"hydra.run.dir={plain}"], tmp_path)
+    assert_one_line_refusal(
+        proc, f"{plain / TENSORBOARD_DIR} is a file, where the run writes its TensorBoard event files (a directory); "
+        "it was left as it is: move it out of the run directory and run again with the same overrides")
+    assert (plain / TENSORBOARD_DIR).read_text() == "a user's notes"
+    assert not (plain / "metrics.json").exists() and not (plain / "checkpoints").exists()
+    # Done as the message says: the run goes on, the notes are where the user moved them.
+    (plain / TENSORBOARD_DIR).rename(tmp_path / "notes")
+    proc = train_cli(args + [f"hydra.run.dir={plain}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_events_match_history(plain, 1)
+    assert (tmp_path / "notes").read_text() == "a user's notes"
+
+    read_only = tmp_path / "runs" / "read-only"
+    board = read_only_tensorboard(small_tmpfs, tmp_path, read_only)
+    proc = train_cli(args + [f"hydra.run.dir={read_only}"], tmp_path)
+    assert_one_line_refusal(
+        proc, f"cannot write the run's TensorBoard directory {board} (Read-only file system); make it writable (or "
+        "remove it) and run again with the same overrides")
+    assert [p.name for p in board.iterdir()] == ["events.out.tfevents.earlier"]
+    assert not (read_only / "metrics.json").exists()
+
+
+def test_a_tensorboard_that_is_a_file_or_read_only_is_the_failure_json_of_a_launched_trial(synthetic_cache, tmp_path, small_tmpfs):
+    from tests.test_launch import TRAIN, run_login_command
+
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / TENSORBOARD_DIR).write_text("a user's notes")
+    board = read_only_tensorboard(small_tmpfs, tmp_path, sweep / "1")
+    args = ["-m", "hydra/launcher=local", "hydra.launcher.wait=true", *tiny_overrides(synthetic_cache, tmp_path / "out"),
+            f"hydra.sweep.dir={sweep}", "train.seed=1,2"]
+    proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
+    assert proc.returncode != 0 and "trial 0 failed" in proc.stderr, proc.stderr[-3000:]
+    errors = [json.loads((sweep / str(i) / "failure.json").read_text())["error"] for i in (0, 1)]
+    assert errors == [
+        f"mnist_hpc.compute.tensorboard.TensorBoardError: {sweep / '0' / TENSORBOARD_DIR} is a file, where the run writes "
+        "its TensorBoard event files (a directory); it was left as it is: move it out of the run directory and run again "
+        "with the same overrides",
+        f"mnist_hpc.compute.tensorboard.TensorBoardError: cannot write the run's TensorBoard directory {board} (Read-only "
+        "file system); make it writable (or remove it) and run again with the same overrides",
+    ]
+    assert (sweep / "0" / TENSORBOARD_DIR).read_text() == "a user's notes"
+    assert [p.name for p in board.iterdir()] == ["events.out.tfevents.earlier"]

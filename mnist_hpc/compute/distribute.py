@@ -100,7 +100,7 @@ class Workers(Protocol):
         """The compiled loop that trains ``model`` on (x, y)."""
 
     def plain_model(self, model: Any) -> Any:
-        """A model with ``model``'s current weights that evaluates and saves without collectives (chief)."""
+        """A copy of ``model`` (weights, optimizer state) that evaluates and saves without collectives (chief)."""
 
     def agreed_signal(self, signum: Optional[int]) -> Optional[int]:
         """The stop signal any worker received (SIGTERM over USR2); None if none did."""
@@ -229,7 +229,15 @@ class MultiWorker:
             # Built outside the strategy's scope: its variables are plain, so evaluate, predict
             # and save run on the chief alone, with no collective the other workers would miss.
             self._plain = self._build()
+            self._plain.optimizer.build(self._plain.trainable_variables)
         self._plain.set_weights(model.get_weights())
+        # The optimizer's state too (iteration count, slots), so that the model.keras saved from
+        # this copy continues training where the run stands. Its variables are mirrored: each
+        # worker reads its own copy, no collective.
+        mine, theirs = self._plain.optimizer.variables, model.optimizer.variables
+        assert [tuple(v.shape) for v in mine] == [tuple(v.shape) for v in theirs], "one build() made both optimizers"
+        for variable, value in zip(mine, theirs):
+            variable.assign(value.numpy())
         return self._plain
 
     def agreed_signal(self, signum: Optional[int]) -> Optional[int]:

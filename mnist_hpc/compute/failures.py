@@ -39,8 +39,9 @@ def known_error(exc: BaseException) -> Optional[str]:
     from mnist_hpc.compute.checkpoint import CheckpointError
     from mnist_hpc.compute.distribute import WorkerFailure
     from mnist_hpc.compute.job import PackedTrialsFailed, RequeueLimitReached
+    from mnist_hpc.compute.tensorboard import TensorBoardError
 
-    if isinstance(exc, (CacheError, DatasetError, ConfigError, CheckpointError, WorkerFailure)):
+    if isinstance(exc, (CacheError, DatasetError, ConfigError, CheckpointError, WorkerFailure, TensorBoardError)):
         return str(exc)
     if isinstance(exc, (claim.RunConflict, RequeueLimitReached, PackedTrialsFailed)):
         return str(exc)

@@ -13,11 +13,17 @@ What a run writes, with TensorFlow's own summary writer:
 Exactly the epochs that the resume state holds are in the event files: an epoch is written only
 once its checkpoint is committed, and a run that resumes rewrites its event files from the
 checkpoint's history first, so a requeue never shows an epoch twice (or one the resumed run redid).
+
+``<run dir>/tensorboard`` is the run's own directory (the run holds the directory's lease): a
+restart empties it. Anything else at that name (a user's file, a symbolic link) is refused,
+never replaced, and so is a directory that cannot be written: :class:`TensorBoardError`, one
+line that names it and what to do, before the first epoch.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +34,10 @@ log = logging.getLogger(__name__)
 TENSORBOARD_DIR = "tensorboard"
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 FINAL_KEYS = ("test_accuracy", "test_loss", "best_val_accuracy")
+
+
+class TensorBoardError(RuntimeError):
+    """The run's TensorBoard directory is not a directory the run can write (a known error: one line)."""
 
 
 def hparam_value(value: Any) -> Any:
@@ -51,12 +61,41 @@ class TensorBoardLog:
 
         if self._writer is not None:
             self._writer.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._clear()
         self._writer = tf.summary.create_file_writer(str(self.directory))
         self.written = 0
         if self.hparams:
             self._write_hparams()
         self.commit(history)
+
+    def _clear(self) -> None:
+        """Make the event directory empty and writable, or raise :class:`TensorBoardError`.
+
+        Its entries go, not the directory itself: it may be a mount point.
+        """
+        path = self.directory
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            kind = "a symbolic link" if path.is_symlink() else "a file"
+            raise TensorBoardError(
+                f"{path} is {kind}, where the run writes its TensorBoard event files (a directory); it was left as it "
+                "is: move it out of the run directory and run again with the same overrides"
+            )
+        try:
+            path.mkdir(exist_ok=True)
+            for entry in path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            # TensorFlow's writer would fail with an error that names neither the cause nor the fix.
+            probe = path / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise TensorBoardError(
+                f"cannot write the run's TensorBoard directory {path} ({exc.strerror}); make it writable (or remove "
+                "it) and run again with the same overrides"
+            ) from exc
 
     def _write_hparams(self) -> None:
         try:
