@@ -297,15 +297,14 @@ def write_config(run_dir: Path, cfg: "Config") -> None:
 
 
 def _read_yaml(path: Path, max_bytes: int) -> Any:
-    """The YAML value in ``path`` (:func:`mnist_hpc.io.read_yaml`); None when the file is absent.
+    """The YAML value in ``path`` (:func:`mnist_hpc.io.read_yaml`).
 
     Raises:
+        FileNotFoundError: the file is absent.
         RunFileError: the file cannot be used; the message says why.
     """
     try:
         return read_yaml(path, max_bytes)
-    except FileNotFoundError:
-        return None
     except UntrustedFileError as exc:
         raise RunFileError(str(exc)) from exc
 
@@ -317,8 +316,9 @@ def planned_epochs(run_dir: Path) -> Optional[int]:
         RunFileError: the file is damaged, or its ``train.epochs`` is not a whole number >= 1.
     """
     path = Path(run_dir) / CONFIG_FILE
-    cfg = _read_yaml(path, MAX_BYTES[CONFIG_FILE])
-    if cfg is None:
+    try:
+        cfg = _read_yaml(path, MAX_BYTES[CONFIG_FILE])
+    except FileNotFoundError:
         return None
     train = check(path, "field 'train'", check(path, "its content", cfg, OBJECT).get("train"), OBJECT)
     return check(path, "field 'train.epochs'", train.get("epochs"), POSITIVE)
@@ -331,8 +331,11 @@ def hydra_overrides(run_dir: Path) -> list[str]:
         RunFileError: the file is damaged or is not a list of strings.
     """
     path = Path(run_dir) / HYDRA_OVERRIDES
-    data = _read_yaml(path, MAX_BYTES[HYDRA_OVERRIDES.name])
-    return [] if data is None else list(check(path, "its content", data, TEXTS))
+    try:
+        data = _read_yaml(path, MAX_BYTES[HYDRA_OVERRIDES.name])
+    except FileNotFoundError:
+        return []
+    return list(check(path, "its content", data, TEXTS))
 
 
 # --- progress.json: written during training ---------------------------------------------------
