@@ -46,7 +46,9 @@ YAML_READERS: dict[str, Callable[[Path], Any]] = {
     OVERRIDES: rundir.hydra_overrides,
 }
 READERS = {**JSON_READERS, **YAML_READERS, rundir.PREDICTIONS_FILE: rundir.load_predictions}
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# No example database: nothing written into the checkout (CI runs on a fresh clone anyway).
+PROPERTY = settings(max_examples=60, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def history(epochs: int, val: bool = True) -> list[dict[str, Any]]:
