@@ -154,6 +154,7 @@ def assert_in_range(name: str, value: Any) -> None:
         n = value.y_true.shape[0]
         assert value.y_prob.shape == (n, 10) and value.y_pred.shape == (n,) and n <= 300_000
         assert np.all(np.isfinite(value.y_prob)) and np.all((value.y_prob >= 0) & (value.y_prob <= 1))
+        assert np.allclose(value.y_prob.sum(axis=1), 1, atol=1e-3)
         assert np.all(value.y_true < 10) and np.all(value.y_pred < 10)
         assert value.wrong_images.shape == (len(value.wrong_index), 28, 28) and len(value.wrong_index) <= 64
         assert np.all((value.wrong_index >= 0) & (value.wrong_index < n))
@@ -531,6 +532,7 @@ def test_predictions_are_checked_before_numpy_allocates(tmp_path: Path) -> None:
     prob[5, 0] = np.nan
     refused(with_member("y_prob", prob), "cannot be a run's predictions")
     refused(with_member("y_prob", members["y_prob"] * 2), "cannot be a run's predictions")
+    refused(with_member("y_prob", members["y_prob"] / 2), "cannot be a run's predictions")  # rows sum to 0.5
     refused(with_member("y_true", np.full(20, 10, np.uint8)), "cannot be a run's predictions")
     refused(with_member("y_pred", (members["y_pred"] + 1) % 10), "cannot be a run's predictions")  # not the argmax
     refused(with_member("wrong_index", np.array([5], np.int64)), "cannot be a run's predictions")  # 5 was right

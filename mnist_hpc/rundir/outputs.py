@@ -217,8 +217,8 @@ def load_predictions(run_dir: Path) -> Predictions:
     """A run's ``predictions.npz``, read without trusting it.
 
     The file's size and every array's header are checked before numpy inflates anything; then
-    the values: labels 0-9, probabilities in [0, 1] whose largest is the predicted label, kept
-    indices that point at digits predicted wrong.
+    the values: labels 0-9, probabilities in [0, 1] that sum to 1 and whose largest is the
+    predicted label, kept indices that point at digits predicted wrong.
 
     Raises:
         FileNotFoundError: the run has not written it (still running, failed, or older code).
@@ -251,6 +251,8 @@ def load_predictions(run_dir: Path) -> Predictions:
     n = pred.y_true.shape[0]
     consistent = (
         bool(np.all(np.isfinite(pred.y_prob) & (pred.y_prob >= 0) & (pred.y_prob <= 1)))
+        # A softmax's row sums to 1 (float32 rounding leaves it within 1e-6).
+        and bool(np.all(np.abs(pred.y_prob.sum(axis=1, dtype=np.float64) - 1) <= 1e-3))
         and bool(np.all((pred.y_true < 10) & (pred.y_pred < 10)))
         and bool(np.array_equal(pred.y_prob.argmax(axis=1), pred.y_pred))
         and bool(np.all((pred.wrong_index >= 0) & (pred.wrong_index < n)))
@@ -259,6 +261,7 @@ def load_predictions(run_dir: Path) -> Predictions:
     if not consistent:
         raise RunFileError(
             f"{path} holds values that cannot be a run's predictions (labels beyond 0-9, probabilities beyond "
-            "[0, 1] or not matching the predicted labels, or kept digits that were not predicted wrong)"
+            "[0, 1], not summing to 1 or not matching the predicted labels, or kept digits that were not "
+            "predicted wrong)"
         )
     return pred
