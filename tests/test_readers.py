@@ -126,8 +126,8 @@ def assert_in_range(name: str, value: Any) -> None:
             assert value.get(key) is None or (_real(value[key]) and value[key] >= 0)
         assert value.get("epochs_completed") in (None, len(value["history"]))
         val = [r["val_accuracy"] for r in value["history"] if "val_accuracy" in r]
-        if val and value.get("best_val_accuracy") is not None:
-            assert value["best_val_accuracy"] == max(val)
+        if value.get("best_val_accuracy") is not None:
+            assert value["best_val_accuracy"] == max(val)  # and a best needs a history to be the best of
         printable = value
     elif name == rundir.PROGRESS_FILE:
         assert type(value.epochs_done) is int and type(value.epochs_planned) is int
@@ -191,9 +191,9 @@ PID = ([1, PID_MAX], [0, -1, PID_MAX + 1, 2**64, True, 1.0, "1"])
 # (file, base record, path of the field, values accepted and refused)
 FIELD_CASES = [
     (rundir.METRICS_FILE, fake_metrics(0.97), ("test_accuracy",), ACCURACY),
-    # Without validation in the history, only the range decides.
-    (rundir.METRICS_FILE, fake_metrics(0.97), ("best_val_accuracy",), ACCURACY),
-    (rundir.METRICS_FILE, fake_metrics(0.97), ("val_accuracy",), ACCURACY),
+    # One epoch: its val_accuracy is the final and the best (set together below).
+    (rundir.METRICS_FILE, {**fake_metrics(0.97), "history": history(1), "epochs_completed": 1},
+     ("best_val_accuracy",), ACCURACY),
     (rundir.METRICS_FILE, fake_metrics(0.97), ("test_loss",), NON_NEGATIVE),
     (rundir.METRICS_FILE, fake_metrics(0.97), ("wall_time_s",), NON_NEGATIVE),
     (rundir.METRICS_FILE, fake_metrics(0.97), ("train_time_s",), NON_NEGATIVE),
@@ -236,12 +236,17 @@ def json_text(record: Any) -> str:
     return text
 
 
+# Fields that must agree with the one a case sets: they are set to the same value.
+LINKED = {("best_val_accuracy",): [("val_accuracy",), ("history", 0, "val_accuracy")]}
+
+
 def set_at(record: Any, path: tuple[Any, ...], value: Any) -> Any:
     record = json.loads(json.dumps(record))
-    target = record
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
+    for each in (path, *LINKED.get(path, [])):
+        target = record
+        for key in each[:-1]:
+            target = target[key]
+        target[each[-1]] = value
     return record
 
 
@@ -261,7 +266,9 @@ def test_each_field_is_accepted_in_range_and_refused_outside_it(tmp_path: Path, 
         message = str(caught.value)
         assert str(tmp_path / name) in message
         if not isinstance(value, Raw):  # NaN and the like are refused as JSON, before any field
-            assert repr(path[-1]) in message or f"{path[-2]}.{path[-1]}" in message, message
+            names = [f"field '{'.'.join(map(str, each))}'" if len(each) < 3 else f"[{each[-1]!r}]"
+                     for each in (path, *LINKED.get(path, []))]
+            assert any(n in message for n in names), (names, message)
             assert repr(value)[:20] in message, message
 
 
@@ -292,6 +299,9 @@ def test_the_numbers_of_a_record_must_agree_with_each_other(tmp_path: Path) -> N
     refused(rundir.METRICS_FILE, {**metrics, "best_val_accuracy": 0.96}, "best_val_accuracy is 0.96 but the best")
     refused(rundir.METRICS_FILE, {**metrics, "best_val_accuracy": 0.93}, "best_val_accuracy is 0.93 but the best")
     refused(rundir.METRICS_FILE, {**metrics, "val_accuracy": 0.95}, "val_accuracy is 0.95 but the last")
+    refused(rundir.METRICS_FILE, {**fake_metrics(0.97), "best_val_accuracy": 1.0},  # a history without validation
+            "best_val_accuracy is 1.0 but its history holds no val_accuracy")
+    refused(rundir.METRICS_FILE, {**fake_metrics(0.97), "val_accuracy": 0.5}, "val_accuracy is 0.5 but its history")
     refused(rundir.METRICS_FILE, {**metrics, "history": [], "epochs_completed": None, "val_accuracy": None,
                                   "best_val_accuracy": None}, "history is empty")
     refused(rundir.METRICS_FILE, {"history": history(1)}, "field 'test_accuracy' is None, expected a number in [0, 1]")

@@ -116,10 +116,15 @@ def read_metrics(run_dir: Path) -> Optional[dict[str, Any]]:
         raise RunFileError(
             f"{path}: epochs_completed is {data['epochs_completed']} but its history holds {len(history)} epoch(s)"
         )
-    # The validation numbers are taken from the history when the run ends (compute.train).
+    # The validation numbers are taken from the history when the run ends (compute.train): without
+    # validation in the history, there are none.
     val = [row["val_accuracy"] for row in history if "val_accuracy" in row]
     for key, derived, how in (("best_val_accuracy", max, "the best"), ("val_accuracy", lambda v: v[-1], "the last")):
-        if val and data.get(key) is not None and data[key] != derived(val):
+        if data.get(key) is None:
+            continue
+        if not val:
+            raise RunFileError(f"{path}: {key} is {data[key]!r} but its history holds no val_accuracy")
+        if data[key] != derived(val):
             raise RunFileError(
                 f"{path}: {key} is {data[key]!r} but {how} val_accuracy of its history is {derived(val)!r}"
             )
