@@ -1,4 +1,9 @@
-"""The run directory's file names, and reading JSON that other processes wrote (never trusted)."""
+"""The run directory's file names, and reading them without trusting their writer.
+
+Each file has a size cap (:data:`MAX_BYTES`) and every reader applies the same field checks
+(:class:`Field`: accuracies in [0, 1], losses and seconds finite and >= 0, epochs whole and in
+order): a file that fails is a :class:`RunFileError` naming the file, the field and the value.
+"""
 
 from __future__ import annotations
 
@@ -86,6 +91,7 @@ MAX_BYTES = {
     # Hydra's list of the run's overrides: well under 1 kB.
     HYDRA_OVERRIDES.name: 64 << 10,
 }
+# predictions.npz's cap follows from the largest test set a dataset may hold (rundir.outputs).
 
 
 def _read_json_object(path: Path) -> Optional[dict[str, Any]]:
