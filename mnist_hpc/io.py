@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -228,13 +230,19 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
 
-def read_bytes_bounded(path: Path, max_bytes: int) -> Optional[bytes]:
-    """The bytes of a regular file of at most ``max_bytes``; None when it is absent.
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a float (``1e999``) is refused, not read as inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of a float's range")
+    return value
 
-    A FIFO, device or directory is refused without reading it (reading a FIFO would block).
 
-    Raises:
-        UntrustedFileError: not a regular file, unreadable, or larger than ``max_bytes``.
+def _open_regular(path: Path) -> Optional[int]:
+    """A read-only descriptor of ``path`` if it is a regular file; None when it is absent.
+
+    Opened without blocking (opening a FIFO for reading would wait for a writer), then
+    checked: a FIFO, device (``/dev/zero``), socket or directory is refused unread.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -242,54 +250,140 @@ def read_bytes_bounded(path: Path, max_bytes: int) -> Optional[bytes]:
         return None
     except OSError as exc:
         raise UntrustedFileError(f"{path} is unreadable ({exc.strerror or exc})") from exc
+    except ValueError as exc:  # a NUL in a path that a file named (a log path in job.json)
+        raise UntrustedFileError(f"{path!r} is not a usable path ({exc})") from exc
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UntrustedFileError(f"{path} is not a regular file")
-        chunks, size = [], 0
-        while size <= max_bytes:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _too_big(path: Path, max_bytes: int, size: Optional[int] = None) -> UntrustedFileError:
+    held = f"{size:,} bytes" if size is not None else f"more than {max_bytes:,} bytes"
+    return UntrustedFileError(
+        f"{path} is too big: it holds {held}, and such a file never holds more than {max_bytes:,}"
+    )
+
+
+def read_bytes_bounded(path: Path, max_bytes: int) -> Optional[bytes]:
+    """The bytes of a regular file of at most ``max_bytes``; None when it is absent.
+
+    A file whose size says it is too big is refused without reading it; one that grows while
+    it is read (or whose size lies, as /proc's do) is refused after ``max_bytes + 1`` bytes.
+
+    Raises:
+        UntrustedFileError: not a regular file, unreadable, or larger than ``max_bytes``.
+    """
+    fd = _open_regular(path)
+    if fd is None:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise _too_big(path, max_bytes, size)
+        chunks, read = [], 0
+        while read <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - read))
             if not chunk:
                 break
             chunks.append(chunk)
-            size += len(chunk)
+            read += len(chunk)
     except OSError as exc:
         raise UntrustedFileError(f"{path} is unreadable ({exc.strerror or exc})") from exc
     finally:
         os.close(fd)
-    if size > max_bytes:
-        raise UntrustedFileError(f"{path} is larger than {max_bytes:,} bytes, more than such a file ever holds")
+    if read > max_bytes:
+        raise _too_big(path, max_bytes)
+    return b"".join(chunks)
+
+
+def read_tail_bounded(path: Path, max_bytes: int) -> Optional[bytes]:
+    """The last ``max_bytes`` (at most) of a regular file; None when it is absent.
+
+    For logs, which may be long: only their end is read.
+
+    Raises:
+        UntrustedFileError: not a regular file (a FIFO would block, ``/dev/zero`` never ends), or unreadable.
+    """
+    fd = _open_regular(path)
+    if fd is None:
+        return None
+    try:
+        start = max(0, os.fstat(fd).st_size - max_bytes)
+        chunks, read = [], 0
+        while read < max_bytes:
+            chunk = os.pread(fd, min(1 << 20, max_bytes - read), start + read)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            read += len(chunk)
+    except OSError as exc:
+        raise UntrustedFileError(f"{path} is unreadable ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
     return b"".join(chunks)
 
 
 def json_depth(value: Any) -> int:
-    """How deeply ``value`` nests lists and objects (a scalar is 0), without recursion."""
-    depth, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            items: Iterable[Any] = item.values()
-        elif isinstance(item, list):
-            items = item
-        else:
-            continue
-        depth = max(depth, level)
-        stack.extend((child, level + 1) for child in items if isinstance(child, (dict, list)))
+    """How deeply ``value`` nests lists and objects (a scalar is 0), without recursion.
+
+    Level by level, holding references to containers only: a 4 MB file of a million empty
+    objects costs a list of a million pointers, not a tuple per item.
+    """
+    depth, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level:
+        depth += 1
+        below: list[Any] = []
+        for item in level:
+            below.extend(c for c in (item.values() if isinstance(item, dict) else item) if isinstance(c, (dict, list)))
+        level = below
     return depth
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unencodable_text(value: Any) -> Optional[str]:
+    """The first string in ``value`` (a key or a value, at any depth) that is not valid Unicode.
+
+    JSON's ``\\ud800`` escape gives a lone surrogate, which no UTF-8 output (a terminal, a
+    report file) can take: printing it would raise where the file is shown, not where it is read.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):  # YAML builds tuples and sets too
+            stack.extend(item)
+    return None
 
 
 def read_json(path: Path, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """The JSON value in ``path``, read without trusting it.
 
+    Every float in the value is finite and every string valid Unicode.
+
     Raises:
         FileNotFoundError: the file is absent.
         UntrustedFileError: not a regular file, unreadable, over ``max_bytes``, not UTF-8, not
-            JSON, holding NaN or Infinity, or nested deeper than ``max_depth``.
+            JSON, holding NaN, Infinity or a number beyond a float's range, holding a lone
+            surrogate (``\\ud800``), or nested deeper than ``max_depth``.
     """
     raw = read_bytes_bounded(path, max_bytes)
     if raw is None:
         raise FileNotFoundError(f"no {path}")
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
     except UnicodeDecodeError as exc:
         raise UntrustedFileError(f"{path} is not UTF-8 text ({exc.reason})") from exc
     except RecursionError:
@@ -298,4 +392,72 @@ def read_json(path: Path, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> An
         raise UntrustedFileError(f"{path} is not valid JSON ({exc})") from exc
     if json_depth(data) > max_depth:
         raise UntrustedFileError(f"{path} nests deeper than {max_depth} levels")
+    # Text decoded from UTF-8 holds a lone surrogate only by a \uD800-\uDFFF escape: walk the
+    # value only when the bytes hold one.
+    if _SURROGATE_ESCAPE.search(raw) and (text := _unencodable_text(data)) is not None:
+        raise UntrustedFileError(f"{path} holds a string that is not valid Unicode ({text[:40]!r})")
+    return data
+
+
+# No YAML file we read nests deeper than a few levels (config.yaml's train.epochs is two).
+MAX_YAML_DEPTH = 16
+
+
+def _bounded_yaml_loader() -> type:
+    """PyYAML's safe loader, refusing aliases and nesting beyond :data:`MAX_YAML_DEPTH`.
+
+    An alias shares one node many times: nine levels of ten aliases each are a billion strings
+    to whatever walks the result (``str()``, a comparison), from a file of a few hundred bytes.
+    Neither writer of our YAML (OmegaConf, Hydra) writes aliases. The composer recurses once per
+    level, so the depth is capped long before Python's recursion limit.
+    """
+    import yaml  # PyYAML comes with omegaconf
+
+    class BoundedSafeLoader(yaml.SafeLoader):  # the pure-Python one: the C loader composes in C
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                problem = "an alias (*name), which none of our files uses"
+            elif self.depth >= MAX_YAML_DEPTH:
+                problem = f"nesting deeper than {MAX_YAML_DEPTH} levels"
+            else:
+                self.depth += 1
+                try:
+                    return super().compose_node(parent, index)
+                finally:
+                    self.depth -= 1
+            raise yaml.composer.ComposerError(None, None, f"found {problem}", self.peek_event().start_mark)
+
+    return BoundedSafeLoader
+
+
+def read_yaml(path: Path, max_bytes: int) -> Any:
+    """The YAML value in ``path``, read without trusting it (as :func:`read_json` reads JSON).
+
+    Raises:
+        FileNotFoundError: the file is absent.
+        UntrustedFileError: not a regular file, unreadable, over ``max_bytes``, not UTF-8, not
+            YAML, holding an alias, nested deeper than :data:`MAX_YAML_DEPTH`, holding a value
+            PyYAML cannot build, or a string that is not valid Unicode.
+    """
+    raw = read_bytes_bounded(path, max_bytes)
+    if raw is None:
+        raise FileNotFoundError(f"no {path}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UntrustedFileError(f"{path} is not UTF-8 text ({exc.reason})") from exc
+    import yaml
+
+    try:
+        data = yaml.load(text, Loader=_bounded_yaml_loader())  # noqa: S506 (a SafeLoader)
+    # PyYAML's constructors raise more than YAMLError on hostile scalars (ValueError for an int
+    # of 5,000 digits or a 13th month, AttributeError for a bad !!timestamp): each means the file
+    # cannot be used, and none may stop a status or a report.
+    except Exception as exc:  # noqa: BLE001
+        reason = str(exc).strip().replace("\n", " ") or type(exc).__name__
+        raise UntrustedFileError(f"{path} is not readable YAML ({reason[:300]})") from exc
+    if (bad := _unencodable_text(data)) is not None:
+        raise UntrustedFileError(f"{path} holds a string that is not valid Unicode ({bad[:40]!r})")
     return data

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mnist_hpc import claim, rundir, slurm
+from mnist_hpc.io import UntrustedFileError, read_tail_bounded
 
 TRACEBACK_START = "Traceback (most recent call last):"
 # What Slurm writes into a job's stderr when it cancels or kills it (time limit, memory, scancel).
@@ -262,12 +263,14 @@ def read_trials(run_dirs: Sequence[Path]) -> tuple[list[Trial], list[str]]:
 # --- why a trial did not finish ---------------------------------------------------------------
 
 
-def _read_tail(path: Path, n_bytes: int = LOG_TAIL_BYTES) -> str:
-    with open(path, "rb") as fh:
-        fh.seek(0, 2)
-        size = fh.tell()
-        fh.seek(max(0, size - n_bytes))
-        return fh.read().decode("utf-8", errors="replace")
+def _read_tail(path: Path, n_bytes: int = LOG_TAIL_BYTES) -> Optional[str]:
+    """The end of a log; None when it is absent or is not a regular file (its path comes from
+    ``job.json``: a FIFO there would block the status, ``/dev/zero`` would never end)."""
+    try:
+        tail = read_tail_bounded(path, n_bytes)
+    except UntrustedFileError:
+        return None
+    return None if tail is None else tail.decode("utf-8", errors="replace")
 
 
 def last_error_line(log: Path) -> Optional[str]:
@@ -279,10 +282,10 @@ def last_error_line(log: Path) -> Optional[str]:
     either, Slurm's own last ``slurmstepd: error:`` line (time limit, out of memory, cancelled) is
     the best explanation there is.
     """
-    try:
-        lines = _read_tail(log).splitlines()
-    except OSError:
+    tail = _read_tail(log)
+    if tail is None:
         return None
+    lines = tail.splitlines()
     known = [i for i, line in enumerate(lines) if line.startswith(rundir.ERROR_LINE_PREFIX)]
     starts = [i for i, line in enumerate(lines) if line.startswith(TRACEBACK_START)]
     if known and (not starts or known[-1] > starts[-1]):

@@ -1,9 +1,17 @@
-"""The run directory's file names, and reading JSON that other processes wrote (never trusted)."""
+"""The run directory's file names, and reading them without trusting their writer.
+
+Each file has a size cap (:data:`MAX_BYTES`) and every reader applies the same field checks
+(:class:`Field`: accuracies in [0, 1], losses and seconds finite and >= 0, epochs whole and in
+order): a file that fails is a :class:`RunFileError` naming the file, the field and the value.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from mnist_hpc.io import UntrustedFileError, read_json
 
@@ -65,19 +73,39 @@ class RunFileError(UntrustedFileError):
     """A run file exists but cannot be used; the message names the file and what is wrong."""
 
 
-# The most a run's JSON file may hold before it is refused unread: far above what a run writes
-# (a 1,000-epoch history is about 200 kB).
-MAX_RUN_JSON_BYTES = 4 << 20
+# --- how big each file may be ------------------------------------------------------------------
+
+# The most each run file may hold before it is refused unread: far above what its writer ever
+# writes, far below what would strain a login node that reads hundreds of them.
+MAX_BYTES = {
+    # Ids, log paths and the trial's overrides: about 1 kB.
+    JOB_FILE: 128 << 10,
+    # The config's identity (flat keys and values): about 2 kB.
+    IDENTITY_FILE: 64 << 10,
+    # Host, pid, job ids, user: about 300 bytes.
+    LEASE_FILE: 16 << 10,
+    # About 224 bytes per epoch of history: room for some 18,000 epochs (1,000 epochs: 224 kB).
+    PROGRESS_FILE: 4 << 20,
+    # The same history and a dozen numbers.
+    METRICS_FILE: 4 << 20,
+    # An error line and its traceback; chained TensorFlow tracebacks run to tens of kB.
+    FAILURE_FILE: 1 << 20,
+    # The resolved config as YAML: about 2 kB.
+    CONFIG_FILE: 64 << 10,
+    # Hydra's list of the run's overrides: well under 1 kB.
+    HYDRA_OVERRIDES.name: 64 << 10,
+}
+# predictions.npz's cap follows from the largest test set a dataset may hold (rundir.outputs).
 
 
-def _read_json_object(path: Path, max_bytes: int = MAX_RUN_JSON_BYTES) -> Optional[dict[str, Any]]:
-    """The JSON object in ``path``; None if the file is absent.
+def _read_json_object(path: Path) -> Optional[dict[str, Any]]:
+    """The JSON object in ``path`` (a run file named in :data:`MAX_BYTES`); None if the file is absent.
 
     Raises:
-        RunFileError: the file is too large, unreadable, not JSON, or not a JSON object.
+        RunFileError: the file is too big, unreadable, not JSON, or not a JSON object.
     """
     try:
-        data = read_json(path, max_bytes)
+        data = read_json(path, MAX_BYTES[path.name])
     except FileNotFoundError:
         return None
     except UntrustedFileError as exc:
@@ -88,16 +116,104 @@ def _read_json_object(path: Path, max_bytes: int = MAX_RUN_JSON_BYTES) -> Option
     return data
 
 
-def _require(path: Path, data: dict[str, Any], key: str, *types: type) -> Any:
-    value = data.get(key)
-    if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
-        want = " or ".join(t.__name__ for t in types)
-        raise RunFileError(f"{path}: field {key!r} is {value!r}, expected {want}")
+# --- what each field may hold: the one set of checks every reader applies -----------------------
+#
+# A number a reader returns is one that could be true: an accuracy lies in [0, 1], a loss or a
+# duration is finite and not negative, an epoch or a count is whole. A file with any field out
+# of range is refused whole (a RunFileError naming the file, the field and the value), so that
+# status and report show a note for the run instead of ranking a number that cannot be.
+
+
+def _real(value: Any) -> bool:
+    """A finite int or float (a bool is not a number here, though Python calls it an int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range: nothing we show can hold it
+        return False
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Field:
+    """What a field may hold: ``want`` says it in a message, ``accepts`` tells a value."""
+
+    want: str
+    accepts: Callable[[Any], bool]
+
+    def __or__(self, other: "Field") -> "Field":
+        return Field(f"{self.want} or {other.want}", lambda v: self.accepts(v) or other.accepts(v))
+
+
+# Linux never gives a process an id above this (PID_MAX_LIMIT); os.kill overflows on larger ones.
+PID_MAX = 1 << 22
+
+NULL = Field("null", lambda v: v is None)
+ACCURACY = Field("a number in [0, 1]", lambda v: _real(v) and 0 <= v <= 1)
+# Losses and durations.
+NON_NEGATIVE = Field("a finite number >= 0", lambda v: _real(v) and v >= 0)
+NUMBER = Field("a finite number", _real)
+COUNT = Field("a whole number >= 0", lambda v: _whole(v) and v >= 0)
+POSITIVE = Field("a whole number >= 1", lambda v: _whole(v) and v >= 1)
+PID = Field(f"a process id in 1..{PID_MAX}", lambda v: _whole(v) and 1 <= v <= PID_MAX)
+TEXT = Field("a string", lambda v: isinstance(v, str))
+NAME = Field("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+# What sacct and squeue take: a job id, or an array task's <array>_<task>. Anything else in one
+# file would make the one query for all trials fail.
+SLURM_JOB_ID = Field(
+    "a Slurm job id such as 1234 or 1234_5", lambda v: isinstance(v, str) and re.fullmatch(r"\d{1,10}(_\d{1,10})?", v) is not None
+)
+TEXTS = Field("a list of strings", lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v))
+OBJECT = Field("an object", lambda v: isinstance(v, dict))
+LIST = Field("a list", lambda v: isinstance(v, list))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def check(path: Path, where: str, value: Any, field: Field) -> Any:
+    """``value`` when ``field`` accepts it.
+
+    Raises:
+        RunFileError: naming ``path``, the field (``where``) and the value.
+    """
+    if not field.accepts(value):
+        raise RunFileError(f"{path}: {where} is {_shown(value)}, expected {field.want}")
     return value
 
 
-def _history(path: Path, data: dict[str, Any]) -> list[dict[str, float]]:
-    rows = _require(path, data, "history", list)
-    if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in rows):
-        raise RunFileError(f"{path}: 'history' must be a list of per-epoch records with an integer 'epoch'")
+def check_fields(path: Path, data: dict[str, Any], fields: dict[str, Field], prefix: str = "") -> None:
+    """Check each named field of a JSON object (an absent one is checked as null); ``prefix``
+    names the object inside the file (``holder.``)."""
+    for key, field in fields.items():
+        check(path, f"field {prefix + key!r}", data.get(key), field)
+
+
+def history_field(key: str) -> Field:
+    """What a value in an epoch's record may hold, by its name (Keras' logs, and our ``seconds``)."""
+    if key == "epoch":
+        return POSITIVE
+    if key.endswith("accuracy"):
+        return ACCURACY
+    if key.endswith("loss") or key == "seconds":
+        return NON_NEGATIVE
+    return NUMBER
+
+
+def _history(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``history`` field: one record per epoch, epochs 1..n in order, every value in range."""
+    rows = check(path, "field 'history'", data.get("history"), LIST)
+    for number, row in enumerate(rows, 1):
+        where = f"history[{number - 1}]"
+        check(path, where, row, OBJECT)
+        in_order = Field(f"{number} (epochs 1..n in order)", lambda v: _whole(v) and v == number)  # noqa: B023
+        check(path, f"{where}['epoch']", row.get("epoch"), in_order)
+        for key, value in row.items():
+            check(path, f"{where}[{key!r}]", value, history_field(key))
     return [dict(r) for r in rows]

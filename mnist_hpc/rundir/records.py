@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from mnist_hpc.io import (
+    UntrustedFileError,
+    read_yaml,
     utc_now,
     write_bytes_atomic,
     write_files_atomic,
@@ -23,6 +25,7 @@ from mnist_hpc.io import (
 from mnist_hpc.rundir.files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    COUNT,
     FAILURE_FILE,
     HYDRA_DIR,
     HYDRA_OVERRIDES,
@@ -30,11 +33,23 @@ from mnist_hpc.rundir.files import (
     IDENTITY_FILE,
     JOB_FILE,
     LEASE_FILE,
+    MAX_BYTES,
+    NAME,
+    NULL,
+    OBJECT,
+    PID,
+    PID_MAX,
+    POSITIVE,
     PROGRESS_FILE,
+    SLURM_JOB_ID,
+    TEXT,
+    TEXTS,
+    Field,
     RunFileError,
     _history,
     _read_json_object,
-    _require,
+    check,
+    check_fields,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,33 +169,50 @@ def write_jobs(records: Sequence[JobRecord]) -> None:
     write_files_atomic([(Path(r.run_dir) / JOB_FILE, _job_json(r)) for r in records])
 
 
+# What each field of job.json may hold (JobRecord's fields; null where the record allows None).
+_JOB_FIELDS_CHECKED = {
+    "job_id": NAME,
+    "cluster": Field("'slurm' or 'local'", lambda v: v in ("slurm", "local")) | NULL,
+    "run_dir": TEXT | NULL,
+    "overrides": TEXTS | NULL,
+    "trial": COUNT | NULL,
+    "array_job_id": SLURM_JOB_ID | NULL,
+    "array_task_id": COUNT | NULL,
+    "packed_slot": COUNT | NULL,
+    "tasks": POSITIVE | NULL,
+    "stdout": TEXT | NULL,
+    "stderr": TEXT | NULL,
+    "submitit_folder": TEXT | NULL,
+    "submitted": TEXT | NULL,
+    "fingerprint": TEXT | NULL,
+    "host": TEXT | NULL,
+    "pid_start": TEXT | NULL,
+}
+# A local job's id is its process's (the preflight asks the process whether it still runs),
+# or host-pid for a search worker outside submitit.
+_LOCAL_JOB_ID = Field(
+    f"a process id in 1..{PID_MAX} or a host-pid name",
+    lambda v: not v.isdigit() or (len(v) <= 10 and v.isascii() and PID.accepts(int(v))),
+)
+
+
 def read_job(run_dir: Path) -> Optional[JobRecord]:
     """The run's ``job.json``; None when it was not submitted.
 
     Raises:
-        RunFileError: the file is damaged or lacks ``job_id``.
+        RunFileError: the file is damaged, lacks ``job_id``, or a field is out of range.
     """
     path = Path(run_dir) / JOB_FILE
     data = _read_json_object(path)
     if data is None:
         return None
-    _require(path, data, "job_id", str)
+    check_fields(path, data, _JOB_FIELDS_CHECKED)
     known = {f.name for f in fields(JobRecord)}
-    values = {k: v for k, v in data.items() if k in known}
+    values = {k: v for k, v in data.items() if k in known and v is not None}
     values.setdefault("cluster", "slurm")
     values.setdefault("run_dir", str(run_dir))
-    if not isinstance(values.get("overrides", []), list):
-        raise RunFileError(f"{path}: field 'overrides' must be a list")
-    values["overrides"] = [str(o) for o in values.get("overrides", [])]
-    for key in ("trial", "array_task_id", "packed_slot"):
-        if values.get(key) is not None and not isinstance(values[key], int):
-            raise RunFileError(f"{path}: field {key!r} is {values[key]!r}, expected an integer")
-    for key in ("fingerprint", "host", "pid_start"):
-        if values.get(key) is not None and not isinstance(values[key], str):
-            raise RunFileError(f"{path}: field {key!r} is {values[key]!r}, expected a string")
-    tasks = values.get("tasks", 1)
-    if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1:
-        raise RunFileError(f"{path}: field 'tasks' is {tasks!r}, expected a positive integer")
+    check(path, "field 'job_id'", values["job_id"], SLURM_JOB_ID if values["cluster"] == "slurm" else _LOCAL_JOB_ID)
+    values["overrides"] = list(values.get("overrides", []))
     return JobRecord(**values)
 
 
@@ -202,8 +234,7 @@ def read_identity(run_dir: Path) -> Optional[dict[str, Any]]:
     data = _read_json_object(path)
     if data is None:
         return None
-    _require(path, data, "fingerprint", str)
-    _require(path, data, "config", dict)
+    check_fields(path, data, {"fingerprint": NAME, "config": OBJECT, "created": TEXT | NULL})
     return data
 
 
@@ -211,17 +242,30 @@ def write_lease(run_dir: Path, holder: dict[str, Any]) -> None:
     write_json_atomic(Path(run_dir) / LEASE_FILE, {"holder": holder, "taken": utc_now()})
 
 
+# What a lease's holder may hold (mnist_hpc.claim.Holder's fields): the pid is signalled to ask
+# whether its process lives, so 0 or -1 (a process group, every process) must never get through.
+_HOLDER_FIELDS_CHECKED = {
+    "host": TEXT,
+    "pid": PID,
+    "pid_start": TEXT | NULL,
+    "slurm_job_id": SLURM_JOB_ID | NULL,
+    "job_label": TEXT | NULL,
+    "user": TEXT | NULL,
+}
+
+
 def read_lease(run_dir: Path) -> Optional[dict[str, Any]]:
     """The lease; None when no job holds the directory.
 
     Raises:
-        RunFileError: the file is damaged.
+        RunFileError: the file is damaged, or its holder's host or pid is not one.
     """
     path = Path(run_dir) / LEASE_FILE
     data = _read_json_object(path)
     if data is None:
         return None
-    _require(path, data, "holder", dict)
+    check_fields(path, data, {"holder": OBJECT, "taken": TEXT | NULL})
+    check_fields(path, data["holder"], _HOLDER_FIELDS_CHECKED, prefix="holder.")
     return data
 
 
@@ -266,30 +310,46 @@ def write_config(run_dir: Path, cfg: "Config") -> None:
     write_text_atomic(Path(run_dir) / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def _read_yaml(path: Path) -> Any:
-    import yaml  # PyYAML comes with omegaconf
+def _read_yaml(path: Path, max_bytes: int) -> Any:
+    """The YAML value in ``path`` (:func:`mnist_hpc.io.read_yaml`).
 
+    Raises:
+        FileNotFoundError: the file is absent.
+        RunFileError: the file cannot be used; the message says why.
+    """
     try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise RunFileError(f"{path} is not readable YAML ({exc})") from exc
+        return read_yaml(path, max_bytes)
+    except UntrustedFileError as exc:
+        raise RunFileError(str(exc)) from exc
 
 
 def planned_epochs(run_dir: Path) -> Optional[int]:
-    """``train.epochs`` of the config a run wrote at its start; None before it started."""
-    cfg = _read_yaml(Path(run_dir) / CONFIG_FILE)
+    """``train.epochs`` of the config a run wrote at its start; None before it started.
+
+    Raises:
+        RunFileError: the file is damaged, or its ``train.epochs`` is not a whole number >= 1.
+    """
+    path = Path(run_dir) / CONFIG_FILE
     try:
-        return int(cfg["train"]["epochs"])
-    except (TypeError, KeyError, ValueError):
+        cfg = _read_yaml(path, MAX_BYTES[CONFIG_FILE])
+    except FileNotFoundError:
         return None
+    train = check(path, "field 'train'", check(path, "its content", cfg, OBJECT).get("train"), OBJECT)
+    return check(path, "field 'train.epochs'", train.get("epochs"), POSITIVE)
 
 
 def hydra_overrides(run_dir: Path) -> list[str]:
-    """The overrides Hydra recorded for a run (``.hydra/overrides.yaml``), or [] if none."""
-    data = _read_yaml(Path(run_dir) / HYDRA_OVERRIDES)
-    return [str(item) for item in data] if isinstance(data, list) else []
+    """The overrides Hydra recorded for a run (``.hydra/overrides.yaml``), or [] if none.
+
+    Raises:
+        RunFileError: the file is damaged or is not a list of strings.
+    """
+    path = Path(run_dir) / HYDRA_OVERRIDES
+    try:
+        data = _read_yaml(path, MAX_BYTES[HYDRA_OVERRIDES.name])
+    except FileNotFoundError:
+        return []
+    return list(check(path, "its content", data, TEXTS))
 
 
 # --- progress.json: written during training ---------------------------------------------------
@@ -315,18 +375,21 @@ def read_progress(run_dir: Path) -> Optional[Progress]:
     """The run's progress; None before it started.
 
     Raises:
-        RunFileError: the file is damaged.
+        RunFileError: the file is damaged, or its numbers cannot be true: epochs done beyond
+            those planned, a history of another length, a value out of range.
     """
     path = Path(run_dir) / PROGRESS_FILE
     data = _read_json_object(path)
     if data is None:
         return None
-    return Progress(
-        epochs_done=_require(path, data, "epochs_done", int),
-        epochs_planned=_require(path, data, "epochs_planned", int),
-        history=_history(path, data),
-        updated=str(data.get("updated", "")),
-    )
+    check_fields(path, data, {"epochs_done": COUNT, "epochs_planned": POSITIVE, "updated": TEXT | NULL})
+    done, planned = data["epochs_done"], data["epochs_planned"]
+    if done > planned:
+        raise RunFileError(f"{path}: epochs_done is {done}, more than epochs_planned ({planned})")
+    history = _history(path, data)
+    if len(history) != done:
+        raise RunFileError(f"{path}: its history holds {len(history)} epoch(s) but epochs_done is {done}")
+    return Progress(epochs_done=done, epochs_planned=planned, history=history, updated=data.get("updated") or "")
 
 
 # --- failure.json ----------------------------------------------------------------------------
@@ -370,4 +433,7 @@ def read_failure(run_dir: Path) -> Optional[str]:
     """
     path = Path(run_dir) / FAILURE_FILE
     data = _read_json_object(path)
-    return None if data is None else str(_require(path, data, "error", str))
+    if data is None:
+        return None
+    check_fields(path, data, {"error": TEXT, "traceback": TEXT | NULL, "time": TEXT | NULL})
+    return data["error"]
