@@ -75,6 +75,11 @@ class JobEntry:
             ) from exc
 
     def __call__(self) -> Any:
+        from mnist_hpc.compute.guard import check_started_job
+
+        # Done already by the job's command (mnist_hpc.compute.guard) before its pickle was read;
+        # a job started another way (an older script run by hand) is refused here, before its payload.
+        check_started_job()
         try:
             job = self.load()
         except JobUnloadable as exc:

@@ -1,0 +1,446 @@
+"""No one else can make your job run their code (mnist_hpc.compute.guard).
+
+Unit tests of the check at its boundaries (each mode bit, the owner, links, file types, the
+folders above the anchor), of private creation on the login node, of the guarded job command
+(refusal before unpickling, the requeue pickle, the user's umask) and of the other paths that
+unpickle (LaunchContext.load, JobEntry); then two real Unix users in a group project directory
+(root:group 2775, umask 002), on the real Slurm cluster and with the local launcher: the second
+user cannot touch the first one's job files, and when they have been made group-writable by hand
+and the second user replaces a job's pickle (or the launch pickle, or the whole folder) with one
+that would run code, the job refuses before unpickling, ends FAILED and says why, and an
+untouched job of the same submission trains to the end.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import inspect
+import json
+import os
+import pickle
+import pwd
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mnist_hpc.compute import guard
+from mnist_hpc.compute.guard import UnsafeJobFile
+from tests.conftest import REPO, fill_cache, tiny_overrides
+
+# --- a private job folder, as the launcher leaves it -----------------------------------------------
+
+
+class Marker:
+    """What an attacker's pickle does when unpickled: create ``path`` (a directory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> Any:
+        return (os.mkdir, (self.path,))
+
+
+def job_tree(tmp_path: Path, content: Any = "the job") -> tuple[Path, Path]:
+    """``<tmp>/sweep/.submitit/12/12_submitted.pkl`` created 0700/0600; returns (anchor, pickle)."""
+    anchor = tmp_path / "sweep" / ".submitit"
+    with guard.private_umask():
+        (anchor / "12").mkdir(parents=True)
+        target = anchor / "12" / "12_submitted.pkl"
+        target.write_bytes(pickle.dumps(content))
+    return anchor, target
+
+
+def other_uid() -> int:
+    return pwd.getpwnam("nobody").pw_uid
+
+
+def test_a_private_file_is_read_from_the_descriptor_that_was_checked(tmp_path: Path) -> None:
+    anchor, target = job_tree(tmp_path)
+    assert guard.load_private(target, anchor) == "the job"
+    fd = guard.open_private(target, anchor)
+    try:
+        # Swapped after the check (a folder moved away, another put in its place): what is read
+        # is still what was checked.
+        (anchor / "12").rename(anchor / "12-moved")
+        (anchor / "12").mkdir(mode=0o700)
+        (anchor / "12" / "12_submitted.pkl").write_bytes(pickle.dumps("swapped in"))
+        with os.fdopen(fd, "rb") as fh:
+            assert pickle.load(fh) == "the job"
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+BITS = [0o400, 0o200, 0o100, 0o040, 0o020, 0o010, 0o004, 0o002, 0o001, 0o4000, 0o2000, 0o1000]
+
+
+@pytest.mark.parametrize("bit", BITS, ids=[f"{b:04o}" for b in BITS])
+@pytest.mark.parametrize("where", ["pickle", "job folder", "anchor"])
+def test_each_mode_bit(tmp_path: Path, where: str, bit: int) -> None:
+    """Only group and other write are refused, on the file and on every folder from the anchor down."""
+    anchor, target = job_tree(tmp_path)
+    path = {"pickle": target, "job folder": target.parent, "anchor": anchor}[where]
+    base = 0o600 if where == "pickle" else 0o700
+    os.chmod(path, base | bit)
+    if bit & 0o022:
+        with pytest.raises(UnsafeJobFile) as refused:
+            guard.load_private(target, anchor)
+        message = str(refused.value)
+        assert message.startswith(f"{path} is writable by ") and f"(mode {base | bit:04o})" in message
+        assert ("its group" in message) == bool(bit & 0o020) and ("all users" in message) == bool(bit & 0o002)
+        fix = f"chmod go-w {path}" if where != "pickle" else "Submit the job again"
+        assert fix in message
+    else:
+        assert guard.load_private(target, anchor) == "the job"
+
+
+@pytest.mark.parametrize("where", ["pickle", "job folder", "anchor"])
+def test_another_owner_is_refused_and_named(tmp_path: Path, where: str) -> None:
+    anchor, target = job_tree(tmp_path, Marker(tmp_path / "marker"))
+    path = {"pickle": target, "job folder": target.parent, "anchor": anchor}[where]
+    os.chown(path, other_uid(), -1)
+    with pytest.raises(UnsafeJobFile, match=f"^{path} belongs to nobody, not to root who runs this job"):
+        guard.load_private(target, anchor)
+    os.chown(path, 4242, -1)  # a uid without a name
+    with pytest.raises(UnsafeJobFile, match=f"^{path} belongs to uid 4242"):
+        guard.load_private(target, anchor)
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("where", ["pickle", "job folder", "anchor"])
+def test_a_symbolic_link_is_refused_even_to_a_private_file(tmp_path: Path, where: str) -> None:
+    anchor, target = job_tree(tmp_path)
+    path = {"pickle": target, "job folder": target.parent, "anchor": anchor}[where]
+    moved = path.with_name(path.name + "-real")
+    path.rename(moved)
+    path.symlink_to(moved)
+    with pytest.raises(UnsafeJobFile, match=f"^{path} is a symbolic link \\(to {moved}\\)"):
+        guard.load_private(target, anchor)
+
+
+def test_what_is_not_a_regular_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    anchor, target = job_tree(tmp_path)
+    target.unlink()
+    os.mkfifo(target, 0o600)  # opening it for reading would block if it were not refused first
+    with pytest.raises(UnsafeJobFile, match="is not a regular file"):
+        guard.load_private(target, anchor)
+    target.unlink()
+    target.mkdir(mode=0o700)
+    with pytest.raises(UnsafeJobFile, match="is not a regular file"):
+        guard.load_private(target, anchor)
+    shutil.rmtree(anchor / "12")
+    (anchor / "12").write_bytes(b"")
+    os.chmod(anchor / "12", 0o600)
+    with pytest.raises(UnsafeJobFile, match=f"^{anchor / '12'} is not a folder"):
+        guard.load_private(target, anchor)
+
+
+def test_a_missing_file_is_not_a_refusal(tmp_path: Path) -> None:
+    anchor, target = job_tree(tmp_path)
+    target.unlink()
+    with pytest.raises(FileNotFoundError):
+        guard.open_private(target, anchor)
+    shutil.rmtree(anchor)
+    with pytest.raises(FileNotFoundError):
+        guard.open_private(target, anchor)
+
+
+def test_folders_above_the_anchor_are_not_checked(tmp_path: Path) -> None:
+    """The sweep and project directories are group-writable by design (see the module's docstring)."""
+    anchor, target = job_tree(tmp_path)
+    os.chmod(anchor.parent, 0o777)
+    os.chown(anchor.parent, other_uid(), -1)
+    assert guard.load_private(target, anchor) == "the job"
+
+
+# --- created private on the login node --------------------------------------------------------------
+
+
+def test_private_submission_creates_private_files_and_hands_the_users_umask_to_the_jobs(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_UMASK", raising=False)
+    old = os.umask(0o002)
+    try:
+        with guard.private_submission():
+            (tmp_path / "d").mkdir()
+            (tmp_path / "f").write_text("x")
+            assert os.environ["SLURM_UMASK"] == "0002"
+        assert "SLURM_UMASK" not in os.environ and os.umask(0o002) == 0o002
+        monkeypatch.setenv("SLURM_UMASK", "0027")  # set by an enclosing job: sbatch would use it, so do we
+        with guard.private_submission():
+            assert os.environ["SLURM_UMASK"] == "0027"
+        assert os.environ["SLURM_UMASK"] == "0027"
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o600
+
+
+def group_project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    os.chmod(project, 0o2775)
+    return project
+
+
+def test_private_folder_creates_takes_over_or_refuses(tmp_path: Path) -> None:
+    project = group_project(tmp_path)
+    old = os.umask(0o002)
+    try:
+        root = project / "sweep" / ".submitit"
+        assert guard.private_folder(root) is None
+        assert stat.S_IMODE(root.stat().st_mode) & 0o777 == 0o700
+        assert stat.S_IMODE(root.parent.stat().st_mode) & 0o777 == 0o775  # the sweep dir as usual
+        os.chmod(root, 0o2775)  # made group-writable by hand (or by an older version)
+        notice = guard.private_folder(root)
+        assert notice is not None and str(root) in notice and "2775" in notice
+        assert stat.S_IMODE(root.stat().st_mode) == 0o2755
+        os.chown(root, other_uid(), -1)
+        with pytest.raises(UnsafeJobFile, match="belongs to nobody"):
+            guard.private_folder(root)
+        os.chown(root, 0, -1)
+        link = project / "elsewhere" / ".submitit"
+        link.parent.mkdir()
+        link.symlink_to(root)
+        with pytest.raises(UnsafeJobFile, match="symbolic link"):
+            guard.private_folder(link)
+    finally:
+        os.umask(old)
+
+
+def test_the_launcher_refuses_before_queueing_a_submitit_folder_it_cannot_make_private(tmp_path: Path, capsys) -> None:
+    from mnist_hpc.login.launcher.preflight import PreflightError
+    from mnist_hpc.login.launcher.submit import make_private
+
+    theirs = tmp_path / "theirs" / ".submitit"
+    theirs.mkdir(parents=True, mode=0o777)
+    os.chown(theirs, other_uid(), -1)
+    with pytest.raises(PreflightError, match=f"^nothing was queued: {theirs} belongs to nobody"):
+        make_private(theirs)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(PreflightError, match="^nothing was queued: cannot make the submitit folder .*a-file/.submitit"):
+        make_private(tmp_path / "a-file" / ".submitit")
+    mine = tmp_path / "mine" / ".submitit"
+    mine.mkdir(parents=True)
+    os.chmod(mine, 0o777)
+    make_private(mine)
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o755 and f"made {mine} writable by you alone" in capsys.readouterr().out
+
+
+def test_the_launch_pickle_is_written_private_and_refused_when_it_is_not(tmp_path: Path) -> None:
+    from mnist_hpc.compute.job import LaunchContext
+
+    project = group_project(tmp_path)
+    path = project / "sweep" / ".submitit" / "launch-1.pkl"
+    old = os.umask(0o002)
+    try:
+        LaunchContext(path, hydra_context="ctx", task_function="fn", singleton_state="st").save()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o777 == 0o700
+    assert LaunchContext(path).load() == ("ctx", "fn", "st")
+
+    marker = tmp_path / "marker"
+    path.write_bytes(pickle.dumps(Marker(marker)))
+    os.chmod(path, 0o620)
+    with pytest.raises(UnsafeJobFile, match=f"^{path} is writable by its group"):
+        LaunchContext(path).load()
+    assert not marker.exists()
+
+
+# --- the job's command ------------------------------------------------------------------------------
+
+
+def job_env(job_id: str, **extra: str) -> dict[str, str]:
+    """A local submitit task's environment (what submitit's local controller gives it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUBMITIT_", "SLURM_"))}
+    env.update(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID=job_id, SUBMITIT_LOCAL_NTASKS="1", SUBMITIT_LOCAL_LOCALID="0",
+               SUBMITIT_LOCAL_GLOBALID="0", SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+               PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def submitted(tmp_path: Path, fn: Any, *args: Any) -> tuple[Path, Path]:
+    """A job folder as the launcher leaves it, its pickle a submitit DelayedSubmission of ``fn(*args)``."""
+    from submitit.core.utils import DelayedSubmission
+
+    anchor, target = job_tree(tmp_path)
+    delayed = DelayedSubmission(fn, *args)
+    delayed.set_timeout(5, 3)
+    with guard.private_umask():
+        delayed.dump(target)
+    return anchor, target
+
+
+def run_guard(anchor: Path, job_id: str = "12", umask: int = 0o077, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+    """The job's command as submitit's executors run it (from ``cwd``, started with ``umask``: the local controller's 077)."""
+    command = shlex.split(guard.guarded_python(shlex.quote(sys.executable))) + ["-u", "-m", guard.SUBMIT_MODULE, str(anchor / "%j")]
+    return subprocess.run(command, env=job_env(job_id, **env), capture_output=True, text=True, timeout=120,
+                          cwd=cwd, umask=umask)
+
+
+def result_of(anchor: Path, job_id: str = "12") -> tuple[str, Any]:
+    path = anchor / job_id / f"{job_id}_0_result.pkl"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    return pickle.loads(path.read_bytes())
+
+
+def test_the_guarded_command_runs_a_private_job_with_the_users_umask(tmp_path: Path) -> None:
+    anchor, _ = submitted(tmp_path, os.umask, 0o022)  # returns the umask the job ran with
+    proc = run_guard(anchor, SLURM_UMASK="0002")
+    assert proc.returncode == 0, proc.stderr
+    assert result_of(anchor) == ("success", 0o002)
+
+
+def imported_tensorflow() -> bool:
+    return "tensorflow" in sys.modules
+
+
+def test_the_guarded_command_imports_no_tensorflow(tmp_path: Path) -> None:
+    anchor, _ = submitted(tmp_path, imported_tensorflow)
+    proc = run_guard(anchor)
+    assert proc.returncode == 0, proc.stderr
+    assert result_of(anchor) == ("success", False)
+
+
+@pytest.mark.parametrize("attack", ["folder made group-writable", "pickle replaced by another user", "pickle is a link"])
+def test_the_guarded_command_refuses_before_unpickling(tmp_path: Path, attack: str) -> None:
+    marker = tmp_path / "marker"
+    anchor, target = job_tree(tmp_path, Marker(marker))
+    if attack == "folder made group-writable":
+        os.chmod(target.parent, 0o770)
+        reason = f"{target.parent} is writable by its group"
+    elif attack == "pickle replaced by another user":
+        os.chown(target, other_uid(), -1)
+        reason = f"{target} belongs to nobody"
+    else:
+        elsewhere = tmp_path / "evil.pkl"
+        target.rename(elsewhere)
+        target.symlink_to(elsewhere)
+        reason = f"{target} is a symbolic link"
+    proc = run_guard(anchor)
+    assert proc.returncode == 1
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"mnist-hpc: error: {reason}")
+    assert not marker.exists()
+    assert result_of(anchor) == ("error", line)  # the process has ended, as submitit records it
+
+
+def test_a_refusal_inside_the_job_is_one_line_too(tmp_path: Path) -> None:
+    """The launch pickle, refused once the job runs (LaunchContext.load): the same line, no traceback."""
+    from mnist_hpc.compute.job import LaunchContext
+
+    marker = tmp_path / "marker"
+    launch = tmp_path / "sweep" / ".submitit" / "launch-1.pkl"
+    anchor, _ = submitted(tmp_path, LaunchContext(launch).load)
+    launch.write_bytes(pickle.dumps(Marker(marker)))
+    os.chmod(launch, 0o660)
+    proc = run_guard(anchor)
+    assert proc.returncode == 1 and not marker.exists()
+    assert proc.stderr.splitlines() == [f"mnist-hpc: error: {launch} is writable by its group root (mode 0660): someone "
+                                        "may have changed it, and it would run as you. Submit the job again (the "
+                                        "launcher writes job files 0600)"]
+
+
+def test_the_guarded_command_checks_the_submission_script_too(tmp_path: Path) -> None:
+    anchor, target = submitted(tmp_path, os.getpid)
+    script = target.parent / "12_submission.sh"
+    script.write_text("#!/bin/bash\n")
+    os.chmod(script, 0o664)
+    proc = run_guard(anchor)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"mnist-hpc: error: {script} is writable by its group")
+    os.chmod(script, 0o600)
+    assert run_guard(anchor).returncode == 0
+
+
+def test_the_guarded_command_refuses_bad_usage() -> None:
+    proc = subprocess.run([sys.executable, "-c", guard.JOB_COMMAND, "/some/folder"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: python -u -c ")
+    assert proc.stderr.rstrip().endswith(" -u -m submitit.core._submit <submitit folder>")
+
+
+def test_modules_planted_in_the_jobs_working_directory_are_not_imported(tmp_path: Path) -> None:
+    """A job works where it was submitted from (often the group project): its modules there do not run."""
+    anchor, _ = submitted(tmp_path, os.getpid)
+    planted = tmp_path / "project"
+    for name in ("mnist_hpc", "submitit", "numpy"):
+        (planted / name).mkdir(parents=True)
+        (planted / name / "__init__.py").write_text(f"import os\nos.mkdir({str(tmp_path / ('ran-' + name))!r})\n")
+    proc = run_guard(anchor, cwd=planted)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("ran-*")) == []
+
+
+class Requeued:
+    """A checkpointable job that gets the requeue signal at once (as from Slurm before its time limit)."""
+
+    def __call__(self) -> None:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(30)  # the handler exits before this ends
+
+    def checkpoint(self) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(Requeued())
+
+
+def test_the_pickle_written_for_a_requeue_is_private_under_the_users_umask(tmp_path: Path) -> None:
+    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+    anchor, target = submitted(tmp_path, Requeued())
+    before = target.stat().st_ino
+    proc = run_guard(anchor, SLURM_UMASK="0002")
+    assert proc.returncode == LOCAL_REQUEUE_RETURN_CODE, proc.stderr
+    assert target.stat().st_ino != before  # rewritten by submitit's checkpoint
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert run_guard(anchor, SLURM_UMASK="0002").returncode == LOCAL_REQUEUE_RETURN_CODE  # the requeued job accepts it
+
+
+def test_a_job_started_without_the_guard_is_refused_before_its_payload(tmp_path: Path) -> None:
+    """An older script run by hand starts plain submitit: JobEntry checks before unpickling its payload."""
+    from submitit.core.utils import DelayedSubmission
+
+    from mnist_hpc.compute.entry import JobEntry
+
+    marker = tmp_path / "marker"
+    anchor, target = job_tree(tmp_path)
+    entry = JobEntry(Marker(marker), [tmp_path / "run"], versions={})
+    with guard.private_umask():
+        DelayedSubmission(entry).dump(target)
+    os.chmod(anchor, 0o775)
+    proc = subprocess.run([sys.executable, "-u", "-m", guard.SUBMIT_MODULE, str(anchor / "%j")], env=job_env("12"),
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1
+    assert f"mnist_hpc.compute.guard.UnsafeJobFile: {anchor} is writable by its group" in proc.stderr
+    assert not marker.exists()
+
+
+def test_submitit_code_the_guard_follows_is_pinned() -> None:
+    """guard.run repeats submitit's process_job and uses its signal handling: re-read them on a new submitit."""
+    from submitit.core import job_environment, submission
+
+    pinned = {
+        "process_job": "093b987c74d4a0f2d09dbfb5e50b8986",
+        "_handle_signals": "f3b8608f6bf12ff26c0bfad206d3b1a0",
+        "_checkpoint": "1d83acffb55666eb117b26095a6646ee",
+    }
+    sources = {
+        "process_job": inspect.getsource(submission.process_job),
+        "_handle_signals": inspect.getsource(job_environment.JobEnvironment._handle_signals),
+        "_checkpoint": inspect.getsource(job_environment._checkpoint),
+    }
+    digests = {name: hashlib.sha256(text.encode()).hexdigest()[:32] for name, text in sources.items()}
+    assert digests == pinned, "submitit changed: compare with mnist_hpc.compute.guard.run, then update these digests"
+
