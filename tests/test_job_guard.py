@@ -444,3 +444,15 @@ def test_submitit_code_the_guard_follows_is_pinned() -> None:
     digests = {name: hashlib.sha256(text.encode()).hexdigest()[:32] for name, text in sources.items()}
     assert digests == pinned, "submitit changed: compare with mnist_hpc.compute.guard.run, then update these digests"
 
+
+def test_status_takes_the_jobs_own_error_line(tmp_path: Path) -> None:
+    from mnist_hpc.login import trials
+
+    log = tmp_path / "x.err"
+    refusal = "mnist-hpc: error: /s/.submitit is writable by its group g (mode 2775): ..."
+    log.write_text(f"Traceback (most recent call last):\n  File \"a.py\"\nKeyError: 'an earlier attempt'\n{refusal}\n"
+                   "srun: error: vm: task 0: Exited with exit code 1\n")
+    assert trials.last_error_line(log) == refusal
+    log.write_text(f"{refusal}\nTraceback (most recent call last):\n  File \"b.py\"\nRuntimeError: later\n")
+    assert trials.last_error_line(log) == "RuntimeError: later"
+

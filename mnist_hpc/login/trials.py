@@ -19,6 +19,8 @@ from mnist_hpc import rundir, slurm
 TRACEBACK_START = "Traceback (most recent call last):"
 # What Slurm writes into a job's stderr when it cancels or kills it (time limit, memory, scancel).
 SLURM_ERROR = "slurmstepd: error:"
+# How a job's own one-line errors begin (mnist_hpc.compute.failures.exit_on, mnist_hpc.compute.guard).
+JOB_ERROR = "mnist-hpc: error:"
 # Only the end of a job log is read: the traceback that ended the job is there, and logs can be long.
 LOG_TAIL_BYTES = 256 * 1024
 
@@ -137,6 +139,8 @@ class Trial:
             "packed_slot": self.packed_slot,
             "tasks": self.tasks,
             "notes": self.notes,
+            # Why an unfinished trial failed (failure.json, or its job's own log).
+            "error": self.error,
         }
 
 
@@ -227,12 +231,20 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
             t.state = row["state"] if row else "UNKNOWN"
             continue
         result_file = t.files.job.result_file if t.files.job else None
-        t.state = rundir.run_state(t.files, row["state"] if row else None, bool(result_file and result_file.is_file()))
+        t.state = rundir.run_state(t.files, row["state"] if row else None, bool(result_file and _is_file(result_file)))
         if row is None and t.source != "files":
             t.source += " (files)"
         if not t.finished:
             t.error = trial_error(t)
     return trials, notes
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where it cannot be seen (another user's private submitit folder)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def read_trials(run_dirs: Sequence[Path]) -> tuple[list[Trial], list[str]]:
@@ -256,17 +268,21 @@ def _read_tail(path: Path, n_bytes: int = LOG_TAIL_BYTES) -> str:
 
 
 def last_error_line(log: Path) -> Optional[str]:
-    """The exception line that ended a job: the last line of the last traceback in its log.
+    """The exception line that ended a job: the last line of the last traceback in its log, or
+    the job's own one-line error (``mnist-hpc: error: ...``) when that came after it.
 
     Lines after the traceback (submitit's "Submitted job triggered an exception", srun's exit
-    notice) are skipped. Without a traceback, Slurm's own last ``slurmstepd: error:`` line
-    (time limit, out of memory, cancelled) is the best explanation there is.
+    notice) are skipped. Without either, Slurm's own last ``slurmstepd: error:`` line (time
+    limit, out of memory, cancelled) is the best explanation there is.
     """
     try:
         lines = _read_tail(log).splitlines()
     except OSError:
         return None
     starts = [i for i, line in enumerate(lines) if line.startswith(TRACEBACK_START)]
+    ours = [i for i, line in enumerate(lines) if line.startswith(JOB_ERROR)]
+    if ours and (not starts or ours[-1] > starts[-1]):
+        return lines[ours[-1]].strip()
     if starts:
         for line in lines[starts[-1] + 1 :]:
             # Frames and source lines are indented; the exception line is the first that is not.
