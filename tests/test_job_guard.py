@@ -456,3 +456,338 @@ def test_status_takes_the_jobs_own_error_line(tmp_path: Path) -> None:
     log.write_text(f"{refusal}\nTraceback (most recent call last):\n  File \"b.py\"\nRuntimeError: later\n")
     assert trials.last_error_line(log) == "RuntimeError: later"
 
+
+# --- two real users ----------------------------------------------------------------------------------
+#
+# User A submits from a group project directory (root:group 2775, umask 002); user B, in the same
+# group, attacks. A's jobs run A's own venv (under /var/tmp: /root is private) with TensorFlow,
+# so that an untouched job trains to the end. Jobs are held until the test has acted: Slurm's
+# --hold, and for the local launcher a gate in the job's Python command (bin/gated-python below).
+
+from tests.test_cache_shared import GROUP, SYSTEM_PYTHON, USERS, ensure_users, need  # noqa: E402
+
+JOB_VENV = Path("/var/tmp/mnist-hpc-test-guard-venv")
+JOB_PACKAGES = ("numpy", "hydra-core", "omegaconf", "submitit", "cloudpickle", "keras", "tensorflow-cpu", "tensorboard",
+                "pooch", "requests", "tqdm")
+GATED_PYTHON = """#!/bin/bash
+# tests/test_job_guard.py: a local job's processes wait here until the test releases the job (a
+# file named after its id in $MNIST_HPC_TEST_GATE), as `sbatch --hold` lets a Slurm test act
+# between submission and start. sys.executable stays this script (exec -a), so the launcher
+# gives it to the jobs it queues.
+if [ "${SUBMITIT_EXECUTOR:-}" = local ] && [ -n "${MNIST_HPC_TEST_GATE:-}" ]; then
+    gate="$MNIST_HPC_TEST_GATE/${SUBMITIT_LOCAL_JOB_ID:-$$}"
+    for _ in $(seq 3000); do [ -e "$gate" ] && break; sleep 0.1; done
+fi
+exec -a "$0" "$(dirname "$0")/python3" "$@"
+"""
+
+
+def ensure_job_venv() -> Path:
+    """A venv any user can run, with this environment's versions of what a training job imports."""
+    import importlib.metadata
+
+    pins = sorted(f"{name}=={importlib.metadata.version(name)}" for name in JOB_PACKAGES)
+    marker = JOB_VENV / "mnist-hpc-pins.txt"
+    python = JOB_VENV / "bin" / "python"
+    if not (python.exists() and marker.exists() and marker.read_text().split() == pins):
+        shutil.rmtree(JOB_VENV, ignore_errors=True)
+        old = os.umask(0o022)  # world-readable, whatever the caller's umask
+        try:
+            subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(JOB_VENV)], check=True, capture_output=True)
+            result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"pip install {' '.join(pins)} failed:\n{result.stderr[-2000:]}")
+            marker.write_text("\n".join(pins) + "\n")
+        finally:
+            os.umask(old)
+    gated = JOB_VENV / "bin" / "gated-python"
+    if not gated.exists() or gated.read_text() != GATED_PYTHON:
+        gated.write_text(GATED_PYTHON)
+        os.chmod(gated, 0o755)
+    return gated
+
+
+# What user B runs: try to touch A's job files, or replace them with a pickle that creates a marker.
+ATTACK = r'''
+import errno, json, os, pickle, sys
+
+
+class Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def evil(marker):
+    return pickle.dumps(Marker(marker))
+
+
+def attempt(fn):
+    try:
+        fn()
+        return "done"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+
+
+action, args = sys.argv[1], sys.argv[2:]
+if action == "try":  # A's job pickle, A's launch pickle, A's submitit folder, B's own file
+    job, launch, anchor, own = args
+    print(json.dumps({
+        "write the job pickle": attempt(lambda: open(job, "r+b").close()),
+        "add a file beside it": attempt(lambda: open(os.path.join(os.path.dirname(job), "b.pkl"), "xb").close()),
+        "replace the launch pickle": attempt(lambda: os.replace(own, launch)),
+        "list the submitit folder": attempt(lambda: os.listdir(anchor)),
+    }))
+elif action == "evil":  # a file of B's own
+    with open(args[0], "wb") as fh:
+        fh.write(evil(args[1]))
+elif action == "replace":  # B's new file in place of A's
+    with open(args[0] + ".b", "wb") as fh:
+        fh.write(evil(args[1]))
+    os.replace(args[0] + ".b", args[0])
+elif action == "overwrite":  # A's file, rewritten in place (it stays A's)
+    with open(args[0], "r+b") as fh:
+        fh.truncate(0)
+        fh.write(evil(args[1]))
+elif action == "link":  # a symbolic link to B's file in place of A's
+    os.symlink(args[1], args[0] + ".b")
+    os.replace(args[0] + ".b", args[0])
+elif action == "swap":  # A's whole submitit folder moved away (its parent is group-writable), B's put in its place
+    anchor, job, marker = args
+    os.rename(anchor, anchor + "-moved")
+    os.makedirs(os.path.dirname(job))
+    for folder in (anchor, os.path.dirname(job)):
+        os.chmod(folder, 0o777)  # A's job must be able to write its logs there for the trap to work
+    with open(job, "wb") as fh:
+        fh.write(evil(marker))
+'''
+
+CHMOD = "import os, sys; [os.chmod(p, eval(sys.argv[1])(os.stat(p).st_mode)) for p in sys.argv[2:]]"
+A, B = USERS
+
+
+class JobFiles:
+    """One queued trial's job as its job.json names it."""
+
+    def __init__(self, record: dict) -> None:
+        self.id = record["job_id"]
+        self.folder = Path(record["submitit_folder"])
+        self.pickle = self.folder / f"{self.id}_submitted.pkl"
+        self.stderr = Path(record["stderr"])
+        self.result = self.folder / f"{self.id}_0_result.pkl"
+        self.run_dir = Path(record["run_dir"])
+
+    def error_lines(self) -> list[str]:
+        text = self.stderr.read_text()
+        assert "Traceback" not in text, text[-3000:]
+        return [line for line in text.splitlines() if line.startswith("mnist-hpc: error:")]
+
+
+class People:
+    """Users A and B, a readable copy of this checkout, A's venv, and the jobs A queues."""
+
+    def __init__(self, base: Path, python: Path) -> None:
+        self.base, self.python = base, python
+        self.src = base / "src"
+        for part in ("mnist_hpc", "conf", "hydra_plugins"):
+            shutil.copytree(REPO / part, self.src / part, ignore=shutil.ignore_patterns("__pycache__"))
+        self.gates = base / "gates"
+        self.gates.mkdir(mode=0o755)
+        (base / "attack.py").write_text(ATTACK)
+        for user in USERS:
+            home = base / f"home-{user}"
+            home.mkdir()
+            os.chown(home, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+        self.queued: list[tuple[str, str]] = []
+
+    def home(self, user: str) -> Path:
+        return self.base / f"home-{user}"
+
+    def run(self, user: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.home(user)), "PYTHONPATH": str(self.src),
+               "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8", "MNIST_HPC_TEST_GATE": str(self.gates)}
+        # Files, not pipes: local jobs inherit the launcher's descriptors and would hold a pipe open.
+        out, err = self.home(user) / "out.txt", self.home(user) / "err.txt"
+        with open(out, "w") as fo, open(err, "w") as fe:
+            proc = subprocess.run([str(self.python), *args], user=user, group=user, extra_groups=[GROUP], umask=0o002,
+                                  env=env, cwd=self.home(user), stdout=fo, stderr=fe, timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text())
+
+    def attack(self, *args: str) -> subprocess.CompletedProcess:
+        proc = self.run(B, str(self.base / "attack.py"), *args)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    def chmod(self, user: str, change: str, *paths: Path) -> None:
+        proc = self.run(user, "-c", CHMOD, change, *map(str, paths))
+        assert proc.returncode == 0, proc.stderr
+
+    def submit(self, launcher: str, sweep: Path, cache: Path, *overrides: str) -> list[JobFiles]:
+        """A queues a sweep, held (Slurm) or gated (local) until the test releases each job."""
+        args = ["-c", "from mnist_hpc.cli import train_main; train_main()", "-m", f"hydra/launcher={launcher}",
+                f"hydra.sweep.dir={sweep}", *tiny_overrides(cache, sweep.parent / "out"), "hydra.launcher.trials_per_task=1",
+                *overrides]
+        if launcher == "slurm":
+            args += ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10",
+                     "+hydra.launcher.additional_parameters.hold=true"]
+        proc = self.run(A, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        files = sorted(sweep.glob("*/job.json"), key=lambda p: int(p.parent.name))
+        jobs = [JobFiles(json.loads(p.read_text())) for p in files]
+        self.queued += [(launcher, job.id) for job in jobs]
+        return jobs
+
+    def release(self, launcher: str, *jobs: JobFiles) -> None:
+        for job in jobs:
+            if launcher == "slurm":
+                subprocess.run(["scontrol", "release", job.id], check=True, capture_output=True, timeout=30)
+            else:
+                (self.gates / job.id).touch()
+
+    def wait(self, launcher: str, *jobs: JobFiles, timeout_s: float = 600) -> None:
+        """Until each job has ended: Slurm's accounting, or the result file a local job's process leaves."""
+        if launcher == "slurm":
+            from tests.slurm_helpers import wait_for_states
+
+            wait_for_states([job.id for job in jobs], timeout_s=timeout_s)
+            return
+        deadline = time.monotonic() + timeout_s
+        while not all(job.result.exists() for job in jobs):
+            assert time.monotonic() < deadline, f"local jobs {[j.id for j in jobs]} did not end in {timeout_s} s"
+            time.sleep(0.5)
+
+    def status(self, user: str, sweep: Path) -> list[dict]:
+        proc = self.run(user, "-m", "mnist_hpc.login.status", "--json", str(sweep))
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def stop_all(self) -> None:
+        """Cancel what is left of the test's jobs (Slurm), or end their processes by id (local)."""
+        slurm_ids = [job_id for launcher, job_id in self.queued if launcher == "slurm"]
+        if slurm_ids:
+            subprocess.run(["scancel", *slurm_ids], capture_output=True, timeout=60)
+        for launcher, job_id in self.queued:
+            if launcher == "local":
+                try:
+                    os.kill(int(job_id), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+@pytest.fixture
+def people() -> Iterator[People]:
+    need(os.geteuid() == 0, "creating users needs root")
+    need(SYSTEM_PYTHON.exists() and shutil.which("useradd") is not None, "needs /usr/bin/python3 and useradd")
+    ensure_users()
+    python = ensure_job_venv()
+    base = Path(tempfile.mkdtemp(prefix="mnist-hpc-guard-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    crew = People(base, python)
+    try:
+        yield crew
+    finally:
+        crew.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def owner_and_mode(path: Path) -> tuple[str, int]:
+    st = path.lstat()
+    return pwd.getpwuid(st.st_uid).pw_name, stat.S_IMODE(st.st_mode) & 0o777
+
+
+@pytest.mark.parametrize("launcher", [pytest.param("slurm", marks=pytest.mark.slurm), "local"])
+def test_another_user_cannot_make_your_jobs_run_their_code(people: People, launcher: str) -> None:
+    if launcher == "slurm":
+        from tests.slurm_helpers import require_cluster
+
+        require_cluster()
+    project = people.base / "project"
+    project.mkdir()
+    os.chown(project, 0, grp.getgrnam(GROUP).gr_gid)
+    os.chmod(project, 0o2775)
+    cache = project / "cache"
+    fill_cache(cache)
+    subprocess.run(["chmod", "-R", "a+rX", str(cache)], check=True)
+    markers = [project / f"ran-code-of-{B}-{n}" for n in range(5)]
+
+    # Sweep 1: five trials (four attacked, one left alone); sweep 2: its launch pickle attacked;
+    # sweep 3: its whole submitit folder swapped for B's.
+    jobs = people.submit(launcher, project / "sweep1", cache, "train.seed=0,1,2,3,4")
+    [launched] = people.submit(launcher, project / "sweep2", cache)
+    [swapped] = people.submit(launcher, project / "sweep3", cache)
+    anchor, anchor2, anchor3 = (project / f"sweep{n}" / ".submitit" for n in (1, 2, 3))
+    [launch] = anchor.glob("launch-*.pkl")
+    [launch2] = anchor2.glob("launch-*.pkl")
+    folders = sorted({job.folder for job in jobs})
+
+    # Created private whatever A's umask (002), in a setgid group directory.
+    for folder in [anchor, *folders]:
+        assert owner_and_mode(folder) == (A, 0o700)
+    scripts = sorted(anchor.rglob("*_submission.sh")) if launcher == "slurm" else []
+    assert len(scripts) == (1 if launcher == "slurm" else 0)
+    for path in [launch, *(job.pickle for job in jobs), *scripts]:
+        assert owner_and_mode(path) == (A, 0o600)
+    assert owner_and_mode(anchor.parent) == (A, 0o775)  # the sweep directory itself as before
+
+    # B can neither change nor replace nor even see them.
+    own = people.base / f"home-{B}" / "evil.pkl"
+    people.attack("evil", str(own), str(markers[0]))
+    tried = json.loads(people.attack("try", str(jobs[0].pickle), str(launch), str(anchor), str(own)).stdout)
+    assert tried == dict.fromkeys(tried, "EACCES") and len(tried) == 4
+
+    # A makes the folders group-writable by hand (and one pickle); B replaces what A's jobs unpickle.
+    people.chmod(A, "lambda m: m | 0o070", anchor, *folders)
+    people.chmod(A, "lambda m: m | 0o060", jobs[2].pickle)
+    people.attack("replace", str(jobs[1].pickle), str(markers[1]))
+    people.attack("overwrite", str(jobs[2].pickle), str(markers[2]))
+    people.attack("link", str(jobs[3].pickle), str(own))
+    people.chmod(A, "lambda m: m | 0o070", anchor2)
+    people.attack("replace", str(launch2), str(markers[3]))
+    people.attack("swap", str(anchor3), str(swapped.pickle), str(markers[4]))
+
+    # A job released while its folder is group-writable refuses it.
+    people.release(launcher, jobs[0])
+    people.wait(launcher, jobs[0])
+    assert jobs[0].error_lines() == [
+        f"mnist-hpc: error: {anchor} is writable by its group {GROUP} (mode {stat.S_IMODE(anchor.stat().st_mode):04o}): "
+        "they could replace what this job "
+        f"runs. Make it yours alone (`chmod go-w {anchor}`) and submit the job again"
+    ]
+
+    # A follows that advice for the folders; the files B touched are refused one by one, the
+    # untouched trial trains.
+    people.chmod(A, "lambda m: m & ~0o022", anchor, *folders, anchor2)
+    people.release(launcher, *jobs[1:], launched, swapped)
+    people.wait(launcher, *jobs[1:], launched, swapped)
+    expected = {
+        jobs[1]: f"{jobs[1].pickle} belongs to {B}, not to {A} who runs this job",
+        jobs[2]: f"{jobs[2].pickle} is writable by its group {GROUP} (mode 0660)",
+        jobs[3]: f"{jobs[3].pickle} is a symbolic link (to {own})",
+        launched: f"{launch2} belongs to {B}, not to {A} who runs this job",
+        swapped: f"{anchor3} belongs to {B}, not to {A} who runs this job",
+    }
+    for job, reason in expected.items():
+        [line] = job.error_lines()
+        assert line.startswith(f"mnist-hpc: error: {reason}"), line
+    assert not [m for m in markers if m.exists()], "a job unpickled B's code"
+
+    # Status (as A) shows each refused job FAILED with its line; the untouched one COMPLETED,
+    # its run directory still shared with the group (the job ran with A's umask, not 077).
+    rows = people.status(A, project / "sweep1")
+    assert [(r["state"], r["error"]) for r in rows] == [
+        *(("FAILED", job.error_lines()[0]) for job in jobs[:4]), ("COMPLETED", None)]
+    assert rows[4]["last_epoch"] == 1
+    for sweep, job in ((project / "sweep2", launched), (project / "sweep3", swapped)):
+        [row] = people.status(A, sweep)
+        assert (row["state"], row["error"]) == ("FAILED", job.error_lines()[0])
+    assert owner_and_mode(jobs[4].run_dir / "metrics.json") == (A, 0o664)
+    if launcher == "slurm":
+        from tests.slurm_helpers import sacct_states
+
+        states = sacct_states([job.id for job in [*jobs, launched, swapped]])
+        assert [states[job.id] for job in [*jobs, launched, swapped]] == ["FAILED"] * 4 + ["COMPLETED", "FAILED", "FAILED"]
+    # B's status of A's sweep works (A's job folders are closed to B, not an error).
+    assert len(people.status(B, project / "sweep1")) == 5
