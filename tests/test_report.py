@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import pytest
 
-from mnist_hpc import rundir, slurm
+from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.login import trials as trials_mod
 from mnist_hpc.login.report import build, cli, plots, ranking, tables
 from mnist_hpc.rundir import write_predictions
@@ -129,6 +131,24 @@ def fake_metrics(
     return metrics
 
 
+_LIVE_JOBS: list[subprocess.Popen] = []
+
+
+def live_job() -> str:
+    """The job id of a local job that still runs: a process of this module's, ended after its tests."""
+    if not _LIVE_JOBS:
+        _LIVE_JOBS.append(subprocess.Popen(["sleep", "3600"]))
+    return str(_LIVE_JOBS[0].pid)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _end_live_job():
+    yield
+    for proc in _LIVE_JOBS:
+        proc.kill()
+        proc.wait()
+
+
 def make_trial(
     sweep: Path,
     num: int,
@@ -169,6 +189,8 @@ def make_trial(
                 stderr=str(folder / f"{job_id}_0_log.err"),
                 submitit_folder=str(folder),
                 submitted="2026-01-01T10:00:00+00:00",
+                # A local job is its process: status asks whether it still runs.
+                **({"host": socket.gethostname(), "pid_start": claim.process_start(int(job_id))} if job_id == live_job() else {}),
             ),
         )
     if started_epochs is not None:
@@ -207,9 +229,10 @@ def build_sweep(sweep: Path, failed_stderr: str) -> Path:
                metrics=fake_metrics(test=0.960, best_val=0.950, final_val=0.940), mistakes={}, ended=True)
     make_trial(sweep, 3, [CACHE, "optimizer=sgd", "optimizer.learning_rate=1.0"], started_epochs=5,
                stderr=failed_stderr, ended=True)
+    # Running and pending: their local job is a process that has not ended.
     make_trial(sweep, 4, [CACHE, "optimizer=adam", "optimizer.learning_rate=0.0001"], started_epochs=5,
-               epochs_logged=(epoch_record(1, 0.85, 0.91), epoch_record(2, 0.90, 0.93)))
-    make_trial(sweep, 5, [CACHE, "optimizer=sgd", "optimizer.learning_rate=0.01"])
+               epochs_logged=(epoch_record(1, 0.85, 0.91), epoch_record(2, 0.90, 0.93)), job_id=live_job())
+    make_trial(sweep, 5, [CACHE, "optimizer=sgd", "optimizer.learning_rate=0.01"], job_id=live_job())
     return sweep
 
 
@@ -280,8 +303,8 @@ def test_failed_running_and_pending_trials_are_listed(sweep_report: build.Report
     table = [line for line in sweep_report.markdown.splitlines() if line.startswith("| 3 |")]
     assert len(table) == 1 and "| FAILED |" in table[0] and ERROR_LINE in table[0]
     lines = sweep_report.markdown.splitlines()
-    assert any(line.startswith("| 4 | 1004 | RUNNING |") and "| 2/5 |" in line for line in lines)
-    assert any(line.startswith("| 5 | 1005 | PENDING |") for line in lines)
+    assert any(line.startswith(f"| 4 | {live_job()} | RUNNING |") and "| 2/5 |" in line for line in lines)
+    assert any(line.startswith(f"| 5 | {live_job()} | PENDING |") for line in lines)
     assert "6 trial(s): 3 COMPLETED, 1 FAILED, 1 RUNNING, 1 PENDING." in sweep_report.markdown
 
 

@@ -99,7 +99,13 @@ class JobEntry:
             ) from exc
 
     def __call__(self) -> Any:
+        from mnist_hpc.compute.guard import apply_user_umask, check_started_job
+
         end_with_local_controller()
+        # Done already by the job's command (mnist_hpc.compute.guard) before its pickle was read;
+        # a job started another way (an older script run by hand) is refused here, before its payload.
+        check_started_job()
+        apply_user_umask()  # its run directories follow the user's umask (a group's project stays shared)
         try:
             job = self.load()
         except JobUnloadable as exc:

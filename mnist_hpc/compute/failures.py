@@ -38,10 +38,11 @@ def known_error(exc: BaseException) -> Optional[str]:
     """The one-line message for a known error (with what to do), or None for a bug."""
     from mnist_hpc.compute.checkpoint import CheckpointError
     from mnist_hpc.compute.distribute import WorkerFailure
+    from mnist_hpc.compute.guard import UnsafeJobFile
     from mnist_hpc.compute.job import PackedTrialsFailed, RequeueLimitReached
     from mnist_hpc.compute.tensorboard import TensorBoardError
 
-    if isinstance(exc, (CacheError, DatasetError, ConfigError, CheckpointError, WorkerFailure, TensorBoardError)):
+    if isinstance(exc, (CacheError, DatasetError, ConfigError, CheckpointError, WorkerFailure, TensorBoardError, UnsafeJobFile)):
         return str(exc)
     if isinstance(exc, (claim.RunConflict, RequeueLimitReached, PackedTrialsFailed)):
         return str(exc)

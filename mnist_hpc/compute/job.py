@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 
 from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.compute.failures import record_failure, unwrap
+from mnist_hpc.compute.guard import UnsafeJobFile, load_private, private_umask
 from mnist_hpc.compute.jobconfig import BaseConfig, JobSpec, check_rebuilt, job_config
 from mnist_hpc.config import ConfigError
 from mnist_hpc.io import write_bytes_atomic
@@ -62,8 +63,9 @@ class LaunchContext:
         import cloudpickle  # submitit's own pickler: the task function may be a local function
 
         assert self._content is not None, "nothing to save"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(self.path, cloudpickle.dumps(self._content))
+        with private_umask():  # 0600 in a 0700 folder whatever the umask: the jobs refuse anything else
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.path, cloudpickle.dumps(self._content))
         return self
 
     def load(self) -> tuple[Any, Any, Any]:
@@ -75,10 +77,11 @@ class LaunchContext:
         return self._loaded()[3]
 
     def _loaded(self) -> tuple[Any, Any, Any, list[BaseConfig]]:
+        """Raises :class:`~mnist_hpc.compute.guard.UnsafeJobFile` (nothing unpickled) when the file
+        or its folder could have been written by someone else."""
         if self._content is None:
             try:
-                with open(self.path, "rb") as fh:
-                    self._content = pickle.load(fh)
+                self._content = load_private(self.path, self.path.parent)
             except FileNotFoundError as exc:
                 raise FileNotFoundError(
                     f"this job's launch context {self.path} is gone (was the sweep's .submitit folder "
@@ -277,6 +280,8 @@ class PackedTrainJob:
                 results.append(job())
             except RequeueLimitReached:
                 raise  # the task's time is up: the trials after this one cannot run either
+            except UnsafeJobFile:
+                raise  # their launch pickle is refused: the trials after this one share it
             except Exception as exc:  # isolate: record, go on with the next trial
                 log.exception("trial %s failed", job.run_dir.name)
                 failed.append(f"{job.run_dir.name}: {type(exc).__name__}: {exc}")

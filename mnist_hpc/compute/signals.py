@@ -141,8 +141,12 @@ def hand_over(signum: int, submitit_handler: Any, chief: bool) -> BaseException:
     if not chief:
         worker_exit(signum)
     if signum == signal.SIGUSR2 and callable(submitit_handler):
+        from mnist_hpc.compute.guard import private_umask
+
         try:
-            submitit_handler(signal.SIGUSR2, None)
+            # submitit rewrites the job's pickle for the requeue: private, or the requeued job refuses it.
+            with private_umask():
+                submitit_handler(signal.SIGUSR2, None)
         except UncompletedJobError as exc:
             return exc
     sys.exit(128 + signum)

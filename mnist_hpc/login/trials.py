@@ -140,6 +140,8 @@ class Trial:
             "packed_slot": self.packed_slot,
             "tasks": self.tasks,
             "notes": self.notes,
+            # Why an unfinished trial failed (failure.json, or its job's own log).
+            "error": self.error,
         }
 
 
@@ -231,7 +233,7 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
             t.state = row["state"] if row else "UNKNOWN"
             continue
         result_file = t.files.job.result_file if t.files.job else None
-        ended = bool(result_file and result_file.is_file())
+        ended = bool(result_file and _is_file(result_file))
         gone = False
         if t.source == "local" and t.files.job is not None and not ended:
             # The local launcher's job is a process: ask whether it still runs (pid and start time).
@@ -249,6 +251,14 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
                 t.error = f"its process (pid {job.job_id} on {job.host or 'this host'}) ended without a result: killed?"
                 t.error += f" See {job.stderr}" if job.stderr else ""
     return trials, notes
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where it cannot be seen (another user's private submitit folder)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def read_trials(run_dirs: Sequence[Path]) -> tuple[list[Trial], list[str]]:

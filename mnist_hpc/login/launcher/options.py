@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import shlex
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from mnist_hpc.compute.guard import guarded_python
 
 PLUGIN = "hydra_plugins.mnist_hpc_launcher.launcher"
 
@@ -184,10 +188,13 @@ def gpu_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
 
 
 def executor_init(conf: DictConfig, cluster: str) -> dict[str, Any]:
-    """Keywords for ``submitit.AutoExecutor`` itself (not its ``update_parameters``)."""
+    """Keywords for ``submitit.AutoExecutor`` itself (not its ``update_parameters``).
+
+    Every job's command goes through :mod:`mnist_hpc.compute.guard`, which checks the job's
+    files before anything is unpickled: submitit's ``python`` becomes ``<python> -u -c
+    <guard.JOB_COMMAND>``, after which submitit puts ``-u -m submitit.core._submit <folder>``.
+    """
+    python = str(conf.python) if cluster == "slurm" and conf.get("python") else shlex.quote(sys.executable)
     if cluster != "slurm":
-        return {}
-    init: dict[str, Any] = {"slurm_max_num_timeout": int(conf.max_num_timeout)}
-    if conf.get("python"):
-        init["slurm_python"] = str(conf.python)
-    return init
+        return {f"{cluster}_python": guarded_python(python)}
+    return {"slurm_max_num_timeout": int(conf.max_num_timeout), "slurm_python": guarded_python(python)}

@@ -206,11 +206,12 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     import submitit
     from hydra.core.singleton import Singleton
 
+    from mnist_hpc.compute.guard import private_submission
     from mnist_hpc.compute.job import LaunchContext
     from mnist_hpc.compute.search import SearchWorker
     from mnist_hpc.login.launcher.compose import SweepComposer
     from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
-    from mnist_hpc.login.launcher.submit import SubmissionError, folder_root
+    from mnist_hpc.login.launcher.submit import SubmissionError, folder_root, make_private
 
     config: DictConfig = sweeper.config
     launcher = config.hydra.launcher
@@ -224,27 +225,29 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
                       "job (nodes x tasks_per_node); ask for more workers instead: hydra.sweeper.workers=N")
     search_dir = Path(str(config.hydra.sweep.dir)).resolve()
     check_writable(search_dir)
+    raw_folder = OmegaConf.to_container(launcher, resolve=False)["submitit_folder"]  # type: ignore[index]
+    folder = str(raw_folder).replace("${hydra.sweep.dir}", str(search_dir))
+    root = folder_root(folder)
     spec = build_spec(config.hydra.sweeper, arguments)
     check_trials(SweepComposer(sweeper.hydra_context.config_loader, config), spec)
+    make_private(root)
     _, counted = open_study(search_dir, spec)
     n_workers = min(spec.workers, spec.n_trials - counted)
     sd.write_spec(search_dir, spec)
     OmegaConf.save(config, search_dir / "multirun.yaml")
 
-    raw_folder = OmegaConf.to_container(launcher, resolve=False)["submitit_folder"]  # type: ignore[index]
-    folder = str(raw_folder).replace("${hydra.sweep.dir}", str(search_dir))
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(launcher, cluster))
     executor.update_parameters(**submitit_parameters(launcher, cluster))
-    root = folder_root(folder)
     context = LaunchContext(
         root / f"search-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{counted}.pkl",
         sweeper.hydra_context, sweeper.task_function, Singleton.get_state(),
     )
     before = set(root.iterdir()) if root.is_dir() else set()
     try:
-        context.save()
-        with executor.batch():
-            jobs = [executor.submit(SearchWorker(context, config, search_dir)) for _ in range(n_workers)]
+        with private_submission():  # what the workers unpickle is written 0600 (mnist_hpc.compute.guard)
+            context.save()
+            with executor.batch():
+                jobs = [executor.submit(SearchWorker(context, config, search_dir)) for _ in range(n_workers)]
     except BaseException as exc:
         from submitit.core.utils import FailedJobError
 

@@ -28,6 +28,7 @@ from hydra.errors import CompactHydraException
 
 from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.compute.entry import JobEntry, environment_versions
+from mnist_hpc.compute.guard import UnsafeJobFile, private_folder, private_submission
 from mnist_hpc.compute.job import LaunchContext, PackedTrainJob, TrainJob
 from mnist_hpc.io import utc_now, write_bytes_atomic
 from mnist_hpc.login.launcher.compose import PlannedJob, SweepComposer, plan_jobs
@@ -50,6 +51,22 @@ def folder_root(submitit_folder: str) -> Path:
     return Path(*fixed)
 
 
+def make_private(root: Path) -> None:
+    """The submitit folder made the user's alone before anything is queued into it (its jobs
+    refuse anything else); refused before any change when it is another user's or a link."""
+    try:
+        notice = private_folder(root)
+    except UnsafeJobFile as exc:
+        raise PreflightError(f"nothing was queued: {exc}") from exc
+    except OSError as exc:
+        raise PreflightError(
+            f"nothing was queued: cannot make the submitit folder {root} ({exc.strerror or exc}); set "
+            "hydra.launcher.submitit_folder to a place of yours"
+        ) from exc
+    if notice:
+        print(notice, flush=True)
+
+
 def array_chunks(groups: list[list[PlannedJob]], cluster: str) -> list[list[list[PlannedJob]]]:
     """Tasks split into arrays no larger than the cluster's MaxArraySize (one array when they fit)."""
     limit = slurm.max_array_size() if cluster == "slurm" else None
@@ -66,10 +83,12 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir)).resolve()
     composer = getattr(launcher, "composer", None) or SweepComposer(launcher.hydra_context.config_loader, launcher.config)
     planned = plan_jobs(composer, sweep_dir, job_overrides, initial_job_idx)
+    folder = str(conf.submitit_folder).replace("${hydra.sweep.dir}", str(sweep_dir))
     try:
         check_launcher(conf, cluster)
         check_tasks(conf, cluster, planned)
         preflight(sweep_dir, planned)
+        make_private(folder_root(folder))
     except PreflightError:
         record = getattr(launcher, "sweep_record", None)
         if record is not None:
@@ -79,7 +98,6 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     if not todo:
         print(summary(sweep_dir, planned, {}, cluster), flush=True)
         return [trial_return(job) for job in planned]
-    folder = str(conf.submitit_folder).replace("${hydra.sweep.dir}", str(sweep_dir))
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
     executor.update_parameters(**submitit_parameters(conf, cluster))
 
@@ -101,7 +119,8 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     futures: list[Any] = []
     try:
         # The context holds Hydra's config loader: pickle it with the loader's own methods.
-        with composer.detached():
+        # What the jobs unpickle is written 0600 (see mnist_hpc.compute.guard).
+        with composer.detached(), private_submission():
             context.save()
             for chunk in array_chunks(groups, cluster):
                 with executor.batch():
@@ -235,7 +254,8 @@ def queue_report(executor: Any, conf: Any, sweep_dir: Path, tasks: Sequence[Any]
         gpus_per_node=None, slurm_gres=None, slurm_gpus_per_task=None,
         **srun,
     )
-    return executor.submit(ReportJob(sweep_dir))
+    with private_submission():
+        return executor.submit(ReportJob(sweep_dir))
 
 
 def entry(context: LaunchContext, group: Sequence[PlannedJob], versions: dict[str, Optional[str]], packed: bool) -> JobEntry:
