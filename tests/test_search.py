@@ -255,7 +255,7 @@ def test_status_of_a_damaged_search_notes_it_and_shows_the_rest(tmp_path, damage
         return
     assert "note:" in proc.stderr
     if damage == "bad_beat":
-        assert "w2.json is not a usable worker heartbeat" in proc.stderr
+        assert "w2.json: field 'job_id' is 7, expected a string; this worker heartbeat is ignored" in proc.stderr
         assert "0.7000" in proc.stdout
 
 
