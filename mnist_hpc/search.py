@@ -233,8 +233,8 @@ def spec_problem(values: dict[str, Any]) -> Optional[str]:
         (values["direction"] in ("maximize", "minimize"), "field 'direction' must be maximize or minimize"),
         (values["n_trials"] >= 1, "field 'n_trials' must be at least 1"),
         (values.get("workers", 1) >= 1, "field 'workers' must be at least 1"),
-        (all(_positive(values.get(k, 1.0)) for k in ("heartbeat_s", "stale_after_s")),
-         "fields 'heartbeat_s' and 'stale_after_s' must be positive numbers"),
+        (_positive(values.get("heartbeat_s", 1.0)), "field 'heartbeat_s' must be a positive number of seconds"),
+        (_positive(values.get("stale_after_s", 1.0)), "field 'stale_after_s' must be a positive number of seconds"),
         (all(isinstance(k, str) and isinstance(v, str) for k, v in values["params"].items()),
          "field 'params' must map names to sweep expressions (strings)"),
         (all(isinstance(o, str) for o in values["fixed"]), "field 'fixed' must be a list of overrides (strings)"),
@@ -386,27 +386,29 @@ class HolderLock:
             log.warning("%s was taken over while held (this process stalled for over %.0f s?)", self.path, self.grace_s)
 
     def _wait_and_link(self, path: str, text: str, may_break_dead: bool) -> None:
-        """Create the link ``path`` -> ``text``, releasing a dead or expired holder's link on the way."""
+        """Create the link ``path`` -> ``text``, releasing a dead or expired holder's lock on the way."""
         delay, seen, since = 0.001, None, time.monotonic()
+        warned = since
         while True:
             try:
                 os.symlink(text, path)
                 return
             except FileExistsError:
                 pass
-            try:
-                current = os.readlink(path)
-            except FileNotFoundError:
+            current = _lock_identity(path)
+            if current is None:
                 continue  # released meanwhile
-            except OSError:
-                current = "(not a symbolic link)"
+            now = time.monotonic()
             if current != seen:
-                seen, since = current, time.monotonic()
+                seen, since = current, now
+            if now - warned > 10:
+                log.warning("waiting for %s, held by %s", path, current.removeprefix(_LOCK_PREFIX))
+                warned = now
             if may_break_dead and _holder_is_gone(current):
                 self._break(current, "its holder is gone")
                 delay = 0.001
                 continue
-            if time.monotonic() - since > self.grace_s:
+            if now - since > self.grace_s:
                 if may_break_dead:
                     self._break(current, f"it has been held unchanged for over {self.grace_s:.0f} s")
                 else:  # the break lock itself: held for microseconds, so a dead holder died inside it
@@ -428,10 +430,25 @@ class HolderLock:
             _unlink_if(breaker, mine)
 
 
-def _unlink_if(path: str, text: str) -> bool:
-    """Remove the link ``path`` if it still reads ``text``; whether it did."""
+def _lock_identity(path: str) -> Optional[str]:
+    """What a lock file is: its link's text, or (a lock of another kind, e.g. Optuna's ``O_EXCL``
+    file) its inode and modification time; None when there is none."""
     try:
-        if os.readlink(path) != text:
+        return os.readlink(path)
+    except FileNotFoundError:
+        return None
+    except OSError:  # not a symbolic link
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        return f"(a file, inode {info.st_ino}, modified {info.st_mtime_ns})"
+
+
+def _unlink_if(path: str, identity: str) -> bool:
+    """Remove the lock ``path`` if it still is ``identity`` (:func:`_lock_identity`); whether it did."""
+    try:
+        if _lock_identity(path) != identity:
             return False
         os.unlink(path)
         return True

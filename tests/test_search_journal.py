@@ -254,12 +254,17 @@ def test_a_holder_that_cannot_be_asked_is_released_only_after_the_grace_period(t
     path = tmp_path / "x.lock"
     other_host = sd._LOCK_PREFIX + json.dumps({"host": "some-other-node", "pid": 1, "start": "1", "token": "t"})
     optunas_own = str(tmp_path / "study.journal")  # what Optuna's JournalFileSymlinkLock's link points to
-    for text in (other_host, optunas_own):
-        assert not sd._holder_is_gone(text)
-        os.symlink(text, path)
+    for text in (other_host, optunas_own, None):
+        if text is None:  # a plain file, as Optuna's JournalFileOpenLock makes
+            path.write_bytes(b"")
+        else:
+            assert not sd._holder_is_gone(text)
+            os.symlink(text, path)
         lock = sd.HolderLock(path, grace_s=0.2)
         within(30, lock.acquire)  # after 0.2 s of seeing it unchanged
+        assert os.readlink(path).startswith(sd._LOCK_PREFIX)
         lock.release()
+        assert not os.path.lexists(path)
 
 
 COUNT = (
