@@ -15,6 +15,11 @@
 A worker ends when the study has ``n_trials`` trials that count (interrupted ones do not) and no
 other worker's trial looks abandoned. The state of a worker is its heartbeat file, rewritten by a
 daemon thread every ``heartbeat_s``. The search directory's files: :mod:`mnist_hpc.search`.
+
+Before it opens the study a worker checks the journal (:func:`mnist_hpc.search.check_journal`);
+before each trial, that the data it would train on is the study's (``search.json``), and after
+it, that the trial trained on that data. A failed check stops the worker with one line and
+tells the study nothing about the trial (a result on other data must never be ranked).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ QUIET_BEATS = 3
 
 class TrialTakenOver(RuntimeError):
     """Another worker declared this worker's trial interrupted (it was silent for too long)."""
+
+
+class SearchStopped(RuntimeError):
+    """The worker must not go on (the journal or the data is not the study's); the message says why."""
 
 
 def pruning_callback(trial: Any) -> Any:
@@ -143,27 +152,39 @@ class SearchWorker:
         from hydra.core.singleton import Singleton
         from hydra.core.utils import setup_globals
 
+        from mnist_hpc.claim import Holder
+
         hydra_context, _, singleton_state = self.context.load()
         setup_globals()
         Singleton.set_state(singleton_state)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         me = worker_id()
-        spec = self._spec()
+        try:
+            spec = self._spec()
+        except SearchStopped as exc:
+            raise SystemExit(f"search worker {me} stopped: {exc}") from None
         # A requeued worker keeps the list of trials it ran before.
         before = next((b for b, _ in sd.read_beats(self.search_dir)[0] if b.job_id == me), sd.WorkerBeat(job_id=me))
         ran = list(before.trials_run)
-        beat = sd.WorkerBeat(job_id=me, cluster=_cluster(), host=socket.gethostname(), pid=os.getpid(),
-                             started=utc_now(), trials_run=list(ran), log=before.log)
+        process = Holder.this_process()
+        beat = sd.WorkerBeat(job_id=me, cluster=_cluster(), host=process.host, pid=process.pid,
+                             pid_start=process.pid_start, started=utc_now(), trials_run=list(ran), log=before.log)
         heartbeat = Heartbeat(self.search_dir, beat, spec.heartbeat_s).start()
-        storage = sd.open_storage(self.search_dir)
         # One stop request for the whole worker, as a launcher job has: USR2 or SIGTERM during a
         # trial stops it at its next step boundary; between trials (or inside ask and tell) it is
         # acted on at the top of the loop, never in the middle of a study update.
         submitit_handler = StopRequest.handler_before(signal.SIGUSR2)
         stop = StopRequest(ignore_after=True)
         try:
+            self._open_journal(spec)
+            storage = sd.open_storage(self.search_dir)
             with stop:
                 self._loop(hydra_context, storage, me, heartbeat, ran, stop, submitit_handler)
+        except SearchStopped as exc:
+            heartbeat.stop(state="stopped", message=str(exc))
+            log.error("%s", exc)
+            # One line on stderr and a failed job, without a traceback: nothing here is a bug.
+            raise SystemExit(f"search worker {me} stopped: {exc}") from None
         except BaseException as exc:
             # SystemExit after USR2 is submitit's requeue: a trial stopped at a step boundary stays
             # RUNNING under this job id and the requeued job resumes it.
@@ -174,6 +195,17 @@ class SearchWorker:
         heartbeat.stop(state="done", trial=None, message=f"the study has its {spec.n_trials} trials")
         log.info("worker %s ends: the study has its %d trials; this worker ran %s", me, spec.n_trials, ran)
         return ran
+
+    def _open_journal(self, spec: sd.SearchSpec) -> None:
+        """Check the journal (and cut a torn last record off) before the study is opened."""
+        try:
+            check = sd.check_journal(self.search_dir, spec.study_name)
+        except sd.JournalError as exc:
+            raise SearchStopped(str(exc)) from exc
+        if check.scan is None or not check.scan.records:
+            raise SearchStopped(f"{sd.journal_path(self.search_dir)} holds no study: submit the search again")
+        if (note := check.note()) is not None:
+            log.warning("journal repaired: %s", note)
 
     def _loop(self, hydra_context: Any, storage: Any, me: str, heartbeat: Heartbeat, ran: list[int],
               stop: StopRequest, submitit_handler: Any) -> None:
@@ -186,6 +218,7 @@ class SearchWorker:
                 log.warning("stopping between trials on %s", signal.Signals(stop.signum).name)
                 raise hand_over(stop.signum, submitit_handler, chief=True)
             spec = self._spec()
+            self._check_data(hydra_context, spec)
             study = optuna.load_study(
                 study_name=spec.study_name, storage=storage,
                 sampler=self._sampler(spec, me, storage), pruner=self._pruner(spec),
@@ -211,10 +244,40 @@ class SearchWorker:
     # --- choosing the next trial (under the ask lock) --------------------------------------------
 
     def _spec(self) -> sd.SearchSpec:
-        spec = sd.read_spec(self.search_dir)
+        try:
+            spec = sd.read_spec(self.search_dir)
+        except sd.SearchFileError as exc:
+            raise SearchStopped(f"{exc}; submit the search again") from exc
         if spec is None:
-            raise FileNotFoundError(f"{self.search_dir / sd.SPEC_FILE} is gone; submit the search again")
+            raise SearchStopped(f"{self.search_dir / sd.SPEC_FILE} is gone; submit the search again")
         return spec
+
+    def _check_data(self, hydra_context: Any, spec: sd.SearchSpec) -> None:
+        """Before a trial: the data a trial would train on (its config's cache) is the study's."""
+        from mnist_hpc.cache import CacheError, read_manifest
+        from mnist_hpc.config import cache_file, to_typed
+
+        if spec.data_sha256 is None:
+            return  # a search.json older than the study's identity: nothing recorded to compare
+        config = hydra_context.config_loader.load_sweep_config(self.master_config, sd.trial_overrides(spec, {}))
+        path = cache_file(to_typed(config).data)
+        try:
+            found = str(read_manifest(path)[0]["sha256"])
+        except CacheError as exc:
+            raise SearchStopped(f"no trial was started: {exc}") from exc
+        if found != spec.data_sha256:
+            raise SearchStopped(data_changed(path, spec.data_sha256, found, "no trial was started"))
+
+    def _check_trained_on(self, spec: sd.SearchSpec, trial: Any, run_dir: Path) -> None:
+        """After a trial: it trained on the study's data (its run directory's identity says which)."""
+        try:
+            identity = rundir.read_identity(run_dir)
+        except rundir.RunFileError as exc:
+            raise SearchStopped(f"trial {trial.number} was not told to the study: {exc}") from exc
+        found = (identity or {}).get("config", {}).get("data.sha256")
+        if spec.data_sha256 is not None and found is not None and found != spec.data_sha256:
+            raise SearchStopped(data_changed(run_dir / rundir.IDENTITY_FILE, spec.data_sha256, str(found),
+                                             f"trial {trial.number} was not told to the study"))
 
     @staticmethod
     def _sampler(spec: sd.SearchSpec, me: str, storage: Any) -> Any:
@@ -323,10 +386,12 @@ class SearchWorker:
 
     def _seed_from_retry(self, study: Any, trial: Any, run_dir: Path) -> None:
         """A retry of an interrupted trial starts from that trial's newest checkpoints."""
-        origin = trial.user_attrs.get(sd.RETRY_OF_ATTR)
+        origin = sd.trial_number_attr(trial, sd.RETRY_OF_ATTR)
+        if origin is None or origin >= trial.number:  # none, or not a trial before this one
+            return
         source = self.search_dir / str(origin) / rundir.CHECKPOINT_DIR
         target = run_dir / rundir.CHECKPOINT_DIR
-        if origin is None or not source.is_dir() or target.exists():
+        if not source.is_dir() or target.exists():
             return
         shutil.copytree(source, target)
         # The checkpoints come with the binding they were made under (same parameters, same
@@ -361,6 +426,8 @@ class SearchWorker:
             error = unwrap(ret._return_value) if ret.status == JobStatus.FAILED else None
         except Exception as exc:  # composing or recording failed: the trial fails, the worker goes on
             error = exc
+        if error is None or isinstance(error, optuna.TrialPruned):
+            self._check_trained_on(spec, trial, run_dir)
         try:
             if error is None:
                 study.tell(trial, float(ret.return_value))
@@ -386,3 +453,10 @@ class SearchWorker:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
             log.warning("trial %d was finished by another worker meanwhile (%s)", trial.number, exc)
+
+
+def data_changed(where: Path, study_sha256: str, found: str, consequence: str) -> str:
+    """The one line a worker stops with when the data is not the study's."""
+    return (f"{consequence}: the data at {where} is sha256 {found[:16]}..., but this study's trials were trained on "
+            f"{study_sha256[:16]}... (its {sd.SPEC_FILE}); put the study's data back (mnist-hpc-prefetch), or start a "
+            "new search in a new hydra.sweep.dir")
