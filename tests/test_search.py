@@ -108,6 +108,40 @@ def test_an_abandoned_trial_is_interrupted_and_retried_once(tmp_path):
     assert len(study.trials) == 3
 
 
+def holder_of_a_process_that_ended() -> dict:
+    """host, pid and process start of a process that has ended (its pid not reused since)."""
+    import subprocess
+    import sys
+
+    code = "import dataclasses, json; from mnist_hpc.claim import Holder; print(json.dumps(dataclasses.asdict(Holder.this_process())))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    holder = json.loads(out)
+    return {"host": holder["host"], "pid": holder["pid"], "pid_start": holder["pid_start"]}
+
+
+@pytest.mark.parametrize("owner", ["done", "stopped", "local_process_gone"])
+def test_a_trial_whose_worker_is_known_gone_is_retried_at_once(tmp_path, owner):
+    """No waiting for stale_after_s when the owner said it ended, or its process is gone."""
+    search_dir, study, spec = make_search(tmp_path)
+    gone = started_by(study, search_dir, "gone", silent_s=0)
+    beat = sd.WorkerBeat(job_id="gone", cluster="local", trial=gone.number)
+    if owner == "local_process_gone":
+        beat = sd.WorkerBeat(job_id="gone", cluster="local", trial=gone.number, **holder_of_a_process_that_ended())
+    else:
+        beat.state = owner
+    sd.write_beat(search_dir, beat)
+    alive = started_by(study, search_dir, "alive", silent_s=0)
+    sd.write_beat(search_dir, sd.WorkerBeat(job_id="alive", cluster="local", **{
+        "host": beat.host or os.uname().nodename, "pid": os.getppid(), "pid_start": None}))
+    trial = next_for(search_dir, study, spec, "me")
+    states = {t.number: t for t in study.get_trials()}
+    assert states[gone.number].state == TrialState.FAIL and states[alive.number].state == TrialState.RUNNING
+    reason = states[gone.number].user_attrs[sd.INTERRUPTED_ATTR]
+    assert reason == ("its worker gone's process has ended" if owner == "local_process_gone"
+                      else f"its worker gone has {'ended' if owner == 'done' else 'stopped'} without finishing it")
+    assert trial.user_attrs[sd.RETRY_OF_ATTR] == gone.number and trial.params == gone.params
+
+
 def test_the_budget_counts_finished_trials_and_waits_only_for_quiet_workers(tmp_path):
     search_dir, study, spec = make_search(tmp_path, n_trials=2)
     done = study.ask({"optimizer.learning_rate": FloatDistribution(0.001, 0.01)})

@@ -192,9 +192,21 @@ class SearchWorker:
             heartbeat.stop(state="requeued" if requeued else "stopped", message=rundir.error_line(exc))
             raise
         spec = self._spec()
-        heartbeat.stop(state="done", trial=None, message=f"the study has its {spec.n_trials} trials")
-        log.info("worker %s ends: the study has its %d trials; this worker ran %s", me, spec.n_trials, ran)
+        message = self._why_done(storage, spec)
+        heartbeat.stop(state="done", trial=None, message=message)
+        log.info("worker %s ends: %s; this worker ran %s", me, message, ran)
         return ran
+
+    @staticmethod
+    def _why_done(storage: Any, spec: sd.SearchSpec) -> str:
+        """The worker's last word: the study is complete, or the rest of its budget is other workers' trials."""
+        trials = sd.study_trials(storage, spec.study_name) or []
+        counted = sum(sd.counts_toward_budget(t) for t in trials)
+        if counted >= spec.n_trials:
+            return f"the study has its {spec.n_trials} trials"
+        running = [t.number for t in trials if t.state.name == "RUNNING"]
+        return (f"nothing left to ask: {counted} of {spec.n_trials} trials done, and trials {sd.number_ranges(running)} "
+                "run on other workers")
 
     def _open_journal(self, spec: sd.SearchSpec) -> None:
         """Check the journal (and cut a torn last record off) before the study is opened."""
@@ -315,9 +327,13 @@ class SearchWorker:
                     log.info("resuming trial %d, left RUNNING by this job before its requeue", t.number)
                     return Trial(study, t._trial_id)
             live = []
+            beats = self._owner_beats(running)
             for t in running:
                 age = self._silence_s(t, now)
-                if age is not None and age > spec.stale_after_s:
+                gone = self._owner_gone(t, beats)
+                if gone is not None:
+                    self._interrupt(study, t, gone)
+                elif age is not None and age > spec.stale_after_s:
                     self._interrupt(study, t, f"its worker {t.user_attrs.get(sd.WORKER_ATTR)} was silent for {age:.0f} s")
                 else:
                     live.append((t, age))
@@ -340,8 +356,49 @@ class SearchWorker:
     def _silence_s(self, trial: Any, now: float) -> Optional[float]:
         """Seconds since the trial's owner last beat; None when unknown (no owner or file yet)."""
         owner = trial.user_attrs.get(sd.WORKER_ATTR)
-        mtime = sd.beat_mtime(self.search_dir, owner) if owner else None
+        mtime = sd.beat_mtime(self.search_dir, owner) if isinstance(owner, str) and owner else None
         return None if mtime is None else now - mtime
+
+    def _owner_beats(self, running: list[Any]) -> dict[str, tuple[sd.WorkerBeat, Optional[bool]]]:
+        """The heartbeat of each running trial's worker, with whether its process lives (False: known
+        gone; one squeue call for all Slurm workers)."""
+        from mnist_hpc import claim, slurm
+
+        beats: dict[str, sd.WorkerBeat] = {}
+        for trial in running:
+            owner = trial.user_attrs.get(sd.WORKER_ATTR)
+            if isinstance(owner, str) and owner and owner not in beats:
+                try:
+                    beats[owner] = sd.read_beat(sd.beat_path(self.search_dir, owner))
+                except sd.SearchFileError:
+                    pass  # no file yet, or a damaged one: only its silence tells
+        jobs = [b.job_id for b in beats.values() if b.cluster == "slurm" and b.state in ("running", "requeued")]
+        answers = slurm.jobs_alive(jobs) if jobs else {}
+        me = claim.Holder.this_process()
+        out: dict[str, tuple[sd.WorkerBeat, Optional[bool]]] = {}
+        for owner, beat in beats.items():
+            alive: Optional[bool] = None
+            if beat.cluster == "slurm":
+                alive = answers.get(owner)
+            elif (holder := beat.holder()) is not None:
+                alive = claim.alive(holder, me)
+            out[owner] = (beat, alive)
+        return out
+
+    @staticmethod
+    def _owner_gone(trial: Any, beats: dict[str, tuple[sd.WorkerBeat, Optional[bool]]]) -> Optional[str]:
+        """Why a RUNNING trial's worker will never finish it, when that is known without waiting for
+        its silence: its heartbeat says it is done or stopped, or its process (local) or job (Slurm)
+        has ended. None when it may still run it, or that cannot be told."""
+        owner = trial.user_attrs.get(sd.WORKER_ATTR)
+        if owner not in beats:
+            return None
+        beat, alive = beats[owner]
+        if beat.state in ("done", "stopped"):
+            return f"its worker {owner} has {'ended' if beat.state == 'done' else 'stopped'} without finishing it"
+        if alive is False:
+            return f"its worker {owner}'s {'Slurm job' if beat.cluster == 'slurm' else 'process'} has ended"
+        return None
 
     @staticmethod
     def _interrupt(study: Any, trial: Any, reason: str) -> None:

@@ -142,10 +142,11 @@ class StudyView:
         return (run.epochs_done, run.epochs_planned) if run is not None else (None, None)
 
     def who_retries(self) -> str:
+        """Who retries an abandoned trial: a live worker at its next ask (it tells a gone worker from its
+        heartbeat, its pid or Slurm), else nobody until the search is submitted again."""
         live = [w.beat.job_id for w in self.workers if w.live]
-        limit = self.spec.stale_after_s if self.spec else 300.0
         if live:
-            return f"worker {', '.join(live)} retries it once its worker has been silent for {limit:.0f} s"
+            return f"worker {', '.join(live)} retries it when it next asks for a trial"
         return "no worker is left to retry it: submit the search again (the same settings) to retry it"
 
 
