@@ -398,6 +398,8 @@ class HolderLock:
             current = _lock_identity(path)
             if current is None:
                 continue  # released meanwhile
+            if os.path.isdir(path) and not os.path.islink(path):
+                raise SearchFileError(f"{path} is a directory, not a lock file; remove it (rmdir) and try again")
             now = time.monotonic()
             if current != seen:
                 seen, since = current, now

@@ -267,6 +267,14 @@ def test_a_holder_that_cannot_be_asked_is_released_only_after_the_grace_period(t
         assert not os.path.lexists(path)
 
 
+def test_a_directory_in_place_of_the_lock_is_refused_naming_it(tmp_path):
+    search_dir, intact = make_study(tmp_path)
+    lock_path(search_dir).mkdir()
+    with pytest.raises(sd.SearchFileError, match=r"study.journal.lock is a directory, not a lock file; remove it"):
+        within(30, lambda: sd.check_journal(search_dir, "s"))
+    assert sd.journal_path(search_dir).read_bytes() == intact
+
+
 COUNT = (
     "import sys; from pathlib import Path; from mnist_hpc import search as sd\n"
     "lock, counter = sd.HolderLock(Path(sys.argv[1])), Path(sys.argv[2])\n"

@@ -212,7 +212,7 @@ class SearchWorker:
         """Check the journal (and cut a torn last record off) before the study is opened."""
         try:
             check = sd.check_journal(self.search_dir, spec.study_name)
-        except sd.JournalError as exc:
+        except sd.SearchFileError as exc:  # the journal, or its lock
             raise SearchStopped(str(exc)) from exc
         if check.scan is None or not check.scan.records:
             raise SearchStopped(f"{sd.journal_path(self.search_dir)} holds no study: submit the search again")

@@ -278,6 +278,13 @@ def run_note(view: StudyView, run: Trial) -> str:
     return "; ".join(notes)
 
 
+def sampled(view: StudyView, run: Trial) -> list[str]:
+    """A trial directory's overrides of the searched parameters (all of them when the space is not known)."""
+    if view.spec is None:
+        return list(run.overrides)
+    return [o for o in run.overrides if o.split("=", 1)[0] in view.spec.params]
+
+
 def best_run(view: StudyView) -> Optional[Trial]:
     ranked = [r for r in view.runs.values() if run_value(r) is not None]
     if not ranked:
@@ -369,7 +376,7 @@ def _run_summary(view: StudyView) -> list[str]:
     best = best_run(view)
     if best is not None:
         lines.append(f"best so far, from the trial directories: trial {best.number}, validation accuracy "
-                     f"{run_value(best):.4f} ({' '.join(best.overrides)})")
+                     f"{run_value(best):.4f} ({' '.join(sampled(view, best))})")
     return lines
 
 
@@ -431,12 +438,12 @@ def status_json(view: StudyView) -> dict[str, Any]:
     else:
         trials = [
             {"trial": n, "state": run_state(view, r), "worker": r.job_id, "value": run_value(r), "params": None,
-             "overrides": r.overrides, "epochs": r.epochs_done, "epochs_planned": r.epochs_planned,
+             "overrides": sampled(view, r), "epochs": r.epochs_done, "epochs_planned": r.epochs_planned,
              "note": run_note(view, r), "run_dir": str(r.run_dir), "source": "run_dir"}
             for n, r in sorted(view.runs.items())
         ]
         run = best_run(view)
-        best_row = None if run is None else {"trial": run.number, "value": run_value(run), "overrides": run.overrides}
+        best_row = None if run is None else {"trial": run.number, "value": run_value(run), "overrides": sampled(view, run)}
     return {
         "search_dir": str(view.search_dir),
         "study_name": view.spec.study_name if view.spec else None,

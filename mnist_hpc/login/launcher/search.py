@@ -237,7 +237,7 @@ def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int, Optiona
         spec.created = previous.created
     try:
         check = sd.check_journal(search_dir, spec.study_name)
-    except sd.JournalError as exc:
+    except sd.SearchFileError as exc:  # the journal, or its lock
         raise _refuse(str(exc)) from exc
     repaired = check.note()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

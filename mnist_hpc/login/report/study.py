@@ -12,7 +12,7 @@ from typing import Sequence
 
 from mnist_hpc import search as sd
 from mnist_hpc.login.report.plots import PlotCache, save_png
-from mnist_hpc.login.study import StudyView, read_study, run_note, run_state, run_value, summary_lines, trial_note
+from mnist_hpc.login.study import StudyView, read_study, run_note, run_state, run_value, sampled, summary_lines, trial_note
 from mnist_hpc.login.trials import Trial
 
 HISTORY_PNG = "optimization_history.png"
@@ -91,7 +91,7 @@ def study_markdown(view: StudyView) -> str:
         rows = ["| trial | state (from its directory) | value | worker | overrides | note |", "|---|---|---|---|---|---|"]
         for n, run in sorted(view.runs.items()):
             value = "-" if (v := run_value(run)) is None else f"{v:.4f}"
-            rows.append(f"| {n} | {run_state(view, run)} | {value} | {run.job_id} | `{' '.join(run.overrides)}` | "
+            rows.append(f"| {n} | {run_state(view, run)} | {value} | {run.job_id} | `{' '.join(sampled(view, run))}` | "
                         f"{run_note(view, run) or '-'} |")
         return "\n\n".join(parts + ["\n".join(rows)])
     best = view.best
