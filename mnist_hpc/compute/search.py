@@ -146,6 +146,8 @@ class SearchWorker:
         self.context = context
         self.master_config = master_config
         self.search_dir = Path(search_dir)
+        # The data file a trial reads, by the search's fixed overrides (see _check_data).
+        self._data_files: dict[tuple[str, ...], Path] = {}
 
     def __call__(self) -> list[int]:
         import optuna
@@ -271,8 +273,13 @@ class SearchWorker:
 
         if spec.data_sha256 is None:
             return  # a search.json older than the study's identity: nothing recorded to compare
-        config = hydra_context.config_loader.load_sweep_config(self.master_config, sd.trial_overrides(spec, {}))
-        path = cache_file(to_typed(config).data)
+        # Where a trial's data is depends on the fixed overrides alone (the data's location is never
+        # searched): composed once per set of them.
+        key = tuple(spec.fixed)
+        if key not in self._data_files:
+            config = hydra_context.config_loader.load_sweep_config(self.master_config, sd.trial_overrides(spec, {}))
+            self._data_files[key] = cache_file(to_typed(config).data)
+        path = self._data_files[key]
         try:
             found = str(read_manifest(path)[0]["sha256"])
         except CacheError as exc:
