@@ -466,11 +466,13 @@ def _holder_is_gone(text: str) -> bool:
         return False  # Optuna's own lock, or anything else: only the grace period releases it
     try:
         data = json.loads(text[len(_LOCK_PREFIX):])
-        holder = claim.Holder(host=str(data["host"]), pid=int(data["pid"]), pid_start=data.get("start"))
-    except (ValueError, TypeError, KeyError):
+        host, pid, start = data["host"], data["pid"], data.get("start")
+    except (ValueError, TypeError, KeyError, RecursionError):
         return False
-    me = claim.Holder.this_process()
-    if holder.host != me.host or holder.pid == me.pid or holder.pid <= 0:
+    if not isinstance(host, str) or not _whole(pid) or not 0 < pid < 1 << 31 or not isinstance(start, (str, type(None))):
+        return False  # not a holder this module wrote
+    holder, me = claim.Holder(host=host, pid=pid, pid_start=start), claim.Holder.this_process()
+    if holder.host != me.host or holder.pid == me.pid:
         return False  # another node (cannot be asked), or this process (another thread of it)
     return claim.alive(holder, me) is False
 
@@ -877,7 +879,7 @@ class WorkerBeat:
         """
         from mnist_hpc.claim import Holder
 
-        pid = self.pid or (int(self.job_id) if self.cluster == "local" and self.job_id.isdigit() else 0)
+        pid = self.pid or (int(self.job_id) if self.cluster == "local" and re.fullmatch(r"[0-9]{1,9}", self.job_id) else 0)
         return Holder(host=self.host, pid=pid, pid_start=self.pid_start) if self.host and 0 < pid < 1 << 31 else None
 
 

@@ -138,6 +138,13 @@ def test_a_heartbeat_field_out_of_range_is_a_note_naming_it(tmp_path, key, value
     assert not beats and f"w.json: field '{key}'" in note or (key == "job_id" and "it has no job_id" in note), note
 
 
+@pytest.mark.parametrize("job_id", ["²", "٣٤", "99999999999999999999", "12"])
+def test_a_local_worker_not_started_is_known_by_a_plain_pid_only(job_id):
+    beat = sd.WorkerBeat(job_id=job_id, cluster="local", host="h", state="queued")
+    holder = beat.holder()
+    assert (holder.pid if holder else None) == (12 if job_id == "12" else None)
+
+
 def test_an_oversized_heartbeat_is_a_note_naming_its_cap(tmp_path):
     (tmp_path / sd.WORKERS_DIR).mkdir()
     path = tmp_path / sd.WORKERS_DIR / "w.json"
@@ -226,11 +233,21 @@ def test_an_oversized_journal_record_is_named_without_being_parsed(tmp_path):
 # --- the lock's link and the status built from all of them ------------------------------------------
 
 
+LOCK_HOLDER = st.fixed_dictionaries({}, optional={
+    "host": st.just(os.uname().nodename) | JSON, "pid": st.integers(-2, 2**70) | JSON, "start": JSON, "token": JSON})
+
+
 @SETTINGS
-@given(st.text(max_size=200))
+@given(st.text(max_size=200) | LOCK_HOLDER.map(json.dumps))
 def test_any_lock_text_is_judged_without_an_error(text):
     assert sd._holder_is_gone(sd._LOCK_PREFIX + text) in (True, False)
     assert sd._holder_is_gone(text) is False or text.startswith(sd._LOCK_PREFIX)
+
+
+def test_lock_texts_that_name_no_live_process_here():
+    dead = sd._LOCK_PREFIX + json.dumps({"host": os.uname().nodename, "pid": 2**40, "start": None})
+    assert sd._holder_is_gone(dead) is False  # not a pid this module writes: only the grace period frees it
+    assert sd._holder_is_gone(sd._LOCK_PREFIX + json.dumps({"host": os.uname().nodename, "pid": os.getpid()})) is False
 
 
 @SETTINGS
