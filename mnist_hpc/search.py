@@ -723,8 +723,22 @@ def _keep_copy(path: Path) -> Path:
     return copy
 
 
-def _cut(path: Path, end: int, why: str) -> Path:
-    """Keep a copy of the journal, then cut it to its first ``end`` bytes; the copy's path.
+@dataclass
+class Cut:
+    """A torn last line cut off a journal: where it started, why it was torn, and the copy kept."""
+
+    path: Path
+    end: int
+    why: str
+    copy: Path
+
+    def describe(self) -> str:
+        return (f"the last line of {self.path} (from byte {self.end}) was {self.why}; it was cut off, and the journal "
+                f"as it was is kept in {self.copy}")
+
+
+def _cut(path: Path, end: int, why: str) -> Cut:
+    """Keep a copy of the journal, then cut it to its first ``end`` bytes.
 
     Only under the journal's lock: no live writer is in the middle of an append.
     """
@@ -732,31 +746,29 @@ def _cut(path: Path, end: int, why: str) -> Path:
     with open(path, "r+b") as fh:
         fh.truncate(end)
         os.fsync(fh.fileno())
-    log.warning("%s: its last line (from byte %d) is %s; cut it off (the whole journal as it was is kept in %s)",
-                path, end, why, copy)
-    return copy
+    cut = Cut(path, end, why, copy)
+    log.warning("%s", cut.describe())
+    return cut
 
 
-def cut_torn_tail(path: Path) -> Optional[Path]:
-    """Under the journal's lock: cut a torn last line off (:func:`torn_tail`); the kept copy, if it did."""
+def cut_torn_tail(path: Path) -> Optional[Cut]:
+    """Under the journal's lock: cut a torn last line off (:func:`torn_tail`), if there is one."""
     torn = torn_tail(path)
     return None if torn is None else _cut(path, *torn)
 
 
 @dataclass
 class JournalCheck:
-    """What :func:`check_journal` found: the checked records, and the copy kept if a torn line was cut."""
+    """What :func:`check_journal` found: the checked records, the study's trials, and a cut if one was made."""
 
     scan: Optional[JournalScan]
-    copy: Optional[Path] = None
     # The study's trials, replayed from the checked records (empty for a new study).
     trials: list["FrozenTrial"] = field(default_factory=list)
+    cut: Optional[Cut] = None
 
     def note(self) -> Optional[str]:
         """The line the submission prints and the worker logs about a cut, if there was one."""
-        if self.copy is None or self.scan is None:
-            return None
-        return (f"{self.scan.describe_torn()}; it was cut off, and the journal as it was is kept in {self.copy}")
+        return None if self.cut is None else self.cut.describe()
 
 
 def study_trials(storage: Any, study_name: str) -> Optional[list["FrozenTrial"]]:
@@ -771,41 +783,46 @@ def check_journal(search_dir: Path, study_name: str) -> JournalCheck:
     """Check the study's journal before it is used, and repair a torn last line; the one gate.
 
     Called by the submission before it queues anything and by each worker before it opens the
-    study, under the journal's lock (so a live writer's append is never taken for a torn one):
+    study:
 
     - every line is a record Optuna replays, else refused, naming the line;
-    - a torn last line (a writer killed mid-append, or text appended by hand) is cut off after
-      a copy of the whole journal is kept beside it;
     - trial directories with no record (a journal missing, emptied, truncated, or another
-      study's) are refused: a new study would collide with them.
+      study's) are refused: a new study would collide with them;
+    - a torn last line (a writer killed mid-append, or text appended by hand) is cut off after
+      a copy of the whole journal is kept beside it.
+
+    The records are read and checked without the lock (reading a 10,000-trial journal takes
+    seconds, and holding the lock that long would stall every worker's appends, or exceed the
+    grace period after which others take it); the cut is decided and made under the journal's
+    lock, so a live writer's append is never taken for a torn line: the line the check found
+    torn is cut only if nothing was appended since, else whatever is torn at the end now.
 
     Raises:
         JournalError: any refusal above; the message names the file and what to do.
+        SearchFileError: the journal's lock is not a lock file.
     """
     path = journal_path(search_dir)
-    with held(HolderLock(Path(str(path) + JOURNAL_LOCK_SUFFIX))):
-        scan = read_journal(path)
-        trials = (study_trials(scan.storage(), study_name) if scan is not None and scan.records else None) or []
-        orphans = [n for n in trial_numbers(search_dir) if n >= len(trials)]
-        if orphans:
-            if scan is None or not scan.records:
-                what = "does not exist" if scan is None else "holds no record"
-            elif not trials:
-                what = f"holds no trial of a study named {study_name!r}"
-            else:
-                what = f"knows trials 0-{len(trials) - 1} only"
-            raise JournalError(
-                f"{path} {what}, but {search_dir} holds directories of trials {number_ranges(orphans)}: the study's "
-                "record of them is lost, and a new one would collide with them. Restore the journal (a "
-                f"{JOURNAL_FILE}{TORN_COPY_INFIX}* copy beside it, or a backup), or use a new hydra.sweep.dir; "
-                f"mnist-hpc-status {search_dir} still shows each trial's own results"
-            )
-        check = JournalCheck(scan, trials=trials)
-        if scan is not None and scan.torn is not None:
-            if os.stat(path).st_size != scan.size:
-                raise JournalError(f"{path} changed while it was checked under its lock: a writer that does not take "
-                                   f"{path.name}{JOURNAL_LOCK_SUFFIX}? Stop it and submit again")
-            check.copy = _cut(path, scan.end, scan.torn)
+    scan = read_journal(path)
+    trials = (study_trials(scan.storage(), study_name) if scan is not None and scan.records else None) or []
+    orphans = [n for n in trial_numbers(search_dir) if n >= len(trials)]
+    if orphans:
+        if scan is None or not scan.records:
+            what = "does not exist" if scan is None else "holds no record"
+        elif not trials:
+            what = f"holds no trial of a study named {study_name!r}"
+        else:
+            what = f"knows trials 0-{len(trials) - 1} only"
+        raise JournalError(
+            f"{path} {what}, but {search_dir} holds directories of trials {number_ranges(orphans)}: the study's "
+            "record of them is lost, and a new one would collide with them. Restore the journal (a "
+            f"{JOURNAL_FILE}{TORN_COPY_INFIX}* copy beside it, or a backup), or use a new hydra.sweep.dir; "
+            f"mnist-hpc-status {search_dir} still shows each trial's own results"
+        )
+    check = JournalCheck(scan, trials=trials)
+    if scan is not None:
+        with held(HolderLock(Path(str(path) + JOURNAL_LOCK_SUFFIX))):
+            unchanged = scan.torn is not None and os.stat(path).st_size == scan.size
+            check.cut = _cut(path, scan.end, scan.torn) if unchanged else cut_torn_tail(path)  # type: ignore[arg-type]
     return check
 
 

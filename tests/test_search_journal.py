@@ -132,9 +132,9 @@ def test_a_torn_last_record_is_cut_off_with_a_copy_and_the_study_continues(tmp_p
     assert scan is not None and scan.torn is not None and scan.end == len(kept)
     check = sd.check_journal(search_dir, "s")
     assert journal.read_bytes() == kept
-    assert check.copy is not None and check.copy.read_bytes() == damaged
-    assert check.copy.parent == search_dir and check.copy.name.startswith("study.journal.torn-")
-    assert str(check.copy) in (check.note() or "")
+    assert check.cut is not None and check.cut.copy.read_bytes() == damaged and check.cut.end == len(kept)
+    assert check.cut.copy.parent == search_dir and check.cut.copy.name.startswith("study.journal.torn-")
+    assert str(check.cut.copy) in (check.note() or "")
     trials = continue_study(search_dir)
     assert [t.value for t in trials[:2]] == [0.5, 0.51]  # the complete records before the torn one
 
@@ -152,6 +152,39 @@ def test_an_append_after_a_torn_record_cuts_it_first(tmp_path):
     [copy] = search_dir.glob("study.journal.torn-*")
     assert copy.read_bytes().endswith(b'"st')
     assert [t.value for t in optuna.load_study(study_name="s", storage=sd.open_storage(search_dir)).trials][-1] == 0.8
+
+
+def test_a_live_writers_append_in_progress_is_never_cut(tmp_path, monkeypatch):
+    """check_journal reads while a writer holds the lock with half its record written: it finds the
+    line torn, but decides under the lock, after the writer finished, and cuts nothing."""
+    monkeypatch.setattr(sd, "LOCK_GRACE_S", 3600.0)
+    search_dir, intact = make_study(tmp_path)
+    journal = sd.journal_path(search_dir)
+    record = intact.splitlines(keepends=True)[-1]
+    writer = sd.JournalLock(journal)
+    writer.acquire()
+    with open(journal, "ab") as fh:
+        fh.write(record[:20])
+    waiting = threading.Event()
+    wait_and_link = sd.HolderLock._wait_and_link
+
+    def observed(self, path, text, may_break_dead):
+        if path == str(lock_path(search_dir)):
+            waiting.set()  # the check has read the journal and now waits for the lock
+        return wait_and_link(self, path, text, may_break_dead)
+
+    monkeypatch.setattr(sd.HolderLock, "_wait_and_link", observed)
+    result: dict = {}
+    checker = threading.Thread(target=lambda: result.update(check=sd.check_journal(search_dir, "s")))
+    checker.start()
+    assert waiting.wait(60)
+    with open(journal, "ab") as fh:
+        fh.write(record[20:])
+    writer.release()
+    checker.join(60)
+    assert not checker.is_alive() and result["check"].cut is None
+    assert result["check"].scan.torn is not None  # what it read was torn at the time
+    assert journal.read_bytes() == intact + record and not list(search_dir.glob("study.journal.torn-*"))
 
 
 # --- refusals -----------------------------------------------------------------------------------------
@@ -355,8 +388,8 @@ def test_kill_9_mid_append_again_and_again_never_leaves_a_study_that_cannot_cont
         if i % 2:  # the submission's and a new worker's path: check_journal first
             check = within(60, lambda: sd.check_journal(search_dir, "s"))
             assert journal.read_bytes() == complete, f"iteration {i} ({mode}, seed {seed})"
-            assert (check.copy.read_bytes() if check.copy else before) == before  # type: ignore[union-attr]
-            assert (check.copy is None) == (complete == before)
+            assert (check.cut.copy.read_bytes() if check.cut else before) == before  # type: ignore[union-attr]
+            assert (check.cut is None) == (complete == before)
             within(60, lambda: continue_study(search_dir))
         else:  # a live worker's path: its next append repairs
             within(60, lambda: continue_study(search_dir))

@@ -215,9 +215,9 @@ def test_a_journal_cut_anywhere_keeps_every_whole_record_and_repairs_to_them(cut
         path.write_bytes(raw)
         scan = sd.read_journal(path)
         assert scan is not None and scan.end == len(whole) and len(scan.records) == whole.count(b"\n")
-        copy = sd.cut_torn_tail(path)
+        cut = sd.cut_torn_tail(path)
         assert path.read_bytes() == whole
-        assert (copy is None) == (whole == raw) and (copy is None or copy.read_bytes() == raw)
+        assert (cut is None) == (whole == raw) and (cut is None or cut.copy.read_bytes() == raw)
 
 
 def test_an_oversized_journal_record_is_named_without_being_parsed(tmp_path):
