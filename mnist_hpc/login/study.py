@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 from mnist_hpc import rundir
 from mnist_hpc import search as sd
 from mnist_hpc import slurm
-from mnist_hpc.login.trials import Trial, read_trial, trial_dirs
+from mnist_hpc.login.trials import Trial, read_trial
 
 # Optuna's trial states in the words status and report use for runs.
 STATES = {"COMPLETE": "COMPLETED", "PRUNED": "PRUNED", "FAIL": "FAILED", "RUNNING": "RUNNING", "WAITING": "PENDING"}
@@ -182,16 +182,16 @@ def load_trials(search_dir: Path, spec: sd.SearchSpec) -> tuple[list[Any], Any, 
 
 
 def read_runs(search_dir: Path) -> tuple[dict[int, Trial], list[str]]:
-    """Each trial directory's files (:func:`mnist_hpc.login.trials.read_trial`), by trial number."""
-    try:
-        dirs = trial_dirs(search_dir)
-    except OSError as exc:
-        return {}, [f"{search_dir} cannot be listed ({exc.strerror or exc})"]
+    """Each trial directory's files (:func:`mnist_hpc.login.trials.read_trial`), by trial number.
+
+    The directories are the search's numbered ones (:func:`mnist_hpc.search.trial_numbers`: ASCII
+    digits only), whatever files they hold yet.
+    """
     runs, notes = {}, []
-    for path in dirs:
-        run = read_trial(path)
-        runs[int(path.name)] = run
-        notes += [f"trial {path.name}: {n}" for n in run.notes]
+    for number in sd.trial_numbers(search_dir):
+        run = read_trial(Path(search_dir) / str(number))
+        runs[number] = run
+        notes += [f"trial {number}: {n}" for n in run.notes]
     return runs, notes
 
 
