@@ -15,6 +15,11 @@
 A worker ends when the study has ``n_trials`` trials that count (interrupted ones do not) and no
 other worker's trial looks abandoned. The state of a worker is its heartbeat file, rewritten by a
 daemon thread every ``heartbeat_s``. The search directory's files: :mod:`mnist_hpc.search`.
+
+Before it opens the study a worker checks the journal (:func:`mnist_hpc.search.check_journal`);
+before each trial, that the data it would train on is the study's (``search.json``), and after
+it, that the trial trained on that data. A failed check stops the worker with one line and
+tells the study nothing about the trial (a result on other data must never be ranked).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ QUIET_BEATS = 3
 
 class TrialTakenOver(RuntimeError):
     """Another worker declared this worker's trial interrupted (it was silent for too long)."""
+
+
+class SearchStopped(RuntimeError):
+    """The worker must not go on (the journal or the data is not the study's); the message says why."""
 
 
 def pruning_callback(trial: Any) -> Any:
@@ -137,33 +146,47 @@ class SearchWorker:
         self.context = context
         self.master_config = master_config
         self.search_dir = Path(search_dir)
+        # The data file a trial reads, by the search's fixed overrides (see _check_data).
+        self._data_files: dict[tuple[str, ...], Path] = {}
 
     def __call__(self) -> list[int]:
         import optuna
         from hydra.core.singleton import Singleton
         from hydra.core.utils import setup_globals
 
+        from mnist_hpc.claim import Holder
+
         hydra_context, _, singleton_state = self.context.load()
         setup_globals()
         Singleton.set_state(singleton_state)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         me = worker_id()
-        spec = self._spec()
+        try:
+            spec = self._spec()
+        except SearchStopped as exc:
+            raise SystemExit(f"search worker {me} stopped: {exc}") from None
         # A requeued worker keeps the list of trials it ran before.
         before = next((b for b, _ in sd.read_beats(self.search_dir)[0] if b.job_id == me), sd.WorkerBeat(job_id=me))
         ran = list(before.trials_run)
-        beat = sd.WorkerBeat(job_id=me, cluster=_cluster(), host=socket.gethostname(), pid=os.getpid(),
-                             started=utc_now(), trials_run=list(ran), log=before.log)
+        process = Holder.this_process()
+        beat = sd.WorkerBeat(job_id=me, cluster=_cluster(), host=process.host, pid=process.pid,
+                             pid_start=process.pid_start, started=utc_now(), trials_run=list(ran), log=before.log)
         heartbeat = Heartbeat(self.search_dir, beat, spec.heartbeat_s).start()
-        storage = sd.open_storage(self.search_dir)
         # One stop request for the whole worker, as a launcher job has: USR2 or SIGTERM during a
         # trial stops it at its next step boundary; between trials (or inside ask and tell) it is
         # acted on at the top of the loop, never in the middle of a study update.
         submitit_handler = StopRequest.handler_before(signal.SIGUSR2)
         stop = StopRequest(ignore_after=True)
         try:
+            self._open_journal(spec)
+            storage = sd.open_storage(self.search_dir)
             with stop:
                 self._loop(hydra_context, storage, me, heartbeat, ran, stop, submitit_handler)
+        except SearchStopped as exc:
+            heartbeat.stop(state="stopped", message=str(exc))
+            log.error("%s", exc)
+            # One line on stderr and a failed job, without a traceback: nothing here is a bug.
+            raise SystemExit(f"search worker {me} stopped: {exc}") from None
         except BaseException as exc:
             # SystemExit after USR2 is submitit's requeue: a trial stopped at a step boundary stays
             # RUNNING under this job id and the requeued job resumes it.
@@ -171,9 +194,32 @@ class SearchWorker:
             heartbeat.stop(state="requeued" if requeued else "stopped", message=rundir.error_line(exc))
             raise
         spec = self._spec()
-        heartbeat.stop(state="done", trial=None, message=f"the study has its {spec.n_trials} trials")
-        log.info("worker %s ends: the study has its %d trials; this worker ran %s", me, spec.n_trials, ran)
+        message = self._why_done(storage, spec)
+        heartbeat.stop(state="done", trial=None, message=message)
+        log.info("worker %s ends: %s; this worker ran %s", me, message, ran)
         return ran
+
+    @staticmethod
+    def _why_done(storage: Any, spec: sd.SearchSpec) -> str:
+        """The worker's last word: the study is complete, or the rest of its budget is other workers' trials."""
+        trials = sd.study_trials(storage, spec.study_name) or []
+        counted = sum(sd.counts_toward_budget(t) for t in trials)
+        if counted >= spec.n_trials:
+            return f"the study has its {spec.n_trials} trials"
+        running = [t.number for t in trials if t.state.name == "RUNNING"]
+        return (f"nothing left to ask: {counted} of {spec.n_trials} trials done, and trials {sd.number_ranges(running)} "
+                "run on other workers")
+
+    def _open_journal(self, spec: sd.SearchSpec) -> None:
+        """Check the journal (and cut a torn last record off) before the study is opened."""
+        try:
+            check = sd.check_journal(self.search_dir, spec.study_name)
+        except sd.SearchFileError as exc:  # the journal, or its lock
+            raise SearchStopped(str(exc)) from exc
+        if check.scan is None or not check.scan.records:
+            raise SearchStopped(f"{sd.journal_path(self.search_dir)} holds no study: submit the search again")
+        if (note := check.note()) is not None:
+            log.warning("journal repaired: %s", note)
 
     def _loop(self, hydra_context: Any, storage: Any, me: str, heartbeat: Heartbeat, ran: list[int],
               stop: StopRequest, submitit_handler: Any) -> None:
@@ -186,6 +232,7 @@ class SearchWorker:
                 log.warning("stopping between trials on %s", signal.Signals(stop.signum).name)
                 raise hand_over(stop.signum, submitit_handler, chief=True)
             spec = self._spec()
+            self._check_data(hydra_context, spec)
             study = optuna.load_study(
                 study_name=spec.study_name, storage=storage,
                 sampler=self._sampler(spec, me, storage), pruner=self._pruner(spec),
@@ -211,10 +258,45 @@ class SearchWorker:
     # --- choosing the next trial (under the ask lock) --------------------------------------------
 
     def _spec(self) -> sd.SearchSpec:
-        spec = sd.read_spec(self.search_dir)
+        try:
+            spec = sd.read_spec(self.search_dir)
+        except sd.SearchFileError as exc:
+            raise SearchStopped(f"{exc}; submit the search again") from exc
         if spec is None:
-            raise FileNotFoundError(f"{self.search_dir / sd.SPEC_FILE} is gone; submit the search again")
+            raise SearchStopped(f"{self.search_dir / sd.SPEC_FILE} is gone; submit the search again")
         return spec
+
+    def _check_data(self, hydra_context: Any, spec: sd.SearchSpec) -> None:
+        """Before a trial: the data a trial would train on (its config's cache) is the study's."""
+        from mnist_hpc.cache import CacheError, read_manifest
+        from mnist_hpc.config import cache_file, to_typed
+
+        if spec.data_sha256 is None:
+            return  # a search.json older than the study's identity: nothing recorded to compare
+        # Where a trial's data is depends on the fixed overrides alone (the data's location is never
+        # searched): composed once per set of them.
+        key = tuple(spec.fixed)
+        if key not in self._data_files:
+            config = hydra_context.config_loader.load_sweep_config(self.master_config, sd.trial_overrides(spec, {}))
+            self._data_files[key] = cache_file(to_typed(config).data)
+        path = self._data_files[key]
+        try:
+            found = str(read_manifest(path)[0]["sha256"])
+        except CacheError as exc:
+            raise SearchStopped(f"no trial was started: {exc}") from exc
+        if found != spec.data_sha256:
+            raise SearchStopped(data_changed(path, spec.data_sha256, found, "no trial was started"))
+
+    def _check_trained_on(self, spec: sd.SearchSpec, trial: Any, run_dir: Path) -> None:
+        """After a trial: it trained on the study's data (its run directory's identity says which)."""
+        try:
+            identity = rundir.read_identity(run_dir)
+        except rundir.RunFileError as exc:
+            raise SearchStopped(f"trial {trial.number} was not told to the study: {exc}") from exc
+        found = (identity or {}).get("config", {}).get("data.sha256")
+        if spec.data_sha256 is not None and found is not None and found != spec.data_sha256:
+            raise SearchStopped(data_changed(run_dir / rundir.IDENTITY_FILE, spec.data_sha256, str(found),
+                                             f"trial {trial.number} was not told to the study"))
 
     @staticmethod
     def _sampler(spec: sd.SearchSpec, me: str, storage: Any) -> Any:
@@ -252,9 +334,13 @@ class SearchWorker:
                     log.info("resuming trial %d, left RUNNING by this job before its requeue", t.number)
                     return Trial(study, t._trial_id)
             live = []
+            beats = self._owner_beats(running)
             for t in running:
                 age = self._silence_s(t, now)
-                if age is not None and age > spec.stale_after_s:
+                gone = self._owner_gone(t, beats)
+                if gone is not None:
+                    self._interrupt(study, t, gone)
+                elif age is not None and age > spec.stale_after_s:
                     self._interrupt(study, t, f"its worker {t.user_attrs.get(sd.WORKER_ATTR)} was silent for {age:.0f} s")
                 else:
                     live.append((t, age))
@@ -277,8 +363,49 @@ class SearchWorker:
     def _silence_s(self, trial: Any, now: float) -> Optional[float]:
         """Seconds since the trial's owner last beat; None when unknown (no owner or file yet)."""
         owner = trial.user_attrs.get(sd.WORKER_ATTR)
-        mtime = sd.beat_mtime(self.search_dir, owner) if owner else None
+        mtime = sd.beat_mtime(self.search_dir, owner) if isinstance(owner, str) and owner else None
         return None if mtime is None else now - mtime
+
+    def _owner_beats(self, running: list[Any]) -> dict[str, tuple[sd.WorkerBeat, Optional[bool]]]:
+        """The heartbeat of each running trial's worker, with whether its process lives (False: known
+        gone; one squeue call for all Slurm workers)."""
+        from mnist_hpc import claim, slurm
+
+        beats: dict[str, sd.WorkerBeat] = {}
+        for trial in running:
+            owner = trial.user_attrs.get(sd.WORKER_ATTR)
+            if isinstance(owner, str) and owner and owner not in beats:
+                try:
+                    beats[owner] = sd.read_beat(sd.beat_path(self.search_dir, owner))
+                except sd.SearchFileError:
+                    pass  # no file yet, or a damaged one: only its silence tells
+        jobs = [b.job_id for b in beats.values() if b.cluster == "slurm" and b.state in ("running", "requeued")]
+        answers = slurm.jobs_alive(jobs) if jobs else {}
+        me = claim.Holder.this_process()
+        out: dict[str, tuple[sd.WorkerBeat, Optional[bool]]] = {}
+        for owner, beat in beats.items():
+            alive: Optional[bool] = None
+            if beat.cluster == "slurm":
+                alive = answers.get(owner)
+            elif (holder := beat.holder()) is not None:
+                alive = claim.alive(holder, me)
+            out[owner] = (beat, alive)
+        return out
+
+    @staticmethod
+    def _owner_gone(trial: Any, beats: dict[str, tuple[sd.WorkerBeat, Optional[bool]]]) -> Optional[str]:
+        """Why a RUNNING trial's worker will never finish it, when that is known without waiting for
+        its silence: its heartbeat says it is done or stopped, or its process (local) or job (Slurm)
+        has ended. None when it may still run it, or that cannot be told."""
+        owner = trial.user_attrs.get(sd.WORKER_ATTR)
+        if owner not in beats:
+            return None
+        beat, alive = beats[owner]
+        if beat.state in ("done", "stopped"):
+            return f"its worker {owner} has {'ended' if beat.state == 'done' else 'stopped'} without finishing it"
+        if alive is False:
+            return f"its worker {owner}'s {'Slurm job' if beat.cluster == 'slurm' else 'process'} has ended"
+        return None
 
     @staticmethod
     def _interrupt(study: Any, trial: Any, reason: str) -> None:
@@ -323,10 +450,12 @@ class SearchWorker:
 
     def _seed_from_retry(self, study: Any, trial: Any, run_dir: Path) -> None:
         """A retry of an interrupted trial starts from that trial's newest checkpoints."""
-        origin = trial.user_attrs.get(sd.RETRY_OF_ATTR)
+        origin = sd.trial_number_attr(trial, sd.RETRY_OF_ATTR)
+        if origin is None or origin >= trial.number:  # none, or not a trial before this one
+            return
         source = self.search_dir / str(origin) / rundir.CHECKPOINT_DIR
         target = run_dir / rundir.CHECKPOINT_DIR
-        if origin is None or not source.is_dir() or target.exists():
+        if not source.is_dir() or target.exists():
             return
         shutil.copytree(source, target)
         # The checkpoints come with the binding they were made under (same parameters, same
@@ -361,6 +490,8 @@ class SearchWorker:
             error = unwrap(ret._return_value) if ret.status == JobStatus.FAILED else None
         except Exception as exc:  # composing or recording failed: the trial fails, the worker goes on
             error = exc
+        if error is None or isinstance(error, optuna.TrialPruned):
+            self._check_trained_on(spec, trial, run_dir)
         try:
             if error is None:
                 study.tell(trial, float(ret.return_value))
@@ -386,3 +517,10 @@ class SearchWorker:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
             log.warning("trial %d was finished by another worker meanwhile (%s)", trial.number, exc)
+
+
+def data_changed(where: Path, study_sha256: str, found: str, consequence: str) -> str:
+    """The one line a worker stops with when the data is not the study's."""
+    return (f"{consequence}: the data at {where} is sha256 {found[:16]}..., but this study's trials were trained on "
+            f"{study_sha256[:16]}... (its {sd.SPEC_FILE}); put the study's data back (mnist-hpc-prefetch), or start a "
+            "new search in a new hydra.sweep.dir")

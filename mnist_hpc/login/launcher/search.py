@@ -10,7 +10,10 @@ selects the sweeper ``hydra/sweeper=async_optuna`` (thin plugin in
    queued parameter set, checks the data cache and the search directory (nothing is queued
    when one fails);
 3. creates the study in ``<search dir>/study.journal``, or continues the one there when the
-   search is the same (a changed space or fixed override is refused);
+   search is the same: the same space, and the same identity (the data's sha256 and every
+   config key that decides a trial's result; a change is refused, naming each key), and a
+   journal that :func:`mnist_hpc.search.check_journal` accepts (a torn last record is cut off,
+   a copy kept; damage elsewhere, or trial directories the journal does not know, are refused);
 4. queues one array of W :class:`~mnist_hpc.compute.search.SearchWorker` tasks with the
    ``hydra.launcher`` options (Slurm or local) and returns.
 
@@ -20,6 +23,7 @@ Nothing waits on the login node: the workers ask, train and tell by themselves.
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +37,8 @@ from mnist_hpc.login.launcher.preflight import PreflightError, check_cache, chec
 from mnist_hpc.login.launcher.options import tasks_per_job
 
 PLUGIN = "hydra_plugins.mnist_hpc_launcher.sweeper.AsyncOptunaSweeper"
+# Where the data is: one dataset per study (its sha256 is part of the study's identity).
+DATA_LOCATION = ("data.cache_dir", "data.filename")
 LAUNCHERS = {"SlurmLauncher": "slurm", "LocalLauncher": "local"}
 
 
@@ -103,6 +109,10 @@ def build_spec(conf: DictConfig, arguments: list[str]) -> sd.SearchSpec:
         raise _refuse(str(exc)) from exc
     if not space:
         raise _refuse("the search has no parameters to sample: set hydra.sweeper.params (see conf/hparams_search/optuna.yaml)")
+    for name in space:
+        if name in DATA_LOCATION:
+            raise _refuse(f"{name} is searched, but a study compares its trials on one dataset; fix it for all "
+                          f"trials ({name}=...) and search the parameters of the training")
     spec = sd.SearchSpec(
         study_name=str(plain["study_name"]), direction=str(plain["direction"]), n_trials=int(plain["n_trials"]),
         params={k: v for k, v in params.items() if k in space}, fixed=fixed + fixed_params,
@@ -136,8 +146,12 @@ def build_spec(conf: DictConfig, arguments: list[str]) -> sd.SearchSpec:
     return spec
 
 
-def check_trials(composer: Any, spec: sd.SearchSpec) -> None:
-    """Compose and check a config per categorical choice, range bound and queued parameter set."""
+def check_trials(composer: Any, spec: sd.SearchSpec) -> dict[str, Any]:
+    """Compose and check a config per categorical choice, range bound and queued parameter set.
+
+    Returns:
+        The study's identity (:func:`study_identity`) from the first of them and the cache.
+    """
     from optuna.distributions import CategoricalDistribution
 
     space, _ = sd.parse_params(spec.params)
@@ -160,33 +174,77 @@ def check_trials(composer: Any, spec: sd.SearchSpec) -> None:
             )
         checked = checked or typed
     assert checked is not None
-    check_cache(checked)
+    manifest = check_cache(checked)
+    return study_identity(checked, str(manifest["sha256"]), spec)
 
 
-def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int]:
-    """Create the study, or continue the one in ``search_dir``; returns it and its counted trials."""
+def study_identity(typed: Any, data_sha256: str, spec: sd.SearchSpec) -> dict[str, Any]:
+    """What decides a trial's result besides its sampled parameters: a trial config's identity
+    (:func:`mnist_hpc.claim.identity_from_flat`, with the data's sha256) without the searched keys.
+
+    ``train.epochs`` is kept: a run directory may be extended to more epochs, but a study ranks
+    its trials' results at the epochs they were trained for.
+    """
+    from mnist_hpc import claim
+    from mnist_hpc.config import flat_config
+
+    flat = flat_config(typed)
+    identity = claim.identity_from_flat(flat, data_sha256)
+    identity["train.epochs"] = flat["train.epochs"]
+
+    def searched(key: str) -> bool:  # the key, a key inside it, or the list it is an item of
+        return any(key == p or key.startswith(p + ".") or p.startswith(key + ".") for p in spec.params)
+
+    return {k: v for k, v in sorted(identity.items()) if not searched(k)}
+
+
+def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int, Optional[str]]:
+    """Create the study, or continue the one in ``search_dir``.
+
+    Every refusal comes before anything is written; the one write before the study is opened is
+    the repair of a torn last journal record (a copy of the journal is kept).
+
+    Returns:
+        The study, its trials that count toward the budget, and a note on a repaired journal.
+    """
     import optuna
 
     try:
         previous = sd.read_spec(search_dir)
     except sd.SearchFileError as exc:
         raise _refuse(f"{exc}; use a new hydra.sweep.dir") from exc
-    if previous is None and sd.journal_path(search_dir).exists():
-        raise _refuse(f"{sd.journal_path(search_dir)} exists without {sd.SPEC_FILE}; use a new hydra.sweep.dir")
-    if previous is not None:
+    journal = sd.journal_path(search_dir)
+    if previous is None:
+        if journal.exists():
+            raise _refuse(f"{journal} exists without {sd.SPEC_FILE}; use a new hydra.sweep.dir")
+        if numbers := sd.trial_numbers(search_dir):
+            raise _refuse(f"{search_dir} holds directories of trials {sd.number_ranges(numbers)} but no {sd.SPEC_FILE}, "
+                          "so it is not known what they belong to; use a new hydra.sweep.dir")
+    else:
+        if not previous.identity:
+            raise _refuse(
+                f"{search_dir / sd.SPEC_FILE} was written by an older mnist-hpc and does not record the data and config "
+                "its trials were trained with, so it cannot be checked that new trials would be comparable; "
+                "use a new hydra.sweep.dir"
+            )
         changed = spec.differences(previous)
         if changed:
             raise _refuse(
                 f"{search_dir} holds a different search; continuing it would mix trials that are not comparable:\n  "
                 + "\n  ".join(changed)
-                + "\nsubmit the same space and overrides to continue it, or use a new hydra.sweep.dir"
+                + "\nsubmit the same space, data and overrides to continue it, or use a new hydra.sweep.dir"
             )
         spec.created = previous.created
+    try:
+        check = sd.check_journal(search_dir, spec.study_name)
+    except sd.SearchFileError as exc:  # the journal, or its lock
+        raise _refuse(str(exc)) from exc
+    repaired = check.note()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = sd.open_storage(search_dir)
     try:  # loading writes nothing to the journal (create_study would append an entry)
         study = optuna.load_study(study_name=spec.study_name, storage=storage) if previous is not None else None
-    except KeyError:  # a submission that stopped between search.json and the study
+    except KeyError:  # a submission that stopped between search.json and the study (no trial directories)
         study = None
     if study is None:
         study = optuna.create_study(storage=storage, study_name=spec.study_name, direction=spec.direction)
@@ -196,9 +254,9 @@ def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int]:
     if counted >= spec.n_trials:
         raise _refuse(
             f"the study in {search_dir} already has {counted} finished trials (n_trials={spec.n_trials}); "
-            "pass a larger hydra.sweeper.n_trials to continue it"
+            "pass a larger hydra.sweeper.n_trials to continue it" + (f"\n(note: {repaired})" if repaired else "")
         )
-    return study, counted
+    return study, counted, repaired
 
 
 def submit_search(sweeper: Any, arguments: list[str]) -> None:
@@ -229,9 +287,9 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     folder = str(raw_folder).replace("${hydra.sweep.dir}", str(search_dir))
     root = folder_root(folder)
     spec = build_spec(config.hydra.sweeper, arguments)
-    check_trials(SweepComposer(sweeper.hydra_context.config_loader, config), spec)
+    spec.identity = check_trials(SweepComposer(sweeper.hydra_context.config_loader, config), spec)
     make_private(root)
-    _, counted = open_study(search_dir, spec)
+    _, counted, repaired = open_study(search_dir, spec)
     n_workers = min(spec.workers, spec.n_trials - counted)
     sd.write_spec(search_dir, spec)
     OmegaConf.save(config, search_dir / "multirun.yaml")
@@ -256,12 +314,17 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
         if isinstance(exc, FailedJobError):
             raise SubmissionError(f"nothing was queued: {cluster} refused the {n_workers} worker(s): {str(exc).strip()}") from exc
         raise
-    for job in jobs:  # status lists a worker from submission on, before it starts
-        sd.write_beat(search_dir, sd.WorkerBeat(job_id=str(job.job_id), cluster=cluster, state="queued", log=str(job.paths.stdout)))
-    print(summary(search_dir, spec, counted, jobs, cluster), flush=True)
+    # Status lists a worker from submission on, before it starts; a local one by its process
+    # (submitit's local job id is its pid on this host).
+    host = socket.gethostname() if cluster == "local" else ""
+    for job in jobs:
+        sd.write_beat(search_dir, sd.WorkerBeat(job_id=str(job.job_id), cluster=cluster, host=host, state="queued",
+                                                log=str(job.paths.stdout)))
+    print(summary(search_dir, spec, counted, jobs, cluster, repaired), flush=True)
 
 
-def summary(search_dir: Path, spec: sd.SearchSpec, counted: int, jobs: list[Any], cluster: str) -> str:
+def summary(search_dir: Path, spec: sd.SearchSpec, counted: int, jobs: list[Any], cluster: str,
+            repaired: Optional[str] = None) -> str:
     ids = sorted({str(j.job_id).partition("_")[0] for j in jobs})
     verb = f"continuing the study ({counted} trials done)" if counted else "new study"
     lines = [
@@ -272,6 +335,8 @@ def summary(search_dir: Path, spec: sd.SearchSpec, counted: int, jobs: list[Any]
         f"worker logs: {Path(str(jobs[0].paths.stdout)).parent}",
         f"check on it with: mnist-hpc-status {search_dir}   (and mnist-hpc-report {search_dir})",
     ]
+    if repaired:
+        lines.insert(2, f"journal repaired: {repaired}")
     return "\n".join(lines)
 
 
