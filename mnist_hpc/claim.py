@@ -291,7 +291,7 @@ def alive(holder: Holder, me: Holder, slurm_alive: Optional[Callable[[str], Opti
         return None
     if holder.pid == me.pid and holder.pid_start == me.pid_start:
         return False  # this process took it earlier (a second run in one interpreter)
-    if holder.pid <= 0:
+    if not isinstance(holder.pid, int) or not 0 < holder.pid < 2**31:
         return None  # no process id to ask (kill(0) or kill(-1) would ask about others)
     try:
         os.kill(holder.pid, 0)

@@ -134,11 +134,25 @@ def status_main(argv: Optional[list[str]] = None) -> None:
     """``mnist-hpc-status``: state of submitted jobs from sacct and the run directories."""
     from mnist_hpc.login.status import main
 
-    sys.exit(main(argv))
+    _exit_quietly_on_closed_pipe(main, argv)
 
 
 def report_main(argv: Optional[list[str]] = None) -> None:
     """``mnist-hpc-report``: tables and plots of a sweep or run directory."""
     from mnist_hpc.login.report.cli import main
 
-    sys.exit(main(argv))
+    _exit_quietly_on_closed_pipe(main, argv)
+
+
+def _exit_quietly_on_closed_pipe(main: Any, argv: Optional[list[str]]) -> None:
+    """Run a command's ``main``; a reader that closed the pipe (``| head``) ends it quietly, as for ``ls``."""
+    import os
+
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the flush at exit failing too: point stdout at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for such a command
+    sys.exit(code)

@@ -214,3 +214,11 @@ def test_a_run_stopped_by_a_full_disk_says_so_and_resumes_once_space_is_freed(co
     train_and_evaluate(fresh_cfg, tmp_path / "fresh")
     for got, want in zip(weights(run_dir), weights(tmp_path / "fresh")):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("pid", [0, -1, 2**31, 2**40, "12", None])
+def test_a_holder_without_a_usable_process_id_cannot_be_told_alive_or_dead(pid):
+    """kill(0) and kill(-1) would ask about other processes, and huge or non-integer pids raise:
+    a lease or job.json naming such a pid is neither alive nor dead, and never a traceback."""
+    me = claim.Holder.this_process()
+    assert claim.alive(claim.Holder(host=me.host, pid=pid), me) is None  # type: ignore[arg-type]

@@ -165,3 +165,14 @@ def test_a_workers_failure_never_replaces_one_already_written(tmp_path, monkeypa
     assert not rundir.write_failure(tmp_path, RuntimeError("worker 0 died"), keep_existing=True)
     assert rundir.read_failure(tmp_path) == "OSError: the chief's own error"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failure.json"]  # no temporary left
+
+
+def test_final_metrics_with_more_epochs_than_planned_are_not_shown(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    history = [{"epoch": e, "accuracy": 0.9, "loss": 0.3, "seconds": 1.0} for e in (1, 2, 3)]
+    rundir.write_progress(run_dir, 2, 2, history[:2])
+    rundir.write_metrics(run_dir, {"test_accuracy": 0.97, "test_loss": 0.1, "epochs_completed": 3, "history": history})
+    run = rundir.read_run(run_dir)
+    assert run.metrics is None and any("holds 3 epochs, more than the 2" in n for n in run.notes)
+    rundir.write_progress(run_dir, 3, 3, history)
+    assert rundir.read_run(run_dir).metrics["epochs_completed"] == 3

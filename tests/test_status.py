@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,18 @@ def test_malformed_client_lines_are_skipped(line: str):
     assert slurm.parse_squeue(line + "\n") == {}
     rows = slurm.parse_sacct(line + "\n")
     assert all(key and "[" not in key for key in rows)
+
+
+def test_a_reader_that_closes_the_pipe_ends_status_quietly(tmp_path: Path):
+    """``mnist-hpc-status --json SWEEP | head -1``: exit 141 (as a shell reports SIGPIPE), no traceback."""
+    sweep = tmp_path / "sweep"
+    for i in range(300):
+        make_run(sweep, i, f"99999_{i}", finished=False)
+    (sweep / "²").mkdir()  # a directory whose name is a digit but not an ASCII number: not a trial
+    proc = subprocess.run(
+        f"{shlex.quote(sys.executable)} -c 'from mnist_hpc.cli import status_main; status_main()' --json "
+        f"{shlex.quote(str(sweep))} | head -c 10; exit ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PATH": str(tmp_path / "no-slurm-here") + ":/usr/bin:/bin"})
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stdout.startswith("[") and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

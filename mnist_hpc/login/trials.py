@@ -160,7 +160,8 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
     found = [
         p
         for p in sweep_dir.iterdir()
-        if p.is_dir() and p.name.isdigit() and ((p / rundir.JOB_FILE).is_file() or (p / rundir.HYDRA_OVERRIDES).is_file())
+        if p.name.isascii() and p.name.isdigit() and p.is_dir()
+        and ((p / rundir.JOB_FILE).is_file() or (p / rundir.HYDRA_OVERRIDES).is_file())
     ]
     return sorted(found, key=lambda p: int(p.name))
 

@@ -95,6 +95,12 @@ def _keep_only_bound_results(run: RunFiles) -> None:
             run.notes.append(f"{exc}; its results are not shown, since it cannot be told which config made them")
             run.metrics = run.progress = None
         return
+    if run.metrics is not None and run.progress is not None and len(run.metrics["history"]) > run.progress.epochs_planned:
+        run.notes.append(
+            f"{run.run_dir / METRICS_FILE} holds {len(run.metrics['history'])} epochs, more than the "
+            f"{run.progress.epochs_planned} its progress.json planned; ignored"
+        )
+        run.metrics = None
     bound = identity.get("fingerprint") if identity else None
     if bound is None:
         return
