@@ -287,7 +287,7 @@ def main() -> int:
     if probe.returncode != 0:
         raise SystemExit(f"{args.baseline_python} lacks hydra-optuna-sweeper: {probe.stderr.decode()[-500:]}")
 
-    from mnist_hpc.login.prefetch import prefetch
+    from mnist_hpc.login.prefetch.fetch import prefetch
 
     work = Path(tempfile.mkdtemp(prefix="mnist-hpc-bench-search-"))
     cache = work / "cache"

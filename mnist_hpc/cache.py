@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     import numpy as np
 
-from mnist_hpc.config import KERAS_MNIST_URL, DataConfig, cache_file
 from mnist_hpc.dataset import (
     MAX_NPZ_BYTES,
     REQUIRED_KEYS,
@@ -40,6 +39,11 @@ from mnist_hpc.dataset import (
     read_npz_layout,
 )
 
+# Keras' own download of the lesson's file, and the sha256 Keras pins for it: what prefetch fetches by default.
+KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+KERAS_MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+# data.filename's default: the name Keras gives the file.
+DEFAULT_FILENAME = "mnist.npz"
 MANIFEST_SUFFIX = ".manifest.json"
 FORMAT = 2  # manifest format: 2 = content-addressed objects beside a manifest that points at one
 READ_ATTEMPTS = 5  # re-reads of the manifest when a prefetch switches datasets under a reader
@@ -102,7 +106,7 @@ def prefetch_command(npz_path: Path, manifest: Optional[dict[str, Any]] = None, 
     """The login-node command that fills ``npz_path``; given a manifest, the one that refetches
     its recorded source (``--from`` a file, ``--url`` of a mirror) with ``--force``."""
     words = ["mnist-hpc-prefetch", f"data.cache_dir={npz_path.parent}"]
-    if npz_path.name != DataConfig.filename:
+    if npz_path.name != DEFAULT_FILENAME:
         words.append(f"data.filename={npz_path.name}")
     if manifest is not None:
         if manifest["source_kind"] in ("npz", "idx"):
@@ -259,7 +263,12 @@ def check_cached(npz_path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_verified(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def cache_file(data: Any) -> Path:
+    """Absolute path of the cached dataset named by a config's ``data`` section (its cache_dir and filename)."""
+    return Path(data.cache_dir).expanduser().resolve() / data.filename
+
+
+def read_verified(cfg: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The cached arrays, parsed from the very bytes whose sha256 matched the manifest, with the manifest.
 
     Raises:

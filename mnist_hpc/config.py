@@ -18,9 +18,7 @@ from typing import Any, Optional
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-# Keras' own download of the lesson's file, and the sha256 Keras pins for it.
-KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
-KERAS_MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+from mnist_hpc.cache import DEFAULT_FILENAME, filename_problem
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "elu", "selu", "swish")
 
@@ -63,7 +61,7 @@ class DataConfig:
     # Directory holding the verified mnist.npz and its manifest; prefetch writes it, jobs read it.
     cache_dir: str = "~/.cache/mnist-hpc"
     # File name of the cached dataset inside cache_dir.
-    filename: str = "mnist.npz"
+    filename: str = DEFAULT_FILENAME
     # Fraction of the training set held out (from its end) for validation; 0 as in the lesson.
     validation_split: float = 0.0
 
@@ -164,10 +162,6 @@ def validate(cfg: Config) -> Config:
     """Check value ranges that types alone cannot express; raise ConfigError naming the key."""
     d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.train
     _require(bool(d.cache_dir) and "\0" not in d.cache_dir, "data.cache_dir", d.cache_dir, "set a cache directory")
-    from mnist_hpc.cache import (
-        filename_problem,  # cache.py owns the names; it imports this module
-    )
-
     problem = filename_problem(d.filename)
     _require(problem is None, "data.filename", d.filename, problem or "")
     _require(
@@ -286,7 +280,3 @@ def traced_config(flat: dict[str, Any]) -> dict[str, Any]:
     """The keys of a flattened config (:func:`flat_config`) that its compiled programs are traced from."""
     return {k: v for k, v in sorted(flat.items()) if not k.startswith(NOT_TRACED)}
 
-
-def cache_file(cfg: DataConfig) -> Path:
-    """Absolute path of the cached dataset file."""
-    return Path(cfg.cache_dir).expanduser().resolve() / cfg.filename

@@ -45,7 +45,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
 
 def fill_cache(cache_dir: Path, arrays: Optional[dict[str, np.ndarray]] = None) -> Path:
     """Put a dataset into ``cache_dir`` through the real prefetch import (``--from``)."""
-    from mnist_hpc.login.prefetch import prefetch
+    from mnist_hpc.login.prefetch.fetch import prefetch
 
     source = write_npz(cache_dir.parent / "incoming" / "mnist.npz", arrays or synthetic_mnist())
     target = cache_dir / "mnist.npz"

@@ -96,7 +96,8 @@ def test_every_reported_number_comes_from_its_own_trials_config(tmp_path_factory
     from hydra.core.singleton import Singleton
 
     from mnist_hpc.login.launcher.compose import SweepComposer, plan_jobs
-    from mnist_hpc.login.launcher.preflight import PreflightError, preflight
+    from mnist_hpc.login.launcher.plan import PreflightError
+    from mnist_hpc.login.launcher.preflight import preflight
     from mnist_hpc.login.report.ranking import best_trial
     from mnist_hpc.login.trials import read_trials, trial_dirs
 

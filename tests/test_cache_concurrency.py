@@ -49,7 +49,7 @@ READER = FINGERPRINT + textwrap.dedent("""
 WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from mnist_hpc.login.prefetch import prefetch
+    from mnist_hpc.login.prefetch.fetch import prefetch
     target, switches, sources = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     for i in range(switches):
         prefetch(target, source=Path(sources[i % 2]), force=True, grace_s=0.0)

@@ -26,7 +26,8 @@ from mnist_hpc.cache import (
     prefetch_command,
     view_target,
 )
-from mnist_hpc.config import KERAS_MNIST_SHA256, KERAS_MNIST_URL, ConfigError
+from mnist_hpc.cache import KERAS_MNIST_SHA256, KERAS_MNIST_URL
+from mnist_hpc.config import ConfigError
 from mnist_hpc.dataset import MAX_NPZ_BYTES
 from mnist_hpc.login import prefetch
 from mnist_hpc.login.prefetch import download, fetch, store

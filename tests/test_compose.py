@@ -193,11 +193,12 @@ def test_which_interpolations_send_a_job_the_long_way(key, interpolation, refers
 REBUILD = """
 import json, pickle, sys
 from omegaconf import OmegaConf
+from mnist_hpc.compute.job import TrainJob
 from mnist_hpc.config import flat_config, to_typed
 out = []
 for path in sys.argv[1:]:
     with open(path, "rb") as fh:
-        job = pickle.load(fh)
+        job = TrainJob(pickle.load(fh))
     cfg = job.config()
     out.append({"container": OmegaConf.to_container(cfg, resolve=False, enum_to_str=True),
                 "typed": [[k, type(v).__name__, repr(v)] for k, v in sorted(flat_config(to_typed(cfg)).items())],
@@ -228,8 +229,8 @@ def test_the_config_a_compute_node_rebuilds_equals_hydras(tmp_path, sweep):
     from hydra.core.singleton import Singleton
     from omegaconf import OmegaConf, open_dict
 
-    from mnist_hpc.cli import _train_task
-    from mnist_hpc.compute.job import LaunchContext, TrainJob
+    from mnist_hpc.compute.run import train_task
+    from mnist_hpc.contract.tasks import LaunchContext, TrainTrial
     from mnist_hpc.login.launcher.compose import SweepComposer, plan_jobs
 
     cli, jobs = SWEEPS[sweep]
@@ -240,12 +241,12 @@ def test_the_config_a_compute_node_rebuilds_equals_hydras(tmp_path, sweep):
             [jobs] = BasicSweeper.split_arguments(parsed, None)
         composer = SweepComposer(loader, master)
         planned = plan_jobs(composer, sweep_dir, jobs, 0)
-        context = LaunchContext(tmp_path / "launch.pkl", object(), _train_task, Singleton.get_state(), composer.bases(sweep_dir))
+        context = LaunchContext(tmp_path / "launch.pkl", object(), train_task, Singleton.get_state(), composer.bases(sweep_dir))
         context.save()
         pickles = []
         for job in planned:
             pickles.append(tmp_path / f"job{job.num}.pkl")
-            pickles[-1].write_bytes(pickle.dumps(TrainJob(LaunchContext(context.path), job.spec, job.run_dir)))
+            pickles[-1].write_bytes(pickle.dumps(TrainTrial(LaunchContext(context.path), job.spec, job.run_dir)))
         expected = []
         for job in planned:
             cfg = loader.load_sweep_config(master, list(job.overrides))
@@ -272,19 +273,20 @@ def test_a_config_that_resolves_otherwise_on_the_node_is_refused_with_failure_js
     refuses to run, naming the key and both values, in failure.json."""
     from hydra.core.singleton import Singleton
 
-    from mnist_hpc.cli import _train_task
-    from mnist_hpc.compute.jobconfig import ConfigMismatch
-    from mnist_hpc.compute.job import LaunchContext, TrainJob
+    from mnist_hpc.compute.job import TrainJob
+    from mnist_hpc.compute.run import train_task
+    from mnist_hpc.contract.jobconfig import ConfigMismatch
+    from mnist_hpc.contract.tasks import LaunchContext, TrainTrial
     from mnist_hpc.login.launcher.compose import SweepComposer, plan_jobs
 
     monkeypatch.delenv("MNIST_HPC_TEST_FILE", raising=False)
     with composing(tmp_path, "train.seed=1,2") as (loader, master):
         composer = SweepComposer(loader, master)
         [job] = plan_jobs(composer, tmp_path / "s", [["data.filename=${oc.env:MNIST_HPC_TEST_FILE,mnist.npz}"]], 0)
-        context = LaunchContext(tmp_path / "launch.pkl", object(), _train_task, Singleton.get_state(), composer.bases(tmp_path / "s"))
+        context = LaunchContext(tmp_path / "launch.pkl", object(), train_task, Singleton.get_state(), composer.bases(tmp_path / "s"))
         context.save()
     assert job.typed.data.filename == "mnist.npz"
-    trial = pickle.loads(pickle.dumps(TrainJob(LaunchContext(context.path), job.spec, job.run_dir)))
+    trial = TrainJob(pickle.loads(pickle.dumps(TrainTrial(LaunchContext(context.path), job.spec, job.run_dir))))
     ours = Singleton.get_state()  # the job installs the launch's Hydra state, as on a node
     try:
         assert trial.config().hydra.job.num == 0  # same environment: rebuilt and accepted

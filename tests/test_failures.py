@@ -58,7 +58,7 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_queueing(synthet
 @pytest.mark.parametrize("procid, writes", [("0", True), ("1", False), (None, True)])
 def test_an_unloadable_job_is_recorded_once_by_the_first_task(tmp_path, monkeypatch, procid, writes):
     """A job whose pickle cannot be loaded fails in every task; only the first writes failure.json."""
-    from mnist_hpc.compute.entry import JobEntry
+    from mnist_hpc.contract.entry import JobEntry
 
     entry = JobEntry(len, [tmp_path / "a", tmp_path / "b"])
     entry.payload = entry.payload.replace(b"len", b"nel")  # a name this environment lacks

@@ -1,4 +1,4 @@
-"""No one else can make your job run their code (mnist_hpc.compute.guard).
+"""No one else can make your job run their code (mnist_hpc.contract.guard).
 
 Unit tests of the check at its boundaries (each mode bit, the owner, links, file types, the
 folders above the anchor), of private creation on the login node, of the guarded job command
@@ -34,8 +34,8 @@ from typing import Any
 
 import pytest
 
-from mnist_hpc.compute import guard
-from mnist_hpc.compute.guard import UnsafeJobFile
+from mnist_hpc.contract import guard
+from mnist_hpc.contract.guard import UnsafeJobFile
 from tests.conftest import REPO, fill_cache, tiny_overrides
 
 # --- a private job folder, as the launcher leaves it -----------------------------------------------
@@ -219,7 +219,7 @@ def test_private_folder_creates_takes_over_or_refuses(tmp_path: Path) -> None:
 
 
 def test_the_launcher_refuses_before_queueing_a_submitit_folder_it_cannot_make_private(tmp_path: Path, capsys) -> None:
-    from mnist_hpc.login.launcher.preflight import PreflightError
+    from mnist_hpc.login.launcher.plan import PreflightError
     from mnist_hpc.login.launcher.submit import make_private
 
     theirs = tmp_path / "theirs" / ".submitit"
@@ -238,7 +238,7 @@ def test_the_launcher_refuses_before_queueing_a_submitit_folder_it_cannot_make_p
 
 
 def test_the_launch_pickle_is_written_private_and_refused_when_it_is_not(tmp_path: Path) -> None:
-    from mnist_hpc.compute.job import LaunchContext
+    from mnist_hpc.contract.tasks import LaunchContext
 
     project = group_project(tmp_path)
     path = project / "sweep" / ".submitit" / "launch-1.pkl"
@@ -301,7 +301,7 @@ def test_the_guarded_command_runs_a_private_job_with_the_users_umask(tmp_path: P
     """submitit sets the job up under umask 077; the job itself (JobEntry) runs with the user's."""
     import functools
 
-    from mnist_hpc.compute.entry import JobEntry
+    from mnist_hpc.contract.entry import JobEntry
 
     # os.umask returns the umask it replaces: the one the job ran with.
     anchor, _ = submitted(tmp_path, JobEntry(functools.partial(os.umask, 0o022), [tmp_path / "run"]))
@@ -346,19 +346,20 @@ def test_the_guarded_command_refuses_before_unpickling(tmp_path: Path, attack: s
 
 def test_a_refusal_inside_the_job_is_one_line_too(tmp_path: Path) -> None:
     """The launch pickle, refused once the job runs (LaunchContext.load): the same line, no traceback."""
-    from mnist_hpc.compute.job import LaunchContext
-
-    from mnist_hpc.compute.entry import JobEntry
+    from mnist_hpc.contract.entry import JobEntry
+    from mnist_hpc.contract.jobconfig import JobSpec
+    from mnist_hpc.contract.tasks import LaunchContext, TrainTrial
 
     marker = tmp_path / "marker"
     launch = tmp_path / "sweep" / ".submitit" / "launch-1.pkl"
-    anchor, _ = submitted(tmp_path, JobEntry(LaunchContext(launch).load, [tmp_path / "run"]))
+    trial = TrainTrial(LaunchContext(launch), JobSpec(0, [], [], 0), tmp_path / "sweep" / "0")
+    anchor, _ = submitted(tmp_path, JobEntry(trial, [trial.run_dir]))
     launch.write_bytes(pickle.dumps(Marker(marker)))
     os.chmod(launch, 0o660)
     proc = run_guard(anchor)
     assert proc.returncode == 1 and not marker.exists() and "Traceback" not in proc.stderr
-    # submitit logs its own set-up lines; the error is one line of ours.
-    assert [line for line in proc.stderr.splitlines() if not line.startswith("submitit ")] == [f"mnist-hpc: error: {launch} is writable by its group root (mode 0660): someone "
+    # submitit and the job log their own lines; the error is one line of ours.
+    assert [line for line in proc.stderr.splitlines() if line.startswith("mnist-hpc: error:")] == [f"mnist-hpc: error: {launch} is writable by its group root (mode 0660): someone "
                                         "may have changed it, and it would run as you. Submit the job again (the "
                                         "launcher writes job files 0600)"]
 
@@ -407,7 +408,7 @@ def test_the_pickle_written_for_a_requeue_is_private_under_the_users_umask(tmp_p
     (002 here): hand_over makes that write private, so the requeued job accepts it."""
     from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
-    from mnist_hpc.compute.entry import JobEntry
+    from mnist_hpc.contract.entry import JobEntry
 
     anchor, target = submitted(tmp_path, JobEntry(RequeuedByHandOver(), [tmp_path / "run"]))
     before = target.stat().st_ino
@@ -422,7 +423,7 @@ def test_a_job_started_without_the_guard_is_refused_before_its_payload(tmp_path:
     """An older script run by hand starts plain submitit: JobEntry checks before unpickling its payload."""
     from submitit.core.utils import DelayedSubmission
 
-    from mnist_hpc.compute.entry import JobEntry
+    from mnist_hpc.contract.entry import JobEntry
 
     marker = tmp_path / "marker"
     anchor, target = job_tree(tmp_path)
@@ -433,7 +434,7 @@ def test_a_job_started_without_the_guard_is_refused_before_its_payload(tmp_path:
     proc = subprocess.run([sys.executable, "-u", "-m", guard.SUBMIT_MODULE, str(anchor / "%j")], env=job_env("12"),
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 1
-    assert f"mnist_hpc.compute.guard.UnsafeJobFile: {anchor} is writable by its group" in proc.stderr
+    assert f"mnist_hpc.contract.guard.UnsafeJobFile: {anchor} is writable by its group" in proc.stderr
     assert not marker.exists()
 
 

@@ -76,7 +76,7 @@ def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tm
     assert len(pickles) == 2
     for path in pickles:
         with open(path, "rb") as fh:
-            job = pickle.load(fh).function.load()  # behind the JobEntry, the trial's TrainJob
+            job = pickle.load(fh).function.load()  # behind the JobEntry, the trial's task
         assert job.context.path == context_file and job.context._content is None
         assert path.stat().st_size < context_file.stat().st_size
     status = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", str(tmp_path / "sweep")],
@@ -191,11 +191,8 @@ class _FakeTrial:
 
 @pytest.mark.parametrize("error, runs_third", [(ValueError("bad trial"), True), ("limit", False)])
 def test_packed_task_isolates_failures_but_stops_when_time_is_up(tmp_path, error, runs_third):
-    from mnist_hpc.compute.job import (
-        PackedTrainJob,
-        PackedTrialsFailed,
-        RequeueLimitReached,
-    )
+    from mnist_hpc.compute.failures import PackedTrialsFailed, RequeueLimitReached
+    from mnist_hpc.compute.job import PackedTrainJob
 
     if error == "limit":
         error = RequeueLimitReached("no requeue left")

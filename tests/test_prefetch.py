@@ -30,7 +30,8 @@ import pytest
 from mnist_hpc import __version__
 from mnist_hpc.cache import check_cached, manifest_path, objects_dir, view_target
 from mnist_hpc.compute.data import load_mnist
-from mnist_hpc.config import KERAS_MNIST_SHA256, DataConfig
+from mnist_hpc.cache import KERAS_MNIST_SHA256
+from mnist_hpc.config import DataConfig
 from mnist_hpc.dataset import DatasetError, read_npz
 from mnist_hpc.io import sha256_file
 from mnist_hpc.login import prefetch

@@ -27,11 +27,11 @@ ERROR_LINE = (
     "mnist_hpc.cache.CacheMissingError: no cached MNIST at /scratch/u/mnist-cache/mnist.npz; "
     "run `mnist-hpc-prefetch data.cache_dir=/scratch/u/mnist-cache` on a login node first"
 )
-PACKED_ERROR_LINE = "mnist_hpc.compute.job.PackedTrialsFailed: 1 of 3 trials failed: 1: ValueError: ..."
+PACKED_ERROR_LINE = "mnist_hpc.compute.failures.PackedTrialsFailed: 1 of 3 trials failed: 1: ValueError: ..."
 
 
 def _raise_packed_failure() -> None:
-    from mnist_hpc.compute.job import PackedTrialsFailed
+    from mnist_hpc.compute.failures import PackedTrialsFailed
 
     raise PackedTrialsFailed("1 of 3 trials failed: 1: ValueError: ...")
 

@@ -303,7 +303,7 @@ def test_continuing_with_other_data_or_another_setting_is_refused_naming_each_ch
     assert sorted(p.name for p in (search_dir / ".submitit").iterdir()) == submitted
 
     # The same data from another cache directory, with another output root: the same study, continued.
-    from mnist_hpc.login.prefetch import prefetch
+    from mnist_hpc.login.prefetch.fetch import prefetch
 
     prefetch(tmp_path / "copy" / "mnist.npz", source=synthetic_cache / "mnist.npz")
     args = [a if not a.startswith("paths.output_root=") else f"paths.output_root={tmp_path / 'out2'}"
@@ -360,7 +360,7 @@ def test_a_worker_stops_before_its_next_trial_when_the_data_is_replaced(tmp_path
     assert proc.returncode == 0, proc.stderr
     study_sha = sd.read_spec(search_dir).data_sha256  # type: ignore[union-attr]
     wait_until(lambda: (search_dir / "0" / "progress.json").is_file(), "trial 0's first epoch")
-    from mnist_hpc.login.prefetch import prefetch
+    from mnist_hpc.login.prefetch.fetch import prefetch
 
     replacement = fill_cache(tmp_path / "elsewhere", synthetic_mnist(n_train=3000, n_test=300, seed=7))
     prefetch(cache / "mnist.npz", source=replacement, force=True)

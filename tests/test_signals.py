@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from mnist_hpc.compute import checkpoint
-from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, finish_in_process, hand_over
+from mnist_hpc.compute.run import finish_in_process
+from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, hand_over
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests.conftest import tiny_overrides

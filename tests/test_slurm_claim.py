@@ -187,7 +187,7 @@ def test_a_job_that_cannot_be_unpickled_on_the_node_fails_with_failure_json(tmp_
 import sys, json, submitit
 sys.path.insert(0, {str(module)!r})
 from login_only_thing import Thing
-from mnist_hpc.compute.entry import JobEntry, environment_versions
+from mnist_hpc.contract.entry import JobEntry, environment_versions
 versions = environment_versions()
 versions["mnist-hpc"] = "0.0.1"
 executor = submitit.AutoExecutor(folder={str(tmp_path / 'jobs')!r}, cluster="slurm")

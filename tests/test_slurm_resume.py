@@ -202,7 +202,7 @@ def test_requeue_cap_ends_failed_with_guidance_and_resubmission_resumes(slow_cac
     assert restarts(record["job_id"]) == 1
     assert not (run_dir / "metrics.json").exists()
     failure = json.loads((run_dir / "failure.json").read_text())
-    assert failure["error"].startswith("mnist_hpc.compute.job.RequeueLimitReached: Job not requeued because: timed-out too many times.")
+    assert failure["error"].startswith("mnist_hpc.compute.failures.RequeueLimitReached: Job not requeued because: timed-out too many times.")
     assert f"hydra.sweep.dir={sweep}" in failure["error"] and "max_num_timeout" in failure["error"]
 
     second = submit(args, tmp_path)

@@ -151,8 +151,9 @@ def test_a_launcher_killed_before_sbatch_queues_nothing_and_records_nothing(synt
 def test_a_job_replaces_only_a_record_of_an_ended_job(synthetic_cache, tmp_path, monkeypatch):
     """In a Slurm job's environment: a job.json naming a live job is left alone; one naming an ended
     job, or a damaged one, is replaced by this job's record."""
-    from mnist_hpc.compute.jobconfig import JobSpec
-    from mnist_hpc.compute.job import LaunchContext, TrainJob
+    from mnist_hpc.contract.jobconfig import JobSpec
+    from mnist_hpc.compute.job import TrainJob
+    from mnist_hpc.contract.tasks import LaunchContext, TrainTrial
 
     live = held_array(tmp_path, 1)
     gone = ended_job(tmp_path)
@@ -160,7 +161,7 @@ def test_a_job_replaces_only_a_record_of_an_ended_job(synthetic_cache, tmp_path,
                         "SLURM_ARRAY_TASK_ID": "3", "SLURM_PROCID": "0", "SUBMITIT_FOLDER": str(tmp_path / "sub" / "%j")}.items():
         monkeypatch.setenv(name, value)
     run_dir = tmp_path / "3"
-    job = TrainJob(LaunchContext(tmp_path / "launch.pkl"), JobSpec(0, ["train.seed=3"], ["train.seed=3"], 3), run_dir, 1)
+    job = TrainJob(TrainTrial(LaunchContext(tmp_path / "launch.pkl"), JobSpec(0, ["train.seed=3"], ["train.seed=3"], 3), run_dir, 1))
     try:
         rundir.write_job(run_dir, rundir.JobRecord(cluster="slurm", job_id=f"{live}_0", run_dir=str(run_dir), trial=3))
         job.ensure_recorded()

@@ -29,7 +29,8 @@ def run_dir_problem(directory: Path, setting: str, what: str = "run directory", 
     there (the preflight's probe). A path that fails at its first missing directory leaves
     nothing behind.
     """
-    from mnist_hpc.login.launcher.preflight import PreflightError, check_writable
+    from mnist_hpc.login.launcher.plan import PreflightError
+    from mnist_hpc.login.launcher.preflight import check_writable
 
     try:
         if write:

@@ -1,5 +1,6 @@
-"""Compute-node code: what a job unpickles and runs (load, model, engine, train, checkpoint).
+"""Compute-node code: what a job runs (load, model, engine, train, checkpoint, search worker).
 
-Imports TensorFlow and Keras inside the functions that need them, never at module level, so
-the launcher can import :mod:`mnist_hpc.compute.job` to build jobs without paying for them.
+:mod:`.run` is the training entry (the Hydra task); :mod:`.job` and :mod:`.search` run the tasks the
+launcher hands over through :mod:`mnist_hpc.contract`. TensorFlow and Keras are imported inside the
+functions that need them, never at module level. Nothing here imports the login node's code.
 """

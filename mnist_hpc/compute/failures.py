@@ -9,10 +9,11 @@ submitted runs, and the process exits non-zero. Anything else is a bug and keeps
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from hydra.errors import CompactHydraException
 
@@ -23,6 +24,14 @@ from mnist_hpc.dataset import DatasetError
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class RequeueLimitReached(RuntimeError):
+    """Slurm's time-limit warning came after the job had used all its requeues."""
+
+
+class PackedTrialsFailed(RuntimeError):
+    """Some trials of a packed task failed (each has its own failure.json); the others finished."""
 
 
 class RunError(CompactHydraException):
@@ -38,8 +47,7 @@ def known_error(exc: BaseException) -> Optional[str]:
     """The one-line message for a known error (with what to do), or None for a bug."""
     from mnist_hpc.compute.checkpoint import CheckpointError
     from mnist_hpc.compute.distribute import WorkerFailure
-    from mnist_hpc.compute.guard import UnsafeJobFile
-    from mnist_hpc.compute.job import PackedTrialsFailed, RequeueLimitReached
+    from mnist_hpc.contract.guard import UnsafeJobFile
     from mnist_hpc.compute.tensorboard import TensorBoardError
 
     if isinstance(exc, (CacheError, DatasetError, ConfigError, CheckpointError, WorkerFailure, TensorBoardError, UnsafeJobFile)):
@@ -81,6 +89,15 @@ def record_failure(run_dir: Path, exc: BaseException, keep_existing: bool = Fals
         rundir.write_failure(run_dir, exc, keep_existing=keep_existing)
     except OSError as write_error:
         print(f"mnist-hpc: could not write {rundir.FAILURE_FILE} into {run_dir}: {write_error}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Around what a job runs: a known error ends the process in one line and exit 1 (:func:`exit_on`)."""
+    try:
+        yield
+    except Exception as exc:  # known errors end in one line, bugs keep their traceback
+        exit_on(exc)
 
 
 def exit_on(exc: BaseException) -> None:

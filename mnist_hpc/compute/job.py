@@ -1,9 +1,10 @@
-"""What a submitted job is on the compute node: the callables submitit unpickles and runs.
+"""How a sweep's trials run on the compute node: the runners of the contract's trial tasks.
 
-The login-node launcher (:mod:`mnist_hpc.login.launcher`) builds these objects, pickles them
-with submitit and queues them; nothing else here runs on the login node except
-:meth:`LaunchContext.save`. A job never carries a model: its state is on disk in its run
-directory, so a requeued job is the same object again and resumes from its checkpoint.
+The launcher (login node) queues :class:`~mnist_hpc.contract.tasks.TrainTrial` and
+:class:`~mnist_hpc.contract.tasks.PackedTrials` tasks; their job's
+:class:`~mnist_hpc.contract.entry.JobEntry` runs them with :func:`run_trial` and :func:`run_packed`.
+A job never carries a model: its state is on disk in its run directory, so a requeued job is the
+same task again and resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -14,117 +15,58 @@ import pickle
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, open_dict
 
 from mnist_hpc import claim, rundir, slurm
-from mnist_hpc.compute.failures import record_failure, unwrap
-from mnist_hpc.compute.guard import UnsafeJobFile, load_private, private_umask
-from mnist_hpc.compute.jobconfig import BaseConfig, JobSpec, check_rebuilt, job_config
+from mnist_hpc.compute.failures import PackedTrialsFailed, RequeueLimitReached, one_line_errors, record_failure, unwrap
 from mnist_hpc.config import ConfigError
-from mnist_hpc.io import write_bytes_atomic
+from mnist_hpc.contract.guard import UnsafeJobFile
+from mnist_hpc.contract.jobconfig import check_rebuilt, job_config
+from mnist_hpc.contract.tasks import PackedTrials, TrainTrial
 
 log = logging.getLogger(__name__)
 
 
-class RequeueLimitReached(RuntimeError):
-    """Slurm's time-limit warning came after the job had used all its requeues."""
+def run_trial(task: TrainTrial) -> Any:
+    """A job's one trial: known errors end the job in one line (exit 1), bugs keep their traceback."""
+    with one_line_errors():
+        return TrainJob(task)()
 
 
-class PackedTrialsFailed(RuntimeError):
-    """Some trials of a packed task failed (each has its own failure.json); the others finished."""
-
-
-class LaunchContext:
-    """What every job of one launch shares: Hydra's context, the task function, Hydra's singletons,
-    and the composed configs the jobs' values apply to (:class:`~mnist_hpc.compute.jobconfig.BaseConfig`).
-
-    Written once per launch into the submitit folder (``launch-<id>.pkl``); each job's pickle
-    carries only this file's path and its :class:`~mnist_hpc.compute.jobconfig.JobSpec`, a few
-    hundred bytes. On the compute node it is read once per process, on first use.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        hydra_context: Any = None,
-        task_function: Any = None,
-        singleton_state: Any = None,
-        bases: Sequence[BaseConfig] = (),
-    ) -> None:
-        self.path = Path(path)
-        self._content: Optional[tuple[Any, Any, Any, list[BaseConfig]]] = (
-            (hydra_context, task_function, singleton_state, list(bases)) if hydra_context is not None else None
-        )
-
-    def save(self) -> "LaunchContext":
-        """Write the context (login node, once per launch)."""
-        import cloudpickle  # submitit's own pickler: the task function may be a local function
-
-        assert self._content is not None, "nothing to save"
-        with private_umask():  # 0600 in a 0700 folder whatever the umask: the jobs refuse anything else
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self.path, cloudpickle.dumps(self._content))
-        return self
-
-    def load(self) -> tuple[Any, Any, Any]:
-        """``(hydra_context, task_function, singleton_state)``."""
-        return self._loaded()[:3]
-
-    def bases(self) -> list[BaseConfig]:
-        """The launch's composed configs, which its jobs' :class:`~mnist_hpc.compute.jobconfig.JobSpec` name."""
-        return self._loaded()[3]
-
-    def _loaded(self) -> tuple[Any, Any, Any, list[BaseConfig]]:
-        """Raises :class:`~mnist_hpc.compute.guard.UnsafeJobFile` (nothing unpickled) when the file
-        or its folder could have been written by someone else."""
-        if self._content is None:
-            try:
-                self._content = load_private(self.path, self.path.parent)
-            except FileNotFoundError as exc:
-                raise FileNotFoundError(
-                    f"this job's launch context {self.path} is gone (was the sweep's .submitit folder "
-                    "deleted?); submit the job again"
-                ) from exc
-        return self._content
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = Path(state["path"])
-        self._content = None
+def run_packed(task: PackedTrials) -> list[Any]:
+    """A job's packed trials, one after another in this process (see :class:`PackedTrainJob`)."""
+    with one_line_errors():
+        return PackedTrainJob([TrainJob(trial) for trial in task.trials])()
 
 
 class TrainJob:
-    """The callable submitted to the cluster: runs one Hydra job in its fixed run directory.
+    """One trial of a sweep in its fixed run directory, run through Hydra's ``run_job``.
 
-    It is checkpointable in submitit's sense: on Slurm's USR2 warning before the time limit,
-    or on preemption, submitit calls :meth:`checkpoint` and requeues the job with what it
-    returns. The training state itself is on disk (``<run dir>/checkpoints``, written every
-    epoch), so the resubmission is simply this same job: same config, same run directory,
-    and training resumes from the newest checkpoint. No model is ever pickled.
+    On Slurm's USR2 warning before the time limit, or on preemption, training stops at a step
+    boundary with its checkpoint, and submitit requeues the job (its
+    :class:`~mnist_hpc.contract.entry.JobEntry` is the resubmission): the same task, which resumes
+    from the newest checkpoint in its run directory. No model is ever pickled.
 
     Hydra's ``run_job`` records a task's exception in the returned ``JobReturn`` instead of
     raising it, so a launcher that just returns it leaves a failed job COMPLETED in Slurm.
     This re-raises (after writing ``failure.json`` into the run directory), so the job exits
-    non-zero and ends FAILED (see :mod:`mnist_hpc.compute.entry`: one line for a known error, the
-    traceback for a bug).
+    non-zero and ends FAILED (one line for a known error, the traceback for a bug).
     """
 
-    def __init__(self, context: LaunchContext, spec: JobSpec, run_dir: Path, packed_slot: Optional[int] = None) -> None:
-        self.context = context
-        self.spec = spec
-        self.run_dir = Path(run_dir)
-        # Its place in a packed task (hydra.launcher.trials_per_task > 1), as job.json records it.
-        self.packed_slot = packed_slot
+    def __init__(self, task: TrainTrial) -> None:
+        self.task = task
+        self.context = task.context
+        self.spec = task.spec
+        self.run_dir = Path(task.run_dir)
+        self.packed_slot = task.packed_slot
 
     def config(self) -> DictConfig:
         """The job's config, rebuilt from the launch's base and checked against what the login node checked.
 
         Raises:
-            ConfigMismatch: it resolves to other values here (see :func:`~mnist_hpc.compute.jobconfig.check_rebuilt`).
+            ConfigMismatch: it resolves to other values here (see :func:`~mnist_hpc.contract.jobconfig.check_rebuilt`).
         """
         from hydra.core.singleton import Singleton
         from hydra.core.utils import setup_globals
@@ -227,7 +169,8 @@ class TrainJob:
         config, a damaged file) is run, and the training's own claim continues it or refuses it.
         """
         from mnist_hpc.cache import CacheError, read_manifest
-        from mnist_hpc.config import cache_file, to_typed
+        from mnist_hpc.cache import cache_file
+        from mnist_hpc.config import to_typed
 
         try:
             typed = to_typed(self.config())
@@ -236,13 +179,6 @@ class TrainJob:
         except (claim.RunConflict, CacheError, rundir.RunFileError, OSError, pickle.UnpicklingError, ConfigError):
             return False  # running it records why it cannot run
         return verdict.action == "done"
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """The resubmission after a timeout or preemption: this job again, resuming from disk."""
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(self, *args, **kwargs)
-
 
 class PackedTrainJob:
     """Several trials of a sweep in one Slurm task, one after the other in one process.
@@ -291,11 +227,6 @@ class PackedTrainJob:
         if failed:
             raise PackedTrialsFailed(f"{len(failed)} of {len(self.jobs)} trials failed: " + "; ".join(failed))
         return results
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(self, *args, **kwargs)
 
 
 def _reset_keras_state() -> None:

@@ -40,7 +40,9 @@ from omegaconf import DictConfig, open_dict
 from mnist_hpc import rundir
 from mnist_hpc import search as sd
 from mnist_hpc.compute.failures import unwrap
-from mnist_hpc.compute.job import LaunchContext, _reset_keras_state, record_failure
+from mnist_hpc.compute.failures import one_line_errors, record_failure
+from mnist_hpc.compute.job import _reset_keras_state
+from mnist_hpc.contract.tasks import LaunchContext, SearchWorkerTask
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, hand_over
 from mnist_hpc.io import utc_now
 
@@ -139,8 +141,18 @@ class Heartbeat:
         self.now(**changes)
 
 
+def run_worker(task: SearchWorkerTask) -> list[int]:
+    """A search worker's job: the ask -> train -> tell loop; known errors end it in one line."""
+    with one_line_errors():
+        return SearchWorker(task.context, task.master_config, task.search_dir)()
+
+
 class SearchWorker:
-    """The callable each array task runs: the ask -> train -> tell loop (checkpointable)."""
+    """What each array task of a search runs: the ask -> train -> tell loop.
+
+    Its job is requeued on a time limit or preemption (its :class:`~mnist_hpc.contract.entry.JobEntry`
+    is the resubmission) and resumes its RUNNING trial.
+    """
 
     def __init__(self, context: LaunchContext, master_config: DictConfig, search_dir: Path) -> None:
         self.context = context
@@ -249,12 +261,6 @@ class SearchWorker:
             heartbeat.now(trial=None, trials_run=list(ran))
             _reset_keras_state()
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """On a time limit or preemption: this worker again; it resumes its RUNNING trial."""
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(self, *args, **kwargs)
-
     # --- choosing the next trial (under the ask lock) --------------------------------------------
 
     def _spec(self) -> sd.SearchSpec:
@@ -269,7 +275,8 @@ class SearchWorker:
     def _check_data(self, hydra_context: Any, spec: sd.SearchSpec) -> None:
         """Before a trial: the data a trial would train on (its config's cache) is the study's."""
         from mnist_hpc.cache import CacheError, read_manifest
-        from mnist_hpc.config import cache_file, to_typed
+        from mnist_hpc.cache import cache_file
+        from mnist_hpc.config import to_typed
 
         if spec.data_sha256 is None:
             return  # a search.json older than the study's identity: nothing recorded to compare
@@ -471,7 +478,7 @@ class SearchWorker:
         from hydra.core.utils import JobStatus, run_job
         from submitit.core.utils import UncompletedJobError
 
-        from mnist_hpc.cli import _train_task
+        from mnist_hpc.compute.run import train_task
 
         run_dir = self.search_dir / str(trial.number)
         try:
@@ -482,7 +489,7 @@ class SearchWorker:
             rundir.clear_failure(run_dir)
             ret = run_job(
                 hydra_context=hydra_context,
-                task_function=functools.partial(_train_task, callbacks=[pruning_callback(trial)]),
+                task_function=functools.partial(train_task, callbacks=[pruning_callback(trial)]),
                 config=config,
                 job_dir_key="hydra.sweep.dir",
                 job_subdir_key="hydra.sweep.subdir",

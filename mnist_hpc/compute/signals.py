@@ -8,12 +8,12 @@ looks at it after every compiled call (a step boundary), agrees on it with the o
 writes a checkpoint there and raises :class:`TrainingInterrupted`. What happens next belongs
 to whoever started the training:
 
-- a job submitted through the launcher (:class:`mnist_hpc.compute.job.TrainJob`): submitit's
+- a job submitted through the launcher (:mod:`mnist_hpc.compute.job`): submitit's
   own USR2 handler then runs (checkpointable resubmission, requeue counting, ``scontrol
   requeue``);
 - a run started in a plain sbatch script, srun or a shell (Hydra's run mode):
-  :func:`finish_in_process` requeues the job itself on USR2 under Slurm, or exits so that the
-  run can be started again in the same directory.
+  :func:`mnist_hpc.compute.run.finish_in_process` requeues the job itself on USR2 under Slurm,
+  or exits so that the run can be started again in the same directory.
 
 SIGTERM never requeues: it means cancel or preempt, and Slurm itself requeues a job it
 preempts under ``PreemptMode=REQUEUE``.
@@ -141,7 +141,7 @@ def hand_over(signum: int, submitit_handler: Any, chief: bool) -> BaseException:
     if not chief:
         worker_exit(signum)
     if signum == signal.SIGUSR2 and callable(submitit_handler):
-        from mnist_hpc.compute.guard import private_umask
+        from mnist_hpc.contract.guard import private_umask
 
         try:
             # submitit rewrites the job's pickle for the requeue: private, or the requeued job refuses it.
@@ -173,50 +173,3 @@ def requeue_job(job_id: str) -> Optional[str]:
     if done.returncode != 0:
         return (done.stderr or done.stdout).strip() or f"scontrol requeue exited with {done.returncode}"
     return None
-
-
-def train_in_process(cfg: "Config", run_dir: Path, callbacks: Sequence[Any] = ()) -> dict[str, float]:
-    """:func:`~mnist_hpc.compute.train.train_and_evaluate` for a run started outside the launcher.
-
-    A stop at a step boundary ends as :func:`finish_in_process` says; a failure caused by
-    another worker is recorded in ``failure.json`` (a launcher job records its failures itself).
-    """
-    from mnist_hpc.compute.distribute import WorkerFailure, writes_failure
-    from mnist_hpc.compute.failures import record_failure
-    from mnist_hpc.compute.runtime import RuntimeInfo
-    from mnist_hpc.compute.train import train_and_evaluate
-
-    runtime = RuntimeInfo.from_env()
-    try:
-        with StopRequest(ignore_after=True):
-            return train_and_evaluate(cfg, run_dir, runtime, callbacks=callbacks)
-    except TrainingInterrupted as stop:
-        finish_in_process(stop, Path(run_dir), runtime.slurm_job_id, chief=not runtime.is_worker_task)
-    except WorkerFailure as exc:
-        if writes_failure(exc, runtime):
-            record_failure(Path(run_dir), exc, keep_existing=runtime.is_worker_task)
-        raise
-
-
-def finish_in_process(stop: TrainingInterrupted, run_dir: Path, job_id: Optional[str], chief: bool) -> NoReturn:
-    """End a run started outside the launcher after it stopped at a checkpoint.
-
-    On USR2 under Slurm the chief requeues the job (Slurm then ends this attempt and starts
-    the batch script again, which resumes in the same run directory); otherwise, or when
-    Slurm refuses, the process exits with ``128 + signal`` and says how to resume.
-    """
-    if chief and stop.requeue and job_id:
-        refused = requeue_job(job_id)
-        if refused is None:
-            log.warning("%s; requeued Slurm job %s, which resumes in %s", stop, job_id, run_dir)
-            sys.exit(stop.exit_code)
-        log.error("%s; Slurm did not requeue job %s: %s", stop, job_id, refused)
-    if not chief:
-        worker_exit(stop.signum)
-    log.error(
-        "%s; not finished. To resume, run the same command again with hydra.run.dir=%s "
-        "(sbatch scripts: keep #SBATCH --requeue so that Slurm can requeue it)",
-        stop,
-        run_dir,
-    )
-    sys.exit(stop.exit_code)

@@ -30,7 +30,6 @@ from mnist_hpc.rundir.files import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    import keras
     import numpy as np
 
 
@@ -63,8 +62,11 @@ def write_history(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
     write_text_atomic(Path(run_dir) / HISTORY_FILE, history_csv(history))
 
 
-def save_model(run_dir: Path, model: "keras.Model") -> Path:
-    """Save in Keras' own format; the temporary name keeps the ``.keras`` suffix Keras requires."""
+def save_model(run_dir: Path, model: Any) -> Path:
+    """Save a Keras model in Keras' own format; the temporary name keeps the ``.keras`` suffix Keras requires.
+
+    ``model`` is a ``keras.Model``; this module never imports Keras (status and report import it).
+    """
     target = Path(run_dir) / MODEL_FILE
     with atomic_path(target, suffix=".keras") as tmp:
         model.save(tmp)

@@ -3,8 +3,8 @@
 Hydra's own ``load_sweep_config`` rebuilds the whole defaults tree for every job. Jobs that
 choose the same config groups share that tree: :class:`SweepComposer` composes it once per
 distinct choice (a base) and describes each job by its value overrides on that base (a
-:class:`~mnist_hpc.compute.jobconfig.JobSpec`), from which the compute node rebuilds the
-job's config exactly as Hydra would (:mod:`mnist_hpc.compute.jobconfig`).
+:class:`~mnist_hpc.contract.jobconfig.JobSpec`), from which the compute node rebuilds the
+job's config exactly as Hydra would (:mod:`mnist_hpc.contract.jobconfig`).
 
 Every job is still checked before anything is queued. Its typed config is the base's,
 converted and checked once, with each overridden value converted by the base's own OmegaConf
@@ -30,33 +30,13 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_hpc.claim import Verdict
-from mnist_hpc.compute.jobconfig import BaseConfig, JobSpec, apply_values, copy_config, job_config
+from mnist_hpc.contract.jobconfig import BaseConfig, JobSpec, apply_values, copy_config, job_config
 from mnist_hpc.config import Config, ConfigError, flat_config, to_typed, validate
 from mnist_hpc.login.launcher.overrides import OverrideCache
-from mnist_hpc.login.launcher.preflight import PreflightError
+from mnist_hpc.login.launcher.plan import PlannedJob, PreflightError
 
 # The sweep subdirectory of conf/config.yaml: each trial's directory is its number.
 SUBDIR_IS_NUM = "${hydra.job.num}"
-
-
-@dataclass
-class PlannedJob:
-    """One job of a multirun, composed and checked on the login node."""
-
-    num: int
-    overrides: list[str]
-    typed: Config
-    run_dir: Path
-    # What the compute node rebuilds the job's config from (with the launch's bases).
-    spec: JobSpec
-    # ``typed``, flat (mnist_hpc.config.flat_config).
-    flat: dict[str, Any]
-    # What the run may do in its directory (set by the preflight): new, continue, or done.
-    verdict: Optional[Verdict] = None
-    # Training images of its data cache, as the cache's manifest records them (set by the preflight).
-    train_samples: Optional[int] = None
-    # Its identity's fingerprint (mnist_hpc.claim.fingerprint), with its data (set by the preflight).
-    fingerprint: Optional[str] = None
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_hpc.compute.guard import guarded_python
+from mnist_hpc.contract.guard import guarded_python
 
 PLUGIN = "hydra_plugins.mnist_hpc_launcher.launcher"
 
@@ -190,7 +190,7 @@ def gpu_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
 def executor_init(conf: DictConfig, cluster: str) -> dict[str, Any]:
     """Keywords for ``submitit.AutoExecutor`` itself (not its ``update_parameters``).
 
-    Every job's command goes through :mod:`mnist_hpc.compute.guard`, which checks the job's
+    Every job's command goes through :mod:`mnist_hpc.contract.guard`, which checks the job's
     files before anything is unpickled: submitit's ``python`` becomes ``<python> -u -c
     <guard.JOB_COMMAND>``, after which submitit puts ``-u -m submitit.core._submit <folder>``.
     """

@@ -24,15 +24,13 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from mnist_hpc import slurm
 from mnist_hpc.config import traced_config
 from mnist_hpc.dataset import NUM_CLASSES, PIXELS
 from mnist_hpc.login.launcher.options import tasks_per_job
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mnist_hpc.login.launcher.compose import PlannedJob
+from mnist_hpc.login.launcher.plan import PlannedJob
 
 AUTO = "auto"
 # What a task pays before its first trial trains: Slurm starting it, Python, TensorFlow's import,
@@ -65,20 +63,20 @@ class Packing:
     reason: str = ""
 
 
-def process_settings(job: "PlannedJob") -> tuple[Any, ...]:
+def process_settings(job: PlannedJob) -> tuple[Any, ...]:
     """TensorFlow settings that hold for a whole process: trials that differ in them cannot share one."""
     train = job.typed.train
     return (train.deterministic, train.intra_op_threads, train.inter_op_threads)
 
 
-def pack(jobs: Sequence["PlannedJob"], per_task: int) -> list[list["PlannedJob"]]:
+def pack(jobs: Sequence[PlannedJob], per_task: int) -> list[list[PlannedJob]]:
     """Trials grouped into tasks of at most ``per_task``, each task's trials alike in :func:`process_settings`.
 
     Within those, trials of the same shapes (:func:`mnist_hpc.config.traced_config`) come one
     after another, in the order the sweep first names each shape: a trial reuses the compiled
     programs of the trial before it in its process when their shapes are the same.
     """
-    alike: dict[tuple[Any, ...], dict[str, list["PlannedJob"]]] = {}
+    alike: dict[tuple[Any, ...], dict[str, list[PlannedJob]]] = {}
     for job in jobs:
         shapes = json.dumps(traced_config(job.flat), sort_keys=True, default=str)
         alike.setdefault(process_settings(job), {}).setdefault(shapes, []).append(job)
@@ -111,14 +109,14 @@ def requested(conf: Any) -> Optional[int]:
     return value
 
 
-def _remaining(job: "PlannedJob") -> tuple[int, int]:
+def _remaining(job: PlannedJob) -> tuple[int, int]:
     """A trial's training images and the epochs it has left to train."""
     samples = job.train_samples if job.train_samples is not None else MNIST_TRAIN
     done = job.verdict.epochs_done if job.verdict is not None else 0
     return samples, max(job.typed.train.epochs - done, 0)
 
 
-def trial_gflop(job: "PlannedJob") -> float:
+def trial_gflop(job: PlannedJob) -> float:
     """Floating-point work of a trial's remaining epochs: forward and backward through every Dense layer."""
     widths = [PIXELS, *job.typed.model.hidden_units, NUM_CLASSES]
     weights = sum(a * b for a, b in zip(widths, widths[1:]))
@@ -126,7 +124,7 @@ def trial_gflop(job: "PlannedJob") -> float:
     return 6.0 * weights * samples * epochs / 1e9
 
 
-def trial_seconds(job: "PlannedJob", cpus_per_task: int) -> float:
+def trial_seconds(job: PlannedJob, cpus_per_task: int) -> float:
     """Estimated time of a trial on ``cpus_per_task`` CPUs (not counting the task's start-up)."""
     samples, epochs = _remaining(job)
     steps = math.ceil(samples / job.typed.train.batch_size) * epochs
@@ -147,7 +145,7 @@ def free_slots(conf: Any, cluster: str) -> Optional[int]:
     return min(slots, int(limit)) if limit else slots
 
 
-def auto_trials_per_task(jobs: Sequence["PlannedJob"], conf: Any, cluster: str) -> Packing:
+def auto_trials_per_task(jobs: Sequence[PlannedJob], conf: Any, cluster: str) -> Packing:
     """``trials_per_task=auto``: pack short trials, as far as the free CPUs and the time limit allow."""
     if len(jobs) <= 1 or tasks_per_job(conf) > 1:
         return Packing(1, "one trial per task (a single trial, or several tasks train each one)")
@@ -170,7 +168,7 @@ def auto_trials_per_task(jobs: Sequence["PlannedJob"], conf: Any, cluster: str) 
     )
 
 
-def choose(jobs: Sequence["PlannedJob"], conf: Any, cluster: str) -> Packing:
+def choose(jobs: Sequence[PlannedJob], conf: Any, cluster: str) -> Packing:
     """The packing of a launch: the number asked for, or the automatic one."""
     asked = requested(conf)
     if asked is not None:

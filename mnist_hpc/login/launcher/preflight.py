@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
-
-from hydra.errors import CompactHydraException
+from typing import Any, Callable, Optional, Sequence
 
 from mnist_hpc import claim, rundir, slurm
-from mnist_hpc.config import Config, Distribution, Execution, cache_file
+from mnist_hpc.cache import cache_file
+from mnist_hpc.config import Config, Distribution, Execution
 from mnist_hpc.dataset import split_index
 from mnist_hpc.login.launcher.options import GpuRequest, tasks_per_job
 from mnist_hpc.login.launcher.packing import PackingError, requested
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mnist_hpc.login.launcher.compose import PlannedJob
-
-# Trials named in one refusal at most; the rest are counted.
-MAX_NAMED = 12
-
-
-class PreflightError(CompactHydraException):
-    """A check before queueing failed; nothing was submitted.
-
-    A CompactHydraException, so Hydra prints the message alone, not a traceback.
-    """
+from mnist_hpc.login.launcher.plan import MAX_NAMED, PlannedJob, PreflightError
 
 
 def check_launcher(conf: Any, cluster: str) -> None:
@@ -54,7 +41,7 @@ def check_launcher(conf: Any, cluster: str) -> None:
         )
 
 
-def check_tasks(conf: Any, cluster: str, planned: Sequence["PlannedJob"]) -> None:
+def check_tasks(conf: Any, cluster: str, planned: Sequence[PlannedJob]) -> None:
     """A job of several tasks trains one run across them (``train.distribution``), or is refused here.
 
     Several tasks with ``train.distribution=none`` would start that many independent copies
@@ -126,7 +113,7 @@ def check_writable(directory: Path) -> None:
         ) from exc
 
 
-def check_batch_size(job: "PlannedJob", manifest: dict[str, Any]) -> Optional[str]:
+def check_batch_size(job: PlannedJob, manifest: dict[str, Any]) -> Optional[str]:
     """A batch larger than the training set is a typo (and would not fit in memory); say which.
 
     Records the job's training samples (``train_samples``) on the way.
@@ -145,7 +132,7 @@ def check_batch_size(job: "PlannedJob", manifest: dict[str, Any]) -> Optional[st
 
 
 def recorded_job_alive(
-    job: "PlannedJob", me: claim.Holder, slurm_alive: Callable[[str], Optional[bool]], record: Optional[rundir.JobRecord]
+    job: PlannedJob, me: claim.Holder, slurm_alive: Callable[[str], Optional[bool]], record: Optional[rundir.JobRecord]
 ) -> Optional[str]:
     """The live job that the run directory's ``job.json`` (``record``) or lease names, if any: it still owns the trial."""
     if record is not None:
@@ -164,7 +151,7 @@ def recorded_job_alive(
     return None
 
 
-def recorded_owners(jobs: Sequence["PlannedJob"]) -> dict[int, str]:
+def recorded_owners(jobs: Sequence[PlannedJob]) -> dict[int, str]:
     """:func:`recorded_job_alive` of every job, with one squeue call for all the Slurm jobs they name."""
     me = claim.Holder.this_process()
     records: dict[int, Optional[rundir.JobRecord]] = {}
@@ -193,7 +180,7 @@ def recorded_owners(jobs: Sequence["PlannedJob"]) -> dict[int, str]:
     return {num: owner for num, owner in owners.items() if owner is not None}
 
 
-def check_trial_dirs(sweep_dir: Path, planned: Sequence["PlannedJob"]) -> None:
+def check_trial_dirs(sweep_dir: Path, planned: Sequence[PlannedJob]) -> None:
     """Every trial's directory is its own and inside the sweep directory (see :func:`mnist_hpc.claim.trial_dir_problems`)."""
     problems = claim.trial_dir_problems(sweep_dir, [(job.num, job.run_dir) for job in planned])
     if problems:
@@ -201,7 +188,7 @@ def check_trial_dirs(sweep_dir: Path, planned: Sequence["PlannedJob"]) -> None:
         raise PreflightError("nothing was queued:\n  " + "\n  ".join(shown))
 
 
-def preflight(sweep_dir: Path, planned: Sequence["PlannedJob"]) -> None:
+def preflight(sweep_dir: Path, planned: Sequence[PlannedJob]) -> None:
     """Check the trials' directories, every distinct cache and run directory, and every trial's claim on its directory.
 
     Sets each job's ``verdict`` (new, continue, or done: finished with this config and these
@@ -220,7 +207,7 @@ def preflight(sweep_dir: Path, planned: Sequence["PlannedJob"]) -> None:
     for parent in sorted({job.run_dir.parent for job in planned}):
         check_writable(parent)
     problems: list[tuple[int, str]] = []  # by trial, named in trial order
-    to_run: list["PlannedJob"] = []
+    to_run: list[PlannedJob] = []
     for job in planned:
         manifest = manifests[caches[(job.typed.data.cache_dir, job.typed.data.filename)]]
         if (batch := check_batch_size(job, manifest)) is not None:

@@ -14,7 +14,7 @@ selects the sweeper ``hydra/sweeper=async_optuna`` (thin plugin in
    config key that decides a trial's result; a change is refused, naming each key), and a
    journal that :func:`mnist_hpc.search.check_journal` accepts (a torn last record is cut off,
    a copy kept; damage elsewhere, or trial directories the journal does not know, are refused);
-4. queues one array of W :class:`~mnist_hpc.compute.search.SearchWorker` tasks with the
+4. queues one array of W search worker tasks (:class:`~mnist_hpc.contract.tasks.SearchWorkerTask`) with the
    ``hydra.launcher`` options (Slurm or local) and returns.
 
 Nothing waits on the login node: the workers ask, train and tell by themselves.
@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_hpc import search as sd
 from mnist_hpc.config import to_typed
-from mnist_hpc.login.launcher.preflight import PreflightError, check_cache, check_writable
+from mnist_hpc.login.launcher.plan import PreflightError
+from mnist_hpc.login.launcher.preflight import check_cache, check_writable
 from mnist_hpc.login.launcher.options import tasks_per_job
 
 PLUGIN = "hydra_plugins.mnist_hpc_launcher.sweeper.AsyncOptunaSweeper"
@@ -264,9 +265,9 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     import submitit
     from hydra.core.singleton import Singleton
 
-    from mnist_hpc.compute.guard import private_submission
-    from mnist_hpc.compute.job import LaunchContext
-    from mnist_hpc.compute.search import SearchWorker
+    from mnist_hpc.contract.entry import JobEntry, environment_versions
+    from mnist_hpc.contract.guard import private_submission
+    from mnist_hpc.contract.tasks import LaunchContext, SearchWorkerTask
     from mnist_hpc.login.launcher.compose import SweepComposer
     from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
     from mnist_hpc.login.launcher.submit import SubmissionError, folder_root, make_private
@@ -302,10 +303,12 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     )
     before = set(root.iterdir()) if root.is_dir() else set()
     try:
-        with private_submission():  # what the workers unpickle is written 0600 (mnist_hpc.compute.guard)
+        with private_submission():  # what the workers unpickle is written 0600 (mnist_hpc.contract.guard)
             context.save()
             with executor.batch():
-                jobs = [executor.submit(SearchWorker(context, config, search_dir)) for _ in range(n_workers)]
+                versions = environment_versions()
+                jobs = [executor.submit(JobEntry(SearchWorkerTask(context, config, search_dir), [], versions))
+                        for _ in range(n_workers)]
     except BaseException as exc:
         from submitit.core.utils import FailedJobError
 

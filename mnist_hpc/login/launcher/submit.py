@@ -8,7 +8,7 @@ for the whole sweep. It prints the job ids, directories and log paths and return
 Hydra only instantiates launchers that live in the ``hydra_plugins`` package, so the concrete
 classes are thin subclasses in ``hydra_plugins/mnist_hpc_launcher``; the logic is here.
 Imported during Hydra's plugin discovery: light (submitit is imported when jobs are queued).
-What the jobs run on the compute node is :mod:`mnist_hpc.compute.job`.
+What the jobs run is a task of :mod:`mnist_hpc.contract.tasks`, run by its compute-node runner.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
 
 from mnist_hpc import claim, rundir, slurm
-from mnist_hpc.compute.entry import JobEntry, environment_versions
-from mnist_hpc.compute.guard import UnsafeJobFile, private_folder, private_submission
-from mnist_hpc.compute.job import LaunchContext, PackedTrainJob, TrainJob
+from mnist_hpc.contract.entry import JobEntry, environment_versions
+from mnist_hpc.contract.guard import UnsafeJobFile, private_folder, private_submission
+from mnist_hpc.contract.tasks import LaunchContext, PackedTrials, ReportTask, TrainTrial
 from mnist_hpc.io import utc_now, write_bytes_atomic
-from mnist_hpc.login.launcher.compose import PlannedJob, SweepComposer, plan_jobs
+from mnist_hpc.login.launcher.compose import SweepComposer, plan_jobs
 from mnist_hpc.login.launcher.options import executor_init, submitit_parameters, tasks_per_job
 from mnist_hpc.login.launcher.packing import choose, pack
-from mnist_hpc.login.launcher.preflight import MAX_NAMED, PreflightError, check_launcher, check_tasks, preflight
+from mnist_hpc.login.launcher.plan import MAX_NAMED, PlannedJob, PreflightError
+from mnist_hpc.login.launcher.preflight import check_launcher, check_tasks, preflight
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     futures: list[Any] = []
     try:
         # The context holds Hydra's config loader: pickle it with the loader's own methods.
-        # What the jobs unpickle is written 0600 (see mnist_hpc.compute.guard).
+        # What the jobs unpickle is written 0600 (see mnist_hpc.contract.guard).
         with composer.detached(), private_submission():
             context.save()
             for chunk in array_chunks(groups, cluster):
@@ -222,20 +223,6 @@ def local_process(sjob: Any, cluster: str) -> dict[str, Optional[str]]:
     return {"host": socket.gethostname(), "pid_start": claim.process_start(int(sjob.job_id))}
 
 
-class ReportJob:
-    """The report of a sweep, written on a compute node once its tasks have ended (login-node code, no TensorFlow)."""
-
-    def __init__(self, sweep_dir: Path) -> None:
-        self.sweep_dir = Path(sweep_dir)
-
-    def __call__(self) -> str:
-        from mnist_hpc.login.report.build import build_report
-
-        report = build_report(self.sweep_dir)
-        print(report.markdown, flush=True)
-        return str(report.out_dir)
-
-
 def queue_report(executor: Any, conf: Any, sweep_dir: Path, tasks: Sequence[Any]) -> Any:
     """A one-CPU job that runs ``mnist-hpc-report`` on the sweep after every task has ended (``afterany``)."""
     arrays = sorted({str(t.job_id).partition("_")[0] for t in tasks}, key=int)
@@ -255,13 +242,13 @@ def queue_report(executor: Any, conf: Any, sweep_dir: Path, tasks: Sequence[Any]
         **srun,
     )
     with private_submission():
-        return executor.submit(ReportJob(sweep_dir))
+        return executor.submit(JobEntry(ReportTask(sweep_dir), [], environment_versions()))
 
 
 def entry(context: LaunchContext, group: Sequence[PlannedJob], versions: dict[str, Optional[str]], packed: bool) -> JobEntry:
     """What one task runs: its trial, or its trials one after another, behind a version-checking entry."""
-    jobs = [TrainJob(context, job.spec, job.run_dir, slot if packed else None) for slot, job in enumerate(group)]
-    return JobEntry(jobs[0] if len(jobs) == 1 else PackedTrainJob(jobs), [job.run_dir for job in group], versions)
+    trials = [TrainTrial(context, job.spec, job.run_dir, slot if packed else None) for slot, job in enumerate(group)]
+    return JobEntry(trials[0] if len(trials) == 1 else PackedTrials(trials), [job.run_dir for job in group], versions)
 
 
 class SweepRecord:

@@ -2,34 +2,6 @@
 
 The parts, by concern: :mod:`.errors` (error types and their hints), :mod:`.sources` (what to
 fetch, the IDX reader), :mod:`.download` (HTTP with retries), :mod:`.store` (the cache
-directory: lock, staging, install), :mod:`.fetch` (:func:`prefetch` itself), :mod:`.cli`.
+directory: lock, staging, install), :mod:`.fetch` (:func:`prefetch` itself), :mod:`.cli`. Import
+them by name: this package's face imports nothing, so that its modules import one another one way.
 """
-
-from mnist_hpc.login.prefetch.cli import main, target_from_overrides
-from mnist_hpc.login.prefetch.errors import (
-    CacheFullError,
-    CacheNotWritableError,
-    DownloadTooLargeError,
-    HashMismatchError,
-    HttpError,
-    NetworkError,
-    PrefetchError,
-    SourceError,
-    TruncatedDownloadError,
-)
-from mnist_hpc.login.prefetch.fetch import prefetch
-
-__all__ = [
-    "CacheFullError",
-    "CacheNotWritableError",
-    "DownloadTooLargeError",
-    "HashMismatchError",
-    "HttpError",
-    "NetworkError",
-    "PrefetchError",
-    "SourceError",
-    "TruncatedDownloadError",
-    "main",
-    "prefetch",
-    "target_from_overrides",
-]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from mnist_hpc.config import KERAS_MNIST_URL
+from mnist_hpc.cache import KERAS_MNIST_URL
 from mnist_hpc.dataset import DatasetError
 from mnist_hpc.login.prefetch.errors import PROG, Interrupted, PrefetchError, first_line
 from mnist_hpc.login.prefetch.fetch import DEFAULT_MAX_TIME_S, log, prefetch
@@ -139,7 +139,8 @@ def target_from_overrides(overrides: Sequence[str]) -> Path:
     """
     from hydra import compose, initialize_config_dir
 
-    from mnist_hpc.config import cache_file, conf_dir, register_configs, to_typed
+    from mnist_hpc.cache import cache_file
+    from mnist_hpc.config import conf_dir, register_configs, to_typed
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

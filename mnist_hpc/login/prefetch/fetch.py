@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnist_hpc import __version__
-from mnist_hpc.cache import FORMAT, CacheError, check_cached, manifest_path
-from mnist_hpc.config import KERAS_MNIST_SHA256, KERAS_MNIST_URL
+from mnist_hpc.cache import FORMAT, KERAS_MNIST_SHA256, KERAS_MNIST_URL, CacheError, check_cached, manifest_path
 from mnist_hpc.dataset import MAX_NPZ_BYTES, DatasetError, load_arrays
 from mnist_hpc.login.prefetch import store
 from mnist_hpc.login.prefetch.errors import (
@@ -136,7 +135,7 @@ def prefetch(
     on the same cache serialise on a lock file and the later one finds the earlier one's result.
 
     Args:
-        target: The npz's path, ``mnist_hpc.config.cache_file`` (a link to the current object).
+        target: The npz's path, ``mnist_hpc.cache.cache_file`` (a link to the current object).
         url: Where to download from when ``source`` is None.
         sha256: Expected hex sha256 of the npz. None: Keras' pinned hash checks a download, and
             an existing valid cache is kept whatever its hash.

@@ -148,3 +148,10 @@ def write_markdown(markdown: str, path: Path) -> Path:
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     write_text_atomic(path, csv_text(rows))
     return path
+
+
+def run_report_task(task: Any) -> str:
+    """The runner of a :class:`~mnist_hpc.contract.tasks.ReportTask`: the sweep's report, once its tasks ended."""
+    report = build_report(Path(task.sweep_dir))
+    print(report.markdown, flush=True)
+    return str(report.out_dir)

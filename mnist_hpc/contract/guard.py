@@ -1,7 +1,7 @@
 """No one else's code in your job: the files a job unpickles are private, and checked before use.
 
 A sweep's submitit folder (``<sweep>/.submitit``) holds what its jobs run: the launch pickle
-(:class:`~mnist_hpc.compute.job.LaunchContext`), each job's pickle, the submission scripts.
+(:class:`~mnist_hpc.contract.tasks.LaunchContext`), each job's pickle, the submission scripts.
 Unpickling runs code, so whoever can write one of them, or a folder it lies in, can make the job
 run their code as its owner; in a group-writable project directory (``2775``, umask 002) that is
 anyone in the group. This module owns the rule on both sides:
@@ -16,7 +16,7 @@ anyone in the group. This module owns the rule on both sides:
   :func:`main` checks the job's pickle with :func:`open_private`, then hands over to submitit's
   own entry point; a refusal is one line in the job's stderr and exit status 1 (the job ends
   FAILED), with nothing unpickled. The launch pickle (``LaunchContext.load``) and
-  :class:`~mnist_hpc.compute.entry.JobEntry` go through the same :func:`open_private`.
+  :class:`~mnist_hpc.contract.entry.JobEntry` go through the same :func:`open_private`.
 
 What :func:`open_private` refuses: a file, or a folder on its way down from the *anchor*, that
 is not owned by the job's user, that its group or others may write (the group bits of the mode
@@ -55,7 +55,7 @@ SUBMIT_MODULE = "submitit.core._submit"
 # was submitted from, often the group-writable project directory, where anyone in the group
 # could put a ``mnist_hpc``, ``submitit`` or ``numpy`` of their own. It is taken off the path
 # before anything is imported (the -P flag does that from Python 3.11 on only).
-JOB_COMMAND = "import sys; sys.path[:] = [p for p in sys.path if p]; from mnist_hpc.compute.guard import main; main()"
+JOB_COMMAND = "import sys; sys.path[:] = [p for p in sys.path if p]; from mnist_hpc.contract.guard import main; main()"
 # Mode bits that let someone other than the owner write.
 WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 # How long a job waits for its pickle to appear: submitit's own wait (an array's pickles are
@@ -263,7 +263,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ``python -m submitit.core._submit`` runs) load and run the job. A refusal is one line and exit
     status 1, with nothing unpickled. submitit opens the pickle again by its path: a swap in that
     instant needs a group member who can rename a folder above the submitit folder, and is then
-    caught by :class:`~mnist_hpc.compute.entry.JobEntry`'s own check of the same file.
+    caught by :class:`~mnist_hpc.contract.entry.JobEntry`'s own check of the same file.
 
     The process keeps umask 077 while submitit sets the job up; :class:`JobEntry` gives the job the
     user's own umask (:func:`apply_user_umask`) for its run directories.

@@ -4,9 +4,10 @@ submitit unpickles what it runs before any of our code runs, so a job whose pick
 class the compute node's environment does not have (another mnist-hpc, Hydra, OmegaConf or
 Python than the login node's) would die with an ``AttributeError`` in submitit's own code and
 leave no word in its run directory. :class:`JobEntry` holds only builtins: the versions the job
-was prepared with, its run directories, and the real job (:mod:`mnist_hpc.compute.job`) as
+was prepared with, its run directories, and its task (:mod:`mnist_hpc.contract.tasks`) as
 pickled bytes. Its ``__call__`` unpickles those bytes itself, so a failure becomes a
-``failure.json`` in every run directory (written by the job's first task) that names the versions that differ.
+``failure.json`` in every run directory (written by the job's first task) that names the versions
+that differ; then it runs the task with the runner the task names (:func:`runner`).
 
 Only the standard library is imported at module level: this module must import anywhere.
 """
@@ -68,11 +69,27 @@ class JobUnloadable(RuntimeError):
     """The job's pickle cannot be loaded here (the environment differs from the login node's)."""
 
 
-class JobEntry:
-    """What submitit runs: checks the environment, unpickles the real job, runs it.
+def runner(task: Any) -> Any:
+    """The function that runs ``task``: the one its ``RUNNER`` names (``module:function``), or the
+    task itself when it is a plain callable.
 
-    Checkpointable like the job it carries: a requeue runs this same entry again, and the job
-    resumes from its run directories.
+    The contract names its runners instead of importing them: the compute side's code (and the
+    login side's, for a report) is imported by the job that runs it, and by nothing here.
+    """
+    name = getattr(type(task), "RUNNER", None)
+    if name is None:
+        return lambda task: task()
+    import importlib
+
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+class JobEntry:
+    """What submitit runs: checks the environment, unpickles its task, runs it with the task's runner.
+
+    Checkpointable: a requeue runs this same entry again, and the task resumes from its run
+    directories. The runners end a known error in one line (exit 1) and keep a bug's traceback.
     """
 
     def __init__(self, job: Any, run_dirs: Sequence[Path], versions: Optional[dict[str, Optional[str]]] = None) -> None:
@@ -99,10 +116,10 @@ class JobEntry:
             ) from exc
 
     def __call__(self) -> Any:
-        from mnist_hpc.compute.guard import apply_user_umask, check_started_job
+        from mnist_hpc.contract.guard import apply_user_umask, check_started_job
 
         end_with_local_controller()
-        # Done already by the job's command (mnist_hpc.compute.guard) before its pickle was read;
+        # Done already by the job's command (mnist_hpc.contract.guard) before its pickle was read;
         # a job started another way (an older script run by hand) is refused here, before its payload.
         check_started_job()
         apply_user_umask()  # its run directories follow the user's umask (a group's project stays shared)
@@ -119,12 +136,7 @@ class JobEntry:
                     pass
             print(f"{rundir.ERROR_LINE_PREFIX}{exc}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
-        from mnist_hpc.compute.failures import exit_on
-
-        try:
-            return job()
-        except Exception as exc:  # known errors end in one line, bugs keep their traceback
-            exit_on(exc)
+        return runner(job)(job)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """The resubmission after a timeout or preemption: this entry again (the job resumes from disk)."""
