@@ -139,3 +139,20 @@ def test_a_run_directory_entry_of_the_wrong_type_is_one_line(synthetic_cache, tm
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert str(run_dir / entry) in proc.stderr
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I1/I3: a plain sweep launched into a search directory is "
+                   "queued; its numbered trial directory then makes the study refuse to continue ('the study's record "
+                   "of them is lost ... restore the journal'), and status of the search does not show it")
+def test_a_plain_sweep_into_a_search_directory_is_refused(synthetic_cache, tmp_path):
+    from mnist_hpc import search as sd
+
+    search_dir = tmp_path / "search"
+    search_dir.mkdir()
+    sd.write_spec(search_dir, sd.SearchSpec(study_name="mnist-hpc", direction="maximize", n_trials=2,
+                                            params={"train.seed": "choice(0,1)"}, identity={"train.epochs": 1}))
+    need(sd.is_search_dir(search_dir), "no search directory")
+    launch = run(sweep(synthetic_cache, tmp_path, search_dir, "hydra.launcher.wait=true",
+                       "hydra.sweep.subdir=9${hydra.job.num}", "train.seed=5"), tmp_path)
+    assert launch.returncode != 0 and "nothing was queued" in launch.stderr, launch.stdout[-2000:]
+    assert sd.trial_numbers(search_dir) == []
