@@ -1,0 +1,158 @@
+"""Hostile tester's reproductions (issue 21): sweeps, their directories and what the launcher and status say.
+
+Each test states an invariant of issue 21 and reproduces a way it is broken today; they are marked
+``xfail(strict=True)`` so that a fix turns them into passing tests (and the strict mark then asks
+for the mark to go). Local launcher, small synthetic data; nothing here needs Slurm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_overrides
+from tests.test_trial_dirs import REPORT, STATUS, TRAIN, run, until
+
+LOCAL = ["-m", "hydra/launcher=local", "train.deterministic=true"]
+
+
+class Precondition(RuntimeError):
+    """The reproduction did not set up what it needs: an error of the test, never the expected failure."""
+
+
+def need(condition: object, message: str) -> None:
+    if not condition:
+        raise Precondition(message)
+
+
+def sweep(cache: Path, tmp_path: Path, sweep_dir: Path, *extra: str) -> list[str]:
+    return [*TRAIN, *LOCAL, *tiny_overrides(cache, tmp_path / "out"), f"hydra.sweep.dir={sweep_dir}", *extra]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I1: the preflight checks a launch's trials against each other only; a later "
+                   "launch into the same sweep may place a trial inside an earlier trial's directory, whose next run "
+                   "deletes it (claim.trial_dir_problems does not look at the directories already in the sweep)")
+def test_a_later_launch_cannot_put_a_trial_inside_an_earlier_trials_directory(synthetic_cache, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    wait = ["hydra.launcher.wait=true"]
+    first = run(sweep(synthetic_cache, tmp_path, sweep_dir, *wait, "train.seed=0"), tmp_path)
+    need(first.returncode == 0, first.stderr[-2000:])
+    # Another launch into the same sweep, its one trial placed at <sweep>/0/.hydra.
+    nested = run(sweep(synthetic_cache, tmp_path, sweep_dir, *wait, "hydra.sweep.subdir=0/.hydra", "train.seed=7"), tmp_path)
+    inside = sweep_dir / "0" / ".hydra"
+    if nested.returncode == 0:  # it was accepted: the earlier trial, continued, must not destroy it
+        need((inside / "metrics.json").is_file(), f"the nested trial did not finish: {nested.stderr[-2000:]}")
+        again = run(sweep(synthetic_cache, tmp_path, sweep_dir, *wait, "train.seed=0", "train.epochs=2"), tmp_path)
+        need(again.returncode == 0, again.stderr[-2000:])
+        assert (inside / "metrics.json").is_file(), f"trial 0's run deleted the trial in {inside}: {sorted(os.listdir(inside))}"
+    else:
+        assert "nothing was queued" in nested.stderr and "inside trial" in nested.stderr, nested.stderr[-2000:]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I4: status and report find a sweep's trials only in directories named by a "
+                   "number (login.trials.trial_dirs); with any other hydra.sweep.subdir the launcher's own advice "
+                   "`mnist-hpc-status <sweep>` says the sweep holds no submitted run (job.json missing)")
+def test_status_and_report_show_a_sweep_whose_subdir_is_not_the_trial_number(synthetic_cache, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    launch = run(sweep(synthetic_cache, tmp_path, sweep_dir, "hydra.launcher.wait=true",
+                       "hydra.sweep.subdir=seed${train.seed}", "train.seed=0,1"), tmp_path)
+    need(launch.returncode == 0, launch.stderr[-2000:])
+    assert f"check on them with: mnist-hpc-status {sweep_dir}" in launch.stdout
+    need(sorted(p.name for p in sweep_dir.iterdir() if (p / "job.json").is_file()) == ["seed0", "seed1"], "no trials")
+    status = run([*STATUS, "--json", str(sweep_dir)], tmp_path)
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)
+    assert sorted((r["trial"], r["state"]) for r in rows) == [(0, "COMPLETED"), (1, "COMPLETED")]
+    report = run([*REPORT, str(sweep_dir)], tmp_path)
+    assert report.returncode == 0, report.stderr
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I1: hydra.sweep.subdir is resolved again on the node (run_job), so a subdir "
+                   "with ${now:...} trains in another directory than the one the preflight checked and job.json "
+                   "names; the waiting launcher then says the trial FAILED ('no error line found')")
+def test_a_trial_trains_in_the_directory_the_preflight_checked(synthetic_cache, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    launch = run(sweep(synthetic_cache, tmp_path, sweep_dir, "hydra.launcher.wait=true", "hydra.launcher.trials_per_task=1",
+                       "hydra.sweep.subdir=t${now:%H%M%S%f}_${hydra.job.num}"), tmp_path)
+    planned = [p for p in sweep_dir.iterdir() if (p / "job.json").is_file()]
+    trained = [p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file()]
+    assert len(planned) == 1 and trained == planned, (planned, trained)
+    assert launch.returncode == 0, launch.stderr[-2000:]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I7/I4: two launches into one sweep, the second past its preflight before the "
+                   "first wrote job.json: the second's job.json replaces the first's, so the first launch, whose trial "
+                   "COMPLETED, exits 1 naming the other launch's refusal, and status shows the completed run FAILED")
+def test_a_launch_whose_trial_completed_does_not_report_another_launchs_refusal(synthetic_cache, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # Launch B (seed 1) is stopped right after its preflight (it then makes the private .submitit folder).
+    out_b, err_b = tmp_path / "b.out", tmp_path / "b.err"
+    with open(out_b, "w") as fo, open(err_b, "w") as fe:
+        b = subprocess.Popen(sweep(synthetic_cache, tmp_path, sweep_dir, "hydra.launcher.wait=true", "train.seed=1",
+                                   "hydra.launcher.trials_per_task=1"), stdout=fo, stderr=fe)
+    try:
+        until(lambda: (sweep_dir / ".submitit").exists(), "launch B's preflight", every_s=0.001)
+        os.kill(b.pid, signal.SIGSTOP)
+        # Stopped before it queued anything (submitit makes a job's folder when it queues it).
+        need(not any(p.name.isdigit() for p in (sweep_dir / ".submitit").iterdir()), "launch B queued before it was stopped")
+        # Launch A (seed 0) queues into the same directory; once its job.json is written, B goes on.
+        out_a, err_a = tmp_path / "a.out", tmp_path / "a.err"
+        with open(out_a, "w") as fo, open(err_a, "w") as fe:
+            a = subprocess.Popen(sweep(synthetic_cache, tmp_path, sweep_dir, "hydra.launcher.wait=true", "train.seed=0",
+                                       "train.epochs=3", "hydra.launcher.trials_per_task=1"), stdout=fo, stderr=fe)
+        until(lambda: (sweep_dir / "0" / "job.json").is_file(), "launch A's job.json")
+    finally:
+        os.kill(b.pid, signal.SIGCONT)
+    b_code, a_code = b.wait(timeout=600), a.wait(timeout=600)
+    identity = json.loads((sweep_dir / "0" / "identity.json").read_text())
+    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    # The directory holds A's finished run (seed 0); B's trial was refused on the node.
+    need(identity["config"]["train.seed"] == 0 and metrics["fingerprint"] == identity["fingerprint"], str(identity))
+    assert b_code != 0
+    # A's trial completed: A must say so, and status must show it.
+    assert a_code == 0, err_a.read_text()[-2000:]
+    status = run([*STATUS, "--json", str(sweep_dir)], tmp_path)
+    [row] = json.loads(status.stdout)
+    assert row["state"] == "COMPLETED", row
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I8: a run directory entry of the wrong type (checkpoints a file, model.keras or "
+                   "train.log a directory) ends an in-process run in a Python traceback; only tensorboard has a one-line "
+                   "error")
+@pytest.mark.parametrize("entry, kind", [("checkpoints", "file"), ("model.keras", "dir"), ("train.log", "dir")])
+def test_a_run_directory_entry_of_the_wrong_type_is_one_line(synthetic_cache, tmp_path, entry, kind):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if kind == "dir":
+        (run_dir / entry).mkdir()
+    else:
+        (run_dir / entry).write_text("x")
+    proc = run([*TRAIN, *tiny_overrides(synthetic_cache, tmp_path / "out"), "train.deterministic=true",
+                f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert str(run_dir / entry) in proc.stderr
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I1/I3: a plain sweep launched into a search directory is "
+                   "queued; its numbered trial directory then makes the study refuse to continue ('the study's record "
+                   "of them is lost ... restore the journal'), and status of the search does not show it")
+def test_a_plain_sweep_into_a_search_directory_is_refused(synthetic_cache, tmp_path):
+    from mnist_hpc import search as sd
+
+    search_dir = tmp_path / "search"
+    search_dir.mkdir()
+    sd.write_spec(search_dir, sd.SearchSpec(study_name="mnist-hpc", direction="maximize", n_trials=2,
+                                            params={"train.seed": "choice(0,1)"}, identity={"train.epochs": 1}))
+    need(sd.is_search_dir(search_dir), "no search directory")
+    launch = run(sweep(synthetic_cache, tmp_path, search_dir, "hydra.launcher.wait=true",
+                       "hydra.sweep.subdir=9${hydra.job.num}", "train.seed=5"), tmp_path)
+    assert launch.returncode != 0 and "nothing was queued" in launch.stderr, launch.stdout[-2000:]
+    assert sd.trial_numbers(search_dir) == []
