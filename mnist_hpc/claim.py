@@ -93,8 +93,12 @@ def judge(run_dir: Path, identity: dict[str, Any], epochs: int, label: str) -> V
 
     Raises:
         RunConflict: the directory holds another config, more finished epochs than asked for,
-            or a damaged identity file.
+            a damaged identity file, or an entry of the wrong kind (a directory where the run
+            writes a file, say: :func:`mnist_hpc.rundir.layout_problems`).
     """
+    problems = rundir.layout_problems(run_dir)
+    if problems:
+        raise RunConflict(f"{_at(label)}{'; '.join(problems)}, then run again")
     try:
         recorded = rundir.read_identity(run_dir)
     except rundir.RunFileError as exc:
@@ -202,6 +206,12 @@ def trial_dir_problems(sweep_dir: Path, run_dirs: Sequence[tuple[int, Path]]) ->
     for num, run_dir in run_dirs:
         where = Path(os.path.realpath(run_dir))
         relative = where.relative_to(sweep) if where != sweep and sweep in where.parents else None
+        if where == sweep:
+            problems.append(
+                f"trial {num} would write the sweep directory {sweep} itself; hydra.sweep.subdir must name a "
+                "directory inside it (e.g. ${hydra.job.num})"
+            )
+            continue
         if relative is None:
             problems.append(
                 f"trial {num} would write {where}, outside the sweep directory {sweep}; hydra.sweep.subdir must "
@@ -231,7 +241,31 @@ def trial_dir_problems(sweep_dir: Path, run_dirs: Sequence[tuple[int, Path]]) ->
                     "hydra.sweep.subdir must keep trials apart"
                 )
                 break
+            if rundir.is_run_dir(parent):  # an earlier launch's
+                problems.append(
+                    f"trial {num} would write {where}, inside the run directory {parent} of an earlier launch; "
+                    "choose a hydra.sweep.subdir that keeps trials apart, or another hydra.sweep.dir"
+                )
+                break
+    for where, num in placed.items():
+        inner = _run_dir_inside(where)
+        if inner is not None:
+            problems.append(
+                f"trial {num} would write {where}, which holds the run directory {inner} of an earlier launch; "
+                "choose a hydra.sweep.subdir that keeps trials apart, or another hydra.sweep.dir"
+            )
     return problems
+
+
+def _run_dir_inside(directory: Path) -> Optional[Path]:
+    """A run directory strictly inside ``directory`` (not counting a run's own entries), if any."""
+    if not directory.is_dir():
+        return None
+    for root, dirs, _ in os.walk(directory):
+        if Path(root) != directory and rundir.is_run_dir(Path(root)):
+            return Path(root)
+        dirs[:] = [d for d in dirs if not (Path(root) == directory and d in rundir.RUN_DIRS) and not d.startswith(".")]
+    return None
 
 
 # --- the lease ---------------------------------------------------------------------------------
@@ -369,6 +403,24 @@ def lease(run_dir: Path, me: Holder, label: str) -> Iterator[None]:
             current = rundir.read_lease(run_dir)
             if current is not None and current.get("holder") == dataclasses.asdict(me):
                 (run_dir / rundir.LEASE_FILE).unlink()
+
+
+# Held by a launch while it checks its trials' directories, queues its jobs and records them.
+LAUNCH_LOCK = ".launch.lock"
+
+
+@contextlib.contextmanager
+def launch_lock(sweep_dir: Path) -> Iterator[None]:
+    """One launch at a time into ``sweep_dir`` (an exclusive lock on its ``.launch.lock``).
+
+    A launch checks that its trials' directories are free, queues its jobs, then writes their
+    ``job.json``: two launches racing into one sweep would both find the directories free and
+    record each other's trials over one another. Under this lock the second finds the first's
+    jobs recorded and is refused, naming them.
+    """
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    with _locked(Path(sweep_dir) / LAUNCH_LOCK):
+        yield
 
 
 @contextlib.contextmanager

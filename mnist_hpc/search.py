@@ -85,8 +85,10 @@ MAX_SPEC_BYTES = 1 << 20
 # - a heartbeat lists the trials its worker ran: 100,000 trials make 1.1 MB.
 MAX_BEAT_BYTES = 2 << 20
 # - the journal of a 10,000-trial study of the lesson's 5 epochs and 4 parameters measured
-#   22.6 MB (1,000 trials of 100 epochs: 15.2 MB); 256 MiB holds 10,000 trials of ~70 epochs.
-MAX_JOURNAL_BYTES = 256 << 20
+#   22.6 MB (1,000 trials of 100 epochs: 15.2 MB). Reading a journal costs far more memory than
+#   its size (Optuna's trial objects; a report ~45 bytes per byte), so the cap leaves room for such
+#   a study and not much more: 64 MiB.
+MAX_JOURNAL_BYTES = 64 << 20
 # - one journal record: Optuna's are a few hundred bytes (the longest measured: 314).
 MAX_RECORD_BYTES = 1 << 20
 # The fields of each record Optuna's JournalStorage writes, by its JournalOperation code (Optuna
@@ -178,13 +180,17 @@ class SearchSpec:
     # config (mnist_hpc.claim) without the searched keys, train.epochs included, and the data's
     # sha256 (``data.sha256``). Empty in files written before it existed.
     identity: dict[str, Any] = field(default_factory=dict)
+    # The same for every point the submission checked (:func:`search_points`: each categorical
+    # choice and range bound), by its label: a searched config group (``optimizer=sgd,adam``)
+    # decides keys of its own, which ``identity`` alone (its first choice's) does not show.
+    point_identities: dict[str, dict[str, Any]] = field(default_factory=dict)
     created: str = ""
     updated: str = ""
 
     # A continued search must keep these, or its trials would not be comparable. (The fixed
     # overrides are not: ``identity`` holds what they decide, so a new output root or a copy of
     # the same data in another cache directory may continue the study.)
-    IDENTITY = ("study_name", "direction", "params", "identity")
+    IDENTITY = ("study_name", "direction", "params", "identity", "point_identities")
 
     @property
     def data_sha256(self) -> Optional[str]:
@@ -200,6 +206,11 @@ class SearchSpec:
             old, new = getattr(other, key), getattr(self, key)
             if key == "identity":
                 out += differences(old, new)
+            elif key == "point_identities":
+                first = differences(other.identity, self.identity)
+                for label in sorted(set(old) | set(new)):
+                    changed = differences(old.get(label, {}), new.get(label, {}))
+                    out += [f"with {label}: {line}" for line in changed if line not in first]
             elif old != new:
                 out.append(f"{key}: {old!r} -> {new!r}")
         return out
@@ -214,7 +225,8 @@ def write_spec(search_dir: Path, spec: SearchSpec) -> None:
 _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "study_name": (str,), "direction": (str,), "n_trials": (int,), "params": (dict,), "fixed": (list,),
     "enqueue": (list,), "sampler": (dict,), "pruner": (dict, type(None)), "heartbeat_s": (int, float),
-    "stale_after_s": (int, float), "workers": (int,), "identity": (dict,), "created": (str,), "updated": (str,),
+    "stale_after_s": (int, float), "workers": (int,), "identity": (dict,), "point_identities": (dict,),
+    "created": (str,), "updated": (str,),
 }
 _REQUIRED_SPEC_FIELDS = ("study_name", "direction", "n_trials", "params", "fixed", "enqueue")
 
@@ -239,6 +251,8 @@ def spec_problem(values: dict[str, Any]) -> Optional[str]:
          "field 'params' must map names to sweep expressions (strings)"),
         (all(isinstance(o, str) for o in values["fixed"]), "field 'fixed' must be a list of overrides (strings)"),
         (all(isinstance(e, dict) for e in values["enqueue"]), "field 'enqueue' must be a list of parameter sets"),
+        (all(isinstance(k, str) and isinstance(v, dict) for k, v in values.get("point_identities", {}).items()),
+         "field 'point_identities' must map labels to identities (objects)"),
     ]
     sha = values.get("identity", {}).get("data.sha256")
     checks.append((sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None),
@@ -326,6 +340,39 @@ def parse_params(params: dict[str, str]) -> tuple[dict[str, "BaseDistribution"],
         else:  # pragma: no cover - Hydra has no other sweep kinds
             raise ValueError(f"search parameter {name}: {expression!r} is not supported")
     return space, fixed
+
+
+def search_points(spec: SearchSpec) -> list[dict[str, Any]]:
+    """The parameter sets a submission composes and checks before queueing: the first value of
+    every parameter, each queued set, and each categorical choice and range bound alone."""
+    from optuna.distributions import CategoricalDistribution
+
+    space, _ = parse_params(spec.params)
+    first = {k: (d.choices[0] if isinstance(d, CategoricalDistribution) else d.low) for k, d in space.items()}
+    points = [dict(first, **entry) for entry in spec.enqueue] or [first]
+    for name, dist in space.items():
+        values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+        points += [dict(first, **{name: v}) for v in values]
+    return points
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """How a checked point is named in ``point_identities`` and in messages."""
+    return " ".join(f"{k}={v}" for k, v in sorted(point.items()))
+
+
+def trial_identity(flat: dict[str, Any], data_sha256: str, spec: SearchSpec) -> dict[str, Any]:
+    """What decides a trial's result besides its sampled values: its config's identity
+    (:func:`mnist_hpc.claim.identity_from_flat`, the data's sha256 included) without the keys that
+    are searched themselves. ``train.epochs`` is kept: a run directory may be extended to more
+    epochs, but a study ranks its trials' results at the epochs they were trained for. A searched
+    config group (``optimizer``) is no config key: the keys it decides stay, so that a point of
+    each of its choices binds them."""
+    from mnist_hpc import claim
+
+    identity = claim.identity_from_flat(flat, data_sha256)
+    identity["train.epochs"] = flat["train.epochs"]
+    return {k: v for k, v in sorted(identity.items()) if k not in spec.params}
 
 
 def trial_overrides(spec: SearchSpec, params: dict[str, Any]) -> list[str]:
@@ -627,8 +674,8 @@ def read_journal(path: Path) -> Optional[JournalScan]:
     except OSError as exc:
         raise JournalError(f"{path} is unreadable ({exc.strerror or exc}); the study cannot be read") from exc
     if size > MAX_JOURNAL_BYTES:  # refused by its size, before a byte of it is read
-        raise JournalError(f"{path} is larger than {MAX_JOURNAL_BYTES:,} bytes, more than a study of 10,000 trials "
-                           "of 70 epochs writes; the study cannot be read")
+        raise JournalError(f"{path} is larger than {MAX_JOURNAL_BYTES:,} bytes, more than twice what a study of "
+                           "10,000 trials of the lesson writes; the study cannot be read")
     try:
         raw = read_bytes_bounded(path, MAX_JOURNAL_BYTES)
     except UntrustedFileError as exc:

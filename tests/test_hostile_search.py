@@ -1,6 +1,6 @@
 """Hostile tester's reproductions (issue 21): the asynchronous search's binding (I2) and its files' sharing.
 
-Marked ``xfail(strict=True, raises=AssertionError)``: each fails today at the assertion that states
+Each failed, before its fix, at the assertion that states
 the invariant; a failure to set the case up raises :class:`Precondition` and is a real error.
 """
 
@@ -34,10 +34,6 @@ def need(condition: object, message: str) -> None:
         raise Precondition(message)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I2: a search over a config group (optimizer=sgd,adam) "
-                   "drops every optimizer.* key from the study's identity (study_identity's 'searched' prefix rule), so "
-                   "continuing it with another optimizer.momentum is accepted and trials of momentum 0.9 and 0.5 are "
-                   "ranked together")
 def test_continuing_a_group_search_with_another_value_inside_the_group_is_refused(synthetic_cache, tmp_path):
     search_dir = tmp_path / "search"
     first, _ = run_login_command(TRAIN, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1",
@@ -53,9 +49,6 @@ def test_continuing_a_group_search_with_another_value_inside_the_group_is_refuse
         again.stdout[-2000:])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the search worker is queued without JobEntry, so it keeps "
-                   "the guard's umask 077: a search's trial directories and heartbeats are private whatever the user's "
-                   "umask, unlike a sweep's (group members' status shows notes, their report says 'cannot write the report')")
 def test_a_search_shares_its_trials_as_a_sweep_does_under_the_users_umask(synthetic_cache, tmp_path):
     search_dir = tmp_path / "search"
     out, err = tmp_path / "submit.out", tmp_path / "submit.err"
@@ -77,10 +70,6 @@ def test_a_search_shares_its_trials_as_a_sweep_does_under_the_users_umask(synthe
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I2: a search worker composes each trial's config on the "
-                   "node and checks only the data's sha256 against the study; a key that an ${oc.env:...} resolves "
-                   "otherwise there (train.seed here) trains and is told to the study, where the launcher's jobs refuse "
-                   "it (ConfigMismatch)")
 def test_a_search_trial_whose_config_resolves_otherwise_on_the_node_is_not_told(synthetic_cache, tmp_path):
     from tests.slurm_helpers import require_cluster, slurm_launcher_args, submit, wait_for_states
 

@@ -7,7 +7,7 @@ whose ``_target_`` is ``shutil.copyfile``, which Hydra's target policy lets thro
 builds its sampler from that file before each trial (``SearchWorker._sampler``): it copies B's file
 over a file of A's (here A's ``~/.bashrc``, which A's next shell runs), as A.
 
-Marked ``xfail(strict=True, raises=AssertionError)``; a failure to set the case up is a real error.
+It failed before its fix; a failure to set the case up is a real error.
 """
 
 from __future__ import annotations
@@ -69,9 +69,6 @@ def ensure_search_venv() -> Path:
     return gated
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="I12: the search worker instantiates the sampler (and "
-                   "pruner) _target_ of search.json, a file in the group-writable search directory that it never "
-                   "checks; another group member's search.json makes A's worker act as A (here: overwrite A's ~/.bashrc)")
 def test_another_user_cannot_make_a_search_worker_run_their_target():
     need(os.geteuid() == 0, "creating users needs root")
     need(SYSTEM_PYTHON.exists() and shutil.which("useradd") is not None, "needs /usr/bin/python3 and useradd")

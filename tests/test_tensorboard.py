@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc.compute.tensorboard import TENSORBOARD_DIR
+from mnist_hpc.rundir import TENSORBOARD_DIR
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests.conftest import tiny_overrides
@@ -151,9 +151,9 @@ def test_a_tensorboard_that_is_a_file_or_read_only_stops_an_in_process_run_in_on
     plain.mkdir(parents=True)
     (plain / TENSORBOARD_DIR).write_text("a user's notes")
     proc = train_cli(args + [f"hydra.run.dir={plain}"], tmp_path)
+    # The run directory's layout is checked before Hydra writes there (rundir.layout_problems).
     assert_one_line_refusal(
-        proc, f"{plain / TENSORBOARD_DIR} is a file, where the run writes its TensorBoard event files (a directory); "
-        "it was left as it is: move it out of the run directory and run again with the same overrides")
+        proc, f"{plain / TENSORBOARD_DIR} is not a directory, but the run keeps its tensorboard/ there; move it out of {plain}")
     assert (plain / TENSORBOARD_DIR).read_text() == "a user's notes"
     assert not (plain / "metrics.json").exists() and not (plain / "checkpoints").exists()
     # Done as the message says: the run goes on, the notes are where the user moved them.
@@ -173,7 +173,8 @@ def test_a_tensorboard_that_is_a_file_or_read_only_stops_an_in_process_run_in_on
     assert not (read_only / "metrics.json").exists()
 
 
-def test_a_tensorboard_that_is_a_file_or_read_only_is_the_failure_json_of_a_launched_trial(synthetic_cache, tmp_path, small_tmpfs):
+def test_a_tensorboard_that_is_a_file_or_read_only_is_refused_or_the_failure_json_of_a_launched_trial(
+        synthetic_cache, tmp_path, small_tmpfs):
     from tests.test_launch import TRAIN, run_login_command
 
     sweep = tmp_path / "sweep"
@@ -182,15 +183,20 @@ def test_a_tensorboard_that_is_a_file_or_read_only_is_the_failure_json_of_a_laun
     board = read_only_tensorboard(small_tmpfs, tmp_path, sweep / "1")
     args = ["-m", "hydra/launcher=local", "hydra.launcher.wait=true", *tiny_overrides(synthetic_cache, tmp_path / "out"),
             f"hydra.sweep.dir={sweep}", "train.seed=1,2"]
+    # A file where the run keeps its event files: refused before anything is queued, the file kept.
     proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
-    assert proc.returncode != 0 and "trial 0 failed" in proc.stderr, proc.stderr[-3000:]
-    errors = [json.loads((sweep / str(i) / "failure.json").read_text())["error"] for i in (0, 1)]
-    assert errors == [
-        f"mnist_hpc.compute.tensorboard.TensorBoardError: {sweep / '0' / TENSORBOARD_DIR} is a file, where the run writes "
-        "its TensorBoard event files (a directory); it was left as it is: move it out of the run directory and run again "
-        "with the same overrides",
-        f"mnist_hpc.compute.tensorboard.TensorBoardError: cannot write the run's TensorBoard directory {board} (Read-only "
-        "file system); make it writable (or remove it) and run again with the same overrides",
-    ]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (f"nothing was queued:\n  trial 0: {sweep / '0' / TENSORBOARD_DIR} is not a directory, but the run keeps its "
+            f"tensorboard/ there; move it out of {sweep / '0'}") in proc.stderr
+    assert not (sweep / ".submitit").exists() or not any(p.name[0].isdigit() for p in (sweep / ".submitit").iterdir())
     assert (sweep / "0" / TENSORBOARD_DIR).read_text() == "a user's notes"
+    # Moved out: trial 0 runs; trial 1's read-only event directory is its one-line failure.
+    (sweep / "0" / TENSORBOARD_DIR).rename(tmp_path / "notes")
+    proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
+    assert proc.returncode == 1 and "1 of 2 trial(s) did not finish" in proc.stderr, proc.stderr[-3000:]
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["epochs_completed"] == 1
+    error = json.loads((sweep / "1" / "failure.json").read_text())["error"]
+    assert error == (
+        f"mnist_hpc.compute.tensorboard.TensorBoardError: cannot write the run's TensorBoard directory {board} (Read-only "
+        "file system); make it writable (or remove it) and run again with the same overrides")
     assert [p.name for p in board.iterdir()] == ["events.out.tfevents.earlier"]

@@ -65,9 +65,11 @@ def test_each_trial_gets_its_own_directory_inside_the_sweep(tmp_path: Path):
     assert "trials 0 and 1 would both write" in same and str(sweep / "x") in same
     [same] = problems(sweep / "x", sweep / "y" / ".." / "x")  # '..' resolved
     assert "trials 0 and 1" in same
-    for outside in (sweep / ".." / "escaped_0", Path("/tmp/abs"), sweep, sweep / "link" / "0"):
+    for outside in (sweep / ".." / "escaped_0", Path("/tmp/abs"), sweep / "link" / "0"):
         [escape] = problems(outside)
         assert "outside the sweep directory" in escape, outside
+    [itself] = problems(sweep / ".")
+    assert "would write the sweep directory" in itself and "itself" in itself
     for own in ("report", ".submitit", "workers", "multirun.yaml", ".hidden"):
         [reserved] = problems(sweep / own)
         assert "the sweep directory's own" in reserved, own
@@ -143,8 +145,10 @@ def test_a_packed_task_skips_a_finished_trial_only_when_the_directory_holds_its_
                 *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={sweep}", "train.seed=0,1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [pickled] = list((sweep / ".submitit").rglob("*_submitted.pkl"))
+    from mnist_hpc.compute.job import TrainJob
+
     packed = DelayedSubmission.load(pickled).function.load()
-    first, second = packed.jobs
+    first, second = (TrainJob(trial) for trial in packed.trials)
     assert first.finished() and second.finished()  # each holds its own finished run
 
     # Trial 1's directory now holds trial 0's run (as a race or a hand copy would leave it).

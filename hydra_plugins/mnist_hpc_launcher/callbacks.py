@@ -69,6 +69,11 @@ def _refuse_unwritable(config: DictConfig, key: str, write: bool = True) -> None
     raw = str(OmegaConf.to_container(node, resolve=False).get("dir", ""))
     setting = "paths.output_root" if "paths.output_root" in raw else f"hydra.{key}.dir"
     problem = run_dir_problem(directory, setting, f"{key} directory", write)
+    if problem is None and key == "run":
+        from mnist_hpc import rundir
+
+        # Hydra writes .hydra-pending there next: an entry of the wrong kind must be one line too.
+        problem = "; ".join(rundir.layout_problems(directory)) or None
     if problem is not None:
         sys.stderr.write(problem + "\n")
         sys.stderr.flush()

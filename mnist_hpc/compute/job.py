@@ -98,9 +98,15 @@ class TrainJob:
                 record_failure(self.run_dir, exc, keep_existing=runtime.is_worker_task)
             raise
         job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
-        if job_id:
-            with open_dict(config.hydra.job):
+        with open_dict(config.hydra):
+            if job_id:
                 config.hydra.job.id = job_id
+            # The directory the login node checked, whatever hydra.sweep.subdir would resolve to here
+            # (a ${now:...} in it resolves anew).
+            config.hydra.sweep.subdir = str(self.run_dir.relative_to(Path(str(config.hydra.sweep.dir)).resolve()))
+        problems = rundir.layout_problems(self.run_dir)
+        if problems:  # before Hydra writes its config there
+            raise claim.RunConflict(f"{'; '.join(problems)}, then run again")
         if runtime.is_worker_task:
             quiet_worker_config(config)
         # submitit's USR2 handler (checkpoint, requeue, count timeouts): our request replaces it

@@ -24,6 +24,7 @@ tells the study nothing about the trial (a result on other data must never be ra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -144,7 +145,7 @@ class Heartbeat:
 def run_worker(task: SearchWorkerTask) -> list[int]:
     """A search worker's job: the ask -> train -> tell loop; known errors end it in one line."""
     with one_line_errors():
-        return SearchWorker(task.context, task.master_config, task.search_dir)()
+        return SearchWorker(task.context, task.master_config, task.search_dir, sd.SearchSpec(**task.spec))()
 
 
 class SearchWorker:
@@ -154,10 +155,14 @@ class SearchWorker:
     is the resubmission) and resumes its RUNNING trial.
     """
 
-    def __init__(self, context: LaunchContext, master_config: DictConfig, search_dir: Path) -> None:
+    def __init__(self, context: LaunchContext, master_config: DictConfig, search_dir: Path,
+                 submitted: Optional[sd.SearchSpec] = None) -> None:
         self.context = context
         self.master_config = master_config
         self.search_dir = Path(search_dir)
+        # The search as submitted, from the worker's own (private) task; None: read search.json whole
+        # (a worker made in a test).
+        self.submitted = submitted
         # The data file a trial reads, by the search's fixed overrides (see _check_data).
         self._data_files: dict[tuple[str, ...], Path] = {}
 
@@ -191,6 +196,7 @@ class SearchWorker:
         stop = StopRequest(ignore_after=True)
         try:
             self._open_journal(spec)
+            self._check_points(hydra_context, spec)
             storage = sd.open_storage(self.search_dir)
             with stop:
                 self._loop(hydra_context, storage, me, heartbeat, ran, stop, submitit_handler)
@@ -264,13 +270,60 @@ class SearchWorker:
     # --- choosing the next trial (under the ask lock) --------------------------------------------
 
     def _spec(self) -> sd.SearchSpec:
+        """The search as submitted, with the budget of the newest submission.
+
+        Everything but ``n_trials`` comes from the worker's own task: ``search.json`` lies in the
+        search directory, which others may be able to write (a group's project space), and its
+        sampler, pruner and overrides are instantiated and composed. A ``search.json`` that no
+        longer describes this search stops the worker.
+        """
         try:
-            spec = sd.read_spec(self.search_dir)
+            current = sd.read_spec(self.search_dir)
         except sd.SearchFileError as exc:
             raise SearchStopped(f"{exc}; submit the search again") from exc
-        if spec is None:
+        if current is None:
             raise SearchStopped(f"{self.search_dir / sd.SPEC_FILE} is gone; submit the search again")
-        return spec
+        if self.submitted is None:
+            return current
+        changed = current.differences(self.submitted)
+        if changed:
+            raise SearchStopped(
+                f"{self.search_dir / sd.SPEC_FILE} no longer describes the search this worker was queued for "
+                f"({'; '.join(changed[:5])}); submit the search again"
+            )
+        return dataclasses.replace(self.submitted, n_trials=current.n_trials)
+
+    def _check_points(self, hydra_context: Any, spec: sd.SearchSpec) -> None:
+        """Before the first trial: the points the submission checked compose to the same identities here.
+
+        A config that resolves otherwise on this node (an ``${oc.env:...}`` set in
+        ``hydra.launcher.setup``, another cache) would train trials that are not the study's: the
+        worker stops, naming what differs, before it asks for any.
+        """
+        from mnist_hpc.cache import CacheError, cache_file, read_manifest
+        from mnist_hpc.config import ConfigError, flat_config, to_typed
+
+        for point in sd.search_points(spec):
+            label = sd.point_label(point)
+            wanted = spec.point_identities.get(label)
+            if wanted is None:
+                continue
+            try:
+                config = hydra_context.config_loader.load_sweep_config(self.master_config, sd.trial_overrides(spec, point))
+                typed = to_typed(config)
+                sha = str(read_manifest(cache_file(typed.data))[0]["sha256"])
+            except (ConfigError, CacheError) as exc:
+                raise SearchStopped(f"no trial was started: with {label}: {exc}") from exc
+            here = sd.trial_identity(flat_config(typed), sha, spec)
+            if here != wanted:
+                from mnist_hpc.claim import differences
+
+                raise SearchStopped(
+                    f"no trial was started: a trial's config resolves otherwise on this node than when the search was "
+                    f"submitted (with {label}: {'; '.join(differences(wanted, here))}); an interpolation such as "
+                    "${oc.env:...} or the data cache differs here: give the workers the login node's environment "
+                    "(hydra.launcher.setup), then submit the search again"
+                )
 
     def _check_data(self, hydra_context: Any, spec: sd.SearchSpec) -> None:
         """Before a trial: the data a trial would train on (its config's cache) is the study's."""

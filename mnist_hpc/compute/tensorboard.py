@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from mnist_hpc import rundir
+
 log = logging.getLogger(__name__)
 
-TENSORBOARD_DIR = "tensorboard"
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 FINAL_KEYS = ("test_accuracy", "test_loss", "best_val_accuracy")
 
@@ -49,7 +50,7 @@ class TensorBoardLog:
     """The event files of one run: restarted from the resume state, then appended epoch by epoch."""
 
     def __init__(self, run_dir: Path, hparams: Optional[dict[str, Any]], learning_rate: float) -> None:
-        self.directory = Path(run_dir) / TENSORBOARD_DIR
+        self.directory = Path(run_dir) / rundir.TENSORBOARD_DIR
         self.hparams = {k: hparam_value(v) for k, v in (hparams or {}).items()}
         self.learning_rate = float(learning_rate)
         self.written = 0

@@ -116,6 +116,9 @@ class SearchWorkerTask:
     # Hydra's composed config of the search's submission (each trial is composed from it).
     master_config: Any
     search_dir: Path
+    # The search as submitted (mnist_hpc.search.SearchSpec's fields): what the worker trusts. Its
+    # search.json, which lies in a directory others may write, gives only a continued budget.
+    spec: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -10,6 +10,7 @@ its trial, never an error that stops the command.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -150,20 +151,52 @@ class Trial:
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` is one run's directory (submitted, or a plain Hydra run)."""
-    markers = (rundir.JOB_FILE, rundir.METRICS_FILE, str(rundir.HYDRA_OVERRIDES), rundir.CONFIG_FILE,
-               rundir.PROGRESS_FILE, rundir.LOG_FILE)
-    return any((path / marker).is_file() for marker in markers)
+    return rundir.is_run_dir(path)
 
 
 def trial_dirs(sweep_dir: Path) -> list[Path]:
-    """The numbered trial directories of a sweep (basic or Optuna sweeper), in trial order."""
-    found = [
-        p
-        for p in sweep_dir.iterdir()
-        if p.name.isascii() and p.name.isdigit() and p.is_dir()
-        and ((p / rundir.JOB_FILE).is_file() or (p / rundir.HYDRA_OVERRIDES).is_file())
-    ]
-    return sorted(found, key=lambda p: int(p.name))
+    """A sweep's trial directories (basic or Optuna sweeper), in trial order.
+
+    Each is where ``hydra.sweep.subdir`` put it (its number by default, any name or depth
+    otherwise): a directory below the sweep holding a run's ``job.json`` or Hydra's overrides.
+    The sweep's own entries (``.submitit``, ``report``, hidden files) are not searched, and no
+    run directory is searched for others (a launch refuses trials inside trials).
+    """
+    found: list[Path] = []
+    stack = [Path(sweep_dir)]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or (directory == Path(sweep_dir) and entry.name in claim.SWEEP_OWN_NAMES):
+                continue
+            try:
+                if not entry.is_dir():
+                    continue
+            except OSError:
+                continue
+            path = Path(entry.path)
+            if _is_file(path / rundir.JOB_FILE) or _is_file(path / rundir.HYDRA_OVERRIDES):
+                found.append(path)
+            else:
+                stack.append(path)
+    return sorted(found, key=_trial_order)
+
+
+def _trial_order(path: Path) -> tuple[int, int, str]:
+    """Trials by their number (``job.json``, else an ASCII-numbered name), then by path."""
+    try:
+        record = rundir.read_job(path)
+    except rundir.RunFileError:
+        record = None
+    if record is not None and record.trial is not None:
+        return 0, record.trial, str(path)
+    if path.name.isascii() and path.name.isdigit():
+        return 0, int(path.name), str(path)
+    return 1, 0, str(path)
 
 
 def find_runs(target: Path) -> tuple[bool, list[Path]]:

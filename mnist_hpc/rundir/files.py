@@ -8,6 +8,7 @@ order): a file that fails is a :class:`RunFileError` naming the file, the field 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,12 @@ __all__ = [
     "PROVENANCE_FILE",
     "METRICS_FILE",
     "FAILURE_FILE",
+    "TENSORBOARD_DIR",
+    "RUN_FILES",
+    "RUN_DIRS",
+    "RUN_MARKERS",
+    "is_run_dir",
+    "layout_problems",
     "WRONG_IMAGES_KEPT",
     "ENDED_STATES",
     "ERROR_LINE_PREFIX",
@@ -50,6 +57,8 @@ HYDRA_PENDING_DIR = ".hydra-pending"
 HYDRA_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_DIR = "checkpoints"
+# TensorBoard's event files of the run (mnist_hpc.compute.tensorboard writes them).
+TENSORBOARD_DIR = "tensorboard"
 # Hydra names the job log after hydra.job.name, which conf/config.yaml sets to "train".
 LOG_FILE = "train.log"
 PREDICTIONS_FILE = "predictions.npz"
@@ -67,6 +76,35 @@ ERROR_LINE_PREFIX = "mnist-hpc: error: "
 ENDED_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 )
+
+
+# What a run directory holds, by kind: where the run writes a file, nothing else may stand, and
+# where it makes a directory, only a directory (layout_problems).
+RUN_FILES = (IDENTITY_FILE, JOB_FILE, LEASE_FILE, LEASE_LOCK, CONFIG_FILE, PROGRESS_FILE, LOG_FILE,
+             PREDICTIONS_FILE, HISTORY_FILE, MODEL_FILE, PROVENANCE_FILE, METRICS_FILE, FAILURE_FILE)
+RUN_DIRS = (HYDRA_DIR, HYDRA_PENDING_DIR, CHECKPOINT_DIR, TENSORBOARD_DIR)
+# Files whose presence marks a directory as a run's (submitted, or a plain Hydra run).
+RUN_MARKERS = (JOB_FILE, IDENTITY_FILE, METRICS_FILE, PROGRESS_FILE, CONFIG_FILE, LOG_FILE, str(HYDRA_OVERRIDES))
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run's directory: one of its marking files is there."""
+    return any(os.path.isfile(Path(path) / marker) for marker in RUN_MARKERS)
+
+
+def layout_problems(run_dir: Path) -> list[str]:
+    """Entries of ``run_dir`` that are not what a run makes there: a directory (or anything else
+    that is not a file) where it writes a file, or a file where it makes a directory."""
+    problems = []
+    for name in RUN_FILES:
+        path = Path(run_dir) / name
+        if os.path.lexists(path) and not os.path.isfile(path):
+            problems.append(f"{path} is not a file, but the run writes its {name} there; move it out of {run_dir}")
+    for name in RUN_DIRS:
+        path = Path(run_dir) / name
+        if os.path.lexists(path) and not os.path.isdir(path):
+            problems.append(f"{path} is not a directory, but the run keeps its {name}/ there; move it out of {run_dir}")
+    return problems
 
 
 class RunFileError(UntrustedFileError):

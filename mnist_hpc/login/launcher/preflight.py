@@ -18,6 +18,7 @@ from mnist_hpc.dataset import split_index
 from mnist_hpc.login.launcher.options import GpuRequest, tasks_per_job
 from mnist_hpc.login.launcher.packing import PackingError, requested
 from mnist_hpc.login.launcher.plan import MAX_NAMED, PlannedJob, PreflightError
+from mnist_hpc.search import SPEC_FILE, is_search_dir
 
 
 def check_launcher(conf: Any, cluster: str) -> None:
@@ -181,7 +182,13 @@ def recorded_owners(jobs: Sequence[PlannedJob]) -> dict[int, str]:
 
 
 def check_trial_dirs(sweep_dir: Path, planned: Sequence[PlannedJob]) -> None:
-    """Every trial's directory is its own and inside the sweep directory (see :func:`mnist_hpc.claim.trial_dir_problems`)."""
+    """Every trial's directory is its own and inside the sweep directory (see :func:`mnist_hpc.claim.trial_dir_problems`);
+    a sweep directory that holds an asynchronous search is the search's alone."""
+    if is_search_dir(sweep_dir):
+        raise PreflightError(
+            f"nothing was queued: {sweep_dir} holds an asynchronous search ({SPEC_FILE}), whose study knows its own "
+            "trials; submit this sweep into another hydra.sweep.dir (or continue the search with hparams_search=optuna)"
+        )
     problems = claim.trial_dir_problems(sweep_dir, [(job.num, job.run_dir) for job in planned])
     if problems:
         shown = problems[:MAX_NAMED] + ([f"... and {len(problems) - MAX_NAMED} more"] if len(problems) > MAX_NAMED else [])

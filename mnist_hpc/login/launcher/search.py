@@ -25,12 +25,13 @@ from __future__ import annotations
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_hpc import claim
 from mnist_hpc import search as sd
 from mnist_hpc.config import to_typed
 from mnist_hpc.login.launcher.plan import PreflightError
@@ -147,22 +148,13 @@ def build_spec(conf: DictConfig, arguments: list[str]) -> sd.SearchSpec:
     return spec
 
 
-def check_trials(composer: Any, spec: sd.SearchSpec) -> dict[str, Any]:
-    """Compose and check a config per categorical choice, range bound and queued parameter set.
+def check_trials(composer: Any, spec: sd.SearchSpec) -> None:
+    """Compose and check a config per point of :func:`mnist_hpc.search.search_points`, and bind the
+    study to what decides their results (``spec.identity``, ``spec.point_identities``)."""
+    from mnist_hpc.config import flat_config
 
-    Returns:
-        The study's identity (:func:`study_identity`) from the first of them and the cache.
-    """
-    from optuna.distributions import CategoricalDistribution
-
-    space, _ = sd.parse_params(spec.params)
-    first = {k: (d.choices[0] if isinstance(d, CategoricalDistribution) else d.low) for k, d in space.items()}
-    points = [dict(first, **entry) for entry in spec.enqueue] or [first]
-    for name, dist in space.items():
-        values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
-        points += [dict(first, **{name: v}) for v in values]
-    checked = None
-    for point in points:
+    checked: list[tuple[str, Any]] = []
+    for point in sd.search_points(spec):
         overrides = sd.trial_overrides(spec, point)
         try:
             typed = to_typed(composer.compose(overrides))
@@ -173,30 +165,15 @@ def check_trials(composer: Any, spec: sd.SearchSpec) -> dict[str, Any]:
                 "a search chooses on validation accuracy, so it needs data.validation_split > 0 "
                 "(hparams_search=optuna sets 0.1); the test set never chooses"
             )
-        checked = checked or typed
-    assert checked is not None
-    manifest = check_cache(checked)
-    return study_identity(checked, str(manifest["sha256"]), spec)
-
-
-def study_identity(typed: Any, data_sha256: str, spec: sd.SearchSpec) -> dict[str, Any]:
-    """What decides a trial's result besides its sampled parameters: a trial config's identity
-    (:func:`mnist_hpc.claim.identity_from_flat`, with the data's sha256) without the searched keys.
-
-    ``train.epochs`` is kept: a run directory may be extended to more epochs, but a study ranks
-    its trials' results at the epochs they were trained for.
-    """
-    from mnist_hpc import claim
-    from mnist_hpc.config import flat_config
-
-    flat = flat_config(typed)
-    identity = claim.identity_from_flat(flat, data_sha256)
-    identity["train.epochs"] = flat["train.epochs"]
-
-    def searched(key: str) -> bool:  # the key, a key inside it, or the list it is an item of
-        return any(key == p or key.startswith(p + ".") or p.startswith(key + ".") for p in spec.params)
-
-    return {k: v for k, v in sorted(identity.items()) if not searched(k)}
+        checked.append((sd.point_label(point), typed))
+    shas: dict[Any, str] = {}
+    spec.point_identities = {}
+    for label, typed in checked:
+        where = (typed.data.cache_dir, typed.data.filename)
+        if where not in shas:
+            shas[where] = str(check_cache(typed)["sha256"])
+        spec.point_identities[label] = sd.trial_identity(flat_config(typed), shas[where], spec)
+    spec.identity = spec.point_identities[checked[0][0]]
 
 
 def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int, Optional[str]]:
@@ -288,41 +265,44 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     folder = str(raw_folder).replace("${hydra.sweep.dir}", str(search_dir))
     root = folder_root(folder)
     spec = build_spec(config.hydra.sweeper, arguments)
-    spec.identity = check_trials(SweepComposer(sweeper.hydra_context.config_loader, config), spec)
+    check_trials(SweepComposer(sweeper.hydra_context.config_loader, config), spec)
     make_private(root)
-    _, counted, repaired = open_study(search_dir, spec)
-    n_workers = min(spec.workers, spec.n_trials - counted)
-    sd.write_spec(search_dir, spec)
-    OmegaConf.save(config, search_dir / "multirun.yaml")
+    # One submission at a time into a search directory (as for a sweep: mnist_hpc.claim.launch_lock).
+    with claim.launch_lock(search_dir):
+        _, counted, repaired = open_study(search_dir, spec)
+        n_workers = min(spec.workers, spec.n_trials - counted)
+        sd.write_spec(search_dir, spec)
+        OmegaConf.save(config, search_dir / "multirun.yaml")
 
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(launcher, cluster))
-    executor.update_parameters(**submitit_parameters(launcher, cluster))
-    context = LaunchContext(
-        root / f"search-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{counted}.pkl",
-        sweeper.hydra_context, sweeper.task_function, Singleton.get_state(),
-    )
-    before = set(root.iterdir()) if root.is_dir() else set()
-    try:
-        with private_submission():  # what the workers unpickle is written 0600 (mnist_hpc.contract.guard)
-            context.save()
-            with executor.batch():
-                versions = environment_versions()
-                jobs = [executor.submit(JobEntry(SearchWorkerTask(context, config, search_dir), [], versions))
-                        for _ in range(n_workers)]
-    except BaseException as exc:
-        from submitit.core.utils import FailedJobError
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(launcher, cluster))
+        executor.update_parameters(**submitit_parameters(launcher, cluster))
+        context = LaunchContext(
+            root / f"search-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{counted}.pkl",
+            sweeper.hydra_context, sweeper.task_function, Singleton.get_state(),
+        )
+        before = set(root.iterdir()) if root.is_dir() else set()
+        try:
+            with private_submission():  # what the workers unpickle is written 0600 (mnist_hpc.contract.guard)
+                context.save()
+                with executor.batch():
+                    versions = environment_versions()
+                    task = SearchWorkerTask(context, config, search_dir, asdict(spec))
+                    jobs = [executor.submit(JobEntry(task, [], versions))
+                            for _ in range(n_workers)]
+        except BaseException as exc:
+            from submitit.core.utils import FailedJobError
 
-        for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
-            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
-        if isinstance(exc, FailedJobError):
-            raise SubmissionError(f"nothing was queued: {cluster} refused the {n_workers} worker(s): {str(exc).strip()}") from exc
-        raise
-    # Status lists a worker from submission on, before it starts; a local one by its process
-    # (submitit's local job id is its pid on this host).
-    host = socket.gethostname() if cluster == "local" else ""
-    for job in jobs:
-        sd.write_beat(search_dir, sd.WorkerBeat(job_id=str(job.job_id), cluster=cluster, host=host, state="queued",
-                                                log=str(job.paths.stdout)))
+            for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
+                shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+            if isinstance(exc, FailedJobError):
+                raise SubmissionError(f"nothing was queued: {cluster} refused the {n_workers} worker(s): {str(exc).strip()}") from exc
+            raise
+        # Status lists a worker from submission on, before it starts; a local one by its process
+        # (submitit's local job id is its pid on this host).
+        host = socket.gethostname() if cluster == "local" else ""
+        for job in jobs:
+            sd.write_beat(search_dir, sd.WorkerBeat(job_id=str(job.job_id), cluster=cluster, host=host, state="queued",
+                                                    log=str(job.paths.stdout)))
     print(summary(search_dir, spec, counted, jobs, cluster, repaired), flush=True)
 
 

@@ -85,84 +85,87 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     composer = getattr(launcher, "composer", None) or SweepComposer(launcher.hydra_context.config_loader, launcher.config)
     planned = plan_jobs(composer, sweep_dir, job_overrides, initial_job_idx)
     folder = str(conf.submitit_folder).replace("${hydra.sweep.dir}", str(sweep_dir))
-    try:
-        check_launcher(conf, cluster)
-        check_tasks(conf, cluster, planned)
-        preflight(sweep_dir, planned)
-        make_private(folder_root(folder))
-    except PreflightError:
-        record = getattr(launcher, "sweep_record", None)
-        if record is not None:
-            record.restore()  # Hydra's sweeper rewrote multirun.yaml before this refusal
-        raise
-    todo = [job for job in planned if job.verdict is None or job.verdict.action != "done"]
-    if not todo:
-        print(summary(sweep_dir, planned, {}, cluster), flush=True)
-        return [trial_return(job) for job in planned]
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
-    executor.update_parameters(**submitit_parameters(conf, cluster))
+    # One launch at a time into a sweep directory: the checks below and the job.json files written
+    # after queueing see every earlier launch's jobs (two racing launches would both pass the checks).
+    with claim.launch_lock(sweep_dir):
+        try:
+            check_launcher(conf, cluster)
+            check_tasks(conf, cluster, planned)
+            preflight(sweep_dir, planned)
+            make_private(folder_root(folder))
+        except PreflightError:
+            record = getattr(launcher, "sweep_record", None)
+            if record is not None:
+                record.restore()  # Hydra's sweeper rewrote multirun.yaml before this refusal
+            raise
+        todo = [job for job in planned if job.verdict is None or job.verdict.action != "done"]
+        if not todo:
+            print(summary(sweep_dir, planned, {}, cluster), flush=True)
+            return [trial_return(job) for job in planned]
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
+        executor.update_parameters(**submitit_parameters(conf, cluster))
 
-    context = LaunchContext(
-        folder_root(folder) / f"launch-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}-{initial_job_idx}.pkl",
-        launcher.hydra_context,
-        launcher.task_function,
-        Singleton.get_state(),
-        composer.bases(sweep_dir),
-    )
-    # Trials packed per Slurm task share one process (one TensorFlow import, one data load).
-    packing = choose(todo, conf, cluster)
-    per_task = packing.per_task
-    groups = pack(todo, per_task)
-    versions = environment_versions()
-    submitted = time.time()
-    root = folder_root(folder)
-    before = set(root.iterdir()) if root.is_dir() else set()
-    futures: list[Any] = []
-    try:
-        # The context holds Hydra's config loader: pickle it with the loader's own methods.
-        # What the jobs unpickle is written 0600 (see mnist_hpc.contract.guard).
-        with composer.detached(), private_submission():
-            context.save()
-            for chunk in array_chunks(groups, cluster):
-                with executor.batch():
-                    array = [executor.submit(entry(context, group, versions, per_task > 1)) for group in chunk]
-                futures += array  # queued: only now may its jobs be looked at
-    except BaseException as exc:
-        from submitit.core.utils import FailedJobError
+        context = LaunchContext(
+            folder_root(folder) / f"launch-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}-{initial_job_idx}.pkl",
+            launcher.hydra_context,
+            launcher.task_function,
+            Singleton.get_state(),
+            composer.bases(sweep_dir),
+        )
+        # Trials packed per Slurm task share one process (one TensorFlow import, one data load).
+        packing = choose(todo, conf, cluster)
+        per_task = packing.per_task
+        groups = pack(todo, per_task)
+        versions = environment_versions()
+        submitted = time.time()
+        root = folder_root(folder)
+        before = set(root.iterdir()) if root.is_dir() else set()
+        futures: list[Any] = []
+        try:
+            # The context holds Hydra's config loader: pickle it with the loader's own methods.
+            # What the jobs unpickle is written 0600 (see mnist_hpc.contract.guard).
+            with composer.detached(), private_submission():
+                context.save()
+                for chunk in array_chunks(groups, cluster):
+                    with executor.batch():
+                        array = [executor.submit(entry(context, group, versions, per_task > 1)) for group in chunk]
+                    futures += array  # queued: only now may its jobs be looked at
+        except BaseException as exc:
+            from submitit.core.utils import FailedJobError
 
-        for sjob in futures:  # an earlier array went in: take it back, so that nothing half-queued stays
-            sjob.cancel(check=False)
-        # Nothing was queued: take out what this launch wrote (our context, submitit's pickles).
-        for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
-            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
-        if isinstance(exc, FailedJobError):  # the scheduler refused the submission
+            for sjob in futures:  # an earlier array went in: take it back, so that nothing half-queued stays
+                sjob.cancel(check=False)
+            # Nothing was queued: take out what this launch wrote (our context, submitit's pickles).
+            for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
+                shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+            if isinstance(exc, FailedJobError):  # the scheduler refused the submission
+                raise SubmissionError(
+                    f"nothing was queued: {cluster} refused the {len(groups)} task(s): {str(exc).strip()}\n"
+                    "Check the hydra.launcher settings it names (partition, account, qos, mem_gb, "
+                    "timeout_min, additional_parameters) against your site's limits (`sinfo`, `sacctmgr show assoc`)."
+                ) from exc
+            raise
+        task_of: dict[int, tuple[Any, Optional[int]]] = {}
+        for sjob, group in zip(futures, groups):
+            for slot, job in enumerate(group):
+                task_of[job.num] = (sjob, slot if per_task > 1 else None)
+        # Only now, with the jobs queued, may a job.json name them; one flush for all of them.
+        now = utc_now()
+        tasks = tasks_per_job(conf)
+        records = {}
+        for job in todo:
+            sjob, slot = task_of[job.num]
+            records[job.num] = rundir.JobRecord.of(
+                cluster, str(sjob.job_id), sjob.paths, job.run_dir, job.overrides, job.num, slot, now, tasks, job.fingerprint,
+                **local_process(sjob, cluster))
+        try:
+            rundir.write_jobs(list(records.values()))
+        except OSError as exc:  # queued all the same: each job writes its own job.json when it starts
             raise SubmissionError(
-                f"nothing was queued: {cluster} refused the {len(groups)} task(s): {str(exc).strip()}\n"
-                "Check the hydra.launcher settings it names (partition, account, qos, mem_gb, "
-                "timeout_min, additional_parameters) against your site's limits (`sinfo`, `sacctmgr show assoc`)."
+                f"queued {len(futures)} task(s) ({', '.join(sorted({r.array_job_id or r.job_id for r in records.values()}))}), "
+                f"but their job.json files could not be written ({exc}); each job writes its own when it starts, so "
+                f"mnist-hpc-status {sweep_dir} shows the trials from then on. Free space or fix permissions there."
             ) from exc
-        raise
-    task_of: dict[int, tuple[Any, Optional[int]]] = {}
-    for sjob, group in zip(futures, groups):
-        for slot, job in enumerate(group):
-            task_of[job.num] = (sjob, slot if per_task > 1 else None)
-    # Only now, with the jobs queued, may a job.json name them; one flush for all of them.
-    now = utc_now()
-    tasks = tasks_per_job(conf)
-    records = {}
-    for job in todo:
-        sjob, slot = task_of[job.num]
-        records[job.num] = rundir.JobRecord.of(
-            cluster, str(sjob.job_id), sjob.paths, job.run_dir, job.overrides, job.num, slot, now, tasks, job.fingerprint,
-            **local_process(sjob, cluster))
-    try:
-        rundir.write_jobs(list(records.values()))
-    except OSError as exc:  # queued all the same: each job writes its own job.json when it starts
-        raise SubmissionError(
-            f"queued {len(futures)} task(s) ({', '.join(sorted({r.array_job_id or r.job_id for r in records.values()}))}), "
-            f"but their job.json files could not be written ({exc}); each job writes its own when it starts, so "
-            f"mnist-hpc-status {sweep_dir} shows the trials from then on. Free space or fix permissions there."
-        ) from exc
     print(summary(sweep_dir, planned, records, cluster), flush=True)
     if packing.reason and len(todo) > 1:
         print(f"packing (hydra.launcher.trials_per_task=auto): {packing.reason}", flush=True)
