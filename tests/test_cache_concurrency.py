@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_hpc.login import prefetch
+from mnist_hpc.login.prefetch import cli as prefetch_cli, fetch as prefetch_fetch
 from tests.conftest import synthetic_mnist, write_npz
 from tests.test_prefetch import subprocess_env
 
@@ -68,7 +68,7 @@ def test_readers_see_consistent_pairs_while_force_replaces_the_cache(tmp_path: P
     sources = [write_npz(tmp_path / f"incoming-{i}" / "mnist.npz", d) for i, d in enumerate(datasets)]
     pairs = {}
     for source, arrays in zip(sources, datasets):
-        manifest = prefetch.prefetch(cache_dir / "mnist.npz", source=source, force=True, grace_s=0.0)
+        manifest = prefetch_fetch.prefetch(cache_dir / "mnist.npz", source=source, force=True, grace_s=0.0)
         pairs[manifest["sha256"]] = expected_fingerprint(arrays)
     assert len(set(pairs)) == 2 and len(set(pairs.values())) == 2
 

@@ -29,7 +29,7 @@ from mnist_hpc.cache import (
 from mnist_hpc.cache import KERAS_MNIST_SHA256, KERAS_MNIST_URL
 from mnist_hpc.config import ConfigError
 from mnist_hpc.dataset import MAX_NPZ_BYTES
-from mnist_hpc.login import prefetch
+from mnist_hpc.login.prefetch import cli as prefetch_cli, fetch as prefetch_fetch
 from mnist_hpc.login.prefetch import download, fetch, store
 from mnist_hpc.login.prefetch.errors import DownloadTimeoutError, DownloadTooLargeError, HashMismatchError
 from tests.http_fixture import LoopbackServer, Route
@@ -72,7 +72,7 @@ def import_file(tmp_path: Path, cache_dir: Path, seed: int) -> tuple[Path, str]:
     data = npz_bytes(make_arrays(seed=seed))
     source = tmp_path / f"copied-{seed}.npz"
     source.write_bytes(data)
-    assert prefetch.main(["--from", str(source), f"data.cache_dir={cache_dir}"]) == 0
+    assert prefetch_cli.main(["--from", str(source), f"data.cache_dir={cache_dir}"]) == 0
     return source, sha(data)
 
 
@@ -85,7 +85,7 @@ def test_overall_deadline_stops_a_trickling_download(server: LoopbackServer, cac
     body = npz_bytes(make_arrays(n_train=80))
     url = server.add("/slow.npz", Route(body=body, trickle_bytes_per_s=1024))
     with pytest.raises(DownloadTimeoutError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(body), retries=2, backoff_s=0.0, timeout_s=2.0,
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(body), retries=2, backoff_s=0.0, timeout_s=2.0,
                           max_time_s=1.5, progress=False)
     message = str(info.value)
     assert "--max-time-s 1.5" in message and url in message and "--from" in message
@@ -98,7 +98,7 @@ def test_overall_deadline_stops_a_trickling_download(server: LoopbackServer, cac
 def test_max_time_option_reaches_the_download(server: LoopbackServer, cache: Path, capsys) -> None:
     body = npz_bytes(make_arrays(n_train=80))
     url = server.add("/slow.npz", Route(body=body, trickle_bytes_per_s=1024))
-    rc = prefetch.main(["--url", url, "--timeout-s", "2", "--max-time-s", "1", f"data.cache_dir={cache}"])
+    rc = prefetch_cli.main(["--url", url, "--timeout-s", "2", "--max-time-s", "1", f"data.cache_dir={cache}"])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert rc == 1 and len(errors) == 1 and "did not finish within --max-time-s 1 " in errors[0]
@@ -150,7 +150,7 @@ def test_a_content_length_over_the_bound_is_refused_from_the_header(server: Loop
     url = server.add("/huge.npz", Route(content_length=ENDLESS, zeros=ENDLESS))
     cache_dir = small_tmpfs("cache", "1m")
     with pytest.raises(DownloadTooLargeError) as info:
-        prefetch.prefetch(cache_dir / "mnist.npz", url=url, **FAST)
+        prefetch_fetch.prefetch(cache_dir / "mnist.npz", url=url, **FAST)
     message = str(info.value)
     assert message == (
         f"refused the download from {url}: the server announces {ENDLESS:,} bytes (Content-Length), more than "
@@ -175,7 +175,7 @@ def test_an_endless_body_without_content_length_is_refused_past_the_bound(
     url = server.add("/endless.npz", Route(zeros=ENDLESS, omit_content_length=True, chunked=framing == "chunked"))
     cache_dir = small_tmpfs("cache", f"{SMALL_BOUND // 1024}k")
     with pytest.raises(DownloadTooLargeError) as info:
-        prefetch.prefetch(cache_dir / "mnist.npz", url=url, **FAST)
+        prefetch_fetch.prefetch(cache_dir / "mnist.npz", url=url, **FAST)
     assert f"more than {SMALL_BOUND:,} bytes arrived (the server announced no size)" in str(info.value)
     assert "It is not an MNIST file: check --url" in str(info.value)
     assert info.value.announced is None
@@ -194,7 +194,7 @@ def test_a_compressed_body_is_bounded_by_its_inflated_size(
     bomb = gzip.compress(bytes(8 * SMALL_BOUND))
     url = server.add("/bomb.npz", Route(body=bomb, headers={"Content-Encoding": "gzip"}))
     with pytest.raises(DownloadTooLargeError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, **FAST)
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, **FAST)
     assert info.value.announced == len(bomb) < SMALL_BOUND
     assert SMALL_BOUND < info.value.received <= SMALL_BOUND + download.CHUNK_BYTES
     assert server.count("/bomb.npz") == 1
@@ -206,7 +206,7 @@ def test_a_download_of_mnists_size_passes_the_bound(server: LoopbackServer, cach
     data = npz_bytes(make_arrays(n_train=12_500, n_test=2_100))
     assert 11_000_000 < len(data) < 12_000_000
     url = server.add("/mnist.npz", Route(body=data))
-    manifest = prefetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(data), **FAST)
+    manifest = prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(data), **FAST)
     assert manifest["size"] == len(data) and (cache / "mnist.npz").read_bytes() == data
     assert manifest["shapes"]["x_train"] == [12_500, 28, 28]
     assert server.count("/mnist.npz") == 1
@@ -219,7 +219,7 @@ def test_a_real_file_without_content_length_is_downloaded(
 ) -> None:
     _, data, digest = good
     url = server.add("/mnist.npz", Route(body=data, omit_content_length=True, chunked=framing == "chunked"))
-    manifest = prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)
+    manifest = prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)
     assert manifest["sha256"] == digest and (cache / "mnist.npz").read_bytes() == data
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
@@ -228,7 +228,7 @@ def test_a_content_length_shorter_than_the_body_is_what_is_read(server: Loopback
     """The announced length is what is read: the zeros a server sends beyond it never reach the cache."""
     _, data, digest = good
     url = server.add("/mnist.npz", Route(body=data, zeros=ENDLESS))
-    manifest = prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)
+    manifest = prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)
     assert manifest["size"] == len(data) and (cache / "mnist.npz").read_bytes() == data
     response_ends(server, "/mnist.npz")  # and the connection was closed, not left streaming
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
@@ -238,7 +238,7 @@ def test_a_content_length_cutting_the_file_short_is_refused(server: LoopbackServ
     _, data, digest = good
     url = server.add("/mnist.npz", Route(body=data, content_length=len(data) // 2))
     with pytest.raises(HashMismatchError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)
     assert info.value.got == sha(data[: len(data) // 2])
     assert server.count("/mnist.npz") == 1
     assert_clean(cache)
@@ -251,7 +251,7 @@ def test_a_redirects_body_is_not_read(server: LoopbackServer, good, cache: Path)
     redirect_zeros = 64 << 20
     url = server.add("/old.npz", Route(status=302, headers={"Location": target}, omit_content_length=True,
                                        zeros=redirect_zeros))
-    assert prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)["sha256"] == digest
+    assert prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **FAST)["sha256"] == digest
     response_ends(server, "/old.npz")
     assert server.bytes_sent("/old.npz") < redirect_zeros // 2  # socket buffers at most, not the whole body
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
@@ -265,7 +265,7 @@ def test_plain_prefetch_keeps_a_valid_import(tmp_path: Path, cache: Path, capsys
     capsys.readouterr()
     mtime = os.stat(object_path(cache / "mnist.npz", digest)).st_mtime_ns
 
-    assert prefetch.main([f"data.cache_dir={cache}"]) == 0  # offline: a download would fail
+    assert prefetch_cli.main([f"data.cache_dir={cache}"]) == 0  # offline: a download would fail
 
     out, err = capsys.readouterr()
     assert out.strip() == str(cache / "mnist.npz")
@@ -347,7 +347,7 @@ def test_bad_filenames_are_refused_at_config_time(compose, tmp_path: Path, filen
     with pytest.raises(ConfigError) as info:
         to_typed(compose(overrides))
     assert f"data.filename={filename!r}" in str(info.value) and expected in str(info.value)
-    assert prefetch.main(overrides) == 2
+    assert prefetch_cli.main(overrides) == 2
     assert "data.filename" in capsys.readouterr().err
     assert listing(tmp_path) == []
 
@@ -368,7 +368,7 @@ def test_replaced_object_stays_for_its_grace_period_then_goes(tmp_path: Path, ca
     os.symlink(view_target(target, first), target)
     switched = manifest_path(target).stat().st_mtime - store.GC_GRACE_S - 1
     os.utime(manifest_path(target), (switched, switched))
-    assert prefetch.main([f"data.cache_dir={cache}"]) == 0  # the valid-cache path tidies
+    assert prefetch_cli.main([f"data.cache_dir={cache}"]) == 0  # the valid-cache path tidies
     assert listing(objects_dir(target)) == [f"{second}.npz"]
     assert os.readlink(target) == view_target(target, second)
 
@@ -382,9 +382,9 @@ def test_lock_file_in_a_group_directory_is_group_writable(tmp_path: Path, good) 
     source.write_bytes(data)
     old = os.umask(0o022)  # a user whose umask would make every file private to them
     try:
-        prefetch.prefetch(shared / "mnist.npz", source=source)
+        prefetch_fetch.prefetch(shared / "mnist.npz", source=source)
         first = os.stat(shared / store.LOCK_NAME)
-        prefetch.prefetch(shared / "mnist.npz", source=source, force=True)
+        prefetch_fetch.prefetch(shared / "mnist.npz", source=source, force=True)
     finally:
         os.umask(old)
     lock = os.stat(shared / store.LOCK_NAME)
@@ -409,8 +409,8 @@ def test_a_world_writable_directory_is_no_groups_space(tmp_path: Path, good) -> 
     source.write_bytes(data)
     old = os.umask(0o077)
     try:
-        prefetch.prefetch(scratch / "alice" / "mnist.npz", source=source)
-        prefetch.prefetch(loose / "mnist.npz", source=source)
+        prefetch_fetch.prefetch(scratch / "alice" / "mnist.npz", source=source)
+        prefetch_fetch.prefetch(loose / "mnist.npz", source=source)
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(scratch / "alice").st_mode) == 0o700
@@ -433,7 +433,7 @@ def test_deleting_the_link_deletes_the_dataset_for_jobs(tmp_path: Path, cache: P
     os.unlink(cache / "mnist.npz")
     with pytest.raises(CacheMissingError, match=f"no cached MNIST at {cache / 'mnist.npz'}; run `mnist-hpc-prefetch"):
         read_verified(DataConfig(cache_dir=str(cache)))
-    assert prefetch.main(["--from", str(tmp_path / "copied-1.npz"), f"data.cache_dir={cache}"]) == 0
+    assert prefetch_cli.main(["--from", str(tmp_path / "copied-1.npz"), f"data.cache_dir={cache}"]) == 0
     assert read_verified(DataConfig(cache_dir=str(cache)))[1]["sha256"] == digest
 
 
@@ -450,6 +450,6 @@ def test_a_cache_of_the_previous_format_is_adopted_offline(tmp_path: Path, cache
         check_cached(cache / "mnist.npz")
     adopt = str(info.value).split("`")[1]
     assert "older mnist-hpc" in str(info.value) and adopt.endswith(f"--from {cache / 'mnist.npz'}")
-    assert prefetch.main(adopt.split()[1:]) == 0
+    assert prefetch_cli.main(adopt.split()[1:]) == 0
     assert check_cached(cache / "mnist.npz")["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))

@@ -34,7 +34,7 @@ from mnist_hpc.cache import KERAS_MNIST_SHA256
 from mnist_hpc.config import DataConfig
 from mnist_hpc.dataset import DatasetError, read_npz
 from mnist_hpc.io import sha256_file
-from mnist_hpc.login import prefetch
+from mnist_hpc.login.prefetch import cli as prefetch_cli, fetch as prefetch_fetch
 from mnist_hpc.login.prefetch import download, fetch, sources, store
 from mnist_hpc.login.prefetch.errors import (
     CacheFullError,
@@ -193,7 +193,7 @@ def test_download_places_file_and_manifest(server: LoopbackServer, good, cache: 
     target = cache / "mnist.npz"
     before = datetime.now(timezone.utc).replace(microsecond=0)
 
-    manifest = prefetch.prefetch(target, url=url, sha256=digest, **FAST)
+    manifest = prefetch_fetch.prefetch(target, url=url, sha256=digest, **FAST)
 
     assert server.count("/mnist.npz") == 1
     assert target.read_bytes() == data
@@ -222,11 +222,11 @@ def test_valid_cache_makes_no_request(server: LoopbackServer, good, cache: Path,
     _, data, digest = good
     url = server.add("/mnist.npz", Route(body=data))
     target = cache / "mnist.npz"
-    first = prefetch.prefetch(target, url=url, sha256=digest, **FAST)
+    first = prefetch_fetch.prefetch(target, url=url, sha256=digest, **FAST)
     mtime = target.stat().st_mtime_ns
 
-    second = prefetch.prefetch(target, url=url, sha256=digest, **FAST)
-    rc = prefetch.main(["--url", url, "--sha256", digest, f"data.cache_dir={cache}"])
+    second = prefetch_fetch.prefetch(target, url=url, sha256=digest, **FAST)
+    rc = prefetch_cli.main(["--url", url, "--sha256", digest, f"data.cache_dir={cache}"])
 
     assert server.count("/mnist.npz") == 1
     assert second == first
@@ -241,9 +241,9 @@ def test_valid_cache_makes_no_request(server: LoopbackServer, good, cache: Path,
 def test_valid_cache_needs_no_network_at_all(server: LoopbackServer, good, cache: Path) -> None:
     _, data, digest = good
     target = cache / "mnist.npz"
-    prefetch.prefetch(target, url=server.add("/mnist.npz", Route(body=data)), sha256=digest, **FAST)
+    prefetch_fetch.prefetch(target, url=server.add("/mnist.npz", Route(body=data)), sha256=digest, **FAST)
     # Nothing listens on this port: a request would fail.
-    manifest = prefetch.prefetch(target, url=f"http://127.0.0.1:{free_port()}/mnist.npz", sha256=digest, **FAST)
+    manifest = prefetch_fetch.prefetch(target, url=f"http://127.0.0.1:{free_port()}/mnist.npz", sha256=digest, **FAST)
     assert manifest["sha256"] == digest
 
 
@@ -251,10 +251,10 @@ def test_corrupted_cache_is_replaced(server: LoopbackServer, good, cache: Path) 
     _, data, digest = good
     url = server.add("/mnist.npz", Route(body=data))
     target = cache / "mnist.npz"
-    prefetch.prefetch(target, url=url, sha256=digest, **FAST)
+    prefetch_fetch.prefetch(target, url=url, sha256=digest, **FAST)
     target.write_bytes(data[:-10] + b"0123456789")  # same size, different content
 
-    prefetch.prefetch(target, url=url, sha256=digest, **FAST)
+    prefetch_fetch.prefetch(target, url=url, sha256=digest, **FAST)
 
     assert server.count("/mnist.npz") == 2
     assert target.read_bytes() == data
@@ -265,12 +265,12 @@ def test_cache_with_other_hash_is_replaced_and_force_redownloads(server: Loopbac
     _, data, digest = good
     other = npz_bytes(make_arrays(seed=1))
     target = cache / "mnist.npz"
-    prefetch.prefetch(target, url=server.add("/other.npz", Route(body=other)), sha256=sha(other), **FAST)
+    prefetch_fetch.prefetch(target, url=server.add("/other.npz", Route(body=other)), sha256=sha(other), **FAST)
     url = server.add("/mnist.npz", Route(body=data))
 
-    prefetch.prefetch(target, url=url, sha256=digest, **FAST)  # expected hash differs: replace
-    prefetch.prefetch(target, url=url, sha256=digest, **FAST)  # now valid: no request
-    prefetch.prefetch(target, url=url, sha256=digest, force=True, **FAST)
+    prefetch_fetch.prefetch(target, url=url, sha256=digest, **FAST)  # expected hash differs: replace
+    prefetch_fetch.prefetch(target, url=url, sha256=digest, **FAST)  # now valid: no request
+    prefetch_fetch.prefetch(target, url=url, sha256=digest, force=True, **FAST)
 
     assert server.count("/mnist.npz") == 2
     assert check_cached(target)["sha256"] == digest
@@ -283,7 +283,7 @@ def test_leftovers_of_a_killed_prefetch_are_swept(server: LoopbackServer, good, 
     (cache / ".mnist-hpc-staging-dead").mkdir()
     (cache / ".mnist-hpc-staging-dead" / "mnist.npz").write_bytes(b"partial")
     (cache / ".mnist.npz.abc123.tmp").write_bytes(b"partial")
-    prefetch.prefetch(cache / "mnist.npz", url=server.add("/m", Route(body=data)), sha256=digest, **FAST)
+    prefetch_fetch.prefetch(cache / "mnist.npz", url=server.add("/m", Route(body=data)), sha256=digest, **FAST)
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
 
@@ -295,7 +295,7 @@ def test_hash_mismatch(server: LoopbackServer, good, cache: Path) -> None:
     url = server.add("/mnist.npz", Route(body=data))
     wrong = "ab" * 32
     with pytest.raises(HashMismatchError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, sha256=wrong, **FAST)
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=wrong, **FAST)
     message = str(info.value)
     assert f"expected {wrong}" in message and f"got {digest}" in message
     assert "--sha256" in message and url in message
@@ -308,7 +308,7 @@ def test_truncated_body_is_retried_then_reported(server: LoopbackServer, good, c
     _, data, digest = good
     url = server.add("/mnist.npz", Route(body=data, truncate_to=len(data) // 3))
     with pytest.raises(TruncatedDownloadError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **{**FAST, "retries": 2})
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, **{**FAST, "retries": 2})
     message = str(info.value)
     assert "cut off" in message and url in message
     assert f"received {len(data) // 3} bytes" in message
@@ -319,7 +319,7 @@ def test_truncated_body_is_retried_then_reported(server: LoopbackServer, good, c
 def test_http_404_is_not_retried(server: LoopbackServer, cache: Path) -> None:
     url = server.url("/missing.npz")
     with pytest.raises(HttpError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, **{**FAST, "retries": 3})
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, **{**FAST, "retries": 3})
     assert info.value.status == 404 and isinstance(info.value, PrefetchError)
     assert "HTTP 404" in str(info.value) and url in str(info.value) and "--url" in str(info.value)
     assert server.count("/missing.npz") == 1
@@ -330,7 +330,7 @@ def test_http_404_is_not_retried(server: LoopbackServer, cache: Path) -> None:
 def test_http_5xx_and_429_are_retried(server: LoopbackServer, cache: Path, status: int) -> None:
     url = server.add("/mnist.npz", Route(status=status, body=b"busy", content_type="text/plain"))
     with pytest.raises(HttpError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, **{**FAST, "retries": 2})
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, **{**FAST, "retries": 2})
     assert info.value.status == status
     assert f"HTTP {status}" in str(info.value) and "3 attempt(s)" in str(info.value)
     assert server.count("/mnist.npz") == 3
@@ -348,7 +348,7 @@ def test_retry_succeeds_after_a_transient_error(server: LoopbackServer, good, ca
         route.status, route.body = 200, data  # the server recovers during the backoff
 
     monkeypatch.setattr(download.time, "sleep", sleep)
-    prefetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, retries=3, backoff_s=0.5, progress=False)
+    prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=digest, retries=3, backoff_s=0.5, progress=False)
     assert server.count("/mnist.npz") == 2
     assert sleeps == [0.5]
 
@@ -358,14 +358,14 @@ def test_backoff_is_exponential(server: LoopbackServer, cache: Path, monkeypatch
     monkeypatch.setattr(download.time, "sleep", sleeps.append)
     url = server.add("/mnist.npz", Route(status=500))
     with pytest.raises(HttpError):
-        prefetch.prefetch(cache / "mnist.npz", url=url, retries=3, backoff_s=0.25, progress=False)
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, retries=3, backoff_s=0.25, progress=False)
     assert sleeps == [0.25, 0.5, 1.0]
 
 
 def test_unreachable_host_explains_the_hand_copy(cache: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/mnist.npz"
     with pytest.raises(NetworkError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, **FAST)
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, **FAST)
     message = str(info.value)
     assert url in message and "Connection refused" in message
     assert "--from /path/to/mnist.npz" in message and "scp" in message and "--url" in message
@@ -377,7 +377,7 @@ def test_html_page_with_matching_hash_fails_validation(server: LoopbackServer, c
     page = b"<!DOCTYPE html><html><body>Please log in to the proxy</body></html>"
     url = server.add("/mnist.npz", Route(body=page, content_type="text/html"))
     with pytest.raises(DatasetError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(page), **FAST)
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(page), **FAST)
     message = str(info.value)
     assert "HTML page" in message and url in message and "nothing was written" in message
     assert ".mnist-hpc-staging" not in message  # the private staging path is not shown
@@ -413,7 +413,7 @@ def test_invalid_content_is_rejected(server: LoopbackServer, cache: Path, change
     data = npz_bytes(_bad(change))
     url = server.add("/mnist.npz", Route(body=data))
     with pytest.raises(DatasetError) as info:
-        prefetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(data), **FAST)
+        prefetch_fetch.prefetch(cache / "mnist.npz", url=url, sha256=sha(data), **FAST)
     assert expected in str(info.value) and url in str(info.value)
     assert_clean(cache)
 
@@ -421,10 +421,10 @@ def test_invalid_content_is_rejected(server: LoopbackServer, cache: Path, change
 def test_invalid_content_does_not_replace_a_valid_cache(server: LoopbackServer, good, cache: Path) -> None:
     _, data, digest = good
     target = cache / "mnist.npz"
-    prefetch.prefetch(target, url=server.add("/good", Route(body=data)), sha256=digest, **FAST)
+    prefetch_fetch.prefetch(target, url=server.add("/good", Route(body=data)), sha256=digest, **FAST)
     bad = npz_bytes(_bad("labels"))
     with pytest.raises(DatasetError):
-        prefetch.prefetch(target, url=server.add("/bad", Route(body=bad)), sha256=sha(bad), force=True, **FAST)
+        prefetch_fetch.prefetch(target, url=server.add("/bad", Route(body=bad)), sha256=sha(bad), force=True, **FAST)
     assert check_cached(target)["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
@@ -438,8 +438,8 @@ def test_from_npz(tmp_path: Path, good, cache: Path) -> None:
     source.write_bytes(data)
     target = cache / "mnist.npz"
 
-    manifest = prefetch.prefetch(target, source=source)
-    again = prefetch.prefetch(target, source=source)  # same file: nothing to do
+    manifest = prefetch_fetch.prefetch(target, source=source)
+    again = prefetch_fetch.prefetch(target, source=source)  # same file: nothing to do
 
     assert manifest["sha256"] == digest and manifest["source"] == str(source) and manifest["source_kind"] == "npz"
     assert again == manifest
@@ -452,23 +452,23 @@ def test_from_npz_checks_sha256_when_given(tmp_path: Path, good, cache: Path) ->
     source = tmp_path / "copied.npz"
     source.write_bytes(data)
     with pytest.raises(HashMismatchError) as info:
-        prefetch.prefetch(cache / "mnist.npz", source=source, sha256="cd" * 32)
+        prefetch_fetch.prefetch(cache / "mnist.npz", source=source, sha256="cd" * 32)
     assert f"got {digest}" in str(info.value) and str(source) in str(info.value)
     assert_clean(cache)
-    assert prefetch.prefetch(cache / "mnist.npz", source=source, sha256=f"sha256:{digest.upper()}")["sha256"] == digest
+    assert prefetch_fetch.prefetch(cache / "mnist.npz", source=source, sha256=f"sha256:{digest.upper()}")["sha256"] == digest
 
 
 def test_from_invalid_npz(tmp_path: Path, cache: Path) -> None:
     source = tmp_path / "copied.npz"
     source.write_bytes(npz_bytes(_bad("dtype")))
     with pytest.raises(DatasetError, match="dtype float32"):
-        prefetch.prefetch(cache / "mnist.npz", source=source)
+        prefetch_fetch.prefetch(cache / "mnist.npz", source=source)
     assert_clean(cache)
 
 
 def test_from_missing_path(tmp_path: Path, cache: Path) -> None:
     with pytest.raises(SourceError, match="no such file or directory"):
-        prefetch.prefetch(cache / "mnist.npz", source=tmp_path / "nope.npz")
+        prefetch_fetch.prefetch(cache / "mnist.npz", source=tmp_path / "nope.npz")
     assert_clean(cache)
 
 
@@ -487,7 +487,7 @@ def test_from_idx_directory(tmp_path: Path, cache: Path) -> None:
     source = make_idx_dir(tmp_path / "idx", arrays)
     target = cache / "mnist.npz"
 
-    manifest = prefetch.prefetch(target, source=source)
+    manifest = prefetch_fetch.prefetch(target, source=source)
 
     loaded = read_npz(target)
     assert sorted(loaded) == sorted(arrays)
@@ -500,9 +500,9 @@ def test_from_idx_directory(tmp_path: Path, cache: Path) -> None:
     with zipfile.ZipFile(target) as zf:  # np.savez without compression, like Keras' file
         assert all(info.compress_type == 0 for info in zf.infolist())
     # The same IDX files again: nothing to do. A changed one: rebuilt.
-    assert prefetch.prefetch(target, source=source) == manifest
+    assert prefetch_fetch.prefetch(target, source=source) == manifest
     write_idx(source / "train-labels-idx1-ubyte", (arrays["y_train"] + 1) % 10)
-    assert prefetch.prefetch(target, source=source)["source_files"] != manifest["source_files"]
+    assert prefetch_fetch.prefetch(target, source=source)["source_files"] != manifest["source_files"]
     np.testing.assert_array_equal(read_npz(target)["y_train"], (arrays["y_train"] + 1) % 10)
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
@@ -512,7 +512,7 @@ def test_from_idx_with_bad_magic(tmp_path: Path, cache: Path) -> None:
     raw = (source / "train-labels-idx1-ubyte").read_bytes()
     (source / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x0d" + raw[3:])  # float type code
     with pytest.raises(DatasetError, match="IDX type 0x0d"):
-        prefetch.prefetch(cache / "mnist.npz", source=source)
+        prefetch_fetch.prefetch(cache / "mnist.npz", source=source)
     assert_clean(cache)
 
 
@@ -521,7 +521,7 @@ def test_from_idx_truncated(tmp_path: Path, cache: Path) -> None:
     raw = (source / "train-labels-idx1-ubyte").read_bytes()
     (source / "train-labels-idx1-ubyte").write_bytes(raw[:-3])
     with pytest.raises(DatasetError, match="truncated or corrupt copy"):
-        prefetch.prefetch(cache / "mnist.npz", source=source)
+        prefetch_fetch.prefetch(cache / "mnist.npz", source=source)
     assert_clean(cache)
 
 
@@ -529,7 +529,7 @@ def test_from_idx_missing_file_lists_names(tmp_path: Path, cache: Path) -> None:
     source = make_idx_dir(tmp_path / "idx", make_arrays())
     (source / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(SourceError) as info:
-        prefetch.prefetch(cache / "mnist.npz", source=source)
+        prefetch_fetch.prefetch(cache / "mnist.npz", source=source)
     assert "t10k-labels-idx1-ubyte" in str(info.value) and "train-images-idx3-ubyte.gz" in str(info.value)
     assert_clean(cache)
 
@@ -537,7 +537,7 @@ def test_from_idx_missing_file_lists_names(tmp_path: Path, cache: Path) -> None:
 def test_from_idx_rejects_sha256(tmp_path: Path, cache: Path) -> None:
     source = make_idx_dir(tmp_path / "idx", make_arrays())
     with pytest.raises(SourceError, match="drop --sha256"):
-        prefetch.prefetch(cache / "mnist.npz", source=source, sha256="ab" * 32)
+        prefetch_fetch.prefetch(cache / "mnist.npz", source=source, sha256="ab" * 32)
 
 
 # ---------------------------------------------------------------------------- the cache directory
@@ -552,7 +552,7 @@ def test_cache_under_a_file_is_not_writable(server: LoopbackServer, good, tmp_pa
     blocker.write_text("not a directory")
     cache_dir = blocker / "cache"
     with pytest.raises(CacheNotWritableError) as info:
-        prefetch.prefetch(cache_dir / "mnist.npz", url=url, sha256=digest, **FAST)
+        prefetch_fetch.prefetch(cache_dir / "mnist.npz", url=url, sha256=digest, **FAST)
     message = str(info.value)
     assert str(cache_dir) in message and "MNIST_HPC_CACHE" in message and "data.cache_dir=" in message
     assert server.count("/mnist.npz") == 0  # checked before downloading anything
@@ -566,7 +566,7 @@ def test_read_only_filesystem(server: LoopbackServer, good, tmp_path: Path, moun
     tmpfs(mountpoint, "ro,size=64k")
     mounts.append(mountpoint)
     with pytest.raises(CacheNotWritableError) as info:
-        prefetch.prefetch(mountpoint / "cache" / "mnist.npz", url=url, sha256=digest, **FAST)
+        prefetch_fetch.prefetch(mountpoint / "cache" / "mnist.npz", url=url, sha256=digest, **FAST)
     assert "Read-only file system" in str(info.value) and str(mountpoint / "cache") in str(info.value)
     assert server.count("/mnist.npz") == 0
     assert listing(mountpoint) == []  # not even the lock file
@@ -580,7 +580,7 @@ def test_full_filesystem(server: LoopbackServer, good, tmp_path: Path, mounts: l
     tmpfs(mountpoint, "size=16k")
     mounts.append(mountpoint)
     with pytest.raises(CacheFullError) as info:
-        prefetch.prefetch(mountpoint / "mnist.npz", url=url, sha256=digest, **FAST)
+        prefetch_fetch.prefetch(mountpoint / "mnist.npz", url=url, sha256=digest, **FAST)
     message = str(info.value)
     assert "no space left" in message and str(mountpoint) in message and "MNIST_HPC_CACHE" in message
     assert "while downloading mnist.npz" in message
@@ -593,11 +593,11 @@ def test_full_disk_names_the_size_of_an_idx_import(tmp_path: Path, small_tmpfs) 
     """An npz converted from IDX files is uncompressed (55 MB for MNIST, not Keras' 11 MB): the
     message names the size of the object this import writes, measured by the same import elsewhere."""
     source = make_idx_dir(tmp_path / "idx", make_arrays(n_train=2000, n_test=500))
-    size = prefetch.prefetch(tmp_path / "roomy" / "mnist.npz", source=source)["size"]
+    size = prefetch_fetch.prefetch(tmp_path / "roomy" / "mnist.npz", source=source)["size"]
     full = small_tmpfs("full", "1m")
     assert size > 1 << 20
     with pytest.raises(CacheFullError) as info:
-        prefetch.prefetch(full / "mnist.npz", source=source)
+        prefetch_fetch.prefetch(full / "mnist.npz", source=source)
     message = str(info.value)
     assert message.startswith(f"no space left in the cache directory {full} while writing mnist.npz")
     assert f"It needs {size / 1e6:.3g} MB ({size:,} bytes) free there" in message and "12 MB" not in message
@@ -619,7 +619,7 @@ def test_full_disk_while_copying(tmp_path: Path, good, cache: Path, monkeypatch)
 
     monkeypatch.setattr(Path, "write_bytes", write_until_full)
     with pytest.raises(CacheFullError, match=f"no space left in the cache directory {cache}"):
-        prefetch.prefetch(cache / "mnist.npz", source=source)
+        prefetch_fetch.prefetch(cache / "mnist.npz", source=source)
     assert_clean(cache)
 
 
@@ -628,7 +628,7 @@ def test_full_disk_while_writing_manifest_keeps_previous_cache(tmp_path: Path, g
     source = tmp_path / "copied.npz"
     source.write_bytes(data)
     target = cache / "mnist.npz"
-    prefetch.prefetch(target, source=source)
+    prefetch_fetch.prefetch(target, source=source)
     newer = tmp_path / "newer.npz"
     newer.write_bytes(npz_bytes(make_arrays(seed=2)))
     real_write_text = Path.write_text
@@ -640,7 +640,7 @@ def test_full_disk_while_writing_manifest_keeps_previous_cache(tmp_path: Path, g
 
     monkeypatch.setattr(Path, "write_text", write_text)
     with pytest.raises(CacheFullError):
-        prefetch.prefetch(target, source=newer, force=True)
+        prefetch_fetch.prefetch(target, source=newer, force=True)
     # The manifest is staged before the npz moves, so the previous cache is untouched.
     assert check_cached(target)["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
@@ -702,7 +702,7 @@ def test_lock_without_flock_support_still_works(good, tmp_path: Path, cache: Pat
             raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(store, "fcntl", NoFlock)
-    assert prefetch.prefetch(cache / "mnist.npz", source=source)["sha256"] == digest
+    assert prefetch_fetch.prefetch(cache / "mnist.npz", source=source)["sha256"] == digest
     assert_clean(cache, allowed=("mnist.npz", "mnist.npz.manifest.json"))
 
 
@@ -713,7 +713,7 @@ def test_main_composes_cache_dir_override(server: LoopbackServer, good, tmp_path
     _, data, digest = good
     url = server.add("/mnist.npz", Route(body=data))
     cache_dir = tmp_path / "scratch" / "mnist"
-    rc = prefetch.main(["--url", url, "--sha256", digest, "--retries", "0",
+    rc = prefetch_cli.main(["--url", url, "--sha256", digest, "--retries", "0",
                         f"data.cache_dir={cache_dir}", "data.filename=digits.npz"])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -727,19 +727,19 @@ def test_main_uses_mnist_hpc_cache_env(tmp_path: Path, good, monkeypatch, capsys
     source = tmp_path / "copied.npz"
     source.write_bytes(data)
     monkeypatch.setenv("MNIST_HPC_CACHE", str(tmp_path / "env-cache"))
-    assert prefetch.main(["--from", str(source)]) == 0
+    assert prefetch_cli.main(["--from", str(source)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "env-cache" / "mnist.npz")
 
 
 def test_main_from_idx(tmp_path: Path, capsys) -> None:
     source = make_idx_dir(tmp_path / "idx", make_arrays())
     cache_dir = tmp_path / "cache"
-    assert prefetch.main(["--from", str(source), f"data.cache_dir={cache_dir}"]) == 0
+    assert prefetch_cli.main(["--from", str(source), f"data.cache_dir={cache_dir}"]) == 0
     assert capsys.readouterr().out.strip() == str(cache_dir / "mnist.npz")
 
 
 def test_main_failure_exit_1(server: LoopbackServer, cache: Path, capsys) -> None:
-    rc = prefetch.main(["--url", server.url("/gone"), "--retries", "0", f"data.cache_dir={cache}"])
+    rc = prefetch_cli.main(["--url", server.url("/gone"), "--retries", "0", f"data.cache_dir={cache}"])
     out, err = capsys.readouterr()
     assert rc == 1
     assert out == ""
@@ -748,7 +748,7 @@ def test_main_failure_exit_1(server: LoopbackServer, cache: Path, capsys) -> Non
 
 
 def test_main_unreachable_exit_1(cache: Path, capsys) -> None:
-    rc = prefetch.main(["--url", f"http://127.0.0.1:{free_port()}/m.npz", "--retries", "0", f"data.cache_dir={cache}"])
+    rc = prefetch_cli.main(["--url", f"http://127.0.0.1:{free_port()}/m.npz", "--retries", "0", f"data.cache_dir={cache}"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "mnist-hpc-prefetch: error: cannot reach" in err and "--from" in err
@@ -768,7 +768,7 @@ def test_main_unreachable_exit_1(cache: Path, capsys) -> None:
     ],
 )
 def test_main_usage_errors_exit_2(argv: list[str], expected: str, cache: Path, capsys) -> None:
-    rc = prefetch.main(argv)
+    rc = prefetch_cli.main(argv)
     err = capsys.readouterr().err
     assert rc == 2
     assert "mnist-hpc-prefetch: error:" in err and expected in err
@@ -776,7 +776,7 @@ def test_main_usage_errors_exit_2(argv: list[str], expected: str, cache: Path, c
 
 
 def test_help_exits_0(capsys) -> None:
-    assert prefetch.main(["--help"]) == 0
+    assert prefetch_cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "--from PATH" in out and "data.cache_dir" in out
 
@@ -794,11 +794,11 @@ class Spy:
             attempts.append(name)
         return None
 sys.meta_path.insert(0, Spy())
-from mnist_hpc.login import prefetch
+from mnist_hpc.login.prefetch import cli as prefetch_cli, fetch as prefetch_fetch
 from mnist_hpc.login.prefetch import download, fetch, sources, store
 args = ["--url", {url!r}, "--sha256", {digest!r}, "--retries", "0", "data.cache_dir=" + {str(cache)!r}]
-assert prefetch.main(args) == 0   # downloads
-assert prefetch.main(args) == 0   # already cached
+assert prefetch_cli.main(args) == 0   # downloads
+assert prefetch_cli.main(args) == 0   # already cached
 heavy = [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras")]
 assert not attempts and not heavy, (attempts, heavy)
 """
@@ -816,11 +816,11 @@ def test_valid_cache_is_checked_without_decompressing_the_arrays(tmp_path: Path,
     source.parent.mkdir()
     source.write_bytes(good[1])
     target = cache / "mnist.npz"
-    first = prefetch.prefetch(target, source=source)
+    first = prefetch_fetch.prefetch(target, source=source)
 
     def no_full_read(*args, **kwargs):
         raise AssertionError("read the whole npz to check a valid cache")
 
     for module in (fetch, sources):
         monkeypatch.setattr(module, "load_arrays", no_full_read)
-    assert prefetch.prefetch(target, source=source) == first
+    assert prefetch_fetch.prefetch(target, source=source) == first
