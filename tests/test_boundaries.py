@@ -1,0 +1,762 @@
+"""The promises at their boundaries (issue 21, I11): narrow unit tests of the code that enforces them.
+
+Each test sits on an edge a small mutation would move: a key just inside or outside the config's
+identity, label 9 against 10, fewer, equal or more epochs than a run finished, every scheduler
+state a finished or unfinished run can meet, a run's best epoch against its last, a writer that
+lives, has ended or cannot be asked. No Slurm (where a Slurm answer matters it is passed in, as
+the preflight passes the answers of its one squeue call), no training, no subprocess running our
+code: the fast tier, and the tests ``scripts/mutation.sh`` runs against each mutant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+
+from mnist_hpc import claim, rundir
+from mnist_hpc.compute import checkpoint
+from mnist_hpc.config import flat_config, to_typed
+from mnist_hpc.dataset import NUM_CLASSES, DatasetError, load_arrays, split_index, validate_arrays, validation_cut
+from mnist_hpc.login.report.ranking import best_trial
+from mnist_hpc.login.trials import Trial
+from tests.conftest import fill_cache, synthetic_mnist
+
+SHA = "d" * 64
+
+
+def until(condition, what: str, timeout_s: float = 30.0):
+    """Poll ``condition`` until it holds (its value), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def default_flat() -> dict[str, Any]:
+    """The flat config of ``mnist-hpc-train`` without overrides, composed as users get it."""
+    from hydra import compose, initialize_config_dir
+
+    from mnist_hpc.config import conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return flat_config(to_typed(compose("config")))
+
+
+@pytest.fixture
+def sleeper():
+    """A live process of this host that is not this one (a stand-in for a job still running)."""
+    proc = subprocess.Popen(["sleep", "600"])
+    until(lambda: claim.process_start(proc.pid), "the sleeper to start")
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def ended_pid() -> tuple[int, Optional[str]]:
+    """The pid and process start of a process that has ended and been reaped."""
+    proc = subprocess.Popen(["sleep", "0"])
+    start = claim.process_start(proc.pid)
+    proc.wait()
+    return proc.pid, start
+
+
+def holder_of(proc: subprocess.Popen) -> claim.Holder:
+    return claim.Holder(host=socket.gethostname(), pid=proc.pid, pid_start=claim.process_start(proc.pid))
+
+
+# --- claim: what binds a directory ---------------------------------------------------------------
+
+# Keys that may differ between the attempts of one run (where things are, how fast, how often, how
+# many epochs: more continue the run), and keys that decide what it computes. Written out rather
+# than derived from claim.NOT_IDENTITY, so a key that moves from one to the other fails here.
+FREE_KEYS = {
+    "data.cache_dir", "data.filename", "paths.output_root", "paths.compile_cache", "train.epochs",
+    "train.intra_op_threads", "train.inter_op_threads", "train.checkpoint_every_epochs",
+    "train.checkpoint_every_batches", "train.steps_per_execution", "train.distribution",
+    "train.collective_timeout_s",
+}
+BOUND_KEYS = {
+    "data.validation_split", "model.hidden_units", "model.activation", "model.dropout", "optimizer.name",
+    "optimizer.learning_rate", "optimizer.momentum", "train.batch_size", "train.seed", "train.deterministic",
+    "train.execution", "train.jit_compile",
+}
+
+
+def test_every_config_key_is_either_free_or_binding(default_flat):
+    """A new key must be classified here: the identity decides which results a directory may show."""
+    assert set(default_flat) == FREE_KEYS | BOUND_KEYS
+    assert set(claim.identity_from_flat(default_flat, SHA)) == BOUND_KEYS | {"data.sha256"}
+
+
+def _changed(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return [*value, 1]
+    return f"{value}-other" if value is not None else 7
+
+
+@pytest.mark.parametrize("key", sorted(BOUND_KEYS))
+def test_a_rerun_that_changes_a_binding_key_is_refused_naming_it(default_flat, key, tmp_path):
+    identity = claim.identity_from_flat(default_flat, SHA)
+    claim.bind(tmp_path, identity, 5, "")
+    other = claim.identity_from_flat({**default_flat, key: _changed(default_flat[key])}, SHA)
+    assert claim.fingerprint(other) != claim.fingerprint(identity)
+    with pytest.raises(claim.RunConflict, match=rf"another config \({key}: .* -> .*\)"):
+        claim.judge(tmp_path, other, 5, "trial 3")
+
+
+@pytest.mark.parametrize("key", sorted(FREE_KEYS - {"train.epochs"}))
+def test_a_rerun_that_changes_a_free_key_continues(default_flat, key, tmp_path):
+    identity = claim.identity_from_flat(default_flat, SHA)
+    claim.bind(tmp_path, identity, 5, "")
+    moved = claim.identity_from_flat({**default_flat, key: _changed(default_flat[key])}, SHA)
+    assert moved == identity
+    assert claim.judge(tmp_path, moved, 5, "") == claim.Verdict("continue")
+
+
+def test_the_data_binds_the_directory(default_flat):
+    one, other = claim.identity_from_flat(default_flat, "a" * 64), claim.identity_from_flat(default_flat, "b" * 64)
+    assert one["data.sha256"] == "a" * 64
+    assert claim.fingerprint(one) != claim.fingerprint(other)
+    assert len(claim.fingerprint(one)) == 16 and int(claim.fingerprint(one), 16) >= 0
+
+
+def test_differences_name_each_changed_key_and_unset_ones():
+    assert claim.differences({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 5, "d": 4}) == [
+        "b: 2 -> 5", "c: 3 -> '(unset)'", "d: '(unset)' -> 4",
+    ]
+    assert claim.differences({"a": 1}, {"a": 1}) == []
+
+
+def finished_run(run_dir: Path, identity: dict[str, Any], epochs: int) -> None:
+    """A directory bound to ``identity`` whose run finished ``epochs`` epochs."""
+    claim.bind(run_dir, identity, epochs, "")
+    history = [{"epoch": e, "loss": 0.5 / e, "accuracy": 0.8} for e in range(1, epochs + 1)]
+    rundir.write_metrics(run_dir, {"test_accuracy": 0.9, "epochs_completed": epochs, "history": history})
+
+
+@pytest.mark.parametrize("asked, verdict", [(3, "done"), (4, "continue"), (9, "continue")])
+def test_equal_epochs_are_done_more_continue_the_finished_run(tmp_path, asked, verdict):
+    identity = {"train.seed": 0, "data.sha256": SHA}
+    finished_run(tmp_path, identity, 3)
+    assert claim.judge(tmp_path, identity, asked, "") == claim.Verdict(verdict, 3)
+
+
+@pytest.mark.parametrize("asked", [1, 2])
+def test_fewer_epochs_than_finished_are_refused(tmp_path, asked):
+    identity = {"train.seed": 0, "data.sha256": SHA}
+    finished_run(tmp_path, identity, 3)
+    with pytest.raises(claim.RunConflict, match=rf"^trial 7: {tmp_path} has finished 3 epoch\(s\); train.epochs={asked} asks for fewer"):
+        claim.judge(tmp_path, identity, asked, "trial 7")
+
+
+def test_a_run_without_final_metrics_continues_from_nothing_finished(tmp_path):
+    identity = {"train.seed": 0, "data.sha256": SHA}
+    claim.bind(tmp_path, identity, 2, "")
+    assert claim.judge(tmp_path, identity, 1, "") == claim.Verdict("continue", 0)
+    (tmp_path / rundir.METRICS_FILE).write_text("{not json")  # rewritten when the run finishes again
+    assert claim.judge(tmp_path, identity, 1, "") == claim.Verdict("continue", 0)
+
+
+@pytest.mark.parametrize("leftover", [rundir.METRICS_FILE, rundir.PROGRESS_FILE, "checkpoints/ckpt-e00001-b0000000.npz"])
+def test_results_without_an_identity_are_refused(tmp_path, leftover):
+    (tmp_path / leftover).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / leftover).write_text("{}")
+    with pytest.raises(claim.RunConflict, match=f"^x: {tmp_path} holds results but no identity.json"):
+        claim.judge(tmp_path, {"data.sha256": SHA}, 1, "x")
+
+
+def test_a_directory_with_nothing_of_a_run_is_new(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "train.log").write_text("")
+    assert claim.judge(tmp_path, {"data.sha256": SHA}, 1, "") == claim.Verdict("new")
+    assert claim.judge(tmp_path / "absent", {"data.sha256": SHA}, 1, "") == claim.Verdict("new")
+
+
+def test_a_damaged_identity_is_refused_without_a_label_prefix(tmp_path):
+    (tmp_path / rundir.IDENTITY_FILE).write_text("[1, 2]")
+    with pytest.raises(claim.RunConflict, match=f"^{tmp_path / rundir.IDENTITY_FILE} holds a JSON list.*use a new one"):
+        claim.judge(tmp_path, {"data.sha256": SHA}, 1, "")
+
+
+def test_bind_makes_a_new_directory_the_runs_and_leaves_a_done_one_as_it_was(tmp_path):
+    identity = {"train.seed": 0, "data.sha256": SHA}
+    (tmp_path / ".hydra-pending").mkdir()
+    (tmp_path / ".hydra-pending" / "config.yaml").write_text("attempt 1")
+    (tmp_path / ".metrics.json.x1.tmp").write_text("half")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".ckpt.x2.tmp").write_text("half")
+    rundir.write_failure(tmp_path, RuntimeError("earlier attempt"))
+    assert claim.bind(tmp_path, identity, 2, "") == claim.Verdict("new")
+    recorded = rundir.read_identity(tmp_path)
+    assert recorded["config"] == identity and recorded["fingerprint"] == claim.fingerprint(identity)
+    assert (tmp_path / ".hydra" / "config.yaml").read_text() == "attempt 1"
+    assert not (tmp_path / ".hydra-pending").exists()
+    assert not (tmp_path / rundir.FAILURE_FILE).exists()
+    assert not (tmp_path / ".metrics.json.x1.tmp").exists() and not (tmp_path / "checkpoints" / ".ckpt.x2.tmp").exists()
+
+    history = [{"epoch": e, "loss": 0.1, "accuracy": 0.9} for e in (1, 2)]
+    rundir.write_metrics(tmp_path, {"test_accuracy": 0.9, "history": history})
+    (tmp_path / ".hydra-pending").mkdir()
+    (tmp_path / ".hydra-pending" / "config.yaml").write_text("attempt 2")
+    rundir.write_failure(tmp_path, RuntimeError("failed after its metrics"))
+    assert claim.bind(tmp_path, identity, 2, "") == claim.Verdict("done", 2)
+    assert (tmp_path / ".hydra" / "config.yaml").read_text() == "attempt 1"  # a done run changes nothing
+    assert not (tmp_path / ".hydra-pending").exists()
+    assert (tmp_path / rundir.METRICS_FILE).is_file() and (tmp_path / rundir.FAILURE_FILE).is_file()
+
+
+def test_bind_of_more_epochs_retracts_the_final_metrics_until_it_finishes_again(tmp_path):
+    identity = {"train.seed": 0, "data.sha256": SHA}
+    finished_run(tmp_path, identity, 2)
+    assert claim.bind(tmp_path, identity, 3, "") == claim.Verdict("continue", 2)
+    assert not (tmp_path / rundir.METRICS_FILE).exists()
+    assert claim.bind(tmp_path, identity, 3, "") == claim.Verdict("continue", 0)
+
+
+@pytest.mark.parametrize("claimed", [False, True])
+def test_a_run_that_failed_before_its_claim_keeps_hydras_record_only_where_nobody_claimed(tmp_path, claimed):
+    if claimed:
+        finished_run(tmp_path, {"data.sha256": SHA}, 1)
+    (tmp_path / ".hydra-pending").mkdir()
+    (tmp_path / ".hydra-pending" / "overrides.yaml").write_text("- train.seed=1\n")
+    claim.settle_unclaimed(tmp_path)
+    assert not (tmp_path / ".hydra-pending").exists()
+    assert (tmp_path / ".hydra" / "overrides.yaml").is_file() is not claimed
+
+
+# --- claim: who writes it ------------------------------------------------------------------------
+
+
+def test_a_live_process_is_alive_only_with_its_own_start_time(sleeper):
+    me = claim.Holder.this_process()
+    holder = holder_of(sleeper)
+    assert claim.alive(holder, me) is True
+    assert claim.alive(dataclasses.replace(holder, pid_start=None), me) is True  # an old record: pid only
+    assert claim.alive(dataclasses.replace(holder, pid_start=str(int(holder.pid_start) + 1)), me) is False  # reused pid
+    assert claim.alive(dataclasses.replace(holder, host="another-node"), me) is None
+
+
+def test_an_ended_process_is_dead(ended_pid):
+    pid, start = ended_pid
+    me = claim.Holder.this_process()
+    assert claim.alive(claim.Holder(host=me.host, pid=pid, pid_start=start), me) is False
+    assert claim.alive(claim.Holder(host=me.host, pid=pid), me) is False
+
+
+def test_a_process_that_ended_but_was_not_reaped_is_dead():
+    proc = subprocess.Popen(["sleep", "0"])
+    try:
+        until(lambda: (Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"), "a zombie")
+        me = claim.Holder.this_process()
+        assert claim.alive(claim.Holder(host=me.host, pid=proc.pid), me) is False
+    finally:
+        proc.wait()
+
+
+def test_this_process_is_not_a_writer_to_wait_for_but_another_thread_start_is():
+    me = claim.Holder.this_process()
+    assert me.pid == os.getpid() and me.host == socket.gethostname() and me.pid_start == claim.process_start(os.getpid())
+    assert claim.alive(dataclasses.replace(me), me) is False
+    assert claim.alive(dataclasses.replace(me, pid_start=None), me) is True  # same pid, start unknown: asked, it lives
+
+
+@pytest.mark.parametrize("answer", [True, False, None])
+def test_a_slurm_holder_is_judged_by_slurms_answer(answer):
+    asked: list[str] = []
+
+    def slurm_alive(job_id: str) -> Optional[bool]:
+        asked.append(job_id)
+        return answer
+
+    me = claim.Holder.this_process()
+    holder = claim.Holder(host="", pid=-1, slurm_job_id="4242_3")
+    assert claim.alive(holder, me, slurm_alive) is answer and asked == ["4242_3"]
+    # The same job, requeued: the run it left is gone, whatever Slurm says of the job.
+    assert claim.alive(holder, dataclasses.replace(me, slurm_job_id="4242_3"), slurm_alive) is False
+    assert asked == ["4242_3"]
+
+
+def test_a_job_record_names_its_process_or_its_slurm_job(sleeper):
+    local = rundir.JobRecord(cluster="local", job_id=str(sleeper.pid), run_dir="r", host="n1", pid_start="99")
+    assert claim.job_holder(local) == claim.Holder(host="n1", pid=sleeper.pid, pid_start="99")
+    older = rundir.JobRecord(cluster="local", job_id=str(sleeper.pid), run_dir="r")
+    assert claim.job_holder(older) == claim.Holder(host=socket.gethostname(), pid=sleeper.pid)
+    assert claim.job_holder(rundir.JobRecord(cluster="local", job_id="n1-77", run_dir="r")).pid == -1
+    assert claim.job_holder(rundir.JobRecord(cluster="slurm", job_id="12_3", run_dir="r")) == claim.Holder(
+        host="", pid=-1, slurm_job_id="12_3")
+
+
+def write_lease_of(run_dir: Path, holder: claim.Holder) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.write_lease(run_dir, dataclasses.asdict(holder))
+
+
+def test_check_lease_refuses_a_live_writer_and_one_that_cannot_be_asked(tmp_path, sleeper, ended_pid, caplog):
+    me = claim.Holder.this_process()
+    claim.check_lease(tmp_path, me, "")  # no lease
+    write_lease_of(tmp_path, claim.Holder(host=me.host, pid=ended_pid[0], pid_start=ended_pid[1]))
+    claim.check_lease(tmp_path, me, "")  # its writer has ended: taken over
+    live = dataclasses.replace(holder_of(sleeper), user="ann")
+    write_lease_of(tmp_path, live)
+    with pytest.raises(claim.RunConflict, match=rf"^trial 2: {tmp_path} is being written by a process \(pid {sleeper.pid} "
+                                                rf"on {me.host}, user ann\), which is still alive"):
+        claim.check_lease(tmp_path, me, "trial 2")
+    write_lease_of(tmp_path, dataclasses.replace(live, host="node9"))
+    with pytest.raises(claim.RunConflict, match=r"cannot be told from here whether it still runs; if it is gone, remove"):
+        claim.check_lease(tmp_path, me, "trial 2")
+    write_lease_of(tmp_path, claim.Holder(host="", pid=1, slurm_job_id="55", job_label="50_5"))
+    with pytest.raises(claim.RunConflict, match=r"written by Slurm job 50_5 \(pid 1 on , user \?\), which is still alive"):
+        claim.check_lease(tmp_path, me, "", lambda job_id: job_id == "55")
+    claim.check_lease(tmp_path, me, "", lambda job_id: False)
+    (tmp_path / rundir.LEASE_FILE).write_text("{")
+    with caplog.at_level(logging.WARNING, logger="mnist_hpc.claim"):
+        claim.check_lease(tmp_path, me, "")  # a damaged lease names no writer: stale
+    assert "treating the lease as stale" in caplog.text
+
+
+def test_the_lease_is_held_for_the_run_and_given_back_only_if_still_ours(tmp_path, sleeper):
+    me = claim.Holder.this_process()
+    with claim.lease(tmp_path, me, ""):
+        assert rundir.read_lease(tmp_path)["holder"] == dataclasses.asdict(me)
+    assert not (tmp_path / rundir.LEASE_FILE).exists()
+    with claim.lease(tmp_path, me, ""):
+        write_lease_of(tmp_path, holder_of(sleeper))  # taken over meanwhile (we were thought gone)
+    assert rundir.read_lease(tmp_path)["holder"]["pid"] == sleeper.pid
+    with pytest.raises(claim.RunConflict, match="still alive"):
+        with claim.lease(tmp_path, me, ""):
+            pytest.fail("a second live writer got the lease")
+
+
+# --- preflight: the login side of the same promises ----------------------------------------------
+
+
+def planned(compose, num: int, run_dir: Path, *overrides: str):
+    from mnist_hpc.login.launcher.compose import PlannedJob
+
+    typed = to_typed(compose(list(overrides)))
+    return PlannedJob(num, list(overrides), typed, run_dir, None, flat_config(typed))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("split, n", [(0.0, 600), (0.1, 540)])
+def test_a_batch_of_every_training_sample_is_allowed_one_more_is_refused(compose, tmp_path, split, n):
+    from mnist_hpc.login.launcher.preflight import check_batch_size
+
+    manifest = {"shapes": {"x_train": [600, 28, 28]}}
+    ok = planned(compose, 0, tmp_path, f"train.batch_size={n}", f"data.validation_split={split}")
+    assert check_batch_size(ok, manifest) is None and ok.train_samples == n
+    over = planned(compose, 4, tmp_path, f"train.batch_size={n + 1}", f"data.validation_split={split}")
+    assert check_batch_size(over, manifest) == (
+        f"trial 4: train.batch_size={n + 1} exceeds the {n} training samples; use at most {n}")
+    assert check_batch_size(over, {"shapes": {}}) is None  # a manifest without shapes cannot tell
+
+
+def local_record(run_dir: Path, pid: int, start: Optional[str], host: Optional[str] = None, ended: bool = False):
+    folder = run_dir / ".submitit"
+    folder.mkdir(parents=True, exist_ok=True)
+    if ended:
+        (folder / f"{pid}_0_result.pkl").write_bytes(b"")
+    return rundir.JobRecord(cluster="local", job_id=str(pid), run_dir=str(run_dir), host=host or socket.gethostname(),
+                            pid_start=start, submitit_folder=str(folder))
+
+
+def never_asked(job_id: str) -> Optional[bool]:
+    raise AssertionError(f"Slurm was asked about {job_id}")
+
+
+def test_a_local_job_that_has_not_ended_still_owns_its_trial(compose, tmp_path, sleeper, ended_pid):
+    from mnist_hpc.login.launcher.preflight import recorded_job_alive
+
+    me = claim.Holder.this_process()
+    job = planned(compose, 3, tmp_path / "3")
+    start = claim.process_start(sleeper.pid)
+    live = local_record(job.run_dir, sleeper.pid, start)
+    assert recorded_job_alive(job, me, never_asked, live) == f"trial 3: its earlier job {sleeper.pid} (local) has not ended"
+    # On another host it cannot be asked: taken to live.
+    assert recorded_job_alive(job, me, never_asked, local_record(job.run_dir, sleeper.pid, start, host="node9")) is not None
+    # Its result file says its Python process ended (the pid may live on in its shell).
+    assert recorded_job_alive(job, me, never_asked, local_record(job.run_dir, sleeper.pid, start, ended=True)) is None
+    assert recorded_job_alive(job, me, never_asked, local_record(job.run_dir, *ended_pid)) is None
+    assert recorded_job_alive(job, me, never_asked, None) is None
+
+
+@pytest.mark.parametrize("answer, owned", [(True, True), (False, False), (None, False)])
+def test_a_slurm_job_owns_its_trial_while_slurm_says_it_lives(compose, tmp_path, answer, owned):
+    from mnist_hpc.login.launcher.preflight import recorded_job_alive
+
+    job = planned(compose, 5, tmp_path / "5")
+    record = rundir.JobRecord(cluster="slurm", job_id="900_5", run_dir=str(job.run_dir))
+    message = recorded_job_alive(job, claim.Holder.this_process(), {"900_5": answer}.__getitem__, record)
+    assert message == ("trial 5: its earlier job 900_5 is still queued or running" if owned else None)
+
+
+def test_a_live_lease_owns_the_trial_whatever_its_job_record(compose, tmp_path, sleeper):
+    from mnist_hpc.login.launcher.preflight import recorded_job_alive
+
+    job = planned(compose, 1, tmp_path / "1")
+    write_lease_of(job.run_dir, holder_of(sleeper))
+    message = recorded_job_alive(job, claim.Holder.this_process(), never_asked, None)
+    assert message is not None and message.startswith(f"trial 1: {job.run_dir} is being written by a process (pid {sleeper.pid}")
+
+
+def test_preflight_refuses_another_config_fewer_epochs_and_live_owners_naming_each_trial(compose, tmp_path, sleeper):
+    """The login node's refusals, before anything is queued: nothing of the queue is asked (no Slurm record)."""
+    from mnist_hpc.login.launcher.preflight import PreflightError, preflight
+
+    cache = tmp_path / "cache"
+    fill_cache(cache)
+    sweep = tmp_path / "sweep"
+    base = [f"data.cache_dir={cache}", "train.epochs=2"]
+    jobs = [planned(compose, n, sweep / str(n), *base, f"train.seed={n}") for n in range(5)]
+    sha = json.loads((cache / "mnist.npz.manifest.json").read_text())["sha256"]
+    preflight(sweep, jobs)  # all new
+    assert [j.verdict for j in jobs] == [claim.Verdict("new")] * 5
+    assert jobs[0].fingerprint == claim.fingerprint(claim.identity_from_flat(jobs[0].flat, sha))
+    assert jobs[0].train_samples == 600
+    # Trial 1's directory holds another seed's run; trial 2 finished 3 epochs; trial 3's job lives;
+    # trial 4 finished its 2 epochs (done: not queued again, so its live lease is not asked).
+    claim.bind(jobs[1].run_dir, claim.identity_from_flat({**jobs[1].flat, "train.seed": 9}, sha), 2, "")
+    finished_run(jobs[2].run_dir, claim.identity_from_flat(jobs[2].flat, sha), 3)
+    rundir.write_job(jobs[3].run_dir, local_record(jobs[3].run_dir, sleeper.pid, claim.process_start(sleeper.pid)))
+    finished_run(jobs[4].run_dir, claim.identity_from_flat(jobs[4].flat, sha), 2)
+    write_lease_of(jobs[4].run_dir, holder_of(sleeper))
+    with pytest.raises(PreflightError) as refused:
+        preflight(sweep, jobs)
+    lines = str(refused.value).splitlines()
+    assert lines[0] == "nothing was queued:"
+    assert lines[1].startswith("  trial 1: ") and "train.seed: 9 -> 1" in lines[1]
+    assert lines[2].startswith("  trial 2: ") and "has finished 3 epoch(s); train.epochs=2 asks for fewer" in lines[2]
+    assert lines[3] == (f"  trial 3: its earlier job {sleeper.pid} (local) has not ended; wait for it to end "
+                        "(or scancel it) before submitting this trial again")
+    assert len(lines) == 4 and jobs[4].verdict == claim.Verdict("done", 2)
+
+
+# --- dataset: labels and splits -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_label_9_is_a_digit_10_is_refused(split):
+    arrays = synthetic_mnist(n_train=20, n_test=20)
+    arrays[f"y_{split}"][3] = NUM_CLASSES - 1
+    assert validate_arrays(arrays, "f.npz")["y_train"] == [20]
+    arrays[f"y_{split}"][3] = NUM_CLASSES
+    with pytest.raises(DatasetError, match=f"^f.npz: y_{split} holds label 10; labels must lie in 0-9$"):
+        validate_arrays(arrays, "f.npz")
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with pytest.raises(DatasetError, match="holds label 10"):
+        load_arrays(buf.getvalue(), "f.npz")
+
+
+@pytest.mark.parametrize("n, split, cut", [(10, 0.1, 9), (10, 0.0, 10), (3, 0.5, 2), (7, 0.99, 1)])
+def test_the_validation_split_follows_keras(n, split, cut):
+    assert split_index(n, split) == cut
+
+
+@pytest.mark.parametrize("n, split, ok", [(10, 0.1, True), (10, 0.9, True), (10, 0.0, False), (10, 0.95, True), (10, 1.0, False),
+                                          (2, 0.5, True), (1, 0.5, False)])
+def test_a_validation_split_must_leave_both_parts(n, split, ok):
+    if ok:
+        assert validation_cut(n, split) == split_index(n, split)
+    else:
+        with pytest.raises(DatasetError, match=f"data.validation_split={split} leaves {split_index(n, split)} of {n} training"):
+            validation_cut(n, split)
+
+
+# --- a run's state from its files and its scheduler ----------------------------------------------
+
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "COMPLETING", "CONFIGURING", "RESIZING")
+ENDED_NOT_COMPLETED = sorted(rundir.ENDED_STATES - {"COMPLETED"})
+METRICS = {"test_accuracy": 0.9, "history": [{"epoch": 1, "loss": 0.1, "accuracy": 0.9}]}
+
+
+def run_files(cluster: str = "slurm", packed: bool = False, finished: bool = False, failure: bool = False,
+              progress: bool = False, job: bool = True) -> rundir.RunFiles:
+    record = rundir.JobRecord(cluster=cluster, job_id="77", run_dir="r", packed_slot=1 if packed else None)
+    return rundir.RunFiles(
+        Path("r"), job=record if job else None, metrics=METRICS if finished else None,
+        progress=rundir.Progress(1, 2, METRICS["history"]) if progress else None,
+        failure="ValueError: boom" if failure else None,
+    )
+
+
+def test_the_ended_states_are_slurms():
+    assert rundir.ENDED_STATES == {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
+                                   "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.mark.parametrize("state", ENDED_NOT_COMPLETED + list(ACTIVE))
+def test_a_finished_run_shows_its_jobs_state_unless_the_job_completed(state):
+    """metrics.json is written before the job ends: a job that then failed, timed out or ran out of
+    memory is shown so, and one still ending is shown as it is."""
+    assert rundir.run_state(run_files(finished=True), state) == state
+    assert rundir.run_state(run_files(finished=True), "COMPLETED") == "COMPLETED"
+    assert rundir.run_state(run_files(finished=True), None) == "COMPLETED"
+    assert rundir.run_state(run_files(finished=True), None, process_ended=True) == "COMPLETED"
+
+
+@pytest.mark.parametrize("state", sorted(rundir.ENDED_STATES) + list(ACTIVE) + [None])
+def test_a_packed_trial_is_told_by_its_own_files_whatever_its_tasks_state(state):
+    assert rundir.run_state(run_files(packed=True, finished=True), state) == "COMPLETED"
+    assert rundir.run_state(run_files(packed=True, failure=True), state) == "FAILED"
+    assert rundir.run_state(run_files(packed=True, finished=True, failure=True), state) == "FAILED"
+
+
+@pytest.mark.parametrize("state", sorted(rundir.ENDED_STATES) + [None])
+def test_a_failure_of_an_ended_job_is_failed(state):
+    assert rundir.run_state(run_files(failure=True), state) == "FAILED"
+    assert rundir.run_state(run_files(failure=True, finished=True), state) == "FAILED"
+
+
+@pytest.mark.parametrize("state", ACTIVE)
+def test_a_failure_beside_a_new_attempt_that_runs_is_that_attempts_state(state):
+    assert rundir.run_state(run_files(failure=True), state) == state
+
+
+def test_an_unfinished_run_whose_job_completed_or_whose_process_ended_failed():
+    assert rundir.run_state(run_files(), "COMPLETED") == "FAILED"
+    assert rundir.run_state(run_files(cluster="local"), None, process_ended=True) == "FAILED"
+    assert rundir.run_state(run_files(job=False), None, process_ended=True) == "FAILED"
+
+
+@pytest.mark.parametrize("state", ENDED_NOT_COMPLETED + list(ACTIVE))
+def test_an_unfinished_run_shows_its_jobs_state(state):
+    assert rundir.run_state(run_files(), state) == state
+    assert rundir.run_state(run_files(cluster="local", progress=True), state) == state
+
+
+def test_without_a_scheduler_a_local_run_is_running_once_it_has_progress():
+    assert rundir.run_state(run_files(cluster="local", progress=True), None) == "RUNNING"
+    assert rundir.run_state(run_files(cluster="local"), None) == "PENDING"
+    assert rundir.run_state(run_files(progress=True), None) == "UNKNOWN"
+    assert rundir.run_state(run_files(job=False, progress=True), None) == "UNKNOWN"
+
+
+def test_a_runs_epochs_and_history_come_from_its_metrics_else_its_progress():
+    two = [{"epoch": 1, "loss": 0.2, "accuracy": 0.8}, {"epoch": 2, "loss": 0.1, "accuracy": 0.9}]
+    run = rundir.RunFiles(Path("r"), metrics={"test_accuracy": 0.9, "history": two}, progress=rundir.Progress(1, 3, two[:1]))
+    assert run.finished and run.epochs == (2, 3) and run.history == two
+    run.failure = "x"
+    assert not run.finished
+    assert rundir.RunFiles(Path("r"), metrics={"test_accuracy": 0.9, "history": two}).epochs == (2, 2)
+    progress_only = rundir.RunFiles(Path("r"), progress=rundir.Progress(1, 3, two[:1]))
+    assert progress_only.epochs == (1, 3) and progress_only.history == two[:1] and not progress_only.finished
+    assert rundir.RunFiles(Path("r")).epochs == (None, None) and rundir.RunFiles(Path("r")).history == []
+
+
+# --- the ranking ---------------------------------------------------------------------------------
+
+
+def ranked_trial(number: int, best: Optional[float], final: Optional[float], test: float = 0.9,
+                 finished: bool = True) -> Trial:
+    history = [{"epoch": 1, "loss": 0.1, "accuracy": 0.9}]
+    metrics: dict[str, Any] = {"test_accuracy": test, "history": history, "best_val_accuracy": best, "val_accuracy": final}
+    files = rundir.RunFiles(Path(str(number)), metrics=metrics if finished else None)
+    files.job = rundir.JobRecord(cluster="local", job_id="1", run_dir=str(number), trial=number)
+    return Trial(run_dir=Path(str(number)), files=files)
+
+
+def test_trials_are_ranked_by_their_best_epoch_not_their_last():
+    peaked = ranked_trial(0, best=0.97, final=0.90, test=0.95)
+    steady = ranked_trial(1, best=0.95, final=0.95, test=0.99)
+    for order in ([peaked, steady], [steady, peaked]):
+        chosen = best_trial(order)
+        assert chosen.trial is peaked and chosen.metric == "val_accuracy" and chosen.ranked == 2
+        assert chosen.warning == "" and chosen.note == ""
+
+
+def test_a_tie_goes_to_the_first_trial_given():
+    one, two = ranked_trial(1, 0.95, 0.95), ranked_trial(2, 0.95, 0.90)
+    assert best_trial([one, two]).trial is one and best_trial([two, one]).trial is two
+
+
+def test_unfinished_trials_and_trials_without_the_metric_are_left_out_and_counted():
+    finished_without_val = ranked_trial(0, None, None, test=0.999)
+    unfinished = ranked_trial(1, 0.999, 0.999, finished=False)
+    ranked = ranked_trial(2, 0.5, 0.5, test=0.1)
+    chosen = best_trial([finished_without_val, unfinished, ranked])
+    assert chosen.trial is ranked and chosen.ranked == 1
+    assert chosen.note == "1 unfinished trial(s) not ranked; 1 finished trial(s) without val_accuracy not ranked"
+    assert chosen.warning == ""
+
+
+def test_without_any_validation_the_test_set_ranks_and_the_report_says_why():
+    low, high = ranked_trial(0, None, None, test=0.91), ranked_trial(1, None, None, test=0.92)
+    chosen = best_trial([low, high, ranked_trial(2, 0.99, 0.99, finished=False)])
+    assert chosen.trial is high and chosen.metric == "test_accuracy" and chosen.ranked == 2
+    assert "because no finished trial has validation data" in chosen.warning
+    asked = best_trial([ranked_trial(0, 0.99, 0.99, test=0.5), high], metric="test_accuracy")
+    assert asked.trial is high and "as asked (--metric test_accuracy)" in asked.warning
+    nothing = best_trial([ranked_trial(0, 0.9, 0.9, finished=False)])
+    assert nothing.trial is None and nothing.metric == "val_accuracy" and nothing.warning == "" and nothing.ranked == 0
+    with pytest.raises(ValueError, match="unknown metric 'loss'; choose one of val_accuracy, test_accuracy"):
+        best_trial([], metric="loss")
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def state_of(epoch: int, batch: int) -> checkpoint.TrainState:
+    history = [{"epoch": e, "loss": 0.1} for e in range(1, epoch + 1)]
+    return checkpoint.TrainState(epoch=epoch, batch=batch, history=history)
+
+
+def groups(n: int = 11) -> dict[str, list[np.ndarray]]:
+    return {"model": [np.full((2,), i, dtype=np.float32) for i in range(n)],
+            "optimizer": [np.array(7, dtype=np.int64)], "metrics": [np.array([1.5, 2.5])]}
+
+
+def test_checkpoints_are_listed_furthest_along_first_and_two_are_kept(tmp_path):
+    assert checkpoint.list_checkpoints(tmp_path) == []
+    for epoch, batch in [(1, 0), (0, 40), (2, 0), (1, 30)]:
+        checkpoint.write(tmp_path, state_of(epoch, batch), groups(), "fp")
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["ckpt-e00002-b0000000.npz", "ckpt-e00001-b0000030.npz"]
+    (tmp_path / "checkpoints" / "ckpt-e1-b1.npz").write_bytes(b"")
+    (tmp_path / "checkpoints" / "ckpt-e00009-b0000000.npz.tmp").write_bytes(b"")
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == names
+
+
+def test_a_checkpoint_reads_back_what_was_written(tmp_path):
+    path = checkpoint.write(tmp_path, state_of(3, 12), groups(), "abc")
+    assert path == tmp_path / "checkpoints" / "ckpt-e00003-b0000012.npz"
+    state = checkpoint.read(path)
+    assert (state.epoch, state.batch, state.fingerprint, state.path) == (3, 12, "abc", path)
+    assert state.history == state_of(3, 12).history
+    assert [float(v[0]) for v in state.model_values] == [float(i) for i in range(11)]  # in order past 10
+    assert [int(v) for v in state.optimizer_values] == [7] and state.metric_values[0].tolist() == [1.5, 2.5]
+
+
+def header_file(tmp_path: Path, header: Any, name: str = "ckpt-e00001-b0000000.npz") -> Path:
+    path = tmp_path / "checkpoints" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+    return path
+
+
+GOOD_HEADER = {"format": 1, "epoch": 1, "batch": 0, "history": [], "fingerprint": "fp"}
+
+
+@pytest.mark.parametrize("header, message", [
+    ([1], "its header is a JSON list, not an object"),
+    ({**GOOD_HEADER, "format": 2}, "unknown checkpoint format 2"),
+    ({**GOOD_HEADER, "epoch": True}, "its header's 'epoch' is True, expected int"),
+    ({**GOOD_HEADER, "batch": "0"}, "its header's 'batch' is '0', expected int"),
+    ({**GOOD_HEADER, "history": {}}, "its header's 'history' is {}, expected list"),
+    ({k: v for k, v in GOOD_HEADER.items() if k != "fingerprint"}, "its header's 'fingerprint' is None, expected str"),
+])
+def test_a_checkpoint_header_out_of_shape_is_refused(tmp_path, header, message):
+    path = header_file(tmp_path, header)
+    with pytest.raises(ValueError, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):
+        checkpoint.read(path)
+    assert checkpoint.read(header_file(tmp_path, GOOD_HEADER)).epoch == 1
+
+
+def test_a_checkpoint_without_a_header_or_not_an_archive_is_refused(tmp_path):
+    (tmp_path / "a.npz").parent.mkdir(exist_ok=True)
+    np.savez(tmp_path / "a.npz", weights=np.zeros(2))
+    with pytest.raises(ValueError, match="^no header$"):
+        checkpoint.read(tmp_path / "a.npz")
+    np.save(tmp_path / "b.npy", np.zeros(2))
+    with pytest.raises(ValueError, match="bare .npy array"):
+        checkpoint.read(tmp_path / "b.npy")
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    assert checkpoint.load_latest(tmp_path, "fp") is None
+    checkpoint.write(tmp_path, state_of(1, 0), groups(), "fp")
+    newest = checkpoint.write(tmp_path, state_of(2, 0), groups(), "fp")
+    newest.write_bytes(newest.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="mnist_hpc.compute.checkpoint"):
+        assert checkpoint.load_latest(tmp_path, "fp").epoch == 1
+    assert f"checkpoint {newest.name} is unreadable" in caplog.text
+    (tmp_path / "checkpoints" / "ckpt-e00001-b0000000.npz").write_bytes(b"PK\x03\x04")
+    with pytest.raises(checkpoint.CheckpointError, match=r"^no readable checkpoint in .*ckpt-e00002-b0000000.npz: .*; "
+                                                         r"ckpt-e00001-b0000000.npz: .*delete that directory"):
+        checkpoint.load_latest(tmp_path, "fp")
+
+
+def test_a_checkpoint_of_another_config_is_refused_not_skipped(tmp_path):
+    checkpoint.write(tmp_path, state_of(1, 0), groups(), "mine")
+    checkpoint.write(tmp_path, state_of(2, 0), groups(), "other")
+    with pytest.raises(checkpoint.CheckpointError, match="ckpt-e00002-b0000000.npz was written by a run with a different config"):
+        checkpoint.load_latest(tmp_path, "mine")
+    assert checkpoint.load_latest(tmp_path, "other").epoch == 2
+
+
+def test_the_checkpoint_fingerprint_is_what_fixes_the_trajectory(compose):
+    base = to_typed(compose([]))
+    fp = checkpoint.fingerprint(base, SHA)
+    assert len(fp) == 16
+    assert checkpoint.fingerprint(to_typed(compose(["train.epochs=9", "data.cache_dir=/x"])), SHA) == fp
+    for change in (["train.batch_size=64"], ["train.seed=1"], ["data.validation_split=0.1"], ["model.dropout=0.2"],
+                   ["optimizer.learning_rate=0.01"]):
+        assert checkpoint.fingerprint(to_typed(compose(change)), SHA) != fp, change
+    assert checkpoint.fingerprint(base, "e" * 64) != fp
+
+
+@dataclasses.dataclass
+class FakeVariable:
+    """What checkpoint.restore uses of a Keras variable."""
+
+    shape: tuple[int, ...]
+    path: str = "dense/kernel"
+    value: Optional[np.ndarray] = None
+
+    def assign(self, value: np.ndarray) -> None:
+        self.value = value
+
+
+class FakeOptimizer:
+    def __init__(self, variables: list[FakeVariable]) -> None:
+        self.variables, self.built_for = variables, None
+
+    def build(self, variables: list[FakeVariable]) -> None:
+        self.built_for = variables
+
+
+class FakeModel:
+    def __init__(self, shapes: list[tuple[int, ...]], optimizer_shapes: list[tuple[int, ...]]) -> None:
+        self.variables = [FakeVariable(s) for s in shapes]
+        self.trainable_variables = self.variables[:1]
+        self.optimizer = FakeOptimizer([FakeVariable(s, "iterations") for s in optimizer_shapes])
+        self.metrics_variables = [FakeVariable(()), FakeVariable(())]
+
+
+def test_restore_puts_every_value_in_its_variable_or_names_the_mismatch(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    state = checkpoint.TrainState(model_values=[np.ones((2, 3)), np.zeros(3)], optimizer_values=[np.array(4)],
+                                  metric_values=[np.array(1.0), np.array(2.0)], path=path)
+    model = FakeModel([(2, 3), (3,)], [()])
+    checkpoint.restore(model, state)
+    assert [v.value is s for v, s in zip(model.variables, state.model_values)] == [True, True]
+    assert model.optimizer.built_for == model.trainable_variables and model.optimizer.variables[0].value == 4
+    checkpoint.restore_metrics(model, state)
+    assert [float(v.value) for v in model.metrics_variables] == [1.0, 2.0]
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{path} holds 2 model variables, this run has 3$"):
+        checkpoint.restore(FakeModel([(2, 3), (3,), (1,)], [()]), state)
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds a model variable of shape \(3,\) where this run has \(4,\) "
+                                                         rf"\(dense/kernel\); delete {tmp_path} to start the run over"):
+        checkpoint.restore(FakeModel([(2, 3), (4,)], [()]), state)
+    with pytest.raises(checkpoint.CheckpointError, match="holds 1 optimizer variables, this run has 2"):
+        checkpoint.restore(FakeModel([(2, 3), (3,)], [(), ()]), state)
