@@ -89,6 +89,26 @@ DESELECT = (
 )
 MARKERS = "not slurm and not slow"
 
+# Mutants mutmut 3 cannot make (it mutates inside functions only): the issue's four (the first is
+# module-level, the others mutmut also makes in some form) and changes to the module-level
+# constants that state a promise. Each is (name, file, text, replacement); ``hand`` applies each
+# alone to the tree and runs the same tests, stopping at the first failure.
+HAND_MUTANTS = (
+    ("I11: train.batch_size added to claim.NOT_IDENTITY", "mnist_hpc/claim.py",
+     '    "train.epochs",\n', '    "train.epochs",\n    "train.batch_size",\n'),
+    ("I11: the label check >= NUM_CLASSES turned into >", "mnist_hpc/dataset.py",
+     "if int(y.max()) >= NUM_CLASSES:", "if int(y.max()) > NUM_CLASSES:"),
+    ("I11: every finished run shown COMPLETED, whatever sacct says", "mnist_hpc/rundir/state.py",
+     'return "COMPLETED" if packed or scheduler_state in (None, "COMPLETED") else scheduler_state', 'return "COMPLETED"'),
+    ("I11: ranked by final instead of best validation accuracy", "mnist_hpc/login/report/ranking.py",
+     "return trial.best_val_accuracy", "return trial.val_accuracy"),
+    ("train.distribution taken out of claim.NOT_IDENTITY", "mnist_hpc/claim.py", '    "train.distribution",\n', ""),
+    ("paths. taken out of claim.NOT_IDENTITY", "mnist_hpc/claim.py", '    "paths.",\n', ""),
+    ("TIMEOUT taken out of rundir.ENDED_STATES", "mnist_hpc/rundir/files.py", '"TIMEOUT", ', ""),
+    ("NUM_CLASSES = 11", "mnist_hpc/dataset.py", "NUM_CLASSES = 10", "NUM_CLASSES = 11"),
+    ("checkpoint.KEEP = 3", "mnist_hpc/compute/checkpoint.py", "KEEP = 2", "KEEP = 3"),
+)
+
 # mutmut's exit codes by what they mean for the score: a mutant is caught when a test failed on it
 # (or it made the tests time out); anything else is a survivor to kill or explain.
 CAUGHT = ("killed", "timeout")
@@ -180,10 +200,40 @@ def report(work: Path, commit: str, json_path: Path | None) -> int:
     return 1 if unexplained else 0
 
 
+def hand(work: Path) -> int:
+    """Apply each of :data:`HAND_MUTANTS` alone to the tree in ``work`` and run the selected tests on it."""
+    import subprocess
+
+    survived = 0
+    for name, module, text, replacement in HAND_MUTANTS:
+        path = work / module
+        original = path.read_text()
+        assert original.count(text) == 1, f"{module} no longer holds {text!r} exactly once: update HAND_MUTANTS"
+        path.write_text(original.replace(text, replacement))
+        try:
+            # The tree's own directory first on sys.path: the package is imported from it, mutated.
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                                   *selection(work)], cwd=work, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(work)})
+        finally:
+            path.write_text(original)
+        failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+        if proc.returncode == 1 and failed:
+            print(f"killed    {name}: {failed[0].removeprefix('FAILED ')[:150]}")
+        elif proc.returncode == 0:
+            survived += 1
+            print(f"SURVIVED  {name}")
+        else:
+            raise RuntimeError(f"pytest could not run on the mutant {name!r} (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    print(f"hand-made mutants: {len(HAND_MUTANTS) - survived} / {len(HAND_MUTANTS)} killed")
+    return 1 if survived else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("configure").add_argument("work", type=Path)
+    sub.add_parser("hand").add_argument("work", type=Path)
     rep = sub.add_parser("report")
     rep.add_argument("work", type=Path)
     rep.add_argument("--commit", default="")
@@ -192,6 +242,8 @@ def main() -> int:
     if args.command == "configure":
         configure(args.work)
         return 0
+    if args.command == "hand":
+        return hand(args.work.resolve())
     return report(args.work.resolve(), args.commit, args.json.resolve() if args.json else None)
 
 

@@ -14,6 +14,9 @@
 # function. The modules and the test selection (the fast in-process tier: no Slurm, no training,
 # no subprocess, whose fresh interpreter would import the unmutated package and so could never
 # kill a mutant) are in scripts/mutation.py, which also writes the config and prints the score.
+# Then the module-level mutants mutmut cannot make (scripts/mutation.py's HAND_MUTANTS, the
+# issue's four among them) are applied one at a time and the same tests run. Exit 1 when a
+# mutant survives without a reason in benchmarks/results/mutation-equivalent.json.
 # Installs mutmut into the project's environment if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +42,9 @@ echo "mutation.sh: mutating $commit in $work (mutmut $MUTMUT_VERSION, ${MUTATION
     exit 1
 }
 echo "mutation.sh: mutants and logs stay in $work (inspect one: cd $work && $mutmut show NAME)" >&2
-exec "$PYTHON" scripts/mutation.py report "$work" --commit "$commit" ${MUTATION_JSON:+--json "$MUTATION_JSON"}
+status=0
+"$PYTHON" scripts/mutation.py report "$work" --commit "$commit" ${MUTATION_JSON:+--json "$MUTATION_JSON"} || status=1
+# The module-level mutants mutmut does not make, applied by hand to a fresh copy of the same tree.
+rm -rf "$work/hand" && mkdir "$work/hand" && git archive "$commit" | tar -x -C "$work/hand"
+"$PYTHON" scripts/mutation.py hand "$work/hand" || status=1
+exit $status
