@@ -6,6 +6,7 @@
 #   MUTATION_JOBS=2                      mutants tested at once (default 2)
 #   MUTATION_JSON=path                   also write the results as JSON there
 #   MUTATION_WORKDIR=dir                 work there (default: a new directory under $TMPDIR)
+#   MUTATION_EXTRA=1                     mutate rundir's files, records, outputs and login/study.py too
 #
 # The tree of REV is copied out of git into a work directory outside the checkout (mutmut writes
 # its mutants/ directory and caches there; nothing is left in the checkout). mutmut 3 copies the
