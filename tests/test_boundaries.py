@@ -760,3 +760,287 @@ def test_restore_puts_every_value_in_its_variable_or_names_the_mismatch(tmp_path
         checkpoint.restore(FakeModel([(2, 3), (4,)], [()]), state)
     with pytest.raises(checkpoint.CheckpointError, match="holds 1 optimizer variables, this run has 2"):
         checkpoint.restore(FakeModel([(2, 3), (3,)], [(), ()]), state)
+
+
+# --- preflight: launcher options that cannot work together --------------------------------------
+
+
+def test_launcher_options_that_contradict_each_other_are_refused():
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher
+
+    check_launcher({}, "slurm")
+    check_launcher({"gpus_per_node": 4, "tasks_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm")
+    check_launcher({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_node"}, "slurm")
+    check_launcher({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_task"}, "local")
+    with pytest.raises(PreflightError, match="^nothing was queued: hydra.launcher.gpu_request=gpus_per_task splits "
+                                             "gpus_per_node=4 over tasks_per_node=3, which does not divide it"):
+        check_launcher({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_task"}, "slurm")
+    check_launcher({"use_srun": False}, "slurm")
+    for shape in ({"tasks_per_node": 2}, {"nodes": 2}):
+        with pytest.raises(PreflightError, match="use_srun=false starts one process"):
+            check_launcher({"use_srun": False, **shape}, "slurm")
+    with pytest.raises(PreflightError, match="^nothing was queued: hydra.launcher.trials_per_task=0"):
+        check_launcher({"trials_per_task": 0}, "slurm")
+
+
+def test_several_tasks_train_one_run_or_are_refused_per_trial(compose, tmp_path):
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_tasks
+
+    jobs = [planned(compose, 0, tmp_path / "0", "train.batch_size=2"), planned(compose, 1, tmp_path / "1", "train=lesson"),
+            planned(compose, 2, tmp_path / "2", "train.distribution=none"), planned(compose, 3, tmp_path / "3")]
+    check_tasks({"nodes": 1, "tasks_per_node": 1}, "local", jobs)  # one task: nothing to check
+    two = {"nodes": 1, "tasks_per_node": 2}
+    check_tasks(two, "slurm", [jobs[0], jobs[3]])  # a batch of 2 for 2 workers is enough
+    with pytest.raises(PreflightError) as refused:
+        check_tasks({"nodes": 3, "tasks_per_node": 1}, "slurm", jobs)
+    assert str(refused.value).splitlines() == [
+        "nothing was queued (hydra.launcher.nodes=3 x tasks_per_node=1 = 3 tasks):",
+        "  trial 0: train.batch_size=2 is smaller than the 3 workers",
+        "  trial 1: train.execution=keras_fit (train=lesson) cannot train across 3 tasks (Keras 3's fit does not support "
+        "MultiWorkerMirroredStrategy, keras #20585); use train.execution=compiled_loop",
+        "  trial 2: train.distribution=none would train 3 independent copies into one run directory; use "
+        "train.distribution=multi_worker (or auto, the default) for one training across the tasks, or ask for one task "
+        "(hydra.launcher.tasks_per_node=1 and nodes=1)",
+    ]
+    with pytest.raises(PreflightError, match="the local launcher starts one process per job"):
+        check_tasks(two, "local", [jobs[3]])
+    with pytest.raises(PreflightError, match="their trials cannot be packed"):
+        check_tasks({**two, "trials_per_task": 2}, "slurm", [jobs[3]])
+    check_tasks({**two, "trials_per_task": 1}, "slurm", [jobs[3]])
+    with pytest.raises(PreflightError, match="would each see every GPU of their node"):
+        check_tasks({**two, "gpus_per_node": 2}, "slurm", [jobs[3]])
+    check_tasks({**two, "gpus_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm", [jobs[3]])
+    check_tasks({"nodes": 2, "tasks_per_node": 1, "gpus_per_node": 2}, "slurm", [jobs[3]])  # one task per node: all its GPUs
+
+
+@pytest.mark.parametrize("count, shown", [(12, 12), (13, 12)])
+def test_a_refusal_names_twelve_trials_and_counts_the_rest(tmp_path, count, shown):
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_trial_dirs
+
+    class Job:
+        def __init__(self, num: int) -> None:
+            self.num, self.run_dir = num, tmp_path.parent / f"elsewhere-{num}"
+
+    with pytest.raises(PreflightError) as refused:
+        check_trial_dirs(tmp_path, [Job(n) for n in range(count)])
+    lines = str(refused.value).splitlines()
+    assert lines[0] == "nothing was queued:" and all(f"trial {n} would write" in lines[n + 1] for n in range(shown))
+    assert lines[shown + 1:] == ([f"  ... and {count - shown} more"] if count > shown else [])
+    check_trial_dirs(tmp_path, [])
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path):
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_writable
+
+    check_writable(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PreflightError, match=f"^nothing was queued: cannot write to the output directory {tmp_path / 'file' / 'x'}"):
+        check_writable(tmp_path / "file" / "x")
+
+
+def test_a_missing_or_damaged_cache_is_refused_before_queueing(compose, tmp_path):
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_cache
+
+    cache = tmp_path / "cache"
+    with pytest.raises(PreflightError, match=f"^nothing was queued: no cached MNIST at {cache / 'mnist.npz'}"):
+        check_cache(to_typed(compose([f"data.cache_dir={cache}"])))
+    fill_cache(cache)
+    manifest = check_cache(to_typed(compose([f"data.cache_dir={cache}"])))
+    assert manifest["shapes"]["x_train"] == [600, 28, 28]
+    (cache / "mnist.npz.manifest.json").write_text("{}")
+    with pytest.raises(PreflightError, match="^nothing was queued: the manifest .* has format None"):
+        check_cache(to_typed(compose([f"data.cache_dir={cache}"])))
+
+
+# --- dataset: the bounds checked before anything is inflated ------------------------------------
+
+
+def npy(shape: tuple[int, ...], descr: str = "|u1", version: int = 1, header_len: Optional[int] = None,
+        body: Optional[bytes] = None) -> bytes:
+    """A ``.npy`` stream of format ``version`` whose header (padded to ``header_len``) claims ``shape``."""
+    from mnist_hpc.dataset import _dtype
+
+    text = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode("latin1")
+    prefix = 8 + (2 if version == 1 else 4)
+    length = header_len if header_len is not None else len(text) + 1 + (-(prefix + len(text) + 1)) % 64
+    text += b" " * (length - len(text) - 1) + b"\n"
+    size = _dtype(descr)[1] or 1
+    data = body if body is not None else bytes(int(np.prod(shape)) * size)
+    return b"\x93NUMPY" + bytes([version, 0]) + length.to_bytes(prefix - 8, "little") + text + data
+
+
+def zipped(members: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def mnist_members(n: int = 3) -> dict[str, bytes]:
+    return {"x_train.npy": npy((n, 28, 28)), "y_train.npy": npy((n,)), "x_test.npy": npy((n, 28, 28)), "y_test.npy": npy((n,))}
+
+
+def test_numpys_simple_dtypes_are_named_as_numpy_does():
+    from mnist_hpc.dataset import _dtype
+
+    assert [_dtype(d) for d in ("|u1", "<i8", "<f4", "|b1", ">u2")] == [
+        ("uint8", 1), ("int64", 8), ("float32", 4), ("bool", 1), ("uint16", 2)]
+    assert _dtype("<U5") == ("<U5", None) and _dtype("|V") == ("|V", None) and _dtype([("a", "<i4")]) == ("[('a', '<i4')]", None)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_each_npy_format_version_is_read(version):
+    from mnist_hpc.dataset import read_npz_layout
+
+    layout = read_npz_layout(zipped({**mnist_members(), "y_test.npy": npy((3,), version=version)}), "f.npz")
+    assert layout["y_test"] == ((3,), "uint8") and layout["x_train"] == ((3, 28, 28), "uint8")
+
+
+def test_an_npy_header_of_numpys_limit_is_read_one_byte_more_is_refused():
+    from mnist_hpc.dataset import MAX_NPY_HEADER_BYTES, read_npz_layout
+
+    at_limit = npy((3,), version=2, header_len=MAX_NPY_HEADER_BYTES)
+    assert read_npz_layout(zipped({"y.npy": at_limit}), "f.npz") == {"y": ((3,), "uint8")}
+    with pytest.raises(DatasetError, match=f"^f.npz: member y.npy has a .npy header of {MAX_NPY_HEADER_BYTES + 1} bytes"):
+        read_npz_layout(zipped({"y.npy": npy((3,), version=2, header_len=MAX_NPY_HEADER_BYTES + 1)}), "f.npz")
+
+
+@pytest.mark.parametrize("stream, why", [(b"\x93NUMPY\x04\x00", "is not a .npy array"), (b"\x93NUM", "is not a .npy array"),
+                                         (b"PK\x03\x04nope", "is not a .npy array")])
+def test_a_member_that_is_no_npy_is_refused(stream, why):
+    from mnist_hpc.dataset import read_npz_layout
+
+    with pytest.raises(DatasetError, match=f"^f.npz: member y.npy {why}$"):
+        read_npz_layout(zipped({"y.npy": stream}), "f.npz")
+
+
+def test_sixteen_members_are_read_seventeen_refused():
+    from mnist_hpc.dataset import MAX_MEMBERS, read_npz_layout
+
+    extra = {f"e{i}.npy": npy((1,)) for i in range(MAX_MEMBERS - 4)}
+    assert len(read_npz_layout(zipped({**mnist_members(), **extra}), "f.npz")) == MAX_MEMBERS
+    with pytest.raises(DatasetError, match=f"^f.npz holds {MAX_MEMBERS + 1} members; an MNIST npz holds 4$"):
+        read_npz_layout(zipped({**mnist_members(), **extra, "one-more.npy": npy((1,))}), "f.npz")
+
+
+def test_a_split_of_max_images_is_read_one_more_is_refused_from_its_header():
+    from mnist_hpc.dataset import MAX_IMAGES, read_npz_layout
+
+    assert read_npz_layout(zipped({"y_train.npy": npy((MAX_IMAGES,))}), "f.npz") == {"y_train": ((MAX_IMAGES,), "uint8")}
+    with pytest.raises(DatasetError, match=rf"^f.npz: y_train claims shape \({MAX_IMAGES + 1},\); MNIST-like data holds at most"):
+        read_npz_layout(zipped({"y_train.npy": npy((MAX_IMAGES + 1,), body=b"")}), "f.npz")
+    # Any other member is bounded by its bytes, not its count.
+    assert read_npz_layout(zipped({"extra.npy": npy((MAX_IMAGES + 1,))}), "f.npz")["extra"][0] == (MAX_IMAGES + 1,)
+
+
+@pytest.mark.parametrize("members, message", [
+    ({k: v for k, v in mnist_members().items() if k != "y_test.npy"}, r"lacks the key\(s\) \['y_test'\]"),
+    ({**mnist_members(), "y_train.npy": npy((3,), "<i8")}, "y_train has dtype int64, expected uint8"),
+    ({**mnist_members(), "x_test.npy": npy((3, 28, 27))}, r"x_test has shape \(3, 28, 27\), expected \(N, 28, 28\)"),
+    ({**mnist_members(), "x_test.npy": npy((3, 784))}, r"x_test has shape \(3, 784\), expected \(N, 28, 28\)"),
+    ({**mnist_members(), "y_train.npy": npy((3, 1))}, r"y_train has shape \(3, 1\), expected \(N,\)"),
+    ({**mnist_members(), "y_test.npy": npy((4,))}, "x_test has 3 images but y_test has 4 labels"),
+    ({**mnist_members(0), "x_test.npy": npy((1, 28, 28)), "y_test.npy": npy((1,))}, "x_train is empty"),
+    ({**mnist_members(), "x_test.npy": npy((0, 28, 28)), "y_test.npy": npy((0,))}, "x_test is empty"),
+])
+def test_a_layout_that_is_not_mnists_is_refused_naming_what(members, message):
+    from mnist_hpc.dataset import _validate_layout, read_npz_layout
+
+    with pytest.raises(DatasetError, match=f"^f.npz: {message}|^f.npz {message}"):
+        _validate_layout(read_npz_layout(zipped(members), "f.npz"), "f.npz")
+
+
+def test_a_layout_of_one_image_per_split_is_mnists():
+    from mnist_hpc.dataset import _validate_layout, read_npz_layout
+
+    assert _validate_layout(read_npz_layout(zipped(mnist_members(1)), "f.npz"), "f.npz") == {
+        "x_train": [1, 28, 28], "y_train": [1], "x_test": [1, 28, 28], "y_test": [1]}
+
+
+@pytest.mark.parametrize("head, what", [
+    (b"", "it is empty"), (b"\x93NUMPY\x01\x00", "it is a bare .npy array"), (b"\x80\x04\x95", "it is a Python pickle"),
+    (b"\x80\x02", "it is a Python pickle"), (b"\x80\x01", "it is not a zip archive"), (b"\x1f\x8b\x08", "it is gzip-compressed"),
+    (b"\x00\x00\x08\x03", "it is a single IDX file"), (b"<!DOCTYPE html><p>", "it looks like an HTML page"),
+    (b"x" * 600 + b"<html>", "it is a text file"), (b"plain\ttext\r\n", "it is a text file"), (b"text\x7f", "it is not a zip archive"),
+])
+def test_a_file_that_is_not_an_npz_is_described(head, what):
+    from mnist_hpc.dataset import describe_bytes
+
+    assert describe_bytes(head).startswith(what)
+
+
+# --- the cache's manifest and names --------------------------------------------------------------
+
+
+def good_manifest() -> dict[str, Any]:
+    return {"format": 2, "sha256": "a" * 64, "size": 100, "source": "/data/mnist.npz", "source_kind": "npz",
+            "shapes": {"x_train": [1, 28, 28], "y_train": [1], "x_test": [1, 28, 28], "y_test": [1]}}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({}, None),
+    ({"size": 1}, None),
+    ({"size": "max"}, None),
+    ({"size": 0}, "has no valid size"),
+    ({"size": "max+1"}, "has no valid size"),
+    ({"size": 100.0}, "has no valid size"),
+    ({"size": True}, "has no valid size"),
+    ({"format": 1}, "has format 1, not 2 (written by another mnist-hpc version)"),
+    ({"sha256": "A" * 64}, "has no valid sha256"),
+    ({"sha256": "a" * 63}, "has no valid sha256"),
+    ({"sha256": 5}, "has no valid sha256"),
+    ({"source": "a\nb"}, "has no valid source"),
+    ({"source": 3}, "has no valid source"),
+    ({"source_kind": "idx"}, None),
+    ({"source_kind": "download"}, None),
+    ({"source_kind": "copy"}, "has no valid source"),
+    ({"shapes": {"x_train": [1, 28, 28]}}, "has no valid shapes"),
+    ({"shapes": {"x_train": [-1], "y_train": [1], "x_test": [1], "y_test": [1]}}, "has no valid shapes"),
+    ({"shapes": {"x_train": [1.0], "y_train": [1], "x_test": [1], "y_test": [1]}}, "has no valid shapes"),
+    ({"shapes": {"x_train": (1,), "y_train": [1], "x_test": [1], "y_test": [1]}}, "has no valid shapes"),
+    ({"shapes": {"x_train": [0], "y_train": [1], "x_test": [1], "y_test": [1]}}, None),
+])
+def test_a_manifest_field_at_its_bounds(change, problem):
+    from mnist_hpc.cache import _manifest_problem
+    from mnist_hpc.dataset import MAX_NPZ_BYTES
+
+    sizes = {"max": MAX_NPZ_BYTES, "max+1": MAX_NPZ_BYTES + 1}
+    manifest = {**good_manifest(), **{k: sizes.get(v, v) if k == "size" else v for k, v in change.items()}}
+    assert _manifest_problem(manifest) == problem
+
+
+@pytest.mark.parametrize("value, kind", [([], "a list"), ("x", "a string"), (True, "a boolean"), (None, "null"), (3, "a number")])
+def test_a_manifest_that_is_no_object_says_what_it_holds(value, kind):
+    from mnist_hpc.cache import _manifest_problem
+
+    assert _manifest_problem(value) == f"holds {kind}, not a JSON object"
+
+
+@pytest.mark.parametrize("name, ok", [("mnist.npz", True), ("fashion.npz", True), ("a..b", True), ("", False), (".", False),
+                                      ("..", False), ("a/b", False), ("a\\b", False), ("a\0b", False), (".hidden", False),
+                                      ("x.manifest.json", False), ("x.manifest.jsonl", True)])
+def test_a_cache_file_name_is_a_plain_name(name, ok):
+    from mnist_hpc.cache import filename_problem
+
+    assert (filename_problem(name) is None) is ok
+
+
+def test_the_command_that_fills_or_repairs_a_cache_names_its_source(tmp_path):
+    from mnist_hpc.cache import prefetch_command
+    from mnist_hpc.config import KERAS_MNIST_URL
+
+    npz = tmp_path / "mnist.npz"
+    assert prefetch_command(npz) == f"mnist-hpc-prefetch data.cache_dir={tmp_path}"
+    assert prefetch_command(npz, force=True) == f"mnist-hpc-prefetch data.cache_dir={tmp_path} --force"
+    assert prefetch_command(tmp_path / "f.npz") == f"mnist-hpc-prefetch data.cache_dir={tmp_path} data.filename=f.npz"
+    imported = {**good_manifest(), "source": "/data/my file.npz"}
+    assert prefetch_command(npz, imported) == f"mnist-hpc-prefetch data.cache_dir={tmp_path} --from '/data/my file.npz' --force"
+    assert prefetch_command(npz, {**imported, "source_kind": "idx"}).endswith("--from '/data/my file.npz' --force")
+    mirror = {**good_manifest(), "source_kind": "download", "source": "http://127.0.0.1/m.npz"}
+    assert prefetch_command(npz, mirror) == (f"mnist-hpc-prefetch data.cache_dir={tmp_path} --url http://127.0.0.1/m.npz "
+                                             f"--sha256 {'a' * 64} --force")
+    assert prefetch_command(npz, {**mirror, "source": KERAS_MNIST_URL}) == f"mnist-hpc-prefetch data.cache_dir={tmp_path} --force"
