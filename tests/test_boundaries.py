@@ -1044,3 +1044,181 @@ def test_the_command_that_fills_or_repairs_a_cache_names_its_source(tmp_path):
     assert prefetch_command(npz, mirror) == (f"mnist-hpc-prefetch data.cache_dir={tmp_path} --url http://127.0.0.1/m.npz "
                                              f"--sha256 {'a' * 64} --force")
     assert prefetch_command(npz, {**mirror, "source": KERAS_MNIST_URL}) == f"mnist-hpc-prefetch data.cache_dir={tmp_path} --force"
+
+
+# --- the search directory's files ----------------------------------------------------------------
+
+
+def spec_values(**change: Any) -> dict[str, Any]:
+    return {"study_name": "s", "direction": "maximize", "n_trials": 4, "params": {"a": "interval(0, 1)"}, "fixed": [],
+            "enqueue": [], "heartbeat_s": 1.0, "stale_after_s": 30.0, "workers": 2, "identity": {}, **change}
+
+
+@pytest.mark.parametrize("change", [{"n_trials": 1}, {"workers": 1}, {"direction": "minimize"}, {"heartbeat_s": 1e-9},
+                                    {"stale_after_s": 1}, {"pruner": None}, {"pruner": {"_target_": "p"}},
+                                    {"identity": {"data.sha256": "0" * 64}}, {"identity": {"data.sha256": None}},
+                                    {"params": {}}, {"fixed": ["a=1"]}, {"enqueue": [{}]}])
+def test_a_search_json_at_the_edge_of_its_ranges_is_read(change):
+    from mnist_hpc.search import spec_problem
+
+    assert spec_problem(spec_values(**change)) is None
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"n_trials": 0}, "field 'n_trials' must be at least 1"),
+    ({"workers": 0}, "field 'workers' must be at least 1"),
+    ({"heartbeat_s": 0.0}, "field 'heartbeat_s' must be a positive number of seconds"),
+    ({"heartbeat_s": float("inf")}, "field 'heartbeat_s' must be a positive number of seconds"),
+    ({"stale_after_s": float("nan")}, "field 'stale_after_s' must be a positive number of seconds"),
+    ({"study_name": ""}, "field 'study_name' is empty"),
+    ({"direction": "Maximize"}, "field 'direction' must be maximize or minimize"),
+    ({"params": {"a": 1}}, "field 'params' must map names to sweep expressions (strings)"),
+    ({"fixed": [1]}, "field 'fixed' must be a list of overrides (strings)"),
+    ({"enqueue": [[]]}, "field 'enqueue' must be a list of parameter sets"),
+    ({"identity": {"data.sha256": "0" * 63}}, "field 'identity' holds a data.sha256 that is not a sha256"),
+    ({"identity": {"data.sha256": 5}}, "field 'identity' holds a data.sha256 that is not a sha256"),
+    ({"workers": True}, "field 'workers' is True, expected int"),
+    ({"pruner": []}, "field 'pruner' is [], expected dict or null"),
+    ({"heartbeat_s": "1"}, "field 'heartbeat_s' is '1', expected int or float"),
+])
+def test_a_search_json_past_its_ranges_is_refused_naming_the_field(change, problem):
+    from mnist_hpc.search import spec_problem
+
+    assert spec_problem(spec_values(**change)) == problem
+    for key in ("study_name", "direction", "n_trials", "params", "fixed", "enqueue"):
+        assert spec_problem({k: v for k, v in spec_values().items() if k != key}) == f"field {key!r} is missing"
+
+
+def beat_values(**change: Any) -> dict[str, Any]:
+    return {"job_id": "1_0", "cluster": "slurm", "host": "n1", "pid": 42, "pid_start": "99", "trial": 3, "state": "running",
+            "trials_run": [0, 1], "message": "", "log": "", **change}
+
+
+@pytest.mark.parametrize("change", [{"pid": 0}, {"pid": 2**31 - 1}, {"trial": 0}, {"trial": 2**31 - 1}, {"trial": None},
+                                    {"trials_run": [0, 2**31 - 1]}, {"job_id": "j" * 200}, {"cluster": ""},
+                                    {"cluster": "local"}, {"pid_start": None}, {"pid_start": "0"},
+                                    *({"state": s} for s in ("queued", "running", "done", "stopped", "requeued"))])
+def test_a_heartbeat_at_the_edge_of_its_ranges_is_read(change):
+    from mnist_hpc.search import beat_problem
+
+    assert beat_problem(beat_values(**change)) is None
+    assert beat_problem({"job_id": "1"}) is None  # every other field has a default
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"pid": 2**31}, "field 'pid' must be a process id"), ({"pid": -1}, "field 'pid' must be a process id"),
+    ({"pid": False}, "field 'pid' must be a process id"),
+    ({"trial": 2**31}, "field 'trial' must be a trial number (a whole number >= 0)"),
+    ({"trials_run": [2**31]}, "field 'trials_run' must list trial numbers"),
+    ({"trials_run": [True]}, "field 'trials_run' must list trial numbers"),
+    ({"job_id": "j" * 201}, "it has no job_id"), ({"job_id": ""}, "it has no job_id"),
+    ({"pid_start": "-1"}, "field 'pid_start' must be a number of clock ticks"),
+    ({"cluster": "pbs"}, "field 'cluster' must be slurm or local"),
+    ({"state": "dead"}, "field 'state' must be one of queued, running, done, stopped, requeued"),
+    ({"log": 3}, "field 'log' is 3, expected a string"),
+])
+def test_a_heartbeat_past_its_ranges_is_refused_naming_the_field(change, problem):
+    from mnist_hpc.search import beat_problem
+
+    assert beat_problem(beat_values(**change)) == problem
+    assert beat_problem([beat_values()]) == "it holds a JSON list, expected an object"
+
+
+def test_a_worker_is_known_by_its_process_only_where_the_beat_names_one():
+    from mnist_hpc.search import WorkerBeat
+
+    assert WorkerBeat(job_id="7", host="n1", pid=5, pid_start="9").holder() == claim.Holder(host="n1", pid=5, pid_start="9")
+    assert WorkerBeat(job_id="7", host="n1", pid=2**31 - 1).holder().pid == 2**31 - 1
+    assert WorkerBeat(job_id="7", host="n1", pid=0).holder() is None  # a Slurm worker not started: no process yet
+    assert WorkerBeat(job_id="7", host="", pid=5).holder() is None
+    assert WorkerBeat(job_id="123456789", cluster="local", host="n1").holder().pid == 123456789
+    assert WorkerBeat(job_id="1234567890", cluster="local", host="n1").holder() is None
+    assert WorkerBeat(job_id="12", cluster="slurm", host="n1").holder() is None
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"op_code": 4, "worker_id": "w", "study_id": 0, "datetime_start": "t"}, None),
+    ({"op_code": 9, "worker_id": "w", "trial_id": 0, "system_attr": {}}, None),
+    ({"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}, None),
+    ({"op_code": 10, "worker_id": "w"}, "op_code 10 is not one of Optuna's"),
+    ({"op_code": -1, "worker_id": "w"}, "op_code -1 is not one of Optuna's"),
+    ({"op_code": True, "worker_id": "w"}, "op_code True is not one of Optuna's"),
+    ({"op_code": 1, "worker_id": 3, "study_id": 0}, "it has no worker_id"),
+    ({"op_code": 6, "worker_id": "w", "trial_id": 1, "state": 1}, "its operation 6 lacks values"),
+    ({"op_code": 5, "worker_id": "w", "trial_id": 1}, "its operation 5 lacks param_name, param_value_internal, distribution"),
+    ({"op_code": 1, "worker_id": "w", "study_id": -1}, "its study_id is -1, not a whole number >= 0"),
+    ({"op_code": 8, "worker_id": "w", "trial_id": 1.0, "user_attr": {}}, "its trial_id is 1.0, not a whole number >= 0"),
+    ([1], "a JSON list, not a record"),
+])
+def test_a_journal_line_is_a_record_optuna_writes_or_says_why_not(record, problem):
+    from mnist_hpc.search import record_problem
+
+    assert record_problem(record) == problem
+
+
+def test_trial_directories_are_whole_ascii_numbers_of_up_to_nine_digits(tmp_path):
+    from mnist_hpc.search import number_ranges, trial_numbers
+
+    for name in ("0", "10", "2", "999999999", "1000000000", "03x", "²", "report"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "7").write_text("a file")
+    assert trial_numbers(tmp_path) == [0, 2, 10, 999999999]
+    assert trial_numbers(tmp_path / "absent") == []
+    assert number_ranges([5, 0, 1, 2, 3, 8, 9, 3]) == "0-3, 5, 8-9"
+    assert number_ranges([4]) == "4" and number_ranges([]) == ""
+
+
+def test_a_trial_names_another_only_by_a_whole_number_in_range():
+    from types import SimpleNamespace
+
+    from mnist_hpc.search import RETRY_OF_ATTR, trial_number_attr
+
+    def trial(value: Any) -> Any:
+        return SimpleNamespace(user_attrs={RETRY_OF_ATTR: value})
+
+    assert [trial_number_attr(trial(v), RETRY_OF_ATTR) for v in (0, 5, 2**31 - 1, 2**31, -1, True, 1.0, "3", None)] == [
+        0, 5, 2**31 - 1, None, None, None, None, None, None]
+    assert trial_number_attr(SimpleNamespace(user_attrs={}), RETRY_OF_ATTR) is None
+
+
+def test_finished_trials_count_toward_the_budget_an_interrupted_one_does_not():
+    from types import SimpleNamespace
+
+    from optuna.trial import TrialState
+
+    from mnist_hpc.search import INTERRUPTED_ATTR, counts_toward_budget
+
+    def trial(state: TrialState, **attrs: Any) -> Any:
+        return SimpleNamespace(state=state, user_attrs=attrs)
+
+    assert counts_toward_budget(trial(TrialState.COMPLETE)) and counts_toward_budget(trial(TrialState.PRUNED))
+    assert counts_toward_budget(trial(TrialState.FAIL))
+    assert not counts_toward_budget(trial(TrialState.FAIL, **{INTERRUPTED_ATTR: "its worker died"}))
+    assert not counts_toward_budget(trial(TrialState.RUNNING)) and not counts_toward_budget(trial(TrialState.WAITING))
+
+
+def test_a_trials_overrides_are_the_fixed_ones_then_its_parameters():
+    from mnist_hpc.search import SearchSpec, trial_overrides
+
+    spec = SearchSpec(study_name="s", direction="maximize", n_trials=1, params={}, fixed=["train.epochs=2", "a=b"])
+    assert trial_overrides(spec, {"optimizer.learning_rate": 0.01, "train.seed": 3}) == [
+        "train.epochs=2", "a=b", "optimizer.learning_rate=0.01", "train.seed=3"]
+
+
+@pytest.mark.parametrize("tail, torn", [(b"", False), (b'{"op_code": 1, "worker_id": "w", "study_id": 0}\n', False),
+                                        (b'{"op_code": 1, "worker_id": "w", "st', True), (b"garbage\n", True),
+                                        (b"\n", True)])
+def test_a_torn_last_line_is_found_from_the_end_of_a_long_journal(tmp_path, tail, torn):
+    from mnist_hpc.search import torn_tail
+
+    first = json.dumps({"op_code": 2, "worker_id": "w", "study_id": 0, "user_attr": {"pad": "x" * 9000}}).encode() + b"\n"
+    path = tmp_path / "study.journal"
+    path.write_bytes(first + tail)
+    found = torn_tail(path)
+    assert (found is not None) is torn
+    if torn:
+        assert found[0] == len(first)
+    path.write_bytes(b'{"op_code": 1, "worker_id": "w", "st')  # one line only, torn
+    assert torn_tail(path)[0] == 0
+    path.write_bytes(b"")
+    assert torn_tail(path) is None and torn_tail(tmp_path / "absent") is None
