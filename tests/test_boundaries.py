@@ -1079,6 +1079,9 @@ def test_a_search_json_at_the_edge_of_its_ranges_is_read(change):
     ({"identity": {"data.sha256": 5}}, "field 'identity' holds a data.sha256 that is not a sha256"),
     ({"workers": True}, "field 'workers' is True, expected int"),
     ({"pruner": []}, "field 'pruner' is [], expected dict or null"),
+    ({"pruner": {"": None}}, "field 'pruner' must be null or name its class in _target_"),
+    ({"pruner": {"_target_": ""}}, "field 'pruner' must be null or name its class in _target_"),
+    ({"pruner": {"_target_": 3}}, "field 'pruner' must be null or name its class in _target_"),
     ({"heartbeat_s": "1"}, "field 'heartbeat_s' is '1', expected int or float"),
 ])
 def test_a_search_json_past_its_ranges_is_refused_naming_the_field(change, problem):
@@ -1222,3 +1225,14 @@ def test_a_torn_last_line_is_found_from_the_end_of_a_long_journal(tmp_path, tail
     assert torn_tail(path)[0] == 0
     path.write_bytes(b"")
     assert torn_tail(path) is None and torn_tail(tmp_path / "absent") is None
+
+
+def test_status_of_a_search_whose_pruner_names_no_class_is_a_note_not_a_traceback(tmp_path):
+    """Found by the property test of test_search_readers while mutmut ran it: ``"pruner": {"": null}``
+    passed the reader and status then raised KeyError('_target_')."""
+    from mnist_hpc.login import study
+
+    (tmp_path / "search.json").write_text(json.dumps(spec_values(pruner={"": None})))
+    view = study.read_study(tmp_path, with_slurm=False)
+    assert view.spec is None and "field 'pruner' must be null or name its class in _target_" in view.notes[0]
+    assert study.format_status(view).startswith(f"search {tmp_path}: no readable search.json")
