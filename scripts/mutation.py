@@ -140,7 +140,9 @@ def configure(work: Path) -> None:
     # conf/ beside the package: mnist_hpc.config.conf_dir() finds it next to the mutated copy.
     listed("also_copy", ["conf/", "hydra_plugins/"])
     listed("pytest_add_cli_args_test_selection", selection(work))
-    listed("pytest_add_cli_args", ["-p", "no:cacheprovider"])
+    # Hypothesis draws the same examples in every run (the stats run, the clean run, each mutant's),
+    # so a mutant is killed by what it changes, never by a new example.
+    listed("pytest_add_cli_args", ["-p", "no:cacheprovider", "--hypothesis-seed=0"])
     lines.append("use_git_change_detection = false")
     (work / "setup.cfg").write_text("\n".join(lines) + "\n")
 
@@ -220,7 +222,7 @@ def hand(work: Path) -> int:
         path.write_text(original.replace(text, replacement))
         try:
             # The tree's own directory first on sys.path: the package is imported from it, mutated.
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0",
                                    *selection(work)], cwd=work, capture_output=True, text=True,
                                   env={**os.environ, "PYTHONPATH": str(work)})
         finally:
