@@ -234,15 +234,21 @@ def test_bind_of_more_epochs_retracts_the_final_metrics_until_it_finishes_again(
     assert claim.bind(tmp_path, identity, 3, "") == claim.Verdict("continue", 0)
 
 
-@pytest.mark.parametrize("claimed", [False, True])
+@pytest.mark.parametrize("claimed", ["no", "finished", "bound", "damaged", "results"])
 def test_a_run_that_failed_before_its_claim_keeps_hydras_record_only_where_nobody_claimed(tmp_path, claimed):
-    if claimed:
+    if claimed == "finished":
         finished_run(tmp_path, {"data.sha256": SHA}, 1)
+    elif claimed == "bound":  # claimed, nothing trained yet
+        claim.bind(tmp_path, {"data.sha256": SHA}, 1, "")
+    elif claimed == "damaged":
+        (tmp_path / rundir.IDENTITY_FILE).write_text("{")
+    elif claimed == "results":  # results of an unknown config
+        rundir.write_progress(tmp_path, 0, 1, [])
     (tmp_path / ".hydra-pending").mkdir()
     (tmp_path / ".hydra-pending" / "overrides.yaml").write_text("- train.seed=1\n")
     claim.settle_unclaimed(tmp_path)
     assert not (tmp_path / ".hydra-pending").exists()
-    assert (tmp_path / ".hydra" / "overrides.yaml").is_file() is not claimed
+    assert (tmp_path / ".hydra" / "overrides.yaml").is_file() is (claimed == "no")
 
 
 # --- claim: who writes it ------------------------------------------------------------------------
@@ -1236,3 +1242,261 @@ def test_status_of_a_search_whose_pruner_names_no_class_is_a_note_not_a_tracebac
     view = study.read_study(tmp_path, with_slurm=False)
     assert view.spec is None and "field 'pruner' must be null or name its class in _target_" in view.notes[0]
     assert study.format_status(view).startswith(f"search {tmp_path}: no readable search.json")
+
+
+# --- more of what the fast tier missed (survivors of scripts/mutation.sh) ------------------------
+
+
+def test_launcher_options_left_out_take_their_defaults():
+    """The schema fills every option in; a caller that passes fewer gets the schema's defaults."""
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher, check_tasks
+
+    check_launcher({"gpu_request": "gpus_per_task", "tasks_per_node": 2}, "slurm")  # no GPUs: nothing to split
+    check_launcher({"gpu_request": "gpus_per_task", "tasks_per_node": 2, "gpus_per_node": None}, "slurm")
+    check_launcher({"gpu_request": "gpus_per_task", "gpus_per_node": 3}, "slurm")  # one task takes all 3
+    with pytest.raises(PreflightError, match="does not divide it"):
+        check_launcher({"gpu_request": "gpus_per_task", "gpus_per_node": 3, "tasks_per_node": 2}, "slurm")
+    check_tasks({}, "local", [])
+    check_tasks({"tasks_per_node": 1}, "local", [])
+    check_tasks({"nodes": 1}, "local", [])
+    with pytest.raises(PreflightError, match=r"hydra.launcher.nodes=1 x tasks_per_node=2 = 2 tasks, but the local launcher"):
+        check_tasks({"tasks_per_node": 2}, "local", [])
+    with pytest.raises(PreflightError, match=r"hydra.launcher.nodes=2 x tasks_per_node=1 = 2 tasks, but the local launcher"):
+        check_tasks({"nodes": 2}, "local", [])
+    check_tasks({"tasks_per_node": 2, "gpus_per_node": None}, "slurm", [])  # no GPUs to share
+    check_tasks({"tasks_per_node": 2}, "slurm", [])
+
+
+def test_each_trial_is_checked_against_its_own_cache(compose, tmp_path):
+    from mnist_hpc.login.launcher.preflight import PreflightError, preflight
+
+    fill_cache(tmp_path / "a")
+    jobs = [planned(compose, 0, tmp_path / "s" / "0", f"data.cache_dir={tmp_path / 'a'}"),
+            planned(compose, 1, tmp_path / "s" / "1", f"data.cache_dir={tmp_path / 'b'}")]
+    with pytest.raises(PreflightError, match=f"no cached MNIST at {tmp_path / 'b' / 'mnist.npz'}"):
+        preflight(tmp_path / "s", jobs)
+
+
+def test_every_trial_is_checked_after_one_is_refused(compose, tmp_path):
+    from mnist_hpc.login.launcher.preflight import PreflightError, preflight
+
+    cache = tmp_path / "cache"
+    fill_cache(cache)
+    jobs = [planned(compose, 0, tmp_path / "s" / "0", f"data.cache_dir={cache}", "train.batch_size=601"),
+            planned(compose, 1, tmp_path / "s" / "1", f"data.cache_dir={cache}", "train.epochs=1")]
+    finished_run(jobs[1].run_dir, claim.identity_from_flat(jobs[1].flat, json.loads(
+        (cache / "mnist.npz.manifest.json").read_text())["sha256"]), 2)
+    with pytest.raises(PreflightError) as refused:
+        preflight(tmp_path / "s", jobs)
+    lines = str(refused.value).splitlines()
+    assert lines[1] == "  trial 0: train.batch_size=601 exceeds the 600 training samples; use at most 600"
+    assert lines[2].startswith("  trial 1: ") and "asks for fewer" in lines[2] and len(lines) == 3
+
+
+def test_the_slurm_jobs_of_every_trial_are_asked_about_in_one_call(compose, tmp_path, monkeypatch):
+    """recorded_owners: job.json and lease naming Slurm jobs, answered by one squeue call (a stand-in
+    here); a job not in the answers (a lease taken meanwhile) is asked about on its own."""
+    from mnist_hpc import slurm
+    from mnist_hpc.login.launcher.preflight import recorded_owners
+
+    calls: list[Any] = []
+    monkeypatch.setattr(slurm, "jobs_alive", lambda ids: calls.append(list(ids)) or {"101": True, "102": False, "103": True})
+    monkeypatch.setattr(slurm, "job_alive", lambda job_id: calls.append(job_id) or job_id == "104")
+    jobs = [planned(compose, n, tmp_path / str(n)) for n in range(6)]
+    rundir.write_job(jobs[0].run_dir, rundir.JobRecord(cluster="slurm", job_id="101", run_dir=str(jobs[0].run_dir)))
+    rundir.write_job(jobs[1].run_dir, rundir.JobRecord(cluster="slurm", job_id="102", run_dir=str(jobs[1].run_dir)))
+    write_lease_of(jobs[2].run_dir, claim.Holder(host="", pid=1, slurm_job_id="103"))
+    write_lease_of(jobs[3].run_dir, claim.Holder(host="", pid=1, slurm_job_id="103"))
+    (jobs[3].run_dir / rundir.JOB_FILE).write_text("{")  # damaged: its lease still counts
+    jobs[4].run_dir.mkdir()
+    (jobs[4].run_dir / rundir.LEASE_FILE).write_text("[]")  # damaged: treated as stale
+    owners = recorded_owners(jobs)
+    assert calls[0] == ["101", "102", "103", "103"]
+    assert sorted(owners) == [0, 2, 3] and owners[0] == "trial 0: its earlier job 101 is still queued or running"
+    assert "written by Slurm job 103" in owners[2] and "written by Slurm job 103" in owners[3]
+    # A lease whose job the one call did not name: asked on its own.
+    write_lease_of(jobs[5].run_dir, claim.Holder(host="", pid=1, slurm_job_id="104"))
+    calls.clear()
+    reads: list[Path] = []
+    real_read_lease = rundir.read_lease
+    monkeypatch.setattr(rundir, "read_lease", lambda d: None if reads.append(d) or len(reads) == 1 else real_read_lease(d))
+    assert "written by Slurm job 104" in recorded_owners([jobs[5]])[5]
+    assert calls == ["104"]
+    calls.clear()
+    assert recorded_owners([jobs[4]]) == {} and calls == []  # nothing named: no Slurm call at all
+
+
+def test_read_npz_reads_a_file_and_names_it(tmp_path):
+    from mnist_hpc.dataset import read_npz
+
+    arrays = synthetic_mnist(n_train=20, n_test=10)
+    path = tmp_path / "f.npz"
+    np.savez(path, **arrays)
+    got = read_npz(path)
+    assert sorted(got) == ["x_test", "x_train", "y_test", "y_train"] and np.array_equal(got["y_train"], arrays["y_train"])
+    arrays["y_test"][0] = 10
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetError, match=f"^{path}: y_test holds label 10"):
+        read_npz(path)
+
+
+def test_a_cache_file_that_cannot_be_read_says_why_and_what_its_owner_can_run(tmp_path):
+    import errno
+
+    from mnist_hpc.cache import _cannot_read
+
+    path = tmp_path / "my cache" / "m.npz"
+    assert _cannot_read(path, OSError(errno.EACCES, "Permission denied")) == (
+        f"cannot read {path}: Permission denied (its owner can run `chmod g+r '{path}'`)")
+    assert _cannot_read(path, OSError(errno.EIO, "Input/output error")) == f"cannot read {path}: Input/output error"
+    assert _cannot_read(path, OSError("no errno")) == f"cannot read {path}: no errno"
+
+
+def test_a_process_inflates_a_verified_object_once_and_checks_it_every_time(tmp_path):
+    from mnist_hpc import cache
+    from mnist_hpc.config import DataConfig
+
+    fill_cache(tmp_path / "c")
+    cfg = DataConfig(cache_dir=str(tmp_path / "c"))
+    first, manifest = cache.read_verified(cfg)
+    second, _ = cache.read_verified(cfg)
+    assert second is not first and all(second[k] is first[k] for k in first)  # the same arrays, a new dict
+    assert not first["x_train"].flags.writeable
+    manifest_file = tmp_path / "c" / "mnist.npz.manifest.json"
+    forged = {**json.loads(manifest_file.read_text()), "shapes": {**manifest["shapes"], "y_test": [199]}}
+    manifest_file.write_text(json.dumps(forged))
+    with pytest.raises(cache.CacheCorruptError, match=f"^{tmp_path / 'c' / 'mnist.npz'} holds arrays of shapes .* run "
+                                                      r"`mnist-hpc-prefetch data.cache_dir="):
+        cache.read_verified(cfg)
+
+
+def test_a_checkpoint_holding_a_pickle_is_refused(tmp_path):
+    path = tmp_path / "checkpoints" / "ckpt-e00001-b0000000.npz"
+    path.parent.mkdir()
+    np.savez(path, header=np.frombuffer(json.dumps(GOOD_HEADER).encode(), dtype=np.uint8),
+             **{"model/0000": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(ValueError, match="allow_pickle"):
+        checkpoint.read(path)
+
+
+def test_a_checkpoint_is_written_where_no_run_directory_exists_yet(tmp_path):
+    path = checkpoint.write(tmp_path / "new" / "run", state_of(1, 0), groups(1), "fp")
+    assert checkpoint.read(path).epoch == 1
+
+
+def test_a_model_is_checkpointed_with_its_optimizer_and_mid_epoch_its_metrics(tmp_path):
+    class Var(FakeVariable):
+        def numpy(self) -> np.ndarray:
+            return np.full(self.shape, len(self.path), dtype=np.float32)
+
+    model = FakeModel([(2,), (3,)], [()])
+    model.variables = [Var((2,), "ab"), Var((3,), "abc")]
+    model.optimizer.variables = [Var((), "a")]
+    model.metrics_variables = [Var((), "abcd")]
+    state = checkpoint.read(checkpoint.save(tmp_path, state_of(1, 5), model, "fp", with_metrics=True))
+    assert [v.tolist() for v in state.model_values] == [[2.0, 2.0], [3.0, 3.0, 3.0]]
+    assert [float(v) for v in state.optimizer_values] == [1.0] and [float(v) for v in state.metric_values] == [4.0]
+    assert (state.epoch, state.batch, state.fingerprint) == (1, 5, "fp")
+    between = checkpoint.read(checkpoint.save(tmp_path, state_of(2, 0), model, "fp", with_metrics=False))
+    assert between.metric_values == [] and len(between.model_values) == 2
+
+
+def test_checkpoint_messages_name_the_file_and_the_error(tmp_path, caplog):
+    state = checkpoint.TrainState(model_values=[np.zeros(3)], optimizer_values=[np.array(1)], path=None)
+    with pytest.raises(checkpoint.CheckpointError, match=r"^None holds a model variable of shape \(3,\) where this run has "
+                                                         r"\(4,\) \(dense/kernel\); delete the checkpoints to start the run over$"):
+        checkpoint.restore(FakeModel([(4,)], [()]), state)
+    state.path = tmp_path / "ckpt.npz"
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{state.path} holds 1 optimizer variables, this run has 2$"):
+        checkpoint.restore(FakeModel([(3,)], [(), ()]), state)
+    checkpoint.write(tmp_path, state_of(1, 0), groups(), "fp")
+    newest = checkpoint.write(tmp_path, state_of(2, 0), groups(), "fp")
+    newest.write_bytes(b"not a zip")
+    with caplog.at_level(logging.WARNING, logger="mnist_hpc.compute.checkpoint"):
+        checkpoint.load_latest(tmp_path, "fp")
+    assert f"checkpoint {newest.name} is unreadable (" in caplog.text and "not a zip" not in caplog.text
+    assert caplog.records[-1].getMessage().endswith("); falling back to the previous one")
+    assert caplog.records[-1].args[1] is not None
+
+
+def test_a_continued_search_names_each_change_of_its_identity():
+    from mnist_hpc.search import SearchSpec
+
+    old = SearchSpec(study_name="s", direction="maximize", n_trials=4, params={"a": "interval(0, 1)"}, fixed=["x=1"],
+                     identity={"train.seed": 0, "data.sha256": "a" * 64})
+    assert old.differences(old) == []
+    same = dataclasses.replace(old, n_trials=9, fixed=["x=2"], workers=5)  # not identity: may change
+    assert same.differences(old) == []
+    new = dataclasses.replace(old, study_name="t", direction="minimize", params={"a": "interval(0, 2)"},
+                              identity={"train.seed": 1, "data.sha256": "a" * 64, "model.dropout": 0.1})
+    assert new.differences(old) == [
+        "study_name: 's' -> 't'", "direction: 'maximize' -> 'minimize'",
+        "params: {'a': 'interval(0, 1)'} -> {'a': 'interval(0, 2)'}",
+        "model.dropout: '(unset)' -> 0.1", "train.seed: 0 -> 1",
+    ]
+    assert old.data_sha256 == "a" * 64 and dataclasses.replace(old, identity={}).data_sha256 is None
+    assert dataclasses.replace(old, identity={"data.sha256": 5}).data_sha256 is None
+
+
+def journal_study(tmp_path: Path, trials: int, name: str = "s") -> Path:
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from mnist_hpc import search as sd
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search_dir = tmp_path / "search"
+    search_dir.mkdir()
+    study = optuna.create_study(storage=sd.open_storage(search_dir), study_name=name, direction="maximize")
+    for _ in range(trials):
+        study.tell(study.ask({"x": FloatDistribution(0.0, 1.0)}), 0.5)
+    return search_dir
+
+
+@pytest.mark.parametrize("state, what", [("missing", "does not exist"), ("empty", "holds no record"),
+                                         ("other", "holds no trial of a study named 's'"), ("two", "knows trials 0-1 only")])
+def test_trial_directories_the_journal_does_not_know_are_named_with_what_it_holds(tmp_path, state, what):
+    from mnist_hpc import search as sd
+
+    search_dir = journal_study(tmp_path, 2, name="other" if state == "other" else "s")
+    journal = sd.journal_path(search_dir)
+    if state == "missing":
+        journal.unlink()
+    elif state == "empty":
+        journal.write_bytes(b"")
+    for n in range(4):
+        (search_dir / str(n)).mkdir()
+    orphans = "2-3" if state == "two" else "0-3"
+    with pytest.raises(sd.JournalError, match=f"^{journal} {what}, but {search_dir} holds directories of trials {orphans}:"):
+        sd.check_journal(search_dir, "s")
+
+
+def test_check_journal_returns_the_studys_trials_and_no_cut_for_a_whole_journal(tmp_path):
+    from mnist_hpc import search as sd
+
+    search_dir = journal_study(tmp_path, 3)
+    assert sd.check_journal(search_dir, "another").trials == []
+    for n in range(3):
+        (search_dir / str(n)).mkdir()
+    check = sd.check_journal(search_dir, "s")
+    assert [t.number for t in check.trials] == [0, 1, 2] and check.cut is None and check.note() is None
+    assert sd.check_journal(tmp_path / "search", "s").scan is not None
+    (tmp_path / "fresh").mkdir()
+    fresh = sd.check_journal(tmp_path / "fresh", "s")
+    assert fresh.scan is None and fresh.trials == [] and fresh.cut is None
+
+
+def test_a_last_record_optuna_cannot_apply_is_cut_though_it_looks_whole(tmp_path):
+    """The replay found it torn, the cheap tail check would not: the cut follows what the check found."""
+    from mnist_hpc import search as sd
+
+    search_dir = journal_study(tmp_path, 1)
+    journal = sd.journal_path(search_dir)
+    whole = journal.read_bytes()
+    bad = json.dumps({"op_code": 0, "worker_id": "w", "study_name": "t", "directions": [99]}).encode() + b"\n"
+    journal.write_bytes(whole + bad)
+    assert sd.torn_tail(journal) is None
+    check = sd.check_journal(search_dir, "s")
+    assert check.cut is not None and check.cut.end == len(whole) and check.cut.why.startswith("no record Optuna wrote: ")
+    assert check.note() == check.cut.describe() and "was no record Optuna wrote: a record Optuna cannot apply" in check.note()
+    assert journal.read_bytes() == whole and check.cut.copy.read_bytes() == whole + bad
