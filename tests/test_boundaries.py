@@ -338,7 +338,7 @@ def test_check_lease_refuses_a_live_writer_and_one_that_cannot_be_asked(tmp_path
     (tmp_path / rundir.LEASE_FILE).write_text("{")
     with caplog.at_level(logging.WARNING, logger="mnist_hpc.claim"):
         claim.check_lease(tmp_path, me, "")  # a damaged lease names no writer: stale
-    assert "treating the lease as stale" in caplog.text
+    assert f"{tmp_path / rundir.LEASE_FILE} is not valid JSON" in caplog.text and "; treating the lease as stale" in caplog.text
 
 
 def test_the_lease_is_held_for_the_run_and_given_back_only_if_still_ours(tmp_path, sleeper):
@@ -972,6 +972,10 @@ def test_a_layout_of_one_image_per_split_is_mnists():
     (b"\x80\x02", "it is a Python pickle"), (b"\x80\x01", "it is not a zip archive"), (b"\x1f\x8b\x08", "it is gzip-compressed"),
     (b"\x00\x00\x08\x03", "it is a single IDX file"), (b"<!DOCTYPE html><p>", "it looks like an HTML page"),
     (b"x" * 600 + b"<html>", "it is a text file"), (b"plain\ttext\r\n", "it is a text file"), (b"text\x7f", "it is not a zip archive"),
+    (b"\x80\x03}q", "it is a Python pickle"), (b"\x80\x05\x95", "it is a Python pickle"), (b"\x80\x06", "it is not a zip archive"),
+    (b"<html><body>", "it looks like an HTML page"), (b"a b\nc", "it is a text file"), (b"\x1ftext", "it is not a zip archive"),
+    (b"x" * 507 + b"<html>", "it looks like an HTML page"), (b"x" * 508 + b"<html>", "it is a text file"),
+    (b"x" * 512 + b"\x00", "it is a text file"), (b"x" * 511 + b"\x00", "it is not a zip archive"),
 ])
 def test_a_file_that_is_not_an_npz_is_described(head, what):
     from mnist_hpc.dataset import describe_bytes
@@ -1500,3 +1504,121 @@ def test_a_last_record_optuna_cannot_apply_is_cut_though_it_looks_whole(tmp_path
     assert check.cut is not None and check.cut.end == len(whole) and check.cut.why.startswith("no record Optuna wrote: ")
     assert check.note() == check.cut.describe() and "was no record Optuna wrote: a record Optuna cannot apply" in check.note()
     assert journal.read_bytes() == whole and check.cut.copy.read_bytes() == whole + bad
+
+
+# Compatibility of what is written to disk: a directory bound, or a checkpoint written, by this
+# version must be recognised by the next. The values are those of this version; a change to what
+# is hashed (or how) must be deliberate, and then these values change with it.
+def test_the_identity_fingerprint_is_stable_across_versions():
+    from pathlib import PurePosixPath
+
+    identity = {"b": 1, "a": [1, 2], "p": PurePosixPath("/x")}  # a value JSON has no type for: hashed as text
+    assert claim.fingerprint(identity) == claim.fingerprint(dict(reversed(identity.items()))) == "e5a08479b834dfe7"
+
+
+def test_the_checkpoint_fingerprint_of_the_default_config_is_stable_across_versions(compose):
+    assert checkpoint.fingerprint(to_typed(compose([])), SHA) == "796cb8e589203ee9"
+
+
+def test_a_labelled_refusal_starts_with_its_label(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / rundir.IDENTITY_FILE).write_text("{")
+    with pytest.raises(claim.RunConflict, match=f"^trial 4: {tmp_path / 'bad' / rundir.IDENTITY_FILE} is not valid JSON"):
+        claim.judge(tmp_path / "bad", {"data.sha256": SHA}, 1, "trial 4")
+    claim.bind(tmp_path / "other", {"train.seed": 1, "data.sha256": SHA}, 1, "")
+    with pytest.raises(claim.RunConflict, match=f"^trial 5: {tmp_path / 'other'} holds a run of another config"):
+        claim.bind(tmp_path / "other", {"train.seed": 2, "data.sha256": SHA}, 1, "trial 5")
+
+
+def test_bind_says_which_half_written_files_it_removed(tmp_path, caplog):
+    (tmp_path / ".progress.json.abc.tmp").write_text("half")
+    with caplog.at_level(logging.INFO, logger="mnist_hpc.claim"):
+        claim.bind(tmp_path, {"data.sha256": SHA}, 1, "")
+    assert [r.getMessage() for r in caplog.records] == [
+        "removed .progress.json.abc.tmp, left half-written by a writer that is gone"]
+
+
+def test_a_trial_in_a_directory_of_the_sweeps_own_does_not_hide_the_next_trials_problem(tmp_path):
+    problems = claim.trial_dir_problems(tmp_path, [(0, tmp_path / "report"), (1, tmp_path.parent / "out"),
+                                                   (2, tmp_path / ".submitit" / "x")])
+    assert [p.split(" would write")[0] for p in problems] == ["trial 0", "trial 1", "trial 2"]
+    assert "'report' is the sweep directory's own; choose another hydra.sweep.subdir" in problems[0]
+
+
+def test_the_ask_lock_is_a_file_of_the_search_directory(tmp_path):
+    from mnist_hpc import search as sd
+
+    with sd.ask_lock(tmp_path):
+        assert os.path.islink(tmp_path / sd.ASK_LOCK)
+    assert not os.path.lexists(tmp_path / sd.ASK_LOCK)
+
+
+def test_a_heartbeat_file_is_named_after_its_job_with_safe_characters(tmp_path):
+    from mnist_hpc import search as sd
+
+    assert sd.beat_path(tmp_path, "Job-1_2.x/../y z") == tmp_path / "workers" / "Job-1_2.x_.._y_z.json"
+
+
+def test_a_search_json_records_when_it_was_first_written_and_last_updated(tmp_path):
+    from mnist_hpc import search as sd
+
+    spec = sd.SearchSpec(study_name="s", direction="maximize", n_trials=2, params={"a": "interval(0, 1)"})
+    sd.write_spec(tmp_path, spec)
+    first = sd.read_spec(tmp_path)
+    assert first == spec and first.created == first.updated != "" and "T" in first.created
+    spec.created = "2020-01-01T00:00:00+00:00"
+    sd.write_spec(tmp_path, spec)
+    again = sd.read_spec(tmp_path)
+    assert again.created == "2020-01-01T00:00:00+00:00" and again.updated == first.updated or again.updated > first.updated
+
+
+def test_a_checked_copy_of_a_journal_is_read_only(tmp_path):
+    from mnist_hpc import search as sd
+
+    search_dir = journal_study(tmp_path, 1)
+    storage = sd.read_journal(sd.journal_path(search_dir)).storage()
+    with pytest.raises(sd.JournalError, match="^a checked copy of a journal is read-only$"):
+        storage.set_trial_user_attr(0, "x", 1)
+
+
+def test_hydra_sweep_syntax_maps_to_optunas_without_a_warning():
+    import warnings
+
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    from mnist_hpc.search import parse_params
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        space, fixed = parse_params({"a": "range(0, 10, 4)", "fixed": "relu", "b": "range(0, 9, 2)", "c": "1,2"})
+    assert space == {"a": IntDistribution(0, 8, step=4), "b": IntDistribution(0, 8, step=2),
+                     "c": CategoricalDistribution([1, 2])}
+    assert fixed == ["fixed=relu"]
+
+
+@pytest.mark.parametrize("trials, shown", [(12, 12), (13, 12)])
+def test_preflight_names_twelve_refused_trials_in_trial_order_and_counts_the_rest(compose, tmp_path, trials, shown):
+    from mnist_hpc.login.launcher.preflight import PreflightError, preflight
+
+    cache = tmp_path / "cache"
+    fill_cache(cache)
+    jobs = [planned(compose, n, tmp_path / "s" / str(n), f"data.cache_dir={cache}", "train.batch_size=601")
+            for n in range(trials)]
+    with pytest.raises(PreflightError) as refused:
+        preflight(tmp_path / "s", jobs)
+    lines = str(refused.value).splitlines()[1:]
+    assert [line.split(":")[0] for line in lines[:shown]] == [f"  trial {n}" for n in range(shown)]
+    assert lines[shown:] == (["  ... and 1 more"] if trials > shown else [])
+
+
+def test_preflight_sorts_refusals_by_trial_number_not_by_text(compose, tmp_path, sleeper):
+    from mnist_hpc.login.launcher.preflight import PreflightError, preflight
+
+    cache = tmp_path / "cache"
+    fill_cache(cache)
+    jobs = [planned(compose, n, tmp_path / "s" / str(n), f"data.cache_dir={cache}") for n in range(11)]
+    jobs[10] = planned(compose, 10, tmp_path / "s" / "10", f"data.cache_dir={cache}", "train.batch_size=601")
+    rundir.write_job(jobs[2].run_dir, local_record(jobs[2].run_dir, sleeper.pid, claim.process_start(sleeper.pid)))
+    with pytest.raises(PreflightError) as refused:
+        preflight(tmp_path / "s", jobs)
+    assert [line.split(":")[0] for line in str(refused.value).splitlines()[1:]] == ["  trial 2", "  trial 10"]
