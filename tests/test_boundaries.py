@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -329,7 +330,10 @@ def test_check_lease_refuses_a_live_writer_and_one_that_cannot_be_asked(tmp_path
                                                 rf"on {me.host}, user ann\), which is still alive"):
         claim.check_lease(tmp_path, me, "trial 2")
     write_lease_of(tmp_path, dataclasses.replace(live, host="node9"))
-    with pytest.raises(claim.RunConflict, match=r"cannot be told from here whether it still runs; if it is gone, remove"):
+    lease_file = tmp_path / rundir.LEASE_FILE
+    with pytest.raises(claim.RunConflict, match=rf"^trial 2: {lease_file} names a process \(pid {sleeper.pid} on node9, user ann\) "
+                                                rf"as the writer of this run, and it cannot be told from here whether it still "
+                                                rf"runs; if it is gone, remove {lease_file} and try again$"):
         claim.check_lease(tmp_path, me, "trial 2")
     write_lease_of(tmp_path, claim.Holder(host="", pid=1, slurm_job_id="55", job_label="50_5"))
     with pytest.raises(claim.RunConflict, match=r"written by Slurm job 50_5 \(pid 1 on , user \?\), which is still alive"):
@@ -1490,7 +1494,7 @@ def test_check_journal_returns_the_studys_trials_and_no_cut_for_a_whole_journal(
     assert fresh.scan is None and fresh.trials == [] and fresh.cut is None
 
 
-def test_a_last_record_optuna_cannot_apply_is_cut_though_it_looks_whole(tmp_path):
+def test_a_last_record_optuna_cannot_apply_is_cut_though_it_looks_whole(tmp_path, caplog):
     """The replay found it torn, the cheap tail check would not: the cut follows what the check found."""
     from mnist_hpc import search as sd
 
@@ -1500,7 +1504,14 @@ def test_a_last_record_optuna_cannot_apply_is_cut_though_it_looks_whole(tmp_path
     bad = json.dumps({"op_code": 0, "worker_id": "w", "study_name": "t", "directions": [99]}).encode() + b"\n"
     journal.write_bytes(whole + bad)
     assert sd.torn_tail(journal) is None
-    check = sd.check_journal(search_dir, "s")
+    scan = sd.read_journal(journal)
+    assert scan.describe_torn() == (f"the last line of {journal} (line {len(scan.records) + 1}, from byte {len(whole)}) "
+                                    f"is {scan.torn}") and len(scan.records) == whole.count(b"\n")
+    with caplog.at_level(logging.WARNING, logger="mnist_hpc.search"):
+        check = sd.check_journal(search_dir, "s")
+    assert [r.getMessage() for r in caplog.records] == [check.cut.describe()]
+    assert check.cut.path == journal and check.cut.why == scan.torn
+    assert re.fullmatch(r"study\.journal\.torn-\d{8}T\d{6}Z-[0-9a-f]{8}", check.cut.copy.name)
     assert check.cut is not None and check.cut.end == len(whole) and check.cut.why.startswith("no record Optuna wrote: ")
     assert check.note() == check.cut.describe() and "was no record Optuna wrote: a record Optuna cannot apply" in check.note()
     assert journal.read_bytes() == whole and check.cut.copy.read_bytes() == whole + bad
@@ -1622,3 +1633,23 @@ def test_preflight_sorts_refusals_by_trial_number_not_by_text(compose, tmp_path,
     with pytest.raises(PreflightError) as refused:
         preflight(tmp_path / "s", jobs)
     assert [line.split(":")[0] for line in str(refused.value).splitlines()[1:]] == ["  trial 2", "  trial 10"]
+
+
+def test_a_lease_naming_a_slurm_job_is_judged_by_the_preflights_answers(compose, tmp_path, monkeypatch):
+    from mnist_hpc import slurm
+    from mnist_hpc.login.launcher.preflight import recorded_job_alive
+
+    monkeypatch.setattr(slurm, "job_alive", lambda job_id: pytest.fail(f"squeue was asked about {job_id} on its own"))
+    job = planned(compose, 6, tmp_path / "6")
+    write_lease_of(job.run_dir, claim.Holder(host="", pid=1, slurm_job_id="55"))
+    me = claim.Holder.this_process()
+    assert "written by Slurm job 55" in recorded_job_alive(job, me, {"55": True}.__getitem__, None)
+    assert recorded_job_alive(job, me, {"55": False}.__getitem__, None) is None
+
+
+def test_the_journals_lock_keeps_its_grace_period(tmp_path):
+    from mnist_hpc import search as sd
+
+    lock = sd.JournalLock(tmp_path / "study.journal", grace_s=5.0)
+    assert lock.grace_s == 5.0 and lock.path == str(tmp_path / "study.journal.lock") and lock.journal == tmp_path / "study.journal"
+    assert sd.JournalLock(tmp_path / "study.journal").grace_s == sd.LOCK_GRACE_S
