@@ -253,6 +253,9 @@ def spec_problem(values: dict[str, Any]) -> Optional[str]:
         (all(isinstance(e, dict) for e in values["enqueue"]), "field 'enqueue' must be a list of parameter sets"),
         (all(isinstance(k, str) and isinstance(v, dict) for k, v in values.get("point_identities", {}).items()),
          "field 'point_identities' must map labels to identities (objects)"),
+        # The worker instantiates the pruner by its _target_, and status names it by that.
+        (values.get("pruner") is None or (isinstance(values["pruner"].get("_target_"), str) and values["pruner"]["_target_"] != ""),
+         "field 'pruner' must be null or name its class in _target_"),
     ]
     sha = values.get("identity", {}).get("data.sha256")
     checks.append((sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None),

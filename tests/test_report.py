@@ -147,6 +147,7 @@ def _end_live_job():
     for proc in _LIVE_JOBS:
         proc.kill()
         proc.wait()
+    _LIVE_JOBS.clear()  # a later run of this module in the same process (mutmut's) starts its own
 
 
 def make_trial(
