@@ -139,15 +139,25 @@ def field_names(cls: type) -> set[str]:
 
 
 def known_keys() -> dict[str, set[str]]:
-    """The keys each prefix the docs use may name: the schema's groups, the launcher, the sweeper."""
-    from mnist_hpc import config
-    from mnist_hpc.login.launcher.options import SlurmQueueConf
-    from mnist_hpc.login.launcher.search import AsyncOptunaSweeperConf
+    """The keys each prefix the docs use may name: the schema's groups, and every launcher's and
+    sweeper's options as our Hydra plugins register them in ConfigStore (whichever plugins exist)."""
+    import importlib
+    import pkgutil
 
-    keys = {group: field_names(f.type if isinstance(f.type, type) else getattr(config, f.type))
-            for group, f in ((f.name, f) for f in dataclasses.fields(config.Config))}
-    keys["hydra.launcher"] = field_names(SlurmQueueConf)
-    keys["hydra.sweeper"] = field_names(AsyncOptunaSweeperConf)
+    from hydra.core.config_store import ConfigStore
+
+    import hydra_plugins.mnist_hpc_launcher as plugins
+    from mnist_hpc import config
+
+    for module in pkgutil.iter_modules(plugins.__path__):
+        importlib.import_module(f"{plugins.__name__}.{module.name}")  # each registers its options
+    keys = {f.name: field_names(f.type if isinstance(f.type, type) else getattr(config, f.type))
+            for f in dataclasses.fields(config.Config)}
+    store = ConfigStore.instance()
+    for group in ("hydra/launcher", "hydra/sweeper"):
+        names = store.list(group)
+        assert names, f"no {group} options registered"
+        keys[group.replace("/", ".")] = {k for name in names for k in store.load(f"{group}/{name}").node}
     return keys
 
 
