@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from mnist_hpc import rundir
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 README_MAX_LINES = 350
@@ -163,8 +165,8 @@ def known_keys() -> dict[str, set[str]]:
 
 # A key as the docs write it, in backticks or after a space: `train.epochs`, train.epochs=3.
 KEY = re.compile(r"(?<![\w./-])(hydra\.launcher|hydra\.sweeper|data|model|optimizer|train|paths)\.([a-z_]+)\b")
-# Names of that shape that are files or methods, not keys.
-NOT_KEYS = {"train.log", "train.sbatch", "train.py", "model.keras", "model.fit", "model.py", "data.py"}
+# Names of that shape that are files or methods, not keys: run files, sbatch templates, modules.
+NOT_KEYS = {rundir.LOG_FILE, rundir.MODEL_FILE, "train.sbatch", "train.py", "model.py", "data.py", "model.fit"}
 
 
 def named_keys(text: str) -> set[str]:
@@ -179,5 +181,5 @@ def test_every_config_key_named_in_the_docs_exists(path: Path):
 
 
 def test_the_key_finder_sees_keys_and_skips_files():
-    text = "`train.epochs=3` hydra.launcher.timeout_min=5 slurm/train.sbatch `model.keras` x.train.y"
+    text = f"`train.epochs=3` hydra.launcher.timeout_min=5 slurm/train.sbatch `{rundir.MODEL_FILE}` x.train.y"
     assert named_keys(text) == {"train.epochs", "hydra.launcher.timeout_min"}
