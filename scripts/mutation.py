@@ -81,6 +81,7 @@ TESTS = (
     "tests/test_search.py::test_a_damaged_search_json_is_a_clear_error",
     "tests/test_search_journal.py",
     "tests/test_search_readers.py",
+    "tests/test_search_points.py",
 )
 # Tests of those files that run the code under test in a subprocess (or hold one for seconds).
 DESELECT = (
