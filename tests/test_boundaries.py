@@ -1097,6 +1097,8 @@ def test_a_search_json_at_the_edge_of_its_ranges_is_read(change):
     ({"pruner": {"_target_": ""}}, "field 'pruner' must be null or name its class in _target_"),
     ({"pruner": {"_target_": 3}}, "field 'pruner' must be null or name its class in _target_"),
     ({"heartbeat_s": "1"}, "field 'heartbeat_s' is '1', expected int or float"),
+    ({"point_identities": {"a=1": []}}, "field 'point_identities' must map labels to identities (objects)"),
+    ({"point_identities": {"a=1": {}, "b=2": 3}}, "field 'point_identities' must map labels to identities (objects)"),
 ])
 def test_a_search_json_past_its_ranges_is_refused_naming_the_field(change, problem):
     from mnist_hpc.search import spec_problem
@@ -1104,6 +1106,15 @@ def test_a_search_json_past_its_ranges_is_refused_naming_the_field(change, probl
     assert spec_problem(spec_values(**change)) == problem
     for key in ("study_name", "direction", "n_trials", "params", "fixed", "enqueue"):
         assert spec_problem({k: v for k, v in spec_values().items() if k != key}) == f"field {key!r} is missing"
+
+
+def test_a_search_json_without_its_optional_fields_is_read():
+    """Files written before workers, heartbeat_s, stale_after_s, identity and point_identities existed."""
+    from mnist_hpc.search import spec_problem
+
+    required = ("study_name", "direction", "n_trials", "params", "fixed", "enqueue")
+    assert spec_problem({k: v for k, v in spec_values().items() if k in required}) is None
+    assert spec_problem(spec_values(point_identities={"a=1": {"train.seed": 0}})) is None
 
 
 def beat_values(**change: Any) -> dict[str, Any]:
