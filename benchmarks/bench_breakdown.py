@@ -4,11 +4,10 @@ Each measurement runs in a fresh Python process (this file with ``--child``), on
 from a cache prefetched with ``mnist-hpc-prefetch --from``, with the default config (the
 compiled loop with XLA):
 
-- **single**: one 5-epoch run, as ``mnist-hpc-train`` runs it, twice: with an empty compile
-  cache (``paths.compile_cache``: the run traces and compiles its XLA program) and with a warm
-  one (filled by a one-epoch run before any measurement; the run loads the program instead);
+- **single**: one 5-epoch run, as ``mnist-hpc-train`` runs it (it traces and compiles its XLA
+  program);
 - **packed**: ``--packed`` one-epoch trials (seeds 0, 1, ...) one after another in one process,
-  as a task of ``hydra.launcher.trials_per_task`` runs them (warm compile cache);
+  as a task of ``hydra.launcher.trials_per_task`` runs them;
 - **search** (``--search N``, needs the local cluster): one search worker (``hparams_search``,
   1 worker, 2 CPUs) running N one-epoch trials over the learning rate, with a 10% validation
   split as the search has; besides each trial's phases, the worker's start (submission to its
@@ -53,11 +52,8 @@ sys.path.insert(0, str(HERE))
 PHASES = ("load_s", "claim_s", "setup_s", "evaluate_s", "write_s")
 
 
-def child(cache_dir: str, work: str, trials: int, epochs: int, store: str) -> None:
-    """Run ``trials`` trials in this process; print one JSON record (the parent times the process).
-
-    ``store``: the compile cache's directory; empty: none (the process compiles its program).
-    """
+def child(cache_dir: str, work: str, trials: int, epochs: int) -> None:
+    """Run ``trials`` trials in this process; print one JSON record (the parent times the process)."""
     imported_unix = None
     import logging
 
@@ -79,8 +75,7 @@ def child(cache_dir: str, work: str, trials: int, epochs: int, store: str) -> No
         run_dir = Path(work) / f"trial-{seed}"
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = to_typed(compose("config", overrides=[f"data.cache_dir={cache_dir}", f"train.epochs={epochs}",
-                                                        f"train.seed={seed}", f"paths.output_root={work}",
-                                                        f"paths.compile_cache={store or 'null'}"]))
+                                                        f"train.seed={seed}", f"paths.output_root={work}"]))
         begin = time.time()
         result = train_and_evaluate(cfg, run_dir)
         _reset_keras_state()  # as a packed task does between its trials
@@ -91,11 +86,10 @@ def child(cache_dir: str, work: str, trials: int, epochs: int, store: str) -> No
     print(json.dumps({"imported_unix": imported_unix, "trials": out, "done_unix": time.time()}))
 
 
-def run(cache_dir: Path, work: Path, trials: int, epochs: int, store: Path | None) -> dict[str, Any]:
+def run(cache_dir: Path, work: Path, trials: int, epochs: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--child", str(cache_dir), str(work), str(trials), str(epochs),
-                           str(store or "")],
+    proc = subprocess.run([sys.executable, __file__, "--child", str(cache_dir), str(work), str(trials), str(epochs)],
                           capture_output=True, text=True, timeout=3600, env=env, cwd=REPO)
     exited = time.time()
     if proc.returncode != 0:
@@ -160,8 +154,8 @@ def summarise_search(search: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def summarise(single: dict[str, Any], warm: dict[str, Any], packed: dict[str, Any]) -> dict[str, Any]:
-    return {"single": _single(single), "single_warm": _single(warm), "packed": _packed(packed, _single(single))}
+def summarise(single: dict[str, Any], packed: dict[str, Any]) -> dict[str, Any]:
+    return {"single": _single(single), "packed": _packed(packed, _single(single))}
 
 
 def _single(single: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +178,7 @@ def _single(single: dict[str, Any]) -> dict[str, Any]:
 
 
 def _packed(packed: dict[str, Any], single: dict[str, Any]) -> dict[str, Any]:
-    """The packed trials, against the (cold) single run's steady epoch."""
+    """The packed trials, against the single run's steady epoch."""
     steady = single["steady_epoch_s"]
     beyond = [t["wall_time_s"] - steady for t in packed["trials"]]
     shared_startup = packed["imports_s"] / len(packed["trials"])
@@ -209,29 +203,22 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m['date']}; load average {m['load_average_at_start'][0]:.1f} at the start (the machine is shared). "
         f"Real MNIST, default config (compiled loop, XLA), {results['repeats']} repeat(s), medians shown.",
         "",
-        "Compile cache (`paths.compile_cache`): the single run without one (it compiles its XLA program) and "
-        "with a warm one (it loads the program an earlier run compiled); the packed trials with a warm one; the "
-        "search worker with an empty one of its own.",
-        "",
-        "| part | single 5-epoch run, s | same, warm compile cache, s | packed one-epoch trial (median), s |",
-        "|---|---|---|---|",
+        "| part | single 5-epoch run, s | packed one-epoch trial (median), s |",
+        "|---|---|---|",
     ]
     s = results["summary"]["single"]
-    w = results["summary"]["single_warm"]
     p = results["summary"]["packed"]
     rows = [
-        ("interpreter start and imports (TensorFlow, Keras, Hydra, mnist_hpc)", s["imports_s"], w["imports_s"],
+        ("interpreter start and imports (TensorFlow, Keras, Hydra, mnist_hpc)", s["imports_s"],
          f"{p['imports_s']:.2f} once per task"),
-        ("cache check and load", s["load_s"], w["load_s"], p["median_phases"]["load_s"]),
-        ("claim the run directory (identity, lease), write config", s["claim_s"], w["claim_s"], p["median_phases"]["claim_s"]),
-        ("TensorFlow set-up (compile cache included), model build, engine", s["setup_s"], w["setup_s"],
-         p["median_phases"]["setup_s"]),
-        ("first epoch (tracing, and XLA compilation or loading, included)", s["first_epoch_s"], w["first_epoch_s"],
-         p["median_first_epoch_s"]),
-        ("one steady epoch (median of epochs 2-5)", s["steady_epoch_s"], w["steady_epoch_s"], "-"),
+        ("cache check and load", s["load_s"], p["median_phases"]["load_s"]),
+        ("claim the run directory (identity, lease), write config", s["claim_s"], p["median_phases"]["claim_s"]),
+        ("TensorFlow set-up, model build, engine", s["setup_s"], p["median_phases"]["setup_s"]),
+        ("first epoch (tracing and XLA compilation included)", s["first_epoch_s"], p["median_first_epoch_s"]),
+        ("one steady epoch (median of epochs 2-5)", s["steady_epoch_s"], "-"),
         ("evaluation: one prediction pass over the test set, test loss and accuracy from it", s["evaluate_s"],
-         w["evaluate_s"], p["median_phases"]["evaluate_s"]),
-        ("writing outputs (predictions, history, model, provenance)", s["write_s"], w["write_s"], p["median_phases"]["write_s"]),
+         p["median_phases"]["evaluate_s"]),
+        ("writing outputs (predictions, history, model, provenance)", s["write_s"], p["median_phases"]["write_s"]),
     ]
     for name, *values in rows:
         lines.append(f"| {name} | " + " | ".join(v if isinstance(v, str) else f"{v:.2f}" for v in values) + " |")
@@ -239,8 +226,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Single run: process start to outputs written {s['outputs_written_s']:.2f} s (process exit "
         f"{s['process_exit_s']:.2f} s) against imports + 5 steady epochs = {s['target_denominator_s']:.2f} s: "
-        f"**{s['ratio']:.2f}x** (target <= 1.5x). Test accuracy {s['test_accuracy']:.4f}. With a warm compile cache: "
-        f"{w['outputs_written_s']:.2f} s against {w['target_denominator_s']:.2f} s, **{w['ratio']:.2f}x**.",
+        f"**{s['ratio']:.2f}x** (target <= 1.5x). Test accuracy {s['test_accuracy']:.4f}.",
         "",
         f"Packed, {int(p['trials'])} one-epoch trials in one process: median time per trial beyond one steady epoch "
         f"**{p['median_beyond_steady_epoch_s']:.2f} s** (target <= 0.5 s); with the task's start-up shared among "
@@ -274,7 +260,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
         return 0
     from bench_training import machine_info, prefetch_cache, warm_up
 
@@ -290,19 +276,16 @@ def main() -> int:
         cache = Path(tmp) / "cache"
         prefetch_cache(args.data.resolve(), cache)
         warm_up(args.data.resolve())
-        store = Path(tmp) / "compile-cache"
-        run(cache, Path(tmp) / "fill-store", 1, 1, store)  # the warm runs load what this one compiled
         summaries = []
         for i in range(args.repeats):
-            single = run(cache, Path(tmp) / f"single-{i}", 1, 5, None)
-            warm = run(cache, Path(tmp) / f"warm-{i}", 1, 5, store)
-            packed = run(cache, Path(tmp) / f"packed-{i}", args.packed, 1, store)
-            summaries.append(summarise(single, warm, packed))
+            single = run(cache, Path(tmp) / f"single-{i}", 1, 5)
+            packed = run(cache, Path(tmp) / f"packed-{i}", args.packed, 1)
+            summaries.append(summarise(single, packed))
             if args.search:
                 summaries[-1]["search"] = summarise_search(run_search(cache, Path(tmp) / f"search-{i}", args.search))
             print(json.dumps(summaries[-1]), flush=True)
     summary = {part: {k: (statistics.median(s[part][k] for s in summaries) if isinstance(v, (int, float)) else v)
-                      for k, v in summaries[0][part].items()} for part in ("single", "single_warm", "packed")}
+                      for k, v in summaries[0][part].items()} for part in ("single", "packed")}
     summary["packed"]["median_phases"] = {k: statistics.median(s["packed"]["median_phases"][k] for s in summaries)
                                           for k in PHASES}
     if args.search:

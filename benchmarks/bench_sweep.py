@@ -6,11 +6,9 @@ the launcher's packing chosen three ways:
 
 - ``trials_per_task=1``: one trial per task (8 tasks);
 - ``trials_per_task=4``: four per task (2 tasks), as the issue measured it;
-- ``auto``: the default, chosen from the trials' estimated size and the idle CPUs;
-- ``auto, no compile cache``: the same with ``paths.compile_cache=null``, so each task compiles
-  its XLA program. The other layouts share one compile cache, filled before any measurement by a
-  one-trial sweep of the same program (as any earlier sweep of this user would have), so their
-  tasks load the program instead of compiling it. Each run reports how many tasks compiled.
+- ``auto``: the default, chosen from the trials' estimated size and the idle CPUs.
+
+Each task traces and compiles its XLA program once.
 
 Beside them, in the same rotation, the sweep's floor: the same 40 epochs as two Slurm tasks of
 ``floor_task.py`` (1 CPU each, as auto's two tasks), in which nothing of mnist-hpc runs: plain
@@ -59,7 +57,6 @@ LAYOUTS = {
     "trials_per_task=1": ["hydra.launcher.trials_per_task=1"],
     "trials_per_task=4": ["hydra.launcher.trials_per_task=4"],
     "auto (default)": [],
-    "auto, no compile cache": ["paths.compile_cache=null"],
 }
 TARGET = 1.3
 
@@ -87,7 +84,6 @@ def run_sweep(train: str, sweep: Path, cache: Path, work: Path, extra: list[str]
     finished = max(p.stat().st_mtime for p in metrics)
     records = [json.loads(p.read_text()) for p in metrics]
     packing = next((line for line in proc.stdout.splitlines() if line.startswith("packing")), "")
-    logs = [p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out")]
     return {
         "wall_s": finished - start,
         "tasks": len(tasks),
@@ -95,7 +91,6 @@ def run_sweep(train: str, sweep: Path, cache: Path, work: Path, extra: list[str]
         "trial_wall_s_sum": sum(r["wall_time_s"] for r in records),
         "test_accuracy_mean": statistics.fmean(r["test_accuracy"] for r in records),
         "packing": packing,
-        "tasks_that_compiled": sum("compile cache: saved" in log or "compile cache" not in log for log in logs),
         "load_average": load,
     }
 
@@ -122,7 +117,6 @@ def run_floor(data: Path, out: Path, partition: str) -> dict[str, Any]:
     tasks = [json.loads((out / f"{i}.json").read_text()) for i in (0, 1)]
     return {
         "wall_s": max(t["ended"] for t in tasks) - start,
-        "wall_without_compile_s": max(t["ended"] - t["compile_s"] for t in tasks) - start,
         "slurm_to_python_s": max(t["started"] for t in tasks) - start,
         "import_s": max(t["import_s"] for t in tasks),
         "data_s": max(t["data_s"] for t in tasks),
@@ -149,20 +143,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"at {result['gflops']:.0f} GFLOP/s (GEMM rate at the step's shapes on {m['cores']} cores; "
         f"{', '.join(f'{g:.0f}' for g in result['gflops_runs'])} before and after the sweeps) = **{bound:.1f} s**.",
         "",
-        "| layout | tasks | tasks that compiled | wall s, submit to last trial | wall / bound | epoch seconds summed | "
+        "| layout | tasks | wall s, submit to last trial | wall / bound | epoch seconds summed | "
         f"epochs over {m['cores']} cores / bound | load avg at start |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in result["summary"].items():
         lines.append(
-            f"| {name} | {s['tasks']} | {s['tasks_that_compiled']:g} | {s['wall_s']:.1f} | **{s['ratio']:.2f}x** | "
+            f"| {name} | {s['tasks']} | {s['wall_s']:.1f} | **{s['ratio']:.2f}x** | "
             f"{s['epoch_s_sum']:.1f} | "
             f"{s['epoch_floor_ratio']:.2f}x | {s['load_average']:.1f} |"
         )
     floor = result.get("floor")
     if floor:
         lines.append(
-            f"| {FLOOR} | 2 | 2 | {floor['wall_s']:.1f} | **{floor['ratio']:.2f}x** | {floor['epoch_s_sum']:.1f} | "
+            f"| {FLOOR} | 2 | {floor['wall_s']:.1f} | **{floor['ratio']:.2f}x** | {floor['epoch_s_sum']:.1f} | "
             f"{floor['epoch_floor_ratio']:.2f}x | {floor['load_average']:.1f} |"
         )
     best = min(result["summary"].items(), key=lambda kv: kv[1]["ratio"])
@@ -172,15 +166,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"Target: wall at most {TARGET}x the bound. Best layout: {best[0]}, {best[1]['ratio']:.2f}x "
         f"({'met' if best[1]['ratio'] <= TARGET else 'not met'}); the default (auto) {auto['ratio']:.2f}x.",
         f"Auto chose: {auto['packing'] or '(no line printed)'}",
-        f"Without the compile cache (every task compiles its XLA program): "
-        f"{result['summary']['auto, no compile cache']['ratio']:.2f}x.",
         "",
         "The last column is the floor the epochs themselves set: the trials' summed epoch seconds spread over the "
         "machine's cores, over the bound. A sweep cannot beat it without faster epochs; the gap between it and "
         "wall / bound is what surrounds the epochs (Slurm, start-up, compilation, evaluation, outputs).",
     ]
     if floor:
-        verdict = ("so the target is below what this machine, Slurm and TensorFlow allow" if floor["ratio_without_compile"]
+        verdict = ("so the target is below what this machine, Slurm and TensorFlow allow" if floor["ratio"]
                    > TARGET else "so the target is above the floor")
         lines += [
             "",
@@ -191,9 +183,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{floor['slurm_to_python_s']:.2f} s, `import tensorflow` {floor['import_s']:.2f} s, npz read "
             f"{floor['data_s']:.2f} s, XLA compilation {floor['compile_s']:.2f} s, epochs {floor['epoch_s_sum'] / 2:.1f} s "
             f"per task ({floor['epoch_s_sum'] / (TRIALS * EPOCHS):.2f} s per epoch, one thread, both cores busy). "
-            f"Without its compilation (the layouts above load theirs from the compile cache) the floor is "
-            f"{floor['wall_without_compile_s']:.1f} s, **{floor['ratio_without_compile']:.2f}x** the bound, {verdict}. "
-            f"auto (default) takes {auto['wall_s'] / floor['wall_without_compile_s']:.2f}x that floor.",
+            f"The floor is **{floor['ratio']:.2f}x** the bound, {verdict}. "
+            f"auto (default) takes {auto['wall_s'] / floor['wall_s']:.2f}x that floor.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -215,10 +206,6 @@ def main() -> int:
     cores = len(os.sched_getaffinity(0))
     print("GEMM rates ...", flush=True)
     rates = [gemm()]
-    # The compile cache the layouts share, filled as an earlier sweep of this user would have.
-    fill = run_sweep(train, work / "fill-compile-cache", cache, work, ["train.epochs=1", "hydra.launcher.trials_per_task=1"],
-                     args.partition, trials=1)
-    print(f"compile cache filled: {fill['tasks_that_compiled']} task(s) compiled", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LAYOUTS}
     floors: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
@@ -241,12 +228,11 @@ def main() -> int:
         summary[name] = {
             "tasks": rs[0]["tasks"], "wall_s": wall, "ratio": wall / bound, "epoch_s_sum": epochs,
             "epoch_floor_ratio": epochs / cores / bound, "load_average": statistics.median(r["load_average"] for r in rs),
-            "packing": rs[0]["packing"], "tasks_that_compiled": statistics.median(r["tasks_that_compiled"] for r in rs),
+            "packing": rs[0]["packing"],
             "test_accuracy_mean": statistics.fmean(r["test_accuracy_mean"] for r in rs),
         }
     floor = {key: statistics.median(f[key] for f in floors) for key in floors[0]}
-    floor.update(ratio=floor["wall_s"] / bound, ratio_without_compile=floor["wall_without_compile_s"] / bound,
-                 epoch_floor_ratio=floor["epoch_s_sum"] / cores / bound)
+    floor.update(ratio=floor["wall_s"] / bound, epoch_floor_ratio=floor["epoch_s_sum"] / cores / bound)
     result = {
         "floor": floor, "floor_runs": floors,
         "machine": {"cpu": _cpu(), "cores": cores, "python": platform.python_version(),

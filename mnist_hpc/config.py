@@ -122,9 +122,6 @@ class TrainConfig:
 class PathsConfig:
     # Root under which each run or sweep gets its own directory ($SCRATCH/mnist-hpc by default).
     output_root: str = "outputs/mnist-hpc"
-    # Where jobs keep the XLA programs they compiled, for this user's later jobs (compute/compile_cache.py);
-    # a relative path is under output_root; null: every job compiles its own.
-    compile_cache: Optional[str] = None
 
 
 @dataclass

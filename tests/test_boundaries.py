@@ -87,7 +87,7 @@ def holder_of(proc: subprocess.Popen) -> claim.Holder:
 # many epochs: more continue the run), and keys that decide what it computes. Written out rather
 # than derived from claim.NOT_IDENTITY, so a key that moves from one to the other fails here.
 FREE_KEYS = {
-    "data.cache_dir", "data.filename", "paths.output_root", "paths.compile_cache", "train.epochs",
+    "data.cache_dir", "data.filename", "paths.output_root", "train.epochs",
     "train.intra_op_threads", "train.inter_op_threads", "train.checkpoint_every_epochs",
     "train.checkpoint_every_batches", "train.steps_per_execution", "train.distribution",
     "train.collective_timeout_s",

@@ -104,19 +104,12 @@ class RuntimeInfo:
         return self.slurm_job_id
 
 
-def configure_tensorflow(
-    train: TrainConfig, runtime: RuntimeInfo, compile_cache_root: Optional[Path] = None
-) -> dict[str, Optional[int]]:
-    """Quiet TensorFlow's start-up logging, size its thread pools, set determinism and the compile cache.
+def configure_tensorflow(train: TrainConfig, runtime: RuntimeInfo) -> dict[str, Optional[int]]:
+    """Quiet TensorFlow's start-up logging, size its thread pools, set determinism.
 
     Threads follow the Slurm allocation (``SLURM_CPUS_PER_TASK``) unless the config sets them:
     TensorFlow otherwise sizes its pools by the node's cores and oversubscribes a shared node.
-    The compile cache (:mod:`mnist_hpc.compute.compile_cache`) is set before anything lists
-    TensorFlow's devices (which reads its XLA flags); it runs nothing, so GPU memory growth and
-    multi-worker collectives can still be configured after it.
     """
-    from mnist_hpc.compute import compile_cache
-
     tf = import_tensorflow()
     intra = train.intra_op_threads or runtime.slurm_cpus_per_task
     inter = train.inter_op_threads or runtime.slurm_cpus_per_task
@@ -128,9 +121,6 @@ def configure_tensorflow(
     except RuntimeError:
         # The runtime was already initialised in this process (a second run in one interpreter).
         log.warning("TensorFlow already initialised; keeping its thread pools as they are")
-    # Decided by the process's first trial (TensorFlow reads its XLA flags once, below): on
-    # when it uses XLA (determinism turns XLA off) and names a store.
-    compile_cache.enable(compile_cache_root if train.jit_compile and not train.deterministic else None)
     gpu_memory_growth(tf)
     if train.deterministic:
         tf.config.experimental.enable_op_determinism()

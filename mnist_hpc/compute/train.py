@@ -20,10 +20,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from mnist_hpc import claim, rundir
-from mnist_hpc.compute import checkpoint, compile_cache, distribute
+from mnist_hpc.compute import checkpoint, distribute
 from mnist_hpc.compute.cluster import LayoutError, TaskLayout, resolve_distribution, task_layout
 from mnist_hpc.compute.data import MnistData, load_mnist
-from mnist_hpc.compute.engine import batches, engine_for, shapes_key
+from mnist_hpc.compute.engine import batches, engine_for
 from mnist_hpc.compute.runtime import RuntimeInfo, configure_tensorflow, provenance
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted
 from mnist_hpc.compute.tensorboard import TensorBoardLog
@@ -162,15 +162,13 @@ def _train(
         rundir.write_config(run_dir, cfg)
     phases.lap("claim")
     with StopRequest() as stop:
-        cache_root = compile_cache.store_root(cfg.paths)
-        threads = configure_tensorflow(cfg.train, runtime, cache_root)
+        threads = configure_tensorflow(cfg.train, runtime)
         import keras
 
         from mnist_hpc.compute.model import build_model, compile_model
 
         # Keras turns XLA off under op determinism (not every op has a deterministic XLA kernel).
         jit = cfg.train.jit_compile and not cfg.train.deterministic
-        compile_cache.prepare(cache_root, shapes_key(cfg, data, jit) if jit else None)
         compiled = Execution(cfg.train.execution) is Execution.compiled_loop
 
         def build() -> Any:
@@ -237,7 +235,6 @@ def _train(
                 assert board is not None
                 board.final(result, len(history))
                 log.info("run directory: %s", run_dir)
-            compile_cache.publish()  # for later jobs; a process that ends early publishes as it exits
             # The other workers wait here until the chief has written everything, then return its result.
             shared = workers.share([v for k in RESULT_KEYS for v in (float(k in result), result.get(k, 0.0))])
             return {k: shared[2 * i + 1] for i, k in enumerate(RESULT_KEYS) if shared[2 * i]}
