@@ -30,7 +30,6 @@ DOCS = sorted((REPO / "docs").glob("*.md"))
 # be missing while it is listed here, and must be removed from here once the file exists.
 PENDING = {
     "docs/configuration.md": "generated from the schema (issue 22, item 2)",
-    "benchmarks/results/compile_cache.md": "the measurement behind removing the compile cache (issue 22, item 5)",
 }
 
 # [text](target), not inside a fenced code block (those are removed first).
