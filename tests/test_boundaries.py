@@ -85,7 +85,7 @@ def holder_of(proc: subprocess.Popen) -> claim.Holder:
 
 # Keys that may differ between the attempts of one run (where things are, how fast, how often, how
 # many epochs: more continue the run), and keys that decide what it computes. Written out rather
-# than derived from claim.NOT_IDENTITY, so a key that moves from one to the other fails here.
+# than derived from the schema's KeyFacts (mnist_hpc.config.KEYS), so a key that moves from one to the other fails here.
 FREE_KEYS = {
     "data.cache_dir", "data.filename", "paths.output_root", "paths.compile_cache", "train.epochs",
     "train.intra_op_threads", "train.inter_op_threads", "train.checkpoint_every_epochs",
