@@ -127,7 +127,7 @@ _WHERE = dict(identity=False, traced=False, trajectory=False)  # where things ar
 @dataclass
 class DataConfig:
     cache_dir: str = setting(
-        "~/.cache/mnist-hpc",
+        "${oc.env:MNIST_HPC_CACHE,${oc.env:HOME}/.cache/mnist-hpc}",
         doc="Directory holding the verified mnist.npz and its manifest; prefetch writes it, jobs read it. One "
         "setting moves prefetch and training together: MNIST_HPC_CACHE sets it (put it on a shared "
         "filesystem), else a folder under $HOME.",
@@ -244,13 +244,13 @@ class TrainConfig:
 @dataclass
 class PathsConfig:
     output_root: str = setting(
-        "outputs/mnist-hpc",
+        "${oc.env:SCRATCH,outputs}/mnist-hpc",
         doc="Root under which each run or sweep gets its own directory: $SCRATCH/mnist-hpc on a cluster, else "
         "./outputs/mnist-hpc.",
         **_WHERE,
     )
     compile_cache: Optional[str] = setting(
-        None,
+        "compile-cache",
         doc="Where jobs keep the XLA programs they compiled, for this user's later jobs (a private directory per "
         "TensorFlow build and CPU); a relative path is under output_root; null: every job compiles its own.",
         **_WHERE,

@@ -190,3 +190,66 @@ def test_a_checkpoint_written_before_still_loads(tmp_path):
     cfg.train.seed = 4
     with pytest.raises(checkpoint.CheckpointError, match="different config"):
         checkpoint.load_latest(tmp_path, checkpoint.fingerprint(cfg, "c" * 64))
+
+
+# --- one default per key: the schema's ---------------------------------------------------------------
+
+
+def test_config_is_the_composed_default(compose, monkeypatch, tmp_path):
+    """``Config()`` (tests and benchmarks use it) is what ``mnist-hpc-train`` composes without overrides:
+    the same values and interpolations before resolution, and the same typed config after."""
+    from omegaconf import OmegaConf
+
+    from mnist_hpc.config import Config
+
+    for scratch in ("/scratch/u1", None):
+        if scratch:
+            monkeypatch.setenv("SCRATCH", scratch)
+        else:
+            monkeypatch.delenv("SCRATCH", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.delenv("MNIST_HPC_CACHE", raising=False)
+        composed = compose()
+        assert OmegaConf.to_container(OmegaConf.structured(Config())) == OmegaConf.to_container(composed)
+        typed = to_typed(OmegaConf.structured(Config()))
+        assert typed == to_typed(composed)
+        assert typed.paths.output_root == f"{scratch or 'outputs'}/mnist-hpc"
+        assert typed.data.cache_dir == f"{tmp_path}/.cache/mnist-hpc"
+
+
+def _schema_defaults() -> dict[str, object]:
+    from omegaconf import OmegaConf
+
+    from mnist_hpc.config import Config, flat_config
+
+    return flat_config(OmegaConf.to_container(OmegaConf.structured(Config())))
+
+
+def _set_keys(node: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_set_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_conf_does_not_restate_schema_defaults():
+    """A group file sets only what differs from the schema, so a default lives in one place and a
+    YAML copy cannot drift from it (three did: paths.output_root, paths.compile_cache, data.cache_dir)."""
+    import yaml
+
+    from mnist_hpc.config import conf_dir
+
+    defaults = _schema_defaults()
+    checked = 0
+    for path in sorted(conf_dir().glob("*/*.yaml")):
+        text = path.read_text()
+        node = yaml.safe_load(text) or {}
+        package = "" if "@package _global_" in text else f"{path.parent.name}."
+        for key, value in _set_keys({k: v for k, v in node.items() if k not in ("defaults", "hydra")}, package).items():
+            assert key in defaults, f"{path} sets {key}, which the schema does not have"
+            assert value != defaults[key], f"{path} restates the schema's default {key}={value!r}: delete the line"
+            checked += 1
+    assert checked >= 4  # optimizer=sgd, train=lesson, experiment=sweep, hparams_search=optuna set values
