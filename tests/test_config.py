@@ -253,3 +253,27 @@ def test_conf_does_not_restate_schema_defaults():
             assert value != defaults[key], f"{path} restates the schema's default {key}={value!r}: delete the line"
             checked += 1
     assert checked >= 4  # optimizer=sgd, train=lesson, experiment=sweep, hparams_search=optuna set values
+
+
+# --- the configuration reference is generated ---------------------------------------------------------
+
+
+def test_the_configuration_reference_is_not_stale():
+    """docs/configuration.md is scripts/gen_config_docs.py's output for today's schema, conf/ and launcher."""
+    import importlib.util
+
+    from mnist_hpc.config import KEYS
+    from mnist_hpc.login.launcher.options import SlurmQueueConf
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gen_config_docs.py"
+    spec = importlib.util.spec_from_file_location("gen_config_docs", script)
+    assert spec and spec.loader
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    rendered = gen.render()
+    # Every key and every launcher option is there, each with its meaning.
+    for key, facts in KEYS.items():
+        assert f"| `{key}` |" in rendered and " ".join(facts.doc.split()) in rendered, key
+    for option in SlurmQueueConf.__dataclass_fields__:
+        assert option == "_target_" or f"| `{option}` |" in rendered, option
+    assert gen.TARGET.read_text() == rendered, "docs/configuration.md is stale: run python scripts/gen_config_docs.py"
