@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
+from mnist_hpc.config import ConfigError
 from mnist_hpc.contract.guard import guarded_python
 
 PLUGIN = "hydra_plugins.mnist_hpc_launcher.launcher"
@@ -143,7 +145,14 @@ def typed(node: Any, cluster: str, sweep_dir: Path) -> LocalQueueConf:
     assert isinstance(raw, dict) and isinstance(values, dict)
     folder = str(raw["submitit_folder"]) if "submitit_folder" in raw else schema.submitit_folder
     values["submitit_folder"] = folder.replace("${hydra.sweep.dir}", str(sweep_dir))
-    options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    try:
+        options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except ConfigKeyError as exc:  # a key forced in with +hydra.launcher.KEY=..., or one of the other launcher's
+        valid = ", ".join(f.name for f in dataclasses.fields(schema) if f.name != "_target_")
+        raise ConfigError(f"unknown launcher option hydra.launcher.{exc.full_key}; the {cluster} launcher's options are: "
+                          f"{valid} (docs/configuration.md); any other sbatch option goes in additional_parameters") from None
+    except ValidationError as exc:
+        raise ConfigError(f"invalid launcher option hydra.launcher.{exc.full_key}: {str(exc.msg).splitlines()[0]}") from None
     assert isinstance(options, schema)
     return options
 
