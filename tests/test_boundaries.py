@@ -1049,7 +1049,7 @@ def test_a_cache_file_name_is_a_plain_name(name, ok):
 
 def test_the_command_that_fills_or_repairs_a_cache_names_its_source(tmp_path):
     from mnist_hpc.cache import prefetch_command
-    from mnist_hpc.config import KERAS_MNIST_URL
+    from mnist_hpc.cache import KERAS_MNIST_URL
 
     npz = tmp_path / "mnist.npz"
     assert prefetch_command(npz) == f"mnist-hpc-prefetch data.cache_dir={tmp_path}"
