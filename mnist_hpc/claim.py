@@ -30,28 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from mnist_hpc import rundir, slurm
-from mnist_hpc.config import flat_config
+from mnist_hpc.config import flat_config, identity_config
 
 log = logging.getLogger(__name__)
-
-# Keys that say where things are or how fast and how often a run works, not what it computes:
-# they may differ between the attempts of one run. Everything else binds the directory.
-NOT_IDENTITY = (
-    "paths.",
-    "data.cache_dir",
-    "data.filename",
-    "train.epochs",
-    "train.intra_op_threads",
-    "train.inter_op_threads",
-    "train.checkpoint_every_epochs",
-    "train.checkpoint_every_batches",
-    "train.steps_per_execution",
-    # How many Slurm tasks share the training may change between attempts (the same training,
-    # to float rounding), and how long they wait for each other.
-    "train.distribution",
-    "train.collective_timeout_s",
-)
-
 
 class RunConflict(RuntimeError):
     """This run may not write this directory (another config, fewer epochs, or a live holder)."""
@@ -64,9 +45,9 @@ def identity_of(cfg: Any, data_sha256: str) -> dict[str, Any]:
 
 def identity_from_flat(flat: dict[str, Any], data_sha256: str) -> dict[str, Any]:
     """:func:`identity_of` from the config already flattened (``mnist_hpc.config.flat_config``)."""
-    keys = {k: v for k, v in flat.items() if not k.startswith(NOT_IDENTITY)}
-    keys["data.sha256"] = data_sha256
-    return dict(sorted(keys.items()))
+    # Which keys bind is each key's ``identity`` fact (mnist_hpc.config.KEYS): not where things
+    # are, how fast and how often a run works, or how many epochs it has (more continue the run).
+    return dict(sorted({**identity_config(flat), "data.sha256": data_sha256}.items()))
 
 
 def fingerprint(identity: dict[str, Any]) -> str:

@@ -56,72 +56,199 @@ class OptimizerName(str, enum.Enum):
     sgd = "sgd"
 
 
+@dataclass(frozen=True)
+class KeyFacts:
+    """What one config key means and decides; every leaf field of the schema declares it (:func:`setting`).
+
+    The three flags are the one source for which keys bind a run directory, which reach a compiled
+    program and which fix a checkpoint; :func:`identity_config`, :func:`traced_config` and
+    :func:`trajectory_config` apply them, and docs/configuration.md shows them.
+    """
+
+    # What the key means, for people (docs/configuration.md is generated from it).
+    doc: str
+    # Binds the run directory (mnist_hpc.claim.identity_of): a rerun with another value is refused.
+    # False for where things are, how fast and how often a run works, and how long it runs.
+    identity: bool
+    # Reaches a traced TensorFlow program (mnist_hpc.compute.engine.shapes_key, and packing's order):
+    # trials of one process that differ only in untraced keys share compiled programs.
+    traced: bool
+    # Fixes the training trajectory (mnist_hpc.compute.checkpoint.fingerprint): a checkpoint written
+    # with another value is refused. Implies identity.
+    trajectory: bool
+
+
+_FACTS = "mnist_hpc"
+
+
+def setting(default: Any = dataclasses.MISSING, *, doc: str, identity: bool, traced: bool, trajectory: bool,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A schema field with its :class:`KeyFacts`: ``dataclasses.field`` that also says what the key decides."""
+    facts = KeyFacts(doc=doc, identity=identity, traced=traced, trajectory=trajectory)
+    return field(default=default, default_factory=default_factory, metadata={_FACTS: facts})
+
+
+def _section(f: dataclasses.Field) -> Optional[type]:
+    """The schema of a nested section (a field whose default is a dataclass), else None."""
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def key_facts(schema: type, prefix: str = "") -> dict[str, KeyFacts]:
+    """``{"train.seed": KeyFacts(...), ...}`` for every leaf key of ``schema``, in schema order.
+
+    Raises:
+        TypeError: a field that does not say what it decides (declare it with :func:`setting`), or
+            one that fixes the trajectory without binding the run directory. A bug, found at import.
+    """
+    out: dict[str, KeyFacts] = {}
+    for f in dataclasses.fields(schema):
+        name = f"{prefix}{f.name}"
+        section = _section(f)
+        if section is not None:
+            out.update(key_facts(section, f"{name}."))
+            continue
+        facts = f.metadata.get(_FACTS)
+        if not isinstance(facts, KeyFacts):
+            raise TypeError(
+                f"config key {name} does not say what it decides: declare it with mnist_hpc.config.setting(default, "
+                "doc=..., identity=..., traced=..., trajectory=...)"
+            )
+        if facts.trajectory and not facts.identity:
+            raise TypeError(f"config key {name} fixes the training trajectory, so it must bind the run directory too")
+        out[name] = facts
+    return out
+
+
+# Shorthands for the flags of the common kinds of key (see KeyFacts).
+_WHERE = dict(identity=False, traced=False, trajectory=False)  # where things are, how fast or how often a run works
+
+
 @dataclass
 class DataConfig:
-    # Directory holding the verified mnist.npz and its manifest; prefetch writes it, jobs read it.
-    cache_dir: str = "~/.cache/mnist-hpc"
-    # File name of the cached dataset inside cache_dir.
-    filename: str = DEFAULT_FILENAME
-    # Fraction of the training set held out (from its end) for validation; 0 as in the lesson.
-    validation_split: float = 0.0
+    cache_dir: str = setting(
+        "${oc.env:MNIST_HPC_CACHE,${oc.env:HOME}/.cache/mnist-hpc}",
+        doc="Directory holding the verified mnist.npz and its manifest; prefetch writes it, jobs read it. One "
+        "setting moves prefetch and training together: MNIST_HPC_CACHE sets it (put it on a shared "
+        "filesystem), else a folder under $HOME.",
+        **_WHERE,
+    )
+    filename: str = setting(DEFAULT_FILENAME, doc="File name of the cached dataset inside cache_dir.", **_WHERE)
+    validation_split: float = setting(
+        0.0,
+        doc="Fraction of the training set held out (from its end) for validation; 0 as in the lesson. Sweeps "
+        "(experiment=sweep) set 0.1, so that the test set is never used to choose.",
+        identity=True, traced=True, trajectory=True,
+    )
 
 
 @dataclass
 class ModelConfig:
-    # Sizes of the hidden Dense layers, in order; the lesson has one layer of 512.
-    hidden_units: list[int] = field(default_factory=lambda: [512])
-    # Keras activation of the hidden layers.
-    activation: str = "relu"
-    # Dropout rate after each hidden layer; 0 disables it (the lesson has none).
-    dropout: float = 0.0
+    hidden_units: list[int] = setting(
+        default_factory=lambda: [512],
+        doc="Sizes of the hidden Dense layers, in order; the lesson has one layer of 512 (407,050 parameters).",
+        identity=True, traced=True, trajectory=True,
+    )
+    activation: str = setting(
+        "relu", doc=f"Keras activation of the hidden layers: one of {', '.join(ACTIVATIONS)}.",
+        identity=True, traced=True, trajectory=True,
+    )
+    dropout: float = setting(
+        0.0, doc="Dropout rate after each hidden layer; 0 disables it (the lesson has none).",
+        identity=True, traced=True, trajectory=True,
+    )
 
 
 @dataclass
 class OptimizerConfig:
-    # One of rmsprop, adam, sgd.
-    name: OptimizerName = OptimizerName.rmsprop
-    # Learning rate; 1e-3 is Keras' default for rmsprop and adam.
-    learning_rate: float = 1e-3
-    # Momentum, used by sgd only.
-    momentum: float = 0.0
+    name: OptimizerName = setting(
+        OptimizerName.rmsprop, doc="One of rmsprop, adam, sgd (optimizer=sgd also sets learning_rate 0.01, momentum 0.9).",
+        identity=True, traced=True, trajectory=True,
+    )
+    learning_rate: float = setting(
+        1e-3,
+        doc="Learning rate; 1e-3 is Keras' default for rmsprop and adam. A variable the compiled programs read, "
+        "so trials that differ only in it share them.",
+        identity=True, traced=False, trajectory=True,
+    )
+    momentum: float = setting(0.0, doc="Momentum, used by sgd only.", identity=True, traced=True, trajectory=True)
 
 
 @dataclass
 class TrainConfig:
-    # Number of passes over the training set.
-    epochs: int = 5
-    # Samples per gradient step.
-    batch_size: int = 128
-    # Seed for weights, dropout and the per-epoch shuffle order.
-    seed: int = 0
-    # Ask TensorFlow for deterministic ops: identical metrics across runs on CPU, a bit slower.
-    deterministic: bool = False
-    # TensorFlow intra-op threads; null follows SLURM_CPUS_PER_TASK, else TensorFlow's default.
-    intra_op_threads: Optional[int] = None
-    # TensorFlow inter-op threads; null follows SLURM_CPUS_PER_TASK, else TensorFlow's default.
-    inter_op_threads: Optional[int] = None
-    # keras_fit (the lesson's plain execution) or compiled_loop (same training, ~3x faster per epoch).
-    execution: Execution = Execution.compiled_loop
-    # Compile the train step with XLA (ignored when deterministic: Keras turns XLA off then too).
-    jit_compile: bool = True
-    # Batches per call into the compiled train step (Keras steps_per_execution); a callback with
-    # batch hooks or a batch checkpoint interval makes calls end earlier.
-    steps_per_execution: int = 64
-    # Checkpoint into <run dir>/checkpoints every this many epochs (and always after the last).
-    checkpoint_every_epochs: int = 1
-    # Also checkpoint every this many batches inside an epoch (for long epochs); null: off.
-    checkpoint_every_batches: Optional[int] = None
-    # none, multi_worker or auto (multi_worker when the job step has several Slurm tasks).
-    distribution: Distribution = Distribution.auto
-    # multi_worker: seconds a worker waits for the others (to join, at any collective) before
-    # the job fails; bounds how long a dead or stuck worker can hold the job.
-    collective_timeout_s: int = 120
+    epochs: int = setting(
+        5, doc="Number of passes over the training set. A rerun with more epochs continues the run; fewer is refused.",
+        **_WHERE,
+    )
+    batch_size: int = setting(
+        128, doc="Samples per gradient step (global across the tasks of a multi_worker job).",
+        identity=True, traced=True, trajectory=True,
+    )
+    seed: int = setting(
+        0,
+        doc="Seed for weights, dropout and the per-epoch shuffle order. Not traced: the data order is computed "
+        "outside the compiled programs and the initial values are variables.",
+        identity=True, traced=False, trajectory=True,
+    )
+    deterministic: bool = setting(
+        False,
+        doc="Ask TensorFlow for deterministic ops: identical metrics across runs on CPU, a bit slower (turns XLA off).",
+        identity=True, traced=True, trajectory=False,
+    )
+    intra_op_threads: Optional[int] = setting(
+        None, doc="TensorFlow intra-op threads; null follows SLURM_CPUS_PER_TASK, else TensorFlow's default.", **_WHERE
+    )
+    inter_op_threads: Optional[int] = setting(
+        None, doc="TensorFlow inter-op threads; null follows SLURM_CPUS_PER_TASK, else TensorFlow's default.", **_WHERE
+    )
+    execution: Execution = setting(
+        Execution.compiled_loop,
+        doc="compiled_loop: uint8 data resident in TensorFlow, batches gathered and scaled inside one XLA-compiled "
+        "loop (~3x faster per epoch, same accuracy); keras_fit: the lesson's plain model.fit (train=lesson).",
+        identity=True, traced=True, trajectory=False,
+    )
+    jit_compile: bool = setting(
+        True, doc="Compile the train step with XLA (ignored when deterministic: Keras turns XLA off then too).",
+        identity=True, traced=True, trajectory=False,
+    )
+    steps_per_execution: int = setting(
+        64,
+        doc="Batches per call into the compiled train step (Keras steps_per_execution); a callback with batch hooks "
+        "or a batch checkpoint interval makes calls end earlier.",
+        identity=False, traced=True, trajectory=False,
+    )
+    checkpoint_every_epochs: int = setting(
+        1,
+        doc="Checkpoint into <run dir>/checkpoints every this many epochs (and always after the last); a run "
+        "started in a directory holding one resumes.",
+        **_WHERE,
+    )
+    checkpoint_every_batches: Optional[int] = setting(
+        None, doc="Also checkpoint every this many batches inside an epoch (for long epochs); null: off.", **_WHERE
+    )
+    distribution: Distribution = setting(
+        Distribution.auto,
+        doc="none, multi_worker (one training across the Slurm tasks of a job, TensorFlow's "
+        "MultiWorkerMirroredStrategy) or auto (multi_worker when the job step has several tasks). May change "
+        "between the attempts of one run: the same training, to float rounding.",
+        **_WHERE,
+    )
+    collective_timeout_s: int = setting(
+        120,
+        doc="multi_worker: seconds a worker waits for the others (to join, at any collective) before the job "
+        "fails; bounds how long a dead or stuck worker can hold the job.",
+        **_WHERE,
+    )
 
 
 @dataclass
 class PathsConfig:
-    # Root under which each run or sweep gets its own directory ($SCRATCH/mnist-hpc by default).
-    output_root: str = "outputs/mnist-hpc"
+    output_root: str = setting(
+        "${oc.env:SCRATCH,outputs}/mnist-hpc",
+        doc="Root under which each run or sweep gets its own directory: $SCRATCH/mnist-hpc on a cluster, else "
+        "./outputs/mnist-hpc.",
+        **_WHERE,
+    )
 
 
 @dataclass
@@ -131,6 +258,10 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+# Every leaf key of the schema and what it decides (a field without its facts fails here, at import).
+KEYS: dict[str, KeyFacts] = key_facts(Config)
 
 
 def register_configs() -> None:
@@ -252,28 +383,22 @@ def flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(value) if isinstance(value, (list, tuple)) else value}
 
 
-# Keys that never reach a traced TensorFlow program: where things are, how long and how often a
-# run works, its seed (the data order is computed outside the programs; the initial values are
-# variables) and its learning rate (a variable the programs read). Trials of one process that
-# differ only in these share compiled programs (mnist_hpc.compute.engine.engine_for); any other
-# key, a new one included, gives a trial programs of its own.
-NOT_TRACED = (
-    "paths.",
-    "data.cache_dir",
-    "data.filename",
-    "train.seed",
-    "train.epochs",
-    "train.intra_op_threads",
-    "train.inter_op_threads",
-    "train.checkpoint_every_epochs",
-    "train.checkpoint_every_batches",
-    "train.distribution",
-    "train.collective_timeout_s",
-    "optimizer.learning_rate",
-)
+def _keep(flat: dict[str, Any], flag: str) -> dict[str, Any]:
+    """The items of a flattened config whose key has ``flag`` set, sorted; a key the schema does not
+    describe is kept (it may matter), though :func:`to_typed` lets none through."""
+    return {k: v for k, v in sorted(flat.items()) if k not in KEYS or getattr(KEYS[k], flag)}
+
+
+def identity_config(flat: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a flattened config (:func:`flat_config`) that bind its run directory."""
+    return _keep(flat, "identity")
 
 
 def traced_config(flat: dict[str, Any]) -> dict[str, Any]:
     """The keys of a flattened config (:func:`flat_config`) that its compiled programs are traced from."""
-    return {k: v for k, v in sorted(flat.items()) if not k.startswith(NOT_TRACED)}
+    return _keep(flat, "traced")
 
+
+def trajectory_config(flat: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a flattened config (:func:`flat_config`) that fix its training trajectory."""
+    return _keep(flat, "trajectory")

@@ -9,7 +9,7 @@ no reason recorded there.
 Why mutmut 3 and this test selection: mutmut runs each mutant in a process forked from the one
 that ran the tests, and only the tests that called the mutated function (a few seconds a mutant
 on two CPUs); cosmic-ray would run a whole test command per mutant. Its limits, said where the
-results are shown: module-level code (constants such as ``claim.NOT_IDENTITY``) is not mutated,
+results are shown: module-level code (such as the schema's ``KeyFacts`` in config.py) is not mutated,
 and a test that runs our code in a subprocess imports the unmutated package, so it cannot kill
 anything. The selection is therefore the fast in-process tier: tests of these modules that need
 neither Slurm nor training nor a subprocess.
@@ -103,16 +103,19 @@ MARKERS = "not slurm and not slow"
 # constants that state a promise. Each is (name, file, text, replacement); ``hand`` applies each
 # alone to the tree and runs the same tests, stopping at the first failure.
 HAND_MUTANTS = (
-    ("I11: train.batch_size added to claim.NOT_IDENTITY", "mnist_hpc/claim.py",
-     '    "train.epochs",\n', '    "train.epochs",\n    "train.batch_size",\n'),
+    ("I11: train.batch_size no longer binds the run directory (nor the checkpoint)", "mnist_hpc/config.py",
+     'multi_worker job).",\n        identity=True, traced=True, trajectory=True,',
+     'multi_worker job).",\n        identity=False, traced=True, trajectory=False,'),
     ("I11: the label check >= NUM_CLASSES turned into >", "mnist_hpc/dataset.py",
      "if int(y.max()) >= NUM_CLASSES:", "if int(y.max()) > NUM_CLASSES:"),
     ("I11: every finished run shown COMPLETED, whatever sacct says", "mnist_hpc/rundir/state.py",
      'return "COMPLETED" if packed or scheduler_state in (None, "COMPLETED") else scheduler_state', 'return "COMPLETED"'),
     ("I11: ranked by final instead of best validation accuracy", "mnist_hpc/login/report/ranking.py",
      "return trial.best_val_accuracy", "return trial.val_accuracy"),
-    ("train.distribution taken out of claim.NOT_IDENTITY", "mnist_hpc/claim.py", '    "train.distribution",\n', ""),
-    ("paths. taken out of claim.NOT_IDENTITY", "mnist_hpc/claim.py", '    "paths.",\n', ""),
+    ("train.distribution binds the run directory", "mnist_hpc/config.py",
+     'float rounding.",\n        **_WHERE,', 'float rounding.",\n        identity=True, traced=False, trajectory=False,'),
+    ("paths.output_root binds the run directory", "mnist_hpc/config.py",
+     './outputs/mnist-hpc.",\n        **_WHERE,', './outputs/mnist-hpc.",\n        identity=True, traced=False, trajectory=False,'),
     ("TIMEOUT taken out of rundir.ENDED_STATES", "mnist_hpc/rundir/files.py", '"TIMEOUT", ', ""),
     ("NUM_CLASSES = 11", "mnist_hpc/dataset.py", "NUM_CLASSES = 10", "NUM_CLASSES = 11"),
     ("checkpoint.KEEP = 3", "mnist_hpc/compute/checkpoint.py", "KEEP = 2", "KEEP = 3"),

@@ -85,7 +85,7 @@ def holder_of(proc: subprocess.Popen) -> claim.Holder:
 
 # Keys that may differ between the attempts of one run (where things are, how fast, how often, how
 # many epochs: more continue the run), and keys that decide what it computes. Written out rather
-# than derived from claim.NOT_IDENTITY, so a key that moves from one to the other fails here.
+# than derived from the schema's KeyFacts (mnist_hpc.config.KEYS), so a key that moves from one to the other fails here.
 FREE_KEYS = {
     "data.cache_dir", "data.filename", "paths.output_root", "train.epochs",
     "train.intra_op_threads", "train.inter_op_threads", "train.checkpoint_every_epochs",
@@ -774,35 +774,39 @@ def test_restore_puts_every_value_in_its_variable_or_names_the_mismatch(tmp_path
 
 # --- preflight: launcher options that cannot work together --------------------------------------
 
+SWEEP = Path("/sweep")  # where the options' submitit_folder points (options.typed)
+
 
 def test_launcher_options_that_contradict_each_other_are_refused():
+    from mnist_hpc.login.launcher.options import typed
     from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher
 
-    check_launcher({}, "slurm")
-    check_launcher({"gpus_per_node": 4, "tasks_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm")
-    check_launcher({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_node"}, "slurm")
-    check_launcher({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_task"}, "local")
+    check_launcher(typed({}, "slurm", SWEEP), "slurm")
+    check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm", SWEEP), "slurm")
+    check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_node"}, "slurm", SWEEP), "slurm")
+    check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 3}, "local", SWEEP), "local")  # no gpu_request: per node
     with pytest.raises(PreflightError, match="^nothing was queued: hydra.launcher.gpu_request=gpus_per_task splits "
                                              "gpus_per_node=4 over tasks_per_node=3, which does not divide it"):
-        check_launcher({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_task"}, "slurm")
-    check_launcher({"use_srun": False}, "slurm")
+        check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_task"}, "slurm", SWEEP), "slurm")
+    check_launcher(typed({"use_srun": False}, "slurm", SWEEP), "slurm")
     for shape in ({"tasks_per_node": 2}, {"nodes": 2}):
         with pytest.raises(PreflightError, match="use_srun=false starts one process"):
-            check_launcher({"use_srun": False, **shape}, "slurm")
-    with pytest.raises(PreflightError, match="^nothing was queued: hydra.launcher.trials_per_task=0"):
-        check_launcher({"trials_per_task": 0}, "slurm")
+            check_launcher(typed({"use_srun": False, **shape}, "slurm", SWEEP), "slurm")
+    with pytest.raises(PreflightError, match="^nothing was queued: hydra.launcher.trials_per_task='0'"):
+        check_launcher(typed({"trials_per_task": 0}, "slurm", SWEEP), "slurm")
 
 
 def test_several_tasks_train_one_run_or_are_refused_per_trial(compose, tmp_path):
+    from mnist_hpc.login.launcher.options import typed
     from mnist_hpc.login.launcher.preflight import PreflightError, check_tasks
 
     jobs = [planned(compose, 0, tmp_path / "0", "train.batch_size=2"), planned(compose, 1, tmp_path / "1", "train=lesson"),
             planned(compose, 2, tmp_path / "2", "train.distribution=none"), planned(compose, 3, tmp_path / "3")]
-    check_tasks({"nodes": 1, "tasks_per_node": 1}, "local", jobs)  # one task: nothing to check
+    check_tasks(typed({"nodes": 1, "tasks_per_node": 1}, "local", SWEEP), "local", jobs)  # one task: nothing to check
     two = {"nodes": 1, "tasks_per_node": 2}
-    check_tasks(two, "slurm", [jobs[0], jobs[3]])  # a batch of 2 for 2 workers is enough
+    check_tasks(typed(two, "slurm", SWEEP), "slurm", [jobs[0], jobs[3]])  # a batch of 2 for 2 workers is enough
     with pytest.raises(PreflightError) as refused:
-        check_tasks({"nodes": 3, "tasks_per_node": 1}, "slurm", jobs)
+        check_tasks(typed({"nodes": 3, "tasks_per_node": 1}, "slurm", SWEEP), "slurm", jobs)
     assert str(refused.value).splitlines() == [
         "nothing was queued (hydra.launcher.nodes=3 x tasks_per_node=1 = 3 tasks):",
         "  trial 0: train.batch_size=2 is smaller than the 3 workers",
@@ -813,14 +817,14 @@ def test_several_tasks_train_one_run_or_are_refused_per_trial(compose, tmp_path)
         "(hydra.launcher.tasks_per_node=1 and nodes=1)",
     ]
     with pytest.raises(PreflightError, match="the local launcher starts one process per job"):
-        check_tasks(two, "local", [jobs[3]])
+        check_tasks(typed(two, "local", SWEEP), "local", [jobs[3]])
     with pytest.raises(PreflightError, match="their trials cannot be packed"):
-        check_tasks({**two, "trials_per_task": 2}, "slurm", [jobs[3]])
-    check_tasks({**two, "trials_per_task": 1}, "slurm", [jobs[3]])
+        check_tasks(typed({**two, "trials_per_task": 2}, "slurm", SWEEP), "slurm", [jobs[3]])
+    check_tasks(typed({**two, "trials_per_task": 1}, "slurm", SWEEP), "slurm", [jobs[3]])
     with pytest.raises(PreflightError, match="would each see every GPU of their node"):
-        check_tasks({**two, "gpus_per_node": 2}, "slurm", [jobs[3]])
-    check_tasks({**two, "gpus_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm", [jobs[3]])
-    check_tasks({"nodes": 2, "tasks_per_node": 1, "gpus_per_node": 2}, "slurm", [jobs[3]])  # one task per node: all its GPUs
+        check_tasks(typed({**two, "gpus_per_node": 2}, "slurm", SWEEP), "slurm", [jobs[3]])
+    check_tasks(typed({**two, "gpus_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm", SWEEP), "slurm", [jobs[3]])
+    check_tasks(typed({"nodes": 2, "tasks_per_node": 1, "gpus_per_node": 2}, "slurm", SWEEP), "slurm", [jobs[3]])  # one task per node: all its GPUs
 
 
 @pytest.mark.parametrize("count, shown", [(12, 12), (13, 12)])
@@ -1267,23 +1271,38 @@ def test_status_of_a_search_whose_pruner_names_no_class_is_a_note_not_a_tracebac
 
 
 def test_launcher_options_left_out_take_their_defaults():
-    """The schema fills every option in; a caller that passes fewer gets the schema's defaults."""
+    """The schema fills every option in (options.typed, once per launch); a caller that gives fewer
+    gets the dataclass's defaults, and a value of the wrong type is refused there."""
+    from mnist_hpc.config import ConfigError
+    from mnist_hpc.login.launcher.options import typed
     from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher, check_tasks
 
-    check_launcher({"gpu_request": "gpus_per_task", "tasks_per_node": 2}, "slurm")  # no GPUs: nothing to split
-    check_launcher({"gpu_request": "gpus_per_task", "tasks_per_node": 2, "gpus_per_node": None}, "slurm")
-    check_launcher({"gpu_request": "gpus_per_task", "gpus_per_node": 3}, "slurm")  # one task takes all 3
+    def slurm(**options):
+        return typed(options, "slurm", SWEEP)
+
+    def local(**options):
+        return typed(options, "local", SWEEP)
+
+    check_launcher(slurm(gpu_request="gpus_per_task", tasks_per_node=2), "slurm")  # no GPUs: nothing to split
+    check_launcher(slurm(gpu_request="gpus_per_task", gpus_per_node=3), "slurm")  # one task takes all 3
     with pytest.raises(PreflightError, match="does not divide it"):
-        check_launcher({"gpu_request": "gpus_per_task", "gpus_per_node": 3, "tasks_per_node": 2}, "slurm")
-    check_tasks({}, "local", [])
-    check_tasks({"tasks_per_node": 1}, "local", [])
-    check_tasks({"nodes": 1}, "local", [])
+        check_launcher(slurm(gpu_request="gpus_per_task", gpus_per_node=3, tasks_per_node=2), "slurm")
+    check_tasks(local(), "local", [])
+    check_tasks(local(tasks_per_node=1), "local", [])
+    check_tasks(local(nodes=1), "local", [])
     with pytest.raises(PreflightError, match=r"hydra.launcher.nodes=1 x tasks_per_node=2 = 2 tasks, but the local launcher"):
-        check_tasks({"tasks_per_node": 2}, "local", [])
+        check_tasks(local(tasks_per_node=2), "local", [])
     with pytest.raises(PreflightError, match=r"hydra.launcher.nodes=2 x tasks_per_node=1 = 2 tasks, but the local launcher"):
-        check_tasks({"nodes": 2}, "local", [])
-    check_tasks({"tasks_per_node": 2, "gpus_per_node": None}, "slurm", [])  # no GPUs to share
-    check_tasks({"tasks_per_node": 2}, "slurm", [])
+        check_tasks(local(nodes=2), "local", [])
+    check_tasks(slurm(tasks_per_node=2), "slurm", [])  # no GPUs to share
+    # The defaults are the dataclass's, the same for every reader (packing once fell back to 1 CPU, the dataclass says 2).
+    assert (slurm().cpus_per_task, local().cpus_per_task, slurm().timeout_min, slurm().trials_per_task) == (2, 2, 60, "auto")
+    assert slurm().submitit_folder == "/sweep/.submitit/%A"
+    with pytest.raises(ConfigError, match=r"^invalid launcher option hydra.launcher.gpus_per_node: .*'None'.*'int'$"):
+        slurm(gpus_per_node=None)
+    with pytest.raises(ConfigError, match=r"^unknown launcher option hydra.launcher.partition; the local launcher's options "
+                                          r"are: submitit_folder, .*, name \(docs/configuration.md\)"):
+        local(partition="big")  # a Slurm option: the local launcher has none
 
 
 def test_each_trial_is_checked_against_its_own_cache(compose, tmp_path):

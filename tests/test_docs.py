@@ -29,7 +29,6 @@ DOCS = sorted((REPO / "docs").glob("*.md"))
 # Files that the docs link to and that another branch of issue 22 adds: each entry is allowed to
 # be missing while it is listed here, and must be removed from here once the file exists.
 PENDING = {
-    "docs/configuration.md": "generated from the schema (issue 22, item 2)",
 }
 
 # [text](target), not inside a fenced code block (those are removed first).

@@ -6,17 +6,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from omegaconf import OmegaConf
 
 from mnist_hpc import slurm
 from mnist_hpc.claim import Verdict
 from mnist_hpc.config import Config, ModelConfig, TrainConfig, flat_config
 from mnist_hpc.login.launcher import packing
-from mnist_hpc.login.launcher.options import SlurmQueueConf
+from mnist_hpc.login.launcher.options import typed
 
 
 def conf(**changes):
-    return OmegaConf.merge(OmegaConf.structured(SlurmQueueConf), changes)
+    return typed(changes, "slurm", Path("/sweep"))
 
 
 def job(num: int = 0, epochs: int = 5, hidden=(512,), samples: int = 60_000, done: int = 0):
@@ -121,10 +120,8 @@ def test_free_slots_follow_the_idle_cpus_and_the_array_limit(monkeypatch):
 def test_the_local_launcher_counts_this_machines_cpus():
     import os
 
-    from mnist_hpc.login.launcher.options import LocalQueueConf
-
     def local(**changes):
-        return OmegaConf.merge(OmegaConf.structured(LocalQueueConf), changes)
+        return typed(changes, "local", Path("/sweep"))
 
     cpus = len(os.sched_getaffinity(0))
     assert packing.free_slots(local(cpus_per_task=1), "local") == cpus

@@ -38,13 +38,13 @@ def render(overrides: list[str]) -> str:
 
     from hydra_plugins.mnist_hpc_launcher.launcher import register_plugins
     from mnist_hpc.config import conf_dir, register_configs
-    from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
+    from mnist_hpc.login.launcher.options import executor_init, submitit_parameters, typed
 
     register_configs()
     register_plugins()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
-    conf = cfg.hydra.launcher
+    conf = typed(cfg.hydra.launcher, "slurm", Path("/scratch/u/sweep"))
     folder = "/scratch/u/sweep/.submitit/%j"
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", **executor_init(conf, "slurm"))
     executor.update_parameters(**submitit_parameters(conf, "slurm"))

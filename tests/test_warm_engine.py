@@ -62,10 +62,10 @@ def test_a_trial_after_another_of_the_same_shapes_equals_the_trial_alone(compose
 
 def test_the_shapes_key_holds_every_key_that_reaches_a_program(compose):
     """Trials may share programs only when they differ in keys that never reach one; a key not
-    named in NOT_TRACED (a new one included) keeps them apart."""
+    whose facts say it is traced (a new one included) keeps them apart."""
     from types import SimpleNamespace
 
-    from mnist_hpc.config import NOT_TRACED, flat_config
+    from mnist_hpc.config import KEYS, flat_config
 
     def key(*overrides: str, sha: str = "a" * 64, jit: bool = True) -> str:
         return engine.shapes_key(to_typed(compose(list(overrides))), SimpleNamespace(sha256=sha), jit)
@@ -83,8 +83,8 @@ def test_the_shapes_key_holds_every_key_that_reaches_a_program(compose):
     for override in differ:
         assert key(override) != base, override
     assert key(sha="b" * 64) != base and key(jit=False) != base
-    # Every key of the config is either named as never traced or part of the key.
+    # Every key of the config is either declared as never traced or part of the key.
     flat = flat_config(to_typed(compose([])))
     traced = set(json.loads(base)) - {"data.sha256", "xla"}
-    assert traced == {k for k in flat if not k.startswith(NOT_TRACED)}
+    assert traced == {k for k in flat if KEYS[k].traced}
     assert {o.split("=")[0] for o in differ} <= traced

@@ -39,6 +39,8 @@ class _SubmititLauncher(Launcher):
         # Before Hydra's sweeper creates the sweep directory: fail with a clear message.
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         check_writable(sweep_dir)
+        # hydra.launcher as its dataclass, once: everything below reads typed options.
+        self.options = options.typed(config.hydra.launcher, self.cluster, sweep_dir)
         # Hydra's sweeper rewrites multirun.yaml next; a refused launch puts it back.
         self.sweep_record = SweepRecord(sweep_dir)
         self.composer = SweepComposer.install(hydra_context.config_loader, config)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
+from mnist_hpc.config import KEYS, flat_config, trajectory_config
 from mnist_hpc.io import atomic_path
 from mnist_hpc.rundir import CHECKPOINT_DIR
 
@@ -60,22 +61,25 @@ class TrainState:
 
 
 def fingerprint(cfg: "Config", data_sha256: str) -> str:
-    """Hash of everything that fixes the training trajectory (not the epoch count or paths).
+    """Hash of the keys that fix the training trajectory (each key's ``trajectory`` fact in
+    :data:`mnist_hpc.config.KEYS`: not the epoch count, paths or speed settings) and of the data.
 
     A checkpoint from another config (or another dataset) in the same directory is refused,
     instead of being loaded silently.
     """
-    from omegaconf import OmegaConf
-
-    identity = {
-        "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
-        "optimizer": OmegaConf.to_container(OmegaConf.structured(cfg.optimizer)),
-        "batch_size": cfg.train.batch_size,
-        "seed": cfg.train.seed,
-        "validation_split": cfg.data.validation_split,
-        "data_sha256": data_sha256,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # The hashed document keeps the layout of the first checkpoints, so that they still load: a
+    # section whose every key fixes the trajectory (model, optimizer) is nested whole, any other
+    # key stands by its own name (batch_size, seed, validation_split).
+    whole = {k.split(".", 1)[0] for k in KEYS} - {k.split(".", 1)[0] for k, facts in KEYS.items() if not facts.trajectory}
+    document: dict[str, Any] = {"data_sha256": data_sha256}
+    for key, value in trajectory_config(flat_config(cfg)).items():
+        section, name = key.split(".", 1)
+        if section in whole:
+            document.setdefault(section, {})[name] = value
+        else:
+            assert name not in document, f"two trajectory keys named {name}: the fingerprint would mix them up"
+            document[name] = value
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def checkpoint_name(epoch: int, batch: int) -> str:
@@ -190,8 +194,8 @@ def load_latest(run_dir: Path, fp: str) -> Optional[TrainState]:
             continue
         if state.fingerprint != fp:
             raise CheckpointError(
-                f"{path} was written by a run with a different config (model, optimizer, batch size, seed, "
-                f"validation split or data); refusing to resume it. Use a new run directory, or delete "
+                f"{path} was written by a run with a different config (one of {', '.join(k for k, f in KEYS.items() if f.trajectory)}"
+                f", or the data); refusing to resume it. Use a new run directory, or delete "
                 f"{path.parent} to start this one over."
             )
         return state

@@ -415,7 +415,7 @@ _warm: Optional[_Warm] = None
 def shapes_key(cfg: Config, data: MnistData, jit_compile: bool) -> str:
     """Everything the compiled programs (train loop, evaluate, predict) are traced from.
 
-    Every config key but those that never reach a program (:data:`mnist_hpc.config.NOT_TRACED`:
+    Every config key that reaches a program (its ``traced`` fact in :data:`mnist_hpc.config.KEYS`: not
     paths, seed, epochs, checkpoint intervals, threads, learning rate, ...), the XLA setting in
     effect and the data itself. Two trials with equal keys differ only in variable values.
     """

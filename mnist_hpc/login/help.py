@@ -32,6 +32,8 @@ def train_help(conf: Path) -> str:
     """
     import yaml
 
+    from mnist_hpc.config import Config, flat_config
+
     top = yaml.safe_load((conf / "config.yaml").read_text())
     chosen: dict[str, object] = {}
     for entry in top.get("defaults", []):
@@ -48,12 +50,18 @@ def train_help(conf: Path) -> str:
     for name, options in sorted(groups.items()):
         marked = [f"{o}*" if chosen.get(name) == o else o for o in options]
         lines.append(f"  {name}: {', '.join(marked)}")
-    lines += ["", "Defaults (override any key as KEY=VALUE):"]
+    # The values are the schema's defaults (conf/ does not restate them) with the chosen group's file on top.
+    defaults = flat_config(Config())
+    lines += ["", "Defaults (override any key as KEY=VALUE; what each means: docs/configuration.md):"]
     for name, option in chosen.items():
         path = conf / name / f"{option}.yaml"
         if option is None or not path.is_file() or "/" in name:
             continue
+        section = {k.split(".", 1)[1]: v for k, v in defaults.items() if k.split(".", 1)[0] == name}
+        section.update(yaml.safe_load(path.read_text()) or {})
         lines.append(f"{name}:")
-        lines += [f"  {line}" for line in path.read_text().splitlines() if line.strip()]
+        for leaf, value in section.items():
+            text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+            lines.append(f"  {leaf}: {text}")
     lines += ["", "Launcher options: mnist-hpc-train -m hydra/launcher=slurm --cfg hydra --package hydra.launcher"]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,10 @@ of the defaults; a site's YAML selects one of them with ``defaults: [slurm]`` an
 :func:`submitit_parameters` derives submitit's keywords from the same fields, so an option
 added here reaches submitit without a second list to keep in step.
 
+The launcher's setup converts ``hydra.launcher`` once into its dataclass (:func:`typed`) and
+passes that object down: the code that plans, checks and queues reads typed fields, never a
+key with a fallback of its own.
+
 Imported during Hydra's plugin discovery: light (no submitit, no TensorFlow).
 """
 
@@ -16,10 +20,13 @@ import enum
 import shlex
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
+from mnist_hpc.config import ConfigError
 from mnist_hpc.contract.guard import guarded_python
 
 PLUGIN = "hydra_plugins.mnist_hpc_launcher.launcher"
@@ -123,25 +130,57 @@ def register() -> None:
     store.store(group="hydra/launcher", name="local", node=LocalQueueConf, provider="mnist_hpc")
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+def typed(node: Any, cluster: str, sweep_dir: Path) -> LocalQueueConf:
+    """``hydra.launcher`` (a node of the composed config, or a mapping) as its dataclass: a
+    :class:`SlurmQueueConf` for ``slurm``, a :class:`LocalQueueConf` otherwise, every option
+    checked and every unset one the dataclass's default.
+
+    Interpolations resolve where ``node`` sits in the config, except ``${hydra.sweep.dir}`` in
+    ``submitit_folder``: it becomes ``sweep_dir`` (absolute), where the launch puts its trials.
+    """
+    schema = SlurmQueueConf if cluster == "slurm" else LocalQueueConf
+    node = node if OmegaConf.is_config(node) else OmegaConf.create(node)
+    raw = OmegaConf.to_container(node, resolve=False)
+    values = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(raw, dict) and isinstance(values, dict)
+    folder = str(raw["submitit_folder"]) if "submitit_folder" in raw else schema.submitit_folder
+    values["submitit_folder"] = folder.replace("${hydra.sweep.dir}", str(sweep_dir))
+    try:
+        options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except ConfigKeyError as exc:  # a key forced in with +hydra.launcher.KEY=..., or one of the other launcher's
+        valid = ", ".join(f.name for f in dataclasses.fields(schema) if f.name != "_target_")
+        raise ConfigError(f"unknown launcher option hydra.launcher.{exc.full_key}; the {cluster} launcher's options are: "
+                          f"{valid} (docs/configuration.md); any other sbatch option goes in additional_parameters") from None
+    except ValidationError as exc:
+        raise ConfigError(f"invalid launcher option hydra.launcher.{exc.full_key}: {str(exc.msg).splitlines()[0]}") from None
+    assert isinstance(options, schema)
+    return options
 
 
-def tasks_per_job(conf: Any) -> int:
+def tasks_per_job(conf: LocalQueueConf) -> int:
     """Slurm tasks each job runs: ``nodes`` x ``tasks_per_node`` (several train one run together)."""
-    return int(conf.get("nodes", 1)) * int(conf.get("tasks_per_node", 1))
+    return conf.nodes * conf.tasks_per_node
 
 
-def submitit_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
+def gpu_request(conf: LocalQueueConf) -> GpuRequest:
+    """How GPUs are spelled to the scheduler (the local launcher has no such option: per node)."""
+    return conf.gpu_request if isinstance(conf, SlurmQueueConf) else GpuRequest.gpus_per_node
+
+
+def uses_srun(conf: LocalQueueConf) -> bool:
+    """Whether a job's tasks start through srun (Slurm only)."""
+    return isinstance(conf, SlurmQueueConf) and conf.use_srun
+
+
+def submitit_parameters(conf: LocalQueueConf, cluster: str) -> dict[str, Any]:
     """Translate ``hydra.launcher`` into ``AutoExecutor.update_parameters`` keywords.
 
     Shared options keep their name; the Slurm launcher's own become ``slurm_<name>``. Unset
     values (None, an empty list or mapping) are left to submitit's defaults.
     """
     params: dict[str, Any] = {}
-    for key in conf:
-        key = str(key)
-        value = _plain(conf[key])
+    for option in dataclasses.fields(conf):
+        key, value = option.name, getattr(conf, option.name)
         if key in LAUNCHER_ONLY or value is None or value == [] or value == {}:
             continue
         if key in LOCAL_FIELDS:
@@ -149,8 +188,8 @@ def submitit_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
         elif cluster == "slurm":
             params[f"slurm_{key}"] = value
     params.update(gpu_parameters(conf, cluster))
-    if cluster == "slurm" and conf.get("use_srun", True):
-        params["slurm_srun_args"] = task_srun_args(conf) + list(params.get("slurm_srun_args", []))
+    if cluster == "slurm" and isinstance(conf, SlurmQueueConf) and uses_srun(conf):
+        params["slurm_srun_args"] = task_srun_args(conf) + list(conf.srun_args)
     return params
 
 
@@ -160,41 +199,40 @@ def submitit_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
 SRUN_WAIT_S = 60
 
 
-def task_srun_args(conf: DictConfig) -> list[str]:
+def task_srun_args(conf: LocalQueueConf) -> list[str]:
     """What the srun that starts the tasks must be told (before the user's ``srun_args``).
 
     Since Slurm 22.05 srun no longer takes ``--cpus-per-task`` from the job: without it each
     task's step gets one CPU, and with task binding TensorFlow's pools (sized by
     SLURM_CPUS_PER_TASK) would share it.
     """
-    args = [f"--cpus-per-task={int(conf.cpus_per_task)}"]
+    args = [f"--cpus-per-task={conf.cpus_per_task}"]
     if tasks_per_job(conf) > 1:
         args.append(f"--wait={SRUN_WAIT_S}")
     return args
 
 
-def gpu_parameters(conf: DictConfig, cluster: str) -> dict[str, Any]:
+def gpu_parameters(conf: LocalQueueConf, cluster: str) -> dict[str, Any]:
     """The GPU request in the spelling ``gpu_request`` names (nothing when no GPU is asked for)."""
-    gpus = int(conf.get("gpus_per_node", 0) or 0)
+    gpus = conf.gpus_per_node
     if gpus <= 0:
         return {}
-    spelling = GpuRequest(conf.get("gpu_request", GpuRequest.gpus_per_node))
+    spelling = gpu_request(conf)
     if cluster != "slurm" or spelling is GpuRequest.gpus_per_node:
         return {"gpus_per_node": gpus}
     if spelling is GpuRequest.gres:
         return {"slurm_gres": f"gpu:{gpus}"}
-    tasks = int(conf.get("tasks_per_node", 1))
-    return {"slurm_gpus_per_task": max(1, gpus // tasks)}
+    return {"slurm_gpus_per_task": max(1, gpus // conf.tasks_per_node)}
 
 
-def executor_init(conf: DictConfig, cluster: str) -> dict[str, Any]:
+def executor_init(conf: LocalQueueConf, cluster: str) -> dict[str, Any]:
     """Keywords for ``submitit.AutoExecutor`` itself (not its ``update_parameters``).
 
     Every job's command goes through :mod:`mnist_hpc.contract.guard`, which checks the job's
     files before anything is unpickled: submitit's ``python`` becomes ``<python> -u -c
     <guard.JOB_COMMAND>``, after which submitit puts ``-u -m submitit.core._submit <folder>``.
     """
-    python = str(conf.python) if cluster == "slurm" and conf.get("python") else shlex.quote(sys.executable)
-    if cluster != "slurm":
-        return {f"{cluster}_python": guarded_python(python)}
-    return {"slurm_max_num_timeout": int(conf.max_num_timeout), "slurm_python": guarded_python(python)}
+    if not isinstance(conf, SlurmQueueConf) or cluster != "slurm":
+        return {f"{cluster}_python": guarded_python(shlex.quote(sys.executable))}
+    python = conf.python or shlex.quote(sys.executable)
+    return {"slurm_max_num_timeout": conf.max_num_timeout, "slurm_python": guarded_python(python)}

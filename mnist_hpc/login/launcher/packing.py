@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 from mnist_hpc import slurm
 from mnist_hpc.config import traced_config
 from mnist_hpc.dataset import NUM_CLASSES, PIXELS
-from mnist_hpc.login.launcher.options import tasks_per_job
+from mnist_hpc.login.launcher.options import LocalQueueConf, SlurmQueueConf, tasks_per_job
 from mnist_hpc.login.launcher.plan import PlannedJob
 
 AUTO = "auto"
@@ -87,13 +87,13 @@ def pack(jobs: Sequence[PlannedJob], per_task: int) -> list[list[PlannedJob]]:
     return groups
 
 
-def requested(conf: Any) -> Optional[int]:
+def requested(conf: LocalQueueConf) -> Optional[int]:
     """``hydra.launcher.trials_per_task`` as asked: a positive number, or None for ``auto``.
 
     Raises:
         PackingError: anything else, with what to write instead.
     """
-    raw = conf.get("trials_per_task", AUTO)
+    raw = conf.trials_per_task
     text = str(raw).strip().lower()
     if text == AUTO:
         return None
@@ -131,25 +131,26 @@ def trial_seconds(job: PlannedJob, cpus_per_task: int) -> float:
     return trial_gflop(job) / (GFLOPS_PER_CPU * max(cpus_per_task, 1)) + steps * STEP_S + TRIAL_S
 
 
-def free_slots(conf: Any, cluster: str) -> Optional[int]:
+def free_slots(conf: LocalQueueConf, cluster: str) -> Optional[int]:
     """Tasks of this shape that could start now: idle CPUs over CPUs per task (None: unknown)."""
-    cpus = max(int(conf.get("cpus_per_task", 1) or 1), 1)
+    cpus = max(conf.cpus_per_task, 1)
+    slurm_conf = conf if isinstance(conf, SlurmQueueConf) else None
     if cluster == "slurm":
-        idle = slurm.idle_cpus(conf.get("partition"))
+        idle = slurm.idle_cpus(slurm_conf.partition if slurm_conf else None)
     else:
         idle = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if idle is None:
         return None
     slots = max(idle // cpus, 1)
-    limit = conf.get("array_parallelism")
-    return min(slots, int(limit)) if limit else slots
+    limit = slurm_conf.array_parallelism if slurm_conf else None
+    return min(slots, limit) if limit else slots
 
 
-def auto_trials_per_task(jobs: Sequence[PlannedJob], conf: Any, cluster: str) -> Packing:
+def auto_trials_per_task(jobs: Sequence[PlannedJob], conf: LocalQueueConf, cluster: str) -> Packing:
     """``trials_per_task=auto``: pack short trials, as far as the free CPUs and the time limit allow."""
     if len(jobs) <= 1 or tasks_per_job(conf) > 1:
         return Packing(1, "one trial per task (a single trial, or several tasks train each one)")
-    cpus = max(int(conf.get("cpus_per_task", 1) or 1), 1)
+    cpus = max(conf.cpus_per_task, 1)
     # The longest trial sets the pace: a task of it alone must be worth its start-up.
     longest = max(trial_seconds(job, cpus) for job in jobs)
     if longest >= TASK_S:
@@ -157,7 +158,7 @@ def auto_trials_per_task(jobs: Sequence[PlannedJob], conf: Any, cluster: str) ->
     for_startup = math.ceil(TASK_S / max(longest, 1e-3))
     slots = free_slots(conf, cluster)
     for_parallelism = math.ceil(len(jobs) / slots) if slots else len(jobs)
-    limit_s = float(conf.get("timeout_min", 60)) * 60
+    limit_s = float(conf.timeout_min) * 60
     for_limit = max(int(0.5 * limit_s // max(longest, 1e-3)), 1)
     per_task = max(min(for_startup, for_parallelism, for_limit, len(jobs)), 1)
     where = f"{slots} task(s) of {cpus} CPU(s) can start now" if slots else "free CPUs unknown"
@@ -168,7 +169,7 @@ def auto_trials_per_task(jobs: Sequence[PlannedJob], conf: Any, cluster: str) ->
     )
 
 
-def choose(jobs: Sequence[PlannedJob], conf: Any, cluster: str) -> Packing:
+def choose(jobs: Sequence[PlannedJob], conf: LocalQueueConf, cluster: str) -> Packing:
     """The packing of a launch: the number asked for, or the automatic one."""
     asked = requested(conf)
     if asked is not None:

@@ -15,40 +15,39 @@ from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.cache import cache_file
 from mnist_hpc.config import Config, Distribution, Execution
 from mnist_hpc.dataset import split_index
-from mnist_hpc.login.launcher.options import GpuRequest, tasks_per_job
+from mnist_hpc.login.launcher.options import GpuRequest, LocalQueueConf, gpu_request, tasks_per_job, uses_srun
 from mnist_hpc.login.launcher.packing import PackingError, requested
 from mnist_hpc.login.launcher.plan import MAX_NAMED, PlannedJob, PreflightError
 from mnist_hpc.search import SPEC_FILE, is_search_dir
 
 
-def check_launcher(conf: Any, cluster: str) -> None:
+def check_launcher(conf: LocalQueueConf, cluster: str) -> None:
     """Launcher options that contradict each other (the schema has checked each one's type)."""
     try:
         requested(conf)
     except PackingError as exc:
         raise PreflightError(f"nothing was queued: {exc}") from exc
-    gpus, tasks = int(conf.get("gpus_per_node", 0) or 0), int(conf.get("tasks_per_node", 1))
-    spelling = GpuRequest(conf.get("gpu_request", GpuRequest.gpus_per_node))
+    gpus, tasks, spelling = conf.gpus_per_node, conf.tasks_per_node, gpu_request(conf)
     if cluster == "slurm" and gpus and spelling is GpuRequest.gpus_per_task and gpus % tasks:
         raise PreflightError(
             f"nothing was queued: hydra.launcher.gpu_request=gpus_per_task splits gpus_per_node={gpus} over "
             f"tasks_per_node={tasks}, which does not divide it; make tasks_per_node a divisor of gpus_per_node "
             "(one task per GPU is what a multi-worker run wants)"
         )
-    if not conf.get("use_srun", True) and (tasks > 1 or int(conf.get("nodes", 1)) > 1):
+    if cluster == "slurm" and not uses_srun(conf) and (tasks > 1 or conf.nodes > 1):
         raise PreflightError(
             "nothing was queued: hydra.launcher.use_srun=false starts one process, but tasks_per_node or nodes "
             "asks for several; keep use_srun=true for multi-task jobs"
         )
 
 
-def check_tasks(conf: Any, cluster: str, planned: Sequence[PlannedJob]) -> None:
+def check_tasks(conf: LocalQueueConf, cluster: str, planned: Sequence[PlannedJob]) -> None:
     """A job of several tasks trains one run across them (``train.distribution``), or is refused here.
 
     Several tasks with ``train.distribution=none`` would start that many independent copies
     writing into one run directory.
     """
-    nodes, per_node, tasks = int(conf.get("nodes", 1)), int(conf.get("tasks_per_node", 1)), tasks_per_job(conf)
+    nodes, per_node, tasks = conf.nodes, conf.tasks_per_node, tasks_per_job(conf)
     if tasks <= 1:
         return
     shape = f"hydra.launcher.nodes={nodes} x tasks_per_node={per_node} = {tasks} tasks"
@@ -62,8 +61,8 @@ def check_tasks(conf: Any, cluster: str, planned: Sequence[PlannedJob]) -> None:
             f"nothing was queued: {shape} train one run together, so their trials cannot be packed "
             "(hydra.launcher.trials_per_task); set trials_per_task=1"
         )
-    gpus = int(conf.get("gpus_per_node", 0) or 0)
-    if gpus and per_node > 1 and GpuRequest(conf.get("gpu_request", GpuRequest.gpus_per_node)) is not GpuRequest.gpus_per_task:
+    gpus = conf.gpus_per_node
+    if gpus and per_node > 1 and gpu_request(conf) is not GpuRequest.gpus_per_task:
         raise PreflightError(
             f"nothing was queued: {shape} on nodes with {gpus} GPUs would each see every GPU of their node; set "
             "hydra.launcher.gpu_request=gpus_per_task (each task its own GPUs), or tasks_per_node=1 (one task "

@@ -246,23 +246,23 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     from mnist_hpc.contract.guard import private_submission
     from mnist_hpc.contract.tasks import LaunchContext, SearchWorkerTask
     from mnist_hpc.login.launcher.compose import SweepComposer
-    from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
+    from mnist_hpc.login.launcher.options import executor_init, submitit_parameters, typed
     from mnist_hpc.login.launcher.submit import SubmissionError, folder_root, make_private
 
     config: DictConfig = sweeper.config
-    launcher = config.hydra.launcher
     cluster = launcher_cluster(config)
     if cluster is None:
         raise _refuse("the asynchronous search runs its workers with hydra/launcher=slurm (or local); "
-                      f"{launcher.get('_target_')} is not supported")
+                      f"{config.hydra.launcher._target_} is not supported")
+    search_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    # hydra.launcher as its dataclass, once, as the launcher's setup does for a sweep (options.typed).
+    launcher = typed(config.hydra.launcher, cluster, search_dir)
     tasks = tasks_per_job(launcher)
     if tasks > 1:
         raise _refuse(f"a search worker trains its trials in one process, but hydra.launcher asks for {tasks} tasks per "
                       "job (nodes x tasks_per_node); ask for more workers instead: hydra.sweeper.workers=N")
-    search_dir = Path(str(config.hydra.sweep.dir)).resolve()
     check_writable(search_dir)
-    raw_folder = OmegaConf.to_container(launcher, resolve=False)["submitit_folder"]  # type: ignore[index]
-    folder = str(raw_folder).replace("${hydra.sweep.dir}", str(search_dir))
+    folder = launcher.submitit_folder
     root = folder_root(folder)
     spec = build_spec(config.hydra.sweeper, arguments)
     check_trials(SweepComposer(sweeper.hydra_context.config_loader, config), spec)
@@ -325,4 +325,4 @@ def summary(search_dir: Path, spec: sd.SearchSpec, counted: int, jobs: list[Any]
 
 def launcher_cluster(config: DictConfig) -> Optional[str]:
     """``slurm`` or ``local`` for our launchers; None for any other."""
-    return LAUNCHERS.get(str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1])
+    return LAUNCHERS.get(str(config.hydra.launcher._target_).rsplit(".", 1)[-1])

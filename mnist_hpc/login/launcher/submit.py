@@ -32,7 +32,7 @@ from mnist_hpc.contract.guard import UnsafeJobFile, private_folder, private_subm
 from mnist_hpc.contract.tasks import LaunchContext, PackedTrials, ReportTask, TrainTrial
 from mnist_hpc.io import utc_now, write_bytes_atomic
 from mnist_hpc.login.launcher.compose import SweepComposer, plan_jobs
-from mnist_hpc.login.launcher.options import executor_init, submitit_parameters, tasks_per_job
+from mnist_hpc.login.launcher.options import SlurmQueueConf, executor_init, submitit_parameters, tasks_per_job, uses_srun
 from mnist_hpc.login.launcher.packing import choose, pack
 from mnist_hpc.login.launcher.plan import MAX_NAMED, PlannedJob, PreflightError
 from mnist_hpc.login.launcher.preflight import check_launcher, check_tasks, preflight
@@ -80,11 +80,12 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     import submitit
     from hydra.core.singleton import Singleton
 
-    conf = launcher.params
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir)).resolve()
+    # hydra.launcher, typed once by the launcher's setup (options.typed).
+    conf = launcher.options
     composer = getattr(launcher, "composer", None) or SweepComposer(launcher.hydra_context.config_loader, launcher.config)
     planned = plan_jobs(composer, sweep_dir, job_overrides, initial_job_idx)
-    folder = str(conf.submitit_folder).replace("${hydra.sweep.dir}", str(sweep_dir))
+    folder = conf.submitit_folder
     # One launch at a time into a sweep directory: the checks below and the job.json files written
     # after queueing see every earlier launch's jobs (two racing launches would both pass the checks).
     with claim.launch_lock(sweep_dir):
@@ -169,7 +170,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
     print(summary(sweep_dir, planned, records, cluster), flush=True)
     if packing.reason and len(todo) > 1:
         print(f"packing (hydra.launcher.trials_per_task=auto): {packing.reason}", flush=True)
-    if conf.get("report_after") and cluster == "slurm":
+    if isinstance(conf, SlurmQueueConf) and conf.report_after and cluster == "slurm":
         report = queue_report(executor, conf, sweep_dir, futures)
         print(f"report job {report.job_id}: writes {sweep_dir / 'report'} once every task above has ended", flush=True)
 
@@ -226,17 +227,16 @@ def local_process(sjob: Any, cluster: str) -> dict[str, Optional[str]]:
     return {"host": socket.gethostname(), "pid_start": claim.process_start(int(sjob.job_id))}
 
 
-def queue_report(executor: Any, conf: Any, sweep_dir: Path, tasks: Sequence[Any]) -> Any:
+def queue_report(executor: Any, conf: SlurmQueueConf, sweep_dir: Path, tasks: Sequence[Any]) -> Any:
     """A one-CPU job that runs ``mnist-hpc-report`` on the sweep after every task has ended (``afterany``)."""
     arrays = sorted({str(t.job_id).partition("_")[0] for t in tasks}, key=int)
-    base = submitit_parameters(conf, "slurm")
-    extra = dict(base.get("slurm_additional_parameters", {}))
+    extra = dict(conf.additional_parameters)
     extra["dependency"] = "afterany:" + ":".join(arrays)
     srun = {}
-    if "slurm_srun_args" in base:
+    if uses_srun(conf):
         # One task on one CPU: the trials' srun --cpus-per-task (and --wait) are not its own; the
         # user's srun_args (a container, say) are.
-        srun["slurm_srun_args"] = ["--cpus-per-task=1", *[str(a) for a in (conf.get("srun_args") or [])]]
+        srun["slurm_srun_args"] = ["--cpus-per-task=1", *[str(a) for a in conf.srun_args]]
     executor.update_parameters(
         timeout_min=30, cpus_per_task=1, mem_gb=2, tasks_per_node=1, nodes=1, name=f"{conf.name}-report",
         slurm_additional_parameters=extra,
