@@ -176,3 +176,18 @@ def test_final_metrics_with_more_epochs_than_planned_are_not_shown(tmp_path: Pat
     assert run.metrics is None and any("holds 3 epochs, more than the 2" in n for n in run.notes)
     rundir.write_progress(run_dir, 3, 3, history)
     assert rundir.read_run(run_dir).metrics["epochs_completed"] == 3
+
+
+@pytest.mark.parametrize("where", [".", "checkpoints"])
+def test_a_folder_named_like_a_half_written_file_is_left_alone(tmp_path: Path, where: str) -> None:
+    """Second hostile pass (I8): remove_stale_temporaries unlinked every '.*.tmp*' entry, so a folder
+    of that name ended claim.bind in IsADirectoryError; the half-written files beside it still go."""
+    from mnist_hpc import rundir
+
+    run_dir = tmp_path / "run"
+    (run_dir / where / ".metrics.json.x.tmp1").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    stale = run_dir / where / ".progress.json.y.tmp2"
+    stale.write_text("{")
+    assert rundir.remove_stale_temporaries(run_dir) == [stale]
+    assert (run_dir / where / ".metrics.json.x.tmp1").is_dir() and not stale.exists()

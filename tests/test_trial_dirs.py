@@ -264,3 +264,37 @@ def test_a_killed_local_job_is_shown_failed_with_its_last_epoch_and_can_be_resub
     assert rundir.read_metrics(sweep / "0")["epochs_completed"] == done + 1
     assert "resuming from" in (sweep / "0" / rundir.LOG_FILE).read_text()
     assert rundir.read_metrics(sweep / "1")["epochs_completed"] == done + 1
+
+
+def _hydra_trial(run_dir: Path, overrides: list[str]) -> Path:
+    """A trial directory as Hydra leaves it (its overrides), for the readers' sake."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    return run_dir
+
+
+@pytest.mark.parametrize("link", ["itself", "another sweep", "a system tree"])
+def test_a_symbolic_link_in_a_sweep_never_adds_trials(tmp_path: Path, link: str) -> None:
+    """Second hostile pass (I4): a link to "." listed each trial again and again, a link to another
+    sweep showed its trials as this sweep's, a link to /usr walked that whole tree."""
+    from mnist_hpc.login import trials
+
+    sweep_dir = tmp_path / "sweep"
+    for num in (0, 1):
+        _hydra_trial(sweep_dir / str(num), [f"train.seed={num}"])
+    target = {"itself": Path("."), "another sweep": tmp_path / "other", "a system tree": Path("/usr")}[link]
+    if link == "another sweep":
+        _hydra_trial(tmp_path / "other" / "0", ["train.seed=7"])
+    (sweep_dir / "linked").symlink_to(target)
+    assert trials.trial_dirs(sweep_dir) == [sweep_dir / "0", sweep_dir / "1"]
+
+
+@pytest.mark.parametrize("name", ["٣0", "²0", "0٣"])
+def test_a_trial_directory_named_with_other_digits_gets_no_number_from_them(tmp_path: Path, name: str) -> None:
+    """Second hostile pass (I5): str.isdigit() took '٣0' for trial 30 and int('²0') raised."""
+    from mnist_hpc.login import trials
+
+    sweep_dir = tmp_path / "sweep"
+    _hydra_trial(sweep_dir / name, ["train.seed=0"])
+    [found] = trials.trial_dirs(sweep_dir)
+    assert found.name == name and trials.read_trial(found).number is None

@@ -56,7 +56,7 @@ class Trial:
         """The trial's number in its sweep (``job.json``, else the directory's numeric name)."""
         if self.files.job is not None and self.files.job.trial is not None:
             return self.files.job.trial
-        return int(self.run_dir.name) if self.run_dir is not None and self.run_dir.name.isdigit() else None
+        return int(self.run_dir.name) if self.run_dir is not None and self.run_dir.name.isascii() and self.run_dir.name.isdigit() else None
 
     @property
     def label(self) -> str:
@@ -174,7 +174,9 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
             if entry.name.startswith(".") or (directory == Path(sweep_dir) and entry.name in claim.SWEEP_OWN_NAMES):
                 continue
             try:
-                if not entry.is_dir():
+                # A symbolic link is never followed: to "." it would list every trial again, to
+                # another sweep show its trials as this one's, to "/usr" walk a whole tree.
+                if not entry.is_dir(follow_symlinks=False):
                     continue
             except OSError:
                 continue

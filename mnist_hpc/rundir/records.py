@@ -278,6 +278,8 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     for directory in (Path(run_dir), Path(run_dir) / CHECKPOINT_DIR):
         if directory.is_dir():
             for path in directory.glob(".*.tmp*"):
+                if path.is_dir() and not path.is_symlink():
+                    continue  # no writer of ours leaves a folder: not ours to delete (nor a reason to fail)
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed.append(path)
