@@ -788,3 +788,162 @@ def test_another_user_cannot_make_your_jobs_run_their_code(people: People, launc
         assert [states[job.id] for job in [*jobs, launched, swapped]] == ["FAILED"] * 4 + ["COMPLETED", "FAILED", "FAILED"]
     # B's status of A's sweep works (A's job folders are closed to B, not an error).
     assert len(people.status(B, project / "sweep1")) == 5
+
+
+# --- second hostile pass (I12): a folder swapped in between the check and submitit's open ------------
+# The job's pickle was checked by name, then submitit opened it again by name: a group member who
+# swapped the whole .submitit (renameat2 RENAME_EXCHANGE, in a loop) won about one start in six.
+# guard.pin_folder hands submitit the checked folder through its descriptor. And a waiting launcher
+# read each job's result pickle by name, unchecked, on the login node: it now only waits.
+
+RACE_A, RACE_B = USERS
+ATTEMPTS = 40  # before pin_folder one attempt in five to seven won; 0.86**40 < 0.003
+
+# Run by A: a private job folder as the launcher leaves it (0700/0600), its pickle a harmless job.
+RACE_MAKE_JOB = r'''
+import os, sys
+from pathlib import Path
+from submitit.core.utils import DelayedSubmission
+from mnist_hpc.contract import guard
+anchor = Path(sys.argv[1])
+anchor.parent.mkdir(parents=True)  # the sweep directory, under the user's umask (the launch lock makes it so)
+with guard.private_umask():
+    (anchor / "12").mkdir(parents=True)
+    delayed = DelayedSubmission(os.getpid)
+    delayed.set_timeout(5, 3)
+    delayed.dump(anchor / "12" / "12_submitted.pkl")
+'''
+
+# Run by B: a folder of B's own holding a pickle that makes a directory when unpickled, then the
+# swap loop (its own folder and A's exchanged in one atomic step, again and again).
+RACE_ATTACK = r'''
+import ctypes, os, pickle, sys
+
+
+class Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+anchor, evil, marker, ready = sys.argv[1:5]
+os.makedirs(os.path.join(evil, "12"))
+for folder in (evil, os.path.join(evil, "12")):
+    os.chmod(folder, 0o777)
+with open(os.path.join(evil, "12", "12_submitted.pkl"), "wb") as fh:
+    fh.write(pickle.dumps(Marker(marker)))
+open(ready, "w").close()
+libc = ctypes.CDLL(None, use_errno=True)
+while True:
+    if libc.renameat2(-100, anchor.encode(), -100, evil.encode(), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
+        raise OSError(ctypes.get_errno(), "renameat2")
+'''
+
+
+def as_user(user: str, base: Path) -> dict:
+    info = pwd.getpwnam(user)
+    return dict(user=info.pw_uid, group=info.pw_gid, extra_groups=[GROUP], umask=0o002, cwd=str(base))
+
+
+def test_a_group_member_swapping_the_submitit_folder_never_gets_their_pickle_unpickled() -> None:
+    need(os.geteuid() == 0, "needs root to act as two real users")
+    ensure_users()
+    python = ensure_job_venv().parent / "python3"
+    base = Path(tempfile.mkdtemp(prefix="mnist-hpc-hostile2-race-"))
+    attacker = None
+    try:
+        os.chmod(base, 0o755)
+        src = base / "src"
+        shutil.copytree(REPO / "mnist_hpc", src / "mnist_hpc", ignore=shutil.ignore_patterns("__pycache__"))
+        project = base / "project"
+        project.mkdir()
+        shutil.chown(project, group=GROUP)
+        os.chmod(project, 0o2775)  # a group project directory
+        markers = base / "markers"
+        markers.mkdir()
+        os.chmod(markers, 0o777)
+        sweep, marker, ready = project / "sweep", markers / "ran-as-victim", markers / "ready"
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(base)}
+        anchor = sweep / ".submitit"
+        made = subprocess.run([str(python), "-c", RACE_MAKE_JOB, str(anchor)], env=env, capture_output=True, text=True,
+                              **as_user(RACE_A, base))
+        assert made.returncode == 0, made.stderr
+        attacker = subprocess.Popen([str(python), "-c", RACE_ATTACK, str(anchor), str(sweep / ".submitit-b"), str(marker),
+                                     str(ready)], env=env, stderr=subprocess.PIPE, text=True, **as_user(RACE_B, base))
+        for _ in range(600):
+            if ready.exists() or attacker.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.05"])
+        assert ready.exists(), attacker.stderr.read() if attacker.poll() is not None else "the attacker did not start"
+        command = shlex.split(guard.guarded_python(shlex.quote(str(python)))) + ["-u", "-m", guard.SUBMIT_MODULE,
+                                                                                 str(anchor / "%j")]
+        job = {**job_env("12"), **env}
+        outcomes = []
+        for _ in range(ATTEMPTS):
+            proc = subprocess.run(command, env=job, capture_output=True, text=True, timeout=120, **as_user(RACE_A, base))
+            outcomes.append(proc.returncode)
+            if marker.exists():
+                break
+            assert attacker.poll() is None, attacker.stderr.read()
+        ran_as = pwd.getpwuid(marker.stat().st_uid).pw_name if marker.exists() else None
+        assert ran_as is None, (f"after {len(outcomes)} job start(s) (exit codes {outcomes}), {RACE_B}'s pickle was unpickled "
+                                f"by {RACE_A}'s job: it made {marker} as {ran_as}")
+    finally:
+        if attacker is not None:
+            attacker.kill()
+            attacker.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- the waiting launcher reads the job's result from the same folder ---------------------------------
+
+
+def test_a_group_member_cannot_make_a_waiting_launcher_unpickle_their_result(people) -> None:
+    """``hydra.launcher.wait=true``: the launcher stays on the login node and, once a job has ended,
+    unpickles its result (submitit's ``job.result()``, ``<anchor>/<id>/<id>_0_result.pkl``) by path. B swaps
+    A's ``.submitit`` (in A's group-writable sweep directory) for a folder of B's own holding a result
+    pickle. A's job refuses B's folder, as it should, and ends; then A's launcher reads the result."""
+    import grp
+    import json as json_
+    import time
+
+    from tests.conftest import fill_cache, tiny_overrides
+
+    project = people.base / "project"
+    project.mkdir()
+    os.chown(project, 0, grp.getgrnam(GROUP).gr_gid)
+    os.chmod(project, 0o2775)
+    cache = project / "cache"
+    fill_cache(cache)
+    subprocess.run(["chmod", "-R", "a+rX", str(cache)], check=True)
+    marker = project / f"ran-code-of-{B}"
+    sweep = project / "sweep"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(people.home(A)), "PYTHONPATH": str(people.src),
+           "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8", "MNIST_HPC_TEST_GATE": str(people.gates)}
+    out, err = people.home(A) / "wait-out.txt", people.home(A) / "wait-err.txt"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        launcher = subprocess.Popen(
+            [str(people.python), "-c", "from mnist_hpc.cli import train_main; train_main()", "-m", "hydra/launcher=local",
+             "hydra.launcher.wait=true", f"hydra.sweep.dir={sweep}", *tiny_overrides(cache, project / "out"),
+             "hydra.launcher.trials_per_task=1"],
+            user=A, group=A, extra_groups=[GROUP], umask=0o002, env=env, cwd=people.home(A), stdout=fo, stderr=fe)
+    try:
+        deadline = time.monotonic() + 300
+        while not (sweep / "0" / "job.json").is_file():
+            assert launcher.poll() is None, err.read_text()[-3000:]
+            assert time.monotonic() < deadline, "A's launch queued nothing"
+            time.sleep(0.2)
+        job = JobFiles(json_.loads((sweep / "0" / "job.json").read_text()))
+        people.queued.append(("local", job.id))
+        people.attack("swap", str(sweep / ".submitit"), str(job.result), str(marker))
+        people.release("local", job)
+        launcher.wait(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    ran_as = pwd.getpwuid(marker.stat().st_uid).pw_name if marker.exists() else None
+    assert ran_as is None, (f"A's waiting launcher unpickled {RACE_B}'s result pickle {job.result}: it made {marker} as "
+                            f"{ran_as} (launcher exit {launcher.returncode}; its stderr ends: {err.read_text()[-800:]})")

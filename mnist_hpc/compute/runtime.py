@@ -77,7 +77,8 @@ class RuntimeInfo:
             slurmd_nodename=env.get("SLURMD_NODENAME") or None,
             slurm_distribution=env.get("SLURM_DISTRIBUTION") or None,
             cpus_allowed=_cpus_allowed(),
-            submitit_folder=env.get("SUBMITIT_FOLDER") or None,
+            # As the launcher named it (the guard hands submitit a name through a descriptor).
+            submitit_folder=env.get("MNIST_HPC_SUBMITIT_FOLDER") or env.get("SUBMITIT_FOLDER") or None,
         )
 
     def task_log(self, task: int) -> str:

@@ -145,6 +145,58 @@ def _open_checked(name: str, dir_fd: Optional[int], shown: Path, directory: bool
     return fd
 
 
+# A folder :func:`main` checked and holds open, named through its descriptor: what submitit then
+# opens below it is in that very folder, whatever has been renamed above it since.
+PINNED_PREFIX = "/proc/self/fd/"
+# The job's submitit folder as the launcher named it, for messages (SUBMITIT_FOLDER is the pinned name).
+JOB_FOLDER_ENV = "MNIST_HPC_SUBMITIT_FOLDER"
+
+
+# Pinned descriptors -> the anchor's own name, for messages.
+_PINNED_NAMES: dict[int, Path] = {}
+
+
+def _pinned(anchor: Path) -> Optional[int]:
+    text = str(anchor)
+    number = text[len(PINNED_PREFIX):]
+    return int(number) if text.startswith(PINNED_PREFIX) and number.isascii() and number.isdigit() else None
+
+
+def _open_anchor(anchor: Path) -> int:
+    """A checked descriptor of ``anchor``: opened by name, or a copy of the one :func:`main` pinned."""
+    number = _pinned(anchor)
+    if number is not None:
+        fd = os.dup(number)
+        try:
+            problem = _problem(os.fstat(fd), _PINNED_NAMES.get(number, anchor), True, True)
+            if problem is not None:
+                raise UnsafeJobFile(problem)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    return _open_checked(str(anchor), None, anchor, directory=True)
+
+
+def pin_folder(folder: str) -> str:
+    """``folder`` (a submitit folder, maybe with ``%j``) named through a descriptor of its checked anchor.
+
+    The anchor (``<sweep>/.submitit``) lies in a folder others of the group may write: one of them
+    could rename it away and put their own in its place between a check by name and submitit's own
+    open by name. Through ``/proc/self/fd/N`` every later open goes into the folder that was checked.
+
+    Raises:
+        UnsafeJobFile: the anchor is not the user's alone, or is a link.
+    """
+    from submitit.core import utils
+
+    anchor = Path(utils.JobPaths.get_first_id_independent_folder(folder))
+    fd = _open_checked(str(anchor), None, anchor, directory=True)  # held open for the job's life
+    _PINNED_NAMES[fd] = anchor
+    rest = os.path.relpath(folder, anchor)
+    return PINNED_PREFIX + str(fd) + ("" if rest == "." else "/" + rest)
+
+
 def open_private(path: Path, anchor: Path) -> int:
     """A read-only descriptor of ``path``, opened from ``anchor`` down, each step checked first.
 
@@ -162,15 +214,17 @@ def open_private(path: Path, anchor: Path) -> int:
     path, anchor = Path(path), Path(anchor)
     parts = path.relative_to(anchor).parts
     assert parts, f"{path} is the anchor itself, not a file below it"
-    fd = _open_checked(str(anchor), None, anchor, directory=True)
+    fd = _open_anchor(anchor)
+    number = _pinned(anchor)
+    shown = _PINNED_NAMES.get(number, anchor) if number is not None else anchor
     try:
-        where = anchor
+        where = shown
         for name in parts[:-1]:
             where = where / name
             below = _open_checked(name, fd, where, directory=True)
             os.close(fd)
             fd = below
-        return _open_checked(parts[-1], fd, path, directory=False)
+        return _open_checked(parts[-1], fd, shown.joinpath(*parts), directory=False)
     finally:
         os.close(fd)
 
@@ -261,9 +315,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     The job's submission script (when it is on disk) and its pickle are checked with
     :func:`open_private`; only then does submitit's own entry point (``submitit_main``, what
     ``python -m submitit.core._submit`` runs) load and run the job. A refusal is one line and exit
-    status 1, with nothing unpickled. submitit opens the pickle again by its path: a swap in that
-    instant needs a group member who can rename a folder above the submitit folder, and is then
-    caught by :class:`~mnist_hpc.contract.entry.JobEntry`'s own check of the same file.
+    status 1, with nothing unpickled. submitit opens the pickle again by its path, given through
+    the descriptor of the checked folder (:func:`pin_folder`): a group member who renames the
+    submitit folder away and puts their own in its place, at any instant, changes nothing the job
+    opens.
 
     The process keeps umask 077 while submitit sets the job up; :class:`JobEntry` gives the job the
     user's own umask (:func:`apply_user_umask`) for its run directories.
@@ -275,6 +330,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     folder = args[3]
     os.umask(0o077)
     try:
+        os.environ[JOB_FOLDER_ENV] = folder
+        folder = pin_folder(folder)
         check_job_files(folder)
     except UnsafeJobFile as exc:
         print(f"{ERROR_PREFIX} {exc}", file=sys.stderr, flush=True)

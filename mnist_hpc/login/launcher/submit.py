@@ -182,8 +182,11 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             for job in planned
         ]
     for sjob in futures:
+        # Waited for, never unpickled: each trial's outcome is read from what it left on disk
+        # (check_all_finished), and a result pickle is a file someone else may have put there
+        # (a group member who swapped the submitit folder): loading it would run their code here.
         try:
-            sjob.result()
+            sjob.wait()
         except Exception:  # reported per trial below, from what each trial left on disk
             pass
     log.info("all %d tasks ended after %.0f s", len(futures), time.time() - submitted)
