@@ -637,14 +637,14 @@ def groups(n: int = 11) -> dict[str, list[np.ndarray]]:
 
 
 def test_checkpoints_are_listed_furthest_along_first_and_two_are_kept(tmp_path):
-    assert checkpoint.list_checkpoints(tmp_path) == []
+    assert rundir.list_checkpoints(tmp_path) == []
     for epoch, batch in [(1, 0), (0, 40), (2, 0), (1, 30)]:
         checkpoint.write(tmp_path, state_of(epoch, batch), groups(), "fp")
-    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    names = [p.name for p in rundir.list_checkpoints(tmp_path)]
     assert names == ["ckpt-e00002-b0000000.npz", "ckpt-e00001-b0000030.npz"]
     (tmp_path / "checkpoints" / "ckpt-e1-b1.npz").write_bytes(b"")
     (tmp_path / "checkpoints" / "ckpt-e00009-b0000000.npz.tmp").write_bytes(b"")
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == names
+    assert [p.name for p in rundir.list_checkpoints(tmp_path)] == names
 
 
 def test_a_checkpoint_reads_back_what_was_written(tmp_path):

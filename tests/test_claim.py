@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from mnist_hpc import claim, rundir
-from mnist_hpc.compute import checkpoint
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
@@ -156,7 +155,7 @@ def test_damaged_checkpoints_end_in_one_line(compose, synthetic_cache, tmp_path,
     run_dir = tmp_path / "run"
     train_and_evaluate(cfg, run_dir)
     (run_dir / rundir.METRICS_FILE).unlink()  # an unfinished run: it will want its checkpoints
-    for path in checkpoint.list_checkpoints(run_dir):
+    for path in rundir.list_checkpoints(run_dir):
         if damage == "truncate":
             path.write_bytes(path.read_bytes()[:500])
         elif damage == "json-list":
@@ -203,7 +202,7 @@ def test_a_run_stopped_by_a_full_disk_says_so_and_resumes_once_space_is_freed(co
     filler.write_bytes(b"\0" * (7 * 2**20))
     proc = train_cli(args, tmp_path)
     assert_one_line_refusal(proc, "no space left on the device", "resumes from its last checkpoint")
-    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["ckpt-e00001-b0000000.npz"]
+    assert [p.name for p in rundir.list_checkpoints(run_dir)] == ["ckpt-e00001-b0000000.npz"]
     assert not list(run_dir.rglob(".*.tmp*"))  # the failed write took its temporary file with it
 
     filler.unlink()

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc.compute import checkpoint, engine
+from mnist_hpc import rundir
+from mnist_hpc.compute import engine
 from mnist_hpc.compute.data import load_mnist, one_hot, prepare_images
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import DataConfig, Execution, TrainConfig, to_typed
@@ -124,7 +125,7 @@ def test_xla_loop_interrupted_mid_epoch_resumes_bit_identically(compose, overrid
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1, at_batch=11)])
-    assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00001-b0000010.npz"
+    assert rundir.list_checkpoints(run_dir)[0].name == "ckpt-e00001-b0000010.npz"
     with caplog.at_level("INFO", logger="mnist_hpc.compute"):
         resumed = run(cfg, run_dir)
     assert "1 epoch(s) and 10 batch(es) done" in caplog.text
@@ -139,7 +140,7 @@ def test_xla_loop_interrupted_between_epochs_resumes_bit_identically(compose, ov
     # An epoch hook only: calls keep their full length while it watches.
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2)])
-    assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00002-b0000000.npz"
+    assert rundir.list_checkpoints(run_dir)[0].name == "ckpt-e00002-b0000000.npz"
     assert_same_run(run(cfg, run_dir), reference)
 
 

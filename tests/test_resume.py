@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_hpc import rundir
 from mnist_hpc.compute import checkpoint
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
@@ -79,7 +80,7 @@ def test_interrupted_between_epochs_resumes_identically(cfg, reference, tmp_path
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2)])
-    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["ckpt-e00002-b0000000.npz", "ckpt-e00001-b0000000.npz"]
+    assert [p.name for p in rundir.list_checkpoints(run_dir)] == ["ckpt-e00002-b0000000.npz", "ckpt-e00001-b0000000.npz"]
     assert not (run_dir / "metrics.json").exists()
     with caplog.at_level(logging.INFO, logger="mnist_hpc.compute.train"):
         result = train_and_evaluate(cfg, run_dir)
@@ -93,7 +94,7 @@ def test_interrupted_mid_epoch_resumes_from_the_batch_checkpoint(compose, synthe
     # 540 training samples / 32 = 17 batches per epoch; stop after batch 12 of epoch 3.
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2, at_batch=11)])
-    assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00002-b0000010.npz"
+    assert rundir.list_checkpoints(run_dir)[0].name == "ckpt-e00002-b0000010.npz"
     with caplog.at_level(logging.INFO, logger="mnist_hpc.compute.train"):
         result = train_and_evaluate(cfg, run_dir)
     assert "2 epoch(s) and 10 batch(es) done" in caplog.text
@@ -104,7 +105,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(cfg, reference, tmp
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=3)])
-    newest, previous = checkpoint.list_checkpoints(run_dir)
+    newest, previous = rundir.list_checkpoints(run_dir)
     raw = bytearray(newest.read_bytes())
     raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
     newest.write_bytes(bytes(raw))
@@ -119,7 +120,7 @@ def test_truncated_only_checkpoint_fails_loudly(cfg, tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1)])
-    [only] = checkpoint.list_checkpoints(run_dir)
+    [only] = rundir.list_checkpoints(run_dir)
     only.write_bytes(only.read_bytes()[:1000])
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
         train_and_evaluate(cfg, run_dir)
@@ -168,7 +169,7 @@ def test_lesson_execution_resumes_identically(compose, synthetic_cache, tmp_path
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2, at_batch=at_batch)])
     expected = "ckpt-e00002-b0000000.npz" if at_batch is None else "ckpt-e00002-b0000010.npz"
-    assert checkpoint.list_checkpoints(run_dir)[0].name == expected
+    assert rundir.list_checkpoints(run_dir)[0].name == expected
     with caplog.at_level(logging.INFO, logger="mnist_hpc.compute.train"):
         result = train_and_evaluate(cfg, run_dir)
     assert f"resuming from {expected}" in caplog.text

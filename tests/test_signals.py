@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc.compute import checkpoint
+from mnist_hpc import rundir
 from mnist_hpc.compute.run import finish_in_process
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, hand_over
 from mnist_hpc.compute.train import train_and_evaluate
@@ -95,7 +95,7 @@ def test_usr2_stops_at_the_next_step_boundary_with_a_checkpoint_and_the_run_resu
     stop = stopped.value
     assert (stop.signum, stop.epoch, stop.batch) == (signal.SIGUSR2, 1, stop_at)
     assert stop.requeue and stop.exit_code == 128 + signal.SIGUSR2
-    assert checkpoint.list_checkpoints(run)[0].name == f"ckpt-e00001-b{stop_at:07d}.npz" == stop.checkpoint.name
+    assert rundir.list_checkpoints(run)[0].name == f"ckpt-e00001-b{stop_at:07d}.npz" == stop.checkpoint.name
     assert not (run / "metrics.json").exists()
 
     train_and_evaluate(cfg, run)
