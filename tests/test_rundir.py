@@ -164,7 +164,7 @@ def test_a_workers_failure_never_replaces_one_already_written(tmp_path, monkeypa
     rundir.write_failure(tmp_path, OSError("the chief's own error"))  # the chief always writes
     assert not rundir.write_failure(tmp_path, RuntimeError("worker 0 died"), keep_existing=True)
     assert rundir.read_failure(tmp_path) == "OSError: the chief's own error"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["failure.json"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.FAILURE_FILE]  # no temporary left
 
 
 def test_final_metrics_with_more_epochs_than_planned_are_not_shown(tmp_path: Path):

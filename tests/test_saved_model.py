@@ -29,7 +29,7 @@ def load_saved(run_dir: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.Ca
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
         warnings.simplefilter("always")
-        model = keras.saving.load_model(run_dir / "model.keras")
+        model = keras.saving.load_model(run_dir / rundir.MODEL_FILE)
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records] + list(capfd.readouterr())
     assert not [text for text in said if "Skipping variable loading" in text], said
     return model
