@@ -48,14 +48,6 @@ def checkpoint_positions(run_dir: Path) -> list[tuple[int, int]]:
     return [rundir.checkpoint_position(p.name) for p in rundir.list_checkpoints(run_dir)]
 
 
-def plant_checkpoint(run_dir: Path, epoch: int, batch: int, data: bytes = b"") -> Path:
-    """A file under a checkpoint's name (not a readable checkpoint unless ``data`` is one)."""
-    path = rundir.checkpoint_path(run_dir, epoch, batch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
 def resume_line(epoch: int, batch: int) -> str:
     """The start of the log line of a run that resumed from its checkpoint at (epoch, batch)."""
     return f"resuming from {rundir.checkpoint_name(epoch, batch)}"
