@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import getpass
 import hashlib
 import json
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from mnist_hpc import rundir, slurm
 from mnist_hpc.config import flat_config, identity_config
+from mnist_hpc.io import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def judge(run_dir: Path, identity: dict[str, Any], epochs: int, label: str) -> V
     except rundir.RunFileError as exc:
         raise RunConflict(f"{_at(label)}{exc}; this directory cannot be trusted: use a new one") from exc
     if recorded is None:
-        if _holds_results(run_dir):
+        if rundir.holds_results(run_dir):
             raise RunConflict(
                 f"{_at(label)}{run_dir} holds results but no {rundir.IDENTITY_FILE} (written by an older mnist-hpc?), "
                 "so it is not known which config they belong to; use a new directory"
@@ -139,7 +139,7 @@ def bind(run_dir: Path, identity: dict[str, Any], epochs: int, label: str) -> Ve
 def settle_unclaimed(run_dir: Path) -> None:
     """A run that failed before its claim: keep Hydra's record of it in a directory nobody claimed."""
     try:
-        unclaimed = rundir.read_identity(run_dir) is None and not _holds_results(run_dir)
+        unclaimed = rundir.read_identity(run_dir) is None and not rundir.holds_results(run_dir)
     except (rundir.RunFileError, OSError):
         unclaimed = False
     if unclaimed and run_dir.is_dir():
@@ -150,12 +150,6 @@ def settle_unclaimed(run_dir: Path) -> None:
 
 def _at(label: str) -> str:
     return f"{label}: " if label else ""
-
-
-def _holds_results(run_dir: Path) -> bool:
-    checkpoints = run_dir / rundir.CHECKPOINT_DIR
-    has_checkpoints = checkpoints.is_dir() and any(p.name.startswith("ckpt-") for p in checkpoints.iterdir())
-    return has_checkpoints or any((run_dir / name).exists() for name in (rundir.METRICS_FILE, rundir.PROGRESS_FILE))
 
 
 def _epochs_finished(run_dir: Path) -> Optional[int]:
@@ -374,16 +368,13 @@ def lease(run_dir: Path, me: Holder, label: str) -> Iterator[None]:
     The check and the take happen under an exclusive lock on ``.lease.lock`` in the directory, so
     two starters cannot both take it; the lease is removed on the way out if it is still ours.
     """
-    with _locked(run_dir / rundir.LEASE_LOCK):
+    with rundir.lease_lock(run_dir):
         check_lease(run_dir, me, label)
         rundir.write_lease(run_dir, dataclasses.asdict(me))
     try:
         yield
     finally:
-        with contextlib.suppress(rundir.RunFileError, OSError):
-            current = rundir.read_lease(run_dir)
-            if current is not None and current.get("holder") == dataclasses.asdict(me):
-                (run_dir / rundir.LEASE_FILE).unlink()
+        rundir.release_lease(run_dir, dataclasses.asdict(me))
 
 
 # Held by a launch while it checks its trials' directories, queues its jobs and records them.
@@ -400,23 +391,5 @@ def launch_lock(sweep_dir: Path) -> Iterator[None]:
     jobs recorded and is refused, naming them.
     """
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    with _locked(Path(sweep_dir) / LAUNCH_LOCK):
+    with exclusive_lock(Path(sweep_dir) / LAUNCH_LOCK):
         yield
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``path`` (created group-writable); carries on unlocked where flock is unsupported."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            log.warning("cannot lock %s (%s); taking the lease without a lock", path, exc.strerror)
-        yield
-    finally:
-        os.close(fd)

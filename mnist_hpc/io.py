@@ -9,8 +9,10 @@ files only, no NaN or Infinity; whatever the bytes, it returns a value or raises
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -20,6 +22,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
+
+log = logging.getLogger(__name__)
 
 
 def _file_mode() -> int:
@@ -200,6 +204,25 @@ def write_json_atomic(target: Path, obj: Any) -> None:
 def write_json_if_absent(target: Path, obj: Any) -> bool:
     """:func:`write_bytes_if_absent` of ``obj`` as :func:`write_json_atomic` writes it."""
     return write_bytes_if_absent(target, _json_bytes(obj))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created group-writable) for the duration; carries on
+    unlocked, with a warning, where the filesystem does not support flock."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log.warning("cannot lock %s (%s); going on without the lock", path, exc.strerror)
+        yield
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:

@@ -178,18 +178,18 @@ def test_a_run_without_final_metrics_continues_from_nothing_finished(tmp_path):
     assert claim.judge(tmp_path, identity, 1, "") == claim.Verdict("continue", 0)
 
 
-@pytest.mark.parametrize("leftover", [rundir.METRICS_FILE, rundir.PROGRESS_FILE, "checkpoints/ckpt-e00001-b0000000.npz"])
+@pytest.mark.parametrize("leftover", [rundir.METRICS_FILE, rundir.PROGRESS_FILE, str(Path(rundir.CHECKPOINT_DIR) / rundir.checkpoint_name(1, 0))])
 def test_results_without_an_identity_are_refused(tmp_path, leftover):
     (tmp_path / leftover).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / leftover).write_text("{}")
-    with pytest.raises(claim.RunConflict, match=f"^x: {tmp_path} holds results but no identity.json"):
+    with pytest.raises(claim.RunConflict, match=f"^x: {tmp_path} holds results but no {rundir.IDENTITY_FILE}"):
         claim.judge(tmp_path, {"data.sha256": SHA}, 1, "x")
 
 
 def test_a_directory_with_nothing_of_a_run_is_new(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
-    (tmp_path / "train.log").write_text("")
+    (tmp_path / rundir.CHECKPOINT_DIR).mkdir()
+    (tmp_path / rundir.CHECKPOINT_DIR / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / rundir.LOG_FILE).write_text("")
     assert claim.judge(tmp_path, {"data.sha256": SHA}, 1, "") == claim.Verdict("new")
     assert claim.judge(tmp_path / "absent", {"data.sha256": SHA}, 1, "") == claim.Verdict("new")
 
@@ -202,28 +202,28 @@ def test_a_damaged_identity_is_refused_without_a_label_prefix(tmp_path):
 
 def test_bind_makes_a_new_directory_the_runs_and_leaves_a_done_one_as_it_was(tmp_path):
     identity = {"train.seed": 0, "data.sha256": SHA}
-    (tmp_path / ".hydra-pending").mkdir()
-    (tmp_path / ".hydra-pending" / "config.yaml").write_text("attempt 1")
-    (tmp_path / ".metrics.json.x1.tmp").write_text("half")
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / ".ckpt.x2.tmp").write_text("half")
+    (tmp_path / rundir.HYDRA_PENDING_DIR).mkdir()
+    (tmp_path / rundir.HYDRA_PENDING_DIR / rundir.CONFIG_FILE).write_text("attempt 1")
+    (tmp_path / f".{rundir.METRICS_FILE}.x1.tmp").write_text("half")
+    (tmp_path / rundir.CHECKPOINT_DIR).mkdir()
+    (tmp_path / rundir.CHECKPOINT_DIR / ".ckpt.x2.tmp").write_text("half")
     rundir.write_failure(tmp_path, RuntimeError("earlier attempt"))
     assert claim.bind(tmp_path, identity, 2, "") == claim.Verdict("new")
     recorded = rundir.read_identity(tmp_path)
     assert recorded["config"] == identity and recorded["fingerprint"] == claim.fingerprint(identity)
-    assert (tmp_path / ".hydra" / "config.yaml").read_text() == "attempt 1"
-    assert not (tmp_path / ".hydra-pending").exists()
+    assert (tmp_path / rundir.HYDRA_DIR / rundir.CONFIG_FILE).read_text() == "attempt 1"
+    assert not (tmp_path / rundir.HYDRA_PENDING_DIR).exists()
     assert not (tmp_path / rundir.FAILURE_FILE).exists()
-    assert not (tmp_path / ".metrics.json.x1.tmp").exists() and not (tmp_path / "checkpoints" / ".ckpt.x2.tmp").exists()
+    assert not (tmp_path / f".{rundir.METRICS_FILE}.x1.tmp").exists() and not (tmp_path / rundir.CHECKPOINT_DIR / ".ckpt.x2.tmp").exists()
 
     history = [{"epoch": e, "loss": 0.1, "accuracy": 0.9} for e in (1, 2)]
     rundir.write_metrics(tmp_path, {"test_accuracy": 0.9, "history": history})
-    (tmp_path / ".hydra-pending").mkdir()
-    (tmp_path / ".hydra-pending" / "config.yaml").write_text("attempt 2")
+    (tmp_path / rundir.HYDRA_PENDING_DIR).mkdir()
+    (tmp_path / rundir.HYDRA_PENDING_DIR / rundir.CONFIG_FILE).write_text("attempt 2")
     rundir.write_failure(tmp_path, RuntimeError("failed after its metrics"))
     assert claim.bind(tmp_path, identity, 2, "") == claim.Verdict("done", 2)
-    assert (tmp_path / ".hydra" / "config.yaml").read_text() == "attempt 1"  # a done run changes nothing
-    assert not (tmp_path / ".hydra-pending").exists()
+    assert (tmp_path / rundir.HYDRA_DIR / rundir.CONFIG_FILE).read_text() == "attempt 1"  # a done run changes nothing
+    assert not (tmp_path / rundir.HYDRA_PENDING_DIR).exists()
     assert (tmp_path / rundir.METRICS_FILE).is_file() and (tmp_path / rundir.FAILURE_FILE).is_file()
 
 
@@ -245,11 +245,11 @@ def test_a_run_that_failed_before_its_claim_keeps_hydras_record_only_where_nobod
         (tmp_path / rundir.IDENTITY_FILE).write_text("{")
     elif claimed == "results":  # results of an unknown config
         rundir.write_progress(tmp_path, 0, 1, [])
-    (tmp_path / ".hydra-pending").mkdir()
-    (tmp_path / ".hydra-pending" / "overrides.yaml").write_text("- train.seed=1\n")
+    (tmp_path / rundir.HYDRA_PENDING_DIR).mkdir()
+    (tmp_path / rundir.HYDRA_PENDING_DIR / rundir.HYDRA_OVERRIDES.name).write_text("- train.seed=1\n")
     claim.settle_unclaimed(tmp_path)
-    assert not (tmp_path / ".hydra-pending").exists()
-    assert (tmp_path / ".hydra" / "overrides.yaml").is_file() is (claimed == "no")
+    assert not (tmp_path / rundir.HYDRA_PENDING_DIR).exists()
+    assert (tmp_path / rundir.HYDRA_OVERRIDES).is_file() is (claimed == "no")
 
 
 # --- claim: who writes it ------------------------------------------------------------------------
@@ -385,7 +385,7 @@ def local_record(run_dir: Path, pid: int, start: Optional[str], host: Optional[s
     folder = run_dir / ".submitit"
     folder.mkdir(parents=True, exist_ok=True)
     if ended:
-        (folder / f"{pid}_0_result.pkl").write_bytes(b"")
+        rundir.submitit_result_file(folder, str(pid)).write_bytes(b"")
     return rundir.JobRecord(cluster="local", job_id=str(pid), run_dir=str(run_dir), host=host or socket.gethostname(),
                             pid_start=start, submitit_folder=str(folder))
 
@@ -637,19 +637,19 @@ def groups(n: int = 11) -> dict[str, list[np.ndarray]]:
 
 
 def test_checkpoints_are_listed_furthest_along_first_and_two_are_kept(tmp_path):
-    assert checkpoint.list_checkpoints(tmp_path) == []
+    assert rundir.list_checkpoints(tmp_path) == []
     for epoch, batch in [(1, 0), (0, 40), (2, 0), (1, 30)]:
         checkpoint.write(tmp_path, state_of(epoch, batch), groups(), "fp")
-    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
-    assert names == ["ckpt-e00002-b0000000.npz", "ckpt-e00001-b0000030.npz"]
-    (tmp_path / "checkpoints" / "ckpt-e1-b1.npz").write_bytes(b"")
-    (tmp_path / "checkpoints" / "ckpt-e00009-b0000000.npz.tmp").write_bytes(b"")
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == names
+    names = [p.name for p in rundir.list_checkpoints(tmp_path)]
+    assert names == [rundir.checkpoint_name(2, 0), rundir.checkpoint_name(1, 30)]
+    (tmp_path / rundir.CHECKPOINT_DIR / "ckpt-e1-b1.npz").write_bytes(b"")  # not a checkpoint's name
+    (tmp_path / rundir.CHECKPOINT_DIR / f"{rundir.checkpoint_name(9, 0)}.tmp").write_bytes(b"")
+    assert [p.name for p in rundir.list_checkpoints(tmp_path)] == names
 
 
 def test_a_checkpoint_reads_back_what_was_written(tmp_path):
     path = checkpoint.write(tmp_path, state_of(3, 12), groups(), "abc")
-    assert path == tmp_path / "checkpoints" / "ckpt-e00003-b0000012.npz"
+    assert path == rundir.checkpoint_path(tmp_path, 3, 12)
     state = checkpoint.read(path)
     assert (state.epoch, state.batch, state.fingerprint, state.path) == (3, 12, "abc", path)
     assert state.history == state_of(3, 12).history
@@ -657,8 +657,8 @@ def test_a_checkpoint_reads_back_what_was_written(tmp_path):
     assert [int(v) for v in state.optimizer_values] == [7] and state.metric_values[0].tolist() == [1.5, 2.5]
 
 
-def header_file(tmp_path: Path, header: Any, name: str = "ckpt-e00001-b0000000.npz") -> Path:
-    path = tmp_path / "checkpoints" / name
+def header_file(tmp_path: Path, header: Any, name: str = rundir.checkpoint_name(1, 0)) -> Path:
+    path = tmp_path / rundir.CHECKPOINT_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
     return path
@@ -700,16 +700,16 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="mnist_hpc.compute.checkpoint"):
         assert checkpoint.load_latest(tmp_path, "fp").epoch == 1
     assert f"checkpoint {newest.name} is unreadable" in caplog.text
-    (tmp_path / "checkpoints" / "ckpt-e00001-b0000000.npz").write_bytes(b"PK\x03\x04")
-    with pytest.raises(checkpoint.CheckpointError, match=r"^no readable checkpoint in .*ckpt-e00002-b0000000.npz: .*; "
-                                                         r"ckpt-e00001-b0000000.npz: .*delete that directory"):
+    rundir.checkpoint_path(tmp_path, 1, 0).write_bytes(b"PK\x03\x04")
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^no readable checkpoint in .*{rundir.checkpoint_name(2, 0)}: .*; "
+                                                         rf"{rundir.checkpoint_name(1, 0)}: .*delete that directory"):
         checkpoint.load_latest(tmp_path, "fp")
 
 
 def test_a_checkpoint_of_another_config_is_refused_not_skipped(tmp_path):
     checkpoint.write(tmp_path, state_of(1, 0), groups(), "mine")
     checkpoint.write(tmp_path, state_of(2, 0), groups(), "other")
-    with pytest.raises(checkpoint.CheckpointError, match="ckpt-e00002-b0000000.npz was written by a run with a different config"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"{rundir.checkpoint_name(2, 0)} was written by a run with a different config"):
         checkpoint.load_latest(tmp_path, "mine")
     assert checkpoint.load_latest(tmp_path, "other").epoch == 2
 
@@ -1409,7 +1409,7 @@ def test_a_process_inflates_a_verified_object_once_and_checks_it_every_time(tmp_
 
 
 def test_a_checkpoint_holding_a_pickle_is_refused(tmp_path):
-    path = tmp_path / "checkpoints" / "ckpt-e00001-b0000000.npz"
+    path = rundir.checkpoint_path(tmp_path, 1, 0)
     path.parent.mkdir()
     np.savez(path, header=np.frombuffer(json.dumps(GOOD_HEADER).encode(), dtype=np.uint8),
              **{"model/0000": np.array([{"a": 1}], dtype=object)})
@@ -1572,11 +1572,11 @@ def test_a_labelled_refusal_starts_with_its_label(tmp_path):
 
 
 def test_bind_says_which_half_written_files_it_removed(tmp_path, caplog):
-    (tmp_path / ".progress.json.abc.tmp").write_text("half")
+    (tmp_path / f".{rundir.PROGRESS_FILE}.abc.tmp").write_text("half")
     with caplog.at_level(logging.INFO, logger="mnist_hpc.claim"):
         claim.bind(tmp_path, {"data.sha256": SHA}, 1, "")
     assert [r.getMessage() for r in caplog.records] == [
-        "removed .progress.json.abc.tmp, left half-written by a writer that is gone"]
+        f"removed .{rundir.PROGRESS_FILE}.abc.tmp, left half-written by a writer that is gone"]
 
 
 def test_a_trial_in_a_directory_of_the_sweeps_own_does_not_hide_the_next_trials_problem(tmp_path):

@@ -6,7 +6,6 @@ Runs through the real entry point (``mnist-hpc-train`` in a subprocess) and thro
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,10 +17,10 @@ import numpy as np
 import pytest
 
 from mnist_hpc import claim, rundir
-from mnist_hpc.compute import checkpoint
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
+from tests.helpers import checkpoint_positions, finished_metrics, resume_line, resumed_from, run_log
 from tests.test_resume import snapshot, strip_seconds, weights
 
 TRAIN = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
@@ -46,7 +45,7 @@ def finished(synthetic_cache: Path, tmp_path: Path) -> tuple[list[str], Path]:
     args = tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=2", "train.deterministic=true", f"hydra.run.dir={run_dir}"]
     proc = train_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["epochs_completed"] == 2
+    assert finished_metrics(run_dir)["epochs_completed"] == 2
     return args, run_dir
 
 
@@ -54,7 +53,7 @@ def test_rerun_with_another_config_is_refused_before_anything_changes(finished, 
     """Case 2: config.yaml and .hydra/ keep the finished run's config; the refusal names the key."""
     args, run_dir = finished
     before = snapshot(run_dir)
-    assert "hidden_units:\n  - 512" in before["config.yaml"].decode()
+    assert "hidden_units:\n  - 512" in before[rundir.CONFIG_FILE].decode()
     proc = train_cli(args + ["model.hidden_units=[256]"], tmp_path)
     assert_one_line_refusal(proc, "model.hidden_units: [512] -> [256]", "use a new directory")
     assert snapshot(run_dir) == before
@@ -73,19 +72,19 @@ def test_fewer_epochs_are_refused_more_continue_and_equal_is_done(finished, comp
     proc = train_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = snapshot(run_dir)
-    assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+    assert {k: v for k, v in after.items() if k != rundir.LOG_FILE} == {k: v for k, v in before.items() if k != rundir.LOG_FILE}
 
     # More epochs: the run continues and its files describe a 3-epoch run, equal to a fresh one.
     proc = train_cli(args[:-2] + ["train.epochs=3", "train.deterministic=true", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from ckpt-e00002-b0000000.npz" in (run_dir / "train.log").read_text()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert resume_line(2, 0) in run_log(run_dir)
+    metrics = finished_metrics(run_dir)
     assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
-    assert "epochs: 3" in (run_dir / "config.yaml").read_text()
+    assert "epochs: 3" in (run_dir / rundir.CONFIG_FILE).read_text()
     assert rundir.read_progress(run_dir).epochs_planned == 3
     fresh_cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "train.deterministic=true"]))
     fresh = train_and_evaluate(fresh_cfg, tmp_path / "fresh")
-    fresh_metrics = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
+    fresh_metrics = finished_metrics(tmp_path / "fresh")
     assert metrics["test_accuracy"] == fresh["test_accuracy"]
     assert strip_seconds(metrics["history"]) == strip_seconds(fresh_metrics["history"])
     for got, want in zip(weights(run_dir), weights(tmp_path / "fresh")):
@@ -106,22 +105,24 @@ def test_a_second_live_writer_is_refused_and_a_dead_one_taken_over(tmp_path):
             assert time.time() < deadline and first.poll() is None, "first run did not start training"
             time.sleep(0.2)
         holder = rundir.read_lease(run_dir)["holder"]
+        # What a live writer goes on changing while the second is refused.
+        changing = (rundir.CHECKPOINT_DIR, rundir.PROGRESS_FILE, rundir.LOG_FILE, rundir.TENSORBOARD_DIR, f".{rundir.PROGRESS_FILE}.")
         assert holder["pid"] == first.pid and holder["slurm_job_id"] is None
-        before = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(("checkpoints", "progress", "train.log", "tensorboard", ".progress.json."))}
+        before = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(changing)}
 
         second = train_cli(args, tmp_path)
         assert_one_line_refusal(second, f"is being written by a process (pid {first.pid} on", "still alive")
-        after = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(("checkpoints", "progress", "train.log", "tensorboard", ".progress.json."))}
+        after = {k: v for k, v in snapshot(run_dir).items() if not k.startswith(changing)}
         assert after == before
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     assert rundir.read_lease(run_dir)["holder"]["pid"] == first.pid  # left behind by the kill
 
-    done = max(int(p.name[6:11]) for p in (run_dir / rundir.CHECKPOINT_DIR).glob("ckpt-*.npz"))
+    done = max(epoch for epoch, _ in checkpoint_positions(run_dir))
     third = train_cli(tiny_overrides(cache, tmp_path) + [f"train.epochs={done + 1}", f"hydra.run.dir={run_dir}"], tmp_path)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert f"resuming from ckpt-e{done:05d}" in (run_dir / "train.log").read_text()
+    assert done in [epoch for epoch, _ in resumed_from(run_log(run_dir))]
     assert rundir.read_lease(run_dir) is None  # released at the end
 
 
@@ -133,7 +134,7 @@ def test_stale_temporaries_of_a_dead_writer_are_removed(compose, synthetic_cache
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1)])
-    stale = [run_dir / ".metrics.json.k3j2.tmp", run_dir / rundir.CHECKPOINT_DIR / ".ckpt-e00001-b0000000.npz.x1.tmp.npz"]
+    stale = [run_dir / f".{rundir.METRICS_FILE}.k3j2.tmp", run_dir / rundir.CHECKPOINT_DIR / f".{rundir.checkpoint_name(1, 0)}.x1.tmp.npz"]
     for path in stale:
         path.write_bytes(b"half")
     train_and_evaluate(cfg, run_dir)
@@ -156,7 +157,7 @@ def test_damaged_checkpoints_end_in_one_line(compose, synthetic_cache, tmp_path,
     run_dir = tmp_path / "run"
     train_and_evaluate(cfg, run_dir)
     (run_dir / rundir.METRICS_FILE).unlink()  # an unfinished run: it will want its checkpoints
-    for path in checkpoint.list_checkpoints(run_dir):
+    for path in rundir.list_checkpoints(run_dir):
         if damage == "truncate":
             path.write_bytes(path.read_bytes()[:500])
         elif damage == "json-list":
@@ -203,13 +204,13 @@ def test_a_run_stopped_by_a_full_disk_says_so_and_resumes_once_space_is_freed(co
     filler.write_bytes(b"\0" * (7 * 2**20))
     proc = train_cli(args, tmp_path)
     assert_one_line_refusal(proc, "no space left on the device", "resumes from its last checkpoint")
-    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["ckpt-e00001-b0000000.npz"]
+    assert checkpoint_positions(run_dir) == [(1, 0)]
     assert not list(run_dir.rglob(".*.tmp*"))  # the failed write took its temporary file with it
 
     filler.unlink()
     proc = train_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from ckpt-e00001-b0000000.npz" in (run_dir / "train.log").read_text()
+    assert resume_line(1, 0) in run_log(run_dir)
     fresh_cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "train.deterministic=true"]))
     train_and_evaluate(fresh_cfg, tmp_path / "fresh")
     for got, want in zip(weights(run_dir), weights(tmp_path / "fresh")):

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from mnist_hpc import rundir
 from mnist_hpc.config import flat_config, to_typed
 from tests.conftest import REPO
 
@@ -295,8 +296,8 @@ def test_a_config_that_resolves_otherwise_on_the_node_is_refused_with_failure_js
             trial()
     finally:
         Singleton.set_state(ours)
-    failure = json.loads((job.run_dir / "failure.json").read_text())
-    assert "not the one checked on the login node" in failure["error"] and "data.filename" in failure["error"]
+    error = rundir.read_failure(job.run_dir)
+    assert "not the one checked on the login node" in error and "data.filename" in error
 
 
 # --- writing many files -------------------------------------------------------------------------
@@ -314,8 +315,8 @@ def test_many_files_are_written_atomically_with_one_flush(tmp_path, monkeypatch)
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
     (tmp_path / "3").mkdir()
-    (tmp_path / "3" / "job.json").write_text("old")
-    files = [(tmp_path / str(i) / "job.json", f"record {i}".encode()) for i in range(5)]
+    (tmp_path / "3" / rundir.JOB_FILE).write_text("old")
+    files = [(tmp_path / str(i) / rundir.JOB_FILE, f"record {i}".encode()) for i in range(5)]
     io.write_files_atomic(files)
     assert [p.read_bytes() for p, _ in files] == [data for _, data in files]
     mask = os.umask(0)
@@ -333,14 +334,14 @@ def test_a_failed_batch_write_changes_no_file_and_leaves_no_temporaries(tmp_path
     from mnist_hpc.io import write_files_atomic
 
     (tmp_path / "0").mkdir()
-    (tmp_path / "0" / "job.json").write_text("old")
+    (tmp_path / "0" / rundir.JOB_FILE).write_text("old")
     (tmp_path / "blocker").write_text("a file where a directory should be")
-    files = [(tmp_path / "0" / "job.json", b"new"), (tmp_path / "1" / "job.json", b"new"),
-             (tmp_path / "blocker" / "2" / "job.json", b"new")]
+    files = [(tmp_path / "0" / rundir.JOB_FILE, b"new"), (tmp_path / "1" / rundir.JOB_FILE, b"new"),
+             (tmp_path / "blocker" / "2" / rundir.JOB_FILE, b"new")]
     with pytest.raises(OSError):
         write_files_atomic(files)
-    assert (tmp_path / "0" / "job.json").read_text() == "old"
-    assert not (tmp_path / "1" / "job.json").exists()
+    assert (tmp_path / "0" / rundir.JOB_FILE).read_text() == "old"
+    assert not (tmp_path / "1" / rundir.JOB_FILE).exists()
     assert not list(tmp_path.rglob(".*.tmp*"))
 
 
@@ -359,9 +360,9 @@ def test_liveness_of_many_jobs_is_read_from_one_squeue_listing():
 def test_a_batch_write_whose_temporary_vanished_writes_that_file_alone(tmp_path, monkeypatch):
     """A job that starts before the launcher's batch lands takes its lease and removes the directory's
     temporaries (a dead writer's, it must assume): that job.json is then written on its own."""
-    from mnist_hpc import io, rundir
+    from mnist_hpc import io
 
-    files = [(tmp_path / str(i) / "job.json", f"record {i}".encode()) for i in range(3)]
+    files = [(tmp_path / str(i) / rundir.JOB_FILE, f"record {i}".encode()) for i in range(3)]
     real_sync = io.sync_filesystem
 
     def sync_and_claim(directory):

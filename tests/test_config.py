@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from mnist_hpc import rundir
 from mnist_hpc.config import ConfigError, OptimizerName, to_typed
 
 
@@ -84,7 +85,7 @@ def test_cli_rejects_bad_config_before_training(tmp_path: Path):
         )
         assert proc.returncode != 0
         assert key in proc.stderr + proc.stdout
-        assert not list(tmp_path.rglob("metrics.json"))
+        assert not list(tmp_path.rglob(rundir.METRICS_FILE))
 
 
 # --- what each key decides: one source (KeyFacts on the schema) --------------------------------------

@@ -3,7 +3,6 @@ themselves (local processes posing as the tasks of one srun step; the cluster te
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import signal
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_hpc import rundir
 from mnist_hpc.compute.cluster import (
     PORT_BASE,
     LayoutError,
@@ -26,6 +26,7 @@ from mnist_hpc.compute.runtime import RuntimeInfo
 from mnist_hpc.config import ConfigError, Distribution, to_typed
 from tests import local_workers
 from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
+from tests.helpers import checkpoint_positions, finished_metrics, resume_line, run_json
 
 
 def step(rank: int, ntasks: int, nodelist: str, tasks_per_node: str, node: str, job: str = "1234", **extra) -> RuntimeInfo:
@@ -189,23 +190,23 @@ def test_two_workers_train_one_run_equal_to_one_process(cache, tmp_path, compose
     run = tmp_path / "two"
     [chief_digest], [worker_digest] = digests(logs[0]), digests(logs[1])
     assert chief_digest == worker_digest  # each worker's own final weights
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = finished_metrics(run)
     assert metrics["workers"] == 2 and [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
-    assert json.loads((run / "provenance.json").read_text())["distribution"]["workers"] == 2
+    assert run_json(run, rundir.PROVENANCE_FILE)["distribution"]["workers"] == 2
     assert abs(metrics["test_accuracy"] - one["test_accuracy"]) < 0.01
     # Sums in another order: rounding, which RMSprop magnifies where gradients are near zero.
     for got, want in zip(weights(run), weights(tmp_path / "one")):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
         assert np.abs(got - want).mean() <= 1e-4 * np.abs(want).mean()
-    one_history = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]
+    one_history = finished_metrics(tmp_path / "one")["history"]
     for got, want in zip(strip_seconds(metrics["history"]), strip_seconds(one_history)):
         assert got.keys() == want.keys()
         for key in got:
             assert got[key] == pytest.approx(want[key], abs=2e-4), key
     # Epoch lines and checkpoint files once: only the chief logs for people and writes.
     assert sum("epoch 1/3" in line for line in logs[0].splitlines()) == 1
-    assert "epoch 1/3" not in logs[1] and "checkpoint ckpt-" not in logs[1]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-e00002-b0000000.npz", "ckpt-e00003-b0000000.npz"]
+    assert "epoch 1/3" not in logs[1] and not any(rundir.checkpoint_name(e, 0) in logs[1] for e in (1, 2, 3))
+    assert sorted(p.name for p in (run / rundir.CHECKPOINT_DIR).iterdir()) == [rundir.checkpoint_name(2, 0), rundir.checkpoint_name(3, 0)]
 
 
 def test_a_batch_the_workers_do_not_divide_still_averages_over_the_global_batch(cache, tmp_path, compose):
@@ -216,12 +217,12 @@ def test_a_batch_the_workers_do_not_divide_still_averages_over_the_global_batch(
     codes, logs = run_local(tmp_path, "odd", [str(tmp_path / "odd")] + args)
     assert codes == [0, 0], logs
     one = train_and_evaluate(to_typed(compose(args)), tmp_path / "one")
-    history = json.loads((tmp_path / "odd" / "metrics.json").read_text())["history"][0]
-    one_history = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"][0]
+    history = finished_metrics(tmp_path / "odd")["history"][0]
+    one_history = finished_metrics(tmp_path / "one")["history"][0]
     # Accuracy is a count of rows: equal exactly unless a padding row were counted.
     assert history["accuracy"] == pytest.approx(one_history["accuracy"], abs=1e-6)
     assert history["loss"] == pytest.approx(one_history["loss"], rel=1e-4)
-    assert one["test_accuracy"] == pytest.approx(json.loads((tmp_path / "odd" / "metrics.json").read_text())["test_accuracy"], abs=0.01)
+    assert one["test_accuracy"] == pytest.approx(finished_metrics(tmp_path / "odd")["test_accuracy"], abs=0.01)
 
 
 def test_usr2_mid_epoch_stops_both_workers_at_one_step_and_the_resume_is_bit_identical(cache, tmp_path):
@@ -234,15 +235,15 @@ def test_usr2_mid_epoch_stops_both_workers_at_one_step_and_the_resume_is_bit_ide
     assert codes == [128 + signal.SIGUSR2] * 2, logs
     # The same step boundary on both workers, and neither left before the chief's checkpoint was written.
     assert all("STOPPED 1 6 checkpoint-written=True" in log for log in logs), logs
-    assert [p.name for p in sorted((run / "checkpoints").iterdir())][-1] == "ckpt-e00001-b0000006.npz"
-    assert not (run / "metrics.json").exists()
-    assert json.loads((run / "progress.json").read_text())["epochs_done"] == 1
+    assert checkpoint_positions(run)[0] == (1, 6)
+    assert not (run / rundir.METRICS_FILE).exists()
+    assert rundir.read_progress(run).epochs_done == 1
 
     codes, logs = run_local(tmp_path, "resume", [str(run)] + args)
     assert codes == [0, 0], logs
-    assert "resuming from ckpt-e00001-b0000006.npz: 1 epoch(s) and 6 batch(es) done" in logs[0]
-    metrics = json.loads((run / "metrics.json").read_text())
-    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert f"{resume_line(1, 6)}: 1 epoch(s) and 6 batch(es) done" in logs[0]
+    metrics = finished_metrics(run)
+    ref = finished_metrics(tmp_path / "ref")
     assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
     assert strip_seconds(metrics["history"]) == strip_seconds(ref["history"])
     assert metrics["test_accuracy"] == ref["test_accuracy"]
@@ -255,7 +256,7 @@ def test_a_killed_worker_ends_the_other_with_failure_json_naming_it(cache, tmp_p
     args = overrides(cache, tmp_path, "train.epochs=200", f"hydra.run.dir={run}")
     procs = local_workers.start(local_workers.CLI + args, 2, tmp_path, tmp_path / "logs")
     deadline = time.time() + 300
-    while not (run / "checkpoints" / "ckpt-e00002-b0000000.npz").exists():
+    while not rundir.checkpoint_path(run, 2, 0).exists():
         assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "logs" / "task0.log").read_text()[-3000:]
         time.sleep(0.2)
     procs[1].kill()
@@ -265,9 +266,8 @@ def test_a_killed_worker_ends_the_other_with_failure_json_naming_it(cache, tmp_p
     procs[1].wait()
     assert code != 0
     assert ended_after < 60, ended_after
-    failure = json.loads((run / "failure.json").read_text())
-    assert "WorkerFailure: worker 1 of 2 (Slurm task 1 on node localhost) died, hung or became unreachable" in failure["error"]
-    assert not (run / "metrics.json").exists()
+    assert "WorkerFailure: worker 1 of 2 (Slurm task 1 on node localhost) died, hung or became unreachable" in rundir.read_failure(run)
+    assert not (run / rundir.METRICS_FILE).exists()
 
 
 def test_a_worker_that_never_joins_ends_the_chief_within_the_timeout(cache, tmp_path):
@@ -276,8 +276,7 @@ def test_a_worker_that_never_joins_ends_the_chief_within_the_timeout(cache, tmp_
     [chief] = local_workers.start(local_workers.CLI + args, 2, tmp_path, tmp_path / "logs", ranks=[0])
     code = chief.wait(timeout=300)
     assert code != 0
-    failure = json.loads((run / "failure.json").read_text())
-    assert "not all 2 workers joined within train.collective_timeout_s=15 s" in failure["error"]
+    assert "not all 2 workers joined within train.collective_timeout_s=15 s" in rundir.read_failure(run)
 
 
 def test_independent_copies_are_refused_before_training(cache, tmp_path):
@@ -288,7 +287,7 @@ def test_independent_copies_are_refused_before_training(cache, tmp_path):
     log = (tmp_path / "logs" / "task0.log").read_text()
     assert "train.distribution=none: they would train 2 independent copies into one run directory" in log
     assert "Traceback" not in log
-    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+    assert not (run / rundir.CONFIG_FILE).exists() and not (run / rundir.CHECKPOINT_DIR).exists()
 
 
 # --- the launcher: a multi-task job trains one run, or nothing is queued ----------------------------
@@ -347,7 +346,7 @@ def test_two_workers_on_real_mnist_reach_the_single_workers_accuracy(tmp_path, c
     codes, logs = run_local(tmp_path, "real", [str(tmp_path / "two")] + args)
     assert codes == [0, 0], logs[0][-3000:]
     one = train_and_evaluate(to_typed(compose(args)), tmp_path / "one")
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    two = finished_metrics(tmp_path / "two")
     assert two["workers"] == 2 and two["epochs_completed"] == 5
     assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.005, (two["test_accuracy"], one["test_accuracy"])
     assert two["test_accuracy"] >= 0.975

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import errno
-import json
 import re
 from pathlib import Path
 
 import pytest
 
-from mnist_hpc import claim
+from mnist_hpc import claim, rundir
 from mnist_hpc.cache import CacheCorruptError
 from mnist_hpc.compute.failures import exit_on, known_error
 from tests.conftest import tiny_overrides
@@ -52,7 +51,7 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_queueing(synthet
     )
     assert proc.returncode != 0 and "nothing was queued" in proc.stderr
     assert "trial 1: train.batch_size=100000 exceeds the 600 training samples; use at most 600" in proc.stderr
-    assert not list((tmp_path / "sweep").rglob("job.json"))
+    assert not list((tmp_path / "sweep").rglob(rundir.JOB_FILE))
 
 
 @pytest.mark.parametrize("procid, writes", [("0", True), ("1", False), (None, True)])
@@ -72,9 +71,9 @@ def test_an_unloadable_job_is_recorded_once_by_the_first_task(tmp_path, monkeypa
         entry()
     assert stop.value.code == 1
     for d in ("a", "b"):
-        assert (tmp_path / d / "failure.json").exists() is writes
+        assert (tmp_path / d / rundir.FAILURE_FILE).exists() is writes
         if writes:
-            assert "cannot be loaded" in json.loads((tmp_path / d / "failure.json").read_text())["error"]
+            assert "cannot be loaded" in rundir.read_failure(tmp_path / d)
 
 
 # --- a run directory that cannot be written: one line before Hydra touches it (issue I8) --------

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc.compute import checkpoint, engine
+from mnist_hpc import rundir
+from mnist_hpc.compute import engine
 from mnist_hpc.compute.data import load_mnist, one_hot, prepare_images
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import DataConfig, Execution, TrainConfig, to_typed
@@ -23,7 +24,7 @@ EXECUTION_KEYS = {"execution", "jit_compile", "steps_per_execution"}
 
 def run(cfg, run_dir: Path, callbacks=()) -> tuple[dict, list[dict], list[np.ndarray]]:
     result = train_and_evaluate(cfg, run_dir, callbacks=callbacks)
-    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    history = rundir.read_metrics(run_dir)["history"]
     return result, strip_seconds(history), weights(run_dir)
 
 
@@ -95,9 +96,9 @@ def test_compiled_loop_without_xla_equals_keras_fit_bit_for_bit(compose, overrid
     assert_same_run(loop, fit)
     assert [row["epoch"] for row in loop[1]] == [1, 2, 3] and "val_accuracy" in loop[1][0]
     # The same files in the same format: history.csv has fit's columns in fit's order.
-    header = (tmp_path / "fit" / "history.csv").read_text().splitlines()[0]
+    header = (tmp_path / "fit" / rundir.HISTORY_FILE).read_text().splitlines()[0]
     assert header == "epoch,accuracy,loss,val_accuracy,val_loss,seconds"
-    assert (tmp_path / "loop" / "history.csv").read_text().splitlines()[0] == header
+    assert (tmp_path / "loop" / rundir.HISTORY_FILE).read_text().splitlines()[0] == header
     assert sorted(p.name for p in (tmp_path / "loop").iterdir()) == sorted(p.name for p in (tmp_path / "fit").iterdir())
 
 
@@ -124,7 +125,7 @@ def test_xla_loop_interrupted_mid_epoch_resumes_bit_identically(compose, overrid
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1, at_batch=11)])
-    assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00001-b0000010.npz"
+    assert rundir.list_checkpoints(run_dir)[0] == rundir.checkpoint_path(run_dir, 1, 10)
     with caplog.at_level("INFO", logger="mnist_hpc.compute"):
         resumed = run(cfg, run_dir)
     assert "1 epoch(s) and 10 batch(es) done" in caplog.text
@@ -139,7 +140,7 @@ def test_xla_loop_interrupted_between_epochs_resumes_bit_identically(compose, ov
     # An epoch hook only: calls keep their full length while it watches.
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2)])
-    assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00002-b0000000.npz"
+    assert rundir.list_checkpoints(run_dir)[0] == rundir.checkpoint_path(run_dir, 2, 0)
     assert_same_run(run(cfg, run_dir), reference)
 
 

@@ -7,13 +7,13 @@ passed.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from mnist_hpc import rundir
 from mnist_hpc.compute.runtime import gpu_memory_growth
 from tests.conftest import tiny_overrides
 
@@ -71,4 +71,4 @@ def test_training_on_a_gpu_runs_with_memory_growth(synthetic_cache: Path, tmp_pa
     metrics = train_and_evaluate(cfg, tmp_path / "run")
     assert all(tf.config.experimental.get_memory_growth(gpu) for gpu in gpus)
     assert metrics["epochs_completed"] == 1 and 0.5 < metrics["test_accuracy"] <= 1.0
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
+    assert rundir.read_metrics(tmp_path / "run")["test_accuracy"] == metrics["test_accuracy"]

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from mnist_hpc import rundir
 from tests.conftest import tiny_overrides
+from tests.helpers import finished_metrics, run_json
 from tests.test_trial_dirs import REPORT, STATUS, TRAIN, run, until
 
 LOCAL = ["-m", "hydra/launcher=local", "train.deterministic=true"]
@@ -107,18 +109,18 @@ def test_two_launches_racing_into_one_sweep_take_turns_and_report_the_truth(synt
             a = subprocess.Popen(sweep(synthetic_cache, tmp_path, sweep_dir, "hydra.launcher.wait=true", "train.seed=0",
                                        "train.epochs=3", "hydra.launcher.trials_per_task=1"), stdout=fo, stderr=fe)
         until(lambda: waiting_for_a_lock(a.pid), "launch A to wait for the launch lock")
-        assert not (sweep_dir / "0" / "job.json").exists()
+        assert not (sweep_dir / "0" / rundir.JOB_FILE).exists()
     finally:
         os.kill(b.pid, signal.SIGCONT)
     b_code = b.wait(timeout=600)
     a_code = a.wait(timeout=600) if a is not None else None
     # B went first: its trial trained and completed; A was refused before queueing, naming B's job.
     assert b_code == 0, err_b.read_text()[-2000:]
-    record = json.loads((sweep_dir / "0" / "job.json").read_text())
+    record = run_json(sweep_dir / "0", rundir.JOB_FILE)
     assert a_code == 1 and "nothing was queued" in err_a.read_text()
     assert f"its earlier job {record['job_id']}" in err_a.read_text() or "holds a run of another config" in err_a.read_text()
-    identity = json.loads((sweep_dir / "0" / "identity.json").read_text())
-    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    identity = rundir.read_identity(sweep_dir / "0")
+    metrics = finished_metrics(sweep_dir / "0")
     assert identity["config"]["train.seed"] == 1 and "train.seed=1" in record["overrides"]
     assert record["fingerprint"] == identity["fingerprint"] == metrics["fingerprint"]
     status = run([*STATUS, "--json", str(sweep_dir)], tmp_path)
@@ -126,7 +128,7 @@ def test_two_launches_racing_into_one_sweep_take_turns_and_report_the_truth(synt
     assert row["state"] == "COMPLETED" and row["job_id"] == record["job_id"], row
 
 
-@pytest.mark.parametrize("entry, kind", [("checkpoints", "file"), ("model.keras", "dir"), ("train.log", "dir")])
+@pytest.mark.parametrize("entry, kind", [(rundir.CHECKPOINT_DIR, "file"), (rundir.MODEL_FILE, "dir"), (rundir.LOG_FILE, "dir")])
 def test_a_run_directory_entry_of_the_wrong_type_is_one_line(synthetic_cache, tmp_path, entry, kind):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -6,7 +6,6 @@ the invariant; a failure to set the case up raises :class:`Precondition` and is 
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -18,6 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from mnist_hpc import rundir
 from mnist_hpc import search as sd
 from tests.test_launch import TRAIN, run_login_command
 from tests.test_search import search_args, wait_for_study
@@ -64,7 +64,7 @@ def test_a_search_shares_its_trials_as_a_sweep_does_under_the_users_umask(synthe
         need(time.monotonic() < deadline, "the worker did not end")
         time.sleep(0.5)
     modes = {p.relative_to(search_dir).as_posix(): stat.S_IMODE(p.stat().st_mode)
-             for p in [search_dir / "0", search_dir / "0" / "metrics.json", *(search_dir / "workers").glob("*.json")]}
+             for p in [search_dir / "0", search_dir / "0" / rundir.METRICS_FILE, *(search_dir / "workers").glob("*.json")]}
     readable = {name: mode & 0o040 != 0 for name, mode in modes.items()}
     assert all(readable.values()), {name: f"{mode:04o}" for name, mode in modes.items()}
 
@@ -89,7 +89,7 @@ def test_a_search_trial_whose_config_resolves_otherwise_on_the_node_is_not_told(
     study = optuna.load_study(study_name=spec.study_name, storage=sd.open_storage(search_dir))
     for trial in study.get_trials():
         if trial.state == TrialState.COMPLETE:
-            identity = json.loads((search_dir / str(trial.number) / "identity.json").read_text())["config"]
+            identity = rundir.read_identity(search_dir / str(trial.number))["config"]
             assert identity["train.seed"] == spec.identity["train.seed"], (
                 f"trial {trial.number} trained with train.seed={identity['train.seed']} and was told to a study of "
                 f"train.seed={spec.identity['train.seed']}")

@@ -265,9 +265,11 @@ def test_quickstart_on_the_system_python_makes_a_venv_and_trains(tmp_path: Path,
     installed = [canonicalize_name(d["name"]) for d in json.loads(listing.stdout)]
     assert [n for n in installed if is_tensorflow(n)] == ["tensorflow-cpu"]
 
-    [metrics_file] = output_root.rglob("metrics.json")
-    metrics = json.loads(metrics_file.read_text())
+    from mnist_hpc import rundir
+
+    [metrics_file] = output_root.rglob(rundir.METRICS_FILE)
+    metrics = rundir.read_metrics(metrics_file.parent)
     assert metrics["epochs_completed"] == 1
     assert metrics["test_accuracy"] >= 0.9  # one epoch of the lesson on real MNIST: about 0.96
-    provenance = json.loads((metrics_file.parent / "provenance.json").read_text())
+    provenance = json.loads((metrics_file.parent / rundir.PROVENANCE_FILE).read_text())
     assert provenance["python_executable"] == str(system_venv / "bin" / "python")

@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from mnist_hpc import rundir
 from mnist_hpc.contract import guard
 from mnist_hpc.contract.guard import UnsafeJobFile
 from tests.conftest import REPO, fill_cache, tiny_overrides
@@ -292,7 +293,7 @@ def run_guard(anchor: Path, job_id: str = "12", umask: int = 0o077, cwd: Path = 
 
 def result_of(anchor: Path, job_id: str = "12", mode: int = 0o600) -> tuple[str, Any]:
     """The job's result (``mode``: at most these bits; a job's own writes follow the user's umask)."""
-    path = anchor / job_id / f"{job_id}_0_result.pkl"
+    path = rundir.submitit_result_file(anchor / job_id, job_id)
     assert stat.S_IMODE(path.stat().st_mode) & ~mode == 0
     return pickle.loads(path.read_bytes())
 
@@ -341,7 +342,7 @@ def test_the_guarded_command_refuses_before_unpickling(tmp_path: Path, attack: s
     [line] = proc.stderr.splitlines()
     assert line.startswith(f"mnist-hpc: error: {reason}")
     assert not marker.exists()
-    assert not (anchor / "12" / "12_0_result.pkl").exists()  # nothing of submitit's ran either
+    assert not rundir.submitit_result_file(anchor / "12", "12").exists()  # nothing of submitit's ran either
 
 
 def test_a_refusal_inside_the_job_is_one_line_too(tmp_path: Path) -> None:
@@ -570,7 +571,7 @@ class JobFiles:
         self.folder = Path(record["submitit_folder"])
         self.pickle = self.folder / f"{self.id}_submitted.pkl"
         self.stderr = Path(record["stderr"])
-        self.result = self.folder / f"{self.id}_0_result.pkl"
+        self.result = rundir.submitit_result_file(self.folder, self.id)
         self.run_dir = Path(record["run_dir"])
 
     def error_lines(self) -> list[str]:
@@ -628,7 +629,7 @@ class People:
                      "+hydra.launcher.additional_parameters.hold=true"]
         proc = self.run(A, *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        files = sorted(sweep.glob("*/job.json"), key=lambda p: int(p.parent.name))
+        files = sorted(sweep.glob(f"*/{rundir.JOB_FILE}"), key=lambda p: int(p.parent.name))
         jobs = [JobFiles(json.loads(p.read_text())) for p in files]
         self.queued += [(launcher, job.id) for job in jobs]
         return jobs
@@ -780,7 +781,7 @@ def test_another_user_cannot_make_your_jobs_run_their_code(people: People, launc
     for sweep, job in ((project / "sweep2", launched), (project / "sweep3", swapped)):
         [row] = people.status(A, sweep)
         assert (row["state"], row["error"]) == ("FAILED", job.error_lines()[0].removeprefix("mnist-hpc: error: "))
-    assert owner_and_mode(jobs[4].run_dir / "metrics.json") == (A, 0o664)
+    assert owner_and_mode(jobs[4].run_dir / rundir.METRICS_FILE) == (A, 0o664)
     if launcher == "slurm":
         from tests.slurm_helpers import sacct_states
 

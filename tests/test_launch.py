@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mnist_hpc import rundir
 from tests.conftest import tiny_overrides
 
 TRAIN = "from mnist_hpc.cli import train_main; train_main()"
@@ -59,17 +59,16 @@ def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tm
     assert not tf, "the submission path imported TensorFlow"
     out = proc.stdout
     assert "queued 2 job(s) on local" in out and str(tmp_path / "sweep") in out and "_log.out" in out
-    jobs = [json.loads((tmp_path / "sweep" / str(i) / "job.json").read_text()) for i in (0, 1)]
-    assert [j["trial"] for j in jobs] == [0, 1]
-    assert jobs[1]["overrides"][-1] == "train.seed=2"
+    jobs = [rundir.read_job(tmp_path / "sweep" / str(i)) for i in (0, 1)]
+    assert [j.trial for j in jobs] == [0, 1]
+    assert jobs[1].overrides[-1] == "train.seed=2"
     # Non-blocking: the command is back before the jobs have trained.
-    assert not (tmp_path / "sweep" / "0" / "metrics.json").exists()
+    assert not (tmp_path / "sweep" / "0" / rundir.METRICS_FILE).exists()
     deadline = time.time() + 300
-    while time.time() < deadline and not all((tmp_path / "sweep" / str(i) / "metrics.json").exists() for i in (0, 1)):
+    while time.time() < deadline and not all((tmp_path / "sweep" / str(i) / rundir.METRICS_FILE).exists() for i in (0, 1)):
         time.sleep(1)
     for i in (0, 1):
-        metrics = json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())
-        assert metrics["epochs_completed"] == 1
+        assert rundir.read_metrics(tmp_path / "sweep" / str(i))["epochs_completed"] == 1
     # Hydra's context travels once per launch, in its own file; each job's pickle names it.
     [context_file] = (tmp_path / "sweep" / ".submitit").glob("launch-*.pkl")
     pickles = sorted((tmp_path / "sweep" / ".submitit").glob("*/*_submitted.pkl"))
@@ -89,7 +88,7 @@ def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tm
 
 
 def _nothing_queued(tmp_path: Path) -> bool:
-    return not list((tmp_path / "sweep").rglob("job.json")) and not (tmp_path / "sweep" / ".submitit").exists()
+    return not list((tmp_path / "sweep").rglob(rundir.JOB_FILE)) and not (tmp_path / "sweep" / ".submitit").exists()
 
 
 def test_missing_cache_refuses_submission(tmp_path):
@@ -215,7 +214,7 @@ def test_local_launcher_with_wait_blocks_until_trials_end_and_fails_with_a_faile
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Blocking: both trials had finished when the command returned.
-    assert [json.loads((sweep / str(i) / "metrics.json").read_text())["epochs_completed"] for i in (0, 1)] == [1, 1]
+    assert [rundir.read_metrics(sweep / str(i))["epochs_completed"] for i in (0, 1)] == [1, 1]
 
     # A trial that fails at run time makes the waiting command fail, naming the trial and its error.
     failing = tmp_path / "failing"
@@ -226,4 +225,4 @@ def test_local_launcher_with_wait_blocks_until_trials_end_and_fails_with_a_faile
     assert "1 of 2 trial(s) did not finish" in proc.stderr
     [line] = [line for line in proc.stderr.splitlines() if line.strip().startswith("trial ")]
     assert line.strip().startswith("trial 1 [data.validation_split=1e-09]: FAILED: ") and "validation_split=1e-09" in line
-    assert (failing / "0" / "metrics.json").is_file() and (failing / "1" / "failure.json").is_file()
+    assert (failing / "0" / rundir.METRICS_FILE).is_file() and (failing / "1" / rundir.FAILURE_FILE).is_file()

@@ -409,10 +409,10 @@ def test_without_validation_data_it_ranks_by_test_and_says_so(
 def test_single_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A plain `mnist-hpc-train` run: Hydra's files and the run's outputs, no job.json.
     run = tmp_path / "runs" / "2026-01-01" / "10-00-00"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text("- data.validation_split=0.1\n")
+    (run / rundir.HYDRA_DIR).mkdir(parents=True)
+    (run / rundir.HYDRA_OVERRIDES).write_text("- data.validation_split=0.1\n")
     fake_predictions(run, BEST_MISTAKES)
-    write_json(run / "metrics.json", fake_metrics(test=0.975, best_val=0.985, final_val=0.980))
+    write_json(run / rundir.METRICS_FILE, fake_metrics(test=0.975, best_val=0.985, final_val=0.980))
     assert cli.main([str(run)]) == 0
     out = capsys.readouterr().out
     rows = read_csv(run / "report" / "report.csv")

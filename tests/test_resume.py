@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mnist_hpc import rundir
 from mnist_hpc.compute import checkpoint
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests.conftest import tiny_overrides
+from tests.helpers import checkpoint_positions, finished_metrics, resume_line
 
 
 class Interrupt(Exception):
@@ -62,12 +63,12 @@ def cfg(compose, synthetic_cache, tmp_path):
 @pytest.fixture
 def reference(cfg, tmp_path):
     result = train_and_evaluate(cfg, tmp_path / "reference")
-    return result, json.loads((tmp_path / "reference" / "metrics.json").read_text()), weights(tmp_path / "reference")
+    return result, finished_metrics(tmp_path / "reference"), weights(tmp_path / "reference")
 
 
 def assert_same_as_reference(run_dir: Path, result: dict, reference) -> None:
     ref_result, ref_metrics, ref_weights = reference
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = finished_metrics(run_dir)
     assert result == ref_result
     assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]  # each epoch exactly once
     assert strip_seconds(metrics["history"]) == strip_seconds(ref_metrics["history"])
@@ -79,11 +80,11 @@ def test_interrupted_between_epochs_resumes_identically(cfg, reference, tmp_path
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2)])
-    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["ckpt-e00002-b0000000.npz", "ckpt-e00001-b0000000.npz"]
-    assert not (run_dir / "metrics.json").exists()
+    assert checkpoint_positions(run_dir) == [(2, 0), (1, 0)]
+    assert not (run_dir / rundir.METRICS_FILE).exists()
     with caplog.at_level(logging.INFO, logger="mnist_hpc.compute.train"):
         result = train_and_evaluate(cfg, run_dir)
-    assert "resuming from ckpt-e00002-b0000000.npz: 2 epoch(s)" in caplog.text
+    assert f"{resume_line(2, 0)}: 2 epoch(s)" in caplog.text
     assert_same_as_reference(run_dir, result, reference)
 
 
@@ -93,7 +94,7 @@ def test_interrupted_mid_epoch_resumes_from_the_batch_checkpoint(compose, synthe
     # 540 training samples / 32 = 17 batches per epoch; stop after batch 12 of epoch 3.
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2, at_batch=11)])
-    assert checkpoint.list_checkpoints(run_dir)[0].name == "ckpt-e00002-b0000010.npz"
+    assert checkpoint_positions(run_dir)[0] == (2, 10)
     with caplog.at_level(logging.INFO, logger="mnist_hpc.compute.train"):
         result = train_and_evaluate(cfg, run_dir)
     assert "2 epoch(s) and 10 batch(es) done" in caplog.text
@@ -104,7 +105,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(cfg, reference, tmp
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=3)])
-    newest, previous = checkpoint.list_checkpoints(run_dir)
+    newest, previous = rundir.list_checkpoints(run_dir)
     raw = bytearray(newest.read_bytes())
     raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
     newest.write_bytes(bytes(raw))
@@ -119,7 +120,7 @@ def test_truncated_only_checkpoint_fails_loudly(cfg, tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=1)])
-    [only] = checkpoint.list_checkpoints(run_dir)
+    [only] = rundir.list_checkpoints(run_dir)
     only.write_bytes(only.read_bytes()[:1000])
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
         train_and_evaluate(cfg, run_dir)
@@ -161,15 +162,15 @@ def test_lesson_execution_resumes_identically(compose, synthetic_cache, tmp_path
     reference_result = train_and_evaluate(cfg, tmp_path / "reference")
     reference = (
         reference_result,
-        json.loads((tmp_path / "reference" / "metrics.json").read_text()),
+        finished_metrics(tmp_path / "reference"),
         weights(tmp_path / "reference"),
     )
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train_and_evaluate(cfg, run_dir, callbacks=[interrupter(at_epoch=2, at_batch=at_batch)])
-    expected = "ckpt-e00002-b0000000.npz" if at_batch is None else "ckpt-e00002-b0000010.npz"
-    assert checkpoint.list_checkpoints(run_dir)[0].name == expected
+    expected = (2, 0) if at_batch is None else (2, 10)
+    assert checkpoint_positions(run_dir)[0] == expected
     with caplog.at_level(logging.INFO, logger="mnist_hpc.compute.train"):
         result = train_and_evaluate(cfg, run_dir)
-    assert f"resuming from {expected}" in caplog.text
+    assert resume_line(*expected) in caplog.text
     assert_same_as_reference(run_dir, result, reference)

@@ -164,7 +164,7 @@ def test_a_workers_failure_never_replaces_one_already_written(tmp_path, monkeypa
     rundir.write_failure(tmp_path, OSError("the chief's own error"))  # the chief always writes
     assert not rundir.write_failure(tmp_path, RuntimeError("worker 0 died"), keep_existing=True)
     assert rundir.read_failure(tmp_path) == "OSError: the chief's own error"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["failure.json"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.FAILURE_FILE]  # no temporary left
 
 
 def test_final_metrics_with_more_epochs_than_planned_are_not_shown(tmp_path: Path):
@@ -191,3 +191,96 @@ def test_a_folder_named_like_a_half_written_file_is_left_alone(tmp_path: Path, w
     stale.write_text("{")
     assert rundir.remove_stale_temporaries(run_dir) == [stale]
     assert (run_dir / where / ".metrics.json.x.tmp1").is_dir() and not stale.exists()
+
+
+# --- what rundir owns beyond its JSON files: checkpoint names, the lease's mechanics, submitit's
+# result pickle, a retry's seed ---------------------------------------------------------------
+
+
+def test_checkpoint_names_sort_as_positions_and_only_they_are_listed(tmp_path: Path) -> None:
+    assert rundir.list_checkpoints(tmp_path) == [] and not rundir.holds_results(tmp_path)
+    for epoch, batch in [(1, 0), (0, 40), (10, 0), (1, 30)]:
+        path = rundir.checkpoint_path(tmp_path, epoch, batch)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")
+    assert rundir.checkpoint_path(tmp_path, 3, 12) == tmp_path / rundir.CHECKPOINT_DIR / "ckpt-e00003-b0000012.npz"
+    assert rundir.checkpoint_position("ckpt-e00003-b0000012.npz") == (3, 12)
+    assert rundir.checkpoint_position(rundir.checkpoint_name(12345, 1234567)) == (12345, 1234567)
+    for other in ("ckpt-e1-b1.npz", ".ckpt-e00003-b0000012.npz.x1.tmp.npz", "ckpt-e00003-b0000012.npz.tmp"):
+        assert rundir.checkpoint_position(other) is None, other
+    listed = [p.name for p in rundir.list_checkpoints(tmp_path)]
+    assert listed == [rundir.checkpoint_name(10, 0), rundir.checkpoint_name(1, 30), rundir.checkpoint_name(1, 0),
+                      rundir.checkpoint_name(0, 40)]
+    # A writer's temporary, a stray file: neither is a checkpoint, nor a result.
+    other = tmp_path / "other"
+    (other / rundir.CHECKPOINT_DIR).mkdir(parents=True)
+    for stray in (".ckpt-e00001-b0000000.npz.x1.tmp.npz", "ckpt-e1-b1.npz", "notes.txt"):
+        (other / rundir.CHECKPOINT_DIR / stray).write_bytes(b"")
+    assert rundir.list_checkpoints(other) == [] and not rundir.holds_results(other)
+    assert rundir.holds_results(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["metrics", "progress"])
+def test_metrics_or_progress_are_results(tmp_path: Path, name: str) -> None:
+    history = [{"epoch": 1, "accuracy": 0.9, "loss": 0.3, "seconds": 1.0}]
+    if name == "metrics":
+        rundir.write_metrics(tmp_path, {"test_accuracy": 0.9, "test_loss": 0.3, "epochs_completed": 1, "history": history})
+    else:
+        rundir.write_progress(tmp_path, 1, 2, history)
+    assert rundir.holds_results(tmp_path)
+
+
+@pytest.mark.parametrize("job_id", ["1234", "1234_7"])
+def test_the_result_pickle_is_where_submitit_writes_it(tmp_path: Path, job_id: str) -> None:
+    from submitit.core.utils import JobPaths
+
+    folder = tmp_path / ".submitit" / job_id
+    assert rundir.submitit_result_file(folder, job_id) == JobPaths(folder, job_id).result_pickle
+    record = rundir.JobRecord(cluster="slurm", job_id=job_id, run_dir=str(tmp_path), submitit_folder=str(folder))
+    assert record.result_file == JobPaths(folder, job_id).result_pickle
+    assert rundir.JobRecord(cluster="slurm", job_id=job_id, run_dir=str(tmp_path)).result_file is None
+
+
+def test_the_lease_lock_is_exclusive_and_a_lease_is_released_only_by_its_holder(tmp_path: Path) -> None:
+    import fcntl
+
+    me, other = {"host": "h", "pid": 11}, {"host": "h", "pid": 12}
+    with rundir.lease_lock(tmp_path):
+        fd = os.open(tmp_path / rundir.LEASE_LOCK, os.O_RDWR)
+        try:  # another open file (as another process would have) cannot take it meanwhile
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        rundir.write_lease(tmp_path, me)
+    fd = os.open(tmp_path / rundir.LEASE_LOCK, os.O_RDWR)
+    try:  # and it is free once left
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    rundir.release_lease(tmp_path, other)  # taken over since: not ours to remove
+    assert rundir.read_lease(tmp_path)["holder"] == me
+    rundir.release_lease(tmp_path, me)
+    assert rundir.read_lease(tmp_path) is None
+    rundir.release_lease(tmp_path, me)  # nothing to release
+    (tmp_path / rundir.LEASE_FILE).write_text("{not json")
+    rundir.release_lease(tmp_path, me)  # a damaged lease is left for check_lease to judge
+    assert (tmp_path / rundir.LEASE_FILE).read_text() == "{not json"
+
+
+def test_a_retry_is_seeded_with_the_checkpoints_and_binding_of_its_origin(tmp_path: Path) -> None:
+    origin, retry = tmp_path / "0", tmp_path / "1"
+    assert not rundir.seed_from(retry, origin)  # an origin without checkpoints gives nothing
+    rundir.write_identity(origin, {"train.seed": 3}, "fp-of-origin")
+    path = rundir.checkpoint_path(origin, 2, 0)
+    path.parent.mkdir()
+    path.write_bytes(b"state")
+    retry.mkdir()
+    assert rundir.seed_from(retry, origin)
+    assert [p.name for p in rundir.list_checkpoints(retry)] == [path.name]
+    assert rundir.list_checkpoints(retry)[0].read_bytes() == b"state"
+    assert rundir.read_identity(retry)["fingerprint"] == "fp-of-origin"
+    # A directory with checkpoints of its own keeps them.
+    path.write_bytes(b"newer")
+    assert not rundir.seed_from(retry, origin)
+    assert rundir.list_checkpoints(retry)[0].read_bytes() == b"state"

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_hpc import rundir
 from mnist_hpc.compute import checkpoint
 from mnist_hpc.compute.data import load_mnist
 from mnist_hpc.compute.engine import epoch_order
@@ -28,7 +29,7 @@ def load_saved(run_dir: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.Ca
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
         warnings.simplefilter("always")
-        model = keras.saving.load_model(run_dir / "model.keras")
+        model = keras.saving.load_model(run_dir / rundir.MODEL_FILE)
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records] + list(capfd.readouterr())
     assert not [text for text in said if "Skipping variable loading" in text], said
     return model
@@ -52,7 +53,7 @@ def test_model_keras_carries_the_optimizer_and_training_continues_from_it(engine
         train_and_evaluate(to_typed(compose(args + [f"train.epochs={EPOCHS}"])), run_dir)
 
     # The optimizer's variables are the last checkpoint's (the state training resumes from).
-    last = checkpoint.read(checkpoint.list_checkpoints(run_dir)[0])
+    last = checkpoint.read(rundir.list_checkpoints(run_dir)[0])
     assert (last.epoch, last.batch) == (EPOCHS, 0)
     model = load_saved(run_dir, caplog, capfd)
     saved = [np.asarray(v.numpy()) for v in model.optimizer.variables]
@@ -74,7 +75,7 @@ def test_model_keras_carries_the_optimizer_and_training_continues_from_it(engine
     model.fit(x[order], y[order], batch_size=cfg.train.batch_size, epochs=1, shuffle=False, verbose=0)
     # ... changes the weights as the run itself does when it trains that epoch (it resumes from its checkpoint).
     train_and_evaluate(cfg, run_dir)
-    further = checkpoint.read(checkpoint.list_checkpoints(run_dir)[0])
+    further = checkpoint.read(rundir.list_checkpoints(run_dir)[0])
     assert (further.epoch, further.batch) == (EPOCHS + 1, 0)
     after = model.get_weights()
     assert max(float(np.abs(a - b).max()) for a, b in zip(after, before)) > 1e-3  # the epoch did change them

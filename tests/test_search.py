@@ -204,13 +204,13 @@ def test_a_hopeless_trial_is_pruned_and_keeps_its_outputs(synthetic_cache, tmp_p
     pruned = trials[2]
     assert pruned.params["optimizer.learning_rate"] == 1e-9 and list(pruned.intermediate_values) == [1]
     # Pruned at the start of epoch 2: epoch 1's checkpoint and progress are kept, no metrics.json.
-    progress = json.loads((search_dir / "2" / "progress.json").read_text())
-    assert progress["epochs_done"] == 1 and progress["epochs_planned"] == 3
-    assert any((search_dir / "2" / "checkpoints").iterdir())
-    assert not (search_dir / "2" / "metrics.json").exists() and not (search_dir / "2" / "failure.json").exists()
-    assert "optimizer.learning_rate=1e-09" in (search_dir / "2" / ".hydra" / "overrides.yaml").read_text()
+    progress = rundir.read_progress(search_dir / "2")
+    assert progress.epochs_done == 1 and progress.epochs_planned == 3
+    assert rundir.list_checkpoints(search_dir / "2")
+    assert not (search_dir / "2" / rundir.METRICS_FILE).exists() and not (search_dir / "2" / rundir.FAILURE_FILE).exists()
+    assert "optimizer.learning_rate=1e-09" in (search_dir / "2" / rundir.HYDRA_OVERRIDES).read_text()
     for n in (0, 1):
-        assert json.loads((search_dir / str(n) / "metrics.json").read_text())["val_accuracy"] == pytest.approx(trials[n].value)
+        assert rundir.read_metrics(search_dir / str(n))["val_accuracy"] == pytest.approx(trials[n].value)
 
     # The worker writes its last beat after it has found the study complete.
     wait_until(lambda: [b.state for b, _ in sd.read_beats(search_dir)[0]] == ["done"], "the worker's end")

@@ -16,8 +16,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from mnist_hpc import rundir
 from mnist_hpc import search as sd
 from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
+from tests.helpers import finished_metrics, resumed_from, run_json, run_log
 from tests.slurm_helpers import require_cluster, slurm_launcher_args, submit, wait_for_states
 
 pytestmark = pytest.mark.slurm
@@ -112,16 +114,16 @@ def test_two_workers_run_eight_trials_one_fails_and_the_study_continues(larger_c
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert [t.params["data.validation_split"] for t in failed] == [1e-9]
     assert "DatasetError" in failed[0].user_attrs[sd.ERROR_ATTR]
-    assert "DatasetError" in json.loads((search_dir / str(failed[0].number) / "failure.json").read_text())["error"]
+    assert "DatasetError" in rundir.read_failure(search_dir / str(failed[0].number))
     for t in trials:
         run = search_dir / str(t.number)
-        assert json.loads((run / "job.json").read_text())["job_id"] == t.user_attrs[sd.WORKER_ATTR]
-        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        assert rundir.read_job(run).job_id == t.user_attrs[sd.WORKER_ATTR]
+        overrides = (run / rundir.HYDRA_OVERRIDES).read_text()
         assert f"optimizer.learning_rate={t.params['optimizer.learning_rate']}" in overrides
         if t.state == TrialState.COMPLETE:
-            metrics = json.loads((run / "metrics.json").read_text())
-            assert metrics["val_accuracy"] == pytest.approx(t.value) and (run / "model.keras").is_file()
-            assert json.loads((run / "provenance.json").read_text())["slurm_job_id"]
+            metrics = finished_metrics(run)
+            assert metrics["val_accuracy"] == pytest.approx(t.value) and (run / rundir.MODEL_FILE).is_file()
+            assert run_json(run, rundir.PROVENANCE_FILE)["slurm_job_id"]
 
     view = status(search_dir)
     by_state = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
@@ -167,12 +169,7 @@ def test_a_worker_killed_mid_trial_leaves_no_trial_behind(larger_cache, tmp_path
         for beat, _ in sd.read_beats(search_dir)[0]:
             if beat.state != "running" or beat.trial is None:
                 continue
-            progress = search_dir / str(beat.trial) / "progress.json"
-            try:
-                done = json.loads(progress.read_text())["epochs_done"]
-            except (OSError, ValueError, KeyError):
-                continue
-            if 1 <= done <= 6:
+            if 1 <= epochs_done(search_dir / str(beat.trial)) <= 6:
                 return beat
         return None
 
@@ -194,7 +191,7 @@ def test_a_worker_killed_mid_trial_leaves_no_trial_behind(larger_cache, tmp_path
     assert retry.state == TrialState.COMPLETE and retry.params == killed.params
     # The retry started from the killed trial's checkpoint, not from scratch.
     assert retry.user_attrs[sd.RESUMED_FROM_ATTR] == killed.number
-    assert "resuming from" in (search_dir / str(retry.number) / "train.log").read_text()
+    assert resumed_from(run_log(search_dir / str(retry.number)))
     assert len(trials) == 9 and [t.number for t in trials] == list(range(9))
 
     view = status(search_dir)
@@ -247,9 +244,9 @@ def test_a_preempted_worker_is_requeued_and_resumes_its_trial_in_place(larger_ca
     assert [(t.number, t.state) for t in trials] == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
     assert {t.user_attrs[sd.WORKER_ATTR] for t in trials} == {job}
     # The same trial number, in the same directory, resumed from its checkpoint (not retried).
-    log = (search_dir / "0" / "train.log").read_text()
-    resumed = log.index("resuming from ckpt-e0000")
-    assert int(log[resumed + len("resuming from ckpt-e"):][:5]) >= 2 and "epoch 1/" not in log[resumed:]
+    log = run_log(search_dir / "0")
+    resumed = log.index("resuming from ")
+    assert resumed_from(log)[0][0] >= 2 and "epoch 1/" not in log[resumed:]
     assert not any(sd.is_interrupted(t) for t in trials)
     [beat] = [b for b, _ in sd.read_beats(search_dir)[0] if b.job_id == job]
     assert beat.state == "done" and beat.trials_run == [0, 1]

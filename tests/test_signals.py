@@ -3,7 +3,6 @@ checkpoint, and the run resumes exactly; a warning after the work is done is ign
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_hpc.compute import checkpoint
+from mnist_hpc import rundir
 from mnist_hpc.compute.run import finish_in_process
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, hand_over
 from mnist_hpc.compute.train import train_and_evaluate
@@ -95,12 +94,12 @@ def test_usr2_stops_at_the_next_step_boundary_with_a_checkpoint_and_the_run_resu
     stop = stopped.value
     assert (stop.signum, stop.epoch, stop.batch) == (signal.SIGUSR2, 1, stop_at)
     assert stop.requeue and stop.exit_code == 128 + signal.SIGUSR2
-    assert checkpoint.list_checkpoints(run)[0].name == f"ckpt-e00001-b{stop_at:07d}.npz" == stop.checkpoint.name
-    assert not (run / "metrics.json").exists()
+    assert rundir.list_checkpoints(run)[0].name == rundir.checkpoint_name(1, stop_at) == stop.checkpoint.name
+    assert not (run / rundir.METRICS_FILE).exists()
 
     train_and_evaluate(cfg, run)
-    metrics = json.loads((run / "metrics.json").read_text())
-    reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    metrics = rundir.read_metrics(run)
+    reference = rundir.read_metrics(tmp_path / "reference")
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(metrics["history"]) == strip(reference["history"])
     for got, want in zip(weights(run), weights(tmp_path / "reference")):
@@ -108,7 +107,7 @@ def test_usr2_stops_at_the_next_step_boundary_with_a_checkpoint_and_the_run_resu
 
 
 def test_outside_slurm_a_stopped_run_exits_with_the_signal_code_and_says_how_to_resume(tmp_path, caplog):
-    stop = TrainingInterrupted(signal.SIGUSR2, 2, 17, tmp_path / "checkpoints" / "ckpt-e00002-b0000017.npz")
+    stop = TrainingInterrupted(signal.SIGUSR2, 2, 17, rundir.checkpoint_path(tmp_path, 2, 17))
     with pytest.raises(SystemExit) as ended:
         finish_in_process(stop, tmp_path, job_id=None, chief=True)
     assert ended.value.code == 128 + signal.SIGUSR2

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from mnist_hpc import rundir
 from tests.conftest import REPO, tiny_overrides
+from tests.helpers import finished_metrics, run_json
 from tests.slurm_helpers import (
     job_records,
     require_cluster,
@@ -37,13 +38,13 @@ def test_job_completes_with_outputs_and_status_agrees(synthetic_cache: Path, tmp
     assert states[record["job_id"]] == "COMPLETED"
 
     run_dir = sweep / "0"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = finished_metrics(run_dir)
     assert metrics["epochs_completed"] == 1 and metrics["test_accuracy"] > 0.5
     # The job's threads follow the allocation (cpus_per_task=1).
     assert metrics["threads"] == {"intra_op_threads": 1, "inter_op_threads": 1}
-    prov = json.loads((run_dir / "provenance.json").read_text())
+    prov = run_json(run_dir, rundir.PROVENANCE_FILE)
     assert prov["slurm_job_id"] == record["job_id"]
-    for name in ("history.csv", "model.keras", "config.yaml", "train.log"):
+    for name in (rundir.HISTORY_FILE, rundir.MODEL_FILE, rundir.CONFIG_FILE, rundir.LOG_FILE):
         assert (run_dir / name).is_file()
     assert "epoch 1/1" in Path(record["stdout"]).read_text()
 
@@ -73,7 +74,7 @@ def test_job_whose_cache_vanishes_ends_failed(synthetic_cache: Path, tmp_path: P
     log = Path(record["stderr"]).read_text()
     assert f"no cached MNIST at {synthetic_cache / 'mnist.npz'}" in log
     assert f"mnist-hpc-prefetch data.cache_dir={synthetic_cache}" in log
-    assert not (sweep / "0" / "metrics.json").exists()
+    assert not (sweep / "0" / rundir.METRICS_FILE).exists()
 
 
 def test_job_whose_launch_context_is_gone_ends_failed(synthetic_cache: Path, tmp_path: Path):
@@ -88,8 +89,7 @@ def test_job_whose_launch_context_is_gone_ends_failed(synthetic_cache: Path, tmp
     subprocess.run(["scontrol", "release", record["job_id"]], check=True, timeout=30)
 
     assert wait_for_states([record["job_id"]])[record["job_id"]] == "FAILED"
-    failure = json.loads((sweep / "0" / "failure.json").read_text())
-    assert f"launch context {context} is gone" in failure["error"]
+    assert f"launch context {context} is gone" in rundir.read_failure(sweep / "0")
     assert [row["state"] for row in status_rows(sweep)] == ["FAILED"]
 
 
@@ -137,12 +137,12 @@ def test_sbatch_templates_complete(synthetic_cache: Path, tmp_path: Path):
     single_id, array_id = single.stdout.strip().split(";")[0], array.stdout.strip().split(";")[0]
     states = wait_for_states([single_id, f"{array_id}_0", f"{array_id}_1"])
     assert set(states.values()) == {"COMPLETED"}, states
-    assert json.loads((tmp_path / "single" / "metrics.json").read_text())["epochs_completed"] == 1
+    assert finished_metrics(tmp_path / "single")["epochs_completed"] == 1
     for task, lr in ((0, 1e-3), (1, 3e-4)):
         run_dir = tmp_path / "sweep" / str(task)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = finished_metrics(run_dir)
         assert "val_accuracy" in metrics["history"][0]
-        assert f"learning_rate: {lr}" in (run_dir / "config.yaml").read_text()
+        assert f"learning_rate: {lr}" in (run_dir / rundir.CONFIG_FILE).read_text()
 
 
 def _env() -> dict[str, str]:
@@ -165,7 +165,7 @@ def test_a_job_runs_through_a_python_wrapper(synthetic_cache: Path, tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     [record] = job_records(sweep)
     assert wait_for_states([record["job_id"]])[record["job_id"]] == "COMPLETED"
-    assert json.loads((sweep / "0" / "metrics.json").read_text())["epochs_completed"] == 1
+    assert finished_metrics(sweep / "0")["epochs_completed"] == 1
     [line] = marker.read_text().splitlines()
     assert line.startswith(record["job_id"]) and "-m submitit.core._submit" in line
 

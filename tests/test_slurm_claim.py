@@ -78,9 +78,9 @@ def test_resubmitting_a_sweep_with_its_values_reordered_is_refused(synthetic_cac
     by_lr = {float(r["optimizer.learning_rate"]): r for r in rows}
     for lr, trial in ((1e-3, "0"), (3e-4, "1")):
         assert by_lr[lr]["trial"] == trial
-        metrics = json.loads((sweep / trial / "metrics.json").read_text())
+        metrics = rundir.read_metrics(sweep / trial)
         assert float(by_lr[lr]["best_val_accuracy"]) == pytest.approx(metrics["best_val_accuracy"])
-        assert f"learning_rate: {lr}" in (sweep / trial / "config.yaml").read_text()
+        assert f"learning_rate: {lr}" in (sweep / trial / rundir.CONFIG_FILE).read_text()
 
 
 @pytest.mark.parametrize("per_task", [1, 2])
@@ -92,14 +92,14 @@ def test_a_trial_that_raises_is_never_completed(synthetic_cache: Path, tmp_path:
               *tiny_overrides(synthetic_cache, tmp_path), f"hydra.sweep.dir={sweep}", "train.seed=1,2"]
     first = submit(common, tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    for path in (sweep / "1" / rundir.CHECKPOINT_DIR).glob("ckpt-*.npz"):
+    for path in rundir.list_checkpoints(sweep / "1"):
         path.write_bytes(path.read_bytes()[:400])
     longer = submit(common[:-1] + ["train.epochs=2", "train.seed=1,2"], tmp_path, timeout=600)
     assert longer.returncode == 1 and "Traceback" not in longer.stderr
     assert "trial 1 [train.seed=2]: FAILED: " in longer.stderr and "no readable checkpoint" in longer.stderr
-    assert json.loads((sweep / "0" / "metrics.json").read_text())["epochs_completed"] == 2
-    assert not (sweep / "1" / "metrics.json").exists()  # the extended run's old final metrics were retracted
-    assert "no readable checkpoint" in json.loads((sweep / "1" / "failure.json").read_text())["error"]
+    assert rundir.read_metrics(sweep / "0")["epochs_completed"] == 2
+    assert not (sweep / "1" / rundir.METRICS_FILE).exists()  # the extended run's old final metrics were retracted
+    assert "no readable checkpoint" in rundir.read_failure(sweep / "1")
     assert [r["state"] for r in status_rows(sweep)] == ["COMPLETED", "FAILED"]
     rows = report_rows(sweep)
     assert [r["state"] for r in rows] == ["COMPLETED", "FAILED"] and "no readable checkpoint" in rows[1]["error"]
@@ -171,8 +171,8 @@ def test_a_known_error_in_a_job_is_one_line_in_its_log_and_its_failure_json(synt
     assert "Traceback" not in log, log[-3000:]
     [line] = [ln for ln in log.splitlines() if ln.startswith("mnist-hpc: error:")]
     assert "mnist-hpc-prefetch" in line and "--force" in line
-    failure = json.loads((sweep / "0" / "failure.json").read_text())
-    assert failure["error"].startswith("mnist_hpc.cache.CacheCorruptError:") and "--force" in failure["error"]
+    error = rundir.read_failure(sweep / "0")
+    assert error.startswith("mnist_hpc.cache.CacheCorruptError:") and "--force" in error
     assert [r["state"] for r in status_rows(sweep)] == ["FAILED"]
 
 
@@ -199,9 +199,9 @@ print(job.job_id)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = proc.stdout.split()[-1]
     assert wait_for_states([job_id])[job_id] == "FAILED"
-    failure = json.loads((run_dir / "failure.json").read_text())
-    assert "prepared on the login node with another environment" in failure["error"]
-    assert "mnist-hpc 0.0.1 (login node)" in failure["error"] and "No module named 'login_only_thing'" in failure["error"]
+    error = rundir.read_failure(run_dir)
+    assert "prepared on the login node with another environment" in error
+    assert "mnist-hpc 0.0.1 (login node)" in error and "No module named 'login_only_thing'" in error
     log = (tmp_path / "jobs" / f"{job_id}_0_log.err").read_text()
     assert "Traceback" not in log and "mnist-hpc: error: this job was prepared" in log
 
@@ -221,7 +221,7 @@ def test_packed_trials_are_grouped_by_process_wide_tensorflow_settings(synthetic
         tasks.setdefault(r["job_id"], set()).add(det[r["trial"]])
     assert len(tasks) == 2 and all(len(kinds) == 1 for kinds in tasks.values())
     deadline = time.time() + 600
-    while not all((sweep / str(r["trial"]) / "metrics.json").exists() for r in configs):
+    while not all((sweep / str(r["trial"]) / rundir.METRICS_FILE).exists() for r in configs):
         assert time.time() < deadline, "packed trials did not finish"
         time.sleep(1)
 

@@ -7,7 +7,6 @@ acting on their own time-limit warning through to COMPLETED.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ import pytest
 
 from mnist_hpc import rundir
 from tests.conftest import REPO, fill_cache, synthetic_mnist
+from tests.helpers import finished_metrics, resume_line, resumed_from, run_json, run_log
 from tests.slurm_helpers import job_records, require_cluster, slurm_launcher_args, status_rows, submit, wait_for_states
 
 pytestmark = pytest.mark.slurm
@@ -126,7 +126,7 @@ def test_two_task_jobs_at_the_same_time_train_side_by_side(cache: Path, tmp_path
             time.sleep(0.5)
         assert running(ids) == set(ids)
         for record_dir in (tmp_path / "a", tmp_path / "b"):
-            assert "port" not in (record_dir / "0" / "train.log").read_text().lower()
+            assert "port" not in run_log(record_dir / "0").lower()
     finally:
         subprocess.run(["scancel", *ids], timeout=30)
 
@@ -149,7 +149,7 @@ def test_two_task_job_trains_one_run_and_usr2_resumes_bit_identically(cache: Pat
     assert ref["tasks"] == rec["tasks"] == 2
 
     run = tmp_path / "stop" / "0"
-    wait_for_file(run / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    wait_for_file(rundir.checkpoint_path(run, 2, 0))
     subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True, timeout=30)
     states = wait_for_states([ref["job_id"], rec["job_id"]], timeout_s=900)
     assert states == {ref["job_id"]: "COMPLETED", rec["job_id"]: "COMPLETED"}, states
@@ -157,15 +157,15 @@ def test_two_task_job_trains_one_run_and_usr2_resumes_bit_identically(cache: Pat
     history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", rec["job_id"]],
                              capture_output=True, text=True, timeout=30).stdout
     assert "REQUEUED" in history
-    log = (run / "train.log").read_text()
+    log = run_log(run)
     assert "received SIGUSR2: stopping at the next step boundary" in log
     stop_line = re.search(r"training stopped on SIGUSR2 at a step boundary \((\d+) epoch\(s\) and (\d+) batch", log)
     assert stop_line, log[-3000:]
     epochs, batches = map(int, stop_line.groups())
     # The resume starts exactly where the stop wrote its checkpoint.
-    assert f"resuming from ckpt-e{epochs:05d}-b{batches:07d}.npz" in log
+    assert resume_line(epochs, batches) in log
     for run_dir in (run, tmp_path / "ref" / "0"):
-        text = (run_dir / "train.log").read_text()
+        text = run_log(run_dir)
         assert [int(n) for n in re.findall(r"\] - epoch (\d+)/6 ", text)] == [1, 2, 3, 4, 5, 6]  # each epoch once
 
     # Both workers of each job ended with the same weights, and the resumed job with the reference's.
@@ -174,8 +174,8 @@ def test_two_task_job_trains_one_run_and_usr2_resumes_bit_identically(cache: Pat
         assert chief and chief[-1:] == worker[-1:]
         assert "epoch 1/6" not in task_log(record, 1)  # the other worker's log is its own, not the run's
     assert digests(task_log(ref, 0))[-1] == digests(task_log(rec, 0))[-1]
-    metrics = json.loads((run / "metrics.json").read_text())
-    ref_metrics = json.loads((tmp_path / "ref" / "0" / "metrics.json").read_text())
+    metrics = finished_metrics(run)
+    ref_metrics = finished_metrics(tmp_path / "ref" / "0")
     assert metrics["workers"] == 2 and metrics["test_accuracy"] == ref_metrics["test_accuracy"]
     for got, want in zip(weights(run), weights(tmp_path / "ref" / "0")):
         np.testing.assert_array_equal(got, want)
@@ -204,10 +204,10 @@ def test_a_two_task_usr2_requeue_survives_kill_on_bad_exit(cache: Path, tmp_path
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     [rec] = job_records(tmp_path / "stop")
     run = tmp_path / "stop" / "0"
-    wait_for_file(run / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    wait_for_file(rundir.checkpoint_path(run, 2, 0))
     subprocess.run(["scancel", "--signal=USR2", rec["job_id"]], check=True, timeout=30)
     states = wait_for_states([rec["job_id"]], timeout_s=900)
-    log = (run / "train.log").read_text()
+    log = run_log(run)
     assert states == {rec["job_id"]: "COMPLETED"}, (states, log[-3000:], task_log(rec, 1)[-2000:])
     history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", rec["job_id"]],
                              capture_output=True, text=True, timeout=30).stdout
@@ -215,9 +215,9 @@ def test_a_two_task_usr2_requeue_survives_kill_on_bad_exit(cache: Path, tmp_path
     stop_line = re.search(r"training stopped on SIGUSR2 at a step boundary \((\d+) epoch\(s\) and (\d+) batch", log)
     assert stop_line, log[-3000:]
     epochs, batches = map(int, stop_line.groups())
-    assert f"resuming from ckpt-e{epochs:05d}-b{batches:07d}.npz" in log
+    assert resume_line(epochs, batches) in log
     assert [int(n) for n in re.findall(r"\] - epoch (\d+)/6 ", log)] == [1, 2, 3, 4, 5, 6]
-    assert json.loads((run / "metrics.json").read_text())["workers"] == 2
+    assert finished_metrics(run)["workers"] == 2
 
 
 def test_a_chief_that_fails_on_its_own_keeps_its_error_in_failure_json(cache: Path, tmp_path: Path):
@@ -227,15 +227,15 @@ def test_a_chief_that_fails_on_its_own_keeps_its_error_in_failure_json(cache: Pa
     proc = submit(two_tasks(sweep, cache, tmp_path, "train.epochs=200"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [record] = job_records(sweep)
-    checkpoints = sweep / "0" / "checkpoints"
-    wait_for_file(checkpoints / "ckpt-e00002-b0000000.npz")
+    checkpoints = sweep / "0" / rundir.CHECKPOINT_DIR
+    wait_for_file(rundir.checkpoint_path(sweep / "0", 2, 0))
     checkpoints.rename(sweep / "0" / "moved-away")
     checkpoints.write_text("not a directory")
     assert wait_for_states([record["job_id"]], timeout_s=300)[record["job_id"]] == "FAILED"
     assert "died, hung or became unreachable" in task_log(record, 1) + (Path(record["stdout"].replace(
         "_0_log.out", "_1_log.err")).read_text())  # the worker did see the chief vanish
-    failure = json.loads((sweep / "0" / "failure.json").read_text())
-    assert failure["error"].startswith("FileExistsError") and "checkpoints" in failure["error"], failure["error"]
+    error = rundir.read_failure(sweep / "0")
+    assert error.startswith("FileExistsError") and rundir.CHECKPOINT_DIR in error, error
 
 
 def test_killing_one_worker_ends_the_job_failed_with_failure_json(cache: Path, tmp_path: Path):
@@ -243,15 +243,15 @@ def test_killing_one_worker_ends_the_job_failed_with_failure_json(cache: Path, t
     proc = submit(two_tasks(sweep, cache, tmp_path, "train.epochs=200"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [record] = job_records(sweep)
-    wait_for_file(sweep / "0" / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    wait_for_file(rundir.checkpoint_path(sweep / "0", 2, 0))
     os.kill(submitit_pid(sweep / ".submitit", 1), signal.SIGKILL)
     killed = time.time()
     assert wait_for_states([record["job_id"]], timeout_s=300)[record["job_id"]] == "FAILED"
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "End", "-j", record["job_id"]], capture_output=True, text=True, timeout=30)
     ended = time.mktime(time.strptime(out.stdout.strip().splitlines()[-1], "%Y-%m-%dT%H:%M:%S"))
     assert ended - killed < 120, f"the job ended {ended - killed:.0f} s after the kill"
-    failure = json.loads((sweep / "0" / "failure.json").read_text())
-    assert "worker 1 of 2 (Slurm task 1 on node" in failure["error"] and "died, hung or became unreachable" in failure["error"]
+    error = rundir.read_failure(sweep / "0")
+    assert "worker 1 of 2 (Slurm task 1 on node" in error and "died, hung or became unreachable" in error
     [row] = status_rows(sweep)
     assert row["state"] == "FAILED" and row["tasks"] == 2
 
@@ -271,9 +271,9 @@ def test_one_training_across_two_nodes_gets_every_cpu_it_asked_for(cache: Path, 
     rows = {line.split("|")[0]: line.split("|")[1:] for line in out.splitlines()}
     nodes, cpus = rows[f"{record['job_id']}.0"]
     assert len(nodes.split(",")) == 2 and cpus == "4", rows
-    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    metrics = finished_metrics(sweep / "0")
     assert metrics["workers"] == 2 and metrics["threads"] == {"intra_op_threads": 2, "inter_op_threads": 2}
-    hosts = json.loads((sweep / "0" / "provenance.json").read_text())["distribution"]["hosts"]
+    hosts = run_json(sweep / "0", rundir.PROVENANCE_FILE)["distribution"]["hosts"]
     assert len(set(hosts)) == 2
     assert "'intra_op_threads': 2" in task_log(record, 1)
     assert digests(task_log(record, 0))[-1] == digests(task_log(record, 1))[-1]
@@ -307,9 +307,9 @@ def test_sbatch_templates_act_on_their_own_time_limit_warning_through_to_complet
         history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id],
                                  capture_output=True, text=True, timeout=30).stdout
         assert "REQUEUED" in history, (job_id, history)
-        log = (run_dir / "train.log").read_text()
-        assert "requeued Slurm job" in log and "resuming from ckpt-e" in log
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        log = run_log(run_dir)
+        assert "requeued Slurm job" in log and resumed_from(log)
+        metrics = finished_metrics(run_dir)
         assert [r["epoch"] for r in metrics["history"]] == list(range(1, len(metrics["history"]) + 1))
         assert len(metrics["history"]) == (30 if run_dir.name == "multi" else 80)
-    assert json.loads((tmp_path / "multi" / "metrics.json").read_text())["workers"] == 2
+    assert finished_metrics(tmp_path / "multi")["workers"] == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_hpc import rundir
 from tests.conftest import fill_cache, synthetic_mnist
+from tests.helpers import checkpoint_positions, finished_metrics, resume_line, resumed_from, run_log, saved_weights
 from tests.slurm_helpers import (
     job_records,
     require_cluster,
@@ -84,10 +85,7 @@ def sacct_history(job_id: str) -> list[str]:
 
 
 def final_state(run_dir: Path) -> tuple[dict, list[np.ndarray]]:
-    import keras
-
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return metrics, keras.models.load_model(run_dir / "model.keras").get_weights()
+    return finished_metrics(run_dir), saved_weights(run_dir)
 
 
 def assert_matches_reference(run_dir: Path, reference_dir: Path) -> None:
@@ -115,7 +113,7 @@ def test_usr2_requeues_and_resumes_identically_for_a_run_and_an_array_trial(slow
 
     targets = [(single_rec, tmp_path / "single" / "0"), (trial_rec, tmp_path / "sweep" / "0")]
     for record, run_dir in targets:
-        wait_for_file(run_dir / "checkpoints" / "ckpt-e00002-b0000000.npz")
+        wait_for_file(rundir.checkpoint_path(run_dir, 2, 0))
         subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=30)
 
     ids = [single_rec["job_id"], trial_rec["job_id"], other_rec["job_id"]]
@@ -130,12 +128,12 @@ def test_usr2_requeues_and_resumes_identically_for_a_run_and_an_array_trial(slow
 
     for record, run_dir in targets:
         assert "REQUEUED" in sacct_history(record["job_id"])
-        log = (run_dir / "train.log").read_text()
-        resumed_at = log.index("resuming from ckpt-e0000")
-        resumed_from = int(log[resumed_at + len("resuming from ckpt-e") :][:5])
-        assert resumed_from >= 2
+        log = run_log(run_dir)
+        resumed_at = log.index("resuming from ")
+        resumed_epoch = resumed_from(log)[0][0]
+        assert resumed_epoch >= 2
         # After the resume, training continues with the next epoch, not from scratch.
-        assert f"epoch {resumed_from + 1}/{EPOCHS}" in log[resumed_at:]
+        assert f"epoch {resumed_epoch + 1}/{EPOCHS}" in log[resumed_at:]
         assert "epoch 1/" not in log[resumed_at:]
         assert_matches_reference(run_dir, tmp_path / "reference")
 
@@ -146,7 +144,7 @@ def test_sigkilled_job_requeued_resumes_from_last_completed_epoch(slow_cache: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     [record] = job_records(tmp_path / "sweep")
     run_dir = tmp_path / "sweep" / "0"
-    wait_for_file(run_dir / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    wait_for_file(rundir.checkpoint_path(run_dir, 2, 0))
     # submitit's command line names the folder template (".../.submitit/%A").
     pids = subprocess.run(["pgrep", "-f", f"submitit.core._submit {tmp_path / 'sweep' / '.submitit'}"],
                           capture_output=True, text=True, timeout=30).stdout.split()
@@ -156,23 +154,23 @@ def test_sigkilled_job_requeued_resumes_from_last_completed_epoch(slow_cache: Pa
         os.kill(int(pid), signal.SIGKILL)
     first = wait_for_states([record["job_id"]])
     assert first[record["job_id"]] in {"FAILED", "CANCELLED", "NODE_FAIL"}, first
-    assert not (run_dir / "metrics.json").exists()
+    assert not (run_dir / rundir.METRICS_FILE).exists()
     # The job is dead: the checkpoints it left can no longer change.
-    done_before_kill = max(int(p.name[6:11]) for p in (run_dir / "checkpoints").glob("ckpt-*.npz"))
+    done_before_kill = max(epoch for epoch, _ in checkpoint_positions(run_dir))
     assert done_before_kill >= 2
 
     subprocess.run(["scontrol", "requeue", record["job_id"]], check=True, timeout=30)
     deadline = time.time() + 180
-    while "resuming from" not in (run_dir / "train.log").read_text():
+    while "resuming from" not in run_log(run_dir):
         assert time.time() < deadline, "requeued job did not resume"
         time.sleep(1)
     states = wait_for_states([record["job_id"]], timeout_s=600)
     assert states[record["job_id"]] == "COMPLETED"
     assert reference.wait(timeout=600) == 0
 
-    log = (run_dir / "train.log").read_text()
+    log = run_log(run_dir)
     resumed = log[log.index("resuming from"):]
-    assert resumed.startswith(f"resuming from ckpt-e{done_before_kill:05d}-b0000000.npz: {done_before_kill} epoch(s)")
+    assert resumed.startswith(f"{resume_line(done_before_kill, 0)}: {done_before_kill} epoch(s)")
     assert f"epoch {done_before_kill + 1}/{EPOCHS}" in resumed
     assert_matches_reference(run_dir, tmp_path / "reference")
 
@@ -189,33 +187,31 @@ def test_requeue_cap_ends_failed_with_guidance_and_resubmission_resumes(slow_cac
     run_dir = sweep / "0"
 
     # timeout_min <= 10, so submitit counts every USR2 as a time-limit warning.
-    wait_for_file(run_dir / "checkpoints" / "ckpt-e00002-b0000000.npz")
+    wait_for_file(rundir.checkpoint_path(run_dir, 2, 0))
     subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=30)
     deadline = time.time() + 120
     while restarts(record["job_id"]) < 1:
         assert time.time() < deadline, "job was not requeued"
         time.sleep(1)
-    wait_for_file(run_dir / "checkpoints" / "ckpt-e00004-b0000000.npz")
+    wait_for_file(rundir.checkpoint_path(run_dir, 4, 0))
     subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=30)
 
     assert wait_for_states([record["job_id"]], timeout_s=300)[record["job_id"]] == "FAILED"
     assert restarts(record["job_id"]) == 1
-    assert not (run_dir / "metrics.json").exists()
-    failure = json.loads((run_dir / "failure.json").read_text())
-    assert failure["error"].startswith("mnist_hpc.compute.failures.RequeueLimitReached: Job not requeued because: timed-out too many times.")
-    assert f"hydra.sweep.dir={sweep}" in failure["error"] and "max_num_timeout" in failure["error"]
+    assert not (run_dir / rundir.METRICS_FILE).exists()
+    error = rundir.read_failure(run_dir)
+    assert error.startswith("mnist_hpc.compute.failures.RequeueLimitReached: Job not requeued because: timed-out too many times.")
+    assert f"hydra.sweep.dir={sweep}" in error and "max_num_timeout" in error
 
     second = submit(args, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     [again] = job_records(sweep)
     assert again["job_id"] != record["job_id"]
     assert wait_for_states([again["job_id"]], timeout_s=600)[again["job_id"]] == "COMPLETED"
-    assert not (run_dir / "failure.json").exists()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert rundir.read_failure(run_dir) is None
+    metrics = finished_metrics(run_dir)
     assert [row["epoch"] for row in metrics["history"]] == list(range(1, epochs + 1))
-    log = (run_dir / "train.log").read_text()
-    last_resume = log.rindex("resuming from ckpt-e")
-    assert int(log[last_resume + len("resuming from ckpt-e") :][:5]) >= 4
+    assert resumed_from(run_log(run_dir))[-1][0] >= 4
 
 
 def test_packed_task_requeued_skips_its_finished_trial_and_resumes_the_other(slow_cache: Path, tmp_path: Path):
@@ -226,8 +222,8 @@ def test_packed_task_requeued_skips_its_finished_trial_and_resumes_the_other(slo
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = job_records(sweep)
     assert first["job_id"] == second["job_id"] and (first["packed_slot"], second["packed_slot"]) == (0, 1)
-    wait_for_file(sweep / "1" / "checkpoints" / "ckpt-e00002-b0000000.npz")
-    finished = {name: (sweep / "0" / name).read_bytes() for name in ("metrics.json", "provenance.json", "model.keras")}
+    wait_for_file(rundir.checkpoint_path(sweep / "1", 2, 0))
+    finished = {name: (sweep / "0" / name).read_bytes() for name in (rundir.METRICS_FILE, rundir.PROVENANCE_FILE, rundir.MODEL_FILE)}
 
     subprocess.run(["scancel", "--signal=USR2", first["job_id"]], check=True, timeout=30)
     assert wait_for_states([first["job_id"]], timeout_s=600)[first["job_id"]] == "COMPLETED"
@@ -235,9 +231,8 @@ def test_packed_task_requeued_skips_its_finished_trial_and_resumes_the_other(slo
 
     # Trial 0 was not run again: its outputs are the very bytes it wrote before the requeue.
     assert {name: (sweep / "0" / name).read_bytes() for name in finished} == finished
-    assert (sweep / "0" / "train.log").read_text().count("training on") == 1
+    assert run_log(sweep / "0").count("training on") == 1
     # Trial 1 resumed from its checkpoint and ended with each of its epochs once.
-    log = (sweep / "1" / "train.log").read_text()
-    assert "resuming from ckpt-e0000" in log
-    metrics = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert resumed_from(run_log(sweep / "1"))
+    metrics = finished_metrics(sweep / "1")
     assert [row["epoch"] for row in metrics["history"]] == list(range(1, 7))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mnist_hpc import rundir
 from tests.conftest import tiny_overrides
 from tests.slurm_helpers import (
     job_records,
@@ -63,7 +64,7 @@ def test_four_trial_sweep_is_one_array_and_reported(synthetic_cache: Path, tmp_p
     for row, (units, lr) in zip(rows, expected):
         assert f"model.hidden_units={units}" in row["overrides"] and f"optimizer.learning_rate={lr}" in row["overrides"]
         assert row["state"] == "COMPLETED"
-        metrics = json.loads((sweep / row["trial"] / "metrics.json").read_text())
+        metrics = rundir.read_metrics(sweep / row["trial"])
         assert float(row["test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
         assert float(row["best_val_accuracy"]) == pytest.approx(metrics["best_val_accuracy"])
     best = max(rows, key=lambda r: float(r["best_val_accuracy"]))
@@ -119,11 +120,11 @@ def test_packed_trials_keep_their_own_dirs_failures_and_states(synthetic_cache: 
     # The task holding the failing trial ends FAILED in Slurm: nothing is hidden.
     assert [states[records[0]["job_id"]], states[records[2]["job_id"]]] == ["FAILED", "COMPLETED"]
     for trial in (0, 2):
-        metrics = json.loads((sweep / str(trial) / "metrics.json").read_text())
+        metrics = rundir.read_metrics(sweep / str(trial))
         assert metrics["epochs_completed"] == 1 and "val_accuracy" in metrics
-        assert json.loads((sweep / str(trial) / "provenance.json").read_text())["slurm_job_id"]
-    assert "validation_split=1e-09" in json.loads((sweep / "1" / "failure.json").read_text())["error"]
-    assert not (sweep / "1" / "metrics.json").exists()
+        assert json.loads((sweep / str(trial) / rundir.PROVENANCE_FILE).read_text())["slurm_job_id"]
+    assert "validation_split=1e-09" in rundir.read_failure(sweep / "1")
+    assert not (sweep / "1" / rundir.METRICS_FILE).exists()
 
     rows = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", "--json", str(sweep)],
                           capture_output=True, text=True, timeout=60)
@@ -157,7 +158,7 @@ def test_packed_trials_equal_the_same_trials_each_alone(synthetic_cache: Path, t
     assert log_text.count("same shapes as this process's previous trial") == 2, log_text[-3000:]
 
     def outcome(run_dir: Path):
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = rundir.read_metrics(run_dir)
         history = [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["history"]]
         scores = {k: metrics[k] for k in ("test_loss", "test_accuracy", "val_accuracy", "best_val_accuracy")}
         weights = keras.saving.load_model(run_dir / rundir.MODEL_FILE).get_weights()
@@ -194,4 +195,4 @@ def test_short_trials_are_packed_by_default_as_far_as_the_idle_cpus_allow(synthe
         assert [r["packed_slot"] for r in records] == [i % per_task for i in range(8)]
     states = wait_for_states(tasks)
     assert set(states.values()) == {"COMPLETED"}, states
-    assert all(json.loads((sweep / str(i) / "metrics.json").read_text())["epochs_completed"] == 1 for i in range(8))
+    assert all(rundir.read_metrics(sweep / str(i))["epochs_completed"] == 1 for i in range(8))

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_hpc import rundir
 from mnist_hpc.rundir import TENSORBOARD_DIR
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests.conftest import tiny_overrides
+from tests.helpers import finished_metrics
 from tests.test_resume import Interrupt, interrupter
 
 
@@ -40,7 +42,7 @@ def read_events(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict
 
 
 def history_csv(run_dir: Path) -> list[dict[str, float]]:
-    with open(run_dir / "history.csv") as fh:
+    with open(run_dir / rundir.HISTORY_FILE) as fh:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
@@ -52,7 +54,7 @@ def assert_events_match_history(run_dir: Path, epochs: int) -> dict[str, list[tu
         assert [step for step, _ in scalars[f"epoch/{key}"]] == list(range(1, epochs + 1)), key  # each epoch once
         np.testing.assert_allclose([v for _, v in scalars[f"epoch/{key}"]], [r[key] for r in rows], rtol=1e-6)
     assert [v for _, v in scalars["epoch/learning_rate"]] == pytest.approx([1e-3] * epochs)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = finished_metrics(run_dir)
     for key in ("test_accuracy", "test_loss", "best_val_accuracy"):
         assert scalars[f"final/{key}"] == [(epochs, pytest.approx(metrics[key]))]
     assert hparams["optimizer.learning_rate"] == pytest.approx(1e-3)
@@ -153,9 +155,9 @@ def test_a_tensorboard_that_is_a_file_or_read_only_stops_an_in_process_run_in_on
     proc = train_cli(args + [f"hydra.run.dir={plain}"], tmp_path)
     # The run directory's layout is checked before Hydra writes there (rundir.layout_problems).
     assert_one_line_refusal(
-        proc, f"{plain / TENSORBOARD_DIR} is not a directory, but the run keeps its tensorboard/ there; move it out of {plain}")
+        proc, f"{plain / TENSORBOARD_DIR} is not a directory, but the run keeps its {TENSORBOARD_DIR}/ there; move it out of {plain}")
     assert (plain / TENSORBOARD_DIR).read_text() == "a user's notes"
-    assert not (plain / "metrics.json").exists() and not (plain / "checkpoints").exists()
+    assert not (plain / rundir.METRICS_FILE).exists() and not (plain / rundir.CHECKPOINT_DIR).exists()
     # Done as the message says: the run goes on, the notes are where the user moved them.
     (plain / TENSORBOARD_DIR).rename(tmp_path / "notes")
     proc = train_cli(args + [f"hydra.run.dir={plain}"], tmp_path)
@@ -170,7 +172,7 @@ def test_a_tensorboard_that_is_a_file_or_read_only_stops_an_in_process_run_in_on
         proc, f"cannot write the run's TensorBoard directory {board} (Read-only file system); make it writable (or "
         "remove it) and run again with the same overrides")
     assert [p.name for p in board.iterdir()] == ["events.out.tfevents.earlier"]
-    assert not (read_only / "metrics.json").exists()
+    assert not (read_only / rundir.METRICS_FILE).exists()
 
 
 def test_a_tensorboard_that_is_a_file_or_read_only_is_refused_or_the_failure_json_of_a_launched_trial(
@@ -187,15 +189,15 @@ def test_a_tensorboard_that_is_a_file_or_read_only_is_refused_or_the_failure_jso
     proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (f"nothing was queued:\n  trial 0: {sweep / '0' / TENSORBOARD_DIR} is not a directory, but the run keeps its "
-            f"tensorboard/ there; move it out of {sweep / '0'}") in proc.stderr
+            f"{TENSORBOARD_DIR}/ there; move it out of {sweep / '0'}") in proc.stderr
     assert not (sweep / ".submitit").exists() or not any(p.name[0].isdigit() for p in (sweep / ".submitit").iterdir())
     assert (sweep / "0" / TENSORBOARD_DIR).read_text() == "a user's notes"
     # Moved out: trial 0 runs; trial 1's read-only event directory is its one-line failure.
     (sweep / "0" / TENSORBOARD_DIR).rename(tmp_path / "notes")
     proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
     assert proc.returncode == 1 and "1 of 2 trial(s) did not finish" in proc.stderr, proc.stderr[-3000:]
-    assert json.loads((sweep / "0" / "metrics.json").read_text())["epochs_completed"] == 1
-    error = json.loads((sweep / "1" / "failure.json").read_text())["error"]
+    assert finished_metrics(sweep / "0")["epochs_completed"] == 1
+    error = rundir.read_failure(sweep / "1")
     assert error == (
         f"mnist_hpc.compute.tensorboard.TensorBoardError: cannot write the run's TensorBoard directory {board} (Read-only "
         "file system); make it writable (or remove it) and run again with the same overrides")

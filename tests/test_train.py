@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
+from mnist_hpc import rundir
 from mnist_hpc.compute.engine import epoch_order
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests.conftest import IN_CI, SHARED_MNIST, tiny_overrides
+from tests.helpers import finished_metrics, run_json, run_log
 
 TRAIN_CMD = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
 
@@ -50,12 +52,12 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(run_dir) in proc.stdout + proc.stderr
 
-    for name in ("metrics.json", "history.csv", "model.keras", "config.yaml", "provenance.json", "train.log",
-                 "predictions.npz"):
+    for name in (rundir.METRICS_FILE, rundir.HISTORY_FILE, rundir.MODEL_FILE, rundir.CONFIG_FILE, rundir.PROVENANCE_FILE,
+                 rundir.LOG_FILE, rundir.PREDICTIONS_FILE):
         assert (run_dir / name).is_file(), name
-    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name not in (".hydra", ".lease.lock")]
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name not in (rundir.HYDRA_DIR, rundir.LEASE_LOCK)]
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = finished_metrics(run_dir)
     assert metrics["epochs_completed"] == 1 and len(metrics["history"]) == 1
     assert 0.5 < metrics["test_accuracy"] <= 1.0  # 10 separable templates: far above chance (0.1)
     assert 0.0 < metrics["test_loss"] < 2.3
@@ -69,16 +71,16 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
     assert phases["epochs_s"] >= metrics["history"][0]["seconds"]
     assert sum(phases.values()) <= metrics["wall_time_s"] <= sum(phases.values()) + 1.0
 
-    with open(run_dir / "history.csv") as fh:
+    with open(run_dir / rundir.HISTORY_FILE) as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["epoch"]) for r in rows] == [1]
     assert float(rows[0]["accuracy"]) == pytest.approx(metrics["history"][0]["accuracy"])
 
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = yaml.safe_load((run_dir / rundir.CONFIG_FILE).read_text())
     assert config["train"]["epochs"] == 1 and config["data"]["cache_dir"] == str(synthetic_cache)
     assert config["optimizer"]["name"] == "rmsprop"
 
-    prov = json.loads((run_dir / "provenance.json").read_text())
+    prov = run_json(run_dir, rundir.PROVENANCE_FILE)
     manifest = json.loads((synthetic_cache / "mnist.npz.manifest.json").read_text())
     assert prov["data_sha256"] == manifest["sha256"]
     assert prov["slurm_job_id"] == "4242"
@@ -86,7 +88,7 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
     assert all(prov["versions"][k] for k in ("python", "tensorflow", "keras", "numpy", "hydra", "submitit"))
     assert prov["started"] <= prov["ended"]
 
-    log = (run_dir / "train.log").read_text()
+    log = run_log(run_dir)
     assert "epoch 1/1" in log and "407,050" in log
     assert "\r" not in log and "\x1b[" not in log
 
@@ -97,12 +99,12 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
     from mnist_hpc.config import DataConfig
 
     x_test, y_test = load_mnist(DataConfig(cache_dir=str(synthetic_cache))).lesson("test")
-    model = keras.models.load_model(run_dir / "model.keras")
+    model = keras.models.load_model(run_dir / rundir.MODEL_FILE)
     _, acc = model.evaluate(x_test, y_test, verbose=0, batch_size=1024)
     assert acc == pytest.approx(metrics["test_accuracy"], abs=1e-6)
 
     # Saved predictions agree with the reported accuracy; kept images are the wrong ones.
-    with np.load(run_dir / "predictions.npz") as pred:
+    with np.load(run_dir / rundir.PREDICTIONS_FILE) as pred:
         assert pred["y_prob"].shape == (200, 10)
         np.testing.assert_array_equal(pred["y_true"], y_test.argmax(axis=1))
         assert (pred["y_pred"] == pred["y_true"]).mean() == pytest.approx(metrics["test_accuracy"], abs=1e-6)
@@ -117,14 +119,14 @@ def test_training_runs_with_no_network_at_all(synthetic_cache: Path, tmp_path: P
     run_dir = tmp_path / "run"
     proc = run_train_cli(tiny_overrides(synthetic_cache, tmp_path) + [f"hydra.run.dir={run_dir}"], netns=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["test_accuracy"] > 0.5
+    assert finished_metrics(run_dir)["test_accuracy"] > 0.5
 
 
 def test_missing_cache_fails_with_the_prefetch_command(tmp_path: Path):
     proc = run_train_cli(tiny_overrides(tmp_path / "empty", tmp_path) + [f"hydra.run.dir={tmp_path / 'run'}"])
     assert proc.returncode != 0
     assert f"mnist-hpc-prefetch data.cache_dir={tmp_path / 'empty'}" in proc.stderr + proc.stdout
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / rundir.METRICS_FILE).exists()
 
 
 def test_deterministic_runs_give_identical_metrics(compose, synthetic_cache: Path, tmp_path: Path):
@@ -134,8 +136,8 @@ def test_deterministic_runs_give_identical_metrics(compose, synthetic_cache: Pat
     first = train_and_evaluate(cfg, tmp_path / "a")
     second = train_and_evaluate(cfg, tmp_path / "b")
     assert first == second
-    h1 = json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
-    h2 = json.loads((tmp_path / "b" / "metrics.json").read_text())["history"]
+    h1 = finished_metrics(tmp_path / "a")["history"]
+    h2 = finished_metrics(tmp_path / "b")["history"]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in h1] == [
         {k: v for k, v in r.items() if k != "seconds"} for r in h2
     ]
@@ -149,7 +151,7 @@ def test_a_deterministic_run_with_validation_logs_no_tensorflow_error_line(synth
         "train.deterministic=true", "data.validation_split=0.2", f"train.execution={execution}", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = run_train_cli(overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert (tmp_path / "run" / rundir.METRICS_FILE).is_file()
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("E0000") or "use_unbounded_threadpool" in line]
     assert errors == []
 
@@ -171,7 +173,7 @@ def test_real_mnist_reaches_the_lessons_accuracy(tmp_path: Path):
     run_dir = tmp_path / "run"
     proc = run_train_cli([f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}", f"paths.output_root={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = finished_metrics(run_dir)
     assert metrics["epochs_completed"] == 5
     assert metrics["test_accuracy"] >= 0.975
 

@@ -73,7 +73,7 @@ def test_each_trial_gets_its_own_directory_inside_the_sweep(tmp_path: Path):
     for own in ("report", ".submitit", "workers", "multirun.yaml", ".hidden"):
         [reserved] = problems(sweep / own)
         assert "the sweep directory's own" in reserved, own
-    [nested] = problems(sweep / "a", sweep / "a" / "checkpoints")
+    [nested] = problems(sweep / "a", sweep / "a" / rundir.CHECKPOINT_DIR)
     assert "inside trial 0's directory" in nested
     # Every collision is named, not only the first.
     assert len(problems(sweep / "x", sweep / "x", sweep / "x")) == 2

@@ -26,7 +26,7 @@ def trial(compose, cache: Path, run_dir: Path, *overrides: str):
         "train.epochs=2", "model.dropout=0.3", "data.validation_split=0.2", "train.steps_per_execution=4",
         *overrides]))
     result = train_and_evaluate(cfg, run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = rundir.read_metrics(run_dir)
     history = [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["history"]]
     probabilities = rundir.load_predictions(run_dir).y_prob
     weights = keras.saving.load_model(run_dir / rundir.MODEL_FILE).get_weights()

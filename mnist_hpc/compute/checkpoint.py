@@ -1,6 +1,7 @@
 """Training state on disk, in the run's own directory, so a requeued or rerun job continues exactly.
 
-A checkpoint is one ``.npz`` under ``<run_dir>/checkpoints/`` holding every model variable
+A checkpoint is one ``.npz`` under ``<run_dir>/checkpoints/`` (named and listed by
+:mod:`mnist_hpc.rundir`: ``checkpoint_path``, ``list_checkpoints``) holding every model variable
 (weights and the dropout seed-generator state), every optimizer variable (iteration count and
 slots), the metric accumulators of a part-done epoch, and a JSON header: epoch and batch
 reached, the history so far, and a fingerprint of the config that defines the trajectory. The
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
+from mnist_hpc import rundir
 from mnist_hpc.config import KEYS, flat_config, trajectory_config
 from mnist_hpc.io import atomic_path
-from mnist_hpc.rundir import CHECKPOINT_DIR
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 KEEP = 2
-_NAME = re.compile(r"^ckpt-e(\d{5})-b(\d{7})\.npz$")
 
 
 class CheckpointError(RuntimeError):
@@ -82,19 +81,6 @@ def fingerprint(cfg: "Config", data_sha256: str) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def checkpoint_name(epoch: int, batch: int) -> str:
-    return f"ckpt-e{epoch:05d}-b{batch:07d}.npz"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints in ``run_dir``, newest (furthest along) first."""
-    directory = Path(run_dir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        return []
-    found = [(tuple(map(int, m.groups())), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
 def _values(variables: Sequence[Any]) -> list[np.ndarray]:
     return [np.array(v.numpy()) for v in variables]
 
@@ -114,8 +100,8 @@ def snapshot(model: "keras.Model", *, with_metrics: bool) -> dict[str, list[np.n
 
 def write(run_dir: Path, state: TrainState, groups: dict[str, list[np.ndarray]], fp: str) -> Path:
     """Write a checkpoint atomically, then drop all but the newest ``KEEP``."""
-    directory = Path(run_dir) / CHECKPOINT_DIR
-    directory.mkdir(parents=True, exist_ok=True)
+    target = rundir.checkpoint_path(run_dir, state.epoch, state.batch)
+    target.parent.mkdir(parents=True, exist_ok=True)
     header = {
         "format": FORMAT_VERSION,
         "epoch": state.epoch,
@@ -127,11 +113,10 @@ def write(run_dir: Path, state: TrainState, groups: dict[str, list[np.ndarray]],
     for group, values in groups.items():
         for i, value in enumerate(values):
             arrays[f"{group}/{i:04d}"] = value
-    target = directory / checkpoint_name(state.epoch, state.batch)
     with atomic_path(target, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-    for old in list_checkpoints(run_dir)[KEEP:]:
+    for old in rundir.list_checkpoints(run_dir)[KEEP:]:
         old.unlink(missing_ok=True)
     return target
 
@@ -183,7 +168,7 @@ def load_latest(run_dir: Path, fp: str) -> Optional[TrainState]:
     Raises:
         CheckpointError: checkpoints exist but none can be read, or they come from another config.
     """
-    candidates = list_checkpoints(run_dir)
+    candidates = rundir.list_checkpoints(run_dir)
     failures: list[str] = []
     for path in candidates:
         try:
@@ -201,7 +186,7 @@ def load_latest(run_dir: Path, fp: str) -> Optional[TrainState]:
         return state
     if failures:
         raise CheckpointError(
-            f"no readable checkpoint in {Path(run_dir) / CHECKPOINT_DIR} ({'; '.join(failures)}); delete that "
+            f"no readable checkpoint in {Path(run_dir) / rundir.CHECKPOINT_DIR} ({'; '.join(failures)}); delete that "
             "directory to start the run over"
         )
     return None

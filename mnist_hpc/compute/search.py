@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -513,16 +512,8 @@ class SearchWorker:
         origin = sd.trial_number_attr(trial, sd.RETRY_OF_ATTR)
         if origin is None or origin >= trial.number:  # none, or not a trial before this one
             return
-        source = self.search_dir / str(origin) / rundir.CHECKPOINT_DIR
-        target = run_dir / rundir.CHECKPOINT_DIR
-        if not source.is_dir() or target.exists():
+        if not rundir.seed_from(run_dir, self.search_dir / str(origin)):
             return
-        shutil.copytree(source, target)
-        # The checkpoints come with the binding they were made under (same parameters, same
-        # config): the new directory's claim then checks them like any resume would.
-        identity = self.search_dir / str(origin) / rundir.IDENTITY_FILE
-        if identity.is_file():
-            shutil.copy2(identity, run_dir / rundir.IDENTITY_FILE)
         trial.set_user_attr(sd.RESUMED_FROM_ATTR, int(origin))
         log.info("trial %d starts from the checkpoints of interrupted trial %s", trial.number, origin)
 

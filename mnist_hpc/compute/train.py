@@ -283,7 +283,7 @@ def _train_epochs(
         # Every worker snapshots (summed metrics are a collective); the chief writes.
         groups = checkpoint.snapshot(model, with_metrics=with_metrics)
         if not chief:
-            return run_dir / rundir.CHECKPOINT_DIR / checkpoint.checkpoint_name(epoch, batch)
+            return rundir.checkpoint_path(run_dir, epoch, batch)
         return checkpoint.write(run_dir, checkpoint.TrainState(epoch, batch, list(history)), groups, fp)
 
     def batch_saver(epoch: int) -> Optional[Callable[[int], None]]:

@@ -9,7 +9,8 @@ One run (a single training, or one trial of a sweep) owns one directory::
       config.yaml       at start: the resolved, typed config
       .hydra/           at start: Hydra's own copy of the config and overrides.yaml
       progress.json     at start and after every epoch: epochs done and planned, history so far
-      checkpoints/      resume state (its format: mnist_hpc.compute.checkpoint)
+      checkpoints/      resume state: ckpt-e<epochs>-b<batches>.npz (format: mnist_hpc.compute.checkpoint)
+      tensorboard/      TensorBoard's event files, one step per epoch (mnist_hpc.compute.tensorboard)
       train.log         the job log, for people: nothing parses it
       predictions.npz   at the end: test labels, probabilities, the worst mistakes as images
       history.csv       at the end: the per-epoch history
@@ -24,9 +25,12 @@ files, and one bad file must not stop a status or a report of a hundred trials).
 :func:`read_run` gathers a run's files and :func:`run_state` is the one place where a run's
 state is derived from its files and its scheduler's view.
 
-The package's parts: :mod:`.files` (names, and the guarded JSON reader), :mod:`.records` (what
-describes a run: job, identity, lease, config, progress, failure), :mod:`.outputs` (what a
-finished run leaves), :mod:`.state` (reading a run's files together and deriving its state).
+The package's parts: :mod:`.files` (names, checkpoints' names and listing, submitit's result
+pickle, and the guarded JSON reader), :mod:`.records` (what describes a run: job, identity,
+lease and its lock, config, progress, failure, a retry's seed), :mod:`.outputs` (what a finished
+run leaves), :mod:`.state` (reading a run's files together and deriving its state). Policies that
+use these files live elsewhere: who may write a directory in :mod:`mnist_hpc.claim`, what a
+checkpoint holds in :mod:`mnist_hpc.compute.checkpoint`.
 Everything is used as ``rundir.<name>``.
 
 Light to import (login-node status and report use it): numpy only inside the functions that

@@ -39,6 +39,12 @@ __all__ = [
     "RUN_DIRS",
     "RUN_MARKERS",
     "is_run_dir",
+    "holds_results",
+    "checkpoint_name",
+    "checkpoint_position",
+    "checkpoint_path",
+    "list_checkpoints",
+    "submitit_result_file",
     "layout_problems",
     "WRONG_IMAGES_KEPT",
     "ENDED_STATES",
@@ -90,6 +96,55 @@ RUN_MARKERS = (JOB_FILE, IDENTITY_FILE, METRICS_FILE, PROGRESS_FILE, CONFIG_FILE
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` is a run's directory: one of its marking files is there."""
     return any(os.path.isfile(Path(path) / marker) for marker in RUN_MARKERS)
+
+
+# A checkpoint's name says how far it reached: epochs done, then batches of the next epoch (what it
+# holds and its format: mnist_hpc.compute.checkpoint). Zero-padded, so names sort as positions do.
+_CHECKPOINT_NAME = re.compile(r"^ckpt-e(\d{5})-b(\d{7})\.npz$")
+
+
+def checkpoint_name(epoch: int, batch: int) -> str:
+    """The name of the checkpoint taken after ``epoch`` epochs and ``batch`` batches of the next."""
+    return f"ckpt-e{epoch:05d}-b{batch:07d}.npz"
+
+
+def checkpoint_position(name: str) -> Optional[tuple[int, int]]:
+    """(epochs, batches) a checkpoint's file name says it reached; None for any other name."""
+    match = _CHECKPOINT_NAME.match(name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def checkpoint_path(run_dir: Path, epoch: int, batch: int) -> Path:
+    """Where ``run_dir`` keeps its checkpoint of ``epoch`` epochs and ``batch`` batches."""
+    return Path(run_dir) / CHECKPOINT_DIR / checkpoint_name(epoch, batch)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints in ``run_dir``'s :data:`CHECKPOINT_DIR`, newest (furthest along) first.
+
+    Only names :func:`checkpoint_name` makes count: a writer's temporary (``.ckpt-...tmp``) or a
+    stray file is not a checkpoint.
+    """
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    found = [(position, p) for p in directory.iterdir() if (position := checkpoint_position(p.name)) is not None]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def holds_results(run_dir: Path) -> bool:
+    """Whether a run has written results into ``run_dir``: a checkpoint, its progress or its metrics."""
+    return bool(list_checkpoints(run_dir)) or any((Path(run_dir) / name).exists() for name in (METRICS_FILE, PROGRESS_FILE))
+
+
+def submitit_result_file(folder: Path, job_id: str) -> Path:
+    """The pickle submitit writes in its ``folder`` once task 0 of job ``job_id`` has ended.
+
+    submitit's ``JobPaths(folder, job_id).result_pickle`` names it too (a test pins the two
+    equal); it is spelled here so that status and report, which never submit, need not import
+    submitit (about 0.2 s) to look for it.
+    """
+    return Path(folder) / f"{job_id}_0_result.pkl"
 
 
 def layout_problems(run_dir: Path) -> list[str]:

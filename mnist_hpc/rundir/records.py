@@ -10,10 +10,11 @@ import shutil
 import traceback
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from mnist_hpc.io import (
     UntrustedFileError,
+    exclusive_lock,
     read_yaml,
     utc_now,
     write_bytes_atomic,
@@ -33,6 +34,7 @@ from mnist_hpc.rundir.files import (
     IDENTITY_FILE,
     JOB_FILE,
     LEASE_FILE,
+    LEASE_LOCK,
     MAX_BYTES,
     NAME,
     NULL,
@@ -50,6 +52,7 @@ from mnist_hpc.rundir.files import (
     _read_json_object,
     check,
     check_fields,
+    submitit_result_file,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,9 +69,12 @@ __all__ = [
     "read_job",
     "write_identity",
     "read_identity",
+    "lease_lock",
     "write_lease",
     "read_lease",
+    "release_lease",
     "remove_stale_temporaries",
+    "seed_from",
     "commit_hydra_files",
     "discard_hydra_files",
     "write_config",
@@ -145,7 +151,7 @@ class JobRecord:
     @property
     def result_file(self) -> Optional[Path]:
         """submitit's result pickle: it exists once the job's Python process has ended."""
-        return Path(self.submitit_folder) / f"{self.job_id}_0_result.pkl" if self.submitit_folder else None
+        return submitit_result_file(Path(self.submitit_folder), self.job_id) if self.submitit_folder else None
 
 
 def _job_json(record: JobRecord) -> bytes:
@@ -238,7 +244,16 @@ def read_identity(run_dir: Path) -> Optional[dict[str, Any]]:
     return data
 
 
+@contextlib.contextmanager
+def lease_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the directory's :data:`LEASE_LOCK` (an exclusive flock): who checks the lease and takes
+    it does both under this lock, so two starters cannot both find it free and both take it."""
+    with exclusive_lock(Path(run_dir) / LEASE_LOCK):
+        yield
+
+
 def write_lease(run_dir: Path, holder: dict[str, Any]) -> None:
+    """Name ``holder`` (mnist_hpc.claim.Holder's fields) as the directory's one writer; under :func:`lease_lock`."""
     write_json_atomic(Path(run_dir) / LEASE_FILE, {"holder": holder, "taken": utc_now()})
 
 
@@ -269,6 +284,15 @@ def read_lease(run_dir: Path) -> Optional[dict[str, Any]]:
     return data
 
 
+def release_lease(run_dir: Path, holder: dict[str, Any]) -> None:
+    """Remove the lease if it still names ``holder``: one taken over since (its holder was judged
+    gone) is the new holder's. A lease that cannot be read or removed is left as it is."""
+    with contextlib.suppress(RunFileError, OSError):
+        current = read_lease(run_dir)
+        if current is not None and current.get("holder") == holder:
+            (Path(run_dir) / LEASE_FILE).unlink()
+
+
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Delete half-written files (``.<name>.*.tmp*``, see :func:`mnist_hpc.io.atomic_path`) of dead writers.
 
@@ -284,6 +308,25 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
                     path.unlink()
                     removed.append(path)
     return removed
+
+
+def seed_from(run_dir: Path, origin_dir: Path) -> bool:
+    """Start ``run_dir`` from ``origin_dir``'s checkpoints (a retry of an interrupted run); whether it did.
+
+    The checkpoints come with the binding they were made under (``identity.json``), so that the new
+    directory's claim checks them as any resume would. Nothing is copied when the origin has no
+    checkpoints or ``run_dir`` has its own already. Before the run's claim: nothing else writes the
+    new directory yet.
+    """
+    source = Path(origin_dir) / CHECKPOINT_DIR
+    target = Path(run_dir) / CHECKPOINT_DIR
+    if not source.is_dir() or os.path.lexists(target):
+        return False
+    shutil.copytree(source, target)
+    identity = Path(origin_dir) / IDENTITY_FILE
+    if identity.is_file():
+        shutil.copy2(identity, Path(run_dir) / IDENTITY_FILE)
+    return True
 
 
 def commit_hydra_files(run_dir: Path) -> None:
