@@ -38,6 +38,7 @@ from mnist_hpc.dataset import (
     load_arrays,
     read_npz_layout,
 )
+from mnist_hpc.io import open_regular_file
 
 # Keras' own download of the lesson's file, and the sha256 Keras pins for it: what prefetch fetches by default.
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
@@ -184,7 +185,7 @@ def read_manifest(npz_path: Path) -> tuple[dict[str, Any], bytes]:
     """
     path = manifest_path(npz_path)
     try:
-        with open(path, "rb") as fh:
+        with open_regular_file(path) as fh:
             raw = fh.read(1 << 16)
     except FileNotFoundError:
         raise _missing(npz_path) from None
@@ -217,7 +218,7 @@ def _read_object(npz_path: Path) -> tuple[bytes, dict[str, Any]]:
         manifest, raw = read_manifest(npz_path)
         obj, size = object_path(npz_path, manifest["sha256"]), manifest["size"]
         try:
-            with open(obj, "rb") as fh:
+            with open_regular_file(obj) as fh:
                 data = fh.read(size + 1)  # one byte more shows a file grown since
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ESTALE):

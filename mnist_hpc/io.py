@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,20 @@ def _open_regular(path: Path) -> Optional[int]:
         os.close(fd)
         raise
     return fd
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """``open(path, "rb")`` for a file another process or person may have replaced: a FIFO, device,
+    socket or directory in its place raises ``OSError(EINVAL)`` at once instead of blocking (a FIFO
+    opened for reading waits for a writer; ``/dev/zero`` never ends). Raises OSError as open does."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _too_big(path: Path, max_bytes: int, size: Optional[int] = None) -> UntrustedFileError:

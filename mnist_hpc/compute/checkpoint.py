@@ -28,7 +28,7 @@ import numpy as np
 
 from mnist_hpc import rundir
 from mnist_hpc.config import KEYS, flat_config, trajectory_config
-from mnist_hpc.io import atomic_path
+from mnist_hpc.io import atomic_path, open_regular_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -128,11 +128,13 @@ def save(run_dir: Path, state: TrainState, model: "keras.Model", fp: str, *, wit
 
 def read(path: Path) -> TrainState:
     """Read one checkpoint fully (every member's CRC is checked). Raises on any damage."""
-    loaded = np.load(path, allow_pickle=False)
+    with open_regular_file(path) as fh:  # a FIFO in a checkpoint's place is refused, never waited on
+        loaded = np.load(fh, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as npz:
+                arrays = {key: npz[key] for key in npz.files}
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ValueError("it is a bare .npy array, not a checkpoint archive")
-    with loaded as npz:
-        arrays = {key: npz[key] for key in npz.files}
     if "header" not in arrays:
         raise ValueError("no header")
     header = json.loads(arrays.pop("header").tobytes().decode())
