@@ -218,6 +218,11 @@ def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int, Optiona
     except sd.SearchFileError as exc:  # the journal, or its lock
         raise _refuse(str(exc)) from exc
     repaired = check.note()
+    if previous is None:
+        # search.json before the journal (opening the storage creates it): a submission killed in
+        # between leaves a directory the next one continues (the KeyError below), never a journal
+        # without its search.json, which every later submission would have to refuse.
+        sd.write_spec(search_dir, spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = sd.open_storage(search_dir)
     try:  # loading writes nothing to the journal (create_study would append an entry)
