@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from mnist_hpc import rundir, slurm
 from mnist_hpc.config import flat_config, identity_config
-from mnist_hpc.io import exclusive_lock
+from mnist_hpc.io import exclusive_lock, path_problem
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,9 @@ def trial_dir_problems(sweep_dir: Path, run_dirs: Sequence[tuple[int, Path]]) ->
     problems: list[str] = []
     placed: dict[Path, int] = {}
     for num, run_dir in run_dirs:
+        if (too_long := path_problem(run_dir, "hydra.sweep.dir or hydra.sweep.subdir")) is not None:
+            problems.append(f"trial {num}: {too_long}")
+            continue
         where = Path(os.path.realpath(run_dir))
         relative = where.relative_to(sweep) if where != sweep and sweep in where.parents else None
         if where == sweep:

@@ -284,6 +284,25 @@ def _open_regular(path: Path) -> Optional[int]:
     return fd
 
 
+# What Linux filesystems allow: a name of at most NAME_MAX bytes, a path shorter than PATH_MAX.
+NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096
+
+
+def path_problem(path: Path, setting: str = "") -> Optional[str]:
+    """Why ``path`` can never name a file here (a part longer than a name may be, or the whole
+    longer than a path may be), naming ``setting`` as what to change; None when it can."""
+    fix = f"choose a shorter {setting}" if setting else "choose a shorter name"
+    whole = os.fsencode(os.path.abspath(path))
+    if len(whole) >= PATH_MAX_BYTES:
+        return f"{str(path)[:80]}... is {len(whole):,} bytes long, and a path holds fewer than {PATH_MAX_BYTES:,}: {fix}"
+    for part in whole.split(b"/"):
+        if len(part) > NAME_MAX_BYTES:
+            shown = os.fsdecode(part[:40])
+            return (f"{str(path)[:200]}: its part {shown!r}... is {len(part)} bytes long, and a file name holds at most "
+                    f"{NAME_MAX_BYTES}: {fix}")
+    return None
+
+
 def open_regular_file(path: Path) -> BinaryIO:
     """``open(path, "rb")`` for a file another process or person may have replaced: a FIFO, device,
     socket or directory in its place raises ``OSError(EINVAL)`` at once instead of blocking (a FIFO

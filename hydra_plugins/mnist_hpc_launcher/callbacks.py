@@ -68,7 +68,9 @@ def _refuse_unwritable(config: DictConfig, key: str, write: bool = True) -> None
         return
     raw = str(OmegaConf.to_container(node, resolve=False).get("dir", ""))
     setting = "paths.output_root" if "paths.output_root" in raw else f"hydra.{key}.dir"
-    problem = run_dir_problem(directory, setting, f"{key} directory", write)
+    from mnist_hpc.io import path_problem
+
+    problem = path_problem(directory, setting) or run_dir_problem(directory, setting, f"{key} directory", write)
     if problem is None and key == "run":
         from mnist_hpc import rundir
 

@@ -24,6 +24,7 @@ from mnist_hpc.login.trials import (
     job_trial,
     read_trial,
 )
+from mnist_hpc.io import path_problem
 from mnist_hpc.search import is_search_dir
 
 
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    for target in args.targets:
+        if (too_long := path_problem(Path(target), "target")) is not None:
+            print(f"mnist-hpc-status: error: {too_long}", file=sys.stderr)
+            return 1
     # An asynchronous search directory: its study and workers (mnist_hpc.login.study).
     searches = [t for t in args.targets if is_search_dir(Path(t))]
     if searches:

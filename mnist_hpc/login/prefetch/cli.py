@@ -186,6 +186,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: error: invalid override(s) {' '.join(args.overrides)}: {_describe_config_error(exc)}",
               file=sys.stderr)
         return 2
+    from mnist_hpc.io import path_problem
+
+    if (too_long := path_problem(target, "data.cache_dir or data.filename")) is not None:
+        print(f"{PROG}: error: {too_long}", file=sys.stderr)
+        return 2
 
     # A handler per call, bound to the current stderr (tests swap it), removed afterwards.
     handler = logging.StreamHandler(sys.stderr)
