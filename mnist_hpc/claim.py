@@ -177,6 +177,11 @@ def trial_dir_problems(sweep_dir: Path, run_dirs: Sequence[tuple[int, Path]]) ->
     """
     sweep = Path(os.path.realpath(sweep_dir))
     problems: list[str] = []
+    if rundir.is_run_dir(sweep):
+        return [f"the sweep directory {sweep_dir} is the run directory of an earlier launch; choose another "
+                "hydra.sweep.dir"]
+    if (nested := nesting_problem(sweep, "hydra.sweep.dir", inside_too=False)) is not None:
+        return [nested]
     placed: dict[Path, int] = {}
     for num, run_dir in run_dirs:
         if (too_long := path_problem(run_dir, "hydra.sweep.dir or hydra.sweep.subdir")) is not None:
@@ -233,6 +238,21 @@ def trial_dir_problems(sweep_dir: Path, run_dirs: Sequence[tuple[int, Path]]) ->
                 "choose a hydra.sweep.subdir that keeps trials apart, or another hydra.sweep.dir"
             )
     return problems
+
+
+def nesting_problem(directory: Path, setting: str, inside_too: bool = True) -> Optional[str]:
+    """Why ``directory`` (a run's, or a sweep's) cannot be used: it lies inside an earlier launch's run
+    directory, or (``inside_too``) holds one; None when neither. A run in a run would show one's
+    results as the other's, and each would take the other's files for its own."""
+    where = Path(os.path.realpath(directory))
+    for parent in where.parents:
+        if rundir.is_run_dir(parent):
+            return (f"{directory} lies inside the run directory {parent} of an earlier launch; choose another "
+                    f"{setting}")
+    inner = _run_dir_inside(where) if inside_too else None
+    if inner is not None:
+        return f"{directory} holds the run directory {inner} of an earlier launch; choose another {setting}"
+    return None
 
 
 def _run_dir_inside(directory: Path) -> Optional[Path]:

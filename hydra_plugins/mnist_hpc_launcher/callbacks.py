@@ -10,7 +10,9 @@ at module level.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -70,7 +72,12 @@ def _refuse_unwritable(config: DictConfig, key: str, write: bool = True) -> None
     setting = "paths.output_root" if "paths.output_root" in raw else f"hydra.{key}.dir"
     from mnist_hpc.io import path_problem
 
-    problem = path_problem(directory, setting) or run_dir_problem(directory, setting, f"{key} directory", write)
+    from mnist_hpc import claim
+
+    # A run (or a basic-launcher sweep) never inside an earlier launch's run directory, nor a run
+    # around one: each would show the other's results as its own. Checked before anything is made.
+    problem = (path_problem(directory, setting) or claim.nesting_problem(directory, setting, inside_too=key == "run")
+               or run_dir_problem(directory, setting, f"{key} directory", write))
     if problem is None and key == "run":
         from mnist_hpc import rundir
 
@@ -103,3 +110,39 @@ class CheckRunDir(Callback):
         if str(config.hydra.launcher.get("_target_", "")).startswith(_OUR_LAUNCHERS):
             return
         _refuse_unwritable(config, "sweep")  # Hydra's basic launcher: the trials run in this process
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A trial of Hydra's basic launcher (in this process): its directory inside its sweep, its own.
+
+        Our launchers check every trial before queueing (claim.trial_dir_problems); Hydra's own
+        launcher composes one trial at a time, so each is checked here, before it writes anything.
+        """
+        if config.hydra.get("mode") is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
+            return
+        if str(config.hydra.launcher.get("_target_", "")).startswith(_OUR_LAUNCHERS):
+            return
+        from mnist_hpc import claim
+
+        try:
+            sweep_dir = Path(os.path.abspath(str(config.hydra.sweep.dir)))
+            run_dir = Path(os.path.abspath(str(config.hydra.runtime.output_dir)))
+            num = int(config.hydra.job.num)
+        except Exception:  # noqa: BLE001 - Hydra reports a bad interpolation next, in its own words
+            return
+        problems = claim.trial_dir_problems(sweep_dir, [(num, run_dir)])
+        if problems:
+            from mnist_hpc import rundir
+
+            # Hydra made the directory and wrote this attempt's config (hydra.output_subdir, our
+            # pending folder) just before calling us: take back what it wrote, and the directory
+            # if that leaves it empty.
+            shutil.rmtree(run_dir / rundir.HYDRA_PENDING_DIR, ignore_errors=True)
+            log_file = run_dir / rundir.LOG_FILE  # opened by Hydra's job logging: gone if nothing is in it
+            with contextlib.suppress(OSError):
+                if log_file.stat().st_size == 0:
+                    log_file.unlink()
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+            sys.stderr.write("; ".join(problems) + "\n")
+            sys.stderr.flush()
+            raise SystemExit(1)
