@@ -19,13 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mnist_hpc import claim, rundir
 from mnist_hpc.config import flat_config
-from tests.conftest import fill_cache
+from tests.helpers import fill_cache
 
 SUBDIRS = [
     "${hydra.job.num}",
@@ -84,7 +83,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 @contextmanager
 def composing_in(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
-    from tests.test_compose import composing
+    from tests.helpers import composing
 
     with composing(tmp_path, "experiment=sweep") as pair:
         yield pair

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,22 +20,17 @@ from mnist_hpc import claim, rundir
 from mnist_hpc.compute import checkpoint
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
-from tests.test_resume import snapshot, strip_seconds, weights
-
-TRAIN = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
-
-
-def train_cli(args: list[str], cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run(TRAIN + args, capture_output=True, text=True, timeout=timeout, cwd=cwd, **popen)
-
-
-def assert_one_line_refusal(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit 1, the message on stderr, no traceback."""
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-2000:]
+from tests.helpers import (
+    TRAIN,
+    assert_one_line_refusal,
+    fill_cache,
+    snapshot,
+    strip_seconds,
+    synthetic_mnist,
+    tiny_overrides,
+    train_cli,
+    weights,
+)
 
 
 @pytest.fixture
@@ -127,7 +121,7 @@ def test_a_second_live_writer_is_refused_and_a_dead_one_taken_over(tmp_path):
 
 def test_stale_temporaries_of_a_dead_writer_are_removed(compose, synthetic_cache, tmp_path):
     """Case 13: a writer killed mid-write leaves ``.<name>.*.tmp*`` files; the next holder removes them."""
-    from tests.test_resume import Interrupt, interrupter
+    from tests.helpers import Interrupt, interrupter
 
     cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=2"]))
     run_dir = tmp_path / "run"

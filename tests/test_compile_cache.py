@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_overrides
-from tests.test_claim import TRAIN, train_cli
-from tests.test_resume import strip_seconds, weights
+from tests.helpers import TRAIN, strip_seconds, tiny_overrides, train_cli, weights
 
 SAVED = "compile cache: saved"
 

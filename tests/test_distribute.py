@@ -25,7 +25,7 @@ from mnist_hpc.compute.cluster import (
 from mnist_hpc.compute.runtime import RuntimeInfo
 from mnist_hpc.config import ConfigError, Distribution, to_typed
 from tests import local_workers
-from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
+from tests.helpers import TRAIN, digests, fill_cache, strip_seconds, synthetic_mnist, tiny_overrides, weights
 
 
 def step(rank: int, ntasks: int, nodelist: str, tasks_per_node: str, node: str, job: str = "1234", **extra) -> RuntimeInfo:
@@ -156,24 +156,10 @@ def overrides(cache: Path, tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def weights(run_dir: Path) -> list[np.ndarray]:
-    import keras
-
-    return keras.models.load_model(run_dir / "model.keras").get_weights()
-
-
-def digests(text: str) -> list[str]:
-    return re.findall(r"trained weights: sha256 ([0-9a-f]{64})", text)
-
-
 def run_local(tmp_path: Path, name: str, args: list[str], ntasks: int = 2) -> tuple[list[int], list[str]]:
     logs = tmp_path / f"logs-{name}"
     codes = local_workers.wait_all(local_workers.start(local_workers.DRIVER + args, ntasks, tmp_path, logs))
     return codes, [(logs / f"task{r}.log").read_text() for r in range(ntasks)]
-
-
-def strip_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
 def test_two_workers_train_one_run_equal_to_one_process(cache, tmp_path, compose):
@@ -253,7 +239,7 @@ def test_usr2_mid_epoch_stops_both_workers_at_one_step_and_the_resume_is_bit_ide
 def test_a_killed_worker_ends_the_other_with_failure_json_naming_it(cache, tmp_path):
     run = tmp_path / "run"
     args = overrides(cache, tmp_path, "train.epochs=200", f"hydra.run.dir={run}")
-    procs = local_workers.start(local_workers.CLI + args, 2, tmp_path, tmp_path / "logs")
+    procs = local_workers.start(TRAIN + args, 2, tmp_path, tmp_path / "logs")
     deadline = time.time() + 300
     while not (run / "checkpoints" / "ckpt-e00002-b0000000.npz").exists():
         assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "logs" / "task0.log").read_text()[-3000:]
@@ -273,7 +259,7 @@ def test_a_killed_worker_ends_the_other_with_failure_json_naming_it(cache, tmp_p
 def test_a_worker_that_never_joins_ends_the_chief_within_the_timeout(cache, tmp_path):
     run = tmp_path / "run"
     args = overrides(cache, tmp_path, "train.collective_timeout_s=15", f"hydra.run.dir={run}")
-    [chief] = local_workers.start(local_workers.CLI + args, 2, tmp_path, tmp_path / "logs", ranks=[0])
+    [chief] = local_workers.start(TRAIN + args, 2, tmp_path, tmp_path / "logs", ranks=[0])
     code = chief.wait(timeout=300)
     assert code != 0
     failure = json.loads((run / "failure.json").read_text())
@@ -283,7 +269,7 @@ def test_a_worker_that_never_joins_ends_the_chief_within_the_timeout(cache, tmp_
 def test_independent_copies_are_refused_before_training(cache, tmp_path):
     run = tmp_path / "run"
     args = overrides(cache, tmp_path, "train.distribution=none", f"hydra.run.dir={run}")
-    procs = local_workers.start(local_workers.CLI + args, 2, tmp_path, tmp_path / "logs")
+    procs = local_workers.start(TRAIN + args, 2, tmp_path, tmp_path / "logs")
     assert local_workers.wait_all(procs, timeout=300) == [1, 1]
     log = (tmp_path / "logs" / "task0.log").read_text()
     assert "train.distribution=none: they would train 2 independent copies into one run directory" in log
@@ -304,7 +290,7 @@ def test_independent_copies_are_refused_before_training(cache, tmp_path):
     ],
 )
 def test_a_multi_task_job_that_would_not_train_one_run_is_refused(cache, tmp_path, extra, message):
-    from tests.slurm_helpers import submit
+    from tests.helpers import submit
 
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}",
@@ -317,7 +303,7 @@ def test_a_multi_task_job_that_would_not_train_one_run_is_refused(cache, tmp_pat
 
 
 def test_the_local_launcher_refuses_several_tasks(cache, tmp_path):
-    from tests.slurm_helpers import submit
+    from tests.helpers import submit
 
     sweep = tmp_path / "sweep"
     proc = submit(["-m", "hydra/launcher=local", "hydra.launcher.nodes=2", f"hydra.sweep.dir={sweep}",
@@ -333,7 +319,7 @@ def test_two_workers_on_real_mnist_reach_the_single_workers_accuracy(tmp_path, c
     import sys
 
     from mnist_hpc.compute.train import train_and_evaluate
-    from tests.conftest import IN_CI, SHARED_MNIST
+    from tests.helpers import IN_CI, SHARED_MNIST
 
     if not SHARED_MNIST.is_file():
         if IN_CI:

@@ -15,8 +15,7 @@ from mnist_hpc.compute import checkpoint, engine
 from mnist_hpc.compute.data import load_mnist, one_hot, prepare_images
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import DataConfig, Execution, TrainConfig, to_typed
-from tests.conftest import tiny_overrides
-from tests.test_resume import Interrupt, interrupter, strip_seconds, weights
+from tests.helpers import Interrupt, interrupter, strip_seconds, tiny_overrides, weights
 
 EXECUTION_KEYS = {"execution", "jit_compile", "steps_per_execution"}
 

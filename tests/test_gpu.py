@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from mnist_hpc.compute.runtime import gpu_memory_growth
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 class FakeConfig:

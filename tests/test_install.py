@@ -21,7 +21,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import IN_CI, REPO, SHARED_MNIST
+from tests.helpers import IN_CI, REPO, SHARED_MNIST
 
 try:
     import tomllib

@@ -12,40 +12,7 @@ import pytest
 from mnist_hpc.compute import checkpoint
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import tiny_overrides
-
-
-class Interrupt(Exception):
-    """Stands in for a job killed mid-run."""
-
-
-def interrupter(at_epoch: int, at_batch: int | None = None):
-    """A callback that raises before epoch ``at_epoch`` (0-based) or after one of its batches."""
-    import keras
-
-    class Stop(keras.callbacks.Callback):
-        epoch = -1
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-            if at_batch is None and epoch == at_epoch:
-                raise Interrupt(f"stopped before epoch {epoch + 1}")
-
-        def on_train_batch_end(self, batch, logs=None):
-            if at_batch is not None and self.epoch == at_epoch and batch == at_batch:
-                raise Interrupt(f"stopped in epoch {at_epoch + 1} after batch {batch + 1}")
-
-    return Stop()
-
-
-def weights(run_dir: Path) -> list[np.ndarray]:
-    import keras
-
-    return keras.models.load_model(run_dir / "model.keras").get_weights()
-
-
-def strip_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+from tests.helpers import Interrupt, interrupter, snapshot, strip_seconds, tiny_overrides, weights
 
 
 @pytest.fixture
@@ -123,11 +90,6 @@ def test_truncated_only_checkpoint_fails_loudly(cfg, tmp_path):
     only.write_bytes(only.read_bytes()[:1000])
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
         train_and_evaluate(cfg, run_dir)
-
-
-def snapshot(run_dir: Path) -> dict[str, bytes]:
-    """Every file under ``run_dir`` and its bytes."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 def test_checkpoint_of_another_config_is_refused(cfg, tmp_path):

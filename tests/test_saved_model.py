@@ -16,7 +16,7 @@ from mnist_hpc.compute.engine import epoch_order
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests import local_workers
-from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
+from tests.helpers import fill_cache, synthetic_mnist, tiny_overrides
 
 EPOCHS = 2
 

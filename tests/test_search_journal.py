@@ -26,7 +26,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from mnist_hpc import search as sd
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SPACE = {"x": FloatDistribution(0.0, 1.0)}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from mnist_hpc.compute.run import finish_in_process
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, hand_over
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides, weights
 
 
 @pytest.fixture(autouse=True)
@@ -69,12 +68,6 @@ def usr2_when_epoch_begins(at_epoch: int):
                 os.kill(os.getpid(), signal.SIGUSR2)
 
     return RaiseUsr2()
-
-
-def weights(run_dir: Path) -> list[np.ndarray]:
-    import keras
-
-    return keras.models.load_model(run_dir / "model.keras").get_weights()
 
 
 @pytest.mark.parametrize("extra, stop_at", [(["train.steps_per_execution=4"], 4), (["train=lesson"], 1)],

@@ -17,13 +17,11 @@ import yaml
 from mnist_hpc.compute.engine import epoch_order
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import IN_CI, SHARED_MNIST, tiny_overrides
-
-TRAIN_CMD = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
+from tests.helpers import IN_CI, SHARED_MNIST, TRAIN, tiny_overrides
 
 
 def run_train_cli(args: list[str], *, netns: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = (["unshare", "--net"] if netns else []) + TRAIN_CMD + args
+    cmd = (["unshare", "--net"] if netns else []) + TRAIN + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 

@@ -18,7 +18,7 @@ from mnist_hpc import rundir
 from mnist_hpc.compute import engine
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def trial(compose, cache: Path, run_dir: Path, *overrides: str):
