@@ -7,6 +7,7 @@ import json
 import random
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -245,12 +246,16 @@ def test_a_killed_worker_ends_the_other_with_failure_json_naming_it(cache, tmp_p
         assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "logs" / "task0.log").read_text()[-3000:]
         time.sleep(0.2)
     procs[1].kill()
-    killed = time.time()
-    code = procs[0].wait(timeout=180)
-    ended_after = time.time() - killed
     procs[1].wait()
+    # The chief must notice the dead worker and end, not wait on it for ever: a bound on waiting
+    # (generous for a loaded machine), which fails with the chief's log when it hangs.
+    try:
+        code = procs[0].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("the chief still ran 120 s after its worker was killed (it hangs):\n"
+                    + (tmp_path / "logs" / "task0.log").read_text()[-3000:])
     assert code != 0
-    assert ended_after < 60, ended_after
     failure = json.loads((run / "failure.json").read_text())
     assert "WorkerFailure: worker 1 of 2 (Slurm task 1 on node localhost) died, hung or became unreachable" in failure["error"]
     assert not (run / "metrics.json").exists()
@@ -315,7 +320,6 @@ def test_the_local_launcher_refuses_several_tasks(cache, tmp_path):
 @pytest.mark.slow
 def test_two_workers_on_real_mnist_reach_the_single_workers_accuracy(tmp_path, compose):
     """The lesson's 5 epochs at global batch 128 (64 per worker): test accuracy within 0.005 of one process."""
-    import subprocess
     import sys
 
     from mnist_hpc.compute.train import train_and_evaluate

@@ -234,11 +234,9 @@ def test_killing_one_worker_ends_the_job_failed_with_failure_json(cache: Path, t
     [record] = job_records(sweep)
     wait_for_file(sweep / "0" / "checkpoints" / "ckpt-e00002-b0000000.npz")
     os.kill(submitit_pid(sweep / ".submitit", 1), signal.SIGKILL)
-    killed = time.time()
-    assert wait_for_states([record["job_id"]], timeout_s=300)[record["job_id"]] == "FAILED"
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "End", "-j", record["job_id"]], capture_output=True, text=True, timeout=30)
-    ended = time.mktime(time.strptime(out.stdout.strip().splitlines()[-1], "%Y-%m-%dT%H:%M:%S"))
-    assert ended - killed < 120, f"the job ended {ended - killed:.0f} s after the kill"
+    # The job ends FAILED once the chief sees its worker gone, long before its 10-minute limit
+    # (a hang would end it TIMEOUT): the bound on waiting fails with the job's state if it hangs.
+    assert wait_for_states([record["job_id"]], timeout_s=180)[record["job_id"]] == "FAILED"
     failure = json.loads((sweep / "0" / "failure.json").read_text())
     assert "worker 1 of 2 (Slurm task 1 on node" in failure["error"] and "died, hung or became unreachable" in failure["error"]
     [row] = status_rows(sweep)
