@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -91,6 +92,7 @@ def composing_in(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(launches=st.lists(launch_st, min_size=1, max_size=4))
+@pytest.mark.slow
 def test_every_reported_number_comes_from_its_own_trials_config(tmp_path_factory, launches):
     from hydra.core.singleton import Singleton
 

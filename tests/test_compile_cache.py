@@ -59,6 +59,7 @@ def assert_same(a: tuple[dict, list[np.ndarray]], b: tuple[dict, list[np.ndarray
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_a_warm_store_gives_the_cold_runs_results_without_compiling(synthetic_cache, tmp_path, store_root):
     cold, cold_dir = run(synthetic_cache, tmp_path, store_root, "cold")
     assert SAVED in cold, cold[-3000:]
@@ -77,6 +78,7 @@ def test_a_warm_store_gives_the_cold_runs_results_without_compiling(synthetic_ca
     assert_same(result(cold_dir), result(warm_dir))
 
 
+@pytest.mark.slow
 def test_damaged_or_foreign_entries_are_never_loaded(synthetic_cache, tmp_path, store_root):
     _, cold_dir = run(synthetic_cache, tmp_path, store_root, "cold")
     stored = entries(store_root)
@@ -103,6 +105,7 @@ def test_damaged_or_foreign_entries_are_never_loaded(synthetic_cache, tmp_path, 
     assert_same(result(cold_dir), result(again_dir))
 
 
+@pytest.mark.slow
 def test_a_store_others_can_write_is_not_used(synthetic_cache, tmp_path, store_root):
     _, cold_dir = run(synthetic_cache, tmp_path, store_root, "cold")
     store_root.chmod(0o777)
@@ -112,12 +115,14 @@ def test_a_store_others_can_write_is_not_used(synthetic_cache, tmp_path, store_r
     assert_same(result(cold_dir), result(shared_dir))
 
 
+@pytest.mark.slow
 def test_off_when_null(synthetic_cache, tmp_path):
     proc, _ = run(synthetic_cache, tmp_path, tmp_path / "unused", "off", "paths.compile_cache=null")
     assert "compile cache" not in proc
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.slow
 def test_two_jobs_filling_one_store_at_once(synthetic_cache, tmp_path, store_root):
     """Both compile and publish the same programs at the same time; the store stays whole."""
     procs = []
@@ -137,6 +142,7 @@ def test_two_jobs_filling_one_store_at_once(synthetic_cache, tmp_path, store_roo
     assert_same(result(tmp_path / "a"), result(warm_dir))
 
 
+@pytest.mark.slow
 def test_the_flag_does_not_reach_child_processes_and_the_store_is_keyed_by_machine(tmp_path):
     code = (
         "import json, os, sys\n"
@@ -163,6 +169,7 @@ def test_the_flag_does_not_reach_child_processes_and_the_store_is_keyed_by_machi
     assert own["store"] == "None" and own["env"] == "--tf_xla_persistent_cache_directory=/somewhere"
 
 
+@pytest.mark.slow
 def test_each_trial_of_a_process_loads_and_saves_under_its_own_store_root(tmp_path):
     """A packed task's trials may differ in ``paths``: the first trial turns the cache on, and
     every trial then uses the store its own config names (or none)."""
@@ -204,6 +211,7 @@ def test_each_trial_of_a_process_loads_and_saves_under_its_own_store_root(tmp_pa
     assert names(b) == ["entry_0", "entry_3", "entry_4"] and names(a) == ["entry_2"]
 
 
+@pytest.mark.slow
 def test_the_first_trial_decides_and_a_later_one_is_told_the_cache_is_off(tmp_path):
     code = (
         "import json, logging, sys\n"

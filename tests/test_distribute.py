@@ -163,6 +163,7 @@ def run_local(tmp_path: Path, name: str, args: list[str], ntasks: int = 2) -> tu
     return codes, [(logs / f"task{r}.log").read_text() for r in range(ntasks)]
 
 
+@pytest.mark.slow
 def test_two_workers_train_one_run_equal_to_one_process(cache, tmp_path, compose):
     """Global batch 32 split 16 + 16 (and the 540-sample epoch's last 28 as 14 + 14): the same training
     as one process up to float rounding, both workers end with the same weights, the chief alone writes."""
@@ -195,6 +196,7 @@ def test_two_workers_train_one_run_equal_to_one_process(cache, tmp_path, compose
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-e00002-b0000000.npz", "ckpt-e00003-b0000000.npz"]
 
 
+@pytest.mark.slow
 def test_a_batch_the_workers_do_not_divide_still_averages_over_the_global_batch(cache, tmp_path, compose):
     """33 rows for 2 workers: 17 + 16 and one padding row of weight 0; metrics count real rows only."""
     from mnist_hpc.compute.train import train_and_evaluate
@@ -211,6 +213,7 @@ def test_a_batch_the_workers_do_not_divide_still_averages_over_the_global_batch(
     assert one["test_accuracy"] == pytest.approx(json.loads((tmp_path / "odd" / "metrics.json").read_text())["test_accuracy"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_usr2_mid_epoch_stops_both_workers_at_one_step_and_the_resume_is_bit_identical(cache, tmp_path):
     args = overrides(cache, tmp_path)
     codes, _ = run_local(tmp_path, "ref", [str(tmp_path / "ref")] + args)
@@ -237,6 +240,7 @@ def test_usr2_mid_epoch_stops_both_workers_at_one_step_and_the_resume_is_bit_ide
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_ends_the_other_with_failure_json_naming_it(cache, tmp_path):
     run = tmp_path / "run"
     args = overrides(cache, tmp_path, "train.epochs=200", f"hydra.run.dir={run}")
@@ -261,6 +265,7 @@ def test_a_killed_worker_ends_the_other_with_failure_json_naming_it(cache, tmp_p
     assert not (run / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_worker_that_never_joins_ends_the_chief_within_the_timeout(cache, tmp_path):
     run = tmp_path / "run"
     args = overrides(cache, tmp_path, "train.collective_timeout_s=15", f"hydra.run.dir={run}")

@@ -23,6 +23,7 @@ def sweep(cache: Path, tmp_path: Path, sweep_dir: Path, *extra: str) -> list[str
     return [*TRAIN, *LOCAL, *tiny_overrides(cache, tmp_path / "out"), f"hydra.sweep.dir={sweep_dir}", *extra]
 
 
+@pytest.mark.slow
 def test_a_later_launch_cannot_put_a_trial_inside_an_earlier_trials_directory(synthetic_cache, tmp_path):
     sweep_dir = tmp_path / "sweep"
     wait = ["hydra.launcher.wait=true"]
@@ -41,6 +42,7 @@ def test_a_later_launch_cannot_put_a_trial_inside_an_earlier_trials_directory(sy
             nested.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_status_and_report_show_a_sweep_whose_subdir_is_not_the_trial_number(synthetic_cache, tmp_path):
     sweep_dir = tmp_path / "sweep"
     launch = run_to_files(sweep(synthetic_cache, tmp_path, sweep_dir, "hydra.launcher.wait=true",
@@ -56,6 +58,7 @@ def test_status_and_report_show_a_sweep_whose_subdir_is_not_the_trial_number(syn
     assert report.returncode == 0, report.stderr
 
 
+@pytest.mark.slow
 def test_a_trial_trains_in_the_directory_the_preflight_checked(synthetic_cache, tmp_path):
     sweep_dir = tmp_path / "sweep"
     launch = run_to_files(sweep(synthetic_cache, tmp_path, sweep_dir, "hydra.launcher.wait=true", "hydra.launcher.trials_per_task=1",
@@ -74,6 +77,7 @@ def waiting_for_a_lock(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_two_launches_racing_into_one_sweep_take_turns_and_report_the_truth(synthetic_cache, tmp_path):
     """Two launches into one sweep at once: the second waits for the first's checks, queueing and
     records (the sweep's launch lock), then sees its job and is refused, naming it; the trial that

@@ -129,6 +129,7 @@ def resolve(extras: set[str]) -> list[str]:
     # Resolving the CUDA extra reads the metadata of a dozen NVIDIA wheels: about 40 s here.
     [pytest.param(k, marks=pytest.mark.slow) if "cuda" in k else k for k in sorted(DOCUMENTED)],
 )
+@pytest.mark.slow
 def test_each_documented_install_resolves_to_one_tensorflow(key: str):
     names = resolve(DOCUMENTED[key])
     assert "mnist-hpc" in names

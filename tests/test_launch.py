@@ -29,6 +29,7 @@ def test_help_imports_no_tensorflow(code, args, tmp_path):
     assert not tf
 
 
+@pytest.mark.slow
 def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tmp_path):
     proc, tf = run_login_command(TRAIN_CODE, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "train.seed=1,2",
                                                         "hydra.launcher.trials_per_task=1"), tmp_path)
@@ -183,6 +184,7 @@ def test_packed_task_isolates_failures_but_stops_when_time_is_up(tmp_path, error
     assert calls[3:] == (["0", "1", "2"] if runs_third else ["0", "1"])
 
 
+@pytest.mark.slow
 def test_local_launcher_with_wait_blocks_until_trials_end_and_fails_with_a_failed_trial(synthetic_cache, tmp_path):
     """``hydra.launcher.wait=true`` (what sweepers that read results need), through the local executor."""
     sweep = tmp_path / "sweep"

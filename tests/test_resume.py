@@ -42,6 +42,7 @@ def assert_same_as_reference(run_dir: Path, result: dict, reference) -> None:
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_interrupted_between_epochs_resumes_identically(cfg, reference, tmp_path, caplog):
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
@@ -54,6 +55,7 @@ def test_interrupted_between_epochs_resumes_identically(cfg, reference, tmp_path
     assert_same_as_reference(run_dir, result, reference)
 
 
+@pytest.mark.slow
 def test_interrupted_mid_epoch_resumes_from_the_batch_checkpoint(compose, synthetic_cache, cfg, reference, tmp_path, caplog):
     cfg.train.checkpoint_every_batches = 5
     run_dir = tmp_path / "run"
@@ -67,6 +69,7 @@ def test_interrupted_mid_epoch_resumes_from_the_batch_checkpoint(compose, synthe
     assert_same_as_reference(run_dir, result, reference)
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(cfg, reference, tmp_path, caplog):
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
@@ -106,6 +109,7 @@ def test_checkpoint_of_another_config_is_refused(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("at_batch", [None, 11], ids=["between-epochs", "mid-epoch"])
+@pytest.mark.slow
 def test_lesson_execution_resumes_identically(compose, synthetic_cache, tmp_path, caplog, at_batch):
     """``train=lesson`` (Keras' own ``fit``): interrupted and resumed, it ends bit-identical too."""
     from mnist_hpc.config import Execution

@@ -35,6 +35,7 @@ def load_saved(run_dir: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.Ca
 
 
 @pytest.mark.parametrize("engine", ["keras_fit", "compiled_loop", "multi_worker"])
+@pytest.mark.slow
 def test_model_keras_carries_the_optimizer_and_training_continues_from_it(engine, compose, tmp_path, caplog, capfd):
     cache = tmp_path / "cache"
     fill_cache(cache, synthetic_mnist(n_train=1200, n_test=200))

@@ -165,6 +165,7 @@ def test_the_budget_counts_finished_trials_and_waits_only_for_quiet_workers(tmp_
 # --- a whole search through the local launcher: pruning -------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_hopeless_trial_is_pruned_and_keeps_its_outputs(synthetic_cache, tmp_path):
     search_dir = tmp_path / "search"
     proc, tf = run_login_command(TRAIN_CODE, search_args(
@@ -229,6 +230,7 @@ def test_a_search_that_cannot_run_is_refused_before_queueing(synthetic_cache, tm
     assert not (tmp_path / "search" / ".submitit").exists() and not (tmp_path / "search" / "study.journal").exists()
 
 
+@pytest.mark.slow
 def test_continuing_with_another_space_is_refused_and_changes_nothing(synthetic_cache, tmp_path):
     search_dir = tmp_path / "search"
     first, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1",
@@ -245,6 +247,7 @@ def test_continuing_with_another_space_is_refused_and_changes_nothing(synthetic_
     assert sd.journal_path(search_dir).read_bytes() == journal and (search_dir / sd.SPEC_FILE).read_text() == spec
 
 
+@pytest.mark.slow
 def test_continuing_with_other_data_or_another_setting_is_refused_naming_each_change(synthetic_cache, tmp_path):
     """I2: the study is bound to its data's sha256 and every key that decides a trial's result."""
     search_dir = tmp_path / "search"
@@ -301,6 +304,7 @@ def test_an_older_search_json_without_the_identity_is_refused(synthetic_cache, t
 
 
 @pytest.mark.parametrize("damage", ["garbage_line", "emptied"])
+@pytest.mark.slow
 def test_a_submission_repairs_a_torn_record_and_refuses_a_lost_journal(synthetic_cache, tmp_path, damage):
     """I3 at the submission: the issue's ``echo 'not json {{{' >>`` continues, with the copy named;
     an emptied journal beside trial directories is refused, not restarted."""
@@ -326,6 +330,7 @@ def test_a_submission_repairs_a_torn_record_and_refuses_a_lost_journal(synthetic
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
 
 
+@pytest.mark.slow
 def test_a_worker_stops_before_its_next_trial_when_the_data_is_replaced(tmp_path):
     """A ``prefetch --force`` of other data while a worker runs: it finishes the trial it trained on the
     study's data, then stops with one line and asks the study for nothing more."""
@@ -368,6 +373,7 @@ def test_a_trial_trained_on_other_data_is_not_told(tmp_path):
     worker._check_trained_on(spec, trial, run_dir)  # the study's data: told as usual
 
 
+@pytest.mark.slow
 def test_a_killed_local_worker_is_dead_its_trial_abandoned_and_a_resumed_retry_counts_every_epoch(tmp_path):
     """I4 with the local launcher: a worker killed with kill -9 is shown dead with its trial and last
     epoch, never running; its trial is abandoned; resubmitting retries it from its checkpoint, and

@@ -362,6 +362,7 @@ def child(search_dir: Path, mode: str, seed: int) -> None:
         study.tell(trial, 0.5)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_append_again_and_again_never_leaves_a_study_that_cannot_continue(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "LOCK_GRACE_S", 3600.0)  # a killed holder's lock must go at once, not by time
     seed = int(os.environ.get("KILL_LOOP_SEED", "20240607"))

@@ -72,6 +72,7 @@ def usr2_when_epoch_begins(at_epoch: int):
 
 @pytest.mark.parametrize("extra, stop_at", [(["train.steps_per_execution=4"], 4), (["train=lesson"], 1)],
                          ids=["compiled_loop", "keras_fit"])
+@pytest.mark.slow
 def test_usr2_stops_at_the_next_step_boundary_with_a_checkpoint_and_the_run_resumes_identically(
     compose, synthetic_cache, tmp_path, extra, stop_at
 ):

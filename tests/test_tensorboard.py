@@ -59,12 +59,14 @@ def assert_events_match_history(run_dir: Path, epochs: int) -> dict[str, list[tu
     return scalars
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_epochs_and_hparams(compose, synthetic_cache, tmp_path):
     cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "data.validation_split=0.1"]))
     train_and_evaluate(cfg, tmp_path / "run")
     assert_events_match_history(tmp_path / "run", 3)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_shows_each_epoch_once(compose, synthetic_cache, tmp_path):
     cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "data.validation_split=0.1"]))
     run_dir = tmp_path / "run"
@@ -77,6 +79,7 @@ def test_a_resumed_run_shows_each_epoch_once(compose, synthetic_cache, tmp_path)
     assert_events_match_history(run_dir, 3)
 
 
+@pytest.mark.slow
 def test_tensorboard_on_a_sweep_directory_shows_every_trial(compose, synthetic_cache, tmp_path):
     """The login node's view: a real ``tensorboard --logdir SWEEP_DIR`` on loopback lists each trial and
     its HParams session."""
@@ -142,6 +145,7 @@ def read_only_tensorboard(small_tmpfs, tmp_path: Path, run_dir: Path) -> Path:
     return board
 
 
+@pytest.mark.slow
 def test_a_tensorboard_that_is_a_file_or_read_only_stops_an_in_process_run_in_one_line(synthetic_cache, tmp_path, small_tmpfs):
     from tests.helpers import assert_one_line_refusal, train_cli
 
@@ -172,6 +176,7 @@ def test_a_tensorboard_that_is_a_file_or_read_only_stops_an_in_process_run_in_on
     assert not (read_only / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_tensorboard_that_is_a_file_or_read_only_is_refused_or_the_failure_json_of_a_launched_trial(
         synthetic_cache, tmp_path, small_tmpfs):
     from tests.helpers import TRAIN_CODE, run_login_command

@@ -41,6 +41,7 @@ def test_epoch_order_is_fresh_each_epoch_and_reproducible():
     np.testing.assert_array_equal(np.sort(a1), np.arange(1000))
 
 
+@pytest.mark.slow
 def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "4242"}
@@ -108,6 +109,7 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
         assert pred["wrong_images"].shape == (len(pred["wrong_index"]), 28, 28)
 
 
+@pytest.mark.slow
 def test_training_runs_with_no_network_at_all(synthetic_cache: Path, tmp_path: Path):
     """``unshare --net``: the process has only a down loopback, so any network use would fail."""
     if shutil.which("unshare") is None:
@@ -125,6 +127,7 @@ def test_missing_cache_fails_with_the_prefetch_command(tmp_path: Path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_deterministic_runs_give_identical_metrics(compose, synthetic_cache: Path, tmp_path: Path):
     overrides = tiny_overrides(synthetic_cache, tmp_path) + ["train.deterministic=true", "train.epochs=2",
                                                              "model.dropout=0.2", "data.validation_split=0.1"]
@@ -141,6 +144,7 @@ def test_deterministic_runs_give_identical_metrics(compose, synthetic_cache: Pat
 
 
 @pytest.mark.parametrize("execution", ["keras_fit", "compiled_loop"])
+@pytest.mark.slow
 def test_a_deterministic_run_with_validation_logs_no_tensorflow_error_line(synthetic_cache: Path, tmp_path: Path, execution: str):
     """Arrays handed to evaluate under op determinism made TensorFlow log an E0000 line into every job log."""
     overrides = tiny_overrides(synthetic_cache, tmp_path) + [

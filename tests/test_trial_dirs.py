@@ -109,6 +109,7 @@ def hydra_state():
     Singleton.set_state(state)
 
 
+@pytest.mark.slow
 def test_a_packed_task_skips_a_finished_trial_only_when_the_directory_holds_its_config(synthetic_cache: Path,
                                                                                           tmp_path: Path, hydra_state):
     """The node's "already finished, skipping" asks claim.judge, as the launcher does: a directory that
@@ -140,6 +141,7 @@ def test_a_packed_task_skips_a_finished_trial_only_when_the_directory_holds_its_
 # --- readers show a directory's numbers only beside the config that made them ---------------------
 
 
+@pytest.mark.slow
 def test_results_are_not_shown_for_a_job_queued_with_another_config(synthetic_cache: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
     proc = run_to_files([*TRAIN, *LOCAL, "hydra.launcher.wait=true", *tiny_overrides(synthetic_cache, tmp_path / "out"),
@@ -180,6 +182,7 @@ def test_results_are_not_shown_for_a_job_queued_with_another_config(synthetic_ca
 # --- a waiting launch says which trials did not finish, in one line each --------------------------
 
 
+@pytest.mark.slow
 def test_a_waiting_launch_names_a_damaged_checkpoint_in_one_line(synthetic_cache: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
     base = [*TRAIN, *LOCAL, "hydra.launcher.wait=true", "hydra.launcher.trials_per_task=1",
@@ -200,6 +203,7 @@ def test_a_waiting_launch_names_a_damaged_checkpoint_in_one_line(synthetic_cache
 
 
 @pytest.mark.parametrize("victim", ["trainer", "controller"])
+@pytest.mark.slow
 def test_a_killed_local_job_is_shown_failed_with_its_last_epoch_and_can_be_resubmitted(synthetic_cache: Path,
                                                                                         tmp_path: Path, victim: str):
     """kill -9 of the process that trains (the pid in lease.json), or of submitit's controller process
