@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command runs the whole test suite: installs the package with CPU TensorFlow and its test
 # extra, starts the local single-node Slurm cluster (root on Debian; see slurm/cluster.sh), then
-# runs pytest. Arguments go to pytest, e.g. `scripts/test.sh -m "not slow"`.
+# runs pytest. Arguments go to pytest, e.g. `scripts/test.sh -m "not slow"`. The fast tier (no
+# training, no cluster) needs none of this: `python -m pytest -m "not slurm and not slow"`.
 #
 # Installs into the active venv (or conda env); with none active, into the project's own venv
 # (.venv in the checkout, or $MNIST_HPC_VENV), made on first use. PYTHON=/path/to/python uses
