@@ -192,6 +192,7 @@ def test_training_modules_import_without_tensorflow():
     assert proc.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_a_job_imports_tensorflow_without_notebook_and_plotting_packages():
     """Keras imports IPython and matplotlib when installed (matplotlib always is: the report needs it).
 

@@ -23,6 +23,7 @@ from tests.helpers import TRAIN_CODE, precondition, run_login_command, search_ar
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+@pytest.mark.slow
 def test_continuing_a_group_search_with_another_value_inside_the_group_is_refused(synthetic_cache, tmp_path):
     search_dir = tmp_path / "search"
     first, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1",
@@ -38,6 +39,7 @@ def test_continuing_a_group_search_with_another_value_inside_the_group_is_refuse
         again.stdout[-2000:])
 
 
+@pytest.mark.slow
 def test_a_search_shares_its_trials_as_a_sweep_does_under_the_users_umask(synthetic_cache, tmp_path):
     search_dir = tmp_path / "search"
     out, err = tmp_path / "submit.out", tmp_path / "submit.err"

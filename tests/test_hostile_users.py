@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import (
     GATED_PYTHON,
     GROUP,
@@ -76,6 +78,7 @@ def ensure_search_venv() -> Path:
     return gated
 
 
+@pytest.mark.slow
 def test_another_user_cannot_make_a_search_worker_run_their_target():
     need(os.geteuid() == 0, "creating users needs root")
     need(SYSTEM_PYTHON.exists() and shutil.which("useradd") is not None, "needs /usr/bin/python3 and useradd")

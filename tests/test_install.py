@@ -167,6 +167,7 @@ def base_python() -> Path:
     return Path(getattr(sys, "_base_executable", sys.executable)).resolve().parent / "python3"
 
 
+@pytest.mark.slow
 def test_no_active_env_makes_the_project_venv_then_reuses_it(tmp_path: Path):
     venv = tmp_path / "project-venv"
     env = clean_env(base_python(), MNIST_HPC_VENV=str(venv))

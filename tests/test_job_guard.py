@@ -662,6 +662,7 @@ def owner_and_mode(path: Path) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("launcher", [pytest.param("slurm", marks=pytest.mark.slurm), "local"])
+@pytest.mark.slow
 def test_another_user_cannot_make_your_jobs_run_their_code(people: People, launcher: str) -> None:
     project = people.base / "project"
     project.mkdir()
