@@ -42,9 +42,6 @@ from tests.helpers import (
 )
 from tests.http_fixture import LoopbackServer, Route
 
-# Each test runs several prefetches as two real users (seconds each): the full suite's, not the fast tier's.
-pytestmark = pytest.mark.slow
-
 VENV = Path("/var/tmp/mnist-hpc-test-users-venv")
 PACKAGES = ("numpy", "hydra-core", "omegaconf", "pooch", "requests", "tqdm")
 
