@@ -19,13 +19,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # Fake job ids far above what the local cluster hands out (its ports follow the id), distinct
 # per call so that tests running side by side get different ports.
 _ids = itertools.count((os.getpid() % 4096) * 512 + 60_000_000)
 DRIVER = [sys.executable, "-m", "tests.local_workers"]
-CLI = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
 
 
 def task_env(rank: int, ntasks: int, job_id: str, nodes: Sequence[str] = ("localhost",)) -> dict[str, str]:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from mnist_hpc import claim, rundir
 from mnist_hpc.config import flat_config
-from tests.conftest import fill_cache
+from tests.helpers import fill_cache
 
 SUBDIRS = [
     "${hydra.job.num}",
@@ -84,7 +84,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 @contextmanager
 def composing_in(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
-    from tests.test_compose import composing
+    from tests.helpers import composing
 
     with composing(tmp_path, "experiment=sweep") as pair:
         yield pair
@@ -92,6 +92,7 @@ def composing_in(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(launches=st.lists(launch_st, min_size=1, max_size=4))
+@pytest.mark.slow
 def test_every_reported_number_comes_from_its_own_trials_config(tmp_path_factory, launches):
     from hydra.core.singleton import Singleton
 

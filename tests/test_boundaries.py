@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,19 +30,9 @@ from mnist_hpc.config import flat_config, to_typed
 from mnist_hpc.dataset import NUM_CLASSES, DatasetError, load_arrays, split_index, validate_arrays, validation_cut
 from mnist_hpc.login.report.ranking import best_trial
 from mnist_hpc.login.trials import Trial
-from tests.conftest import fill_cache, synthetic_mnist
+from tests.helpers import fill_cache, synthetic_mnist, until
 
 SHA = "d" * 64
-
-
-def until(condition, what: str, timeout_s: float = 30.0):
-    """Poll ``condition`` until it holds (its value), or fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_hpc.login.prefetch import cli as prefetch_cli, fetch as prefetch_fetch
-from tests.conftest import synthetic_mnist, write_npz
-from tests.test_prefetch import subprocess_env
+from mnist_hpc.login.prefetch import fetch as prefetch_fetch
+from tests.helpers import subprocess_env, synthetic_mnist, write_npz
 
 SWITCHES = 16
 FINGERPRINT = textwrap.dedent("""

@@ -36,7 +36,7 @@ from mnist_hpc.cache import (
 )
 from mnist_hpc.config import DataConfig
 from mnist_hpc.dataset import MAX_IMAGES, DatasetError, load_arrays, read_npz_layout
-from tests.conftest import REPO, fill_cache, synthetic_mnist
+from tests.helpers import REPO, fill_cache, synthetic_mnist
 
 
 def npz_bytes(arrays: dict[str, np.ndarray], compressed: bool = False) -> bytes:

@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +32,10 @@ from mnist_hpc.login.prefetch import cli as prefetch_cli, fetch as prefetch_fetc
 from mnist_hpc.login.prefetch import download, fetch, store
 from mnist_hpc.login.prefetch.errors import DownloadTimeoutError, DownloadTooLargeError, HashMismatchError
 from tests.http_fixture import LoopbackServer, Route
-from tests.test_prefetch import (  # noqa: F401 - fixtures: server, good, cache, no_proxy
-    assert_clean,
-    cache,
-    good,
-    listing,
-    make_arrays,
-    no_proxy,
-    npz_bytes,
-    server,
-    sha,
-    subprocess_env,
-)
+from tests.helpers import assert_clean, listing, make_arrays, npz_bytes, sha, subprocess_env, until
+
+# No proxy may swallow the requests meant for the loopback server (conftest.no_proxy).
+pytestmark = pytest.mark.usefixtures("no_proxy")
 
 
 def lock_is_free(cache_dir: Path) -> bool:
@@ -57,14 +48,6 @@ def lock_is_free(cache_dir: Path) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def import_file(tmp_path: Path, cache_dir: Path, seed: int) -> tuple[Path, str]:
@@ -115,7 +98,7 @@ def test_signal_during_download_cleans_up(server: LoopbackServer, cache: Path, s
     )
     try:
         # Mid-download: bytes have arrived in a staging directory and the lock is held.
-        wait_for(lambda: server.bytes_sent("/slow.npz") > 0 and any(
+        until(lambda: server.bytes_sent("/slow.npz") > 0 and any(
             any(d.iterdir()) for d in cache.glob(store.STAGING_PREFIX + "*")), "the download to start")
         assert not lock_is_free(cache)
         proc.send_signal(signum)
@@ -139,7 +122,7 @@ FAST = {"retries": 3, "backoff_s": 0.0, "timeout_s": 10.0, "progress": False}
 
 def response_ends(server: LoopbackServer, path: str) -> None:
     """Wait until every response at ``path`` has ended: sent whole, or its client closed the connection."""
-    wait_for(lambda: server.responses_ended(path) == server.count(path), f"the responses at {path} to end")
+    until(lambda: server.responses_ended(path) == server.count(path), f"the responses at {path} to end")
 
 
 def test_a_content_length_over_the_bound_is_refused_from_the_header(server: LoopbackServer, small_tmpfs) -> None:

@@ -28,32 +28,22 @@ import pytest
 
 from mnist_hpc.cache import manifest_path, object_path
 from mnist_hpc.login.prefetch import store
-from tests.conftest import IN_CI, REPO, synthetic_mnist, write_npz
+from tests.helpers import (
+    GROUP,
+    REPO,
+    SYSTEM_PYTHON,
+    USERS,
+    ensure_users,
+    need,
+    npz_bytes,
+    sha,
+    synthetic_mnist,
+    write_npz,
+)
 from tests.http_fixture import LoopbackServer, Route
-from tests.test_prefetch import npz_bytes, sha
 
-GROUP = "mnisthpc-share"
-USERS = ("mnisthpc-a", "mnisthpc-b")
-SYSTEM_PYTHON = Path("/usr/bin/python3")
 VENV = Path("/var/tmp/mnist-hpc-test-users-venv")
 PACKAGES = ("numpy", "hydra-core", "omegaconf", "pooch", "requests", "tqdm")
-
-
-def need(ok: bool, problem: str) -> None:
-    if not ok:
-        if IN_CI:
-            pytest.fail(f"{problem}; CI runs as root and must run the shared-cache test")
-        pytest.skip(problem)
-
-
-def ensure_users() -> None:
-    """The shared group and two users in it, each with a private primary group (created if missing)."""
-    if subprocess.run(["getent", "group", GROUP], capture_output=True).returncode != 0:
-        subprocess.run(["groupadd", GROUP], check=True, capture_output=True)
-    for user in USERS:
-        if subprocess.run(["getent", "passwd", user], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "--no-create-home", "--user-group", "--groups", GROUP,
-                            "--shell", "/usr/sbin/nologin", user], check=True, capture_output=True)
 
 
 def ensure_venv() -> Path:

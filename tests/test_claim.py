@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,23 +18,22 @@ import pytest
 from mnist_hpc import claim, rundir
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
-from tests.helpers import checkpoint_positions, finished_metrics, resume_line, resumed_from, run_log
-from tests.test_resume import snapshot, strip_seconds, weights
-
-TRAIN = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
-
-
-def train_cli(args: list[str], cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run(TRAIN + args, capture_output=True, text=True, timeout=timeout, cwd=cwd, **popen)
-
-
-def assert_one_line_refusal(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit 1, the message on stderr, no traceback."""
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-2000:]
+from tests.helpers import (
+    checkpoint_positions,
+    finished_metrics,
+    resume_line,
+    resumed_from,
+    run_log,
+    TRAIN,
+    assert_one_line_refusal,
+    fill_cache,
+    snapshot,
+    strip_seconds,
+    synthetic_mnist,
+    tiny_overrides,
+    train_cli,
+    weights,
+)
 
 
 @pytest.fixture
@@ -49,6 +47,7 @@ def finished(synthetic_cache: Path, tmp_path: Path) -> tuple[list[str], Path]:
     return args, run_dir
 
 
+@pytest.mark.slow
 def test_rerun_with_another_config_is_refused_before_anything_changes(finished, tmp_path):
     """Case 2: config.yaml and .hydra/ keep the finished run's config; the refusal names the key."""
     args, run_dir = finished
@@ -60,6 +59,7 @@ def test_rerun_with_another_config_is_refused_before_anything_changes(finished, 
     assert not (run_dir / rundir.HYDRA_PENDING_DIR).exists()
 
 
+@pytest.mark.slow
 def test_fewer_epochs_are_refused_more_continue_and_equal_is_done(finished, compose, synthetic_cache, tmp_path):
     """Case 3: epochs only grow. A longer run continues from the checkpoint and ends as a fresh run would."""
     args, run_dir = finished
@@ -91,6 +91,7 @@ def test_fewer_epochs_are_refused_more_continue_and_equal_is_done(finished, comp
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_a_second_live_writer_is_refused_and_a_dead_one_taken_over(tmp_path):
     """Case 4, local runs: the lease names host and pid; a killed holder's lease is taken over."""
     cache = tmp_path / "cache"
@@ -126,9 +127,10 @@ def test_a_second_live_writer_is_refused_and_a_dead_one_taken_over(tmp_path):
     assert rundir.read_lease(run_dir) is None  # released at the end
 
 
+@pytest.mark.slow
 def test_stale_temporaries_of_a_dead_writer_are_removed(compose, synthetic_cache, tmp_path):
     """Case 13: a writer killed mid-write leaves ``.<name>.*.tmp*`` files; the next holder removes them."""
-    from tests.test_resume import Interrupt, interrupter
+    from tests.helpers import Interrupt, interrupter
 
     cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=2"]))
     run_dir = tmp_path / "run"
@@ -150,6 +152,7 @@ def test_stale_temporaries_of_a_dead_writer_are_removed(compose, synthetic_cache
         ("bare-npy", "bare .npy array"),
     ],
 )
+@pytest.mark.slow
 def test_damaged_checkpoints_end_in_one_line(compose, synthetic_cache, tmp_path, damage, needle):
     """Case 11: every checkpoint damaged, or a header that is a JSON list: one line, no traceback."""
     args = tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=2", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -194,6 +197,7 @@ def test_identity_ignores_where_and_how_fast_but_not_what(compose, tmp_path):
     assert claim.fingerprint(claim.identity_of(base, "other data")) != claim.fingerprint(claim.identity_of(base, "d"))
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_a_full_disk_says_so_and_resumes_once_space_is_freed(compose, synthetic_cache, tmp_path, small_tmpfs):
     """Case 13: ENOSPC at the second epoch's checkpoint: one line; space freed, the run resumes and finishes."""
     disk = small_tmpfs("disk", "12m")

@@ -4,7 +4,6 @@ from the launch file and its job's spec, and the batch write of job.json files."
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -14,33 +13,13 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from mnist_hpc import rundir
 from mnist_hpc.config import flat_config, to_typed
-from tests.conftest import REPO
-
-
-@contextlib.contextmanager
-def composing(tmp_path: Path, *cli: str) -> Iterator[tuple[Any, Any]]:
-    """Hydra's config loader and a multirun master config, as ``mnist-hpc-train -m CLI`` builds them."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.utils import setup_globals
-    from hydra.types import RunMode
-
-    from hydra_plugins.mnist_hpc_launcher.launcher import register_plugins
-    from mnist_hpc.config import conf_dir, register_configs
-
-    register_configs()
-    register_plugins()
-    setup_globals()
-    common = [f"data.cache_dir={tmp_path}", f"paths.output_root={tmp_path}", "hydra/launcher=slurm"]
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        loader = GlobalHydra.instance().config_loader()
-        yield loader, loader.load_configuration("config", overrides=common + list(cli), run_mode=RunMode.MULTIRUN)
+from tests.helpers import REPO, composing
 
 
 def typed_items(cfg: Any) -> list[tuple[str, str, str]]:

@@ -11,7 +11,7 @@ import pytest
 from mnist_hpc.cache import CacheCorruptError, CacheMissingError
 from mnist_hpc.compute.data import load_mnist
 from mnist_hpc.config import DataConfig
-from tests.conftest import fill_cache, synthetic_mnist
+from tests.helpers import fill_cache, synthetic_mnist
 
 
 def test_loader_prepares_data_as_the_lesson(tmp_path: Path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,8 +26,19 @@ from mnist_hpc.compute.cluster import (
 from mnist_hpc.compute.runtime import RuntimeInfo
 from mnist_hpc.config import ConfigError, Distribution, to_typed
 from tests import local_workers
-from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
-from tests.helpers import checkpoint_positions, finished_metrics, resume_line, run_json
+from tests.helpers import (
+    TRAIN,
+    checkpoint_positions,
+    digests,
+    fill_cache,
+    finished_metrics,
+    resume_line,
+    run_json,
+    strip_seconds,
+    synthetic_mnist,
+    tiny_overrides,
+    weights,
+)
 
 
 def step(rank: int, ntasks: int, nodelist: str, tasks_per_node: str, node: str, job: str = "1234", **extra) -> RuntimeInfo:
@@ -157,26 +169,13 @@ def overrides(cache: Path, tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def weights(run_dir: Path) -> list[np.ndarray]:
-    import keras
-
-    return keras.models.load_model(run_dir / "model.keras").get_weights()
-
-
-def digests(text: str) -> list[str]:
-    return re.findall(r"trained weights: sha256 ([0-9a-f]{64})", text)
-
-
 def run_local(tmp_path: Path, name: str, args: list[str], ntasks: int = 2) -> tuple[list[int], list[str]]:
     logs = tmp_path / f"logs-{name}"
     codes = local_workers.wait_all(local_workers.start(local_workers.DRIVER + args, ntasks, tmp_path, logs))
     return codes, [(logs / f"task{r}.log").read_text() for r in range(ntasks)]
 
 
-def strip_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
-
-
+@pytest.mark.slow
 def test_two_workers_train_one_run_equal_to_one_process(cache, tmp_path, compose):
     """Global batch 32 split 16 + 16 (and the 540-sample epoch's last 28 as 14 + 14): the same training
     as one process up to float rounding, both workers end with the same weights, the chief alone writes."""
@@ -209,6 +208,7 @@ def test_two_workers_train_one_run_equal_to_one_process(cache, tmp_path, compose
     assert sorted(p.name for p in (run / rundir.CHECKPOINT_DIR).iterdir()) == [rundir.checkpoint_name(2, 0), rundir.checkpoint_name(3, 0)]
 
 
+@pytest.mark.slow
 def test_a_batch_the_workers_do_not_divide_still_averages_over_the_global_batch(cache, tmp_path, compose):
     """33 rows for 2 workers: 17 + 16 and one padding row of weight 0; metrics count real rows only."""
     from mnist_hpc.compute.train import train_and_evaluate
@@ -225,6 +225,7 @@ def test_a_batch_the_workers_do_not_divide_still_averages_over_the_global_batch(
     assert one["test_accuracy"] == pytest.approx(finished_metrics(tmp_path / "odd")["test_accuracy"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_usr2_mid_epoch_stops_both_workers_at_one_step_and_the_resume_is_bit_identical(cache, tmp_path):
     args = overrides(cache, tmp_path)
     codes, _ = run_local(tmp_path, "ref", [str(tmp_path / "ref")] + args)
@@ -251,29 +252,35 @@ def test_usr2_mid_epoch_stops_both_workers_at_one_step_and_the_resume_is_bit_ide
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_ends_the_other_with_failure_json_naming_it(cache, tmp_path):
     run = tmp_path / "run"
     args = overrides(cache, tmp_path, "train.epochs=200", f"hydra.run.dir={run}")
-    procs = local_workers.start(local_workers.CLI + args, 2, tmp_path, tmp_path / "logs")
+    procs = local_workers.start(TRAIN + args, 2, tmp_path, tmp_path / "logs")
     deadline = time.time() + 300
     while not rundir.checkpoint_path(run, 2, 0).exists():
         assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "logs" / "task0.log").read_text()[-3000:]
         time.sleep(0.2)
     procs[1].kill()
-    killed = time.time()
-    code = procs[0].wait(timeout=180)
-    ended_after = time.time() - killed
     procs[1].wait()
+    # The chief must notice the dead worker and end, not wait on it for ever: a bound on waiting
+    # (generous for a loaded machine), which fails with the chief's log when it hangs.
+    try:
+        code = procs[0].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("the chief still ran 120 s after its worker was killed (it hangs):\n"
+                    + (tmp_path / "logs" / "task0.log").read_text()[-3000:])
     assert code != 0
-    assert ended_after < 60, ended_after
     assert "WorkerFailure: worker 1 of 2 (Slurm task 1 on node localhost) died, hung or became unreachable" in rundir.read_failure(run)
     assert not (run / rundir.METRICS_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_worker_that_never_joins_ends_the_chief_within_the_timeout(cache, tmp_path):
     run = tmp_path / "run"
     args = overrides(cache, tmp_path, "train.collective_timeout_s=15", f"hydra.run.dir={run}")
-    [chief] = local_workers.start(local_workers.CLI + args, 2, tmp_path, tmp_path / "logs", ranks=[0])
+    [chief] = local_workers.start(TRAIN + args, 2, tmp_path, tmp_path / "logs", ranks=[0])
     code = chief.wait(timeout=300)
     assert code != 0
     assert "not all 2 workers joined within train.collective_timeout_s=15 s" in rundir.read_failure(run)
@@ -282,7 +289,7 @@ def test_a_worker_that_never_joins_ends_the_chief_within_the_timeout(cache, tmp_
 def test_independent_copies_are_refused_before_training(cache, tmp_path):
     run = tmp_path / "run"
     args = overrides(cache, tmp_path, "train.distribution=none", f"hydra.run.dir={run}")
-    procs = local_workers.start(local_workers.CLI + args, 2, tmp_path, tmp_path / "logs")
+    procs = local_workers.start(TRAIN + args, 2, tmp_path, tmp_path / "logs")
     assert local_workers.wait_all(procs, timeout=300) == [1, 1]
     log = (tmp_path / "logs" / "task0.log").read_text()
     assert "train.distribution=none: they would train 2 independent copies into one run directory" in log
@@ -303,7 +310,7 @@ def test_independent_copies_are_refused_before_training(cache, tmp_path):
     ],
 )
 def test_a_multi_task_job_that_would_not_train_one_run_is_refused(cache, tmp_path, extra, message):
-    from tests.slurm_helpers import submit
+    from tests.helpers import submit
 
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}",
@@ -316,7 +323,7 @@ def test_a_multi_task_job_that_would_not_train_one_run_is_refused(cache, tmp_pat
 
 
 def test_the_local_launcher_refuses_several_tasks(cache, tmp_path):
-    from tests.slurm_helpers import submit
+    from tests.helpers import submit
 
     sweep = tmp_path / "sweep"
     proc = submit(["-m", "hydra/launcher=local", "hydra.launcher.nodes=2", f"hydra.sweep.dir={sweep}",
@@ -328,11 +335,10 @@ def test_the_local_launcher_refuses_several_tasks(cache, tmp_path):
 @pytest.mark.slow
 def test_two_workers_on_real_mnist_reach_the_single_workers_accuracy(tmp_path, compose):
     """The lesson's 5 epochs at global batch 128 (64 per worker): test accuracy within 0.005 of one process."""
-    import subprocess
     import sys
 
     from mnist_hpc.compute.train import train_and_evaluate
-    from tests.conftest import IN_CI, SHARED_MNIST
+    from tests.helpers import IN_CI, SHARED_MNIST
 
     if not SHARED_MNIST.is_file():
         if IN_CI:

@@ -11,8 +11,7 @@ import pytest
 from mnist_hpc import claim, rundir
 from mnist_hpc.cache import CacheCorruptError
 from mnist_hpc.compute.failures import exit_on, known_error
-from tests.conftest import tiny_overrides
-from tests.test_launch import TRAIN, run_login_command, sweep_args
+from tests.helpers import TRAIN, TRAIN_CODE, run_login_command, sweep_args, tiny_overrides
 
 
 @pytest.mark.parametrize(
@@ -47,7 +46,7 @@ def test_a_bug_keeps_its_traceback():
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_queueing(synthetic_cache: Path, tmp_path: Path):
     proc, _ = run_login_command(
-        TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "train.batch_size=64,100000"), tmp_path
+        TRAIN_CODE, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "train.batch_size=64,100000"), tmp_path
     )
     assert proc.returncode != 0 and "nothing was queued" in proc.stderr
     assert "trial 1: train.batch_size=100000 exceeds the 600 training samples; use at most 600" in proc.stderr
@@ -117,7 +116,7 @@ def test_an_in_process_run_whose_directory_cannot_be_written_is_one_line(
     before = listing(tmp_path)
     where = tmp_path / target
     args = [*tiny_overrides(synthetic_cache, tmp_path / "out"), f"{override}={where}"]
-    proc, tf = run_login_command(TRAIN, args, work)
+    proc, tf = run_login_command(TRAIN_CODE, args, work)
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     run_dir = re.escape(str(where)) + (r"/runs/\d{4}-\d\d-\d\d/[\d-]+" if override == "paths.output_root" else "")
@@ -138,11 +137,11 @@ def test_a_multirun_whose_sweep_directory_cannot_be_written_is_one_line(syntheti
     file = tmp_path / "file"
     file.write_text("a user's file")
     args = ["-m", "hydra/launcher=local", *tiny_overrides(synthetic_cache, ro), f"hydra.sweep.dir={ro}/sweep", "train.seed=1,2"]
-    proc, _ = run_login_command(TRAIN, args, tmp_path)
+    proc, _ = run_login_command(TRAIN_CODE, args, tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (f"nothing was queued: cannot write to the output directory {ro}/sweep (Read-only file system); "
             "set paths.output_root to a writable location") in proc.stderr
-    proc, tf = run_login_command(TRAIN, ["-m", *tiny_overrides(synthetic_cache, file), "train.seed=1,2"], tmp_path)
+    proc, tf = run_login_command(TRAIN_CODE, ["-m", *tiny_overrides(synthetic_cache, file), "train.seed=1,2"], tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     [line] = proc.stderr.strip().splitlines()
     assert re.fullmatch(rf"cannot write to the sweep directory {re.escape(str(file))}/sweeps/\S+ \({re.escape(str(file))} is "
@@ -155,18 +154,18 @@ def test_a_worker_task_is_refused_only_where_its_directory_cannot_be_created(tmp
     probed there (no probe file of its own), but a directory it cannot create is one line too."""
     import subprocess
 
-    from tests.local_workers import CLI, task_env
+    from tests.local_workers import task_env
 
     ro = read_only_mount(small_tmpfs, "ro", "existing")
     env = task_env(1, 2, "4242")
     common = [f"data.cache_dir={tmp_path / 'no-cache'}", "train.epochs=1"]
-    cannot = subprocess.run(CLI + common + [f"hydra.run.dir={ro}/below"], env=env, cwd=tmp_path, capture_output=True,
+    cannot = subprocess.run(TRAIN + common + [f"hydra.run.dir={ro}/below"], env=env, cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert cannot.returncode == 1, cannot.stderr[-3000:]
     assert cannot.stderr.strip().splitlines() == [
         f"cannot write to the run directory {ro}/below (Read-only file system); set hydra.run.dir to a writable location "
         "(e.g. on $SCRATCH)"]
-    exists = subprocess.run(CLI + common + [f"hydra.run.dir={ro}/existing"], env=env, cwd=tmp_path, capture_output=True,
+    exists = subprocess.run(TRAIN + common + [f"hydra.run.dir={ro}/existing"], env=env, cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert exists.returncode == 1 and "Traceback" not in exists.stderr, exists.stderr[-3000:]
     assert "cannot write" not in exists.stderr and f"no cached MNIST at {tmp_path / 'no-cache'}" in exists.stderr

@@ -16,8 +16,7 @@ from mnist_hpc.compute import engine
 from mnist_hpc.compute.data import load_mnist, one_hot, prepare_images
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import DataConfig, Execution, TrainConfig, to_typed
-from tests.conftest import tiny_overrides
-from tests.test_resume import Interrupt, interrupter, strip_seconds, weights
+from tests.helpers import Interrupt, interrupter, strip_seconds, tiny_overrides, weights
 
 EXECUTION_KEYS = {"execution", "jit_compile", "steps_per_execution"}
 
@@ -88,6 +87,7 @@ def test_in_graph_batches_are_exactly_the_lessons(synthetic_cache, jit):
     np.testing.assert_array_equal(y.numpy(), one_hot(data.y_train[rows]))
 
 
+@pytest.mark.slow
 def test_compiled_loop_without_xla_equals_keras_fit_bit_for_bit(compose, overrides, tmp_path):
     """Same batches in the same (seed, epoch) order, same train step: the same run as the lesson's fit."""
     deterministic = overrides + ["train.deterministic=true"]
@@ -102,6 +102,7 @@ def test_compiled_loop_without_xla_equals_keras_fit_bit_for_bit(compose, overrid
     assert sorted(p.name for p in (tmp_path / "loop").iterdir()) == sorted(p.name for p in (tmp_path / "fit").iterdir())
 
 
+@pytest.mark.slow
 def test_xla_loop_is_reproducible_and_independent_of_the_chunk_length(compose, overrides, tmp_path):
     cfg = to_typed(compose(overrides))
     assert cfg.train.jit_compile and not cfg.train.deterministic
@@ -116,6 +117,7 @@ def test_xla_loop_is_reproducible_and_independent_of_the_chunk_length(compose, o
     assert first[0]["test_accuracy"] == pytest.approx(fit[0]["test_accuracy"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_xla_loop_interrupted_mid_epoch_resumes_bit_identically(compose, overrides, tmp_path, caplog):
     cfg = to_typed(compose(overrides))
     reference = run(cfg, tmp_path / "reference")
@@ -133,6 +135,7 @@ def test_xla_loop_interrupted_mid_epoch_resumes_bit_identically(compose, overrid
     assert_same_run(resumed, reference)
 
 
+@pytest.mark.slow
 def test_xla_loop_interrupted_between_epochs_resumes_bit_identically(compose, overrides, tmp_path):
     cfg = to_typed(compose(overrides))
     reference = run(cfg, tmp_path / "reference")
@@ -190,6 +193,7 @@ def test_training_modules_import_without_tensorflow():
     assert proc.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_a_job_imports_tensorflow_without_notebook_and_plotting_packages():
     """Keras imports IPython and matplotlib when installed (matplotlib always is: the report needs it).
 

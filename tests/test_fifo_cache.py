@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, fill_cache
+from tests.helpers import REPO, fill_cache
 
 CHECK = (
     "import sys\n"

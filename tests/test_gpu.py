@@ -15,7 +15,7 @@ import pytest
 
 from mnist_hpc import rundir
 from mnist_hpc.compute.runtime import gpu_memory_growth
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 class FakeConfig:
@@ -58,6 +58,7 @@ def test_a_gpu_initialised_earlier_keeps_what_it_has_and_one_without_growth_is_n
     assert "GPU:1 was initialised without memory growth" in caplog.text
 
 
+@pytest.mark.slow
 def test_training_on_a_gpu_runs_with_memory_growth(synthetic_cache: Path, tmp_path: Path, compose):
     import tensorflow as tf
 

@@ -9,33 +9,25 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from mnist_hpc import rundir
 from mnist_hpc.login import trials as trials_mod
-from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
-from tests.test_trial_dirs import REPORT, STATUS, TRAIN, run
+from tests.helpers import (
+    REPORT,
+    TRAIN,
+    fill_cache,
+    hydra_trial_dir,
+    precondition,
+    run_to_files,
+    synthetic_mnist,
+    tiny_overrides,
+    until,
+)
 
 LOCAL = ["-m", "hydra/launcher=local", "hydra.launcher.wait=true", "train.deterministic=true"]
-
-
-class Precondition(RuntimeError):
-    """The reproduction did not set up what it needs: an error of the test, never the expected failure."""
-
-
-def need(condition: object, message: str) -> None:
-    if not condition:
-        raise Precondition(message)
-
-
-def trial_files(run_dir: Path, overrides: list[str]) -> Path:
-    """A trial directory as Hydra leaves it (its overrides), for the readers' sake."""
-    (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    return run_dir
 
 
 # --- I2 for a plain sweep: the data a trial was trained on --------------------------------------
@@ -54,18 +46,18 @@ def test_trials_trained_on_other_data_are_never_ranked_as_the_same_config(tmp_pa
     for name, cache in caches.items():
         os.environ["MNIST_HPC_CACHE"] = str(cache)
         try:
-            launches[name] = run([*TRAIN, *LOCAL, *common, f"hydra.sweep.subdir={name}" + "${hydra.job.num}"], tmp_path)
+            launches[name] = run_to_files([*TRAIN, *LOCAL, *common, f"hydra.sweep.subdir={name}" + "${hydra.job.num}"], tmp_path)
         finally:
             del os.environ["MNIST_HPC_CACHE"]
-    need(launches["a"].returncode == 0, launches["a"].stderr[-2000:])
+    precondition(launches["a"].returncode == 0, launches["a"].stderr[-2000:])
     shas = {name: json.loads((sweep_dir / f"{name}0" / "identity.json").read_text())["config"]["data.sha256"]
             for name in caches if (sweep_dir / f"{name}0" / "identity.json").is_file()}
     if launches["b"].returncode != 0:  # refused: it must be before queueing, naming the data
         assert "nothing was queued" in launches["b"].stderr and "data" in launches["b"].stderr, launches["b"].stderr[-2000:]
         return
-    need(len(set(shas.values())) == 2, f"both trials should have trained, on different data: {shas}")
-    report = run([*REPORT, str(sweep_dir)], tmp_path)
-    need(report.returncode == 0, report.stderr[-2000:])
+    precondition(len(set(shas.values())) == 2, f"both trials should have trained, on different data: {shas}")
+    report = run_to_files([*REPORT, str(sweep_dir)], tmp_path)
+    precondition(report.returncode == 0, report.stderr[-2000:])
     text = (sweep_dir / "report" / "report.md").read_text()
     # Accepted: the report must tell the two trials' data apart (by hash or by cache), not show one config.
     told = all(sha[:12] in text for sha in shas.values()) or all(str(c) in text for c in caches.values())
@@ -79,11 +71,11 @@ def test_trials_trained_on_other_data_are_never_ranked_as_the_same_config(tmp_pa
 def test_a_symbolic_link_in_a_sweep_never_adds_trials(tmp_path: Path, link: str) -> None:
     sweep_dir = tmp_path / "sweep"
     for num in (0, 1):
-        trial_files(sweep_dir / str(num), [f"train.seed={num}"])
+        hydra_trial_dir(sweep_dir / str(num), [f"train.seed={num}"])
     if link == "itself":
         (sweep_dir / "latest").symlink_to(".")
     else:
-        trial_files(tmp_path / "other" / "0", ["train.seed=7"])
+        hydra_trial_dir(tmp_path / "other" / "0", ["train.seed=7"])
         (sweep_dir / "other").symlink_to(tmp_path / "other")
     found = trials_mod.trial_dirs(sweep_dir)
     assert sorted(os.path.realpath(p) for p in found) == [str(sweep_dir / "0"), str(sweep_dir / "1")], found[:6]
@@ -95,12 +87,12 @@ def test_a_symbolic_link_in_a_sweep_never_adds_trials(tmp_path: Path, link: str)
 @pytest.mark.parametrize("name", ["٣0", "²0"])
 def test_a_trial_directory_named_with_other_digits_is_not_given_their_number(tmp_path: Path, name: str) -> None:
     sweep_dir = tmp_path / "sweep"
-    trial_files(sweep_dir / name, ["train.seed=0"])
+    hydra_trial_dir(sweep_dir / name, ["train.seed=0"])
     [found] = trials_mod.trial_dirs(sweep_dir)
-    need(found.name == name, f"found {found}")
+    precondition(found.name == name, f"found {found}")
     trial = trials_mod.read_trial(found)
     assert trial.number in (None, 0), f"{name!r} is shown as trial {trial.number}"
-    report = run([*REPORT, str(sweep_dir)], tmp_path)
+    report = run_to_files([*REPORT, str(sweep_dir)], tmp_path)
     assert "Traceback" not in report.stderr, report.stderr[-2000:]
 
 
@@ -109,7 +101,7 @@ def test_a_trial_directory_named_with_other_digits_is_not_given_their_number(tmp
 
 def test_an_in_process_multirun_never_writes_outside_its_sweep(synthetic_cache: Path, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "area" / "sweep"
-    launch = run([*TRAIN, "-m", *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={sweep_dir}",
+    launch = run_to_files([*TRAIN, "-m", *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={sweep_dir}",
                   "hydra.sweep.subdir=../escaped_${hydra.job.num}", "train.seed=0"], tmp_path)
     outside = sorted(p.name for p in (tmp_path / "area").iterdir() if p.name != "sweep")
     assert outside == [], f"exit {launch.returncode}; written beside the sweep: {outside}"
@@ -128,13 +120,13 @@ def test_a_search_is_refused_into_a_directory_that_holds_another_launchs_trials(
     search_dir = tmp_path / "search"
     common = [*tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={search_dir}",
               "train.deterministic=true"]
-    plain = run([*TRAIN, *LOCAL, *common, "hydra.sweep.subdir=run_${hydra.job.num}", "data.validation_split=0.1"],
+    plain = run_to_files([*TRAIN, *LOCAL, *common, "hydra.sweep.subdir=run_${hydra.job.num}", "data.validation_split=0.1"],
                 tmp_path)
-    need(plain.returncode == 0 and (search_dir / "run_0" / "metrics.json").is_file(), plain.stderr[-2000:])
-    search = run([*TRAIN, "-m", "hparams_search=optuna", "hydra/launcher=local", "hydra.sweeper.n_trials=1",
+    precondition(plain.returncode == 0 and (search_dir / "run_0" / "metrics.json").is_file(), plain.stderr[-2000:])
+    search = run_to_files([*TRAIN, "-m", "hparams_search=optuna", "hydra/launcher=local", "hydra.sweeper.n_trials=1",
                   "hydra.sweeper.workers=1", *common], tmp_path)
     if search.returncode == 0:  # accepted: let its worker end before the test does
-        from tests.test_trial_dirs import until
+
 
         beats = lambda: [b for b, _ in sd.read_beats(search_dir)[0]]  # noqa: E731
         until(lambda: beats() and all(b.state in ("done", "stopped") for b in beats()), "the search worker to end")
@@ -147,10 +139,10 @@ def test_an_in_process_run_is_refused_around_earlier_trials(synthetic_cache: Pat
     submitted run (job.json missing)' and the report shows one run."""
     sweep_dir = tmp_path / "sweep"
     for num in (0, 1):
-        trial_files(sweep_dir / str(num), [f"train.seed={num}"])
+        hydra_trial_dir(sweep_dir / str(num), [f"train.seed={num}"])
         (sweep_dir / str(num) / "identity.json").write_text("{}")
-    need(rundir.is_run_dir(sweep_dir / "0") and not rundir.is_run_dir(sweep_dir), "the sweep is not set up")
-    proc = run([*TRAIN, *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.run.dir={sweep_dir}"], tmp_path)
+    precondition(rundir.is_run_dir(sweep_dir / "0") and not rundir.is_run_dir(sweep_dir), "the sweep is not set up")
+    proc = run_to_files([*TRAIN, *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.run.dir={sweep_dir}"], tmp_path)
     written = sorted(p.name for p in sweep_dir.iterdir() if p.name not in ("0", "1"))
     assert written == [] and proc.returncode != 0, f"exit {proc.returncode}; written into the sweep's root: {written}"
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -160,10 +152,10 @@ def test_a_sweep_into_an_earlier_runs_directory_is_refused(synthetic_cache: Path
     """Seen with a finished in-process run R: `-m hydra/launcher=local hydra.sweep.dir=R` queued trial 0 into R/0,
     exit 0, and `mnist-hpc-status R` (the command the launch prints) then says R 'holds no submitted run'."""
     run_dir = tmp_path / "run"
-    trial_files(run_dir, ["train.seed=0"])
+    hydra_trial_dir(run_dir, ["train.seed=0"])
     (run_dir / "identity.json").write_text("{}")
-    need(rundir.is_run_dir(run_dir), "the run is not set up")
-    proc = run([*TRAIN, *LOCAL, *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={run_dir}",
+    precondition(rundir.is_run_dir(run_dir), "the run is not set up")
+    proc = run_to_files([*TRAIN, *LOCAL, *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={run_dir}",
                 "train.seed=5"], tmp_path)
     assert proc.returncode != 0 and "nothing was queued" in proc.stderr, \
         f"exit {proc.returncode}; {sorted(p.name for p in run_dir.iterdir())}"
@@ -174,8 +166,8 @@ def test_an_in_process_run_is_refused_inside_an_earlier_trial(synthetic_cache: P
     """Seen with a real sweep: `hydra.run.dir=SWEEP/0/nested` trained (exit 0); extending trial 0 afterwards
     (train.epochs=3, same overrides) was refused: 'trial 0 would write SWEEP/0, which holds the run directory
     SWEEP/0/nested of an earlier launch'."""
-    trial = trial_files(tmp_path / "sweep" / "0", ["train.seed=0"])
+    trial = hydra_trial_dir(tmp_path / "sweep" / "0", ["train.seed=0"])
     (trial / "identity.json").write_text("{}")
-    proc = run([*TRAIN, *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.run.dir={trial / 'nested'}"], tmp_path)
+    proc = run_to_files([*TRAIN, *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.run.dir={trial / 'nested'}"], tmp_path)
     assert proc.returncode != 0 and not (trial / "nested").exists(), f"exit {proc.returncode}"
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

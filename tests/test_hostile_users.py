@@ -13,7 +13,6 @@ It failed before its fix; a failure to set the case up is a real error.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import pwd
 import shutil
@@ -24,9 +23,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, fill_cache, tiny_overrides
-from tests.test_cache_shared import GROUP, SYSTEM_PYTHON, USERS, ensure_users, need
-from tests.test_job_guard import GATED_PYTHON, JOB_VENV, ensure_job_venv
+from tests.helpers import (
+    GATED_PYTHON,
+    GROUP,
+    JOB_VENV,
+    REPO,
+    SYSTEM_PYTHON,
+    USERS,
+    ensure_job_venv,
+    ensure_users,
+    fill_cache,
+    need,
+    tiny_overrides,
+)
 
 A, B = USERS
 # A's job venv and Optuna: the guard test's venv (TensorFlow and the rest), read through a .pth file.
@@ -69,6 +78,7 @@ def ensure_search_venv() -> Path:
     return gated
 
 
+@pytest.mark.slow
 def test_another_user_cannot_make_a_search_worker_run_their_target():
     need(os.geteuid() == 0, "creating users needs root")
     need(SYSTEM_PYTHON.exists() and shutil.which("useradd") is not None, "needs /usr/bin/python3 and useradd")

@@ -21,7 +21,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import IN_CI, REPO, SHARED_MNIST
+from tests.helpers import IN_CI, REPO, SHARED_MNIST
 
 try:
     import tomllib
@@ -129,6 +129,7 @@ def resolve(extras: set[str]) -> list[str]:
     # Resolving the CUDA extra reads the metadata of a dozen NVIDIA wheels: about 40 s here.
     [pytest.param(k, marks=pytest.mark.slow) if "cuda" in k else k for k in sorted(DOCUMENTED)],
 )
+@pytest.mark.slow
 def test_each_documented_install_resolves_to_one_tensorflow(key: str):
     names = resolve(DOCUMENTED[key])
     assert "mnist-hpc" in names
@@ -166,6 +167,7 @@ def base_python() -> Path:
     return Path(getattr(sys, "_base_executable", sys.executable)).resolve().parent / "python3"
 
 
+@pytest.mark.slow
 def test_no_active_env_makes_the_project_venv_then_reuses_it(tmp_path: Path):
     venv = tmp_path / "project-venv"
     env = clean_env(base_python(), MNIST_HPC_VENV=str(venv))

@@ -14,8 +14,6 @@ untouched job of the same submission trains to the end.
 from __future__ import annotations
 
 import grp
-import hashlib
-import inspect
 import json
 import os
 import pickle
@@ -37,7 +35,17 @@ import pytest
 from mnist_hpc import rundir
 from mnist_hpc.contract import guard
 from mnist_hpc.contract.guard import UnsafeJobFile
-from tests.conftest import REPO, fill_cache, tiny_overrides
+from tests.helpers import (
+    GROUP,
+    REPO,
+    SYSTEM_PYTHON,
+    USERS,
+    ensure_job_venv,
+    ensure_users,
+    fill_cache,
+    need,
+    tiny_overrides,
+)
 
 # --- a private job folder, as the launcher leaves it -----------------------------------------------
 
@@ -458,48 +466,6 @@ def test_status_takes_the_jobs_own_error_line(tmp_path: Path) -> None:
 # so that an untouched job trains to the end. Jobs are held until the test has acted: Slurm's
 # --hold, and for the local launcher a gate in the job's Python command (bin/gated-python below).
 
-from tests.test_cache_shared import GROUP, SYSTEM_PYTHON, USERS, ensure_users, need  # noqa: E402
-
-JOB_VENV = Path("/var/tmp/mnist-hpc-test-guard-venv")
-JOB_PACKAGES = ("numpy", "hydra-core", "omegaconf", "submitit", "cloudpickle", "keras", "tensorflow-cpu", "tensorboard",
-                "pooch", "requests", "tqdm")
-GATED_PYTHON = """#!/bin/bash
-# tests/test_job_guard.py: a local job's processes wait here until the test releases the job (a
-# file named after its id in $MNIST_HPC_TEST_GATE), as `sbatch --hold` lets a Slurm test act
-# between submission and start. sys.executable stays this script (exec -a), so the launcher
-# gives it to the jobs it queues.
-if [ "${SUBMITIT_EXECUTOR:-}" = local ] && [ -n "${MNIST_HPC_TEST_GATE:-}" ]; then
-    gate="$MNIST_HPC_TEST_GATE/${SUBMITIT_LOCAL_JOB_ID:-$$}"
-    for _ in $(seq 3000); do [ -e "$gate" ] && break; sleep 0.1; done
-fi
-exec -a "$0" "$(dirname "$0")/python3" "$@"
-"""
-
-
-def ensure_job_venv() -> Path:
-    """A venv any user can run, with this environment's versions of what a training job imports."""
-    import importlib.metadata
-
-    pins = sorted(f"{name}=={importlib.metadata.version(name)}" for name in JOB_PACKAGES)
-    marker = JOB_VENV / "mnist-hpc-pins.txt"
-    python = JOB_VENV / "bin" / "python"
-    if not (python.exists() and marker.exists() and marker.read_text().split() == pins):
-        shutil.rmtree(JOB_VENV, ignore_errors=True)
-        old = os.umask(0o022)  # world-readable, whatever the caller's umask
-        try:
-            subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(JOB_VENV)], check=True, capture_output=True)
-            result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"pip install {' '.join(pins)} failed:\n{result.stderr[-2000:]}")
-            marker.write_text("\n".join(pins) + "\n")
-        finally:
-            os.umask(old)
-    gated = JOB_VENV / "bin" / "gated-python"
-    if not gated.exists() or gated.read_text() != GATED_PYTHON:
-        gated.write_text(GATED_PYTHON)
-        os.chmod(gated, 0o755)
-    return gated
-
 
 # What user B runs: try to touch A's job files, or replace them with a pickle that creates a marker.
 ATTACK = r'''
@@ -644,7 +610,7 @@ class People:
     def wait(self, launcher: str, *jobs: JobFiles, timeout_s: float = 600) -> None:
         """Until each job has ended: Slurm's accounting, or the result file a local job's process leaves."""
         if launcher == "slurm":
-            from tests.slurm_helpers import wait_for_states
+            from tests.helpers import wait_for_states
 
             wait_for_states([job.id for job in jobs], timeout_s=timeout_s)
             return
@@ -697,11 +663,8 @@ def owner_and_mode(path: Path) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("launcher", [pytest.param("slurm", marks=pytest.mark.slurm), "local"])
+@pytest.mark.slow
 def test_another_user_cannot_make_your_jobs_run_their_code(people: People, launcher: str) -> None:
-    if launcher == "slurm":
-        from tests.slurm_helpers import require_cluster
-
-        require_cluster()
     project = people.base / "project"
     project.mkdir()
     os.chown(project, 0, grp.getgrnam(GROUP).gr_gid)
@@ -783,7 +746,7 @@ def test_another_user_cannot_make_your_jobs_run_their_code(people: People, launc
         assert (row["state"], row["error"]) == ("FAILED", job.error_lines()[0].removeprefix("mnist-hpc: error: "))
     assert owner_and_mode(jobs[4].run_dir / rundir.METRICS_FILE) == (A, 0o664)
     if launcher == "slurm":
-        from tests.slurm_helpers import sacct_states
+        from tests.helpers import sacct_states
 
         states = sacct_states([job.id for job in [*jobs, launched, swapped]])
         assert [states[job.id] for job in [*jobs, launched, swapped]] == ["FAILED"] * 4 + ["COMPLETED", "FAILED", "FAILED"]
@@ -910,7 +873,7 @@ def test_a_group_member_cannot_make_a_waiting_launcher_unpickle_their_result(peo
     import json as json_
     import time
 
-    from tests.conftest import fill_cache, tiny_overrides
+    from tests.helpers import fill_cache, tiny_overrides
 
     project = people.base / "project"
     project.mkdir()

@@ -11,36 +11,13 @@ from pathlib import Path
 import pytest
 
 from mnist_hpc import rundir
-from tests.conftest import tiny_overrides
-
-TRAIN = "from mnist_hpc.cli import train_main; train_main()"
-
-
-def run_login_command(code: str, args: list[str], tmp_path: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess, bool]:
-    """Run a login-node command; report whether TensorFlow got imported in that process."""
-    marker = tmp_path / f"tf-imported-{time.monotonic_ns()}"
-    wrapped = (
-        "import atexit, sys\n"
-        f"atexit.register(lambda: open({str(marker)!r}, 'w').write(str('tensorflow' in sys.modules)))\n"
-        f"{code}\n"
-    )
-    # Files, not pipes: the local executor's job processes inherit the descriptors, and a pipe
-    # would keep subprocess.run waiting for the jobs instead of the command.
-    out, err = tmp_path / f"{marker.name}.out", tmp_path / f"{marker.name}.err"
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.run([sys.executable, "-c", wrapped, *args], stdout=fo, stderr=fe, text=True, timeout=timeout)
-    proc.stdout, proc.stderr = out.read_text(), err.read_text()
-    return proc, marker.read_text() == "True"
-
-
-def sweep_args(cache: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["-m", *tiny_overrides(cache, tmp_path / "out"), f"hydra.sweep.dir={tmp_path / 'sweep'}", *extra]
+from tests.helpers import TRAIN_CODE, run_login_command, sweep_args, tiny_overrides
 
 
 @pytest.mark.parametrize(
     "code, args",
     [
-        (TRAIN, ["--help"]),
+        (TRAIN_CODE, ["--help"]),
         ("from mnist_hpc.cli import prefetch_main; prefetch_main()", ["--help"]),
         ("from mnist_hpc.cli import status_main; status_main()", ["--help"]),
     ],
@@ -52,8 +29,9 @@ def test_help_imports_no_tensorflow(code, args, tmp_path):
     assert not tf
 
 
+@pytest.mark.slow
 def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tmp_path):
-    proc, tf = run_login_command(TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "train.seed=1,2",
+    proc, tf = run_login_command(TRAIN_CODE, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "train.seed=1,2",
                                                         "hydra.launcher.trials_per_task=1"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not tf, "the submission path imported TensorFlow"
@@ -92,7 +70,7 @@ def _nothing_queued(tmp_path: Path) -> bool:
 
 
 def test_missing_cache_refuses_submission(tmp_path):
-    proc, _ = run_login_command(TRAIN, sweep_args(tmp_path / "nocache", tmp_path, "hydra/launcher=local"), tmp_path)
+    proc, _ = run_login_command(TRAIN_CODE, sweep_args(tmp_path / "nocache", tmp_path, "hydra/launcher=local"), tmp_path)
     assert proc.returncode != 0
     assert "nothing was queued" in proc.stderr
     assert f"mnist-hpc-prefetch data.cache_dir={tmp_path / 'nocache'}" in proc.stderr
@@ -102,14 +80,14 @@ def test_missing_cache_refuses_submission(tmp_path):
 def test_corrupt_cache_refuses_submission(synthetic_cache, tmp_path):
     npz = synthetic_cache / "mnist.npz"
     npz.write_bytes(npz.read_bytes()[:-10])
-    proc, _ = run_login_command(TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local"), tmp_path)
+    proc, _ = run_login_command(TRAIN_CODE, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local"), tmp_path)
     assert proc.returncode != 0 and "nothing was queued" in proc.stderr and "truncated" in proc.stderr
     assert _nothing_queued(tmp_path)
 
 
 def test_one_bad_job_in_a_sweep_refuses_the_whole_sweep(synthetic_cache, tmp_path):
     proc, _ = run_login_command(
-        TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "model.dropout=0.1,1.5"), tmp_path
+        TRAIN_CODE, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "model.dropout=0.1,1.5"), tmp_path
     )
     assert proc.returncode != 0
     assert "model.dropout=1.5" in proc.stderr and "nothing was queued" in proc.stderr
@@ -120,7 +98,7 @@ def test_unwritable_output_root_refuses_submission(synthetic_cache, tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory")
     args = ["-m", *tiny_overrides(synthetic_cache, tmp_path), f"hydra.sweep.dir={blocker / 'sweep'}", "hydra/launcher=local"]
-    proc, _ = run_login_command(TRAIN, args, tmp_path)
+    proc, _ = run_login_command(TRAIN_CODE, args, tmp_path)
     assert proc.returncode != 0
     assert "nothing was queued" in proc.stderr and "paths.output_root" in proc.stderr
 
@@ -205,11 +183,12 @@ def test_packed_task_isolates_failures_but_stops_when_time_is_up(tmp_path, error
     assert calls[3:] == (["0", "1", "2"] if runs_third else ["0", "1"])
 
 
+@pytest.mark.slow
 def test_local_launcher_with_wait_blocks_until_trials_end_and_fails_with_a_failed_trial(synthetic_cache, tmp_path):
     """``hydra.launcher.wait=true`` (what sweepers that read results need), through the local executor."""
     sweep = tmp_path / "sweep"
     proc, _ = run_login_command(
-        TRAIN, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "hydra.launcher.wait=true", "train.seed=1,2"),
+        TRAIN_CODE, sweep_args(synthetic_cache, tmp_path, "hydra/launcher=local", "hydra.launcher.wait=true", "train.seed=1,2"),
         tmp_path, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -220,7 +199,7 @@ def test_local_launcher_with_wait_blocks_until_trials_end_and_fails_with_a_faile
     failing = tmp_path / "failing"
     args = ["-m", *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={failing}", "hydra/launcher=local",
             "hydra.launcher.wait=true", "data.validation_split=0.1,1e-9"]
-    proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
+    proc, _ = run_login_command(TRAIN_CODE, args, tmp_path, timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "1 of 2 trial(s) did not finish" in proc.stderr
     [line] = [line for line in proc.stderr.splitlines() if line.strip().startswith("trial ")]

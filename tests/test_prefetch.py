@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -28,7 +26,7 @@ import numpy as np
 import pytest
 
 from mnist_hpc import __version__
-from mnist_hpc.cache import check_cached, manifest_path, objects_dir, view_target
+from mnist_hpc.cache import check_cached, manifest_path
 from mnist_hpc.compute.data import load_mnist
 from mnist_hpc.cache import KERAS_MNIST_SHA256
 from mnist_hpc.config import DataConfig
@@ -46,59 +44,16 @@ from mnist_hpc.login.prefetch.errors import (
     SourceError,
     TruncatedDownloadError,
 )
-from tests.conftest import IN_CI, REPO
+from tests.helpers import IN_CI, assert_clean, listing, make_arrays, npz_bytes, sha, subprocess_env
 from tests.http_fixture import LoopbackServer, Route
+
+# No proxy may swallow the requests meant for the loopback server (conftest.no_proxy).
+pytestmark = pytest.mark.usefixtures("no_proxy")
 
 FAST = {"retries": 1, "backoff_s": 0.0, "timeout_s": 10.0, "progress": False}
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def make_arrays(n_train: int = 20, n_test: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
-    """A tiny MNIST look-alike: uint8 images (N, 28, 28), labels 0-9."""
-    rng = np.random.default_rng(seed)
-    return {
-        "x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "y_train": (np.arange(n_train) % 10).astype(np.uint8),
-        "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "y_test": (np.arange(n_test) % 10).astype(np.uint8),
-    }
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def listing(directory: Path) -> list[str]:
-    """Everything in a directory (hidden names included); [] when it does not exist."""
-    return sorted(os.listdir(directory)) if directory.exists() else []
-
-
-def assert_clean(cache_dir: Path, *, allowed: tuple[str, ...] = ()) -> None:
-    """The cache directory holds nothing but ``allowed``, the lock file and the objects behind them.
-
-    Each allowed npz is the link to its current object, and its object store holds only
-    complete objects, each named by its own sha256: no partial, temporary or staging file.
-    """
-    expected = set(allowed)
-    for name in allowed:
-        if name.endswith(".npz"):
-            target = cache_dir / name
-            sha = json.loads(manifest_path(target).read_text())["sha256"]
-            assert os.readlink(target) == view_target(target, sha)
-            stored = listing(objects_dir(target))
-            assert f"{sha}.npz" in stored
-            for obj in stored:
-                assert obj == f"{sha256_file(objects_dir(target) / obj)}.npz", obj
-            expected.add(objects_dir(target).name)
-    assert set(listing(cache_dir)) - {store.LOCK_NAME} == expected
 
 
 def free_port() -> int:
@@ -117,42 +72,6 @@ def write_idx(path: Path, array: np.ndarray) -> None:
             fh.write(data)
     else:
         path.write_bytes(data)
-
-
-def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-    env.pop("MNIST_HPC_CACHE", None)
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A proxy from the environment would swallow requests meant for the loopback server.
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.delenv("MNIST_HPC_CACHE", raising=False)
-
-
-@pytest.fixture
-def server() -> Iterator[LoopbackServer]:
-    srv = LoopbackServer().start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def good() -> tuple[dict[str, np.ndarray], bytes, str]:
-    arrays = make_arrays()
-    data = npz_bytes(arrays)
-    return arrays, data, sha(data)
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 def tmpfs(mountpoint: Path, options: str) -> None:

@@ -30,7 +30,7 @@ from mnist_hpc import rundir
 from mnist_hpc.config import Config
 from mnist_hpc.rundir.files import MAX_BYTES, PID_MAX
 from mnist_hpc.rundir.outputs import _max_predictions_bytes
-from tests.test_report import fake_metrics, fake_predictions, make_trial
+from tests.helpers import fake_metrics, fake_predictions, make_trial
 
 OVERRIDES = str(rundir.HYDRA_OVERRIDES)
 JSON_READERS: dict[str, Callable[[Path], Any]] = {

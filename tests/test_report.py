@@ -5,20 +5,18 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
 
-from mnist_hpc import claim, rundir, slurm
+from mnist_hpc import rundir, slurm
 from mnist_hpc.login import trials as trials_mod
 from mnist_hpc.login.report import build, cli, plots, ranking, tables
-from mnist_hpc.rundir import write_predictions
+from tests.helpers import epoch_record, fake_metrics, fake_predictions, live_job, make_trial
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,8 +60,6 @@ def failed_logs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return logs
 
 
-# Test labels of every fake run: 10 of each digit, in order (index = 10 * digit + k).
-Y_TRUE = np.repeat(np.arange(10), 10)
 # The best trial's mistakes, index -> (predicted digit, confidence): three 4s read as 9, two 7s as 2, one 3 as 5.
 BEST_MISTAKES = {40: (9, 0.97), 41: (9, 0.80), 42: (9, 0.60), 70: (2, 0.91), 71: (2, 0.55), 30: (5, 0.70)}
 # Counted by hand from BEST_MISTAKES: 10 right per digit, minus the mistakes, which land off the diagonal.
@@ -86,134 +82,6 @@ BEST_MATRIX = np.array(
 def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
-
-
-def fake_predictions(run_dir: Path, mistakes: dict[int, tuple[int, float]]) -> None:
-    """predictions.npz through the real writer, with exactly the given mistakes."""
-    prob = np.full((Y_TRUE.size, 10), 0.01, dtype=np.float32)
-    prob[np.arange(Y_TRUE.size), Y_TRUE] = 0.91
-    for index, (pred, conf) in mistakes.items():
-        prob[index] = (1 - conf) / 9
-        prob[index, pred] = conf
-    # A distinct blob per sample so the wrong-digit images are not blank.
-    rng = np.random.default_rng(0)
-    x_test = rng.random((Y_TRUE.size, 784)).astype(np.float32) ** 3
-    write_predictions(run_dir, Y_TRUE, prob, x_test)
-
-
-def history(best_val: Optional[float], final_val: Optional[float], epochs: int = 3) -> list[dict[str, float]]:
-    """Per-epoch records that peak at ``best_val`` and end at ``final_val`` (no validation when None)."""
-    rows = []
-    for e in range(1, epochs + 1):
-        row = {"epoch": e, "accuracy": 0.9 + 0.02 * e, "loss": 0.3 / e, "seconds": 1.5}
-        if best_val is not None:
-            row["val_accuracy"] = best_val if e == epochs - 1 else (final_val if e == epochs else best_val - 0.05)
-            row["val_loss"] = 0.2 / e
-        rows.append(row)
-    return rows
-
-
-def fake_metrics(
-    test: float, best_val: Optional[float] = None, final_val: Optional[float] = None, wall: float = 42.0
-) -> dict[str, Any]:
-    metrics: dict[str, Any] = {
-        "test_loss": 0.1,
-        "test_accuracy": test,
-        "epochs_completed": 3,
-        "history": history(best_val, final_val),
-        "train_time_s": wall - 5,
-        "wall_time_s": wall,
-        "trainable_params": 407050,
-        "threads": {"intra_op_threads": 2, "inter_op_threads": 2},
-    }
-    if best_val is not None:
-        metrics.update(val_accuracy=final_val, best_val_accuracy=best_val)
-    return metrics
-
-
-_LIVE_JOBS: list[subprocess.Popen] = []
-
-
-def live_job() -> str:
-    """The job id of a local job that still runs: a process of this module's, ended after its tests."""
-    if not _LIVE_JOBS:
-        _LIVE_JOBS.append(subprocess.Popen(["sleep", "3600"]))
-    return str(_LIVE_JOBS[0].pid)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _end_live_job():
-    yield
-    for proc in _LIVE_JOBS:
-        proc.kill()
-        proc.wait()
-    _LIVE_JOBS.clear()  # a later run of this module in the same process (mutmut's) starts its own
-
-
-def make_trial(
-    sweep: Path,
-    num: int,
-    overrides: list[str],
-    *,
-    cluster: str = "local",
-    job_id: Optional[str] = None,
-    with_job: bool = True,
-    metrics: Optional[dict[str, Any]] = None,
-    mistakes: Optional[dict[int, tuple[int, float]]] = None,
-    started_epochs: Optional[int] = None,
-    epochs_logged: tuple[dict[str, float], ...] = (),
-    stderr: Optional[str] = None,
-    ended: bool = False,
-    packed_slot: Optional[int] = None,
-    failure: Optional[BaseException] = None,
-) -> Path:
-    """One trial directory as the launcher and a training job leave it (through their own writers)."""
-    run_dir = sweep / str(num)
-    (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    job_id = job_id or str(1000 + num)
-    folder = sweep / ".submitit" / job_id
-    folder.mkdir(parents=True, exist_ok=True)
-    if with_job:
-        rundir.write_job(
-            run_dir,
-            rundir.JobRecord(
-                cluster=cluster,
-                job_id=job_id,
-                run_dir=str(run_dir),
-                overrides=overrides,
-                trial=num,
-                array_job_id=job_id.partition("_")[0] if "_" in job_id else None,
-                array_task_id=int(job_id.partition("_")[2]) if "_" in job_id else None,
-                packed_slot=packed_slot,
-                stdout=str(folder / f"{job_id}_0_log.out"),
-                stderr=str(folder / f"{job_id}_0_log.err"),
-                submitit_folder=str(folder),
-                submitted="2026-01-01T10:00:00+00:00",
-                # A local job is its process: status asks whether it still runs.
-                **({"host": socket.gethostname(), "pid_start": claim.process_start(int(job_id))} if job_id == live_job() else {}),
-            ),
-        )
-    if started_epochs is not None:
-        done = list(metrics["history"]) if metrics is not None else list(epochs_logged)
-        rundir.write_progress(run_dir, len(done), started_epochs, done)
-    if stderr is not None:
-        (folder / f"{job_id}_0_log.err").write_text(stderr)
-    if ended:
-        # submitit's result pickle: the job's process has ended (status reads its presence only).
-        (folder / f"{job_id}_0_result.pkl").write_bytes(b"")
-    if failure is not None:
-        rundir.write_failure(run_dir, failure)
-    if mistakes is not None:
-        fake_predictions(run_dir, mistakes)
-    if metrics is not None:
-        rundir.write_metrics(run_dir, metrics)
-    return run_dir
-
-
-def epoch_record(epoch: int, acc: float, val: float) -> dict[str, float]:
-    """One epoch of history as training records it."""
-    return {"epoch": epoch, "accuracy": acc, "loss": 0.2, "val_accuracy": val, "val_loss": 0.15, "seconds": 2.85}
 
 
 def build_sweep(sweep: Path, failed_stderr: str) -> Path:

@@ -12,41 +12,17 @@ from mnist_hpc import rundir
 from mnist_hpc.compute import checkpoint
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import tiny_overrides
-from tests.helpers import checkpoint_positions, finished_metrics, resume_line
-
-
-class Interrupt(Exception):
-    """Stands in for a job killed mid-run."""
-
-
-def interrupter(at_epoch: int, at_batch: int | None = None):
-    """A callback that raises before epoch ``at_epoch`` (0-based) or after one of its batches."""
-    import keras
-
-    class Stop(keras.callbacks.Callback):
-        epoch = -1
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-            if at_batch is None and epoch == at_epoch:
-                raise Interrupt(f"stopped before epoch {epoch + 1}")
-
-        def on_train_batch_end(self, batch, logs=None):
-            if at_batch is not None and self.epoch == at_epoch and batch == at_batch:
-                raise Interrupt(f"stopped in epoch {at_epoch + 1} after batch {batch + 1}")
-
-    return Stop()
-
-
-def weights(run_dir: Path) -> list[np.ndarray]:
-    import keras
-
-    return keras.models.load_model(run_dir / "model.keras").get_weights()
-
-
-def strip_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+from tests.helpers import (
+    Interrupt,
+    checkpoint_positions,
+    finished_metrics,
+    interrupter,
+    resume_line,
+    snapshot,
+    strip_seconds,
+    tiny_overrides,
+    weights,
+)
 
 
 @pytest.fixture
@@ -76,6 +52,7 @@ def assert_same_as_reference(run_dir: Path, result: dict, reference) -> None:
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_interrupted_between_epochs_resumes_identically(cfg, reference, tmp_path, caplog):
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
@@ -88,6 +65,7 @@ def test_interrupted_between_epochs_resumes_identically(cfg, reference, tmp_path
     assert_same_as_reference(run_dir, result, reference)
 
 
+@pytest.mark.slow
 def test_interrupted_mid_epoch_resumes_from_the_batch_checkpoint(compose, synthetic_cache, cfg, reference, tmp_path, caplog):
     cfg.train.checkpoint_every_batches = 5
     run_dir = tmp_path / "run"
@@ -101,6 +79,7 @@ def test_interrupted_mid_epoch_resumes_from_the_batch_checkpoint(compose, synthe
     assert_same_as_reference(run_dir, result, reference)
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(cfg, reference, tmp_path, caplog):
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
@@ -126,11 +105,6 @@ def test_truncated_only_checkpoint_fails_loudly(cfg, tmp_path):
         train_and_evaluate(cfg, run_dir)
 
 
-def snapshot(run_dir: Path) -> dict[str, bytes]:
-    """Every file under ``run_dir`` and its bytes."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
-
-
 def test_checkpoint_of_another_config_is_refused(cfg, tmp_path):
     from mnist_hpc.claim import RunConflict
 
@@ -145,6 +119,7 @@ def test_checkpoint_of_another_config_is_refused(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("at_batch", [None, 11], ids=["between-epochs", "mid-epoch"])
+@pytest.mark.slow
 def test_lesson_execution_resumes_identically(compose, synthetic_cache, tmp_path, caplog, at_batch):
     """``train=lesson`` (Keras' own ``fit``): interrupted and resumed, it ends bit-identical too."""
     from mnist_hpc.config import Execution

@@ -18,7 +18,7 @@ import pytest
 
 from mnist_hpc import rundir
 from mnist_hpc.login import trials as trials_mod
-from tests.test_report import epoch_record, fake_metrics, fake_predictions, make_trial
+from tests.helpers import epoch_record, fake_metrics, fake_predictions, make_trial
 
 READERS = {
     rundir.JOB_FILE: rundir.read_job,

@@ -17,7 +17,7 @@ from mnist_hpc.compute.engine import epoch_order
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
 from tests import local_workers
-from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
+from tests.helpers import fill_cache, synthetic_mnist, tiny_overrides
 
 EPOCHS = 2
 
@@ -36,6 +36,7 @@ def load_saved(run_dir: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.Ca
 
 
 @pytest.mark.parametrize("engine", ["keras_fit", "compiled_loop", "multi_worker"])
+@pytest.mark.slow
 def test_model_keras_carries_the_optimizer_and_training_continues_from_it(engine, compose, tmp_path, caplog, capfd):
     cache = tmp_path / "cache"
     fill_cache(cache, synthetic_mnist(n_train=1200, n_test=200))

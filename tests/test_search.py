@@ -17,11 +17,18 @@ from optuna.trial import TrialState
 from mnist_hpc import rundir
 from mnist_hpc import search as sd
 from mnist_hpc.compute.search import Heartbeat, SearchStopped, SearchWorker
-from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
-from tests.test_launch import TRAIN, run_login_command
+from tests.helpers import (
+    REPORT_CODE,
+    STATUS_CODE,
+    TRAIN_CODE,
+    fill_cache,
+    run_login_command,
+    search_args,
+    synthetic_mnist,
+    until,
+    wait_for_study,
+)
 
-STATUS = "from mnist_hpc.cli import status_main; status_main()"
-REPORT = "from mnist_hpc.cli import report_main; report_main()"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -158,39 +165,10 @@ def test_the_budget_counts_finished_trials_and_waits_only_for_quiet_workers(tmp_
 # --- a whole search through the local launcher: pruning -------------------------------------------
 
 
-def search_args(cache: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["-m", "hparams_search=optuna", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path / 'search'}",
-            *tiny_overrides(cache, tmp_path / "out"), *extra]
-
-
-def wait_until(condition, what: str, timeout_s: float = 600, poll_s: float = 0.2):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"{what}: not reached within {timeout_s}s")
-
-
-def wait_for_study(search_dir: Path, counted: int, timeout_s: float = 600) -> list[optuna.trial.FrozenTrial]:
-    deadline = time.time() + timeout_s
-    trials: list = []
-    while time.time() < deadline:
-        if sd.journal_path(search_dir).is_file():
-            study = optuna.load_study(study_name="mnist-hpc", storage=sd.open_storage(search_dir))
-            trials = study.get_trials()
-            if sum(sd.counts_toward_budget(t) for t in trials) >= counted and not any(
-                t.state == TrialState.RUNNING for t in trials
-            ):
-                return trials
-        time.sleep(1)
-    raise AssertionError(f"the study did not reach {counted} trials in {timeout_s}s: {[(t.number, t.state) for t in trials]}")
-
-
+@pytest.mark.slow
 def test_a_hopeless_trial_is_pruned_and_keeps_its_outputs(synthetic_cache, tmp_path):
     search_dir = tmp_path / "search"
-    proc, tf = run_login_command(TRAIN, search_args(
+    proc, tf = run_login_command(TRAIN_CODE, search_args(
         synthetic_cache, tmp_path, "train.epochs=3", "hydra.sweeper.n_trials=3", "hydra.sweeper.workers=1",
         "optimizer.learning_rate=tag(log,interval(1e-9,1e-2))",
         "hydra.sweeper.pruner.n_startup_trials=2",
@@ -213,8 +191,8 @@ def test_a_hopeless_trial_is_pruned_and_keeps_its_outputs(synthetic_cache, tmp_p
         assert rundir.read_metrics(search_dir / str(n))["val_accuracy"] == pytest.approx(trials[n].value)
 
     # The worker writes its last beat after it has found the study complete.
-    wait_until(lambda: [b.state for b, _ in sd.read_beats(search_dir)[0]] == ["done"], "the worker's end")
-    status, tf = run_login_command(STATUS, ["--json", str(search_dir)], tmp_path)
+    until(lambda: [b.state for b, _ in sd.read_beats(search_dir)[0]] == ["done"], "the worker's end")
+    status, tf = run_login_command(STATUS_CODE, ["--json", str(search_dir)], tmp_path)
     assert status.returncode == 0 and not tf, status.stderr
     [view] = json.loads(status.stdout)
     assert [t["state"] for t in view["trials"]] == ["COMPLETED", "COMPLETED", "PRUNED"]
@@ -223,7 +201,7 @@ def test_a_hopeless_trial_is_pruned_and_keeps_its_outputs(synthetic_cache, tmp_p
     assert view["best"]["value"] == pytest.approx(max(trials[0].value, trials[1].value))
     assert view["workers"][0]["state"] == "done" and view["workers"][0]["trials_run"] == [0, 1, 2]
 
-    report, tf = run_login_command(REPORT, [str(search_dir)], tmp_path, timeout=300)
+    report, tf = run_login_command(REPORT_CODE, [str(search_dir)], tmp_path, timeout=300)
     assert report.returncode == 0 and not tf, report.stderr
     assert "| 2 | PRUNED |" in report.stdout
     rows = (search_dir / "report" / "report.csv").read_text().splitlines()
@@ -247,31 +225,33 @@ def test_a_hopeless_trial_is_pruned_and_keeps_its_outputs(synthetic_cache, tmp_p
     ],
 )
 def test_a_search_that_cannot_run_is_refused_before_queueing(synthetic_cache, tmp_path, extra, message):
-    proc, _ = run_login_command(TRAIN, search_args(synthetic_cache, tmp_path, *extra), tmp_path)
+    proc, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, *extra), tmp_path)
     assert proc.returncode != 0 and "nothing was queued" in proc.stderr and message in proc.stderr, proc.stderr
     assert not (tmp_path / "search" / ".submitit").exists() and not (tmp_path / "search" / "study.journal").exists()
 
 
+@pytest.mark.slow
 def test_continuing_with_another_space_is_refused_and_changes_nothing(synthetic_cache, tmp_path):
     search_dir = tmp_path / "search"
-    first, _ = run_login_command(TRAIN, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1",
+    first, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1",
                                                     "hydra.sweeper.workers=1"), tmp_path)
     assert first.returncode == 0, first.stderr
     wait_for_study(search_dir, 1)
     journal = sd.journal_path(search_dir).read_bytes()
     spec = (search_dir / sd.SPEC_FILE).read_text()
-    again, _ = run_login_command(TRAIN, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=2",
+    again, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=2",
                                                     "model.dropout=interval(0.0,0.2)"), tmp_path)
     assert again.returncode != 0 and "holds a different search" in again.stderr and "model.dropout" in again.stderr
-    same, _ = run_login_command(TRAIN, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1"), tmp_path)
+    same, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1"), tmp_path)
     assert same.returncode != 0 and "already has 1 finished trials (n_trials=1)" in same.stderr
     assert sd.journal_path(search_dir).read_bytes() == journal and (search_dir / sd.SPEC_FILE).read_text() == spec
 
 
+@pytest.mark.slow
 def test_continuing_with_other_data_or_another_setting_is_refused_naming_each_change(synthetic_cache, tmp_path):
     """I2: the study is bound to its data's sha256 and every key that decides a trial's result."""
     search_dir = tmp_path / "search"
-    first, _ = run_login_command(TRAIN, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1",
+    first, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1",
                                                     "hydra.sweeper.workers=1"), tmp_path)
     assert first.returncode == 0, first.stderr
     wait_for_study(search_dir, 1)
@@ -296,7 +276,7 @@ def test_continuing_with_other_data_or_another_setting_is_refused_naming_each_ch
                    "train.epochs: 1 -> 2"),
     }
     for what, (args, change) in refusals.items():
-        again, _ = run_login_command(TRAIN, args, tmp_path)
+        again, _ = run_login_command(TRAIN_CODE, args, tmp_path)
         assert again.returncode != 0 and "nothing was queued" in again.stderr, (what, again.stderr)
         assert "holds a different search" in again.stderr and change in again.stderr, (what, again.stderr)
     assert sd.journal_path(search_dir).read_bytes() == journal and (search_dir / sd.SPEC_FILE).read_text() == spec_text
@@ -308,7 +288,7 @@ def test_continuing_with_other_data_or_another_setting_is_refused_naming_each_ch
     prefetch(tmp_path / "copy" / "mnist.npz", source=synthetic_cache / "mnist.npz")
     args = [a if not a.startswith("paths.output_root=") else f"paths.output_root={tmp_path / 'out2'}"
             for a in search_args(tmp_path / "copy", tmp_path, "hydra.sweeper.n_trials=2")]
-    ok, _ = run_login_command(TRAIN, args, tmp_path)
+    ok, _ = run_login_command(TRAIN_CODE, args, tmp_path)
     assert ok.returncode == 0 and "continuing the study (1 trials done)" in ok.stdout, ok.stderr
     wait_for_study(search_dir, 2)
 
@@ -318,24 +298,25 @@ def test_an_older_search_json_without_the_identity_is_refused(synthetic_cache, t
     search_dir.mkdir()
     sd.write_spec(search_dir, sd.SearchSpec(study_name="mnist-hpc", direction="maximize", n_trials=1,
                                             params={"optimizer.learning_rate": "tag(log, interval(1e-4, 1e-2))"}))
-    proc, _ = run_login_command(TRAIN, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=2"), tmp_path)
+    proc, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=2"), tmp_path)
     assert proc.returncode != 0 and "written by an older mnist-hpc" in proc.stderr, proc.stderr
     assert not sd.journal_path(search_dir).exists()
 
 
 @pytest.mark.parametrize("damage", ["garbage_line", "emptied"])
+@pytest.mark.slow
 def test_a_submission_repairs_a_torn_record_and_refuses_a_lost_journal(synthetic_cache, tmp_path, damage):
     """I3 at the submission: the issue's ``echo 'not json {{{' >>`` continues, with the copy named;
     an emptied journal beside trial directories is refused, not restarted."""
     search_dir = tmp_path / "search"
-    first, _ = run_login_command(TRAIN, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1",
+    first, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=1",
                                                     "hydra.sweeper.workers=1"), tmp_path)
     assert first.returncode == 0, first.stderr
     wait_for_study(search_dir, 1)
     journal = sd.journal_path(search_dir)
     intact = journal.read_bytes()
     journal.write_bytes(intact + b"not json {{{\n" if damage == "garbage_line" else b"")
-    again, _ = run_login_command(TRAIN, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=2"), tmp_path)
+    again, _ = run_login_command(TRAIN_CODE, search_args(synthetic_cache, tmp_path, "hydra.sweeper.n_trials=2"), tmp_path)
     if damage == "emptied":
         assert again.returncode != 0 and "nothing was queued" in again.stderr
         assert "holds no record, but" in again.stderr and "directories of trials 0" in again.stderr, again.stderr
@@ -349,22 +330,23 @@ def test_a_submission_repairs_a_torn_record_and_refuses_a_lost_journal(synthetic
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
 
 
+@pytest.mark.slow
 def test_a_worker_stops_before_its_next_trial_when_the_data_is_replaced(tmp_path):
     """A ``prefetch --force`` of other data while a worker runs: it finishes the trial it trained on the
     study's data, then stops with one line and asks the study for nothing more."""
     cache = tmp_path / "cache"
     fill_cache(cache, synthetic_mnist(n_train=3000, n_test=300))
     search_dir = tmp_path / "search"
-    proc, _ = run_login_command(TRAIN, search_args(cache, tmp_path, "train.epochs=40", "hydra.sweeper.n_trials=4",
+    proc, _ = run_login_command(TRAIN_CODE, search_args(cache, tmp_path, "train.epochs=40", "hydra.sweeper.n_trials=4",
                                                    "hydra.sweeper.workers=1", "hydra.sweeper.pruner=null"), tmp_path)
     assert proc.returncode == 0, proc.stderr
     study_sha = sd.read_spec(search_dir).data_sha256  # type: ignore[union-attr]
-    wait_until(lambda: (search_dir / "0" / "progress.json").is_file(), "trial 0's first epoch")
+    until(lambda: (search_dir / "0" / "progress.json").is_file(), "trial 0's first epoch")
     from mnist_hpc.login.prefetch.fetch import prefetch
 
     replacement = fill_cache(tmp_path / "elsewhere", synthetic_mnist(n_train=3000, n_test=300, seed=7))
     prefetch(cache / "mnist.npz", source=replacement, force=True)
-    beat = wait_until(lambda: next((b for b, _ in sd.read_beats(search_dir)[0] if b.state == "stopped"), None),
+    beat = until(lambda: next((b for b, _ in sd.read_beats(search_dir)[0] if b.state == "stopped"), None),
                       "the worker's stop")
     # Stopped before asking for a trial (or, had the data changed between that check and a trial's
     # start, after the trial without telling it); either way its line names both hashes.
@@ -391,6 +373,7 @@ def test_a_trial_trained_on_other_data_is_not_told(tmp_path):
     worker._check_trained_on(spec, trial, run_dir)  # the study's data: told as usual
 
 
+@pytest.mark.slow
 def test_a_killed_local_worker_is_dead_its_trial_abandoned_and_a_resumed_retry_counts_every_epoch(tmp_path):
     """I4 with the local launcher: a worker killed with kill -9 is shown dead with its trial and last
     epoch, never running; its trial is abandoned; resubmitting retries it from its checkpoint, and
@@ -400,7 +383,7 @@ def test_a_killed_local_worker_is_dead_its_trial_abandoned_and_a_resumed_retry_c
     search_dir = tmp_path / "search"
     args = search_args(cache, tmp_path, "train.epochs=5", "hydra.sweeper.n_trials=1", "hydra.sweeper.workers=1",
                        "hydra.sweeper.pruner=null", "hydra.sweeper.heartbeat_s=1", "hydra.sweeper.stale_after_s=3")
-    proc, _ = run_login_command(TRAIN, args, tmp_path)
+    proc, _ = run_login_command(TRAIN_CODE, args, tmp_path)
     assert proc.returncode == 0, proc.stderr
 
     def epochs_done(n: int) -> int:
@@ -410,14 +393,14 @@ def test_a_killed_local_worker_is_dead_its_trial_abandoned_and_a_resumed_retry_c
             return 0
         return 0 if progress is None else progress.epochs_done
 
-    wait_until(lambda: 1 <= epochs_done(0) < 5, "trial 0 in the middle of its epochs", poll_s=0.02)
+    until(lambda: 1 <= epochs_done(0) < 5, "trial 0 in the middle of its epochs", every_s=0.02)
     [(beat, _)] = sd.read_beats(search_dir)[0]
     os.kill(beat.pid, 9)
-    wait_until(lambda: not Path(f"/proc/{beat.pid}").exists(), "the worker's end")
+    until(lambda: not Path(f"/proc/{beat.pid}").exists(), "the worker's end")
     done_at_kill = epochs_done(0)
     assert 1 <= done_at_kill < 5
 
-    status, _ = run_login_command(STATUS, ["--json", str(search_dir)], tmp_path)
+    status, _ = run_login_command(STATUS_CODE, ["--json", str(search_dir)], tmp_path)
     [view] = json.loads(status.stdout)
     [worker] = view["workers"]
     assert worker["state"] == "dead" and worker["beat_state"] == "running" and worker["alive"] is False
@@ -425,18 +408,18 @@ def test_a_killed_local_worker_is_dead_its_trial_abandoned_and_a_resumed_retry_c
     [trial] = view["trials"]
     assert trial["state"] == "ABANDONED" and trial["epochs"] == done_at_kill
     assert f"its worker {beat.job_id} is dead" in trial["note"] and "submit the search again" in trial["note"]
-    text, _ = run_login_command(STATUS, [str(search_dir)], tmp_path)
+    text, _ = run_login_command(STATUS_CODE, [str(search_dir)], tmp_path)
     row = next(line for line in text.stdout.splitlines() if line.startswith(beat.job_id))
     assert row.split()[1:3] == ["-", "dead"] and "running" not in row, text.stdout
 
-    again, _ = run_login_command(TRAIN, args, tmp_path)
+    again, _ = run_login_command(TRAIN_CODE, args, tmp_path)
     assert again.returncode == 0, again.stderr
     trials = wait_for_study(search_dir, 1)
     killed, retry = trials
     assert killed.user_attrs[sd.INTERRUPTED_ATTR] and retry.user_attrs[sd.RESUMED_FROM_ATTR] == 0
     # The retry reported only the epochs it trained after resuming; its directory has all five.
     assert retry.state == TrialState.COMPLETE and len(retry.intermediate_values) < 5
-    status, _ = run_login_command(STATUS, ["--json", str(search_dir)], tmp_path)
+    status, _ = run_login_command(STATUS_CODE, ["--json", str(search_dir)], tmp_path)
     [view] = json.loads(status.stdout)
     assert [(t["state"], t["epochs"], t["epochs_planned"]) for t in view["trials"]] == [
         ("INTERRUPTED", done_at_kill, 5), ("COMPLETED", 5, 5)]
@@ -472,7 +455,7 @@ def test_status_and_report_show_each_trials_own_results_when_the_journal_cannot_
         journal.write_bytes(b"")
     else:
         journal.unlink()
-    proc, tf = run_login_command(STATUS, ["--json", str(search_dir)], tmp_path)
+    proc, tf = run_login_command(STATUS_CODE, ["--json", str(search_dir)], tmp_path)
     assert proc.returncode == 0 and not tf and "Traceback" not in proc.stderr, proc.stderr
     [view] = json.loads(proc.stdout)
     assert view["journal"]["readable"] is False and "each trial is shown from its own directory" in proc.stderr
@@ -483,9 +466,9 @@ def test_status_and_report_show_each_trials_own_results_when_the_journal_cannot_
     assert view["best"] == {"trial": 1, "value": 0.95, "overrides": ["optimizer.learning_rate=0.002"]}
     assert "boom" in view["trials"][2]["note"]
     assert "metrics.json" in proc.stderr and "7.5" in proc.stderr
-    text, _ = run_login_command(STATUS, [str(search_dir)], tmp_path)
+    text, _ = run_login_command(STATUS_CODE, [str(search_dir)], tmp_path)
     assert "the study's journal cannot be read" in text.stdout and "best so far, from the trial directories: trial 1" in text.stdout
-    report, tf = run_login_command(REPORT, [str(search_dir)], tmp_path, timeout=300)
+    report, tf = run_login_command(REPORT_CODE, [str(search_dir)], tmp_path, timeout=300)
     assert report.returncode == 0 and not tf, report.stderr
     assert "| 1 | COMPLETED | 0.9500 |" in report.stdout and "| 3 | UNFINISHED |" in report.stdout
     assert "no optimisation plots: the study's journal cannot be read" in report.stdout
@@ -515,7 +498,7 @@ def test_status_of_a_damaged_search_notes_it_and_shows_the_rest(tmp_path, damage
         (search_dir / sd.SPEC_FILE).write_text("{")
     else:
         (search_dir / sd.WORKERS_DIR / "w2.json").write_text('{"job_id": 7}')
-    proc, tf = run_login_command(STATUS, [str(search_dir)], tmp_path)
+    proc, tf = run_login_command(STATUS_CODE, [str(search_dir)], tmp_path)
     assert proc.returncode == 0 and not tf, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "w1" in proc.stdout  # the workers are still shown

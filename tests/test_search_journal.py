@@ -26,7 +26,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from mnist_hpc import search as sd
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SPACE = {"x": FloatDistribution(0.0, 1.0)}
@@ -362,6 +362,7 @@ def child(search_dir: Path, mode: str, seed: int) -> None:
         study.tell(trial, 0.5)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_append_again_and_again_never_leaves_a_study_that_cannot_continue(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "LOCK_GRACE_S", 3600.0)  # a killed holder's lock must go at once, not by time
     seed = int(os.environ.get("KILL_LOOP_SEED", "20240607"))

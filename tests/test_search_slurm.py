@@ -3,13 +3,11 @@ two workers, a trial that raises, a worker killed with SIGKILL mid-trial, and a 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -18,17 +16,23 @@ from optuna.trial import TrialState
 
 from mnist_hpc import rundir
 from mnist_hpc import search as sd
-from tests.conftest import fill_cache, synthetic_mnist, tiny_overrides
-from tests.helpers import finished_metrics, resumed_from, run_json, run_log
-from tests.slurm_helpers import require_cluster, slurm_launcher_args, submit, wait_for_states
+from tests.helpers import (
+    finished_metrics,
+    resumed_from,
+    run_json,
+    run_log,
+    fill_cache,
+    report_csv,
+    slurm_launcher_args,
+    submit,
+    synthetic_mnist,
+    tiny_overrides,
+    until,
+    wait_for_states,
+)
 
 pytestmark = pytest.mark.slurm
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture(autouse=True)
-def _cluster() -> None:
-    require_cluster()
 
 
 @pytest.fixture
@@ -56,16 +60,6 @@ def worker_ids(search_dir: Path, out: str) -> list[str]:
     return line.rsplit("(", 1)[1].rstrip(")").split()
 
 
-def wait_until(condition, timeout_s: float, what: str, poll_s: float = 1.0):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"{what}: not reached within {timeout_s}s")
-
-
 def finish(search_dir: Path, jobs: list[str], counted: int) -> tuple[list[optuna.trial.FrozenTrial], dict[str, str]]:
     """Wait for the study to hold ``counted`` trials and for every worker job to end."""
     try:
@@ -83,14 +77,6 @@ def status(search_dir: Path) -> dict:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)[0]
-
-
-def report(search_dir: Path) -> tuple[str, list[dict[str, str]]]:
-    proc = subprocess.run([sys.executable, "-c", "from mnist_hpc.cli import report_main; report_main()", str(search_dir)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(search_dir / "report" / "report.csv") as fh:
-        return proc.stdout, list(csv.DictReader(fh))
 
 
 def test_two_workers_run_eight_trials_one_fails_and_the_study_continues(larger_cache, tmp_path):
@@ -133,7 +119,8 @@ def test_two_workers_run_eight_trials_one_fails_and_the_study_continues(larger_c
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert view["best"]["trial"] == best.number and view["best"]["value"] == pytest.approx(best.value)
 
-    out, rows = report(search_dir)
+    report, rows = report_csv(search_dir)
+    out = report.stdout
     expected = {TrialState.COMPLETE: "COMPLETED", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAILED"}
     assert [(int(r["trial"]), r["state"]) for r in rows] == [(t.number, expected[t.state]) for t in trials]
     assert f"best so far: trial {best.number}, validation accuracy {best.value:.4f}" in out
@@ -174,7 +161,7 @@ def test_a_worker_killed_mid_trial_leaves_no_trial_behind(larger_cache, tmp_path
         return None
 
     try:
-        victim = wait_until(mid_trial, 900, "a worker in the middle of a trial", poll_s=0.1)
+        victim = until(mid_trial, "a worker in the middle of a trial", 900, every_s=0.1)
         os.kill(victim.pid, signal.SIGKILL)
     except BaseException:
         subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
@@ -205,7 +192,8 @@ def test_a_worker_killed_mid_trial_leaves_no_trial_behind(larger_cache, tmp_path
     [retry_row] = [t for t in view["trials"] if t["trial"] == retry.number]
     assert (retry_row["epochs"], retry_row["epochs_planned"]) == (8, 8)
     assert retry_row["epochs_reported"] == len(retry.intermediate_values) < 8
-    out, rows = report(search_dir)
+    report, rows = report_csv(search_dir)
+    out = report.stdout
     assert [r["state"] for r in rows if int(r["trial"]) == killed.number] == ["INTERRUPTED"]
     assert f"retry of {killed.number}" in out
 
@@ -222,7 +210,7 @@ def epochs_done(run_dir: Path) -> int:
 
 
 def test_a_preempted_worker_is_requeued_and_resumes_its_trial_in_place(larger_cache, tmp_path):
-    from tests.test_slurm_resume import restarts, sacct_history
+    from tests.helpers import restarts, sacct_history
 
     search_dir = tmp_path / "search"
     # 60 epochs: on an idle node an epoch of this data takes 0.07 s, and the warning must land
@@ -232,10 +220,10 @@ def test_a_preempted_worker_is_requeued_and_resumes_its_trial_in_place(larger_ca
     assert proc.returncode == 0, proc.stderr[-3000:]
     [job] = worker_ids(search_dir, proc.stdout)
     try:
-        wait_until(lambda: epochs_done(search_dir / "0") >= 2, 900, "trial 0's second epoch", poll_s=0.1)
+        until(lambda: epochs_done(search_dir / "0") >= 2, "trial 0's second epoch", 900, every_s=0.1)
         # What Slurm sends before a time limit or a preemption: submitit checkpoints and requeues.
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
-        wait_until(lambda: restarts(job) >= 1, 300, "the worker's requeue")
+        until(lambda: restarts(job) >= 1, "the worker's requeue", 300)
     except BaseException:
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
         raise

@@ -16,10 +16,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 
-from tests.conftest import tiny_overrides
-from tests.test_trial_dirs import TRAIN, run, until
+from tests.helpers import TRAIN, run_to_files, tiny_overrides, until
 
 KILLED_AT_WRITE_SPEC = [sys.executable, "-c", (
     "import os, sys\n"
@@ -37,10 +35,10 @@ def test_a_search_submission_killed_before_search_json_can_be_submitted_again(sy
     search_dir = tmp_path / "search"
     args = ["-m", "hparams_search=optuna", "hydra/launcher=local", "hydra.sweeper.n_trials=1", "hydra.sweeper.workers=1",
             *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={search_dir}"]
-    killed = run([*KILLED_AT_WRITE_SPEC, *args], tmp_path)
+    killed = run_to_files([*KILLED_AT_WRITE_SPEC, *args], tmp_path)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (search_dir / sd.SPEC_FILE).exists() and sd.trial_numbers(search_dir) == []
-    again = run([*TRAIN, *args], tmp_path)
+    again = run_to_files([*TRAIN, *args], tmp_path)
     if again.returncode == 0:
         beats = lambda: [b for b, _ in sd.read_beats(search_dir)[0]]  # noqa: E731
         until(lambda: beats() and all(b.state in ("done", "stopped") for b in beats()), "the search worker to end")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from mnist_hpc.compute.run import finish_in_process
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, hand_over
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides, weights
 
 
 @pytest.fixture(autouse=True)
@@ -70,14 +69,9 @@ def usr2_when_epoch_begins(at_epoch: int):
     return RaiseUsr2()
 
 
-def weights(run_dir: Path) -> list[np.ndarray]:
-    import keras
-
-    return keras.models.load_model(run_dir / "model.keras").get_weights()
-
-
 @pytest.mark.parametrize("extra, stop_at", [(["train.steps_per_execution=4"], 4), (["train=lesson"], 1)],
                          ids=["compiled_loop", "keras_fit"])
+@pytest.mark.slow
 def test_usr2_stops_at_the_next_step_boundary_with_a_checkpoint_and_the_run_resumes_identically(
     compose, synthetic_cache, tmp_path, extra, stop_at
 ):

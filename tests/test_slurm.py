@@ -8,24 +8,20 @@ from pathlib import Path
 import pytest
 
 from mnist_hpc import rundir
-from tests.conftest import REPO, tiny_overrides
-from tests.helpers import finished_metrics, run_json
-from tests.slurm_helpers import (
+from tests.helpers import (
+    finished_metrics,
+    run_json,
+    REPO,
     job_records,
-    require_cluster,
     slurm_launcher_args,
     squeue_ids,
     status_rows,
     submit,
+    tiny_overrides,
     wait_for_states,
 )
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(autouse=True)
-def _cluster() -> None:
-    require_cluster()
 
 
 def test_job_completes_with_outputs_and_status_agrees(synthetic_cache: Path, tmp_path: Path):

@@ -12,25 +12,19 @@ from pathlib import Path
 import pytest
 
 from mnist_hpc import rundir
-from tests.conftest import tiny_overrides
-from tests.slurm_helpers import (
+from tests.helpers import (
     TRAIN,
     job_records,
-    require_cluster,
     slurm_launcher_args,
+    snapshot,
     squeue_ids,
     status_rows,
     submit,
+    tiny_overrides,
     wait_for_states,
 )
-from tests.test_resume import snapshot
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(autouse=True)
-def _cluster() -> None:
-    require_cluster()
 
 
 def report_rows(sweep: Path) -> list[dict[str, str]]:
@@ -131,7 +125,7 @@ def test_a_trial_still_owned_by_a_queued_job_is_not_submitted_again(synthetic_ca
 
 def test_a_run_started_by_hand_in_a_directory_a_slurm_job_writes_is_refused(synthetic_cache: Path, tmp_path: Path):
     """Case 4: the lease names the Slurm job; a second writer (here an in-process run) is refused."""
-    from tests.conftest import fill_cache, synthetic_mnist
+    from tests.helpers import fill_cache, synthetic_mnist
 
     cache = tmp_path / "big"
     fill_cache(cache, synthetic_mnist(n_train=6000, n_test=200))

@@ -20,16 +20,26 @@ import numpy as np
 import pytest
 
 from mnist_hpc import rundir
-from tests.conftest import REPO, fill_cache, synthetic_mnist
-from tests.helpers import finished_metrics, resume_line, resumed_from, run_json, run_log
-from tests.slurm_helpers import job_records, require_cluster, slurm_launcher_args, status_rows, submit, wait_for_states
+from tests.helpers import (
+    finished_metrics,
+    resume_line,
+    resumed_from,
+    run_json,
+    run_log,
+    REPO,
+    digests,
+    fill_cache,
+    job_records,
+    slurm_launcher_args,
+    status_rows,
+    submit,
+    synthetic_mnist,
+    wait_for_file,
+    wait_for_states,
+    weights,
+)
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(autouse=True)
-def _cluster() -> None:
-    require_cluster()
 
 
 @pytest.fixture
@@ -56,26 +66,9 @@ def two_tasks(sweep: Path, cache: Path, tmp_path: Path, *extra: str) -> list[str
     return slurm_launcher_args(sweep, "hydra.launcher.tasks_per_node=2", *overrides(cache, tmp_path), *extra)
 
 
-def wait_for_file(path: Path, timeout_s: float = 600) -> None:
-    deadline = time.time() + timeout_s
-    while not path.exists():
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.2)
-
-
 def task_log(record: dict, task: int) -> str:
     """A task's submitit output, where its log lines go (task k's file has _k_ in its name)."""
     return Path(record["stdout"].replace("_0_log.out", f"_{task}_log.out")).read_text()
-
-
-def digests(text: str) -> list[str]:
-    return re.findall(r"trained weights: sha256 ([0-9a-f]{64})", text)
-
-
-def weights(run_dir: Path) -> list[np.ndarray]:
-    import keras
-
-    return keras.models.load_model(run_dir / "model.keras").get_weights()
 
 
 def running(job_ids: list[str]) -> set[str]:
@@ -133,7 +126,7 @@ def test_two_task_jobs_at_the_same_time_train_side_by_side(cache: Path, tmp_path
 
 def wait_for_states_nowait(job_ids: list[str]) -> bool:
     """Whether any of the jobs has ended already."""
-    from tests.slurm_helpers import TERMINAL, sacct_states
+    from tests.helpers import TERMINAL, sacct_states
 
     return any(state in TERMINAL for state in sacct_states(job_ids).values())
 
@@ -245,11 +238,9 @@ def test_killing_one_worker_ends_the_job_failed_with_failure_json(cache: Path, t
     [record] = job_records(sweep)
     wait_for_file(rundir.checkpoint_path(sweep / "0", 2, 0))
     os.kill(submitit_pid(sweep / ".submitit", 1), signal.SIGKILL)
-    killed = time.time()
-    assert wait_for_states([record["job_id"]], timeout_s=300)[record["job_id"]] == "FAILED"
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "End", "-j", record["job_id"]], capture_output=True, text=True, timeout=30)
-    ended = time.mktime(time.strptime(out.stdout.strip().splitlines()[-1], "%Y-%m-%dT%H:%M:%S"))
-    assert ended - killed < 120, f"the job ended {ended - killed:.0f} s after the kill"
+    # The job ends FAILED once the chief sees its worker gone, long before its 10-minute limit
+    # (a hang would end it TIMEOUT): the bound on waiting fails with the job's state if it hangs.
+    assert wait_for_states([record["job_id"]], timeout_s=180)[record["job_id"]] == "FAILED"
     error = rundir.read_failure(sweep / "0")
     assert "worker 1 of 2 (Slurm task 1 on node" in error and "died, hung or became unreachable" in error
     [row] = status_rows(sweep)

@@ -13,24 +13,27 @@ import numpy as np
 import pytest
 
 from mnist_hpc import rundir
-from tests.conftest import fill_cache, synthetic_mnist
-from tests.helpers import checkpoint_positions, finished_metrics, resume_line, resumed_from, run_log, saved_weights
-from tests.slurm_helpers import (
+from tests.helpers import (
+    checkpoint_positions,
+    finished_metrics,
+    resume_line,
+    resumed_from,
+    run_log,
+    weights,
+    fill_cache,
     job_records,
-    require_cluster,
+    restarts,
+    sacct_history,
     slurm_launcher_args,
     submit,
+    synthetic_mnist,
+    wait_for_file,
     wait_for_states,
 )
 
 pytestmark = pytest.mark.slurm
 
 EPOCHS = 6
-
-
-@pytest.fixture(autouse=True)
-def _cluster() -> None:
-    require_cluster()
 
 
 @pytest.fixture
@@ -62,30 +65,8 @@ def reference_run(cache: Path, tmp_path: Path) -> subprocess.Popen:
     )
 
 
-def wait_for_file(path: Path, timeout_s: float = 300) -> None:
-    deadline = time.time() + timeout_s
-    while not path.exists():
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.1)
-
-
-def restarts(job_id: str) -> int:
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
-    for token in out.split():
-        if token.startswith("Restarts="):
-            return int(token.split("=")[1])
-    raise AssertionError(f"no Restarts field for {job_id}: {out[:300]}")
-
-
-def sacct_history(job_id: str) -> list[str]:
-    """Every run of a job, requeued ones included (-D)."""
-    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id],
-                         capture_output=True, text=True, timeout=30).stdout
-    return [line.split("|")[1].split()[0] for line in out.splitlines() if line.split("|")[0] == job_id]
-
-
 def final_state(run_dir: Path) -> tuple[dict, list[np.ndarray]]:
-    return finished_metrics(run_dir), saved_weights(run_dir)
+    return finished_metrics(run_dir), weights(run_dir)
 
 
 def assert_matches_reference(run_dir: Path, reference_dir: Path) -> None:

@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 
 from mnist_hpc import rundir
-from tests.conftest import tiny_overrides
-from tests.slurm_helpers import job_records, require_cluster, slurm_launcher_args, squeue_ids, status_rows, submit, wait_for_states
+from tests.helpers import (
+    job_records,
+    slurm_launcher_args,
+    squeue_ids,
+    status_rows,
+    submit,
+    tiny_overrides,
+    wait_for_states,
+)
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(autouse=True)
-def _cluster() -> None:
-    require_cluster()
 
 
 def held_array(tmp_path: Path, tasks: int) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -11,30 +10,17 @@ from pathlib import Path
 import pytest
 
 from mnist_hpc import rundir
-from tests.conftest import tiny_overrides
-from tests.slurm_helpers import (
+from tests.helpers import (
     job_records,
-    require_cluster,
+    report_csv,
     sacct_states,
     slurm_launcher_args,
     submit,
+    tiny_overrides,
     wait_for_states,
 )
 
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(autouse=True)
-def _cluster() -> None:
-    require_cluster()
-
-
-def report(target: Path) -> tuple[subprocess.CompletedProcess, list[dict[str, str]]]:
-    proc = subprocess.run([sys.executable, "-c", "from mnist_hpc.cli import report_main; report_main()", str(target)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(target / "report" / "report.csv") as fh:
-        return proc, list(csv.DictReader(fh))
 
 
 def test_four_trial_sweep_is_one_array_and_reported(synthetic_cache: Path, tmp_path: Path):
@@ -58,7 +44,7 @@ def test_four_trial_sweep_is_one_array_and_reported(synthetic_cache: Path, tmp_p
     assert set(states.values()) == {"COMPLETED"}, states
     assert set(sacct_states([array_id])) >= {f"{array_id}_{i}" for i in range(4)}
 
-    out, rows = report(sweep)
+    out, rows = report_csv(sweep)
     assert [int(r["trial"]) for r in rows] == [0, 1, 2, 3]
     expected = [("[32]", "0.001"), ("[32]", "0.0003"), ("[64]", "0.001"), ("[64]", "0.0003")]
     for row, (units, lr) in zip(rows, expected):
@@ -84,7 +70,7 @@ def test_a_trial_failing_at_run_time_is_reported_failed_with_its_error(synthetic
     states = wait_for_states([r["job_id"] for r in records])
     assert [states[r["job_id"]] for r in records] == ["COMPLETED", "FAILED"]
 
-    out, rows = report(sweep)
+    out, rows = report_csv(sweep)
     assert [(r["trial"], r["state"]) for r in rows] == [("0", "COMPLETED"), ("1", "FAILED")]
     assert "DatasetError" in rows[1]["error"] and "validation_split=1e-09" in rows[1]["error"]
     assert rows[0]["best"] == "yes"
@@ -99,7 +85,7 @@ def test_report_on_pending_sweep_shows_pending(synthetic_cache: Path, tmp_path: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = job_records(sweep)
     try:
-        _, rows = report(sweep)
+        _, rows = report_csv(sweep)
         assert [r["state"] for r in rows] == ["PENDING", "PENDING"]
         assert [r["test_accuracy"] for r in rows] == ["", ""]
     finally:
@@ -129,7 +115,7 @@ def test_packed_trials_keep_their_own_dirs_failures_and_states(synthetic_cache: 
     rows = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", "--json", str(sweep)],
                           capture_output=True, text=True, timeout=60)
     assert [r["state"] for r in json.loads(rows.stdout)] == ["COMPLETED", "FAILED", "COMPLETED"]
-    _, report_rows = report(sweep)
+    _, report_rows = report_csv(sweep)
     assert [r["state"] for r in report_rows] == ["COMPLETED", "FAILED", "COMPLETED"]
     assert "DatasetError" in report_rows[1]["error"]
 

@@ -14,9 +14,7 @@ from mnist_hpc import rundir
 from mnist_hpc.rundir import TENSORBOARD_DIR
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import tiny_overrides
-from tests.helpers import finished_metrics
-from tests.test_resume import Interrupt, interrupter
+from tests.helpers import Interrupt, finished_metrics, interrupter, tiny_overrides
 
 
 def read_events(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, object]]:
@@ -62,12 +60,14 @@ def assert_events_match_history(run_dir: Path, epochs: int) -> dict[str, list[tu
     return scalars
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_epochs_and_hparams(compose, synthetic_cache, tmp_path):
     cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "data.validation_split=0.1"]))
     train_and_evaluate(cfg, tmp_path / "run")
     assert_events_match_history(tmp_path / "run", 3)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_shows_each_epoch_once(compose, synthetic_cache, tmp_path):
     cfg = to_typed(compose(tiny_overrides(synthetic_cache, tmp_path) + ["train.epochs=3", "data.validation_split=0.1"]))
     run_dir = tmp_path / "run"
@@ -80,6 +80,7 @@ def test_a_resumed_run_shows_each_epoch_once(compose, synthetic_cache, tmp_path)
     assert_events_match_history(run_dir, 3)
 
 
+@pytest.mark.slow
 def test_tensorboard_on_a_sweep_directory_shows_every_trial(compose, synthetic_cache, tmp_path):
     """The login node's view: a real ``tensorboard --logdir SWEEP_DIR`` on loopback lists each trial and
     its HParams session."""
@@ -145,8 +146,9 @@ def read_only_tensorboard(small_tmpfs, tmp_path: Path, run_dir: Path) -> Path:
     return board
 
 
+@pytest.mark.slow
 def test_a_tensorboard_that_is_a_file_or_read_only_stops_an_in_process_run_in_one_line(synthetic_cache, tmp_path, small_tmpfs):
-    from tests.test_claim import assert_one_line_refusal, train_cli
+    from tests.helpers import assert_one_line_refusal, train_cli
 
     args = tiny_overrides(synthetic_cache, tmp_path / "out") + ["data.validation_split=0.1"]
     plain = tmp_path / "runs" / "plain"
@@ -175,9 +177,10 @@ def test_a_tensorboard_that_is_a_file_or_read_only_stops_an_in_process_run_in_on
     assert not (read_only / rundir.METRICS_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_tensorboard_that_is_a_file_or_read_only_is_refused_or_the_failure_json_of_a_launched_trial(
         synthetic_cache, tmp_path, small_tmpfs):
-    from tests.test_launch import TRAIN, run_login_command
+    from tests.helpers import TRAIN_CODE, run_login_command
 
     sweep = tmp_path / "sweep"
     (sweep / "0").mkdir(parents=True)
@@ -186,7 +189,7 @@ def test_a_tensorboard_that_is_a_file_or_read_only_is_refused_or_the_failure_jso
     args = ["-m", "hydra/launcher=local", "hydra.launcher.wait=true", *tiny_overrides(synthetic_cache, tmp_path / "out"),
             f"hydra.sweep.dir={sweep}", "train.seed=1,2"]
     # A file where the run keeps its event files: refused before anything is queued, the file kept.
-    proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
+    proc, _ = run_login_command(TRAIN_CODE, args, tmp_path, timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (f"nothing was queued:\n  trial 0: {sweep / '0' / TENSORBOARD_DIR} is not a directory, but the run keeps its "
             f"{TENSORBOARD_DIR}/ there; move it out of {sweep / '0'}") in proc.stderr
@@ -194,7 +197,7 @@ def test_a_tensorboard_that_is_a_file_or_read_only_is_refused_or_the_failure_jso
     assert (sweep / "0" / TENSORBOARD_DIR).read_text() == "a user's notes"
     # Moved out: trial 0 runs; trial 1's read-only event directory is its one-line failure.
     (sweep / "0" / TENSORBOARD_DIR).rename(tmp_path / "notes")
-    proc, _ = run_login_command(TRAIN, args, tmp_path, timeout=600)
+    proc, _ = run_login_command(TRAIN_CODE, args, tmp_path, timeout=600)
     assert proc.returncode == 1 and "1 of 2 trial(s) did not finish" in proc.stderr, proc.stderr[-3000:]
     assert finished_metrics(sweep / "0")["epochs_completed"] == 1
     error = rundir.read_failure(sweep / "1")

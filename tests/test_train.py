@@ -18,14 +18,11 @@ from mnist_hpc import rundir
 from mnist_hpc.compute.engine import epoch_order
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import IN_CI, SHARED_MNIST, tiny_overrides
-from tests.helpers import finished_metrics, run_json, run_log
-
-TRAIN_CMD = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
+from tests.helpers import IN_CI, SHARED_MNIST, TRAIN, finished_metrics, run_json, run_log, tiny_overrides
 
 
 def run_train_cli(args: list[str], *, netns: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = (["unshare", "--net"] if netns else []) + TRAIN_CMD + args
+    cmd = (["unshare", "--net"] if netns else []) + TRAIN + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -45,6 +42,7 @@ def test_epoch_order_is_fresh_each_epoch_and_reproducible():
     np.testing.assert_array_equal(np.sort(a1), np.arange(1000))
 
 
+@pytest.mark.slow
 def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "4242"}
@@ -112,6 +110,7 @@ def test_one_epoch_through_the_hydra_entry_point(synthetic_cache: Path, tmp_path
         assert pred["wrong_images"].shape == (len(pred["wrong_index"]), 28, 28)
 
 
+@pytest.mark.slow
 def test_training_runs_with_no_network_at_all(synthetic_cache: Path, tmp_path: Path):
     """``unshare --net``: the process has only a down loopback, so any network use would fail."""
     if shutil.which("unshare") is None:
@@ -129,6 +128,7 @@ def test_missing_cache_fails_with_the_prefetch_command(tmp_path: Path):
     assert not (tmp_path / "run" / rundir.METRICS_FILE).exists()
 
 
+@pytest.mark.slow
 def test_deterministic_runs_give_identical_metrics(compose, synthetic_cache: Path, tmp_path: Path):
     overrides = tiny_overrides(synthetic_cache, tmp_path) + ["train.deterministic=true", "train.epochs=2",
                                                              "model.dropout=0.2", "data.validation_split=0.1"]
@@ -145,6 +145,7 @@ def test_deterministic_runs_give_identical_metrics(compose, synthetic_cache: Pat
 
 
 @pytest.mark.parametrize("execution", ["keras_fit", "compiled_loop"])
+@pytest.mark.slow
 def test_a_deterministic_run_with_validation_logs_no_tensorflow_error_line(synthetic_cache: Path, tmp_path: Path, execution: str):
     """Arrays handed to evaluate under op determinism made TensorFlow log an E0000 line into every job log."""
     overrides = tiny_overrides(synthetic_cache, tmp_path) + [

@@ -14,38 +14,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from mnist_hpc import claim, rundir
-from tests.conftest import tiny_overrides
+from tests.helpers import REPORT, STATUS, TRAIN, hydra_trial_dir, run_to_files, tiny_overrides, until
 
-TRAIN = [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()"]
-STATUS = [sys.executable, "-c", "from mnist_hpc.cli import status_main; status_main()"]
-REPORT = [sys.executable, "-c", "from mnist_hpc.cli import report_main; report_main()"]
 LOCAL = ["-m", "hydra/launcher=local", "train.deterministic=true"]
-
-
-def run(cmd: list[str], tmp_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    # Files, not pipes: local jobs inherit the descriptors and would keep a pipe open.
-    out, err = tmp_path / f"out-{time.monotonic_ns()}", tmp_path / f"err-{time.monotonic_ns()}"
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.run(cmd, stdout=fo, stderr=fe, text=True, timeout=timeout)
-    proc.stdout, proc.stderr = out.read_text(), err.read_text()
-    return proc
-
-
-def until(condition, what: str, timeout_s: float = 300.0, every_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --- the rule itself, at its boundaries -----------------------------------------------------------
@@ -95,7 +71,7 @@ CASES = {
 def test_the_local_launcher_refuses_colliding_or_escaping_trial_dirs(synthetic_cache: Path, tmp_path: Path, case: str):
     extra, message = CASES[case]
     sweep = tmp_path / "sweeps" / "s"
-    proc = run([*TRAIN, *LOCAL, "hydra.launcher.wait=true", *tiny_overrides(synthetic_cache, tmp_path / "out"),
+    proc = run_to_files([*TRAIN, *LOCAL, "hydra.launcher.wait=true", *tiny_overrides(synthetic_cache, tmp_path / "out"),
                 f"hydra.sweep.dir={sweep}", *extra], tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "nothing was queued" in proc.stderr and message in proc.stderr and "Traceback" not in proc.stderr
@@ -107,9 +83,8 @@ def test_the_local_launcher_refuses_colliding_or_escaping_trial_dirs(synthetic_c
 
 @pytest.mark.slurm
 def test_the_slurm_launcher_refuses_colliding_trial_dirs_before_queueing(synthetic_cache: Path, tmp_path: Path):
-    from tests.slurm_helpers import require_cluster, slurm_launcher_args, submit
+    from tests.helpers import slurm_launcher_args, submit
 
-    require_cluster()
     sweep = tmp_path / "sweep"
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.sweep.subdir=same",
@@ -134,6 +109,7 @@ def hydra_state():
     Singleton.set_state(state)
 
 
+@pytest.mark.slow
 def test_a_packed_task_skips_a_finished_trial_only_when_the_directory_holds_its_config(synthetic_cache: Path,
                                                                                           tmp_path: Path, hydra_state):
     """The node's "already finished, skipping" asks claim.judge, as the launcher does: a directory that
@@ -141,7 +117,7 @@ def test_a_packed_task_skips_a_finished_trial_only_when_the_directory_holds_its_
     from submitit.core.utils import DelayedSubmission
 
     sweep = tmp_path / "sweep"
-    proc = run([*TRAIN, *LOCAL, "hydra.launcher.wait=true", "hydra.launcher.trials_per_task=2",
+    proc = run_to_files([*TRAIN, *LOCAL, "hydra.launcher.wait=true", "hydra.launcher.trials_per_task=2",
                 *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={sweep}", "train.seed=0,1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [pickled] = list((sweep / ".submitit").rglob("*_submitted.pkl"))
@@ -165,9 +141,10 @@ def test_a_packed_task_skips_a_finished_trial_only_when_the_directory_holds_its_
 # --- readers show a directory's numbers only beside the config that made them ---------------------
 
 
+@pytest.mark.slow
 def test_results_are_not_shown_for_a_job_queued_with_another_config(synthetic_cache: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
-    proc = run([*TRAIN, *LOCAL, "hydra.launcher.wait=true", *tiny_overrides(synthetic_cache, tmp_path / "out"),
+    proc = run_to_files([*TRAIN, *LOCAL, "hydra.launcher.wait=true", *tiny_overrides(synthetic_cache, tmp_path / "out"),
                 f"hydra.sweep.dir={sweep}", "train.seed=0,1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [rundir.read_job(sweep / str(i)) for i in (0, 1)]
@@ -181,12 +158,12 @@ def test_results_are_not_shown_for_a_job_queued_with_another_config(synthetic_ca
     record = json.loads((sweep / "1" / rundir.JOB_FILE).read_text())
     record["fingerprint"], record["overrides"] = jobs[0].fingerprint, jobs[0].overrides
     (sweep / "1" / rundir.JOB_FILE).write_text(json.dumps(record))
-    status = run([*STATUS, "--json", str(sweep)], tmp_path)
+    status = run_to_files([*STATUS, "--json", str(sweep)], tmp_path)
     assert status.returncode == 0 and "Traceback" not in status.stderr
     rows = {r["trial"]: r for r in json.loads(status.stdout)}
     assert rows[0]["last_epoch"] == 1 and rows[1]["last_epoch"] is None
     assert "was queued for another config" in status.stderr
-    report = run([*REPORT, str(sweep)], tmp_path)
+    report = run_to_files([*REPORT, str(sweep)], tmp_path)
     assert report.returncode == 0, report.stderr
     with open(sweep / "report" / "report.csv") as fh:
         import csv
@@ -205,14 +182,15 @@ def test_results_are_not_shown_for_a_job_queued_with_another_config(synthetic_ca
 # --- a waiting launch says which trials did not finish, in one line each --------------------------
 
 
+@pytest.mark.slow
 def test_a_waiting_launch_names_a_damaged_checkpoint_in_one_line(synthetic_cache: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
     base = [*TRAIN, *LOCAL, "hydra.launcher.wait=true", "hydra.launcher.trials_per_task=1",
             *tiny_overrides(synthetic_cache, tmp_path / "out"), f"hydra.sweep.dir={sweep}", "train.seed=0,1"]
-    assert run(base, tmp_path).returncode == 0
+    assert run_to_files(base, tmp_path).returncode == 0
     for ckpt in (sweep / "0" / rundir.CHECKPOINT_DIR).iterdir():
         ckpt.write_bytes(b"not a checkpoint")
-    proc = run([*base, "train.epochs=2"], tmp_path)
+    proc = run_to_files([*base, "train.epochs=2"], tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr
     named = [line.strip() for line in proc.stderr.splitlines() if line.strip().startswith("trial ")]
@@ -225,6 +203,7 @@ def test_a_waiting_launch_names_a_damaged_checkpoint_in_one_line(synthetic_cache
 
 
 @pytest.mark.parametrize("victim", ["trainer", "controller"])
+@pytest.mark.slow
 def test_a_killed_local_job_is_shown_failed_with_its_last_epoch_and_can_be_resubmitted(synthetic_cache: Path,
                                                                                         tmp_path: Path, victim: str):
     """kill -9 of the process that trains (the pid in lease.json), or of submitit's controller process
@@ -235,12 +214,12 @@ def test_a_killed_local_job_is_shown_failed_with_its_last_epoch_and_can_be_resub
     args = [*TRAIN, *LOCAL, "hydra.launcher.trials_per_task=2", *tiny_overrides(synthetic_cache, tmp_path / "out"),
             f"hydra.sweep.dir={sweep}", "train.seed=0,1", "train.epochs=400", "train.batch_size=8",
             "train.steps_per_execution=1"]
-    proc = run(args, tmp_path)
+    proc = run_to_files(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = rundir.read_job(sweep / "0")
     assert record.cluster == "local" and record.host and record.pid_start
     until(lambda: (rundir.read_progress(sweep / "0") or rundir.Progress(0, 0)).epochs_done >= 1, "trial 0's first epoch")
-    status = run([*STATUS, "--json", str(sweep)], tmp_path)
+    status = run_to_files([*STATUS, "--json", str(sweep)], tmp_path)
     assert [r["state"] for r in json.loads(status.stdout)] == ["RUNNING", "PENDING"]
 
     trainer = claim.lease_holder(rundir.read_lease(sweep / "0"))
@@ -250,27 +229,20 @@ def test_a_killed_local_job_is_shown_failed_with_its_last_epoch_and_can_be_resub
     until(lambda: claim.alive(claim.job_holder(record), me) is False and claim.alive(trainer, me) is False,
           "the job's processes to end")
     done = rundir.read_progress(sweep / "0").epochs_done
-    status = run([*STATUS, "--json", str(sweep)], tmp_path)
+    status = run_to_files([*STATUS, "--json", str(sweep)], tmp_path)
     assert status.returncode == 0 and "Traceback" not in status.stderr
     rows = json.loads(status.stdout)
     assert [r["state"] for r in rows] == ["FAILED", "FAILED"]
     assert rows[0]["last_epoch"] == done and rows[0]["epochs"] == 400
-    text = run([*STATUS, str(sweep)], tmp_path).stdout
+    text = run_to_files([*STATUS, str(sweep)], tmp_path).stdout
     assert f"{done}/400" in text
 
     # The dead holder does not block a resubmission: trial 0 continues from its last checkpoint.
-    again = run([*args[:-3], f"train.epochs={done + 1}", "train.batch_size=8", "hydra.launcher.wait=true"], tmp_path)
+    again = run_to_files([*args[:-3], f"train.epochs={done + 1}", "train.batch_size=8", "hydra.launcher.wait=true"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert rundir.read_metrics(sweep / "0")["epochs_completed"] == done + 1
     assert "resuming from" in (sweep / "0" / rundir.LOG_FILE).read_text()
     assert rundir.read_metrics(sweep / "1")["epochs_completed"] == done + 1
-
-
-def _hydra_trial(run_dir: Path, overrides: list[str]) -> Path:
-    """A trial directory as Hydra leaves it (its overrides), for the readers' sake."""
-    (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    return run_dir
 
 
 @pytest.mark.parametrize("link", ["itself", "another sweep", "a system tree"])
@@ -281,10 +253,10 @@ def test_a_symbolic_link_in_a_sweep_never_adds_trials(tmp_path: Path, link: str)
 
     sweep_dir = tmp_path / "sweep"
     for num in (0, 1):
-        _hydra_trial(sweep_dir / str(num), [f"train.seed={num}"])
+        hydra_trial_dir(sweep_dir / str(num), [f"train.seed={num}"])
     target = {"itself": Path("."), "another sweep": tmp_path / "other", "a system tree": Path("/usr")}[link]
     if link == "another sweep":
-        _hydra_trial(tmp_path / "other" / "0", ["train.seed=7"])
+        hydra_trial_dir(tmp_path / "other" / "0", ["train.seed=7"])
     (sweep_dir / "linked").symlink_to(target)
     assert trials.trial_dirs(sweep_dir) == [sweep_dir / "0", sweep_dir / "1"]
 
@@ -295,6 +267,6 @@ def test_a_trial_directory_named_with_other_digits_gets_no_number_from_them(tmp_
     from mnist_hpc.login import trials
 
     sweep_dir = tmp_path / "sweep"
-    _hydra_trial(sweep_dir / name, ["train.seed=0"])
+    hydra_trial_dir(sweep_dir / name, ["train.seed=0"])
     [found] = trials.trial_dirs(sweep_dir)
     assert found.name == name and trials.read_trial(found).number is None

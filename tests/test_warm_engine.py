@@ -18,7 +18,7 @@ from mnist_hpc import rundir
 from mnist_hpc.compute import engine
 from mnist_hpc.compute.train import train_and_evaluate
 from mnist_hpc.config import to_typed
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def trial(compose, cache: Path, run_dir: Path, *overrides: str):
@@ -35,6 +35,7 @@ def trial(compose, cache: Path, run_dir: Path, *overrides: str):
 
 @pytest.mark.parametrize("jit, optimizer", [("true", "rmsprop"), ("false", "rmsprop"), ("true", "adam"),
                                            ("true", "sgd"), ("false", "sgd")])
+@pytest.mark.slow
 def test_a_trial_after_another_of_the_same_shapes_equals_the_trial_alone(compose, synthetic_cache: Path, tmp_path: Path,
                                                                         jit: str, optimizer: str):
     shared = (f"train.jit_compile={jit}", f"optimizer={optimizer}") + (("optimizer.momentum=0.9",) if optimizer == "sgd" else ())
