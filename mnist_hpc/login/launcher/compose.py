@@ -10,7 +10,7 @@ Every job is still checked before anything is queued. Its typed config is the ba
 converted and checked once, with each overridden value converted by the base's own OmegaConf
 node for that key (its type, optionality, enum), then :func:`~mnist_hpc.config.validate`.
 A value that needs more than that (a list, an interpolation, a new key) takes the long way:
-a copy of the base's application part, Hydra's ``_apply_overrides_to_config`` and
+a copy of the base's application part, Hydra's own override application and
 :func:`~mnist_hpc.config.to_typed`. Tests compare both with Hydra's composition.
 """
 
@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mnist_hpc.claim import Verdict
 from mnist_hpc.contract.jobconfig import BaseConfig, JobSpec, apply_values, copy_config, job_config
 from mnist_hpc.config import Config, ConfigError, flat_config, to_typed, validate
+from mnist_hpc.hydra_adapter import is_config_group
 from mnist_hpc.login.launcher.overrides import OverrideCache
 from mnist_hpc.login.launcher.plan import PlannedJob, PreflightError
 
@@ -174,7 +175,7 @@ class SweepComposer:
             return False
         key = override.key_or_group
         if key not in self._is_group:
-            self._is_group[key] = self.loader.repository.group_exists(key)
+            self._is_group[key] = is_config_group(self.loader, key)
         return not self._is_group[key]
 
     def _base(self, structural: tuple[str, ...]) -> _Base:
