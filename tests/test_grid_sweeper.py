@@ -166,3 +166,15 @@ def test_a_batch_size_that_is_no_number_of_jobs_is_refused_in_one_line(tmp_path,
     assert str(caught.value) == (f"nothing was queued: hydra.sweeper.max_batch_size={size} is not a number of jobs per "
                                  "batch; give a positive number, or null for one batch")
     assert launcher.launches == [] and not (tmp_path / "sweep").exists()
+
+
+def test_an_interval_is_refused_in_one_line_that_names_the_search(tmp_path):
+    from mnist_hpc.login.launcher.plan import PreflightError
+
+    launcher = CheckingRecorder()
+    with pytest.raises(PreflightError) as caught:
+        swept(tmp_path, [], ["train.seed=1,2", "optimizer.learning_rate=interval(0.1,0.2)"], launcher)
+    assert str(caught.value) == (
+        "nothing was queued: BasicSweeper does not support sweep type : INTERVAL_SWEEP; a grid takes a,b,c values, "
+        "range(...) and choice(...): search an interval with hparams_search=optuna")
+    assert launcher.launches == []

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from mnist_hpc.hydra_adapter import sweep_batches
@@ -56,7 +57,14 @@ def run_sweep(sweeper: Any, arguments: Sequence[str]) -> list[Sequence[Any]]:
     max_batch_size = check_options(sweeper.max_batch_size)
     lines = [f"{key}={value}" for key, value in (sweeper.params or {}).items()] + list(arguments)
     parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
-    batches = sweep_batches(parser.parse_overrides(lines), max_batch_size)
+    overrides = parser.parse_overrides(lines)
+    try:
+        batches = sweep_batches(overrides, max_batch_size)
+    except HydraException as exc:  # a sweep the basic sweeper cannot expand: interval(...)
+        raise PreflightError(
+            f"nothing was queued: {exc}; a grid takes a,b,c values, range(...) and choice(...): "
+            "search an interval with hparams_search=optuna"
+        ) from exc
 
     sweep_dir = Path(str(sweeper.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
