@@ -139,7 +139,7 @@ def test_a_launcher_that_checks_every_job_gets_the_batch_without_hydras_composit
         assert plain.launches == []
 
 
-def test_our_launchers_check_every_job(tmp_path):
+def test_our_launchers_check_every_job():
     from hydra_plugins.mnist_hpc_launcher.launcher import LocalLauncher, SlurmLauncher
     from mnist_hpc.login.launcher.grid import CHECKS_EVERY_JOB
 
