@@ -119,13 +119,14 @@ def test_every_reported_number_comes_from_its_own_trials_config(tmp_path_factory
                 swept = [f"train.seed={seeds}", f"optimizer.learning_rate={lrs}"]
                 if not launch["seed_first"]:
                     swept.reverse()
-                from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
                 from hydra.core.override_parser.overrides_parser import OverridesParser
+
+                from mnist_hpc.hydra_adapter import sweep_batches
 
                 fixed = [f"train.epochs={launch['epochs']}", f"data.cache_dir={cache.parent}",
                          f"hydra.sweep.subdir={launch['subdir']}"]
                 parsed = OverridesParser.create().parse_overrides(fixed + swept)
-                [jobs] = BasicSweeper.split_arguments(parsed, None)
+                [jobs] = sweep_batches(parsed, None)
                 composer = SweepComposer(loader, master)
                 before = snapshot(root)
                 try:

@@ -204,13 +204,13 @@ def test_the_config_a_compute_node_rebuilds_equals_hydras(tmp_path, sweep):
     """Login side: plan every job, write the launch file and each job as its pickle would hold it.
     A separate process (as on a node) rebuilds each config: it equals load_sweep_config's (with the
     job's number and the pinned sweep directory), and its typed values are those checked."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.singleton import Singleton
     from omegaconf import OmegaConf, open_dict
 
     from mnist_hpc.compute.run import train_task
     from mnist_hpc.contract.tasks import LaunchContext, TrainTrial
+    from mnist_hpc.hydra_adapter import sweep_batches
     from mnist_hpc.login.launcher.compose import SweepComposer, plan_jobs
 
     cli, jobs = SWEEPS[sweep]
@@ -218,7 +218,7 @@ def test_the_config_a_compute_node_rebuilds_equals_hydras(tmp_path, sweep):
     with composing(tmp_path, *cli) as (loader, master):
         if jobs is None:
             parsed = OverridesParser.create().parse_overrides(list(master.hydra.overrides.task))
-            [jobs] = BasicSweeper.split_arguments(parsed, None)
+            [jobs] = sweep_batches(parsed, None)
         composer = SweepComposer(loader, master)
         planned = plan_jobs(composer, sweep_dir, jobs, 0)
         context = LaunchContext(tmp_path / "launch.pkl", object(), train_task, Singleton.get_state(), composer.bases(sweep_dir))

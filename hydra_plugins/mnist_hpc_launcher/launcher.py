@@ -25,6 +25,9 @@ options.register()
 
 class _SubmititLauncher(Launcher):
     cluster = "local"
+    # launch() composes and checks every job before it queues any: the grid sweeper leaves it to us
+    # (mnist_hpc.login.launcher.grid.CHECKS_EVERY_JOB).
+    checks_every_job = True
 
     def __init__(self, **params: Any) -> None:
         self.params = DictConfig(params)
@@ -43,7 +46,7 @@ class _SubmititLauncher(Launcher):
         self.options = options.typed(config.hydra.launcher, self.cluster, sweep_dir)
         # Hydra's sweeper rewrites multirun.yaml next; a refused launch puts it back.
         self.sweep_record = SweepRecord(sweep_dir)
-        self.composer = SweepComposer.install(hydra_context.config_loader, config)
+        self.composer = SweepComposer(hydra_context.config_loader, config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
         return launch_jobs(self, self.cluster, job_overrides, initial_job_idx)
@@ -58,14 +61,14 @@ class LocalLauncher(_SubmititLauncher):
 
 
 def register_plugins() -> None:
-    """Register both launchers with Hydra explicitly.
+    """Register our launchers and sweepers with Hydra explicitly.
 
     Hydra's plugin scan walks ``hydra_plugins.__path__``, which an editable install fills with
     a path hook rather than a directory, so the scan misses this package there.
     """
     from hydra.core.plugins import Plugins
 
-    from hydra_plugins.mnist_hpc_launcher.sweeper import AsyncOptunaSweeper
+    from hydra_plugins.mnist_hpc_launcher.sweeper import AsyncOptunaSweeper, GridSweeper
 
-    for clazz in (SlurmLauncher, LocalLauncher, AsyncOptunaSweeper):
+    for clazz in (SlurmLauncher, LocalLauncher, GridSweeper, AsyncOptunaSweeper):
         Plugins.instance().register(clazz)

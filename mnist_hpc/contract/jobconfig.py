@@ -6,8 +6,8 @@ once with Hydra (a :class:`BaseConfig`, written once per launch into the launch 
 every job, and queues each one as a :class:`JobSpec`: which base, the value overrides to apply
 to it, its number, and what its checked config was. On the compute node, :func:`job_config`
 rebuilds the job's config the way Hydra's ``load_sweep_config`` composes it (Hydra's own
-``_apply_overrides_to_config``, then the ``hydra.*`` fields Hydra sets per job), and
-:func:`check_rebuilt` refuses to run a config other than the one the login node checked.
+override application, through :mod:`mnist_hpc.hydra_adapter`, then the ``hydra.*`` fields Hydra
+sets per job), and :func:`check_rebuilt` refuses to run a config other than the one the login node checked.
 
 Light: Hydra and OmegaConf only (the login node imports it too).
 """
@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, open_dict
 
 from mnist_hpc.config import ConfigError, flat_config, to_typed
+from mnist_hpc.hydra_adapter import apply_overrides, overrides_dirname
 
 
 @dataclass
@@ -71,21 +72,17 @@ def copy_config(config: DictConfig) -> DictConfig:
 
 def apply_values(config: DictConfig, values: Sequence[Any]) -> None:
     """Apply parsed value overrides as Hydra does when it composes a job (errors included)."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-
-    ConfigLoaderImpl._apply_overrides_to_config(list(values), config)
+    apply_overrides(config, values)
 
 
 def set_job_fields(config: DictConfig, overrides: Sequence[Any], num: Optional[int] = None) -> None:
     """The ``hydra.*`` fields Hydra sets per sweep job: its task overrides, override_dirname, num and id."""
-    from hydra._internal.config_loader_impl import get_overrides_dirname
-
     app = [o for o in overrides if not o.is_hydra_override()]
     with open_dict(config.hydra):
         config.hydra.overrides.task = [o.input_line for o in app]
         dirname = config.hydra.job.config.override_dirname
-        config.hydra.job.override_dirname = get_overrides_dirname(
-            overrides=app, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys
+        config.hydra.job.override_dirname = overrides_dirname(
+            app, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys
         )
         if num is not None:
             config.hydra.job.num = num

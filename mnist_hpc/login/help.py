@@ -47,6 +47,8 @@ def train_help(conf: Path) -> str:
     }
     # The launchers' options are dataclasses in ConfigStore, not YAML (mnist_hpc.login.launcher.options).
     groups["hydra/launcher"] = sorted({"local", "slurm", *groups.get("hydra/launcher", [])})
+    # So are async_optuna's and Hydra's basic sweeper's (grid, -m's default, is chosen by conf/default_sweeper.yaml).
+    groups["hydra/sweeper"] = sorted({"async_optuna", "basic", *groups.get("hydra/sweeper", [])})
     for name, options in sorted(groups.items()):
         marked = [f"{o}*" if chosen.get(name) == o else o for o in options]
         lines.append(f"  {name}: {', '.join(marked)}")

@@ -6,11 +6,13 @@ distinct choice (a base) and describes each job by its value overrides on that b
 :class:`~mnist_hpc.contract.jobconfig.JobSpec`), from which the compute node rebuilds the
 job's config exactly as Hydra would (:mod:`mnist_hpc.contract.jobconfig`).
 
-Every job is still checked before anything is queued. Its typed config is the base's,
-converted and checked once, with each overridden value converted by the base's own OmegaConf
-node for that key (its type, optionality, enum), then :func:`~mnist_hpc.config.validate`.
+Every job is still checked before anything is queued, by :func:`plan_jobs` (the grid sweeper,
+:mod:`mnist_hpc.login.launcher.grid`, leaves that to the launcher rather than have Hydra compose
+each job in full first). Its typed config is the base's, converted and checked once, with each
+overridden value converted by the base's own OmegaConf node for that key (its type, optionality,
+enum), then :func:`~mnist_hpc.config.validate`.
 A value that needs more than that (a list, an interpolation, a new key) takes the long way:
-a copy of the base's application part, Hydra's ``_apply_overrides_to_config`` and
+a copy of the base's application part, Hydra's own override application and
 :func:`~mnist_hpc.config.to_typed`. Tests compare both with Hydra's composition.
 """
 
@@ -20,18 +22,17 @@ import copy
 import dataclasses
 import pickle
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.override_parser.types import OverrideType, ValueType
-from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_hpc.claim import Verdict
 from mnist_hpc.contract.jobconfig import BaseConfig, JobSpec, apply_values, copy_config, job_config
 from mnist_hpc.config import Config, ConfigError, flat_config, to_typed, validate
+from mnist_hpc.hydra_adapter import is_config_group
 from mnist_hpc.login.launcher.overrides import OverrideCache
 from mnist_hpc.login.launcher.plan import PlannedJob, PreflightError
 
@@ -81,48 +82,9 @@ class SweepComposer:
     def __init__(self, config_loader: Any, master_config: DictConfig) -> None:
         self.loader = config_loader
         self.master = master_config
-        self._hydra_load_sweep_config = config_loader.load_sweep_config
         self._bases: dict[tuple[str, ...], _Base] = {}
-        self._plans: dict[tuple[str, ...], _Plan] = {}
         self._overrides = OverrideCache()
         self._is_group: dict[str, bool] = {}
-
-    @classmethod
-    def install(cls, config_loader: Any, master_config: DictConfig) -> "SweepComposer":
-        """Serve this process's sweep compositions from a composer (our launchers only).
-
-        Hydra's basic sweeper composes every job once to validate it, then hands the batch to
-        the launcher. With the loader's ``load_sweep_config`` served by :meth:`load_sweep_config`,
-        the sweeper's pass plans each job and the launcher's :func:`plan_jobs` reuses the plan.
-        """
-        composer = cls(config_loader, master_config)
-        config_loader.load_sweep_config = composer.load_sweep_config
-        return composer
-
-    def detached(self) -> Any:
-        """Hand the loader back its own method while the launch context is pickled (it carries the loader)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def restored() -> Any:
-            patched = self.loader.__dict__.pop("load_sweep_config", None)
-            try:
-                yield
-            finally:
-                if patched is not None:
-                    self.loader.load_sweep_config = patched
-
-        return restored()
-
-    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> Optional[DictConfig]:
-        if master_config is not self.master:
-            return self._hydra_load_sweep_config(master_config, sweep_overrides)
-        if _validating(sys._getframe(1)):
-            # Hydra's sweeper composes each job to see that it composes, and drops the result:
-            # plan the job (raising what Hydra would) and keep the plan for the launcher.
-            self._plans[tuple(sweep_overrides)] = self.plan(sweep_overrides)
-            return None
-        return self.compose(sweep_overrides)
 
     def plan(self, overrides: Sequence[str]) -> _Plan:
         """The job's base, value overrides and typed config; Hydra's composition errors are raised here.
@@ -130,12 +92,9 @@ class SweepComposer:
         A config the schema or :func:`~mnist_hpc.config.validate` refuses is kept in the plan's
         ``error``: :func:`plan_jobs` names the job in its refusal.
         """
-        cached = self._plans.pop(tuple(overrides), None)
-        if cached is not None:
-            return cached
         parsed = self._overrides.parse(overrides)
         if any(o.is_sweep_override() for o in parsed):
-            self._hydra_load_sweep_config(self.master, list(overrides))  # raises Hydra's own error
+            self.loader.load_sweep_config(self.master, list(overrides))  # raises Hydra's own error
         values = [o for o in parsed if self._value_override(o)]
         structural = [o for o in parsed if not self._value_override(o)]
         if _overlapping(values, structural):  # their order matters: let Hydra apply them all
@@ -174,13 +133,13 @@ class SweepComposer:
             return False
         key = override.key_or_group
         if key not in self._is_group:
-            self._is_group[key] = self.loader.repository.group_exists(key)
+            self._is_group[key] = is_config_group(self.loader, key)
         return not self._is_group[key]
 
     def _base(self, structural: tuple[str, ...]) -> _Base:
         base = self._bases.get(structural)
         if base is None:
-            config = self._hydra_load_sweep_config(self.master, list(structural))
+            config = self.loader.load_sweep_config(self.master, list(structural))
             app = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
             base = _Base(len(self._bases), config, pickle.dumps(app, protocol=pickle.HIGHEST_PROTOCOL))
             base.subdir = str(config.hydra.sweep._get_node("subdir")._value())
@@ -256,18 +215,6 @@ def _referred_to(key: str, interpolations: Sequence[str]) -> bool:
     (``${train}``, ``${oc.dict.values:train}``) or its last part (a relative ``${.seed}``)."""
     wanted = {key, key.partition(".")[0], key.rpartition(".")[2]}
     return any(not wanted.isdisjoint(_NAME.findall(text)) for text in interpolations)
-
-
-def _validating(caller: Any) -> bool:
-    """Whether ``load_sweep_config`` was called by Hydra's ``Sweeper.validate_batch_is_legal``.
-
-    Any other caller (a sweeper of its own, a launcher) gets the job's full config.
-    """
-    return caller.f_code is _VALIDATE_BATCH
-
-
-# Taken when this module is imported (at Hydra's plugin discovery), before anything could wrap it.
-_VALIDATE_BATCH = Sweeper.validate_batch_is_legal.__code__
 
 
 def _overlapping(values: Sequence[Any], structural: Sequence[Any]) -> bool:

@@ -123,9 +123,8 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
         before = set(root.iterdir()) if root.is_dir() else set()
         futures: list[Any] = []
         try:
-            # The context holds Hydra's config loader: pickle it with the loader's own methods.
             # What the jobs unpickle is written 0600 (see mnist_hpc.contract.guard).
-            with composer.detached(), private_submission():
+            with private_submission():
                 context.save()
                 for chunk in array_chunks(groups, cluster):
                     with executor.batch():
