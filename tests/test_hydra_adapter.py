@@ -15,7 +15,7 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_hpc import hydra_adapter
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def parse(*lines: str) -> list[Any]:
