@@ -33,6 +33,7 @@ LOCAL = ["-m", "hydra/launcher=local", "hydra.launcher.wait=true", "train.determ
 # --- I2 for a plain sweep: the data a trial was trained on --------------------------------------
 
 
+@pytest.mark.slow  # trains trials through the local launcher
 @pytest.mark.xfail(strict=True, reason="I2/I1: a second launch into a sweep, its cache changed by MNIST_HPC_CACHE, is "
                                        "accepted, and the report ranks both trials as one config (same overrides)")
 def test_trials_trained_on_other_data_are_never_ranked_as_the_same_config(tmp_path: Path) -> None:
@@ -111,6 +112,7 @@ def test_an_in_process_multirun_never_writes_outside_its_sweep(synthetic_cache: 
 # --- I1/I3: a search directory holds only the study's trials --------------------------------------
 
 
+@pytest.mark.slow  # trains trials through the local launcher
 @pytest.mark.xfail(strict=True, reason="I1/I3: open_study refuses only numbered trial directories (search.trial_numbers); "
                                        "a sweep's run_0 is taken in, and the report ranks it with the study's trial 0")
 def test_a_search_is_refused_into_a_directory_that_holds_another_launchs_trials(synthetic_cache: Path,

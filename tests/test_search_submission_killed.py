@@ -16,6 +16,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 
 from tests.helpers import TRAIN, run_to_files, tiny_overrides, until
 
@@ -28,6 +30,7 @@ KILLED_AT_WRITE_SPEC = [sys.executable, "-c", (
 )]
 
 
+@pytest.mark.slow  # the second submission's worker trains its trial
 def test_a_search_submission_killed_before_search_json_can_be_submitted_again(synthetic_cache: Path,
                                                                                tmp_path: Path) -> None:
     from mnist_hpc import search as sd
