@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.compute.failures import PackedTrialsFailed, RequeueLimitReached, one_line_errors, record_failure, unwrap
 from mnist_hpc.config import ConfigError
-from mnist_hpc.contract.guard import UnsafeJobFile
+from mnist_hpc.contract.guard import UnsafeJobFile, named_paths
 from mnist_hpc.contract.jobconfig import check_rebuilt, job_config
 from mnist_hpc.contract.tasks import PackedTrials, TrainTrial
 
@@ -164,7 +164,7 @@ class TrainJob:
             return
         log.warning("%s: no job.json names this job (%s); writing it", self.run_dir, env.job_id)
         rundir.write_job(self.run_dir, rundir.JobRecord.of(
-            env.cluster, env.job_id, env.paths, self.run_dir, self.spec.overrides, self.spec.num, self.packed_slot,
+            env.cluster, env.job_id, named_paths(env), self.run_dir, self.spec.overrides, self.spec.num, self.packed_slot,
             tasks=env.num_tasks))
 
     def finished(self) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from mnist_hpc.config import TrainConfig
+from mnist_hpc.contract.guard import JOB_FOLDER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class RuntimeInfo:
             slurm_distribution=env.get("SLURM_DISTRIBUTION") or None,
             cpus_allowed=_cpus_allowed(),
             # As the launcher named it (the guard hands submitit a name through a descriptor).
-            submitit_folder=env.get("MNIST_HPC_SUBMITIT_FOLDER") or env.get("SUBMITIT_FOLDER") or None,
+            submitit_folder=env.get(JOB_FOLDER_ENV) or env.get("SUBMITIT_FOLDER") or None,
         )
 
     def task_log(self, task: int) -> str:

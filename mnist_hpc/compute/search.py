@@ -42,6 +42,7 @@ from mnist_hpc import search as sd
 from mnist_hpc.compute.failures import unwrap
 from mnist_hpc.compute.failures import one_line_errors, record_failure
 from mnist_hpc.compute.job import _reset_keras_state
+from mnist_hpc.contract.guard import named_paths
 from mnist_hpc.contract.tasks import LaunchContext, SearchWorkerTask
 from mnist_hpc.compute.signals import StopRequest, TrainingInterrupted, hand_over
 from mnist_hpc.io import utc_now
@@ -501,7 +502,7 @@ class SearchWorker:
 
         try:
             env = submitit.JobEnvironment()
-            paths, job_id = env.paths, str(env.job_id)
+            paths, job_id = named_paths(env), str(env.job_id)
         except RuntimeError:
             paths, job_id = None, worker_id()
         rundir.write_job(run_dir, rundir.JobRecord.of(

@@ -178,6 +178,15 @@ def _open_anchor(anchor: Path) -> int:
     return _open_checked(str(anchor), None, anchor, directory=True)
 
 
+def named_paths(env: Any) -> Any:
+    """submitit's paths of the job ``env`` (a JobEnvironment) under the folder's name as the launcher
+    gave it, for what people read (job.json's log paths), not the descriptor :func:`pin_folder` made."""
+    from submitit.core.utils import JobPaths
+
+    folder = os.environ.get(JOB_FOLDER_ENV) or os.environ["SUBMITIT_FOLDER"]
+    return JobPaths(folder, job_id=env.job_id, task_id=env.global_rank)
+
+
 def pin_folder(folder: str) -> str:
     """``folder`` (a submitit folder, maybe with ``%j``) named through a descriptor of its checked anchor.
 
