@@ -135,6 +135,11 @@ def _open_checked(name: str, dir_fd: Optional[int], shown: Path, directory: bool
             f"{shown} is a symbolic link (to {target}): a job's files are never links, someone replaced it. "
             "Do not use it: submit the job again"
         ) from None
+    return _checked(fd, shown, directory, check_mode)
+
+
+def _checked(fd: int, shown: Path, directory: bool, check_mode: bool = True) -> int:
+    """``fd`` if what it holds passes :func:`_problem`; else it is closed and :class:`UnsafeJobFile` raised."""
     try:
         problem = _problem(os.fstat(fd), shown, directory, check_mode)
         if problem is not None:
@@ -166,15 +171,7 @@ def _open_anchor(anchor: Path) -> int:
     """A checked descriptor of ``anchor``: opened by name, or a copy of the one :func:`main` pinned."""
     number = _pinned(anchor)
     if number is not None:
-        fd = os.dup(number)
-        try:
-            problem = _problem(os.fstat(fd), _PINNED_NAMES.get(number, anchor), True, True)
-            if problem is not None:
-                raise UnsafeJobFile(problem)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return _checked(os.dup(number), _PINNED_NAMES.get(number, anchor), directory=True)
     return _open_checked(str(anchor), None, anchor, directory=True)
 
 
