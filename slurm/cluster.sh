@@ -496,7 +496,9 @@ $(node_lines "$host" "$cpus" "$mem")
 PartitionName=$PARTITION Nodes=$(node_names "$host" | paste -sd, -) Default=YES MaxTime=INFINITE State=UP
 # The first node alone: its CPUs are this machine's real cores (the nodes of the default
 # partition share them), for benchmarks that read the idle CPUs (sinfo) as a real cluster's.
-PartitionName=one Nodes=$(node_names "$host" | head -1) Default=NO MaxTime=INFINITE State=UP"
+PartitionName=one Nodes=$(node_names "$host" | head -1) Default=NO MaxTime=INFINITE State=UP
+# A partition with a time limit, as most sites have: the site preflight's tests ask it for more.
+PartitionName=short Nodes=$(node_names "$host" | paste -sd, -) Default=NO MaxTime=00:10:00 State=UP"
 }
 
 # One NodeName line per node: the same size each, all on 127.0.0.1, each slurmd
