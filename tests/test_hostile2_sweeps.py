@@ -34,8 +34,6 @@ LOCAL = ["-m", "hydra/launcher=local", "hydra.launcher.wait=true", "train.determ
 
 
 @pytest.mark.slow  # trains trials through the local launcher
-@pytest.mark.xfail(strict=True, reason="I2/I1: a second launch into a sweep, its cache changed by MNIST_HPC_CACHE, is "
-                                       "accepted, and the report ranks both trials as one config (same overrides)")
 def test_trials_trained_on_other_data_are_never_ranked_as_the_same_config(tmp_path: Path) -> None:
     """``data.cache_dir`` comes from ``${oc.env:MNIST_HPC_CACHE}``: not an override, so not shown."""
     caches = {"a": tmp_path / "cache-a", "b": tmp_path / "cache-b"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import subprocess
@@ -458,3 +459,35 @@ def test_a_hyperparameter_spanning_a_decade_is_drawn_on_a_log_axis(tmp_path: Pat
     values = ranking.swept_params(trials)["optimizer.learning_rate"]
     ax = plots.metric_vs_param_figure(trials, "optimizer.learning_rate", values, "val_accuracy").axes[0]
     assert ax.get_xscale() == scale
+
+
+def test_trials_with_the_same_overrides_but_other_data_are_shown_as_different_configs(tmp_path: Path) -> None:
+    """The identity (identity.json) tells apart what no override shows: here the data's sha256
+    (``MNIST_HPC_CACHE`` pointed elsewhere for trial 1). A queued trial, with no identity yet, is no
+    reason to show every identity key."""
+    sweep = tmp_path / "sweep"
+    shas = ["a" * 64, "b" * 64]
+    for num in (0, 1, 2):
+        make_trial(sweep, num, ["train.seed=0"], metrics=fake_metrics(0.97, 0.96, 0.96) if num < 2 else None)
+        if num < 2:
+            rundir.write_identity(sweep / str(num), {"data.sha256": shas[num], "train.seed": 0, "model.hidden_units": 512},
+                                  fingerprint="f" * 16 + str(num))
+    trials = trials_mod.read_trials(trials_mod.find_runs(sweep)[1])[0]
+    swept = ranking.swept_params(trials)
+    assert swept == {"data.sha256": [shas[0], shas[1], None]}
+    table = tables.markdown_table(trials)
+    assert "data.sha256=aaaaaaaaaaaa…" in table and "data.sha256=bbbbbbbbbbbb…" in table, table
+    rows = tables.table_rows(trials)
+    assert [r["data.sha256"] for r in rows] == [shas[0], shas[1], ""]
+
+
+def test_an_identity_is_not_the_trials_when_its_job_was_queued_for_another_config(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    make_trial(sweep, 0, ["train.seed=0"], metrics=fake_metrics(0.97, 0.96, 0.96))
+    job = rundir.read_job(sweep / "0")
+    for bound, shown in (("1" * 16, {"data.sha256": "a" * 64}), ("0" * 16, None)):
+        rundir.write_job(sweep / "0", dataclasses.replace(job, fingerprint="1" * 16))
+        rundir.write_identity(sweep / "0", {"data.sha256": "a" * 64}, fingerprint=bound)
+        [trial] = trials_mod.read_trials([sweep / "0"])[0]
+        assert trial.files.identity == shown, bound
+        assert (trial.files.metrics is not None) == (shown is not None)

@@ -34,6 +34,10 @@ class RunFiles:
     progress: Optional[Progress] = None
     failure: Optional[str] = None
     overrides: list[str] = field(default_factory=list)
+    # The config the shown results come from (identity.json's flat keys), when the directory is
+    # bound and its results are this trial's: it tells apart trials whose overrides are the same
+    # but whose data or defaults were not (MNIST_HPC_CACHE pointing elsewhere, another release).
+    identity: Optional[dict[str, Any]] = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -112,12 +116,14 @@ def _keep_only_bound_results(run: RunFiles) -> None:
             f"this directory holds ({bound}, {IDENTITY_FILE}); its results are not shown as this trial's"
         )
         run.metrics = run.progress = None
-    elif metrics_fp is not None and metrics_fp != bound:
+        return
+    if metrics_fp is not None and metrics_fp != bound:
         run.notes.append(
             f"{run.run_dir / METRICS_FILE} comes from another config (fingerprint {metrics_fp}) than the one this "
             f"directory is bound to ({bound}, {IDENTITY_FILE}); ignored"
         )
         run.metrics = None
+    run.identity = dict(identity["config"])
 
 
 def run_state(run: RunFiles, scheduler_state: Optional[str], process_ended: bool = False) -> str:

@@ -6,6 +6,7 @@ unless asked to, and then the report says why that is not model selection.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -36,18 +37,58 @@ def parse_override(override: str) -> tuple[str, Optional[str]]:
     return key.lstrip("+~"), (value if sep else None)
 
 
+def _identity_text(value: object) -> str:
+    """An identity.json value as an override would spell it (``true``, ``0.001``, ``abc``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def trial_params(trial: Trial) -> dict[str, Optional[str]]:
-    return dict(parse_override(o) for o in trial.overrides)
+    """The trial's settings: its overrides, then every key of the config its results come from.
+
+    The identity (``identity.json``) holds what no override shows: the data's sha256 when
+    ``MNIST_HPC_CACHE`` pointed elsewhere, a default another release changed. Two trials with the
+    same overrides but another identity are different configs, and are shown so.
+    """
+    params = dict(parse_override(o) for o in trial.overrides)
+    for key, value in (trial.files.identity or {}).items():
+        params.setdefault(key, _identity_text(value))
+    return params
 
 
 def swept_params(trials: Sequence[Trial]) -> dict[str, list[Optional[str]]]:
-    """The override keys whose values differ between trials, with each trial's value (None: not set)."""
+    """The keys whose values differ between trials, with each trial's value (None: not set).
+
+    An override key is swept when the trials' overrides differ. A key only the identity holds is
+    swept when it differs between the trials that have an identity (a queued trial has none yet,
+    and is no reason to show every key).
+    """
     params = [trial_params(t) for t in trials]
     keys: list[str] = []
-    for p in params:
-        keys += [k for k in p if k not in keys]
+    for t in trials:
+        keys += [k for k in (parse_override(o)[0] for o in t.overrides) if k not in keys]
     values = {k: [p.get(k) for p in params] for k in keys}
-    return {k: v for k, v in values.items() if len(set(v)) > 1}
+    swept = {k: v for k, v in values.items() if len(set(v)) > 1}
+    bound = [p for t, p in zip(trials, params) if t.files.identity is not None]
+    for key in dict.fromkeys(k for t in trials for k in (t.files.identity or {})):
+        if key not in values and len({p.get(key) for p in bound}) > 1:
+            swept[key] = [p.get(key) for p in params]
+    return swept
+
+
+def shown_settings(trial: Trial, swept: Optional[dict[str, list[Optional[str]]]]) -> list[str]:
+    """What tells ``trial`` apart from the others: its swept overrides as written, then the swept keys
+    only its identity holds (long values such as a sha256 cut to 12 characters). All its overrides
+    when ``swept`` is None (a single trial)."""
+    if swept is None:
+        return list(trial.overrides)
+    shown = [o for o in trial.overrides if parse_override(o)[0] in swept]
+    own = {parse_override(o)[0] for o in trial.overrides}
+    params = trial_params(trial)
+    for key in swept:
+        if key not in own and params.get(key) is not None:
+            value = str(params[key])
+            shown.append(f"{key}={value if len(value) <= 16 else value[:12] + '…'}")
+    return shown
 
 
 def shared_overrides(trials: Sequence[Trial]) -> list[str]:

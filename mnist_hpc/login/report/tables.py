@@ -12,8 +12,8 @@ import numpy as np
 
 from mnist_hpc.login.report.ranking import (
     Selection,
-    parse_override,
     shared_overrides,
+    shown_settings,
     swept_params,
 )
 from mnist_hpc.login.trials import Trial
@@ -102,7 +102,7 @@ def markdown_table(trials: Sequence[Trial], best: Optional[Trial] = None) -> str
     ]
     rows = []
     for t in trials:
-        overrides = [o for o in t.overrides if swept is None or parse_override(o)[0] in swept]
+        overrides = shown_settings(t, swept)
         if t.wall_time_s is not None:
             wall = format_duration(t.wall_time_s)
         else:
@@ -174,8 +174,7 @@ def selection_text(sel: Selection, trials: Sequence[Trial]) -> str:
         t = sel.trial
         params = " ".join(t.overrides)
         if len(trials) > 1:
-            swept = swept_params(trials)
-            params = " ".join(o for o in t.overrides if parse_override(o)[0] in swept) or params
+            params = " ".join(shown_settings(t, swept_params(trials))) or params
         if sel.metric == "val_accuracy":
             score = (
                 f"best validation accuracy {_fmt(t.best_val_accuracy)} "
