@@ -111,8 +111,6 @@ def test_an_in_process_multirun_never_writes_outside_its_sweep(synthetic_cache: 
 
 
 @pytest.mark.slow  # trains trials through the local launcher
-@pytest.mark.xfail(strict=True, reason="I1/I3: open_study refuses only numbered trial directories (search.trial_numbers); "
-                                       "a sweep's run_0 is taken in, and the report ranks it with the study's trial 0")
 def test_a_search_is_refused_into_a_directory_that_holds_another_launchs_trials(synthetic_cache: Path,
                                                                                 tmp_path: Path) -> None:
     from mnist_hpc import search as sd

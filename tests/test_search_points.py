@@ -10,6 +10,7 @@ each assertion here pins one value that a wrong boundary would change.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,24 @@ def test_a_changed_point_identity_is_named_with_its_point_once():
     moved = dataclasses.replace(old, identity=dict(base, **{"train.seed": 1}),
                                 point_identities={k: dict(v, **{"train.seed": 1}) for k, v in old.point_identities.items()})
     assert moved.differences(old) == ["train.seed: 0 -> 1"]
+
+
+# --- what a search directory may hold ---------------------------------------------------------------
+
+
+def test_a_search_directory_holds_only_its_own_numbered_trials(tmp_path: Path) -> None:
+    from mnist_hpc.login.launcher.search import foreign_runs_problem
+    from tests.helpers import hydra_trial_dir
+
+    search_dir = tmp_path / "search"
+    search_dir.mkdir()
+    assert foreign_runs_problem(search_dir) is None
+    hydra_trial_dir(search_dir / "3", ["optimizer.learning_rate=0.001"])  # a study's trial
+    assert foreign_runs_problem(search_dir) is None
+    hydra_trial_dir(search_dir / "lr" / "0", ["train.seed=0"])  # a plain sweep's, by hydra.sweep.subdir
+    problem = foreign_runs_problem(search_dir)
+    assert problem is not None and "lr/0" in problem and "new hydra.sweep.dir" in problem
+    assert "run directory" in (foreign_runs_problem(search_dir / "3") or "")  # a trial is no search directory
+    inner = search_dir / "3" / "nested"
+    inner.mkdir()
+    assert "inside the run directory" in (foreign_runs_problem(inner) or "")

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_hpc import claim
+from mnist_hpc import claim, rundir
 from mnist_hpc import search as sd
 from mnist_hpc.config import to_typed
 from mnist_hpc.login.launcher.plan import PreflightError
@@ -176,6 +176,25 @@ def check_trials(composer: Any, spec: sd.SearchSpec) -> None:
     spec.identity = spec.point_identities[checked[0][0]]
 
 
+def foreign_runs_problem(search_dir: Path) -> Optional[str]:
+    """Why ``search_dir`` cannot hold a study: it is, or lies in, an earlier run's directory, or it holds
+    run directories other than the study's numbered trials (a plain sweep's ``run_0``, a trial of
+    ``hydra.sweep.subdir``), which status and report would show beside the study's; None when clean."""
+    from mnist_hpc.login.trials import trial_dirs
+
+    if rundir.is_run_dir(search_dir):
+        return f"{search_dir} is the run directory of an earlier launch; use a new hydra.sweep.dir"
+    if (nested := claim.nesting_problem(search_dir, "hydra.sweep.dir", inside_too=False)) is not None:
+        return nested
+    others = [p for p in trial_dirs(search_dir)
+              if p.parent != search_dir or not (p.name.isascii() and p.name.isdigit())]
+    if others:
+        shown = ", ".join(str(p.relative_to(search_dir)) for p in others[:5]) + (" ..." if len(others) > 5 else "")
+        return (f"{search_dir} holds run directories that are not a study's trials ({shown}): a search directory "
+                "holds only its own numbered trials; use a new hydra.sweep.dir")
+    return None
+
+
 def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int, Optional[str]]:
     """Create the study, or continue the one in ``search_dir``.
 
@@ -187,6 +206,8 @@ def open_study(search_dir: Path, spec: sd.SearchSpec) -> tuple[Any, int, Optiona
     """
     import optuna
 
+    if (foreign := foreign_runs_problem(search_dir)) is not None:
+        raise _refuse(foreign)
     try:
         previous = sd.read_spec(search_dir)
     except sd.SearchFileError as exc:
