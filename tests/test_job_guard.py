@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -39,11 +39,13 @@ from tests.helpers import (
     GROUP,
     REPO,
     SYSTEM_PYTHON,
+    TRAIN,
     USERS,
     ensure_job_venv,
     ensure_users,
     fill_cache,
     need,
+    precondition,
     tiny_overrides,
 )
 
@@ -276,7 +278,8 @@ def job_env(job_id: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUBMITIT_", "SLURM_"))}
     env.update(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID=job_id, SUBMITIT_LOCAL_NTASKS="1", SUBMITIT_LOCAL_LOCALID="0",
                SUBMITIT_LOCAL_GLOBALID="0", SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_JOB_NUM_NODES="1",
-               PYTHONPATH=str(REPO), **extra)
+               PYTHONPATH=str(REPO))
+    env.update(extra)
     return env
 
 
@@ -391,16 +394,56 @@ def test_the_guarded_command_refuses_bad_usage() -> None:
     assert proc.stderr.rstrip().endswith(" -u -m submitit.core._submit <submitit folder>")
 
 
-def test_modules_planted_in_the_jobs_working_directory_are_not_imported(tmp_path: Path) -> None:
-    """A job works where it was submitted from (often the group project): its modules there do not run."""
+@pytest.mark.parametrize("pythonpath", ["{repo}", "{repo}:", ":{repo}", "{repo}::"])
+def test_modules_planted_in_the_jobs_working_directory_are_not_imported(tmp_path: Path, pythonpath: str) -> None:
+    """A job works where it was submitted from (often the group project): its modules there do not run,
+    also when an empty element of PYTHONPATH (``$PYTHONPATH:/lib`` while unset) names that directory."""
     anchor, _ = submitted(tmp_path, os.getpid)
     planted = tmp_path / "project"
     for name in ("mnist_hpc", "submitit", "numpy"):
         (planted / name).mkdir(parents=True)
         (planted / name / "__init__.py").write_text(f"import os\nos.mkdir({str(tmp_path / ('ran-' + name))!r})\n")
-    proc = run_guard(anchor, cwd=planted)
+    proc = run_guard(anchor, cwd=planted, PYTHONPATH=pythonpath.format(repo=REPO))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.glob("ran-*")) == []
+
+
+@pytest.mark.parametrize("value, queued", [(None, None), ("", None), (":", None), ("/a:", "/a"), (":/a", "/a"),
+                                           ("/a::/b", "/a:/b"), ("/a:/b", "/a:/b")])
+def test_jobs_are_queued_without_empty_pythonpath_elements(value: Optional[str], queued: Optional[str]) -> None:
+    environ = {} if value is None else {"PYTHONPATH": value}
+    assert guard.job_python_environ(environ) == {"PYTHONPATH": queued, "PYTHONSAFEPATH": "1"}
+
+
+def test_private_submission_queues_with_a_safe_python_path_and_restores_the_users(monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/lib:")
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    with guard.private_submission():
+        assert (os.environ["PYTHONPATH"], os.environ["PYTHONSAFEPATH"]) == ("/lib", "1")
+    assert os.environ["PYTHONPATH"] == "/lib:" and "PYTHONSAFEPATH" not in os.environ
+    monkeypatch.setenv("PYTHONPATH", ":")
+    with guard.private_submission():
+        assert "PYTHONPATH" not in os.environ
+    assert os.environ["PYTHONPATH"] == ":"
+
+
+@pytest.mark.slow  # a real local launch
+def test_a_local_job_runs_no_sitecustomize_planted_where_it_was_submitted(synthetic_cache: Path, tmp_path: Path) -> None:
+    """An empty PYTHONPATH element puts the working directory on sys.path while Python starts, before
+    the guard runs: a ``sitecustomize.py`` there would run in submitit's controller and in the job.
+    (The launcher itself is the user's own shell's business: the planted file records job processes only.)"""
+    planted = tmp_path / "project"
+    planted.mkdir()
+    marker = tmp_path / "ran-sitecustomize"
+    (planted / "sitecustomize.py").write_text(
+        f"import os\nif 'SUBMITIT_EXECUTOR' in os.environ: open({str(marker)!r}, 'a').write(str(os.getpid()) + '\\n')\n")
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [*TRAIN, "-m", "hydra/launcher=local", "hydra.launcher.wait=true", *tiny_overrides(synthetic_cache, tmp_path / "out"),
+         f"hydra.sweep.dir={sweep}", "train.seed=0"],
+        env={**os.environ, "PYTHONPATH": f"{REPO}:"}, cwd=planted, capture_output=True, text=True, timeout=600)
+    precondition(proc.returncode == 0 and (sweep / "0" / rundir.METRICS_FILE).is_file(), proc.stderr[-2000:])
+    assert not marker.exists(), f"sitecustomize ran in job processes {marker.read_text().split()}"
 
 
 class RequeuedByHandOver:

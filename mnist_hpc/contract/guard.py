@@ -46,7 +46,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 # The module submitit's executors run on the node (they append ``-u -m`` it and the folder).
 SUBMIT_MODULE = "submitit.core._submit"
@@ -54,8 +54,15 @@ SUBMIT_MODULE = "submitit.core._submit"
 # ``python -m`` and ``-c`` put the working directory first on sys.path, and a job works where it
 # was submitted from, often the group-writable project directory, where anyone in the group
 # could put a ``mnist_hpc``, ``submitit`` or ``numpy`` of their own. It is taken off the path
-# before anything is imported (the -P flag does that from Python 3.11 on only).
-JOB_COMMAND = "import sys; sys.path[:] = [p for p in sys.path if p]; from mnist_hpc.contract.guard import main; main()"
+# before anything is imported (the -P flag does that from Python 3.11 on only). An empty element
+# of PYTHONPATH (``export PYTHONPATH=$PYTHONPATH:/lib`` when it was unset) puts the same directory
+# there again, spelled out: it is taken off too, unless PYTHONPATH names it. (Jobs are queued with
+# empty elements dropped, :func:`job_python_environ`; this covers setup lines that add one back.)
+JOB_COMMAND = (
+    'import os, sys; named = os.environ.get("PYTHONPATH", "").split(os.pathsep); here = os.getcwd(); '
+    "sys.path[:] = [p for p in sys.path if p and (p != here or p in named)]; "
+    "from mnist_hpc.contract.guard import main; main()"
+)
 # Mode bits that let someone other than the owner write.
 WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 # How long a job waits for its pickle to appear: submitit's own wait (an array's pickles are
@@ -276,14 +283,42 @@ def private_submission() -> Iterator[None]:
     Not to be entered inside :func:`private_umask`.
     """
     with private_umask() as mask:
-        preset = "SLURM_UMASK" in os.environ
-        if not preset:
-            os.environ["SLURM_UMASK"] = f"{mask:04o}"
+        saved = {key: os.environ.get(key) for key in ("SLURM_UMASK", *PYTHON_PATH_VARIABLES)}
+        changes = job_python_environ(os.environ)
+        if saved["SLURM_UMASK"] is None:
+            changes["SLURM_UMASK"] = f"{mask:04o}"
+        _set_environ(changes)
         try:
             yield
         finally:
-            if not preset:
-                os.environ.pop("SLURM_UMASK", None)
+            _set_environ(saved)
+
+
+# What decides which folders a job's Python imports from before the guard runs.
+PYTHON_PATH_VARIABLES = ("PYTHONPATH", "PYTHONSAFEPATH")
+
+
+def job_python_environ(environ: Mapping[str, str]) -> dict[str, Optional[str]]:
+    """The ``PYTHONPATH`` and ``PYTHONSAFEPATH`` jobs are queued with (None: unset).
+
+    Jobs inherit the submitter's environment (sbatch's default ``--export=ALL``; submitit's local
+    controller copies it). An empty element of ``PYTHONPATH`` puts the working directory -- often
+    the group-writable project directory -- on ``sys.path`` while Python starts, before any check:
+    a group member's ``sitecustomize.py`` there would run as the job's user. Empty elements are
+    dropped (an empty ``PYTHONPATH`` is unset). ``PYTHONSAFEPATH`` keeps ``python -m`` (submitit's
+    local controller) from putting the working directory first as well.
+    """
+    value = environ.get("PYTHONPATH")
+    kept = None if value is None else os.pathsep.join(p for p in value.split(os.pathsep) if p) or None
+    return {"PYTHONPATH": kept, "PYTHONSAFEPATH": "1"}
+
+
+def _set_environ(values: Mapping[str, Optional[str]]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def private_folder(root: Path) -> Optional[str]:
