@@ -1672,3 +1672,129 @@ def test_the_journals_lock_keeps_its_grace_period(tmp_path):
     lock = sd.JournalLock(tmp_path / "study.journal", grace_s=5.0)
     assert lock.grace_s == 5.0 and lock.path == str(tmp_path / "study.journal.lock") and lock.journal == tmp_path / "study.journal"
     assert sd.JournalLock(tmp_path / "study.journal").grace_s == sd.LOCK_GRACE_S
+
+
+# --- the I1 gate's messages, whole (each names the directory, what is wrong and what to do) ---------
+
+
+def test_a_layout_problem_is_refused_with_every_problem_and_the_fix(tmp_path):
+    (tmp_path / rundir.METRICS_FILE).mkdir()
+    (tmp_path / rundir.PROGRESS_FILE).mkdir()
+    problems = rundir.layout_problems(tmp_path)
+    assert len(problems) == 2
+    with pytest.raises(claim.RunConflict) as info:
+        claim.judge(tmp_path, {"data.sha256": SHA}, 1, "trial 2")
+    assert str(info.value) == f"trial 2: {problems[0]}; {problems[1]}, then run again"
+
+
+def test_results_without_an_identity_are_refused_with_the_whole_message(tmp_path):
+    (tmp_path / rundir.PROGRESS_FILE).write_text("{}")
+    with pytest.raises(claim.RunConflict) as info:
+        claim.judge(tmp_path, {"data.sha256": SHA}, 1, "trial 1")
+    assert str(info.value) == (
+        f"trial 1: {tmp_path} holds results but no {rundir.IDENTITY_FILE} (written by an older mnist-hpc?), "
+        "so it is not known which config they belong to; use a new directory")
+
+
+def test_another_config_is_refused_naming_each_change_and_both_ways_out(tmp_path):
+    claim.bind(tmp_path, {"train.seed": 0, "data.sha256": SHA}, 1, "")
+    with pytest.raises(claim.RunConflict) as info:
+        claim.judge(tmp_path, {"train.seed": 1, "model.hidden_units": 64, "data.sha256": SHA}, 1, "trial 4")
+    assert str(info.value) == (
+        f"trial 4: {tmp_path} holds a run of another config (model.hidden_units: '(unset)' -> 64; train.seed: 0 -> 1). "
+        "Its results would be relabelled; use a new directory (e.g. another hydra.sweep.dir or hydra.run.dir), "
+        "or submit the same overrides as before to continue it")
+
+
+def test_a_fingerprint_that_differs_with_the_same_keys_is_still_another_config(tmp_path):
+    identity = {"train.seed": 0, "data.sha256": SHA}
+    rundir.write_identity(tmp_path, identity, "0" * 16)  # written by a release that hashed differently
+    with pytest.raises(claim.RunConflict, match=r"holds a run of another config \(fingerprint differs\)\. Its"):
+        claim.judge(tmp_path, identity, 1, "")
+
+
+# --- which results a directory shows as its job's (rundir.state, in-process) -----------------------
+
+
+def bound_run(run_dir: Path, *, bound: Optional[str] = "f" * 16, job_fp: Optional[str] = "f" * 16,
+              metrics_fp: Optional[str] = "f" * 16, planned: int = 3, done: int = 3) -> None:
+    """A trial directory with job.json, progress.json, metrics.json and identity.json, their fingerprints as given."""
+    history = [{"epoch": e, "loss": 0.5 / e, "accuracy": 0.8} for e in range(1, done + 1)]
+    rundir.write_job(run_dir, rundir.JobRecord(cluster="local", job_id="77", run_dir=str(run_dir), overrides=["train.seed=0"],
+                                               trial=0, fingerprint=job_fp))
+    rundir.write_progress(run_dir, min(done, planned), planned, history[:planned])
+    metrics = {"test_accuracy": 0.9, "epochs_completed": done, "history": history}
+    if metrics_fp is not None:
+        metrics["fingerprint"] = metrics_fp
+    rundir.write_metrics(run_dir, metrics)
+    if bound is not None:
+        rundir.write_identity(run_dir, {"train.seed": 0, "data.sha256": SHA}, bound)
+
+
+def test_results_of_the_bound_config_are_shown_with_its_identity(tmp_path):
+    bound_run(tmp_path)
+    run = rundir.read_run(tmp_path)
+    assert run.notes == []
+    assert run.metrics is not None and run.progress is not None and run.finished
+    assert run.identity == {"train.seed": 0, "data.sha256": SHA}
+
+
+@pytest.mark.parametrize("job_fp, metrics_fp", [(None, None), (None, "f" * 16), ("f" * 16, None)])
+def test_a_record_without_a_fingerprint_never_hides_bound_results(tmp_path, job_fp, metrics_fp):
+    bound_run(tmp_path, job_fp=job_fp, metrics_fp=metrics_fp)
+    run = rundir.read_run(tmp_path)
+    assert (run.notes, run.metrics is not None, run.progress is not None) == ([], True, True)
+    assert run.identity == {"train.seed": 0, "data.sha256": SHA}
+
+
+def test_an_unbound_directory_shows_its_results_without_an_identity(tmp_path):
+    bound_run(tmp_path, bound=None)
+    run = rundir.read_run(tmp_path)
+    assert (run.notes, run.metrics is not None, run.identity) == ([], True, None)
+
+
+def test_a_job_queued_for_another_config_shows_none_of_the_directorys_results(tmp_path):
+    bound_run(tmp_path, job_fp="1" * 16)
+    run = rundir.read_run(tmp_path)
+    assert (run.metrics, run.progress, run.identity) == (None, None, None)
+    assert run.notes == [
+        f"{tmp_path / rundir.JOB_FILE} was queued for another config (fingerprint {'1' * 16}) than the one whose results "
+        f"this directory holds ({'f' * 16}, {rundir.IDENTITY_FILE}); its results are not shown as this trial's"]
+
+
+def test_metrics_of_another_config_are_dropped_and_the_progress_kept(tmp_path):
+    bound_run(tmp_path, metrics_fp="2" * 16)
+    run = rundir.read_run(tmp_path)
+    assert run.metrics is None and run.progress is not None and not run.finished
+    assert run.identity == {"train.seed": 0, "data.sha256": SHA}
+    assert run.notes == [
+        f"{tmp_path / rundir.METRICS_FILE} comes from another config (fingerprint {'2' * 16}) than the one this "
+        f"directory is bound to ({'f' * 16}, {rundir.IDENTITY_FILE}); ignored"]
+
+
+@pytest.mark.parametrize("planned, done, kept", [(3, 3, True), (3, 4, False), (4, 3, True)])
+def test_metrics_with_more_epochs_than_planned_are_dropped(tmp_path, planned, done, kept):
+    bound_run(tmp_path, planned=planned, done=done)
+    run = rundir.read_run(tmp_path)
+    assert (run.metrics is not None) == kept and run.progress is not None
+    if not kept:
+        assert run.notes == [f"{tmp_path / rundir.METRICS_FILE} holds {done} epochs, more than the {planned} its "
+                             "progress.json planned; ignored"]
+
+
+@pytest.mark.parametrize("present", ["metrics", "progress", "both", "neither"])
+def test_a_damaged_identity_hides_whatever_results_there_are(tmp_path, present):
+    bound_run(tmp_path)
+    if present in ("progress", "neither"):
+        (tmp_path / rundir.METRICS_FILE).unlink()
+    if present in ("metrics", "neither"):
+        (tmp_path / rundir.PROGRESS_FILE).unlink()
+    (tmp_path / rundir.IDENTITY_FILE).write_text("[1]")
+    run = rundir.read_run(tmp_path)
+    assert (run.metrics, run.progress, run.identity) == (None, None, None)
+    if present == "neither":
+        assert run.notes == []
+    else:
+        [note] = run.notes
+        assert note.startswith(f"{tmp_path / rundir.IDENTITY_FILE} holds a JSON list") and note.endswith(
+            "; its results are not shown, since it cannot be told which config made them")
