@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import pytest
@@ -517,24 +517,33 @@ exec -a "$0" "$(dirname "$0")/python3" "$@"
 """
 
 
-def ensure_job_venv() -> Path:
-    """A venv any user can run, with this environment's versions of what a training job imports."""
+def pinned_venv(venv: Path, packages: Sequence[str]) -> Path:
+    """A venv any user can run, holding this environment's versions of ``packages`` (kept between
+    runs in ``venv``, rebuilt when a pinned version changes); returns its python."""
     import importlib.metadata
 
-    pins = sorted(f"{name}=={importlib.metadata.version(name)}" for name in JOB_PACKAGES)
-    marker = JOB_VENV / "mnist-hpc-pins.txt"
-    python = JOB_VENV / "bin" / "python"
-    if not (python.exists() and marker.exists() and marker.read_text().split() == pins):
-        shutil.rmtree(JOB_VENV, ignore_errors=True)
-        old = os.umask(0o022)  # world-readable, whatever the caller's umask
-        try:
-            subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(JOB_VENV)], check=True, capture_output=True)
-            result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"pip install {' '.join(pins)} failed:\n{result.stderr[-2000:]}")
-            marker.write_text("\n".join(pins) + "\n")
-        finally:
-            os.umask(old)
+    pins = sorted(f"{name}=={importlib.metadata.version(name)}" for name in packages)
+    marker = venv / "mnist-hpc-pins.txt"
+    python = venv / "bin" / "python"
+    if python.exists() and marker.exists() and marker.read_text().split() == pins:
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    old = os.umask(0o022)  # world-readable, whatever the caller's umask
+    try:
+        subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], check=True, capture_output=True)
+        result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"pip install {' '.join(pins)} failed:\n{result.stderr[-2000:]}")
+        marker.write_text("\n".join(pins) + "\n")
+    finally:
+        os.umask(old)
+    return python
+
+
+def ensure_job_venv() -> Path:
+    """A venv any user can run, with this environment's versions of what a training job imports,
+    and its gated python (see :data:`GATED_PYTHON`)."""
+    pinned_venv(JOB_VENV, JOB_PACKAGES)
     gated = JOB_VENV / "bin" / "gated-python"
     if not gated.exists() or gated.read_text() != GATED_PYTHON:
         gated.write_text(GATED_PYTHON)

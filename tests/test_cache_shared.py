@@ -11,7 +11,6 @@ as on a cluster: owned by the group, setgid; users run with umask 002 unless a t
 from __future__ import annotations
 
 import grp
-import importlib.metadata
 import json
 import os
 import pwd
@@ -37,6 +36,7 @@ from tests.helpers import (
     need,
     npz_bytes,
     sha,
+    pinned_venv,
     synthetic_mnist,
     write_npz,
 )
@@ -48,22 +48,7 @@ PACKAGES = ("numpy", "hydra-core", "omegaconf", "pooch", "requests", "tqdm")
 
 def ensure_venv() -> Path:
     """A venv any user can run, with the versions this environment has of what prefetch imports."""
-    pins = sorted(f"{name}=={importlib.metadata.version(name)}" for name in PACKAGES)
-    marker = VENV / "mnist-hpc-pins.txt"
-    python = VENV / "bin" / "python"
-    if python.exists() and marker.exists() and marker.read_text().split() == pins:
-        return python
-    shutil.rmtree(VENV, ignore_errors=True)
-    old = os.umask(0o022)  # world-readable, whatever the caller's umask
-    try:
-        subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(VENV)], check=True, capture_output=True)
-        result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"pip install {' '.join(pins)} failed:\n{result.stderr[-2000:]}")
-        marker.write_text("\n".join(pins) + "\n")
-    finally:
-        os.umask(old)
-    return python
+    return pinned_venv(VENV, PACKAGES)
 
 
 class Users:

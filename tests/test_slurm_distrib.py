@@ -277,6 +277,13 @@ def sbatch(args: list[str], tmp_path: Path, **env: str) -> str:
     return done.stdout.strip().split(";")[0]
 
 
+# Epochs that one attempt cannot finish before its warning (about 12 epochs of 8,000 images fit in an
+# attempt's first minute here, 6 for the 2-task run): about three attempts each. More epochs only add
+# attempts (each about a minute, slurmctld checks time limits once a minute), not coverage.
+EPOCHS_OVER_LIMIT = 32
+EPOCHS_OVER_LIMIT_2_TASKS = 12
+
+
 def test_sbatch_templates_act_on_their_own_time_limit_warning_through_to_completed(tmp_path: Path):
     """A 2-minute limit, USR2 60 s before it: each attempt stops at a step boundary, checkpoints and
     requeues itself; the requeued script resumes in the same directory until the run is done. The
@@ -286,11 +293,13 @@ def test_sbatch_templates_act_on_their_own_time_limit_warning_through_to_complet
     common = [f"data.cache_dir={cache}", "train.batch_size=32", "train.deterministic=true"]
     short = ["--time=2", "--signal=USR2@60", "--mem=2G"]
     single = sbatch([*short, "--cpus-per-task=1", f"--output={tmp_path}/single-%j.out", str(REPO / "slurm" / "train.sbatch"),
-                     *common, "train.epochs=80"], tmp_path, RUN_DIR=str(tmp_path / "single"))
+                     *common, f"train.epochs={EPOCHS_OVER_LIMIT}"], tmp_path, RUN_DIR=str(tmp_path / "single"))
     multi = sbatch([*short, "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/multi-%j.out",
-                    str(REPO / "slurm" / "train.sbatch"), *common, "train.epochs=30"], tmp_path, RUN_DIR=str(tmp_path / "multi"))
+                    str(REPO / "slurm" / "train.sbatch"), *common, f"train.epochs={EPOCHS_OVER_LIMIT_2_TASKS}"], tmp_path,
+                   RUN_DIR=str(tmp_path / "multi"))
     array = sbatch([*short, "--array=0", "--cpus-per-task=1", f"--output={tmp_path}/sweep-%A_%a.out",
-                    str(REPO / "slurm" / "sweep.sbatch"), *common, "train.epochs=80"], tmp_path, SWEEP_DIR=str(tmp_path / "sweep"))
+                    str(REPO / "slurm" / "sweep.sbatch"), *common, f"train.epochs={EPOCHS_OVER_LIMIT}"], tmp_path,
+                   SWEEP_DIR=str(tmp_path / "sweep"))
     jobs = {single: tmp_path / "single", multi: tmp_path / "multi", f"{array}_0": tmp_path / "sweep" / "0"}
     states = wait_for_states(list(jobs), timeout_s=1800)
     assert set(states.values()) == {"COMPLETED"}, states
@@ -302,5 +311,5 @@ def test_sbatch_templates_act_on_their_own_time_limit_warning_through_to_complet
         assert "requeued Slurm job" in log and resumed_from(log)
         metrics = finished_metrics(run_dir)
         assert [r["epoch"] for r in metrics["history"]] == list(range(1, len(metrics["history"]) + 1))
-        assert len(metrics["history"]) == (30 if run_dir.name == "multi" else 80)
+        assert len(metrics["history"]) == (EPOCHS_OVER_LIMIT_2_TASKS if run_dir.name == "multi" else EPOCHS_OVER_LIMIT)
     assert finished_metrics(tmp_path / "multi")["workers"] == 2
