@@ -30,6 +30,10 @@ class RequeueLimitReached(RuntimeError):
     """Slurm's time-limit warning came after the job had used all its requeues."""
 
 
+class NotRequeued(RuntimeError):
+    """Training stopped at its checkpoint on Slurm's warning, and the job could not be requeued."""
+
+
 class PackedTrialsFailed(RuntimeError):
     """Some trials of a packed task failed (each has its own failure.json); the others finished."""
 
@@ -52,7 +56,7 @@ def known_error(exc: BaseException) -> Optional[str]:
 
     if isinstance(exc, (CacheError, DatasetError, ConfigError, CheckpointError, WorkerFailure, TensorBoardError, UnsafeJobFile)):
         return str(exc)
-    if isinstance(exc, (claim.RunConflict, RequeueLimitReached, PackedTrialsFailed)):
+    if isinstance(exc, (claim.RunConflict, RequeueLimitReached, NotRequeued, PackedTrialsFailed)):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
         where = f" writing {exc.filename}" if exc.filename else ""

@@ -15,16 +15,20 @@ import pickle
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from omegaconf import DictConfig, open_dict
 
 from mnist_hpc import claim, rundir, slurm
-from mnist_hpc.compute.failures import PackedTrialsFailed, RequeueLimitReached, one_line_errors, record_failure, unwrap
+from mnist_hpc.compute.failures import (NotRequeued, PackedTrialsFailed, RequeueLimitReached, one_line_errors, record_failure,
+                                        unwrap)
 from mnist_hpc.config import ConfigError
 from mnist_hpc.contract.guard import UnsafeJobFile, named_paths
 from mnist_hpc.contract.jobconfig import check_rebuilt, job_config
 from mnist_hpc.contract.tasks import PackedTrials, TrainTrial
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mnist_hpc.compute.signals import TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,10 @@ class TrainJob:
             error = unwrap(ret._return_value)
             if isinstance(error, TrainingInterrupted):
                 log.warning("%s", error)
+                stop = error
                 error = hand_over(error.signum, submitit_handler, chief=not runtime.is_worker_task)
+                if isinstance(error, NotRequeued):
+                    error = self.not_requeued(stop, error)
             if isinstance(error, UncompletedJobError):  # time is up and no requeue is left
                 error = RequeueLimitReached(
                     f"{error} The job reached its time limit with no requeue left "
@@ -137,6 +144,15 @@ class TrainJob:
                 record_failure(self.run_dir, error, keep_existing=runtime.is_worker_task)
             raise error
         return ret
+
+    def not_requeued(self, stop: "TrainingInterrupted", error: NotRequeued) -> NotRequeued:
+        """The one line a trial ends with when its job stopped at a checkpoint and no requeue was possible."""
+        kept = (f"its checkpoint {stop.checkpoint} is kept" if stop.checkpoint is not None
+                else f"it had no checkpoint yet in {self.run_dir / rundir.CHECKPOINT_DIR}")
+        return NotRequeued(
+            f"{error}. Training stopped on Slurm's warning and {kept}. To continue, submit the same overrides again "
+            f"with hydra.sweep.dir={self.run_dir.parent} (the trial resumes from its checkpoint)"
+        )
 
     def ensure_recorded(self) -> None:
         """Write ``job.json`` if the submission could not: status and the preflight find this job then.
@@ -220,7 +236,7 @@ class PackedTrainJob:
                 continue
             try:
                 results.append(job())
-            except RequeueLimitReached:
+            except (RequeueLimitReached, NotRequeued):
                 raise  # the task's time is up: the trials after this one cannot run either
             except UnsafeJobFile:
                 raise  # their launch pickle is refused: the trials after this one share it

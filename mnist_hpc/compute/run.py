@@ -95,18 +95,20 @@ def finish_in_process(stop: TrainingInterrupted, run_dir: Path, job_id: Optional
     the batch script again, which resumes in the same run directory); otherwise, or when
     Slurm refuses, the process exits with ``128 + signal`` and says how to resume.
     """
+    not_requeued = ""
     if chief and stop.requeue and job_id:
         refused = requeue_job(job_id)
         if refused is None:
             log.warning("%s; requeued Slurm job %s, which resumes in %s", stop, job_id, run_dir)
             sys.exit(stop.exit_code)
-        log.error("%s; Slurm did not requeue job %s: %s", stop, job_id, refused)
+        not_requeued = f"; Slurm job {job_id} was not requeued: {refused}"
     if not chief:
         worker_exit(stop.signum)
     log.error(
-        "%s; not finished. To resume, run the same command again with hydra.run.dir=%s "
+        "%s%s; not finished. To resume, run the same command again with hydra.run.dir=%s "
         "(sbatch scripts: keep #SBATCH --requeue so that Slurm can requeue it)",
         stop,
+        not_requeued,
         run_dir,
     )
     sys.exit(stop.exit_code)

@@ -10,7 +10,8 @@ to whoever started the training:
 
 - a job submitted through the launcher (:mod:`mnist_hpc.compute.job`): submitit's
   own USR2 handler then runs (checkpointable resubmission, requeue counting, ``scontrol
-  requeue``);
+  requeue``); where the job's Python cannot run ``scontrol`` (a container without Slurm's
+  client), the batch script requeues it (:func:`requeue_job`);
 - a run started in a plain sbatch script, srun or a shell (Hydra's run mode):
   :func:`mnist_hpc.compute.run.finish_in_process` requeues the job itself on USR2 under Slurm,
   or exits so that the run can be started again in the same directory.
@@ -22,6 +23,7 @@ preempts under ``PreemptMode=REQUEUE``.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -132,15 +134,19 @@ def hand_over(signum: int, submitit_handler: Any, chief: bool) -> BaseException:
 
     On USR2 the chief hands over to submitit's handler, which requeues the job through the
     callable's ``checkpoint`` and exits (``SystemExit``), or raises ``UncompletedJobError`` when
-    no requeue is left (returned here, to be recorded like any time-out). Otherwise (SIGTERM:
-    cancel or preemption, which Slurm requeues itself) the chief exits; a worker that is not the
-    chief always leaves as :func:`worker_exit` says.
+    no requeue is left (returned here, to be recorded like any time-out). When submitit's own
+    ``scontrol requeue`` fails (after it wrote the resubmission), :func:`requeue_job` tries again,
+    through the batch script where this Python cannot run ``scontrol``; if that fails too, a
+    :class:`~mnist_hpc.compute.failures.NotRequeued` that says why is returned. Otherwise
+    (SIGTERM: cancel or preemption, which Slurm requeues itself) the chief exits; a worker that
+    is not the chief always leaves as :func:`worker_exit` says.
     """
     from submitit.core.utils import UncompletedJobError
 
     if not chief:
         worker_exit(signum)
     if signum == signal.SIGUSR2 and callable(submitit_handler):
+        from mnist_hpc.compute.failures import NotRequeued
         from mnist_hpc.contract.guard import private_umask
 
         try:
@@ -149,6 +155,13 @@ def hand_over(signum: int, submitit_handler: Any, chief: bool) -> BaseException:
                 submitit_handler(signal.SIGUSR2, None)
         except UncompletedJobError as exc:
             return exc
+        except (OSError, subprocess.SubprocessError) as exc:  # its `scontrol requeue`, after the resubmission
+            job_id = os.environ.get("SLURM_JOB_ID")
+            log.warning("submitit could not requeue the job itself (%s); trying again", exc)
+            refused = requeue_job(job_id, os.environ.get("SUBMITIT_FOLDER")) if job_id else "not a Slurm job"
+            if refused is not None:
+                return NotRequeued(f"Slurm job {job_id} was not requeued: {refused}")
+            log.warning("requeued Slurm job %s", job_id)
     sys.exit(128 + signum)
 
 
@@ -164,12 +177,31 @@ def worker_exit(signum: int) -> NoReturn:
     sys.exit(0)
 
 
-def requeue_job(job_id: str) -> Optional[str]:
-    """Ask Slurm to requeue ``job_id`` (it then ends this attempt); the reason if it refused."""
+# scontrol's exit status when the shell (or a container's wrapper) cannot find or run it.
+_CANNOT_RUN = (126, 127)
+
+
+def requeue_job(job_id: str, submitit_folder: Optional[str] = None) -> Optional[str]:
+    """Ask Slurm to requeue ``job_id`` (it then ends this attempt); the reason if it did not.
+
+    ``scontrol requeue`` first; where it cannot run here (a container without Slurm's client),
+    the batch script of a launcher's job (``submitit_folder``: the job's) asks on this job's
+    behalf (:mod:`mnist_hpc.contract.requeue`). A refusal from Slurm itself is final.
+    """
     try:
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"scontrol requeue could not run ({exc})"
-    if done.returncode != 0:
-        return (done.stderr or done.stdout).strip() or f"scontrol requeue exited with {done.returncode}"
-    return None
+        cannot = f"scontrol cannot run here ({exc})"
+    else:
+        said = " ".join((done.stderr or done.stdout).split())
+        if done.returncode == 0:
+            return None
+        if done.returncode not in _CANNOT_RUN:
+            return f"Slurm refused: {said}" if said else f"scontrol requeue exited with {done.returncode}"
+        cannot = f"scontrol cannot run here (exit status {done.returncode}{': ' + said if said else ''})"
+    if not submitit_folder:
+        return f"{cannot}, and no batch script of the launcher's can do it for this run"
+    from mnist_hpc.contract.requeue import ask_batch_script
+
+    refused = ask_batch_script(submitit_folder, job_id)
+    return None if refused is None else f"{cannot}; {refused}"

@@ -190,7 +190,21 @@ def submitit_parameters(conf: LocalQueueConf, cluster: str) -> dict[str, Any]:
     params.update(gpu_parameters(conf, cluster))
     if cluster == "slurm" and isinstance(conf, SlurmQueueConf) and uses_srun(conf):
         params["slurm_srun_args"] = task_srun_args(conf) + list(conf.srun_args)
+    if cluster == "slurm" and isinstance(conf, SlurmQueueConf):
+        params.update(requeue_helper(conf))
     return params
+
+
+def requeue_helper(conf: "SlurmQueueConf") -> dict[str, Any]:
+    """The batch script's own requeue helper, after the user's setup lines (see :mod:`mnist_hpc.contract.requeue`).
+
+    Every Slurm job gets it: whether the job's Python can run ``scontrol`` (a container without
+    Slurm's client cannot) is only known on the node.
+    """
+    from mnist_hpc.contract import requeue
+
+    return {"slurm_setup": list(conf.setup) + requeue.setup_lines(conf.submitit_folder),
+            "slurm_teardown": requeue.teardown_lines()}
 
 
 # After one task of a multi-task step ends, srun gives the others this long to end on their own
