@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
-from tests.helpers import IN_CI, end_live_jobs, fill_cache, make_arrays, npz_bytes, sha
+from tests.helpers import IN_CI, end_live_jobs, fill_cache, make_arrays, npz_bytes, sha, synthetic_mnist
 from tests.http_fixture import LoopbackServer
 
 
@@ -21,6 +21,14 @@ def synthetic_cache(tmp_path: Path) -> Path:
     cache_dir = tmp_path / "cache"
     fill_cache(cache_dir)
     return cache_dir
+
+
+@pytest.fixture
+def slow_cache(tmp_path: Path) -> Path:
+    """Enough synthetic data that an epoch lasts about a second on one core."""
+    cache = tmp_path / "cache"
+    fill_cache(cache, synthetic_mnist(n_train=8000, n_test=500))
+    return cache
 
 
 @pytest.fixture

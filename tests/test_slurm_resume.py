@@ -20,13 +20,11 @@ from tests.helpers import (
     resumed_from,
     run_log,
     weights,
-    fill_cache,
     job_records,
     restarts,
     sacct_history,
     slurm_launcher_args,
     submit,
-    synthetic_mnist,
     wait_for_file,
     wait_for_states,
 )
@@ -34,14 +32,6 @@ from tests.helpers import (
 pytestmark = pytest.mark.slurm
 
 EPOCHS = 6
-
-
-@pytest.fixture
-def slow_cache(tmp_path: Path) -> Path:
-    """Enough synthetic data that an epoch lasts about a second on one core."""
-    cache = tmp_path / "cache"
-    fill_cache(cache, synthetic_mnist(n_train=8000, n_test=500))
-    return cache
 
 
 def overrides(cache: Path, tmp_path: Path) -> list[str]:

@@ -158,7 +158,11 @@ def hand_over(signum: int, submitit_handler: Any, chief: bool) -> BaseException:
         except (OSError, subprocess.SubprocessError) as exc:  # its `scontrol requeue`, after the resubmission
             job_id = os.environ.get("SLURM_JOB_ID")
             log.warning("submitit could not requeue the job itself (%s); trying again", exc)
-            refused = requeue_job(job_id, os.environ.get("SUBMITIT_FOLDER")) if job_id else "not a Slurm job"
+            from mnist_hpc.contract.guard import JOB_FOLDER_ENV
+
+            # submitit's own variable (the folder the guard checked and pinned), and its name for messages.
+            folder, shown = os.environ.get("SUBMITIT_FOLDER"), os.environ.get(JOB_FOLDER_ENV)
+            refused = requeue_job(job_id, folder, shown) if job_id else "not a Slurm job"
             if refused is not None:
                 return NotRequeued(f"Slurm job {job_id} was not requeued: {refused}")
             log.warning("requeued Slurm job %s", job_id)
@@ -181,12 +185,13 @@ def worker_exit(signum: int) -> NoReturn:
 _CANNOT_RUN = (126, 127)
 
 
-def requeue_job(job_id: str, submitit_folder: Optional[str] = None) -> Optional[str]:
+def requeue_job(job_id: str, submitit_folder: Optional[str] = None, shown_folder: Optional[str] = None) -> Optional[str]:
     """Ask Slurm to requeue ``job_id`` (it then ends this attempt); the reason if it did not.
 
     ``scontrol requeue`` first; where it cannot run here (a container without Slurm's client),
-    the batch script of a launcher's job (``submitit_folder``: the job's) asks on this job's
-    behalf (:mod:`mnist_hpc.contract.requeue`). A refusal from Slurm itself is final.
+    the batch script of a launcher's job (``submitit_folder``: the job's; ``shown_folder``: its
+    name for messages) asks on this job's behalf (:mod:`mnist_hpc.contract.requeue`). A refusal
+    from Slurm itself is final.
     """
     try:
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
@@ -203,5 +208,5 @@ def requeue_job(job_id: str, submitit_folder: Optional[str] = None) -> Optional[
         return f"{cannot}, and no batch script of the launcher's can do it for this run"
     from mnist_hpc.contract.requeue import ask_batch_script
 
-    refused = ask_batch_script(submitit_folder, job_id)
+    refused = ask_batch_script(submitit_folder, job_id, shown_folder=shown_folder)
     return None if refused is None else f"{cannot}; {refused}"

@@ -95,39 +95,42 @@ def _fifo_problem(fd: int, path: Path) -> Optional[str]:
     return None
 
 
-def _open_fifo(path: Path, flags: int) -> tuple[Optional[int], Optional[str]]:
-    """``path`` opened (never through a link) and checked: (descriptor, None) or (None, why not)."""
+def _open_fifo(path: Path, flags: int, shown: Path) -> tuple[Optional[int], Optional[str]]:
+    """``path`` opened (never through a link) and checked: (descriptor, None) or (None, why not, naming ``shown``)."""
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
+        path = shown
         return None, (f"the batch script has no requeue helper ({path} is missing: a job queued by an older "
                       "mnist-hpc, or a batch script of your own)")
     except OSError as exc:
+        path = shown
         if exc.errno == errno.ENXIO:  # a FIFO opened for writing with no reader
             return None, f"the batch script's requeue helper is not running (nothing reads {path})"
         return None, f"cannot use the batch script's requeue helper at {path} ({exc.strerror})"
-    problem = _fifo_problem(fd, path)
+    problem = _fifo_problem(fd, shown)
     if problem is not None:
         os.close(fd)
         return None, f"refused the batch script's requeue helper: {problem}"
     return fd, None
 
 
-def ask_batch_script(folder: str, job_id: str, wait_s: float = ANSWER_WAIT_S) -> Optional[str]:
+def ask_batch_script(folder: str, job_id: str, wait_s: float = ANSWER_WAIT_S, shown_folder: Optional[str] = None) -> Optional[str]:
     """Ask the batch script's helper to requeue Slurm job ``job_id``: None once Slurm took the requeue, else why not.
 
-    Slurm then ends this attempt (and the helper with it) as it does for any requeue; the answer
-    may never come in that case, and this process is ended meanwhile. Never blocks longer than
-    ``wait_s``: the FIFOs are opened non-blocking and the answer awaited with ``select``.
+    ``folder``: the job's submitit folder (in a job, the one :mod:`.guard` pinned: the FIFOs are
+    opened in the very folder it checked); ``shown_folder``: its name for messages. Slurm ends
+    this attempt (and the helper with it) once it takes the requeue; the answer may never come
+    then, and this process is ended meanwhile. Never blocks longer than ``wait_s``: the FIFOs are
+    opened non-blocking and the answer awaited with ``select``.
     """
-    base = fifo_base(folder, job_id)
-    answer_path, ask_path = Path(f"{base}{ANSWER_SUFFIX}"), Path(f"{base}{ASK_SUFFIX}")
+    base, shown = fifo_base(folder, job_id), fifo_base(shown_folder or folder, job_id)
     # The answer's reader first: the helper's open for writing then finds it and does not block.
-    answer_fd, why = _open_fifo(answer_path, os.O_RDONLY)
+    answer_fd, why = _open_fifo(Path(f"{base}{ANSWER_SUFFIX}"), os.O_RDONLY, Path(f"{shown}{ANSWER_SUFFIX}"))
     if answer_fd is None:
         return why
     try:
-        ask_fd, why = _open_fifo(ask_path, os.O_WRONLY)
+        ask_fd, why = _open_fifo(Path(f"{base}{ASK_SUFFIX}"), os.O_WRONLY, Path(f"{shown}{ASK_SUFFIX}"))
         if ask_fd is None:
             return why
         try:
