@@ -68,7 +68,7 @@ def test_slurms_refusal_comes_back_to_the_job_in_slurms_words(tmp_path):
     folder = submitit_folder(tmp_path)
     fake_scontrol(tmp_path / "bin", 1, "scontrol: error: Requested operation is presently disabled for job 4242")
     done = run_batch_script(tmp_path, folder, tmp_path / "bin", job_command(folder))
-    assert "ANSWER Slurm refused: scontrol: error: Requested operation is presently disabled for job 4242" in done.stdout
+    assert "ANSWER the batch script asked Slurm, which refused: scontrol: error: Requested operation is presently disabled for job 4242" in done.stdout
 
 
 def test_a_job_that_does_not_ask_is_not_requeued_and_the_helper_ends_with_the_script(tmp_path):

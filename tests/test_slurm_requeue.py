@@ -96,10 +96,12 @@ def test_a_job_without_scontrol_is_requeued_by_its_batch_script_and_ends_as_if_u
         np.testing.assert_array_equal(got, want)
 
 
-def test_without_any_way_to_requeue_the_job_ends_failed_with_one_line_naming_its_checkpoint(slow_cache, tmp_path):
+@pytest.mark.parametrize("case", ["no helper", "Slurm refuses"])
+def test_without_any_way_to_requeue_the_job_ends_failed_with_one_line_naming_its_checkpoint(slow_cache, tmp_path, case):
     sweep = tmp_path / "sweep"
-    proc = submit(slurm_launcher_args(sweep, *overrides(slow_cache, tmp_path), wrapper(tmp_path, "no-helper", NO_HELPER)),
-                  tmp_path)
+    how = ([wrapper(tmp_path, "no-helper", NO_HELPER)] if case == "no helper" else
+           [wrapper(tmp_path, "no-scontrol", NO_SCONTROL), "+hydra.launcher.additional_parameters={no-requeue: true}"])
+    proc = submit(slurm_launcher_args(sweep, *overrides(slow_cache, tmp_path), *how), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [record] = job_records(sweep)
     run_dir = sweep / "0"
@@ -112,8 +114,12 @@ def test_without_any_way_to_requeue_the_job_ends_failed_with_one_line_naming_its
     error = rundir.read_failure(run_dir)
     assert error.startswith(f"mnist_hpc.compute.failures.NotRequeued: Slurm job {record['job_id']} was not requeued: "
                             "scontrol cannot run here (")
-    assert f"the batch script has no requeue helper ({sweep / '.submitit'}/.requeue-{record['job_id']}.answer is missing" in error
+    if case == "no helper":
+        assert f"the batch script has no requeue helper ({sweep / '.submitit'}/.requeue-{record['job_id']}.answer is missing" in error
+    else:  # the helper asked, and Slurm's own words came back
+        assert f"; the batch script asked Slurm, which refused: Requested operation is presently disabled for job {record['job_id']}. Training" in error
     assert f"its checkpoint {kept} is kept" in error and f"hydra.sweep.dir={sweep} " in error
+    assert not list((sweep / ".submitit").glob(".requeue-*"))  # the teardown removed the FIFOs
     job_err = Path(record["stderr"]).read_text()
     assert "Traceback" not in job_err
     [line] = [ln for ln in job_err.splitlines() if ln.startswith(rundir.ERROR_LINE_PREFIX)]

@@ -154,4 +154,5 @@ def ask_batch_script(folder: str, job_id: str, wait_s: float = ANSWER_WAIT_S, sh
     if code == "0":
         return None
     said = " ".join(said.split())
-    return f"Slurm refused: {said}" if said else f"scontrol requeue exited with {code or 'no status'} on the host"
+    return (f"the batch script asked Slurm, which refused: {said}" if said
+            else f"the batch script's scontrol requeue exited with {code or 'no status'}")
