@@ -133,6 +133,20 @@ def test_hand_over_returns_the_one_line_when_submitits_requeue_fails_and_no_help
     assert "the batch script has no requeue helper" in str(error) and "\n" not in str(error)
 
 
+def test_hand_over_leaves_other_failures_of_submitits_handler_alone(tmp_path, monkeypatch):
+    """Only its scontrol failing is retried: a resubmission that could not be written is not requeued."""
+    calls = fake_scontrol(tmp_path / "bin", 0)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setenv("SLURM_JOB_ID", JOB_ID)
+
+    def submitit_handler(signum, frame):
+        raise OSError(28, "No space left on device", str(tmp_path / "x_submitted.pkl"))
+
+    with pytest.raises(OSError, match="No space left"):
+        hand_over(signal.SIGUSR2, submitit_handler, chief=True)
+    assert not calls.exists()
+
+
 def test_submitit_writes_the_resubmission_before_its_requeue_fails(tmp_path, monkeypatch):
     """Pins what hand_over relies on: submitit's USR2 handler checkpoints first, then its
     ``scontrol requeue`` raises (here: not on PATH), so a second requeue resumes the job."""

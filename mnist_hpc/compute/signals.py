@@ -155,7 +155,9 @@ def hand_over(signum: int, submitit_handler: Any, chief: bool) -> BaseException:
                 submitit_handler(signal.SIGUSR2, None)
         except UncompletedJobError as exc:
             return exc
-        except (OSError, subprocess.SubprocessError) as exc:  # its `scontrol requeue`, after the resubmission
+        except (OSError, subprocess.SubprocessError) as exc:
+            if not _scontrol_failed(exc):
+                raise  # not its `scontrol requeue` (writing the resubmission, say): a bug or a known error, as before
             job_id = os.environ.get("SLURM_JOB_ID")
             log.warning("submitit could not requeue the job itself (%s); trying again", exc)
             from mnist_hpc.contract.guard import JOB_FOLDER_ENV
@@ -179,6 +181,17 @@ def worker_exit(signum: int) -> NoReturn:
     log.warning("stopped on %s at a step boundary with the other workers; the chief (task 0) checkpoints and "
                 "ends or requeues the job", signal.Signals(signum).name)
     sys.exit(0)
+
+
+def _scontrol_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is submitit's ``scontrol`` call failing (not found, not runnable, non-zero, timed out).
+
+    submitit runs it last, after it wrote the resubmission (pinned in tests/test_requeue_helper.py).
+    """
+    command = getattr(exc, "cmd", None)
+    if isinstance(exc, subprocess.SubprocessError) and isinstance(command, (list, tuple)) and command:
+        return Path(str(command[0])).name == "scontrol"
+    return isinstance(exc, OSError) and Path(str(exc.filename or "")).name == "scontrol"
 
 
 # scontrol's exit status when the shell (or a container's wrapper) cannot find or run it.
