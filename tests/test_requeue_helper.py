@@ -173,3 +173,19 @@ def test_submitit_writes_the_resubmission_before_its_requeue_fails(tmp_path, mon
         handler.checkpoint_and_try_requeue(signal.SIGUSR2)
     resubmission = submitit.helpers.DelayedSubmission.load(paths.submitted_pickle)
     assert isinstance(resubmission.function, Resumable)
+
+
+def test_a_run_started_by_hand_without_scontrol_ends_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, caplog):
+    from mnist_hpc import rundir
+    from mnist_hpc.compute.run import finish_in_process
+    from mnist_hpc.compute.signals import TrainingInterrupted
+
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    stop = TrainingInterrupted(signal.SIGUSR2, 2, 17, rundir.checkpoint_path(tmp_path, 2, 17))
+    with pytest.raises(SystemExit) as ended:
+        finish_in_process(stop, tmp_path, job_id=JOB_ID, chief=True)
+    assert ended.value.code == 128 + signal.SIGUSR2
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"Slurm job {JOB_ID} was not requeued: scontrol cannot run here (" in line
+    assert line.endswith(f"To resume, run the same command again with hydra.run.dir={tmp_path} "
+                         "(sbatch scripts: keep #SBATCH --requeue so that Slurm can requeue it)")
