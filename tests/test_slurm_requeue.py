@@ -64,7 +64,7 @@ def overrides(cache: Path, tmp_path: Path) -> list[str]:
             "train.batch_size=32", "train.deterministic=true"]
 
 
-@pytest.mark.slow  # ~45 s: Slurm holds a requeued job ~20 s before it starts again
+@pytest.mark.slow  # ~45-65 s here: two TensorFlow starts, and Slurm holds a requeued job ~20 s before it runs again
 def test_a_job_without_scontrol_is_requeued_by_its_batch_script_and_ends_as_if_uninterrupted(slow_cache, tmp_path):
     env = {**os.environ, "SLURM_CPUS_PER_TASK": "1"}
     reference = subprocess.Popen(
