@@ -166,16 +166,18 @@ class _FakeTrial:
         return self.run_dir.name
 
 
-@pytest.mark.parametrize("error, runs_third", [(ValueError("bad trial"), True), ("limit", False)])
+@pytest.mark.parametrize("error, runs_third", [(ValueError("bad trial"), True), ("limit", False), ("not requeued", False)])
 def test_packed_task_isolates_failures_but_stops_when_time_is_up(tmp_path, error, runs_third):
-    from mnist_hpc.compute.failures import PackedTrialsFailed, RequeueLimitReached
+    from mnist_hpc.compute.failures import NotRequeued, PackedTrialsFailed, RequeueLimitReached
     from mnist_hpc.compute.job import PackedTrainJob
 
     if error == "limit":
         error = RequeueLimitReached("no requeue left")
+    elif error == "not requeued":  # a container without scontrol, and no batch script to ask
+        error = NotRequeued("Slurm job 1 was not requeued")
     calls: list[str] = []
     trials = [_FakeTrial(tmp_path / str(i), calls, error if i == 1 else None) for i in range(3)]
-    expected = PackedTrialsFailed if runs_third else RequeueLimitReached
+    expected = PackedTrialsFailed if runs_third else type(error)
     with pytest.raises(expected):
         PackedTrainJob(trials)()
     # Every trial records itself before the first runs (a submission that died before job.json).
