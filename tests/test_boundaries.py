@@ -28,7 +28,7 @@ from mnist_hpc import claim, rundir
 from mnist_hpc.compute import checkpoint
 from mnist_hpc.config import flat_config, to_typed
 from mnist_hpc.dataset import NUM_CLASSES, DatasetError, load_arrays, split_index, validate_arrays, validation_cut
-from mnist_hpc.login.report.ranking import best_trial
+from mnist_hpc.login.report.ranking import best_trial, shared_overrides, trial_params
 from mnist_hpc.login.trials import Trial
 from tests.helpers import fill_cache, synthetic_mnist, until
 
@@ -603,13 +603,36 @@ def test_without_any_validation_the_test_set_ranks_and_the_report_says_why():
     low, high = ranked_trial(0, None, None, test=0.91), ranked_trial(1, None, None, test=0.92)
     chosen = best_trial([low, high, ranked_trial(2, 0.99, 0.99, finished=False)])
     assert chosen.trial is high and chosen.metric == "test_accuracy" and chosen.ranked == 2
-    assert "because no finished trial has validation data" in chosen.warning
+    assert chosen.warning == (
+        "ranked by TEST accuracy because no finished trial has validation data. Choosing a model by its test accuracy "
+        "is not model selection: the test set then no longer gives an unbiased estimate of the chosen model. Hold out "
+        "validation data (e.g. data.validation_split=0.1) to select on it.")
     asked = best_trial([ranked_trial(0, 0.99, 0.99, test=0.5), high], metric="test_accuracy")
-    assert asked.trial is high and "as asked (--metric test_accuracy)" in asked.warning
+    assert asked.trial is high and asked.warning == (
+        "ranked by TEST accuracy as asked (--metric test_accuracy). Choosing a model by its test accuracy is not model "
+        "selection: the test set then no longer gives an unbiased estimate of the chosen model. Rank by val_accuracy "
+        "(the default) to select a model.")
     nothing = best_trial([ranked_trial(0, 0.9, 0.9, finished=False)])
     assert nothing.trial is None and nothing.metric == "val_accuracy" and nothing.warning == "" and nothing.ranked == 0
     with pytest.raises(ValueError, match="unknown metric 'loss'; choose one of val_accuracy, test_accuracy"):
         best_trial([], metric="loss")
+
+
+def overridden(number: int, overrides: list[str], identity: Optional[dict[str, Any]] = None) -> Trial:
+    files = rundir.RunFiles(Path(str(number)), overrides=overrides, identity=identity)
+    return Trial(run_dir=Path(str(number)), files=files)
+
+
+def test_shared_overrides_are_the_first_trials_that_no_trial_changes():
+    one = overridden(0, ["a=1", "c=5", "b=2"])
+    two = overridden(1, ["c=5", "a=1", "b=3"])
+    assert shared_overrides([one, two]) == ["a=1", "c=5"] and shared_overrides([two, one]) == ["c=5", "a=1"]
+    assert shared_overrides([]) == [] and shared_overrides([one]) == ["a=1", "c=5", "b=2"]
+
+
+def test_identity_values_are_spelled_as_overrides_spell_them():
+    values = {"s": "abc", "f": 0.001, "b": True, "n": None, "i": 512}
+    assert trial_params(overridden(0, ["f=1e-3"], values)) == {"f": "1e-3", "s": "abc", "b": "true", "n": "null", "i": "512"}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
