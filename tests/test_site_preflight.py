@@ -100,6 +100,21 @@ def test_sbatch_test_only_answers(name: str, rc: int, ok: bool, words) -> None:
         assert (answer.start, answer.nodes, answer.partition) == ("2026-12-07T05:27:50", "vm", "short")
 
 
+def test_an_expected_start_is_shown_only_when_foreseeable() -> None:
+    """Slurm 22.05 answers year 6109 or 10193 when it cannot place a job (seen on the local cluster)."""
+    from datetime import datetime
+
+    from mnist_hpc.login.launcher.site import start_line
+
+    now = datetime(2026, 12, 7, 5, 0)
+    soon = slurm.parse_will_run(0, read("test_only_ok.txt"))
+    assert start_line(soon, now) == "Slurm expects the first task to start at 2026-12-07T05:27:50 on vm (partition short)"
+    for never in ("6109-12-30T07:26:43", "10193-01-21T09:33:43", "2027-12-09T05:00:00"):
+        far = slurm.parse_will_run(0, f"sbatch: Job 1 to start at {never} using 1 processors on nodes vm in partition debug")
+        assert start_line(far, now) == ("Slurm accepts the job (partition debug) but foresees no start time now; "
+                                        "mnist-hpc-status says why it waits")
+
+
 def test_a_start_line_with_a_failing_exit_code_is_a_refusal() -> None:
     answer = slurm.parse_will_run(1, read("test_only_ok.txt"))
     assert not answer.ok and answer.error.startswith("Job ")
