@@ -168,14 +168,46 @@ def test_the_request_is_read_from_the_text_submitit_renders() -> None:
     assert request.asked("cpus-per-task") == "hydra.launcher.cpus_per_task=3"
 
 
-def test_additional_parameters_win_and_are_named_as_themselves() -> None:
+def test_additional_parameters_are_checked_as_sbatch_gets_them_and_named_as_themselves() -> None:
     """submitit writes additional_parameters last: what sbatch would get is what is checked, and named."""
-    conf = SlurmQueueConf(timeout_min=5, partition="short", additional_parameters={"time": "0-01:00:00", "mem": "30G"})
+    conf = SlurmQueueConf(timeout_min=20, additional_parameters={"partition": "short", "mail-type": "END"})
     request = request_of(rendered(conf), conf)
-    assert request.minutes == 60 and request.mem_mb == 30 * 1024
-    problem = limits_problem(request, *LOCAL)
-    assert problem == ("hydra.launcher.additional_parameters.time=0-01:00:00 asks for 60 minutes, but partition short's "
-                       "MaxTime is 00:10:00; hydra.launcher.additional_parameters.time=10 fits")
+    assert request.partition == "short" and request.minutes == 20
+    assert limits_problem(request, *LOCAL) == ("hydra.launcher.timeout_min=20 asks for 20 minutes, but partition short's "
+                                               "MaxTime is 00:10:00; hydra.launcher.timeout_min=10 fits")
+    conf = SlurmQueueConf(additional_parameters={"partition": "nope"})
+    assert limits_problem(request_of(rendered(conf), conf), *LOCAL) == (
+        "hydra.launcher.additional_parameters.partition=nope: no partition nope on this cluster; its partitions are "
+        "debug, one, short")
+
+
+@pytest.mark.parametrize("additional, message", [
+    ({"time": "0-01:00:00"}, "hydra.launcher.additional_parameters.time would replace --time, which "
+                             "hydra.launcher.timeout_min sets; set hydra.launcher.timeout_min instead"),
+    ({"cpus_per_task": 4}, "hydra.launcher.additional_parameters.cpus_per_task would replace --cpus-per-task, which "
+                           "hydra.launcher.cpus_per_task sets; set hydra.launcher.cpus_per_task instead"),
+    ({"mem": "30G"}, "hydra.launcher.additional_parameters.mem would replace --mem, which hydra.launcher.mem_gb sets; "
+                     "set hydra.launcher.mem_gb instead"),
+    ({"job-name": "x"}, "hydra.launcher.additional_parameters.job-name would replace --job-name, which "
+                        "hydra.launcher.name sets; set hydra.launcher.name instead"),
+    ({"output": "/tmp/x.out"}, "hydra.launcher.additional_parameters.output would replace --output, which submitit sets "
+                               "(where the job's logs are found, its array); remove it"),
+])
+def test_a_key_that_would_replace_a_launcher_flag_is_refused(additional, message) -> None:
+    from mnist_hpc.login.launcher.site import replaced_flags
+
+    assert replaced_flags(SlurmQueueConf(additional_parameters={"hold": True, **additional})) == message
+
+
+def test_new_keys_and_flags_no_option_renders_are_taken() -> None:
+    """A partition the options leave unset, sbatch's own keys, and submitit's wckey may be given."""
+    from mnist_hpc.login.launcher.site import replaced_flags
+
+    taken = {"hold": True, "mail-type": "END", "partition": "short", "reservation": "r", "wckey": "mine", "gres": "tmp:10G"}
+    assert replaced_flags(SlurmQueueConf(additional_parameters=taken)) is None
+    assert replaced_flags(SlurmQueueConf(partition="short", additional_parameters={"partition": "debug"})) == (
+        "hydra.launcher.additional_parameters.partition would replace --partition, which hydra.launcher.partition sets; "
+        "set hydra.launcher.partition instead")
 
 
 def request(**options) -> object:

@@ -20,6 +20,7 @@ A request that could run, only not now, is not refused. The local launcher has n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
 from dataclasses import dataclass, field
@@ -37,6 +38,13 @@ OPTION_OF_FLAG = {
     "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "gpus-per-node": "gpus_per_node", "gres": "gpus_per_node",
     "gpus-per-task": "gpus_per_node", "qos": "qos", "account": "account", "constraint": "constraint",
 }
+
+
+# Flags submitit writes for its own bookkeeping (where a job's logs go, the array): an
+# additional_parameters key that replaced one would leave job.json and status looking elsewhere.
+SUBMITIT_OWN = frozenset({"output", "error", "open-mode", "array"})
+# More launcher options behind rendered flags, named when additional_parameters would replace them.
+OPTION_OF_OTHER_FLAG = {"job-name": "name", "signal": "signal_delay_s", "exclude": "exclude"}
 
 
 def sbatch_script(executor: Any) -> str:
@@ -238,6 +246,36 @@ def refusal(answer: slurm.WillRun) -> str:
     return f"nothing was queued: Slurm refuses this job (sbatch --test-only): {error}; check {where}"
 
 
+def replaced_flags(conf: SlurmQueueConf) -> Optional[str]:
+    """Why an ``additional_parameters`` key may not replace a flag the launcher renders (one line), or None.
+
+    The flags it renders are read from submitit's text for ``conf`` without additional_parameters.
+    A launcher option stays the one source of its flag: status, packing and this preflight read it.
+    """
+    if not conf.additional_parameters:
+        return None
+    import submitit
+
+    from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
+
+    bare = dataclasses.replace(conf, additional_parameters={})
+    executor = submitit.AutoExecutor(folder=conf.submitit_folder, cluster="slurm", **executor_init(bare, "slurm"))
+    executor.update_parameters(**submitit_parameters(bare, "slurm"))
+    rendered = sbatch_flags(sbatch_script(executor))
+    for key in conf.additional_parameters:
+        flag = str(key).replace("_", "-")  # as submitit writes it
+        if flag not in rendered:
+            continue
+        option = OPTION_OF_FLAG.get(flag) or OPTION_OF_OTHER_FLAG.get(flag)
+        if option is not None:
+            return (f"hydra.launcher.additional_parameters.{key} would replace --{flag}, which hydra.launcher.{option} "
+                    f"sets; set hydra.launcher.{option} instead")
+        if flag in SUBMITIT_OWN:
+            return (f"hydra.launcher.additional_parameters.{key} would replace --{flag}, which submitit sets (where the "
+                    "job's logs are found, its array); remove it")
+    return None
+
+
 def check_site(executor: Any, conf: SlurmQueueConf) -> Optional[str]:
     """Refuse (:class:`PreflightError`) a launch's job that the cluster can never run; else Slurm's expected start.
 
@@ -245,6 +283,8 @@ def check_site(executor: Any, conf: SlurmQueueConf) -> Optional[str]:
     print ("Slurm expects ... to start at ..."), or None when Slurm could not be asked (the
     submission then reports what sbatch says).
     """
+    if (replaced := replaced_flags(conf)) is not None:
+        raise PreflightError(f"nothing was queued: {replaced}")
     script = sbatch_script(executor)
     flags = sbatch_flags(script)
     limits = slurm.site_limits()
