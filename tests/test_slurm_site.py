@@ -129,3 +129,17 @@ def test_slurms_own_refusal_stops_the_launch(synthetic_cache, tmp_path):
         "limit, user's size and/or time limits); check hydra.launcher.qos (sacctmgr show qos; sacctmgr show assoc user=$USER)")
     assert [c.startswith("--test-only") for c in log.read_text().splitlines()] == [True]
     assert_nothing_queued(tmp_path)
+
+
+def test_a_search_whose_workers_cannot_run_is_refused_before_its_study_is_written(synthetic_cache, tmp_path):
+    """The asynchronous search's workers go through the same check, once, before the study is opened."""
+    debug = default_partition()
+    cpus = largest("%c", debug)
+    proc = submit(["-m", "hparams_search=optuna", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   *tiny_overrides(synthetic_cache, tmp_path / "out"), "hydra.launcher.mem_gb=1",
+                   f"hydra.launcher.cpus_per_task={cpus + 1}"], tmp_path)
+    assert refusal_line(proc) == (
+        f"nothing was queued: hydra.launcher.cpus_per_task={cpus + 1} asks for {cpus + 1} CPUs per node, but partition "
+        f"{debug}'s largest node has {cpus}; hydra.launcher.cpus_per_task={cpus} fits")
+    assert_nothing_queued(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == []  # no study, no spec, no multirun.yaml
