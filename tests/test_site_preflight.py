@@ -290,3 +290,24 @@ def test_no_single_node_has_it_all_at_once() -> None:
     assert limits_problem(request(partition="mixed", cpus_per_task=64, mem_gb=400), both, nodes + mixed) is None
     two = limits_problem(request(partition="mixed", cpus_per_task=64, mem_gb=400, nodes=2), both, nodes + mixed)
     assert two.endswith("partition mixed has 1 such node(s); hydra.launcher.nodes=1 fits")
+
+
+def test_a_check_that_could_not_be_made_is_said_not_passed(monkeypatch) -> None:
+    """scontrol/sinfo or sbatch not answering: the launch goes on, and says which check it lacks."""
+    import submitit
+
+    from mnist_hpc.login.launcher import site
+    from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
+
+    conf = SlurmQueueConf(cpus_per_task=64)
+    executor = submitit.AutoExecutor(folder="/scratch/u/sweep/.submitit/%A", cluster="slurm", **executor_init(conf, "slurm"))
+    executor.update_parameters(**submitit_parameters(conf, "slurm"))
+    monkeypatch.setattr(slurm, "site_limits", lambda: None)
+    monkeypatch.setattr(slurm, "will_run", lambda script: None)
+    assert site.check_site(executor, conf) == [
+        "note: the partitions' limits could not be read (scontrol show partition, sinfo): the job was not checked against them",
+        "note: sbatch --test-only could not be asked: Slurm did not judge the job before it was queued",
+    ]
+    monkeypatch.setattr(slurm, "site_limits", lambda: LOCAL)
+    with pytest.raises(site.PreflightError, match="cpus_per_task=64 asks for 64 CPUs per node"):
+        site.check_site(executor, conf)

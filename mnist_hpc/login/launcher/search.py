@@ -275,7 +275,7 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(launcher, cluster))
     executor.update_parameters(**submitit_parameters(launcher, cluster))
     # The workers share one request: checked against the site once, before anything is written.
-    expected = check_site(executor, launcher) if isinstance(launcher, SlurmQueueConf) and cluster == "slurm" else None
+    expected = check_site(executor, launcher) if isinstance(launcher, SlurmQueueConf) and cluster == "slurm" else []
     make_private(root)
     # One submission at a time into a search directory (as for a sweep: mnist_hpc.claim.launch_lock).
     with claim.launch_lock(search_dir):
@@ -312,8 +312,8 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
             sd.write_beat(search_dir, sd.WorkerBeat(job_id=str(job.job_id), cluster=cluster, host=host, state="queued",
                                                     log=str(job.paths.stdout)))
     print(summary(search_dir, spec, counted, jobs, cluster, repaired), flush=True)
-    if expected:
-        print(expected, flush=True)
+    for line in expected:
+        print(line, flush=True)
 
 
 def summary(search_dir: Path, spec: sd.SearchSpec, counted: int, jobs: list[Any], cluster: str,

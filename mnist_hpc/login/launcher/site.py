@@ -276,19 +276,23 @@ def replaced_flags(conf: SlurmQueueConf) -> Optional[str]:
     return None
 
 
-def check_site(executor: Any, conf: SlurmQueueConf) -> Optional[str]:
-    """Refuse (:class:`PreflightError`) a launch's job that the cluster can never run; else Slurm's expected start.
+def check_site(executor: Any, conf: SlurmQueueConf) -> list[str]:
+    """Refuse (:class:`PreflightError`) a launch's job that the cluster can never run; else what to print.
 
-    ``executor``: the launch's ``AutoExecutor`` for Slurm, its parameters set. Returns a line to
-    print ("Slurm expects ... to start at ..."), or None when Slurm could not be asked (the
-    submission then reports what sbatch says).
+    ``executor``: the launch's ``AutoExecutor`` for Slurm, its parameters set. Returns Slurm's
+    expected start, and a note for each check that could not be made (a client that did not
+    answer): never a silent pass.
     """
     if (replaced := replaced_flags(conf)) is not None:
         raise PreflightError(f"nothing was queued: {replaced}")
     script = sbatch_script(executor)
     flags = sbatch_flags(script)
+    lines: list[str] = []
     limits = slurm.site_limits()
-    if limits is not None:
+    if limits is None:
+        lines.append("note: the partitions' limits could not be read (scontrol show partition, sinfo): the job was not "
+                     "checked against them")
+    else:
         try:
             request = request_of(flags, conf)
         except ValueError:
@@ -297,10 +301,12 @@ def check_site(executor: Any, conf: SlurmQueueConf) -> Optional[str]:
             raise PreflightError(f"nothing was queued: {problem}")
     answer = slurm.will_run(script)
     if answer is None:
-        return None
-    if not answer.ok:
+        lines.append("note: sbatch --test-only could not be asked: Slurm did not judge the job before it was queued")
+    elif not answer.ok:
         raise PreflightError(refusal(answer))
-    return start_line(answer, datetime.now())
+    else:
+        lines.insert(0, start_line(answer, datetime.now()))
+    return lines
 
 
 # Slurm answers --test-only with a date thousands of years away when it cannot place the job

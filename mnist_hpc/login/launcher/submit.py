@@ -98,7 +98,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
             executor.update_parameters(**submitit_parameters(conf, cluster))
             # The trials share one request: checked against the site once, whatever their number.
-            expected = check_site(executor, conf) if todo and isinstance(conf, SlurmQueueConf) and cluster == "slurm" else None
+            expected = check_site(executor, conf) if todo and isinstance(conf, SlurmQueueConf) and cluster == "slurm" else []
             make_private(folder_root(folder))
         except PreflightError:
             record = getattr(launcher, "sweep_record", None)
@@ -170,8 +170,8 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
                 f"mnist-hpc-status {sweep_dir} shows the trials from then on. Free space or fix permissions there."
             ) from exc
     print(summary(sweep_dir, planned, records, cluster), flush=True)
-    if expected:
-        print(expected, flush=True)
+    for line in expected:
+        print(line, flush=True)
     if packing.reason and len(todo) > 1:
         print(f"packing (hydra.launcher.trials_per_task=auto): {packing.reason}", flush=True)
     if isinstance(conf, SlurmQueueConf) and conf.report_after and cluster == "slurm":
