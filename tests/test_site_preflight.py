@@ -8,7 +8,6 @@ The refusals on the real cluster are in tests/test_slurm_site.py.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
