@@ -309,8 +309,10 @@ def parse_partitions(text: str) -> dict[str, PartitionLimits]:
 
 def site_limits() -> Optional[tuple[dict[str, PartitionLimits], list[NodeLimits]]]:
     """The cluster's partitions and nodes (one scontrol and one sinfo call), or None if either cannot answer."""
-    partitions = run_client(["scontrol", "show", "partition", "-o"])
-    nodes = run_client(["sinfo", "-N", "-h", "-o", SINFO_NODES_FORMAT])
+    # --all: hidden partitions too (and ones this user may not use: sbatch --test-only says so),
+    # so that one named is never refused as missing.
+    partitions = run_client(["scontrol", "--all", "show", "partition", "-o"])
+    nodes = run_client(["sinfo", "--all", "-N", "-h", "-o", SINFO_NODES_FORMAT])
     if partitions is None or nodes is None:
         return None
     return parse_partitions(partitions), parse_nodes(nodes)
