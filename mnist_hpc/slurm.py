@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 # One row per job or array task: state, elapsed time, node list, exit code.
@@ -205,3 +206,154 @@ def job_states(job_ids: Sequence[str]) -> tuple[dict[str, Row], list[str]]:
     if unknown:
         rows.update(query_squeue(unknown) or {})
     return rows, notes
+
+
+# --- The site's limits, and Slurm's own verdict on a request (the launcher's site preflight) ---
+# Kept together at the end of the module: sinfo's nodes, scontrol's partitions and
+# ``sbatch --test-only``, each parsed apart from running it.
+
+# Per node: name, CPUs, memory (MB), generic resources, partition (``*`` marks the default one).
+SINFO_NODES_FORMAT = "%N|%c|%m|%G|%P"
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """What one node could ever give one job."""
+
+    name: str
+    cpus: int
+    memory_mb: int
+    gpus: int
+    partitions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PartitionLimits:
+    """A partition's limits on one job (None: unlimited)."""
+
+    name: str
+    default: bool
+    max_time_min: Optional[float]
+    max_nodes: Optional[int]
+    total_nodes: int
+    max_cpus_per_node: Optional[int]
+    max_mem_per_node_mb: Optional[int]
+
+
+def slurm_minutes(text: str) -> Optional[float]:
+    """A Slurm duration in minutes (None for UNLIMITED/INFINITE).
+
+    Slurm's forms: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    days, dash, rest = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = [int(p) for p in rest.split(":")]  # ValueError for junk
+    if not days.isdigit() or not 1 <= len(parts) <= 3 or any(p < 0 for p in parts):
+        raise ValueError(f"not a Slurm duration: {text!r}")
+    if dash:  # D-H, D-H:M, D-H:M:S
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:  # M or M:S
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    return int(days) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in a gres string: ``gpu:2``, ``gpu:a100:4(S:0-1),gpu:v100:2`` -> 6; ``(null)`` -> 0."""
+    return sum(int(n) for n in re.findall(r"(?:^|,)gpu(?::[^:,(\s]+)?:(\d+)", gres.strip()))
+
+
+def parse_nodes(text: str) -> list[NodeLimits]:
+    """Nodes of ``sinfo -N -h -o '%N|%c|%m|%G|%P'`` (one line per node and partition), merged per node."""
+    nodes: dict[str, NodeLimits] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 5 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
+            continue
+        name, cpus, memory, gres, partition = parts
+        seen = nodes.get(name)
+        partitions = (seen.partitions if seen else ()) + (partition.rstrip("*"),)
+        nodes[name] = NodeLimits(name, int(cpus), int(memory), gpu_count(gres), partitions)
+    return list(nodes.values())
+
+
+def _limit(value: Optional[str]) -> Optional[int]:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def parse_partitions(text: str) -> dict[str, PartitionLimits]:
+    """Partitions of ``scontrol show partition -o`` (one line each, ``Key=Value`` words), by name."""
+    found: dict[str, PartitionLimits] = {}
+    for line in text.splitlines():
+        fields = dict(word.partition("=")[::2] for word in line.split() if "=" in word)
+        name = fields.get("PartitionName")
+        if not name:
+            continue
+        try:
+            max_time = slurm_minutes(fields.get("MaxTime", "UNLIMITED"))
+        except ValueError:
+            max_time = None  # a form this parser does not know: left to sbatch --test-only
+        found[name] = PartitionLimits(
+            name, fields.get("Default") == "YES", max_time, _limit(fields.get("MaxNodes")),
+            _limit(fields.get("TotalNodes")) or 0, _limit(fields.get("MaxCPUsPerNode")),
+            _limit(fields.get("MaxMemPerNode")),
+        )
+    return found
+
+
+def site_limits() -> Optional[tuple[dict[str, PartitionLimits], list[NodeLimits]]]:
+    """The cluster's partitions and nodes (one scontrol and one sinfo call), or None if either cannot answer."""
+    # --all: hidden partitions too (and ones this user may not use: sbatch --test-only says so),
+    # so that one named is never refused as missing.
+    partitions = run_client(["scontrol", "--all", "show", "partition", "-o"])
+    nodes = run_client(["sinfo", "--all", "-N", "-h", "-o", SINFO_NODES_FORMAT])
+    if partitions is None or nodes is None:
+        return None
+    return parse_partitions(partitions), parse_nodes(nodes)
+
+
+@dataclass(frozen=True)
+class WillRun:
+    """Slurm's answer to ``sbatch --test-only``: when and where the job would start, or why it cannot."""
+
+    ok: bool
+    start: Optional[str] = None
+    nodes: Optional[str] = None
+    partition: Optional[str] = None
+    error: Optional[str] = None
+
+
+def parse_will_run(returncode: int, stderr: str) -> WillRun:
+    """``sbatch --test-only``'s exit code and stderr, e.g. ``sbatch: Job 12 to start at 2026-12-07T05:24:20
+    using 1 processors on nodes vm in partition short``, or ``allocation failure: Requested node
+    configuration is not available`` (with sbatch's own ``sbatch: error: ...`` lines before it)."""
+    match = re.search(r"Job \d+ to start at (\S+) using \d+ processors on nodes (\S+) in partition (\S+)", stderr)
+    if returncode == 0 and match:
+        return WillRun(True, *match.groups())
+    errors: list[str] = []
+    for line in stderr.splitlines():
+        line = line.strip()
+        for prefix in ("sbatch: error: ", "allocation failure: ", "sbatch: "):
+            if line.startswith(prefix):
+                line = line[len(prefix):]
+                break
+        if line and not line.startswith("Try \"sbatch --help\"") and line not in errors:
+            errors.append(line)
+    return WillRun(False, error="; ".join(errors) or f"sbatch --test-only exited with {returncode} and said nothing")
+
+
+def will_run(script: str) -> Optional[WillRun]:
+    """Ask Slurm whether (and when) this batch script would run, queueing nothing; None if sbatch cannot be asked."""
+    if shutil.which("sbatch") is None:
+        return None
+    try:
+        proc = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_will_run(proc.returncode, proc.stderr)

@@ -808,6 +808,21 @@ def test_launcher_options_that_contradict_each_other_are_refused():
         check_launcher(typed({"trials_per_task": 0}, "slurm", SWEEP), "slurm")
 
 
+@pytest.mark.parametrize("cluster", ["slurm", "local"])
+def test_launcher_sizes_below_what_slurm_takes_as_a_size_are_refused(cluster):
+    """--time=0 is no limit and --mem=0 a whole node to Slurm: refused with the least that works (issue 23)."""
+    from mnist_hpc.login.launcher.options import typed
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher
+
+    least = {"timeout_min": 1, "cpus_per_task": 1, "tasks_per_node": 1, "nodes": 1, "mem_gb": 0.001, "gpus_per_node": 0}
+    check_launcher(typed(least, cluster, SWEEP), cluster)
+    for option, value, shown in (("timeout_min", 0, "0"), ("timeout_min", -5, "-5"), ("cpus_per_task", 0, "0"),
+                                 ("tasks_per_node", 0, "0"), ("nodes", 0, "0"), ("mem_gb", 0.0009, "0.0009"),
+                                 ("gpus_per_node", -1, "-1")):
+        with pytest.raises(PreflightError, match=rf"^nothing was queued: hydra.launcher.{option}={shown} is less than "):
+            check_launcher(typed({**least, option: value}, cluster, SWEEP), cluster)
+
+
 def test_several_tasks_train_one_run_or_are_refused_per_trial(compose, tmp_path):
     from mnist_hpc.login.launcher.options import typed
     from mnist_hpc.login.launcher.preflight import PreflightError, check_tasks

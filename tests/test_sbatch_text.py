@@ -28,6 +28,8 @@ CASES = {
     "pyxis": ["hydra.launcher.srun_args=['--container-image=/scratch/img/mnist-hpc.sqsh','--container-mounts=/scratch']"],
     "no_srun": ["hydra.launcher.use_srun=false", "hydra.launcher.partition=cpu", "hydra.launcher.account=proj42"],
     "multi_worker": ["hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=4"],
+    # New sbatch keys without '+' (issue 23): the mapping is open, any sbatch option goes in.
+    "additional": ["hydra.launcher.additional_parameters={hold: true, mail-type: END}"],
 }
 
 
@@ -69,3 +71,22 @@ def test_each_gpu_spelling_asks_for_the_gpus_once() -> None:
     assert lines["gpus_per_node"] == ["#SBATCH --gpus-per-node=2"]
     assert lines["gres"] == ["#SBATCH --gres=gpu:2"]
     assert lines["gpus_per_task"] == ["#SBATCH --gpus-per-task=1"]
+
+
+@pytest.mark.parametrize("spellings", [
+    ["hydra.launcher.additional_parameters={hold: true, mail-type: END}",
+     "+hydra.launcher.additional_parameters={hold: true, mail-type: END}"],
+    ["hydra.launcher.additional_parameters.hold=true", "+hydra.launcher.additional_parameters.hold=true"],
+])
+def test_new_sbatch_keys_with_or_without_plus_render_the_same_text(spellings: list[str]) -> None:
+    without, plus = (render([s]) for s in spellings)
+    assert without == plus
+    assert "#SBATCH --hold\n" in without and "#SBATCH --hold\n" not in render([])
+
+
+def test_a_misspelt_launcher_option_is_still_refused() -> None:
+    """Only additional_parameters is open: a new key beside the options is still Hydra's error."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="hydra.launcher.cpus_per_tsk"):
+        render(["hydra.launcher.cpus_per_tsk=2"])

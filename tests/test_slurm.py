@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tests.helpers import (
     squeue_ids,
     status_rows,
     submit,
+    subprocess_env,
     tiny_overrides,
     wait_for_states,
 )
@@ -90,11 +93,21 @@ def test_job_whose_launch_context_is_gone_ends_failed(synthetic_cache: Path, tmp
 
 
 def test_refused_submission_leaves_nothing_behind(synthetic_cache: Path, tmp_path: Path):
-    """sbatch rejects the partition: a clear error, no job records, no pickles left in .submitit."""
+    """sbatch rejects the submission after the site preflight let it through (here: an sbatch that
+    names a partition of its own, as a site's wrapper might): a clear error, no job records, no
+    pickles left in .submitit. (A partition that does not exist is refused before, by the site
+    preflight: tests/test_slurm_site.py.)"""
     sweep = tmp_path / "sweep"
-    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "hydra.launcher.partition=nosuch", "train.seed=1,2",
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    real = shutil.which("sbatch")
+    (shims / "sbatch").write_text(f'#!/bin/bash\nif [ "$1" = --test-only ]; then exec {real} "$@"; fi\n'
+                                  f'exec {real} --partition=nosuch "$@"\n')
+    (shims / "sbatch").chmod(0o700)
+    env = {**subprocess_env(), "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
+    args = slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path), "train.seed=1,2",
                                "hydra.launcher.trials_per_task=1")
-    proc = submit(args, tmp_path)
+    proc = submit(args, tmp_path, env=env)
     assert proc.returncode != 0
     assert "nothing was queued: slurm refused the 2 task(s)" in proc.stderr
     assert "invalid partition" in proc.stderr.lower() and "hydra.launcher" in proc.stderr

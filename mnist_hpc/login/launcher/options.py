@@ -126,7 +126,13 @@ def register() -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    store.store(group="hydra/launcher", name="slurm", node=SlurmQueueConf, provider="mnist_hpc")
+    slurm = OmegaConf.structured(SlurmQueueConf)
+    # Hydra composes in struct mode, which would take a new sbatch key into additional_parameters
+    # only as `+hydra.launcher.additional_parameters...`; this mapping is open by design (any sbatch
+    # option), so it alone is not struct: `hydra.launcher.additional_parameters={hold: true}` works
+    # too. Keys sbatch does not know are refused by the site preflight's `sbatch --test-only`.
+    OmegaConf.set_struct(slurm.additional_parameters, False)
+    store.store(group="hydra/launcher", name="slurm", node=slurm, provider="mnist_hpc")
     store.store(group="hydra/launcher", name="local", node=LocalQueueConf, provider="mnist_hpc")
 
 

@@ -27,6 +27,15 @@ def check_launcher(conf: LocalQueueConf, cluster: str) -> None:
         requested(conf)
     except PackingError as exc:
         raise PreflightError(f"nothing was queued: {exc}") from exc
+    # Sizes below these are not "small" to Slurm: --time=0 is no limit at all, --mem=0 all of a
+    # node's memory (mem_gb under 1/1024 renders as --mem=0MB), and --nodes=0 or a negative time are refused
+    # or left pending; the local launcher would hand them to submitit as well.
+    for option, value, least in (("timeout_min", conf.timeout_min, 1), ("cpus_per_task", conf.cpus_per_task, 1),
+                                 ("tasks_per_node", conf.tasks_per_node, 1), ("nodes", conf.nodes, 1),
+                                 ("mem_gb", conf.mem_gb, 0.001), ("gpus_per_node", conf.gpus_per_node, 0)):
+        if value < least:
+            raise PreflightError(f"nothing was queued: hydra.launcher.{option}={value:g} is less than {least:g}, the "
+                                 f"least it can be; ask for at least {least:g}")
     gpus, tasks, spelling = conf.gpus_per_node, conf.tasks_per_node, gpu_request(conf)
     if cluster == "slurm" and gpus and spelling is GpuRequest.gpus_per_task and gpus % tasks:
         raise PreflightError(

@@ -272,7 +272,8 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     from mnist_hpc.contract.guard import private_submission
     from mnist_hpc.contract.tasks import LaunchContext, SearchWorkerTask
     from mnist_hpc.login.launcher.compose import SweepComposer
-    from mnist_hpc.login.launcher.options import executor_init, submitit_parameters, typed
+    from mnist_hpc.login.launcher.options import SlurmQueueConf, executor_init, submitit_parameters, typed
+    from mnist_hpc.login.launcher.site import check_site
     from mnist_hpc.login.launcher.submit import SubmissionError, folder_root, make_private
 
     config: DictConfig = sweeper.config
@@ -292,6 +293,10 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     root = folder_root(folder)
     spec = build_spec(config.hydra.sweeper, arguments)
     check_trials(SweepComposer(sweeper.hydra_context.config_loader, config), spec)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(launcher, cluster))
+    executor.update_parameters(**submitit_parameters(launcher, cluster))
+    # The workers share one request: checked against the site once, before anything is written.
+    expected = check_site(executor, launcher) if isinstance(launcher, SlurmQueueConf) and cluster == "slurm" else []
     make_private(root)
     # One submission at a time into a search directory (as for a sweep: mnist_hpc.claim.launch_lock).
     with claim.launch_lock(search_dir):
@@ -300,8 +305,6 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
         sd.write_spec(search_dir, spec)
         OmegaConf.save(config, search_dir / "multirun.yaml")
 
-        executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(launcher, cluster))
-        executor.update_parameters(**submitit_parameters(launcher, cluster))
         context = LaunchContext(
             root / f"search-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{counted}.pkl",
             sweeper.hydra_context, sweeper.task_function, Singleton.get_state(),
@@ -330,6 +333,8 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
             sd.write_beat(search_dir, sd.WorkerBeat(job_id=str(job.job_id), cluster=cluster, host=host, state="queued",
                                                     log=str(job.paths.stdout)))
     print(summary(search_dir, spec, counted, jobs, cluster, repaired), flush=True)
+    for line in expected:
+        print(line, flush=True)
 
 
 def summary(search_dir: Path, spec: sd.SearchSpec, counted: int, jobs: list[Any], cluster: str,

@@ -36,6 +36,7 @@ from mnist_hpc.login.launcher.options import SlurmQueueConf, executor_init, subm
 from mnist_hpc.login.launcher.packing import choose, pack
 from mnist_hpc.login.launcher.plan import MAX_NAMED, PlannedJob, PreflightError
 from mnist_hpc.login.launcher.preflight import check_launcher, check_tasks, preflight
+from mnist_hpc.login.launcher.site import check_site
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,20 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             check_launcher(conf, cluster)
             check_tasks(conf, cluster, planned)
             preflight(sweep_dir, planned)
+            todo = [job for job in planned if job.verdict is None or job.verdict.action != "done"]
+            executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
+            executor.update_parameters(**submitit_parameters(conf, cluster))
+            # The trials share one request: checked against the site once, whatever their number.
+            expected = check_site(executor, conf) if todo and isinstance(conf, SlurmQueueConf) and cluster == "slurm" else []
             make_private(folder_root(folder))
         except PreflightError:
             record = getattr(launcher, "sweep_record", None)
             if record is not None:
                 record.restore()  # Hydra's sweeper rewrote multirun.yaml before this refusal
             raise
-        todo = [job for job in planned if job.verdict is None or job.verdict.action != "done"]
         if not todo:
             print(summary(sweep_dir, planned, {}, cluster), flush=True)
             return [trial_return(job) for job in planned]
-        executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
-        executor.update_parameters(**submitit_parameters(conf, cluster))
 
         context = LaunchContext(
             folder_root(folder) / f"launch-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}-{initial_job_idx}.pkl",
@@ -167,6 +170,8 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
                 f"mnist-hpc-status {sweep_dir} shows the trials from then on. Free space or fix permissions there."
             ) from exc
     print(summary(sweep_dir, planned, records, cluster), flush=True)
+    for line in expected:
+        print(line, flush=True)
     if packing.reason and len(todo) > 1:
         print(f"packing (hydra.launcher.trials_per_task=auto): {packing.reason}", flush=True)
     if isinstance(conf, SlurmQueueConf) and conf.report_after and cluster == "slurm":
@@ -240,7 +245,8 @@ def queue_report(executor: Any, conf: SlurmQueueConf, sweep_dir: Path, tasks: Se
         # user's srun_args (a container, say) are.
         srun["slurm_srun_args"] = ["--cpus-per-task=1", *[str(a) for a in conf.srun_args]]
     executor.update_parameters(
-        timeout_min=30, cpus_per_task=1, mem_gb=2, tasks_per_node=1, nodes=1, name=f"{conf.name}-report",
+        # At most the trials' own time limit: that one has passed the site's MaxTime (site.check_site).
+        timeout_min=min(30, conf.timeout_min), cpus_per_task=1, mem_gb=2, tasks_per_node=1, nodes=1, name=f"{conf.name}-report",
         slurm_additional_parameters=extra,
         # The report needs no GPU, whatever the trials asked for.
         gpus_per_node=None, slurm_gres=None, slurm_gpus_per_task=None,
