@@ -24,11 +24,12 @@ def train_main() -> None:
     from hydra_plugins.mnist_hpc_launcher.launcher import register_plugins
     from mnist_hpc.compute.run import train_task, worker_overrides
     from mnist_hpc.config import register_configs
+    from mnist_hpc.hydra_adapter import run_app
 
     register_configs()
     register_plugins()  # an editable install hides our plugins from Hydra's scan
     sys.argv += worker_overrides(sys.argv[1:])
-    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(train_task)()
+    run_app(hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(train_task))
 
 
 def prefetch_main(argv: Optional[list[str]] = None) -> None:

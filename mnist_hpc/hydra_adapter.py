@@ -58,3 +58,33 @@ def sweep_batches(overrides: Sequence[Any], max_batch_size: Optional[int]) -> li
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     return BasicSweeper.split_arguments(list(overrides), max_batch_size)
+
+
+def run_app(app: Any) -> None:
+    """Run a ``@hydra.main`` app; an error Hydra reports compactly is one line and exit status 1.
+
+    Hydra prints a compact error (our refusals: ``nothing was queued: ...``; its own: a bad
+    override) and then "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack
+    trace", which promises a traceback a known error does not have. With that variable set, Hydra
+    raises instead of printing (``hydra._internal.utils.run_and_report``), and the error is printed
+    here without the hint. Any other exception -- a bug -- keeps its whole traceback. A user who
+    sets ``HYDRA_FULL_ERROR=1`` gets Hydra's behaviour, tracebacks included.
+    """
+    import os
+    import sys
+
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        app()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except CompactHydraException as exc:
+        cause = f"\n{exc.__cause__}" if isinstance(exc.__cause__, OmegaConfBaseException) else ""
+        sys.stderr.write(f"{exc}{cause}\n")
+        sys.exit(1)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

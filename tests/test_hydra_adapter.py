@@ -140,3 +140,51 @@ def test_no_module_but_the_adapter_reaches_hydras_internals():
                  for p in sorted((REPO / root).rglob("*.py")) if p not in (here, adapter) and needle.search(p.read_text())]
     assert offenders == []
     assert needle.search(adapter.read_text())  # the scan would see one
+
+
+# --- run_app: Hydra's run_and_report prints a hint after a compact error; with HYDRA_FULL_ERROR it raises ---
+
+
+def test_run_app_a_known_error_is_its_own_lines_and_exit_1(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.helpers import TRAIN
+
+    refused = subprocess.run([*TRAIN, "-m", "hydra/launcher=local", f"data.cache_dir={tmp_path / 'none'}",
+                              f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"nothing was queued: no cached MNIST at {tmp_path / 'none' / 'mnist.npz'}; run "
+        f"`mnist-hpc-prefetch data.cache_dir={tmp_path / 'none'}` on a login node first"], refused.stderr
+    hydras = subprocess.run([*TRAIN, "train.nokey=1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert hydras.returncode == 1 and hydras.stderr.startswith("Could not override 'train.nokey'.\n")
+    assert "Key 'nokey' not in 'TrainConfig'" in hydras.stderr  # the OmegaConf cause, as Hydra prints it
+    for proc in (refused, hydras):
+        assert "HYDRA_FULL_ERROR" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_app_leaves_hydras_behaviour_to_a_user_who_sets_hydra_full_error(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.helpers import TRAIN
+
+    proc = subprocess.run([*TRAIN, "train.nokey=1"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+
+
+def test_run_app_hydra_raises_a_compact_error_when_hydra_full_error_is_set(monkeypatch) -> None:
+    """What run_app relies on: without the variable Hydra prints and exits; with it, it raises."""
+    from hydra._internal.utils import run_and_report
+    from hydra.errors import ConfigCompositionException
+
+    def fail() -> None:
+        raise ConfigCompositionException("refused")
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigCompositionException, match="^refused$"):
+        run_and_report(fail)
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
+    with pytest.raises(SystemExit):
+        run_and_report(fail)
