@@ -50,6 +50,14 @@ class Trial:
     notes: list[str] = field(default_factory=list)
     # The error line of an unfinished trial (failure.json or its own job log).
     error: Optional[str] = None
+    # A pending job's reason code and expected start (squeue), "" when none.
+    reason: str = ""
+    expected_start: str = ""
+    # What its job (or array task) used, from accounting; None before it started.
+    usage: Optional[slurm.Usage] = None
+    # This trial's share of its job's cost: 1 alone, its part of the wall time in a packed task.
+    share: float = 1.0
+    share_note: str = ""
 
     @property
     def number(self) -> Optional[int]:
@@ -121,6 +129,39 @@ class Trial:
     def stderr(self) -> Optional[str]:
         return self.files.job.stderr if self.files.job else None
 
+    @property
+    def wait(self) -> Optional[slurm.Reason]:
+        """Why its job is pending, in words; None unless it is."""
+        return slurm.explain_reason(self.reason) if self.state == "PENDING" else None
+
+    @property
+    def own_wall_s(self) -> Optional[float]:
+        """Its recorded wall time: metrics.json's, else the seconds of the epochs done so far."""
+        if self.wall_time_s is not None:
+            return self.wall_time_s
+        seconds = [r.get("seconds") for r in self.history]
+        return float(sum(seconds)) if seconds and all(isinstance(x, (int, float)) for x in seconds) else None
+
+    def cost_row(self) -> Optional[dict[str, Any]]:
+        """Its cost and sizing figures (its share of a packed task's); None before its job started."""
+        u = self.usage
+        if u is None:
+            return None
+        gb = 1024**3
+        return {
+            "elapsed_s": u.elapsed_s,
+            "alloc_cpus": u.alloc_cpus,
+            "cpu_time_s": None if u.cpu_s is None else round(u.cpu_s * self.share, 3),
+            "cpu_efficiency": None if u.cpu_efficiency is None else round(u.cpu_efficiency, 4),
+            "core_hours": round(u.core_hours * self.share, 6),
+            "gpus": u.gpus,
+            "gpu_hours": round(u.gpu_hours * self.share, 6),
+            "max_rss_gb": None if u.max_rss_bytes is None else round(u.max_rss_bytes / gb, 3),
+            "req_mem_gb": None if u.req_mem_bytes is None else round(u.req_mem_bytes / gb, 3),
+            "share": round(self.share, 4),
+            "share_note": self.share_note,
+        }
+
     def status_row(self) -> dict[str, Any]:
         """What ``mnist-hpc-status --json`` prints for this trial."""
         result_file = self.files.job.result_file if self.files.job else None
@@ -143,6 +184,11 @@ class Trial:
             "notes": self.notes,
             # Why an unfinished trial failed (failure.json, or its job's own log).
             "error": self.error,
+            "reason": self.reason or None,
+            "reason_words": self.wait.words if self.wait else None,
+            "todo": self.wait.todo.replace("JOBID", self.job_id) if self.wait else None,
+            "expected_start": self.expected_start or None,
+            "cost": self.cost_row(),
         }
 
 
@@ -258,18 +304,22 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
         The trials (a bare array id expanded into its tasks) and notes on where states came from.
     """
     slurm_ids = [t.job_id for t in trials if t.source == "slurm"]
-    rows, notes = slurm.job_states(slurm_ids) if slurm_ids else ({}, [])
+    # A job all of whose runs wrote their result has ended: the controller is not asked about it.
+    unended = {t.job_id for t in trials if t.source == "slurm" and not _ended(t)}
+    snap = slurm.job_snapshot(slurm_ids, settled=[j for j in slurm_ids if j not in unended])
+    rows, notes = snap.rows, list(snap.notes)
     trials = _expand_arrays(trials, rows)
     me = claim.Holder.this_process()
     for t in trials:
         row = rows.get(t.job_id) if t.source == "slurm" else None
         if row:
             t.elapsed, t.node, t.exit_code = row["elapsed"], row["node"], row["exit_code"]
+            t.reason, t.expected_start = row.get("reason", ""), row.get("start", "")
+            t.usage = snap.usage.get(t.job_id)
         if t.run_dir is None:
             t.state = row["state"] if row else "UNKNOWN"
             continue
-        result_file = t.files.job.result_file if t.files.job else None
-        ended = bool(result_file and _is_file(result_file))
+        ended = _ended(t)
         gone = False
         if t.source == "local" and t.files.job is not None and not ended:
             # The local launcher's job is a process: ask whether it still runs (pid and start time).
@@ -286,7 +336,40 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
                 job = t.files.job
                 t.error = f"its process (pid {job.job_id} on {job.host or 'this host'}) ended without a result: killed?"
                 t.error += f" See {job.stderr}" if job.stderr else ""
+    split_packed_costs(trials)
     return trials, notes
+
+
+def _ended(trial: Trial) -> bool:
+    """Its job wrote the result file submitit leaves when the job's function returned or raised."""
+    result_file = trial.files.job.result_file if trial.files.job else None
+    return bool(result_file and _is_file(result_file))
+
+
+def split_packed_costs(trials: Sequence[Trial]) -> None:
+    """Share each packed task's cost among its trials by their recorded wall times.
+
+    A trial without one (not started, or its files unreadable) would make any weighting a guess,
+    so then the task's cost is split evenly and each trial says so. Totals over a sweep are
+    unaffected: the shares of a task add up to 1.
+    """
+    by_job: dict[str, list[Trial]] = {}
+    for t in trials:
+        if t.usage is not None and t.packed_slot is not None:
+            by_job.setdefault(t.job_id, []).append(t)
+    for job_id, group in by_job.items():
+        if len(group) < 2:
+            continue
+        walls = [t.own_wall_s for t in group]
+        known = [w for w in walls if w is not None]
+        if len(known) == len(group) and sum(known) > 0:
+            for t, w in zip(group, known):
+                t.share, t.share_note = w / sum(known), f"share of task {job_id} by wall time"
+        else:
+            missing = ", ".join(t.label for t, w in zip(group, walls) if w is None) or "all trials"
+            for t in group:
+                t.share = 1 / len(group)
+                t.share_note = f"task {job_id} split evenly among {len(group)} trials: no wall time for {missing}"
 
 
 def _is_file(path: Path) -> bool:
