@@ -19,10 +19,12 @@ from mnist_hpc import rundir
 from mnist_hpc.login.trials import (
     TargetError,
     Trial,
+    cost_totals,
     fill_states,
     find_runs,
     job_trial,
     read_trial,
+    sort_trials,
 )
 from mnist_hpc.io import path_problem
 from mnist_hpc.search import is_search_dir
@@ -37,14 +39,14 @@ def collect(target: str) -> list[Trial]:
     path = Path(target)
     if path.is_dir():
         try:
-            submitted = [d for d in find_runs(path)[1] if (d / rundir.JOB_FILE).is_file()]
+            submitted = [d for d in find_runs(path, ordered=False)[1] if (d / rundir.JOB_FILE).is_file()]
         except TargetError:
             submitted = []
         if not submitted:
             raise TargetError(
                 f"{path} holds no submitted run ({rundir.JOB_FILE} missing); pass a run or sweep directory, or a job id"
             )
-        return [read_trial(d) for d in submitted]
+        return sort_trials([read_trial(d) for d in submitted])
     if re.fullmatch(r"\d+(_\d+)?", target):
         return [job_trial(target)]
     raise TargetError(f"{target!r} is neither a directory nor a Slurm job id")
@@ -54,6 +56,8 @@ def collect(target: str) -> list[Trial]:
 ATTENTION_STATES = frozenset({"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "CANCELLED", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"})
 # Targets up to this many trials are listed in full; larger ones are summarised by state.
 LIST_ALL_UP_TO = 20
+# In a summary, trials that need attention for the same state and reason are listed up to this many.
+ATTENTION_LINES_PER_KIND = 10
 
 
 def needs_attention(trial: Trial) -> bool:
@@ -117,20 +121,16 @@ def wait_summary(pending: Sequence[Trial]) -> str:
 
 
 def cost_summary(state: str, trials: Sequence[Trial]) -> Optional[str]:
-    """``4 RUNNING: 0.20 core-hours, CPU efficiency 87%, peak 0.90G of 4.00G asked`` (from accounting)."""
-    used = [t for t in trials if t.usage is not None]
-    if not used:
+    """``4 RUNNING: 0.20 core-hours, CPU efficiency 87%, peak memory 0.90G of 4.00G asked`` (accounting)."""
+    totals = cost_totals(trials)
+    if totals is None:
         return None
-    core_h = sum(t.usage.core_hours * t.share for t in used)
-    cpu = [t for t in used if t.usage.cpu_s is not None]
-    eff = sum(t.usage.cpu_s * t.share for t in cpu) / max(sum(t.usage.core_s * t.share for t in cpu), 1e-9) if cpu else None
-    peaks = [t.usage.max_rss_bytes for t in used if t.usage.max_rss_bytes is not None]
-    asked = max((t.usage.req_mem_bytes or 0) for t in used)
-    text = f"{len(trials)} {state}: {core_h:.2f} core-hours"
-    gpu_h = sum(t.usage.gpu_hours * t.share for t in used)
-    text += f", {gpu_h:.2f} GPU-hours" if gpu_h else ""
-    text += f", CPU efficiency {100 * eff:.0f}%" if eff is not None else ""
-    text += f", peak memory {_gb(max(peaks))} of {_gb(asked or None)} asked" if peaks else ""
+    text = f"{len(trials)} {state}: {totals.core_hours:.2f} core-hours"
+    text += f", {totals.gpu_hours:.2f} GPU-hours" if totals.gpu_hours else ""
+    if totals.cpu_efficiency is not None:
+        text += f", CPU efficiency {100 * totals.cpu_efficiency:.0f}%"
+    if totals.max_rss_bytes is not None:
+        text += f", peak memory {_gb(totals.max_rss_bytes)} of {_gb(totals.req_mem_bytes)} asked"
     return text
 
 
@@ -154,8 +154,16 @@ def format_status(trials: Sequence[Trial], show_all: bool) -> str:
     if show_all or len(trials) <= LIST_ALL_UP_TO:
         shown, listed = list(trials), ""
     else:
-        shown = [t for t in trials if needs_attention(t)]
-        listed = f"(listed: the {len(shown)} trial(s) that need attention; --all lists all {len(trials)})"
+        # The first few of each kind (state and reason): the summary says what to do for all of them.
+        kinds: dict[tuple[str, str], int] = {}
+        attention = [t for t in trials if needs_attention(t)]
+        shown = []
+        for t in attention:
+            kind = (t.state, t.reason)
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if kinds[kind] <= ATTENTION_LINES_PER_KIND:
+                shown.append(t)
+        listed = f"(listed: {len(shown)} of the {len(attention)} trial(s) that need attention; --all lists all {len(trials)})"
     return "\n\n".join(([format_table(shown)] if shown else []) + [format_summary(trials, listed)])
 
 

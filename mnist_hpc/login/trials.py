@@ -200,8 +200,11 @@ def is_run_dir(path: Path) -> bool:
     return rundir.is_run_dir(path)
 
 
-def trial_dirs(sweep_dir: Path) -> list[Path]:
-    """A sweep's trial directories (basic or Optuna sweeper), in trial order.
+def trial_dirs(sweep_dir: Path, ordered: bool = True) -> list[Path]:
+    """A sweep's trial directories (basic or Optuna sweeper), in trial order (``ordered``), else by path.
+
+    Ordering reads every ``job.json``: a caller that reads the trials anyway passes
+    ``ordered=False`` and sorts them with :func:`sort_trials` instead of reading each file twice.
 
     Each is where ``hydra.sweep.subdir`` put it (its number by default, any name or depth
     otherwise): a directory below the sweep holding a run's ``job.json`` or Hydra's overrides.
@@ -231,7 +234,7 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
                 found.append(path)
             else:
                 stack.append(path)
-    return sorted(found, key=_trial_order)
+    return sorted(found, key=_trial_order) if ordered else sorted(found)
 
 
 def _trial_order(path: Path) -> tuple[int, int, str]:
@@ -247,7 +250,12 @@ def _trial_order(path: Path) -> tuple[int, int, str]:
     return 1, 0, str(path)
 
 
-def find_runs(target: Path) -> tuple[bool, list[Path]]:
+def sort_trials(trials: Sequence[Trial]) -> list[Trial]:
+    """Trials in the order of :func:`trial_dirs` (by number, then path), from what was read of them."""
+    return sorted(trials, key=lambda t: (0, t.number, str(t.run_dir)) if t.number is not None else (1, 0, str(t.run_dir)))
+
+
+def find_runs(target: Path, ordered: bool = True) -> tuple[bool, list[Path]]:
     """Whether ``target`` is a sweep, and its run directories (the target itself for a run).
 
     Raises:
@@ -257,7 +265,7 @@ def find_runs(target: Path) -> tuple[bool, list[Path]]:
         raise TargetError(f"{target} is not a directory; pass a sweep directory or a run directory")
     if is_run_dir(target):
         return False, [target]
-    trials = trial_dirs(target)
+    trials = trial_dirs(target, ordered)
     if not trials:
         raise TargetError(
             f"{target} holds no trials (numbered directories with {rundir.JOB_FILE} or {rundir.HYDRA_OVERRIDES}) "
@@ -287,11 +295,18 @@ def job_trial(job_id: str) -> Trial:
 
 def _expand_arrays(trials: list[Trial], rows: dict[str, slurm.Row]) -> list[Trial]:
     """A bare array id (``123``) named on the command line stands for all of its tasks."""
+    bare = {t.job_id for t in trials if t.run_dir is None and t.job_id not in rows}
+    if not bare:  # a sweep's trials name their own tasks: nothing to expand (and no pass over rows)
+        return trials
+    tasks: dict[str, list[str]] = {}
+    for key in rows:
+        base, _, index = key.partition("_")
+        if base in bare and index:
+            tasks.setdefault(base, []).append(key)
     out: list[Trial] = []
     for t in trials:
-        tasks = sorted((k for k in rows if k.startswith(t.job_id + "_")), key=lambda k: k.split("_", 1)[1].zfill(9))
-        if t.run_dir is None and t.job_id not in rows and tasks:
-            out += [job_trial(task) for task in tasks]
+        if t.run_dir is None and t.job_id in tasks:
+            out += [job_trial(task) for task in sorted(tasks[t.job_id], key=lambda k: k.split("_", 1)[1].zfill(9))]
         else:
             out.append(t)
     return out
@@ -347,29 +362,65 @@ def _ended(trial: Trial) -> bool:
 
 
 def split_packed_costs(trials: Sequence[Trial]) -> None:
-    """Share each packed task's cost among its trials by their recorded wall times.
+    """Share a job's cost among the trials that ran in it, by their recorded wall times.
 
-    A trial without one (not started, or its files unreadable) would make any weighting a guess,
-    so then the task's cost is split evenly and each trial says so. Totals over a sweep are
-    unaffected: the shares of a task add up to 1.
+    Several trials share a job when they were packed into one task (trials_per_task) or run one
+    after another by a search worker. A trial without a wall time (not started, or its files
+    unreadable) would make any weighting a guess: then the job's cost is split evenly and each
+    trial says so. The shares of a job add up to 1, so totals are unaffected.
     """
     by_job: dict[str, list[Trial]] = {}
     for t in trials:
-        if t.usage is not None and t.packed_slot is not None:
+        if t.usage is not None:
             by_job.setdefault(t.job_id, []).append(t)
     for job_id, group in by_job.items():
         if len(group) < 2:
             continue
         walls = [t.own_wall_s for t in group]
-        known = [w for w in walls if w is not None]
-        if len(known) == len(group) and sum(known) > 0:
-            for t, w in zip(group, known):
-                t.share, t.share_note = w / sum(known), f"share of task {job_id} by wall time"
+        if all(w is not None for w in walls) and sum(walls) > 0:  # type: ignore[arg-type]
+            for t, w in zip(group, walls):
+                t.share, t.share_note = w / sum(walls), f"its wall time's share of job {job_id}"  # type: ignore[operator]
         else:
-            missing = ", ".join(t.label for t, w in zip(group, walls) if w is None) or "all trials"
+            missing = ", ".join(t.label for t, w in zip(group, walls) if w is None) or "any trial"
             for t in group:
                 t.share = 1 / len(group)
-                t.share_note = f"task {job_id} split evenly among {len(group)} trials: no wall time for {missing}"
+                t.share_note = f"job {job_id} split evenly among its {len(group)} trials: no wall time for {missing}"
+
+
+@dataclass
+class CostTotals:
+    """What a set of trials' jobs used together; each job counted once, however many trials it ran."""
+
+    jobs: int
+    core_hours: float
+    gpu_hours: float
+    # TotalCPU / CPUTimeRAW over the jobs that ended (a running job's CPU time is not known yet).
+    cpu_efficiency: Optional[float]
+    max_rss_bytes: Optional[int]
+    req_mem_bytes: Optional[int]
+    # The largest CPU count of a job that ended: what the advice on idle CPUs is about.
+    alloc_cpus: int
+
+
+def cost_totals(trials: Sequence[Trial]) -> Optional[CostTotals]:
+    """Totals of ``trials``' jobs (None when none has started)."""
+    jobs = {t.job_id: t.usage for t in trials if t.usage is not None}
+    if not jobs:
+        return None
+    used = list(jobs.values())
+    ended = [u for u in used if u.cpu_s is not None]
+    peaks = [u.max_rss_bytes for u in used if u.max_rss_bytes is not None]
+    asked = [u.req_mem_bytes for u in used if u.req_mem_bytes is not None]
+    core_s = sum(u.core_s for u in ended)
+    return CostTotals(
+        jobs=len(used),
+        core_hours=sum(u.core_hours for u in used),
+        gpu_hours=sum(u.gpu_hours for u in used),
+        cpu_efficiency=sum(u.cpu_s or 0.0 for u in ended) / core_s if core_s > 0 else None,
+        max_rss_bytes=max(peaks) if peaks else None,
+        req_mem_bytes=max(asked) if asked else None,
+        alloc_cpus=max((u.alloc_cpus for u in ended), default=0),
+    )
 
 
 def _is_file(path: Path) -> bool:
