@@ -320,7 +320,8 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
     """
     slurm_ids = [t.job_id for t in trials if t.source == "slurm"]
     # A job all of whose runs wrote their result has ended: the controller is not asked about it.
-    unended = {t.job_id for t in trials if t.source == "slurm" and not _ended(t)}
+    ended = {id(t): _ended(t) for t in trials if t.run_dir is not None}
+    unended = {t.job_id for t in trials if t.source == "slurm" and not ended.get(id(t), False)}
     snap = slurm.job_snapshot(slurm_ids, settled=[j for j in slurm_ids if j not in unended])
     rows, notes = snap.rows, list(snap.notes)
     trials = _expand_arrays(trials, rows)
@@ -334,15 +335,15 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
         if t.run_dir is None:
             t.state = row["state"] if row else "UNKNOWN"
             continue
-        ended = _ended(t)
+        ended_now = ended.get(id(t), False)
         gone = False
-        if t.source == "local" and t.files.job is not None and not ended:
+        if t.source == "local" and t.files.job is not None and not ended_now:
             # The local launcher's job is a process: ask whether it still runs (pid and start time).
             live = claim.alive(claim.job_holder(t.files.job), me)
             gone = live is False
             if live is None:
                 t.notes.append(f"its process runs on {t.files.job.host}; run mnist-hpc-status there to see whether it lives")
-        t.state = rundir.run_state(t.files, row["state"] if row else None, ended or gone)
+        t.state = rundir.run_state(t.files, row["state"] if row else None, ended_now or gone)
         if row is None and t.source != "files":
             t.source += " (files)"
         if not t.finished:
