@@ -19,8 +19,11 @@ Row = dict[str, str]
 # What accounting is asked once per status or report: states and every cost figure. Without -X, so
 # that the steps (``123.batch``, ``123_4.0``) come too: only they carry MaxRSS (folded into their job).
 SACCT_FIELDS = "JobID,State,Elapsed,NodeList,ExitCode,Reason,ElapsedRaw,TotalCPU,AllocCPUS,AllocTRES,ReqMem,MaxRSS,CPUTimeRAW"
-# The controller's view of live jobs: id, state, elapsed, nodes, reason, (expected) start.
-SQUEUE_FORMAT = "%i|%T|%M|%N|%r|%S"
+# The controller's view of live jobs: id, state, elapsed, nodes, reason, (expected) start, and the
+# job's own numeric id (an array task's, which sstat needs).
+SQUEUE_FORMAT = "%i|%T|%M|%N|%r|%S|%A"
+# A running job's usage so far: accounting has its steps' CPU time and MaxRSS only once they end.
+SSTAT_FIELDS = "JobID,MaxRSS,TresUsageInTot"
 
 
 def run_client(cmd: list[str]) -> Optional[str]:
@@ -91,9 +94,10 @@ class Usage:
     """What one job (or array task) used, as accounting recorded it.
 
     ``cpu_s`` is TotalCPU (user + system time of every step): Slurm adds a step's share when the
-    step ends, so for a job that still runs it is None (unknown), never a misleading 0. ``max_rss_bytes`` is the largest MaxRSS
-    of the job's steps: sampled by JobAcctGather (every 30 s on the local cluster), so a running
-    job's peak lags by up to that long and a job shorter than the interval may have none.
+    step ends, so for a job that still runs it is None (unknown, never a misleading 0) unless
+    sstat gave its CPU time so far (:func:`job_snapshot`). ``max_rss_bytes`` is the largest MaxRSS
+    of the job's steps, sampled by JobAcctGather (every 30 s on the local cluster): accounting has
+    it once a step ends (seen here: none for a step running 35 s), sstat while it runs.
     """
 
     elapsed_s: float
@@ -217,11 +221,37 @@ def parse_squeue(text: str) -> dict[str, Row]:
     rows: dict[str, Row] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) in (4, 6) and parts[0]:
-            reason, start = (parts[4], parts[5]) if len(parts) == 6 else ("", "")
+        if len(parts) in (4, 6, 7) and parts[0]:
+            reason, start = (parts[4], parts[5]) if len(parts) >= 6 else ("", "")
             rows[parts[0]] = {"state": normalise_state(parts[1]), "elapsed": parts[2], "node": parts[3], "exit_code": "",
                               "reason": _reason(reason), "start": "" if start in ("N/A", "Unknown") else start}
+            if len(parts) == 7:
+                rows[parts[0]]["raw_id"] = parts[6]
     return rows
+
+
+def parse_sstat(text: str) -> dict[str, tuple[Optional[float], Optional[int]]]:
+    """``sstat -a -n -P -o SSTAT_FIELDS``: (CPU seconds so far, peak RSS bytes) by numeric job id, steps folded."""
+    stats: dict[str, tuple[Optional[float], Optional[int]]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 3 or not parts[0]:
+            continue
+        job = parts[0].partition(".")[0]
+        cpu = parse_duration(parse_tres(parts[2]).get("cpu", ""))
+        rss = parse_bytes(parts[1])
+        old_cpu, old_rss = stats.get(job, (None, None))
+        stats[job] = (None if cpu is None and old_cpu is None else (cpu or 0.0) + (old_cpu or 0.0),
+                      max((r for r in (rss, old_rss) if r is not None), default=None))
+    return stats
+
+
+def query_sstat(raw_ids: Sequence[str]) -> Optional[dict[str, tuple[Optional[float], Optional[int]]]]:
+    """Running jobs' usage so far (one call), by numeric job id; None when sstat cannot answer."""
+    if not raw_ids:
+        return {}
+    out = run_client(["sstat", "-a", "-n", "-P", "-o", SSTAT_FIELDS, "-j", ",".join(sorted(set(raw_ids)))])
+    return None if out is None else parse_sstat(out)
 
 
 def _reason(code: str) -> str:
@@ -421,14 +451,16 @@ class Snapshot:
 
 
 def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = ()) -> Snapshot:
-    """States, reasons, expected starts and usage of ``job_ids``: at most one squeue and one sacct call.
+    """States, reasons, expected starts and usage of ``job_ids``: at most one squeue, sacct and sstat call.
 
     The controller (squeue) is asked first about every job not in ``settled`` (jobs whose runs
     all ended by their own files): it is current where accounting lags (a held job may not be
     in accounting yet, a started one may still read PENDING there), and only it knows an expected
     start. Accounting (sacct) is then asked about the jobs squeue does not list as pending: the
     states of jobs that left the queue, and what running and ended jobs used. So a held or
-    queued array is one squeue call, an ended sweep one sacct call, whatever their size.
+    queued array is one squeue call, an ended sweep one sacct call, whatever their size. Only
+    when some of the jobs run is sstat asked (once, for all of them): accounting learns a step's
+    CPU time and MaxRSS when it ends, sstat has them while it runs.
     """
     ids = sorted(set(job_ids))
     snap = Snapshot()
@@ -455,6 +487,15 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = ()) -> Snapsho
             if named(job):
                 snap.rows.setdefault(job, row)
     snap.usage = {job: u for job, u in acct.usage.items() if named(job)}
+    # Running jobs: their CPU time and peak memory so far, asked of sstat at once.
+    running = {row["raw_id"]: job for job, row in live.items()
+               if row["state"] == "RUNNING" and row.get("raw_id") and job in snap.usage}
+    stats = query_sstat(list(running)) if running else {}
+    for raw_id, (cpu_s, rss) in (stats or {}).items():
+        job = running.get(raw_id)
+        if job is not None:
+            peak = max((r for r in (rss, snap.usage[job].max_rss_bytes) if r is not None), default=None)
+            snap.usage[job] = replace(snap.usage[job], cpu_s=cpu_s, max_rss_bytes=peak)
     return snap
 
 

@@ -128,6 +128,12 @@ def test_sacct_usage_recorded_on_the_cluster_folds_steps_into_their_job():
     assert acct.rows["1568"]["reason"] == "" and "1568.batch" not in acct.rows
 
 
+def test_sstat_recorded_on_the_cluster_gives_a_running_job_s_usage_so_far():
+    stats = slurm.parse_sstat(recorded("sstat.txt") + "2067.extern|100K|cpu=00:00:01,mem=100K\n")
+    # Steps folded into their job: CPU time added, the largest RSS kept.
+    assert stats == {"2067": (12.0, 323740 * 1024)}
+
+
 @pytest.mark.parametrize("text, seconds", [
     ("00:23.198", 23.198), ("01:02:03", 3723), ("2-00:00:01", 172801), ("45", 45), ("", None), ("x:y", None),
 ])
@@ -166,7 +172,7 @@ def test_reasons_in_words(code: str, attention: bool, words: str):
     assert reason.attention is attention and words in reason.words and reason.todo
 
 
-@pytest.mark.parametrize("line", ["", "|", "garbage", "1|2|3", "77|RUNNING|0:01|vm|0:0", "77|RUNNING|0:01|vm|r|s|extra",
+@pytest.mark.parametrize("line", ["", "|", "garbage", "1|2|3", "77|RUNNING|0:01|vm|0:0", "77|RUNNING|0:01|vm|r|s|7|extra",
                                   "|RUNNING|1|n|0"])
 def test_malformed_client_lines_are_skipped(line: str):
     assert slurm.parse_squeue(line + "\n") == {}

@@ -8,6 +8,7 @@ tests marked ``slurm`` ask the real local cluster and check our figures against 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +32,16 @@ def usage(**kw) -> slurm.Usage:
 class Calls:
     """Stand-ins for squeue and sacct that record what each was asked."""
 
-    def __init__(self, live: dict[str, slurm.Row], acct: slurm.Accounting) -> None:
-        self.live, self.acct, self.squeue, self.sacct = live, acct, [], []
+    def __init__(self, live: dict[str, slurm.Row], acct: slurm.Accounting, stats: dict | None = None) -> None:
+        self.live, self.acct, self.stats = live, acct, stats or {}
+        self.squeue: list[list[str]] = []
+        self.sacct: list[list[str]] = []
+        self.sstat: list[list[str]] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> "Calls":
         monkeypatch.setattr(slurm, "query_squeue", lambda ids: self.squeue.append(sorted(ids)) or self.live)
         monkeypatch.setattr(slurm, "query_sacct", lambda ids: self.sacct.append(sorted(ids)) or self.acct)
+        monkeypatch.setattr(slurm, "query_sstat", lambda ids: self.sstat.append(sorted(ids)) or self.stats)
         return self
 
 
@@ -49,7 +54,7 @@ def test_a_queued_array_is_one_squeue_call_and_no_sacct(monkeypatch: pytest.Monk
     live = {j: row("PENDING", "Priority", "2026-12-07T14:20:00") for j in ids}
     calls = Calls(live, slurm.Accounting()).install(monkeypatch)
     snap = slurm.job_snapshot(ids)
-    assert len(calls.squeue) == 1 and calls.sacct == []
+    assert len(calls.squeue) == 1 and calls.sacct == [] and calls.sstat == []
     assert snap.rows["5_9999"]["reason"] == "Priority" and len(snap.rows) == 10_000
 
 
@@ -61,7 +66,19 @@ def test_ended_jobs_are_asked_of_accounting_only_and_running_ones_of_both(monkey
     assert calls.squeue == [["2", "3"]] and calls.sacct == [["1", "2"]]
     # The controller is current: 2 runs although accounting still says PENDING.
     assert {j: r["state"] for j, r in snap.rows.items()} == {"1": "COMPLETED", "2": "RUNNING", "3": "PENDING"}
-    assert snap.usage == {"1": usage()}
+    assert snap.usage == {"1": usage()} and calls.sstat == []  # 2 runs, but accounting has no usage for it yet
+
+
+def test_running_jobs_usage_so_far_comes_from_one_sstat_call(monkeypatch: pytest.MonkeyPatch):
+    live = {"4_0": {**row("RUNNING"), "raw_id": "41"}, "4_1": {**row("RUNNING"), "raw_id": "42"}}
+    acct = slurm.Accounting({}, {"4_0": usage(cpu_s=None, max_rss_bytes=None), "4_1": usage(cpu_s=None)})
+    calls = Calls(live, acct, {"41": (50.0, 2 * GB), "42": (20.0, GB // 2)}).install(monkeypatch)
+    snap = slurm.job_snapshot(["4_0", "4_1"])
+    assert calls.sstat == [["41", "42"]] and len(calls.sacct) == 1
+    assert (snap.usage["4_0"].cpu_s, snap.usage["4_0"].max_rss_bytes) == (50.0, 2 * GB)
+    assert snap.usage["4_0"].cpu_efficiency == 0.25
+    # A peak accounting already has (an ended step) is kept when sstat's current one is lower.
+    assert (snap.usage["4_1"].cpu_s, snap.usage["4_1"].max_rss_bytes) == (20.0, GB)
 
 
 def packed_sweep(tmp_path: Path, walls: list[float | None]) -> list[trials_mod.Trial]:
@@ -193,10 +210,12 @@ def test_a_running_then_finished_job_s_figures_agree_with_sacct(tmp_path: Path):
     busy = f"{sys.executable} -c 'import time; t = time.time()\nwhile time.time() - t < 4: pass'"
     job = sbatch("-c", "2", "--wrap", f"{busy}; while [ ! -e {go} ]; do sleep 0.2; done")
     try:
-        # While it runs: its elapsed time and core-hours so far; CPU time is not known until its step ends.
-        [running] = until(lambda: when(status_rows(job), lambda r: r[0]["state"] == "RUNNING" and r[0]["cost"]),
-                          "the job to run and appear in accounting", timeout_s=30)
-        assert running["cost"]["alloc_cpus"] == 2 and running["cost"]["cpu_efficiency"] is None
+        # While it runs: its elapsed time and core-hours so far (sacct), its CPU time and peak memory so far (sstat).
+        [running] = until(lambda: when(status_rows(job), lambda r: r[0]["state"] == "RUNNING" and r[0]["cost"]
+                                       and r[0]["cost"]["cpu_time_s"] is not None and r[0]["cost"]["elapsed_s"] > 0),
+                          "the job to run and appear in accounting and sstat", timeout_s=30)
+        assert running["cost"]["alloc_cpus"] == 2 and running["cost"]["max_rss_gb"] is not None
+        assert 0 <= running["cost"]["cpu_efficiency"] <= 0.5 + 0.1  # one busy CPU of two (sampled, so a margin)
         assert running["cost"]["core_hours"] == pytest.approx(2 * running["cost"]["elapsed_s"] / 3600, abs=1e-6)
     finally:
         go.touch()
@@ -221,3 +240,52 @@ def test_a_running_then_finished_job_s_figures_agree_with_sacct(tmp_path: Path):
     csv_rows = (built.out_dir / build.CSV_FILE).read_text().splitlines()
     assert "core_hours" in csv_rows[0] and len(csv_rows) == 3
     assert json.loads(json.dumps(rows))  # plain values, as --json prints them
+
+
+def test_learning_curves_of_a_large_sweep_are_bounded(tmp_path: Path):
+    from mnist_hpc.login.report import plots
+
+    sweep = tmp_path / "sweep"
+    n = plots.MAX_CURVES + 10
+    for num in range(n):
+        logged = tuple({"epoch": 1, "accuracy": num / (2 * n), "loss": 0.3, "seconds": 1.0} for _ in range(1))
+        make_trial(sweep, num, [f"train.seed={num}"], started_epochs=3, epochs_logged=logged)
+    trials, _ = trials_mod.read_trials(trials_mod.find_runs(sweep)[1])
+    fig = plots.learning_curves_figure(trials)
+    [ax] = fig.axes
+    assert len(ax.lines) == plots.MAX_CURVES
+    # The highest curves are the ones drawn: trials 10..n-1 (accuracy grows with the trial number).
+    assert sorted(float(line.get_ydata()[0]) for line in ax.lines)[0] == pytest.approx(10 / (2 * n))
+    assert f"the {plots.MAX_CURVES} highest of {n}" in ax.get_title()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow  # about 15-25 s: 10,000 trial directories read twice
+def test_a_10000_task_held_array_is_one_squeue_call_and_a_short_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 23 item 6 (its timing is benchmarks/bench_scale.py's: no wall-clock assert here)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_scale import wrappers, write_trials
+
+    array = sbatch("--hold", "--array=0-9999", "--wrap", "true")
+    try:
+        write_trials(tmp_path / "sweep", [f"{array}_{i}" for i in range(10_000)])
+        log = tmp_path / "calls.log"
+        wrappers(tmp_path / "bin", log)
+        env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+        proc = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", str(tmp_path / "sweep")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert log.read_text().split() == ["squeue"]
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 15  # header, 10 held trials, blank, 3 summary lines
+        assert lines[-3:] == ["10000 trial(s): 10000 PENDING",
+                              f"10000 PENDING: 10000 held by its owner (JobHeldUser): release it: scontrol release {array}",
+                              "(listed: 10 of the 10000 trial(s) that need attention; --all lists all 10000)"]
+        log.write_text("")
+        report = subprocess.run([sys.executable, "-m", "mnist_hpc.login.report.cli", str(tmp_path / "sweep")], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert report.returncode == 0, report.stderr
+        assert log.read_text().split() == ["squeue"]
+        assert "No job has started yet: nothing used so far." in report.stdout
+    finally:
+        subprocess.run(["scancel", array], timeout=60)

@@ -395,7 +395,7 @@ class CostTotals:
     jobs: int
     core_hours: float
     gpu_hours: float
-    # TotalCPU / CPUTimeRAW over the jobs that ended (a running job's CPU time is not known yet).
+    # TotalCPU / CPUTimeRAW over the jobs whose CPU time is known (ended ones; running ones via sstat).
     cpu_efficiency: Optional[float]
     max_rss_bytes: Optional[int]
     req_mem_bytes: Optional[int]
@@ -409,7 +409,7 @@ def cost_totals(trials: Sequence[Trial]) -> Optional[CostTotals]:
     if not jobs:
         return None
     used = list(jobs.values())
-    ended = [u for u in used if u.cpu_s is not None]
+    ended = [u for u in used if u.cpu_s is not None]  # and running ones that sstat answered for
     peaks = [u.max_rss_bytes for u in used if u.max_rss_bytes is not None]
     asked = [u.req_mem_bytes for u in used if u.req_mem_bytes is not None]
     core_s = sum(u.core_s for u in ended)

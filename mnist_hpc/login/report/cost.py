@@ -1,7 +1,8 @@
 """The report's cost and sizing section: what the sweep's jobs used, and requests that could be smaller.
 
 Every figure comes from the one accounting query of :func:`mnist_hpc.login.trials.read_trials`
-(``sacct``: Elapsed, TotalCPU, AllocCPUS, AllocTRES, ReqMem, the steps' MaxRSS, CPUTimeRAW).
+(``sacct``: Elapsed, TotalCPU, AllocCPUS, AllocTRES, ReqMem, the steps' MaxRSS, CPUTimeRAW), and for
+jobs still running from one ``sstat`` call (their CPU time and peak memory so far).
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ def cost_section(trials: Sequence[Trial]) -> str:
     tips = advice(trials)
     parts.append("\n".join(f"- advice: {tip}" for tip in tips) if tips else "- advice: none; the requests fit what was used.")
     parts.append(
-        "From accounting (sacct): core-hours are CPUTimeRAW (elapsed x allocated CPUs), CPU efficiency is "
-        "TotalCPU / CPUTimeRAW of the jobs that ended (Slurm adds a step's CPU time when it ends), peak memory the "
-        "largest MaxRSS of any step (sampled every JobAcctGatherFrequency seconds: a job shorter than that may show "
-        "none). Trials that ran in one job (packed, or one search worker) share its cost by their recorded wall "
-        "times; the CSV has each trial's share."
+        "From accounting (sacct), and for running jobs sstat: core-hours are CPUTimeRAW (elapsed x allocated "
+        "CPUs), CPU efficiency is TotalCPU / CPUTimeRAW (accounting adds a step's CPU time when it ends; a running "
+        "job's so far comes from sstat), peak memory the largest MaxRSS of any step (sampled every "
+        "JobAcctGatherFrequency seconds: a job shorter than that may show none). Trials that ran in one job "
+        "(packed, or one search worker) share its cost by their recorded wall times; the CSV has each trial's share."
     )
     return "\n\n".join(parts)
