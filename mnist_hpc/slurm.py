@@ -7,6 +7,7 @@ Used on both sides: status and report on the login node, run-directory leases on
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -74,12 +75,16 @@ def parse_bytes(text: str) -> Optional[int]:
 def parse_duration(text: str) -> Optional[float]:
     """Seconds of sacct's ``[D-]HH:MM:SS``, ``MM:SS.mmm`` (TotalCPU) or ``SS``; None when unreadable."""
     text = text.strip()
-    days, _, clock = text.rpartition("-") if "-" in text else ("", "", text)
+    days, _, clock = text.partition("-") if "-" in text else ("0", "", text)
+    if not days.isdigit():
+        return None
     parts = clock.split(":")
     try:
         numbers = [float(p) for p in parts]
+        if not all(math.isfinite(n) and n >= 0 for n in numbers):
+            return None
         total = sum(n * 60**i for i, n in enumerate(reversed(numbers))) if 1 <= len(numbers) <= 3 else None
-        return None if total is None else total + (int(days) * 86400 if days else 0)
+        return None if total is None else total + int(days) * 86400
     except ValueError:
         return None
 
@@ -149,10 +154,12 @@ def parse_usage(fields: dict[str, str]) -> Optional[Usage]:
 
 
 def _number(text: str) -> Optional[float]:
+    """A count or duration Slurm printed; None for anything else (``nan``, ``-1``, ``Unknown``)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         return None
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 # --- parsing ---------------------------------------------------------------------------------------

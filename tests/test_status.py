@@ -136,6 +136,7 @@ def test_sstat_recorded_on_the_cluster_gives_a_running_job_s_usage_so_far():
 
 @pytest.mark.parametrize("text, seconds", [
     ("00:23.198", 23.198), ("01:02:03", 3723), ("2-00:00:01", 172801), ("45", 45), ("", None), ("x:y", None),
+    ("nan", None), ("-5", None), ("inf:00", None),
 ])
 def test_durations(text: str, seconds):
     assert slurm.parse_duration(text) == seconds
