@@ -98,9 +98,10 @@ def short_time(iso: str) -> str:
 
 
 def _jobs(trials: Sequence[Trial], limit: int = 3) -> str:
-    """The jobs to act on: an array by its base id (scontrol and scancel take it for all tasks)."""
+    """The jobs to act on, as the job list scontrol and squeue take (comma-separated): an array by
+    its base id, which stands for all of its tasks."""
     ids = sorted({t.job_id.partition("_")[0] for t in trials})
-    return " ".join(ids[:limit]) + (" ..." if len(ids) > limit else "")
+    return ",".join(ids[:limit]) + (",..." if len(ids) > limit else "")
 
 
 def wait_summary(pending: Sequence[Trial]) -> str:
