@@ -7,16 +7,24 @@ Used on both sides: status and report on the login node, run-directory leases on
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
-# One row per job or array task: state, elapsed time, node list, exit code.
+# One row per job or array task: state, elapsed time, node list, exit code; for a pending job also
+# Slurm's reason code and expected start ("reason", "start").
 Row = dict[str, str]
-SACCT_FIELDS = "JobID,State,Elapsed,NodeList,ExitCode"
-SQUEUE_FORMAT = "%i|%T|%M|%N"
+# What accounting is asked once per status or report: states and every cost figure. Without -X, so
+# that the steps (``123.batch``, ``123_4.0``) come too: only they carry MaxRSS (folded into their job).
+SACCT_FIELDS = "JobID,State,Elapsed,NodeList,ExitCode,Reason,ElapsedRaw,TotalCPU,AllocCPUS,AllocTRES,ReqMem,MaxRSS,CPUTimeRAW"
+# The controller's view of live jobs: id, state, elapsed, nodes, reason, (expected) start, and the
+# job's own numeric id (an array task's, which sstat needs).
+SQUEUE_FORMAT = "%i|%T|%M|%N|%r|%S|%A"
+# A running job's usage so far: accounting has its steps' CPU time and MaxRSS only once they end.
+SSTAT_FIELDS = "JobID,MaxRSS,TresUsageInTot"
 
 
 def run_client(cmd: list[str]) -> Optional[str]:
@@ -49,39 +57,225 @@ def expand_array_id(job_id: str) -> list[str]:
     return tasks
 
 
-def parse_sacct(text: str) -> dict[str, Row]:
-    """Rows of ``sacct -X -n -P -o JobID,State,Elapsed,NodeList,ExitCode``, by job or task id.
+# --- cost: what a job used, from accounting ------------------------------------------------------
 
-    A requeued job appears once per run; the last line is the current one.
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+
+
+def parse_bytes(text: str) -> Optional[int]:
+    """``11449M``, ``123456K``, ``4Gn`` (per node), ``0``: bytes; None when empty or unreadable.
+
+    A trailing ``n``/``c`` (ReqMem per node / per CPU, before Slurm 21.08) is dropped here and
+    handled by :func:`parse_usage`.
     """
-    rows: dict[str, Row] = {}
+    match = re.fullmatch(r"([0-9.]+)([KMGTP]?)[nc]?", text.strip())
+    return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else None
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """Seconds of sacct's ``[D-]HH:MM:SS``, ``MM:SS.mmm`` (TotalCPU) or ``SS``; None when unreadable."""
+    text = text.strip()
+    days, _, clock = text.partition("-") if "-" in text else ("0", "", text)
+    if not days.isdigit():
+        return None
+    parts = clock.split(":")
+    try:
+        numbers = [float(p) for p in parts]
+        if not all(math.isfinite(n) and n >= 0 for n in numbers):
+            return None
+        total = sum(n * 60**i for i, n in enumerate(reversed(numbers))) if 1 <= len(numbers) <= 3 else None
+        return None if total is None else total + int(days) * 86400
+    except ValueError:
+        return None
+
+
+def parse_tres(text: str) -> dict[str, str]:
+    """``billing=1,cpu=2,mem=4G,node=1,gres/gpu=2`` as a mapping."""
+    return dict(part.partition("=")[::2] for part in text.split(",") if "=" in part)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one job (or array task) used, as accounting recorded it.
+
+    ``cpu_s`` is TotalCPU (user + system time of every step): Slurm adds a step's share when the
+    step ends, so for a job that still runs it is None (unknown, never a misleading 0) unless
+    sstat gave its CPU time so far (:func:`job_snapshot`). ``max_rss_bytes`` is the largest MaxRSS
+    of the job's steps, sampled by JobAcctGather (every 30 s on the local cluster): accounting has
+    it once a step ends (seen here: none for a step running 35 s), sstat while it runs.
+    """
+
+    elapsed_s: float
+    cpu_s: Optional[float]
+    alloc_cpus: int
+    # Core-seconds as Slurm counts them (CPUTimeRAW = Elapsed x AllocCPUS).
+    core_s: float
+    gpus: int = 0
+    req_mem_bytes: Optional[int] = None
+    max_rss_bytes: Optional[int] = None
+
+    @property
+    def cpu_efficiency(self) -> Optional[float]:
+        """TotalCPU / (Elapsed x AllocCPUS); None before anything ran."""
+        return None if self.cpu_s is None or self.core_s <= 0 else self.cpu_s / self.core_s
+
+    @property
+    def core_hours(self) -> float:
+        return self.core_s / 3600
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.gpus * self.elapsed_s / 3600
+
+
+def parse_usage(fields: dict[str, str]) -> Optional[Usage]:
+    """A job's :class:`Usage` from its sacct allocation row; None for a job that never started."""
+    elapsed = _number(fields.get("ElapsedRaw", "")) or parse_duration(fields.get("Elapsed", ""))
+    cpus = int(_number(fields.get("AllocCPUS", "")) or 0)
+    tres = parse_tres(fields.get("AllocTRES", ""))
+    if not tres:  # not allocated (pending, or cancelled while pending): nothing was used
+        return None
+    req_mem = fields.get("ReqMem", "").strip()
+    req_bytes = parse_bytes(req_mem)
+    nodes = int(_number(tres.get("node", "")) or 1)
+    if req_bytes is not None and req_mem.endswith("c"):
+        req_bytes *= cpus
+    elif req_bytes is not None and req_mem.endswith("n"):
+        req_bytes *= nodes
+    core_s = _number(fields.get("CPUTimeRAW", ""))
+    return Usage(
+        elapsed_s=float(elapsed or 0.0),
+        cpu_s=parse_duration(fields["TotalCPU"]) if fields.get("TotalCPU") else None,
+        alloc_cpus=cpus,
+        core_s=float(core_s if core_s is not None else (elapsed or 0.0) * cpus),
+        gpus=int(_number(tres.get("gres/gpu", "")) or 0),
+        req_mem_bytes=req_bytes if req_bytes else (parse_bytes(tres.get("mem", "")) or None),
+    )
+
+
+def _number(text: str) -> Optional[float]:
+    """A count or duration Slurm printed; None for anything else (``nan``, ``-1``, ``Unknown``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+# --- parsing ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Accounting:
+    """``sacct``'s answer: a row (state, ...) and, once it started, a :class:`Usage` per job or task."""
+
+    rows: dict[str, Row] = field(default_factory=dict)
+    usage: dict[str, Usage] = field(default_factory=dict)
+
+
+def parse_sacct(text: str) -> Accounting:
+    """``sacct -P -o SACCT_FIELDS`` (with its header line), by job or task id.
+
+    The header names the columns, so recorded output with fewer fields parses too. A requeued
+    job appears once per run; the last line is the current one. Steps (``123.batch``) are folded
+    into their job: the largest MaxRSS of any step is the job's peak memory.
+    """
+    header: Optional[list[str]] = None
+    acct = Accounting()
+    peaks: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split("|")
-        if len(parts) != 5:
+        if header is None:
+            if parts and parts[0] == "JobID":
+                header = parts
             continue
-        job_id, state, elapsed, node, exit_code = parts
-        if not job_id.strip():
+        if len(parts) != len(header):
             continue
-        for task_id in expand_array_id(job_id.strip()):
-            rows[task_id] = {"state": normalise_state(state), "elapsed": elapsed, "node": node, "exit_code": exit_code}
-    return rows
+        fields = dict(zip(header, parts))
+        job_id = fields["JobID"].strip()
+        if not job_id:
+            continue
+        if "." in job_id:
+            job, _, _step = job_id.partition(".")
+            rss = parse_bytes(fields.get("MaxRSS", ""))
+            if rss is not None:
+                peaks[job] = max(peaks.get(job, 0), rss)
+            continue
+        row = {"state": normalise_state(fields.get("State", "")), "elapsed": fields.get("Elapsed", ""),
+               "node": fields.get("NodeList", ""), "exit_code": fields.get("ExitCode", ""),
+               "reason": _reason(fields.get("Reason", "")), "start": ""}
+        usage = parse_usage(fields) if "AllocTRES" in fields else None
+        if usage is not None and row["state"] in LIVE_STATES:
+            # TotalCPU grows only when a step ends: a running job's would read as idle CPUs.
+            usage = replace(usage, cpu_s=None)
+        for task_id in expand_array_id(job_id):
+            acct.rows[task_id] = dict(row)
+            acct.usage.pop(task_id, None)
+            if usage is not None:
+                acct.usage[task_id] = usage
+    for job, peak in peaks.items():
+        if job in acct.usage:
+            acct.usage[job] = replace(acct.usage[job], max_rss_bytes=peak)
+    return acct
 
 
 def parse_squeue(text: str) -> dict[str, Row]:
-    """Rows of ``squeue -h -r -o '%i|%T|%M|%N'`` (pending and running jobs), by job or task id."""
+    """Rows of ``squeue -h -r -o SQUEUE_FORMAT`` (pending and running jobs), by job or task id.
+
+    Reason and start are empty when the format had no such columns; a start of ``N/A`` (no
+    expected start computed yet) is empty too.
+    """
     rows: dict[str, Row] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) == 4 and parts[0]:
-            rows[parts[0]] = {"state": normalise_state(parts[1]), "elapsed": parts[2], "node": parts[3], "exit_code": ""}
+        if len(parts) in (4, 6, 7) and parts[0]:
+            reason, start = (parts[4], parts[5]) if len(parts) >= 6 else ("", "")
+            rows[parts[0]] = {"state": normalise_state(parts[1]), "elapsed": parts[2], "node": parts[3], "exit_code": "",
+                              "reason": _reason(reason), "start": "" if start in ("N/A", "Unknown") else start}
+            if len(parts) == 7:
+                rows[parts[0]]["raw_id"] = parts[6]
     return rows
 
 
-def query_sacct(job_ids: Sequence[str]) -> Optional[dict[str, Row]]:
-    """Accounting's rows for these jobs, or None when sacct cannot answer."""
-    if not job_ids:
+def parse_sstat(text: str) -> dict[str, tuple[Optional[float], Optional[int]]]:
+    """``sstat -a -n -P -o SSTAT_FIELDS``: (CPU seconds so far, peak RSS bytes) by numeric job id, steps folded."""
+    stats: dict[str, tuple[Optional[float], Optional[int]]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 3 or not parts[0]:
+            continue
+        job = parts[0].partition(".")[0]
+        cpu = parse_duration(parse_tres(parts[2]).get("cpu", ""))
+        rss = parse_bytes(parts[1])
+        old_cpu, old_rss = stats.get(job, (None, None))
+        stats[job] = (None if cpu is None and old_cpu is None else (cpu or 0.0) + (old_cpu or 0.0),
+                      max((r for r in (rss, old_rss) if r is not None), default=None))
+    return stats
+
+
+def query_sstat(raw_ids: Sequence[str]) -> Optional[dict[str, tuple[Optional[float], Optional[int]]]]:
+    """Running jobs' usage so far (one call), by numeric job id; None when sstat cannot answer."""
+    if not raw_ids:
         return {}
-    out = run_client(["sacct", "-X", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(sorted(set(job_ids)))])
+    out = run_client(["sstat", "-a", "-n", "-P", "-o", SSTAT_FIELDS, "-j", ",".join(sorted(set(raw_ids)))])
+    return None if out is None else parse_sstat(out)
+
+
+def _reason(code: str) -> str:
+    """Slurm's reason code; "" for ``None`` (what a running or ended job shows)."""
+    return "" if code.strip() in ("", "None") else code.strip()
+
+
+def query_sacct(job_ids: Sequence[str]) -> Optional[Accounting]:
+    """Accounting's rows and usage for these jobs (one call), or None when sacct cannot answer.
+
+    Asked by base id: ``-j 123`` lists every task of array 123, where 10,000 task ids would make a
+    command line sacct is slow to take.
+    """
+    if not job_ids:
+        return Accounting()
+    base_ids = sorted({j.partition("_")[0] for j in job_ids})
+    out = run_client(["sacct", "-P", "-o", SACCT_FIELDS, "-j", ",".join(base_ids)])
     return None if out is None else parse_sacct(out)
 
 
@@ -92,6 +286,71 @@ def query_squeue(job_ids: Sequence[str]) -> Optional[dict[str, Row]]:
     base_ids = sorted({j.partition("_")[0] for j in job_ids})
     out = run_client(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", SQUEUE_FORMAT])
     return None if out is None else parse_squeue(out)
+
+
+# --- why a job waits ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Slurm's reason code for a pending job, in words, with what to do about it."""
+
+    code: str
+    words: str
+    todo: str
+    # The user must act (release, cancel and resubmit, ask an admin): waiting will not help.
+    attention: bool
+
+
+# The reason codes explained (squeue's %r, sacct's Reason). Families (QOSMax*, AssocGrp*, ...) are
+# matched by prefix below; any other code is shown as Slurm's own.
+REASONS: dict[str, tuple[str, str, bool]] = {
+    "None": ("not yet considered by the scheduler", "wait: it is looked at within a minute", False),
+    "Priority": ("waiting its turn: jobs with higher priority go first", "wait", False),
+    "Resources": ("waiting its turn: next in line, for nodes to free up", "wait", False),
+    "JobHeldUser": ("held by its owner", "release it: scontrol release JOBID", True),
+    "JobHeldAdmin": ("held by an administrator", "ask your site's admins why it is held", True),
+    "Dependency": ("waiting for the jobs it depends on to end", "wait; squeue -j JOBID -o %E shows them", False),
+    "DependencyNeverSatisfied": ("a job it depends on ended so that it can never start",
+                                 "cancel it (scancel JOBID) and resubmit without that dependency", True),
+    "BeginTime": ("not before its begin time", "wait, or move it: scontrol update JobId=JOBID StartTime=now", False),
+    "PartitionConfig": ("asks for more than its partition can ever give (CPUs, memory or GPUs per node)",
+                        "cancel it and resubmit with a smaller hydra.launcher request or another partition", True),
+    "PartitionTimeLimit": ("its time limit is over the partition's MaxTime",
+                           "cancel it and resubmit with a smaller hydra.launcher.timeout_min or another partition", True),
+    "PartitionNodeLimit": ("asks for more nodes than the partition allows",
+                           "cancel it and resubmit with fewer hydra.launcher.nodes or another partition", True),
+    "PartitionDown": ("its partition is down", "wait for the admins, or resubmit to another partition", True),
+    "PartitionInactive": ("its partition is inactive", "resubmit to another partition", True),
+    "ReqNodeNotAvail": ("a node it needs is unavailable (down, drained or reserved)",
+                        "wait for the node, or cancel and resubmit without it", True),
+    "NodeDown": ("a node it needs is down", "wait for the admins, or cancel and resubmit", True),
+    "BadConstraints": ("no node has the features it asks for", "cancel it and resubmit with other constraints", True),
+    "InvalidAccount": ("its account is not valid here", "cancel it and resubmit with a valid hydra.launcher account", True),
+    "InvalidQOS": ("its QoS is not valid here", "cancel it and resubmit with a valid QoS", True),
+    "Reservation": ("waiting for its reservation to start", "wait", False),
+    "JobArrayTaskLimit": ("held back by its array's throttle (%N: at most N tasks at once)",
+                          "wait, or raise it: scontrol update JobId=JOBID ArrayTaskThrottle=N", False),
+}
+# Per-job limits (the job alone exceeds them: it never runs as asked) and group limits (the
+# owner's or account's running jobs use the allowance: it runs once they end).
+REASON_FAMILIES: tuple[tuple[str, str, str, bool], ...] = (
+    ("QOSMax", "over a per-job limit of its QoS", "cancel it and resubmit within the QoS's limits (sacctmgr show qos)", True),
+    ("AssocMax", "over a per-job limit of its account", "cancel it and resubmit within the account's limits (sacctmgr show assoc)", True),
+    ("QOSGrp", "its QoS's group allowance is in use", "wait for jobs under the same QoS to end", False),
+    ("AssocGrp", "its account's allowance is in use", "wait for your account's running jobs to end", False),
+)
+
+
+def explain_reason(code: str) -> Reason:
+    """``code`` in words; an unknown code is shown as itself, with where to look it up."""
+    code = code.strip() or "None"
+    if code in REASONS:
+        return Reason(code, *REASONS[code])
+    for prefix, words, todo, attention in REASON_FAMILIES:
+        if code.startswith(prefix):
+            return Reason(code, f"{words} ({code})", todo, attention)
+    return Reason(code, f"Slurm's reason {code}", "see man squeue, JOB REASON CODES", False)
 
 
 # squeue states of a job whose processes may still run, or that will run again.
@@ -188,24 +447,69 @@ def squeue_available() -> bool:
     return run_client(["squeue", "-h", "-o", "%i"]) is not None
 
 
-def job_states(job_ids: Sequence[str]) -> tuple[dict[str, Row], list[str]]:
-    """Rows for ``job_ids`` from sacct, else squeue; and notes on where the states came from.
+@dataclass
+class Snapshot:
+    """What Slurm says about a command's jobs, asked once: rows by job or task id, usage, notes."""
 
-    Accounting learns of a job some time after submission (held jobs even later): the ones
-    sacct does not know yet are asked of the controller.
+    rows: dict[str, Row] = field(default_factory=dict)
+    usage: dict[str, Usage] = field(default_factory=dict)
+    # Where the states came from when a client could not answer.
+    notes: list[str] = field(default_factory=list)
+
+
+def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = ()) -> Snapshot:
+    """States, reasons, expected starts and usage of ``job_ids``: at most one squeue, sacct and sstat call.
+
+    The controller (squeue) is asked first about every job not in ``settled`` (jobs whose runs
+    all ended by their own files): it is current where accounting lags (a held job may not be
+    in accounting yet, a started one may still read PENDING there), and only it knows an expected
+    start. Accounting (sacct) is then asked about the jobs squeue does not list as pending: the
+    states of jobs that left the queue, and what running and ended jobs used. So a held or
+    queued array is one squeue call, an ended sweep one sacct call, whatever their size. Only
+    when some of the jobs run is sstat asked (once, for all of them): accounting learns a step's
+    CPU time and MaxRSS when it ends, sstat has them while it runs.
     """
-    notes: list[str] = []
-    rows = query_sacct(job_ids)
-    if rows is None:
-        notes.append("sacct is unavailable (no accounting here?); states come from squeue and the run files")
-        rows = query_squeue(job_ids) or {}
-        if not rows and job_ids and not squeue_available():
-            notes.append("squeue is unavailable too; states come from the run files only")
-        return rows, notes
-    unknown = [j for j in job_ids if j not in rows]
-    if unknown:
-        rows.update(query_squeue(unknown) or {})
-    return rows, notes
+    ids = sorted(set(job_ids))
+    snap = Snapshot()
+    if not ids:
+        return snap
+    settled_ids = set(settled)
+    asked_live = [j for j in ids if j not in settled_ids]
+    live = query_squeue(asked_live) if asked_live else {}
+    waiting = {j for j in ids if (live or {}).get(j, {}).get("state") == "PENDING"}
+    acct = query_sacct([j for j in ids if j not in waiting]) if len(waiting) < len(ids) else Accounting()
+    if acct is None:
+        snap.notes.append("sacct is unavailable (no accounting here?); states come from squeue and the run files")
+        if not live and not squeue_available():
+            snap.notes.append("squeue is unavailable too; states come from the run files only")
+        acct = Accounting()
+    live = live or {}
+    wanted = set(ids)
+
+    def named(job: str) -> bool:  # a bare array id names all of its tasks
+        return job in wanted or job.partition("_")[0] in wanted
+
+    for source in (live, acct.rows):  # the controller's row first: it is current
+        for job, row in source.items():
+            if named(job):
+                snap.rows.setdefault(job, row)
+    snap.usage = {job: u for job, u in acct.usage.items() if named(job)}
+    # Running jobs: their CPU time and peak memory so far, asked of sstat at once.
+    running = {row["raw_id"]: job for job, row in live.items()
+               if row["state"] == "RUNNING" and row.get("raw_id") and job in snap.usage}
+    stats = query_sstat(list(running)) if running else {}
+    for raw_id, (cpu_s, rss) in (stats or {}).items():
+        job = running.get(raw_id)
+        if job is not None:
+            peak = max((r for r in (rss, snap.usage[job].max_rss_bytes) if r is not None), default=None)
+            snap.usage[job] = replace(snap.usage[job], cpu_s=cpu_s, max_rss_bytes=peak)
+    return snap
+
+
+def job_states(job_ids: Sequence[str]) -> tuple[dict[str, Row], list[str]]:
+    """Rows for ``job_ids`` (see :func:`job_snapshot`) and notes on where the states came from."""
+    snap = job_snapshot(job_ids)
+    return snap.rows, snap.notes
 
 
 # --- The site's limits, and Slurm's own verdict on a request (the launcher's site preflight) ---

@@ -59,7 +59,10 @@ def test_local_submission_returns_at_once_without_tensorflow(synthetic_cache, tm
     status = subprocess.run([sys.executable, "-m", "mnist_hpc.login.status", str(tmp_path / "sweep")],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0
-    rows = [line.split() for line in status.stdout.splitlines()[1:]]
+    # The table, then (after a blank line) the summary by state.
+    table, summary = status.stdout.split("\n\n")
+    assert summary.startswith("2 trial(s): 2 COMPLETED")
+    rows = [line.split() for line in table.splitlines()[1:]]
     assert [r[2] for r in rows] == ["COMPLETED", "COMPLETED"]
     assert [r[0] for r in rows] == ["0", "1"]
     assert [r[-2] for r in rows] == ["1/1", "1/1"]

@@ -328,7 +328,9 @@ def test_slurm_states_come_from_sacct(tmp_path: Path, monkeypatch: pytest.Monkey
         f"77_{n}": {"state": s, "elapsed": "00:01:00", "node": "node1", "exit_code": "0:0"} for n, s in enumerate(states)
     }
     asked: list[list[str]] = []
-    monkeypatch.setattr(slurm, "query_sacct", lambda ids: asked.append(sorted(ids)) or rows)
+    # The controller no longer lists them (they left the queue): accounting has every state.
+    monkeypatch.setattr(slurm, "query_squeue", lambda ids: {})
+    monkeypatch.setattr(slurm, "query_sacct", lambda ids: asked.append(sorted(ids)) or slurm.Accounting(rows))
     trials, notes = trials_mod.read_trials(trials_mod.find_runs(sweep)[1])
     assert asked == [[f"77_{n}" for n in range(6)]] and notes == []
     assert [t.state for t in trials] == states
@@ -351,7 +353,8 @@ def test_packed_trials_get_their_own_state_and_error(
             metrics=None if num == 1 else fake_metrics(0.97, 0.98, 0.98), failure=own_exc if num == 1 else None,
         )
     row = {"state": "FAILED", "elapsed": "00:03:00", "node": "node1", "exit_code": "1:0"}
-    monkeypatch.setattr(slurm, "query_sacct", lambda ids: {"88_0": row})
+    monkeypatch.setattr(slurm, "query_squeue", lambda ids: {})
+    monkeypatch.setattr(slurm, "query_sacct", lambda ids: slurm.Accounting({"88_0": row}))
     trials, _ = trials_mod.read_trials(trials_mod.find_runs(sweep)[1])
     assert [(t.state, t.error) for t in trials] == [("COMPLETED", None), ("FAILED", own_error), ("COMPLETED", None)]
 

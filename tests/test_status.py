@@ -78,13 +78,16 @@ def recorded(name: str) -> str:
     return "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
 
 
+NO_WAIT = {"reason": "", "start": ""}
+
+
 def test_sacct_output_recorded_on_the_cluster_is_parsed():
-    rows = slurm.parse_sacct(recorded("sacct.txt"))
-    assert rows["78"] == {"state": "FAILED", "elapsed": "00:00:00", "node": "vm", "exit_code": "3:0"}
+    rows = slurm.parse_sacct(recorded("sacct.txt")).rows
+    assert rows["78"] == {"state": "FAILED", "elapsed": "00:00:00", "node": "vm", "exit_code": "3:0", **NO_WAIT}
     assert rows["80"]["state"] == "CANCELLED"  # "CANCELLED by 0"
     assert rows["79"]["state"] == "PENDING"  # requeued: its current run
     # 77 was listed RUNNING, then CANCELLED by a later query: the later line is the current one.
-    assert rows["77"] == {"state": "CANCELLED", "elapsed": "00:00:16", "node": "vm", "exit_code": "0:0"}
+    assert rows["77"] == {"state": "CANCELLED", "elapsed": "00:00:16", "node": "vm", "exit_code": "0:0", **NO_WAIT}
     # The held array was one row "76_[0-3%2]"; once released, two tasks run and "76_[2-3%2]" waits.
     assert [rows[f"76_{i}"]["state"] for i in range(4)] == ["RUNNING", "RUNNING", "PENDING", "PENDING"]
     assert rows["76_2"]["node"] == "None assigned"
@@ -93,17 +96,89 @@ def test_sacct_output_recorded_on_the_cluster_is_parsed():
 
 def test_squeue_output_recorded_on_the_cluster_is_parsed():
     rows = slurm.parse_squeue(recorded("squeue.txt"))
-    assert rows["77"] == {"state": "RUNNING", "elapsed": "0:14", "node": "vm", "exit_code": ""}
-    assert rows["79"] == {"state": "PENDING", "elapsed": "0:00", "node": "", "exit_code": ""}
+    assert rows["77"] == {"state": "RUNNING", "elapsed": "0:14", "node": "vm", "exit_code": "", **NO_WAIT}
+    assert rows["79"] == {"state": "PENDING", "elapsed": "0:00", "node": "", "exit_code": "", **NO_WAIT}
     assert [rows[f"76_{i}"]["state"] for i in range(4)] == ["RUNNING", "RUNNING", "PENDING", "PENDING"]
     assert rows["76_0"]["node"] == "vm"
 
 
-@pytest.mark.parametrize("line", ["", "|", "garbage", "1|2|3", "77|RUNNING|0:01|vm|0:0|extra", "|RUNNING|1|n|0"])
+def test_squeue_reasons_and_expected_start_recorded_on_the_cluster():
+    rows = slurm.parse_squeue(recorded("squeue_reasons.txt"))
+    reasons = {job: row["reason"] for job, row in rows.items()}
+    assert reasons == {"1581": "JobHeldUser", "1582": "", "1583": "Dependency", "1584": "PartitionConfig",
+                       "1585_0": "", "1585_1": "JobArrayTaskLimit", "1585_2": "JobArrayTaskLimit",
+                       "1585_3": "JobArrayTaskLimit", "1586": "BeginTime"}
+    assert rows["1586"]["start"] == "2026-12-07T06:25:45"  # --begin=now+1hour
+    assert rows["1581"]["start"] == ""  # N/A: no expected start
+    assert rows["1582"]["state"] == "RUNNING" and rows["1582"]["start"] == "2026-12-07T05:25:45"
+
+
+def test_sacct_usage_recorded_on_the_cluster_folds_steps_into_their_job():
+    acct = slurm.parse_sacct(recorded("sacct_usage.txt"))
+    done = acct.usage["1568"]
+    # MaxRSS is on the batch step only; TotalCPU, CPUTimeRAW and the request are the job's.
+    assert done.max_rss_bytes == 323756 * 1024 and done.req_mem_bytes == 1024**3
+    assert (done.elapsed_s, done.cpu_s, done.alloc_cpus, done.core_s) == (41, 23.198, 2, 82)
+    assert done.cpu_efficiency == pytest.approx(23.198 / 82) and done.core_hours == pytest.approx(82 / 3600)
+    # Running: its figures so far (no step has ended: CPU time unknown, not 0); pending: nothing used.
+    running = acct.usage["1582"]
+    assert (running.elapsed_s, running.core_s, running.cpu_s, running.max_rss_bytes) == (8, 16, None, None)
+    assert "1581" not in acct.usage and "1585_2" not in acct.usage
+    assert acct.rows["1581"]["reason"] == "JobHeldUser" and acct.rows["1585_3"]["reason"] == "JobArrayTaskLimit"
+    assert acct.rows["1568"]["reason"] == "" and "1568.batch" not in acct.rows
+
+
+def test_sstat_recorded_on_the_cluster_gives_a_running_job_s_usage_so_far():
+    stats = slurm.parse_sstat(recorded("sstat.txt") + "2067.extern|100K|cpu=00:00:01,mem=100K\n")
+    # Steps folded into their job: CPU time added, the largest RSS kept.
+    assert stats == {"2067": (12.0, 323740 * 1024)}
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("00:23.198", 23.198), ("01:02:03", 3723), ("2-00:00:01", 172801), ("45", 45), ("", None), ("x:y", None),
+    ("nan", None), ("-5", None), ("inf:00", None),
+])
+def test_durations(text: str, seconds):
+    assert slurm.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, n_bytes", [
+    ("323756K", 323756 * 1024), ("1G", 1024**3), ("11449M", 11449 * 1024**2), ("4Gn", 4 * 1024**3), ("0", 0),
+    ("", None), ("lots", None),
+])
+def test_sizes(text: str, n_bytes):
+    assert slurm.parse_bytes(text) == n_bytes
+
+
+def test_memory_asked_per_cpu_is_multiplied_by_the_cpus():
+    fields = {"ElapsedRaw": "10", "AllocCPUS": "4", "AllocTRES": "cpu=4,mem=8G,node=1,gres/gpu=2", "ReqMem": "2Gc",
+              "TotalCPU": "00:20.000", "CPUTimeRAW": "40"}
+    usage = slurm.parse_usage(fields)
+    assert usage is not None and usage.req_mem_bytes == 8 * 1024**3
+    assert usage.gpus == 2 and usage.gpu_hours == pytest.approx(20 / 3600) and usage.cpu_efficiency == 0.5
+
+
+@pytest.mark.parametrize("code, attention, words", [
+    ("Priority", False, "waiting its turn"), ("Resources", False, "waiting its turn"),
+    ("JobHeldUser", True, "held by its owner"), ("JobHeldAdmin", True, "administrator"),
+    ("Dependency", False, "depends on"), ("DependencyNeverSatisfied", True, "can never start"),
+    ("BeginTime", False, "begin time"), ("PartitionConfig", True, "partition"),
+    ("PartitionTimeLimit", True, "MaxTime"), ("PartitionNodeLimit", True, "nodes"), ("ReqNodeNotAvail", True, "node"),
+    ("QOSMaxCpuPerJobLimit", True, "per-job limit of its QoS"), ("AssocMaxWallDurationPerJobLimit", True, "account"),
+    ("QOSGrpCpuLimit", False, "QoS's group allowance"), ("AssocGrpCPUMinutesLimit", False, "account's allowance"),
+    ("", False, "not yet considered"), ("SomethingNew", False, "Slurm's reason SomethingNew"),
+])
+def test_reasons_in_words(code: str, attention: bool, words: str):
+    reason = slurm.explain_reason(code)
+    assert reason.attention is attention and words in reason.words and reason.todo
+
+
+@pytest.mark.parametrize("line", ["", "|", "garbage", "1|2|3", "77|RUNNING|0:01|vm|0:0", "77|RUNNING|0:01|vm|r|s|7|extra",
+                                  "|RUNNING|1|n|0"])
 def test_malformed_client_lines_are_skipped(line: str):
     assert slurm.parse_squeue(line + "\n") == {}
-    rows = slurm.parse_sacct(line + "\n")
-    assert all(key and "[" not in key for key in rows)
+    acct = slurm.parse_sacct(f"{slurm.SACCT_FIELDS.replace(',', '|')}\n{line}\n")
+    assert acct.rows == {} and acct.usage == {}
 
 
 def test_a_reader_that_closes_the_pipe_ends_status_quietly(tmp_path: Path):

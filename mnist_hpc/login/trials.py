@@ -50,6 +50,14 @@ class Trial:
     notes: list[str] = field(default_factory=list)
     # The error line of an unfinished trial (failure.json or its own job log).
     error: Optional[str] = None
+    # A pending job's reason code and expected start (squeue), "" when none.
+    reason: str = ""
+    expected_start: str = ""
+    # What its job (or array task) used, from accounting; None before it started.
+    usage: Optional[slurm.Usage] = None
+    # This trial's share of its job's cost: 1 alone, its part of the wall time in a packed task.
+    share: float = 1.0
+    share_note: str = ""
 
     @property
     def number(self) -> Optional[int]:
@@ -121,6 +129,39 @@ class Trial:
     def stderr(self) -> Optional[str]:
         return self.files.job.stderr if self.files.job else None
 
+    @property
+    def wait(self) -> Optional[slurm.Reason]:
+        """Why its job is pending, in words; None unless it is."""
+        return slurm.explain_reason(self.reason) if self.state == "PENDING" else None
+
+    @property
+    def own_wall_s(self) -> Optional[float]:
+        """Its recorded wall time: metrics.json's, else the seconds of the epochs done so far."""
+        if self.wall_time_s is not None:
+            return self.wall_time_s
+        seconds = [r.get("seconds") for r in self.history]
+        return float(sum(seconds)) if seconds and all(isinstance(x, (int, float)) for x in seconds) else None
+
+    def cost_row(self) -> Optional[dict[str, Any]]:
+        """Its cost and sizing figures (its share of a packed task's); None before its job started."""
+        u = self.usage
+        if u is None:
+            return None
+        gb = 1024**3
+        return {
+            "elapsed_s": u.elapsed_s,
+            "alloc_cpus": u.alloc_cpus,
+            "cpu_time_s": None if u.cpu_s is None else round(u.cpu_s * self.share, 3),
+            "cpu_efficiency": None if u.cpu_efficiency is None else round(u.cpu_efficiency, 4),
+            "core_hours": round(u.core_hours * self.share, 6),
+            "gpus": u.gpus,
+            "gpu_hours": round(u.gpu_hours * self.share, 6),
+            "max_rss_gb": None if u.max_rss_bytes is None else round(u.max_rss_bytes / gb, 3),
+            "req_mem_gb": None if u.req_mem_bytes is None else round(u.req_mem_bytes / gb, 3),
+            "share": round(self.share, 4),
+            "share_note": self.share_note,
+        }
+
     def status_row(self) -> dict[str, Any]:
         """What ``mnist-hpc-status --json`` prints for this trial."""
         result_file = self.files.job.result_file if self.files.job else None
@@ -143,6 +184,11 @@ class Trial:
             "notes": self.notes,
             # Why an unfinished trial failed (failure.json, or its job's own log).
             "error": self.error,
+            "reason": self.reason or None,
+            "reason_words": self.wait.words if self.wait else None,
+            "todo": self.wait.todo.replace("JOBID", self.job_id) if self.wait else None,
+            "expected_start": self.expected_start or None,
+            "cost": self.cost_row(),
         }
 
 
@@ -154,8 +200,11 @@ def is_run_dir(path: Path) -> bool:
     return rundir.is_run_dir(path)
 
 
-def trial_dirs(sweep_dir: Path) -> list[Path]:
-    """A sweep's trial directories (basic or Optuna sweeper), in trial order.
+def trial_dirs(sweep_dir: Path, ordered: bool = True) -> list[Path]:
+    """A sweep's trial directories (basic or Optuna sweeper), in trial order (``ordered``), else by path.
+
+    Ordering reads every ``job.json``: a caller that reads the trials anyway passes
+    ``ordered=False`` and sorts them with :func:`sort_trials` instead of reading each file twice.
 
     Each is where ``hydra.sweep.subdir`` put it (its number by default, any name or depth
     otherwise): a directory below the sweep holding a run's ``job.json`` or Hydra's overrides.
@@ -185,7 +234,7 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
                 found.append(path)
             else:
                 stack.append(path)
-    return sorted(found, key=_trial_order)
+    return sorted(found, key=_trial_order) if ordered else sorted(found)
 
 
 def _trial_order(path: Path) -> tuple[int, int, str]:
@@ -201,7 +250,12 @@ def _trial_order(path: Path) -> tuple[int, int, str]:
     return 1, 0, str(path)
 
 
-def find_runs(target: Path) -> tuple[bool, list[Path]]:
+def sort_trials(trials: Sequence[Trial]) -> list[Trial]:
+    """Trials in the order of :func:`trial_dirs` (by number, then path), from what was read of them."""
+    return sorted(trials, key=lambda t: (0, t.number, str(t.run_dir)) if t.number is not None else (1, 0, str(t.run_dir)))
+
+
+def find_runs(target: Path, ordered: bool = True) -> tuple[bool, list[Path]]:
     """Whether ``target`` is a sweep, and its run directories (the target itself for a run).
 
     Raises:
@@ -211,7 +265,7 @@ def find_runs(target: Path) -> tuple[bool, list[Path]]:
         raise TargetError(f"{target} is not a directory; pass a sweep directory or a run directory")
     if is_run_dir(target):
         return False, [target]
-    trials = trial_dirs(target)
+    trials = trial_dirs(target, ordered)
     if not trials:
         raise TargetError(
             f"{target} holds no trials (numbered directories with {rundir.JOB_FILE} or {rundir.HYDRA_OVERRIDES}) "
@@ -241,11 +295,18 @@ def job_trial(job_id: str) -> Trial:
 
 def _expand_arrays(trials: list[Trial], rows: dict[str, slurm.Row]) -> list[Trial]:
     """A bare array id (``123``) named on the command line stands for all of its tasks."""
+    bare = {t.job_id for t in trials if t.run_dir is None and t.job_id not in rows}
+    if not bare:  # a sweep's trials name their own tasks: nothing to expand (and no pass over rows)
+        return trials
+    tasks: dict[str, list[str]] = {}
+    for key in rows:
+        base, _, index = key.partition("_")
+        if base in bare and index:
+            tasks.setdefault(base, []).append(key)
     out: list[Trial] = []
     for t in trials:
-        tasks = sorted((k for k in rows if k.startswith(t.job_id + "_")), key=lambda k: k.split("_", 1)[1].zfill(9))
-        if t.run_dir is None and t.job_id not in rows and tasks:
-            out += [job_trial(task) for task in tasks]
+        if t.run_dir is None and t.job_id in tasks:
+            out += [job_trial(task) for task in sorted(tasks[t.job_id], key=lambda k: k.split("_", 1)[1].zfill(9))]
         else:
             out.append(t)
     return out
@@ -258,26 +319,31 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
         The trials (a bare array id expanded into its tasks) and notes on where states came from.
     """
     slurm_ids = [t.job_id for t in trials if t.source == "slurm"]
-    rows, notes = slurm.job_states(slurm_ids) if slurm_ids else ({}, [])
+    # A job all of whose runs wrote their result has ended: the controller is not asked about it.
+    ended = {id(t): _ended(t) for t in trials if t.run_dir is not None}
+    unended = {t.job_id for t in trials if t.source == "slurm" and not ended.get(id(t), False)}
+    snap = slurm.job_snapshot(slurm_ids, settled=[j for j in slurm_ids if j not in unended])
+    rows, notes = snap.rows, list(snap.notes)
     trials = _expand_arrays(trials, rows)
     me = claim.Holder.this_process()
     for t in trials:
         row = rows.get(t.job_id) if t.source == "slurm" else None
         if row:
             t.elapsed, t.node, t.exit_code = row["elapsed"], row["node"], row["exit_code"]
+            t.reason, t.expected_start = row.get("reason", ""), row.get("start", "")
+            t.usage = snap.usage.get(t.job_id)
         if t.run_dir is None:
             t.state = row["state"] if row else "UNKNOWN"
             continue
-        result_file = t.files.job.result_file if t.files.job else None
-        ended = bool(result_file and _is_file(result_file))
+        ended_now = ended.get(id(t), False)
         gone = False
-        if t.source == "local" and t.files.job is not None and not ended:
+        if t.source == "local" and t.files.job is not None and not ended_now:
             # The local launcher's job is a process: ask whether it still runs (pid and start time).
             live = claim.alive(claim.job_holder(t.files.job), me)
             gone = live is False
             if live is None:
                 t.notes.append(f"its process runs on {t.files.job.host}; run mnist-hpc-status there to see whether it lives")
-        t.state = rundir.run_state(t.files, row["state"] if row else None, ended or gone)
+        t.state = rundir.run_state(t.files, row["state"] if row else None, ended_now or gone)
         if row is None and t.source != "files":
             t.source += " (files)"
         if not t.finished:
@@ -286,7 +352,76 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
                 job = t.files.job
                 t.error = f"its process (pid {job.job_id} on {job.host or 'this host'}) ended without a result: killed?"
                 t.error += f" See {job.stderr}" if job.stderr else ""
+    split_packed_costs(trials)
     return trials, notes
+
+
+def _ended(trial: Trial) -> bool:
+    """Its job wrote the result file submitit leaves when the job's function returned or raised."""
+    result_file = trial.files.job.result_file if trial.files.job else None
+    return bool(result_file and _is_file(result_file))
+
+
+def split_packed_costs(trials: Sequence[Trial]) -> None:
+    """Share a job's cost among the trials that ran in it, by their recorded wall times.
+
+    Several trials share a job when they were packed into one task (trials_per_task) or run one
+    after another by a search worker. A trial without a wall time (not started, or its files
+    unreadable) would make any weighting a guess: then the job's cost is split evenly and each
+    trial says so. The shares of a job add up to 1, so totals are unaffected.
+    """
+    by_job: dict[str, list[Trial]] = {}
+    for t in trials:
+        if t.usage is not None:
+            by_job.setdefault(t.job_id, []).append(t)
+    for job_id, group in by_job.items():
+        if len(group) < 2:
+            continue
+        walls = [t.own_wall_s for t in group]
+        if all(w is not None for w in walls) and sum(walls) > 0:  # type: ignore[arg-type]
+            for t, w in zip(group, walls):
+                t.share, t.share_note = w / sum(walls), f"its wall time's share of job {job_id}"  # type: ignore[operator]
+        else:
+            missing = ", ".join(t.label for t, w in zip(group, walls) if w is None) or "any trial"
+            for t in group:
+                t.share = 1 / len(group)
+                t.share_note = f"job {job_id} split evenly among its {len(group)} trials: no wall time for {missing}"
+
+
+@dataclass
+class CostTotals:
+    """What a set of trials' jobs used together; each job counted once, however many trials it ran."""
+
+    jobs: int
+    core_hours: float
+    gpu_hours: float
+    # TotalCPU / CPUTimeRAW over the jobs whose CPU time is known (ended ones; running ones via sstat).
+    cpu_efficiency: Optional[float]
+    max_rss_bytes: Optional[int]
+    req_mem_bytes: Optional[int]
+    # The largest CPU count of a job that ended: what the advice on idle CPUs is about.
+    alloc_cpus: int
+
+
+def cost_totals(trials: Sequence[Trial]) -> Optional[CostTotals]:
+    """Totals of ``trials``' jobs (None when none has started)."""
+    jobs = {t.job_id: t.usage for t in trials if t.usage is not None}
+    if not jobs:
+        return None
+    used = list(jobs.values())
+    ended = [u for u in used if u.cpu_s is not None]  # and running ones that sstat answered for
+    peaks = [u.max_rss_bytes for u in used if u.max_rss_bytes is not None]
+    asked = [u.req_mem_bytes for u in used if u.req_mem_bytes is not None]
+    core_s = sum(u.core_s for u in ended)
+    return CostTotals(
+        jobs=len(used),
+        core_hours=sum(u.core_hours for u in used),
+        gpu_hours=sum(u.gpu_hours for u in used),
+        cpu_efficiency=sum(u.cpu_s or 0.0 for u in ended) / core_s if core_s > 0 else None,
+        max_rss_bytes=max(peaks) if peaks else None,
+        req_mem_bytes=max(asked) if asked else None,
+        alloc_cpus=max((u.alloc_cpus for u in ended), default=0),
+    )
 
 
 def _is_file(path: Path) -> bool:

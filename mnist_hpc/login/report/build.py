@@ -14,6 +14,7 @@ import numpy as np
 
 from mnist_hpc import rundir
 from mnist_hpc.io import sha256_file, write_text_atomic
+from mnist_hpc.login.report.cost import cost_section
 from mnist_hpc.login.report.plots import (
     CONFUSION_PNG,
     WRONG_DIGITS_PNG,
@@ -33,7 +34,7 @@ from mnist_hpc.login.report.tables import (
     top_confusions,
 )
 from mnist_hpc.login.report.study import search_report
-from mnist_hpc.login.trials import Trial, find_runs, read_trials, trial_dirs
+from mnist_hpc.login.trials import Trial, find_runs, read_trials, sort_trials, trial_dirs
 from mnist_hpc.search import is_search_dir
 
 REPORT_DIR = "report"
@@ -109,9 +110,11 @@ def build_report(target: Path, out_dir: Optional[Path] = None, metric: str = "va
     """
     target = Path(target).resolve()
     # A search has its study even before its first trial directory exists.
-    is_sweep, run_dirs = (True, trial_dirs(target)) if is_search_dir(target) else find_runs(target)
+    # Unordered: the trials are sorted once read (each job.json is read once).
+    is_sweep, run_dirs = (True, trial_dirs(target, ordered=False)) if is_search_dir(target) else find_runs(target, False)
     out_dir = Path(out_dir) if out_dir is not None else target / REPORT_DIR
     trials, notes = read_trials(run_dirs)
+    trials = sort_trials(trials)
     cache = PlotCache(out_dir)
     # An asynchronous search: its study decides each trial's state and adds its own section.
     search = search_report(target, trials, out_dir, cache) if is_search_dir(target) else ("", [], [])
@@ -120,7 +123,7 @@ def build_report(target: Path, out_dir: Optional[Path] = None, metric: str = "va
     selection = best_trial(trials, metric) if is_sweep else None
     best = selection.trial if selection else None
 
-    parts = [summary_section(target, trials, selection), markdown_table(trials, best)]
+    parts = [summary_section(target, trials, selection), markdown_table(trials, best), cost_section(trials)]
     parts += ["\n".join(f"- note: {n}" for n in notes)] if notes else []
     files = [write_csv(table_rows(trials, best), out_dir / CSV_FILE)] + search[1]
     pngs, plot_links = write_plots(trials, out_dir, selection, cache)

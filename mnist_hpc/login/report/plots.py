@@ -36,6 +36,8 @@ WRONG_DIGITS_PNG = "wrong_digits.png"
 # Numeric hyperparameters spanning this factor (a decade) or more get a logarithmic axis.
 LOG_AXIS_SPAN = 10.0
 # More trials than this and the learning-curve legend would hide the curves.
+# More learning curves than this: only the best trial's and the highest others are drawn.
+MAX_CURVES = 50
 MAX_LEGEND_ENTRIES = 12
 DPI = 110
 
@@ -82,6 +84,11 @@ def learning_curves_figure(trials: Sequence[Trial], best: Optional[Trial] = None
     swept = swept_params(trials)
     curves = [(t, *learning_curve(t)) for t in trials]
     curves = [c for c in curves if c[2]]
+    drawn_of = len(curves)
+    if len(curves) > MAX_CURVES:
+        # Thousands of lines are slow to draw and unreadable: the best trial and the highest others.
+        curves.sort(key=lambda c: (c[0] is not best, -max(c[3])))
+        curves = sorted(curves[:MAX_CURVES], key=lambda c: -1 if c[0].number is None else c[0].number)
     cmap = matplotlib.colormaps["tab10" if len(curves) <= 10 else "viridis"]
     for i, (t, name, epochs, values) in enumerate(curves):
         colour = cmap(i if len(curves) <= 10 else i / max(1, len(curves) - 1))
@@ -113,7 +120,8 @@ def learning_curves_figure(trials: Sequence[Trial], best: Optional[Trial] = None
         "accuracy": "dashed: training accuracy (no validation data)",
     }
     used = [text for name, text in styles.items() if any(c[1] == name for c in curves)]
-    ax.set_title("Learning curves" + (f" ({'; '.join(used)})" if used else ""), fontsize=9)
+    title = "Learning curves" if drawn_of <= MAX_CURVES else f"Learning curves: the {MAX_CURVES} highest of {drawn_of}"
+    ax.set_title(title + (f" ({'; '.join(used)})" if used else ""), fontsize=9)
     epoch_axis(ax, sorted({e for c in curves for e in c[2]}))
     ax.grid(alpha=0.3)
     return fig

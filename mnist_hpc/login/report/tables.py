@@ -65,12 +65,22 @@ def table_rows(trials: Sequence[Trial], best: Optional[Trial] = None) -> list[di
                 "test_accuracy": "" if t.test_accuracy is None else t.test_accuracy,
                 "wall_time_s": "" if t.wall_time_s is None else round(t.wall_time_s, 3),
                 "elapsed": t.elapsed,
+                **_cost_columns(t),
                 "error": t.error or "",
                 "run_dir": str(t.run_dir),
             }
         )
         rows.append(row)
     return rows
+
+
+COST_COLUMNS = ("cpu_time_s", "cpu_efficiency", "core_hours", "gpu_hours", "max_rss_gb", "req_mem_gb", "share")
+
+
+def _cost_columns(trial: Trial) -> dict[str, Any]:
+    """Its job's figures from accounting (its share of a shared job's); empty before it started."""
+    cost = trial.cost_row() or {}
+    return {key: "" if cost.get(key) is None else cost[key] for key in COST_COLUMNS}
 
 
 def csv_text(rows: Sequence[dict[str, Any]]) -> str:
