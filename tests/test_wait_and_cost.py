@@ -289,3 +289,54 @@ def test_a_10000_task_held_array_is_one_squeue_call_and_a_short_summary(tmp_path
         assert "No job has started yet: nothing used so far." in report.stdout
     finally:
         subprocess.run(["scancel", array], timeout=60)
+
+
+# --- a search: its workers' jobs are asked in the same query as its trials' --------------------------
+
+
+def search_dir_with_workers(tmp_path: Path) -> Path:
+    """A search with two Slurm workers: 8_0 ran trials 0 and 1, 8_1 waits (held)."""
+    from mnist_hpc import search as sd
+
+    search_dir = tmp_path / "search"
+    spec = {"study_name": "s", "direction": "maximize", "n_trials": 4, "params": {"optimizer.learning_rate": "interval(0.001,0.01)"},
+            "fixed": [], "enqueue": [], "sampler": {"_target_": "optuna.samplers.RandomSampler"}, "pruner": None,
+            "heartbeat_s": 1.0, "stale_after_s": 30.0, "workers": 2, "identity": {"data.sha256": "a" * 64}}
+    search_dir.mkdir()
+    (search_dir / sd.SPEC_FILE).write_text(json.dumps(spec))
+    for num, wall in ((0, 30.0), (1, 90.0)):
+        make_trial(search_dir, num, [f"optimizer.learning_rate=0.00{num + 1}"], cluster="slurm", job_id="8_0",
+                   metrics=fake_metrics(0.97, 0.96, 0.95, wall=wall))
+    for job_id, state, trial in (("8_0", "done", None), ("8_1", "queued", None)):
+        sd.write_beat(search_dir, sd.WorkerBeat(job_id=job_id, cluster="slurm", host="", state=state, trial=trial))
+    return search_dir
+
+
+def test_a_search_report_asks_slurm_once_for_its_workers_and_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("optuna")
+    search_dir = search_dir_with_workers(tmp_path)
+    acct = slurm.Accounting({"8_0": row("COMPLETED")}, {"8_0": usage(elapsed_s=120.0, core_s=240.0, cpu_s=200.0)})
+    calls = Calls({"8_1": row("PENDING", "JobHeldUser")}, acct).install(monkeypatch)
+    report = build.build_report(search_dir)
+    assert len(calls.squeue) == 1 and len(calls.sacct) == 1 and calls.sstat == []
+    assert calls.squeue == [["8_0", "8_1"]] and calls.sacct == [["8_0"]]  # 8_1 pends: accounting is not asked
+    shares = sorted(round(t.share, 2) for t in report.trials)
+    assert shares == [0.25, 0.75]  # worker 8_0's cost split by the trials' wall times (30 s and 90 s)
+    assert len(report.trials) == 2  # the workers are not trials
+
+
+def test_status_of_a_search_says_why_a_worker_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("optuna")
+    from mnist_hpc.login.study import format_status, read_study, status_json
+
+    search_dir = search_dir_with_workers(tmp_path)
+    acct = slurm.Accounting({"8_0": row("COMPLETED")}, {"8_0": usage()})
+    calls = Calls({"8_1": row("PENDING", "JobHeldUser", "")}, acct).install(monkeypatch)
+    view = read_study(search_dir)
+    assert len(calls.squeue) == 1 and len(calls.sacct) <= 1
+    workers = {w["job_id"]: w for w in status_json(view)["workers"]}
+    assert workers["8_1"]["reason"] == "JobHeldUser" and workers["8_1"]["slurm_state"] == "PENDING"
+    assert workers["8_0"]["cost"]["core_hours"] == round(usage().core_hours, 6)
+    held = slurm.explain_reason("JobHeldUser")
+    assert f"waits: {held.words}" in workers["8_1"]["message"] and held.todo in workers["8_1"]["message"]
+    assert f"waits: {held.words}" in format_status(view)

@@ -20,8 +20,7 @@ from typing import Any, Optional, Sequence
 
 from mnist_hpc import rundir
 from mnist_hpc import search as sd
-from mnist_hpc import slurm
-from mnist_hpc.login.trials import Trial, read_trial
+from mnist_hpc.login.trials import Trial, fill_states, job_trial, read_trial
 
 # Optuna's trial states in the words status and report use for runs.
 STATES = {"COMPLETE": "COMPLETED", "PRUNED": "PRUNED", "FAIL": "FAILED", "RUNNING": "RUNNING", "WAITING": "PENDING"}
@@ -36,6 +35,8 @@ class WorkerRow:
     beat: sd.WorkerBeat
     silent_s: Optional[float]
     slurm_state: str = ""
+    # Its Slurm job as status shows a job (reason, expected start, usage), when Slurm was asked.
+    job: Optional[Trial] = None
     # False: its process is known to be gone (local: the pid has ended; Slurm: the job ended);
     # None: it cannot be told from here.
     alive: Optional[bool] = None
@@ -215,20 +216,31 @@ def read_study(search_dir: Path, with_slurm: bool = True) -> StudyView:
     view.notes += notes
     now = _server_now(search_dir)
     view.workers = [WorkerRow(b, None if now is None else max(0.0, now - mtime)) for b, mtime in beats]
-    rows: dict[str, slurm.Row] = {}
-    if with_slurm:
-        ids = [w.beat.job_id for w in view.workers if w.beat.cluster == "slurm"]
-        rows, notes = slurm.job_states(ids) if ids else ({}, [])
+    jobs: dict[str, Trial] = {}
+    if with_slurm and (ids := worker_job_ids(view)):
+        filled, notes = fill_states([job_trial(i) for i in ids])
+        jobs = {t.job_id: t for t in filled}
         view.notes += notes
-    for w in view.workers:
-        w.slurm_state = rows.get(w.beat.job_id, {}).get("state", "")
-        if w.beat.state in WORKING:
-            w.alive = worker_alive(w.beat, w.slurm_state)
+    set_worker_jobs(view, jobs)
     for t in view.trials:
         if t.state.name == "COMPLETE" and view.value(t) is None:
             view.notes.append(f"trial {t.number}: its value in the journal ({t.value!r:.40}) is not an accuracy in "
                               "[0, 1]; it is not shown or ranked")
     return view
+
+
+def worker_job_ids(view: StudyView) -> list[str]:
+    """The Slurm job ids of the search's workers."""
+    return [w.beat.job_id for w in view.workers if w.beat.cluster == "slurm"]
+
+
+def set_worker_jobs(view: StudyView, jobs: dict[str, Trial]) -> None:
+    """Each worker's job as Slurm showed it (from the command's one query), and whether it still lives."""
+    for w in view.workers:
+        w.job = jobs.get(w.beat.job_id)
+        w.slurm_state = w.job.state if w.job is not None and w.job.state != "UNKNOWN" else ""
+        if w.beat.state in WORKING:
+            w.alive = worker_alive(w.beat, w.slurm_state)
 
 
 def _server_now(search_dir: Path) -> Optional[float]:
@@ -343,6 +355,10 @@ def worker_message(view: StudyView, w: WorkerRow) -> str:
         return f"its process (pid {w.beat.pid or w.beat.job_id} on {w.beat.host}) is gone"
     if w.state == "ended":
         return f"its Slurm job ended ({w.slurm_state}) without a word"
+    wait = w.job.wait if w.job is not None else None
+    if wait is not None:
+        start = f"; expected start {w.job.expected_start}" if w.job.expected_start else ""  # type: ignore[union-attr]
+        return f"waits: {wait.words}{start}" + (f"; {wait.todo}" if wait.todo else "")
     return "-"
 
 
@@ -455,7 +471,10 @@ def status_json(view: StudyView) -> dict[str, Any]:
         "workers": [
             {"job_id": w.beat.job_id, "slurm_state": w.slurm_state, "state": w.state, "beat_state": w.beat.state,
              "alive": w.alive, "silent_s": w.silent_s, "trial": w.beat.trial, "epochs": view.epochs(w.beat.trial)[0],
-             "trials_run": w.beat.trials_run, "message": worker_message(view, w), "log": w.beat.log}
+             "trials_run": w.beat.trials_run, "message": worker_message(view, w), "log": w.beat.log,
+             "reason": w.job.reason or None if w.job else None,
+             "expected_start": w.job.expected_start or None if w.job else None,
+             "cost": w.job.cost_row() if w.job else None}
             for w in view.workers
         ],
         "trials": trials,

@@ -372,7 +372,8 @@ def split_packed_costs(trials: Sequence[Trial]) -> None:
     """
     by_job: dict[str, list[Trial]] = {}
     for t in trials:
-        if t.usage is not None:
+        # A job named by its id alone (a search's worker beside its trials) is the whole job, no share.
+        if t.usage is not None and t.run_dir is not None:
             by_job.setdefault(t.job_id, []).append(t)
     for job_id, group in by_job.items():
         if len(group) < 2:

@@ -34,7 +34,8 @@ from mnist_hpc.login.report.tables import (
     top_confusions,
 )
 from mnist_hpc.login.report.study import search_report
-from mnist_hpc.login.trials import Trial, find_runs, read_trials, sort_trials, trial_dirs
+from mnist_hpc.login.study import read_study, set_worker_jobs, worker_job_ids
+from mnist_hpc.login.trials import Trial, fill_states, find_runs, job_trial, read_trial, read_trials, sort_trials, trial_dirs
 from mnist_hpc.search import is_search_dir
 
 REPORT_DIR = "report"
@@ -113,11 +114,19 @@ def build_report(target: Path, out_dir: Optional[Path] = None, metric: str = "va
     # Unordered: the trials are sorted once read (each job.json is read once).
     is_sweep, run_dirs = (True, trial_dirs(target, ordered=False)) if is_search_dir(target) else find_runs(target, False)
     out_dir = Path(out_dir) if out_dir is not None else target / REPORT_DIR
-    trials, notes = read_trials(run_dirs)
+    if is_search_dir(target):
+        # The study and its workers; their Slurm jobs are asked in the same query as the trials'.
+        view = read_study(target, with_slurm=False)
+        workers = [job_trial(i) for i in worker_job_ids(view)]
+        filled, notes = fill_states([read_trial(d) for d in run_dirs] + workers)
+        trials = [t for t in filled if t.run_dir is not None]
+        set_worker_jobs(view, {t.job_id: t for t in filled if t.run_dir is None})
+    else:
+        trials, notes = read_trials(run_dirs)
     trials = sort_trials(trials)
     cache = PlotCache(out_dir)
     # An asynchronous search: its study decides each trial's state and adds its own section.
-    search = search_report(target, trials, out_dir, cache) if is_search_dir(target) else ("", [], [])
+    search = search_report(view, trials, out_dir, cache) if is_search_dir(target) else ("", [], [])
     notes += search[2]
     notes += [f"{t.label}: {note}" for t in trials for note in t.notes]
     selection = best_trial(trials, metric) if is_sweep else None

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from mnist_hpc import search as sd
 from mnist_hpc.login.report.plots import PlotCache, save_png
-from mnist_hpc.login.study import StudyView, read_study, run_note, run_state, run_value, sampled, summary_lines, trial_note
+from mnist_hpc.login.study import StudyView, run_note, run_state, run_value, sampled, summary_lines, trial_note
 from mnist_hpc.login.trials import Trial
 
 HISTORY_PNG = "optimization_history.png"
@@ -106,9 +106,8 @@ def study_markdown(view: StudyView) -> str:
     return "\n\n".join(parts)
 
 
-def search_report(target: Path, trials: Sequence[Trial], out_dir: Path, cache: PlotCache) -> tuple[str, list[Path], list[str]]:
+def search_report(view: StudyView, trials: Sequence[Trial], out_dir: Path, cache: PlotCache) -> tuple[str, list[Path], list[str]]:
     """Apply the study's states to ``trials``; return the study section, its plot files and notes."""
-    view = read_study(target)
     apply_study_states(view, trials)
     files, links, notes = study_plots(view, out_dir, cache)
     section = study_markdown(view) + ("\n\n" + "\n\n".join(links) if links else "")
