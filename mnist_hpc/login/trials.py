@@ -229,11 +229,13 @@ def trial_dirs(sweep_dir: Path, ordered: bool = True) -> list[Path]:
                     continue
             except OSError:
                 continue
-            path = Path(entry.path)
-            if _is_file(path / rundir.JOB_FILE) or _is_file(path / rundir.HYDRA_OVERRIDES):
-                found.append(path)
+            # Strings, not Paths, on this hot path (a sweep of 10,000 trials); isfile is False where
+            # a file cannot be seen (another user's private folder).
+            if os.path.isfile(os.path.join(entry.path, rundir.JOB_FILE)) or os.path.isfile(
+                    os.path.join(entry.path, rundir.HYDRA_OVERRIDES)):
+                found.append(Path(entry.path))
             else:
-                stack.append(path)
+                stack.append(Path(entry.path))
     return sorted(found, key=_trial_order) if ordered else sorted(found)
 
 

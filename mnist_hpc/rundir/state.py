@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mnist_hpc.rundir.files import ENDED_STATES, IDENTITY_FILE, JOB_FILE, METRICS_FILE, RunFileError
+from mnist_hpc.rundir.files import (
+    ENDED_STATES,
+    FAILURE_FILE,
+    HYDRA_DIR,
+    IDENTITY_FILE,
+    JOB_FILE,
+    METRICS_FILE,
+    PROGRESS_FILE,
+    RunFileError,
+)
 from mnist_hpc.rundir.outputs import read_metrics
 from mnist_hpc.rundir.records import (
     JobRecord,
@@ -65,26 +75,38 @@ class RunFiles:
 def read_run(run_dir: Path) -> RunFiles:
     """Read every file that tells a run's state; a damaged one becomes a note, not an error."""
     run = RunFiles(Path(run_dir))
+    # What the directory holds, listed once: a file it does not hold is not opened (a queued
+    # trial has its job.json alone; status reads 10,000 of them). None: it cannot be listed, so
+    # every reader tries and says what is wrong.
+    try:
+        present: Optional[set[str]] = set(os.listdir(run_dir))
+    except OSError:
+        present = None
     readers = (
-        ("job", read_job),
-        ("metrics", read_metrics),
-        ("progress", read_progress),
-        ("failure", read_failure),
+        ("job", JOB_FILE, read_job),
+        ("metrics", METRICS_FILE, read_metrics),
+        ("progress", PROGRESS_FILE, read_progress),
+        ("failure", FAILURE_FILE, read_failure),
     )
-    for name, reader in readers:
+    for name, file_name, reader in readers:
+        if present is not None and file_name not in present:
+            continue
         try:
             setattr(run, name, reader(run.run_dir))
         except RunFileError as exc:
             run.notes.append(f"{exc}; ignored")
     try:
-        run.overrides = list(run.job.overrides) if run.job else hydra_overrides(run.run_dir)
+        if run.job:
+            run.overrides = list(run.job.overrides)
+        elif present is None or HYDRA_DIR in present:
+            run.overrides = hydra_overrides(run.run_dir)
     except RunFileError as exc:
         run.notes.append(f"{exc}; ignored")
-    _keep_only_bound_results(run)
+    _keep_only_bound_results(run, present)
     return run
 
 
-def _keep_only_bound_results(run: RunFiles) -> None:
+def _keep_only_bound_results(run: RunFiles, present: Optional[set[str]] = None) -> None:
     """Show a directory's results as a job's only when the directory is bound to that job's config.
 
     ``identity.json`` says which config the directory's results come from; ``job.json`` (written
@@ -93,7 +115,7 @@ def _keep_only_bound_results(run: RunFiles) -> None:
     trial's: they are dropped with a note, never shown beside the wrong overrides.
     """
     try:
-        identity = read_identity(run.run_dir)
+        identity = read_identity(run.run_dir) if present is None or IDENTITY_FILE in present else None
     except RunFileError as exc:
         if run.metrics is not None or run.progress is not None:
             run.notes.append(f"{exc}; its results are not shown, since it cannot be told which config made them")
