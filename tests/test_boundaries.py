@@ -28,7 +28,15 @@ from mnist_hpc import claim, rundir
 from mnist_hpc.compute import checkpoint
 from mnist_hpc.config import flat_config, to_typed
 from mnist_hpc.dataset import NUM_CLASSES, DatasetError, load_arrays, split_index, validate_arrays, validation_cut
-from mnist_hpc.login.report.ranking import best_trial, shared_overrides, trial_params
+from mnist_hpc.login.report.ranking import (
+    best_trial,
+    metric_value,
+    parse_override,
+    shared_overrides,
+    shown_settings,
+    swept_params,
+    trial_params,
+)
 from mnist_hpc.login.trials import Trial
 from tests.helpers import fill_cache, synthetic_mnist, until
 
@@ -1836,3 +1844,30 @@ def test_a_damaged_identity_hides_whatever_results_there_are(tmp_path, present):
         [note] = run.notes
         assert note.startswith(f"{tmp_path / rundir.IDENTITY_FILE} holds a JSON list") and note.endswith(
             "; its results are not shown, since it cannot be told which config made them")
+
+
+def test_an_override_is_split_at_its_first_equals_sign_and_its_prefix_dropped():
+    assert parse_override("data.path=a=b") == ("data.path", "a=b")
+    assert parse_override("+hydra.launcher.additional_parameters.hold=true") == ("hydra.launcher.additional_parameters.hold", "true")
+    assert parse_override("~train.seed") == ("train.seed", None)
+    assert parse_override("Xray=1") == ("Xray", "1") and parse_override("a= 1") == ("a", " 1")
+
+
+def test_a_long_identity_value_is_cut_only_past_16_characters():
+    trials = [overridden(i, [], {"data.sha256": v}) for i, v in enumerate(["a" * 16, "b" * 17])]
+    swept = swept_params(trials)
+    assert shown_settings(trials[0], swept) == ["data.sha256=" + "a" * 16]
+    assert shown_settings(trials[1], swept) == ["data.sha256=" + "b" * 12 + "…"]
+
+
+def test_an_unknown_metric_names_the_ones_there_are():
+    with pytest.raises(ValueError) as info:
+        metric_value(ranked_trial(0, 0.9, 0.9), "loss")
+    assert str(info.value) == "unknown metric 'loss'; choose one of val_accuracy, test_accuracy"
+
+
+def test_bound_results_of_a_run_that_was_never_queued_are_shown(tmp_path):
+    bound_run(tmp_path)
+    (tmp_path / rundir.JOB_FILE).unlink()  # an in-process run: no job.json
+    run = rundir.read_run(tmp_path)
+    assert (run.notes, run.metrics is not None, run.identity is not None) == ([], True, True)
