@@ -77,6 +77,8 @@ def judge(run_dir: Path, identity: dict[str, Any], epochs: int, label: str) -> V
             a damaged identity file, or an entry of the wrong kind (a directory where the run
             writes a file, say: :func:`mnist_hpc.rundir.layout_problems`).
     """
+    if not os.path.lexists(run_dir):  # nothing there yet (every trial of a new sweep): nothing to check
+        return Verdict("new")
     problems = rundir.layout_problems(run_dir)
     if problems:
         raise RunConflict(f"{_at(label)}{'; '.join(problems)}, then run again")
