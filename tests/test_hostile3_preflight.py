@@ -58,3 +58,18 @@ def test_an_array_given_in_additional_parameters_is_refused_before_anything_is_q
     assert queued == set(), f"queued {sorted(queued)} for a sweep of 2 trials"
     assert proc.returncode == 1
     assert [ln for ln in proc.stderr.splitlines() if "additional_parameters.array" in ln], proc.stderr[-600:]
+
+
+@pytest.mark.xfail(strict=True, reason="hostile3 P3: hydra.launcher.mem_gb=nan or inf passes preflight.check_launcher's "
+                   "'value < least' (False for nan; inf is no size) and ends in submitit's ValueError/OverflowError traceback")
+@pytest.mark.parametrize("mem_gb", ["nan", "inf"])
+def test_a_memory_size_that_is_no_number_is_refused_in_one_line(synthetic_cache, tmp_path, mem_gb):
+    try:
+        proc = submit(args(synthetic_cache, tmp_path, "hydra.launcher.additional_parameters={hold: true}",
+                           f"hydra.launcher.mem_gb={mem_gb}"), tmp_path)
+    finally:
+        cancel_all_from(tmp_path)
+    assert squeue_ids(tmp_path) == set() and job_records(tmp_path / "sweep") == []  # precondition: nothing queued
+    assert "Traceback" not in proc.stderr, proc.stderr[-400:]
+    assert proc.returncode == 1
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("nothing was queued") and "mem_gb" in ln], proc.stderr[-400:]
