@@ -47,3 +47,40 @@ def test_a_working_directory_pythonpath_names_is_kept_however_spelled(project: P
     named = spelling.format(here=project, parent=project.parent)
     proc = run_filter(project, named)
     assert proc.returncode == 0 and proc.stdout.strip() == "project", proc.stderr[-300:]
+
+
+# --- on the cluster: a setup line that puts an empty element back --------------------------------------
+
+PLANTED = """import os
+if os.environ.get("SLURM_JOB_ID"):  # only in the job: the test's own Pythons start here too
+    open(os.path.join(os.getcwd(), "planted-ran"), "w").write(os.environ["SLURM_JOB_ID"])
+    os._exit(3)
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow  # ~5 s as it fails (the planted module ends the job); a fixed guard trains one tiny epoch
+@pytest.mark.xfail(strict=True, reason="hostile3 G2: a hydra.launcher.setup line that adds an empty PYTHONPATH element "
+                   "back (export PYTHONPATH=$PYTHONPATH:/x, PYTHONPATH unset) puts the job's working directory on the path "
+                   "while Python starts: a sitecustomize.py planted there runs as the job's user before the guard's "
+                   "filter, which guard.py's comment says covers such setup lines")
+def test_a_setup_line_cannot_bring_back_the_working_directory_before_the_guard(synthetic_cache, tmp_path: Path) -> None:
+    from tests.helpers import job_records, sacct_states, slurm_launcher_args, submit, tiny_overrides, until
+
+    (tmp_path / "sitecustomize.py").write_text(PLANTED)  # what a group member could leave in a shared project directory
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MNIST_HPC_CACHE")}
+    # PYTHONPATH unset, as for most users (the package is installed): the setup line's expansion starts with ':'.
+    sweep = tmp_path / "sweep"
+    proc = submit(slurm_launcher_args(sweep, *tiny_overrides(synthetic_cache, tmp_path / "out"),
+                                      "hydra.launcher.setup=['export PYTHONPATH=$PYTHONPATH:/opt/hostile3-lib']"),
+                  tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # precondition: queued
+    [record] = job_records(sweep)
+    job = record["job_id"]
+    try:
+        state = until(lambda: {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"} & {sacct_states([job]).get(job)},
+                      f"job {job} to end", timeout_s=180, every_s=1.0)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    assert not (tmp_path / "planted-ran").exists(), "the planted sitecustomize.py ran in the job"
+    assert state == {"COMPLETED"}  # the job itself ran (a job that failed otherwise proves nothing)
