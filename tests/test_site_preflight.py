@@ -189,8 +189,6 @@ def test_additional_parameters_are_checked_as_sbatch_gets_them_and_named_as_them
                      "set hydra.launcher.mem_gb instead"),
     ({"job-name": "x"}, "hydra.launcher.additional_parameters.job-name would replace --job-name, which "
                         "hydra.launcher.name sets; set hydra.launcher.name instead"),
-    ({"output": "/tmp/x.out"}, "hydra.launcher.additional_parameters.output would replace --output, which submitit sets "
-                               "(where the job's logs are found, its array); remove it"),
 ])
 def test_a_key_that_would_replace_a_launcher_flag_is_refused(additional, message) -> None:
     from mnist_hpc.login.launcher.site import replaced_flags
@@ -310,3 +308,39 @@ def test_a_check_that_could_not_be_made_is_said_not_passed(monkeypatch) -> None:
     monkeypatch.setattr(slurm, "site_limits", lambda: LOCAL)
     with pytest.raises(site.PreflightError, match="cpus_per_task=64 asks for 64 CPUs per node"):
         site.check_site(executor, conf)
+
+
+@pytest.mark.parametrize("key", ["output", "error", "open_mode", "open-mode", "array"])
+def test_a_key_that_would_replace_submitits_own_flag_is_refused(key) -> None:
+    from mnist_hpc.login.launcher.preflight import check_slurm_options
+    from mnist_hpc.login.launcher.plan import PreflightError
+
+    flag = key.replace("_", "-")
+    with pytest.raises(PreflightError) as info:
+        check_slurm_options(SlurmQueueConf(additional_parameters={"hold": True, key: "x"}))
+    assert str(info.value) == (f"nothing was queued: hydra.launcher.additional_parameters.{key} would replace --{flag}, "
+                               "which submitit sets (the sweep's array, where the job's logs are found); remove it")
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\rb", "a\0b"])
+def test_an_additional_parameter_on_two_lines_is_refused(value) -> None:
+    from mnist_hpc.login.launcher.preflight import check_slurm_options
+    from mnist_hpc.login.launcher.plan import PreflightError
+
+    with pytest.raises(PreflightError, match=r"^nothing was queued: hydra.launcher.additional_parameters.comment holds a "
+                                             r"line break or NUL, which no sbatch option takes; give it on one line$"):
+        check_slurm_options(SlurmQueueConf(additional_parameters={"comment": value}))
+
+
+@pytest.mark.parametrize("timeout_min, delay, refused", [(2, 119, False), (2, 120, True), (2, 600, True), (60, 120, False)])
+def test_the_warning_signal_must_come_after_the_job_starts(timeout_min, delay, refused) -> None:
+    from mnist_hpc.login.launcher.preflight import check_slurm_options
+    from mnist_hpc.login.launcher.plan import PreflightError
+
+    conf = SlurmQueueConf(timeout_min=timeout_min, signal_delay_s=delay)
+    if not refused:
+        check_slurm_options(conf)
+        return
+    with pytest.raises(PreflightError, match=rf"signal_delay_s={delay} asks .* timeout_min={timeout_min} gives the job "
+                                             rf"{timeout_min * 60} s: it would be told to stop as it starts"):
+        check_slurm_options(conf)

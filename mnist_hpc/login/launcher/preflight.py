@@ -7,6 +7,7 @@ way. Numpy at most, never TensorFlow.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -33,9 +34,14 @@ def check_launcher(conf: LocalQueueConf, cluster: str) -> None:
     for option, value, least in (("timeout_min", conf.timeout_min, 1), ("cpus_per_task", conf.cpus_per_task, 1),
                                  ("tasks_per_node", conf.tasks_per_node, 1), ("nodes", conf.nodes, 1),
                                  ("mem_gb", conf.mem_gb, 0.001), ("gpus_per_node", conf.gpus_per_node, 0)):
+        if not math.isfinite(value):
+            raise PreflightError(f"nothing was queued: hydra.launcher.{option}={value} is not a size; ask for a "
+                                 f"number, at least {least:g}")
         if value < least:
             raise PreflightError(f"nothing was queued: hydra.launcher.{option}={value:g} is less than {least:g}, the "
                                  f"least it can be; ask for at least {least:g}")
+    if cluster == "slurm":
+        check_slurm_options(conf)  # type: ignore[arg-type]
     gpus, tasks, spelling = conf.gpus_per_node, conf.tasks_per_node, gpu_request(conf)
     if cluster == "slurm" and gpus and spelling is GpuRequest.gpus_per_task and gpus % tasks:
         raise PreflightError(
@@ -48,6 +54,33 @@ def check_launcher(conf: LocalQueueConf, cluster: str) -> None:
             "nothing was queued: hydra.launcher.use_srun=false starts one process, but tasks_per_node or nodes "
             "asks for several; keep use_srun=true for multi-task jobs"
         )
+
+
+# sbatch flags submitit sets for its own bookkeeping (where a job's logs go, the array of a sweep):
+# an additional_parameters key that replaced one would queue other tasks than the trials, or leave
+# job.json and status looking for logs elsewhere. Compared with '_' spelled '-', as submitit writes keys.
+SUBMITIT_OWN_FLAGS = frozenset({"output", "error", "open-mode", "array"})
+
+
+def check_slurm_options(conf: Any) -> None:
+    """Slurm launcher options that cannot make a sound job: the warning signal past the time limit,
+    additional_parameters that are not one-line sbatch options or that take over submitit's own flags."""
+    if conf.signal_delay_s >= conf.timeout_min * 60:
+        raise PreflightError(
+            f"nothing was queued: hydra.launcher.signal_delay_s={conf.signal_delay_s} asks for the warning signal that "
+            f"many seconds before the end, but timeout_min={conf.timeout_min:g} gives the job {conf.timeout_min * 60:g} s: "
+            "it would be told to stop as it starts, and requeue again and again; use a smaller signal_delay_s "
+            f"(e.g. {max(1, int(conf.timeout_min * 60) // 4)}) or a larger timeout_min"
+        )
+    for key, value in conf.additional_parameters.items():
+        text = f"{key}{value}"
+        if any(ch in text for ch in "\n\r\0"):
+            raise PreflightError(f"nothing was queued: hydra.launcher.additional_parameters.{key} holds a line break or "
+                                 "NUL, which no sbatch option takes; give it on one line")
+        if str(key).replace("_", "-") in SUBMITIT_OWN_FLAGS:
+            raise PreflightError(f"nothing was queued: hydra.launcher.additional_parameters.{key} would replace "
+                                 f"--{str(key).replace('_', '-')}, which submitit sets (the sweep's array, where the "
+                                 "job's logs are found); remove it")
 
 
 def check_tasks(conf: LocalQueueConf, cluster: str, planned: Sequence[PlannedJob]) -> None:

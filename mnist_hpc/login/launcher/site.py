@@ -40,9 +40,6 @@ OPTION_OF_FLAG = {
 }
 
 
-# Flags submitit writes for its own bookkeeping (where a job's logs go, the array): an
-# additional_parameters key that replaced one would leave job.json and status looking elsewhere.
-SUBMITIT_OWN = frozenset({"output", "error", "open-mode", "array"})
 # More launcher options behind rendered flags, named when additional_parameters would replace them.
 OPTION_OF_OTHER_FLAG = {"job-name": "name", "signal": "signal_delay_s", "exclude": "exclude"}
 
@@ -251,6 +248,7 @@ def replaced_flags(conf: SlurmQueueConf) -> Optional[str]:
 
     The flags it renders are read from submitit's text for ``conf`` without additional_parameters.
     A launcher option stays the one source of its flag: status, packing and this preflight read it.
+    (submitit's own flags, --output, --array and the like, are refused before: preflight.check_slurm_options.)
     """
     if not conf.additional_parameters:
         return None
@@ -270,9 +268,6 @@ def replaced_flags(conf: SlurmQueueConf) -> Optional[str]:
         if option is not None:
             return (f"hydra.launcher.additional_parameters.{key} would replace --{flag}, which hydra.launcher.{option} "
                     f"sets; set hydra.launcher.{option} instead")
-        if flag in SUBMITIT_OWN:
-            return (f"hydra.launcher.additional_parameters.{key} would replace --{flag}, which submitit sets (where the "
-                    "job's logs are found, its array); remove it")
     return None
 
 
