@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Optional, Sequence
 
 # One row per job or array task: state, elapsed time, node list, exit code; for a pending job also
@@ -69,7 +70,13 @@ def parse_bytes(text: str) -> Optional[int]:
     handled by :func:`parse_usage`.
     """
     match = re.fullmatch(r"([0-9.]+)([KMGTP]?)[nc]?", text.strip())
-    return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else None
+    if not match:
+        return None
+    try:
+        size = float(match.group(1)) * _UNITS[match.group(2)]
+    except ValueError:  # "1.2.3", "."
+        return None
+    return int(size) if math.isfinite(size) else None
 
 
 def parse_duration(text: str) -> Optional[float]:
@@ -344,13 +351,33 @@ REASON_FAMILIES: tuple[tuple[str, str, str, bool], ...] = (
 
 def explain_reason(code: str) -> Reason:
     """``code`` in words; an unknown code is shown as itself, with where to look it up."""
-    code = code.strip() or "None"
+    # squeue's %r is the job's state description when Slurm set one: the code, then its details
+    # ("ReqNodeNotAvail, UnavailableNodes:vm"); the code decides, the details are kept in the words.
+    text = code.strip() or "None"
+    code, _, details = text.partition(",")
+    code, details = code.strip(), f" ({details.strip()})" if details.strip() else ""
     if code in REASONS:
-        return Reason(code, *REASONS[code])
+        words, todo, attention = REASONS[code]
+        return Reason(code, words + details, todo, attention)
     for prefix, words, todo, attention in REASON_FAMILIES:
         if code.startswith(prefix):
-            return Reason(code, f"{words} ({code})", todo, attention)
-    return Reason(code, f"Slurm's reason {code}", "see man squeue, JOB REASON CODES", False)
+            return Reason(code, f"{words} ({code}){details}", todo, attention)
+    return Reason(code, f"Slurm's reason {text}", "see man squeue, JOB REASON CODES", False)
+
+
+# Slurm answers a date thousands of years away (or N/A) when it cannot place a job (behind jobs
+# without a time limit, say): a start further off than this is no expected start.
+FORESEEABLE = timedelta(days=366)
+
+
+def foreseeable_start(text: str, now: datetime) -> Optional[datetime]:
+    """Slurm's expected start (``2026-12-07T14:20:00``, controller's local time) as a time; None when
+    there is none: ``N/A``, ``Unknown``, or further off than :data:`FORESEEABLE` (year 6109, 10193)."""
+    try:
+        start = datetime.fromisoformat(text.strip())
+    except ValueError:  # not a date, or a year past what datetime holds
+        return None
+    return start if start - now <= FORESEEABLE else None
 
 
 # squeue states of a job whose processes may still run, or that will run again.

@@ -1,8 +1,8 @@
 """Hostile pass (hostile3) over the site preflight and additional_parameters (issue 23 items 1 and 4).
 
 On the real local cluster: each launch is refused before sbatch is asked (nothing queued), or is
-a held sweep whose jobs are cancelled by id in a ``finally``. Each test reproduces a finding and is
-now regular tests (the findings are fixed); the checks before the asserting lines are preconditions.
+a held sweep whose jobs are cancelled by id in a ``finally``. Each test reproduces a finding (now
+fixed); the checks before the asserting lines are preconditions.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Hostile pass (hostile3) over what status and report now parse and show (issue 23 items 2, 3, 6).
 
-Each test here reproduces a finding and is marked ``xfail(strict=True)``: it passes once the
-finding is fixed (and then the mark must go). Preconditions are checked in fixtures or before
-the asserting line, so that a broken precondition is an error of the test, not the expected failure.
+Each test here reproduces a finding (each now fixed). Preconditions are checked in fixtures or
+before the asserting line, so that a broken precondition is an error of the test, not the finding.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ GB = 1024**3
 # --- accounting's sizes: "None when empty or unreadable", yet a traceback ----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hostile3 R1: slurm.parse_bytes raises ValueError/OverflowError on an unreadable "
-                   "size ('1.2.3M', '.', 400 digits) instead of returning None: status and report end in a traceback")
 @pytest.mark.parametrize("odd", ["1.2.3M", ".", "9" * 400])
 def test_an_unreadable_size_in_sacct_or_sstat_is_unknown_not_a_traceback(odd: str) -> None:
     # The step's MaxRSS (sacct) and the running job's MaxRSS (sstat) both go through parse_bytes;
@@ -47,9 +44,6 @@ def pending(job_id: str, start: str) -> Trial:
                  expected_start=start)
 
 
-@pytest.mark.xfail(strict=True, reason="hostile3 R2: status.wait_summary sorts expected starts as strings, so a 5-digit "
-                   "year (Slurm's 'no start foreseen' answer) sorts before 2026 and is shown as the earliest start; a start "
-                   "thousands of years away is shown where the launch (site.start_line) says Slurm foresees none")
 def test_a_start_slurm_cannot_foresee_is_not_shown_as_the_expected_start() -> None:
     near, far = pending("5_0", "2026-12-07T14:20:00"), pending("5_1", "10193-01-01T00:00:00")
     line = status.wait_summary([near, far])
@@ -70,9 +64,6 @@ def packed_trial(label_dir: Path, state: str) -> Trial:
     return t
 
 
-@pytest.mark.xfail(strict=True, reason="hostile3 R3: the report's cost table counts a packed task's whole job in the row "
-                   "of each state its trials ended in (cost_totals ignores the trials' shares): the state rows add up to "
-                   "twice the 'all' row")
 def test_the_cost_rows_by_state_add_up_to_the_whole(tmp_path: Path) -> None:
     # One packed task (1 core-hour), two trials sharing it half and half: one COMPLETED, one FAILED
     # (a packed task's later trial can fail while the earlier one completed).
@@ -87,9 +78,6 @@ def test_the_cost_rows_by_state_add_up_to_the_whole(tmp_path: Path) -> None:
 # --- reasons as squeue prints them: %r is the job's state_desc when Slurm set one ------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hostile3 R4: squeue's %r prints Slurm's state_desc when set, e.g. "
-                   "'ReqNodeNotAvail, UnavailableNodes:vm' (squeue/print.c _print_job_reason); explain_reason matches "
-                   "whole codes only, so a job waiting on a down node is shown as an unknown reason, not needing attention")
 def test_a_reason_with_slurms_details_is_explained_as_its_code() -> None:
     rows = slurm.parse_squeue("12|PENDING|0:00||ReqNodeNotAvail, UnavailableNodes:vm|N/A|12\n")
     assert rows["12"]["reason"] == "ReqNodeNotAvail, UnavailableNodes:vm"  # precondition: the text as squeue gave it
@@ -101,9 +89,6 @@ def test_a_reason_with_slurms_details_is_explained_as_its_code() -> None:
 # --- the report's settings that tell trials apart, cut past 16 characters ---------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hostile3 R5: ranking.shown_settings cuts an identity value past 16 characters to "
-                   "its first 12, so two trials whose identities differ after that (hidden_units [1024, 1024, 512] "
-                   "against [1024, 1024, 256], a default another release changed) are shown with the same settings")
 def test_trials_whose_identities_differ_are_shown_apart() -> None:
     from mnist_hpc.login.report import ranking
 

@@ -12,10 +12,11 @@ import argparse
 import json
 import re
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mnist_hpc import rundir
+from mnist_hpc import rundir, slurm
 from mnist_hpc.login.trials import (
     TargetError,
     Trial,
@@ -114,9 +115,12 @@ def wait_summary(pending: Sequence[Trial]) -> str:
         why = group[0].wait
         assert why is not None  # pending trials have a reason (possibly "None")
         text = f"{len(group)} {why.words} ({why.code})"
-        starts = sorted(t.expected_start for t in group if t.expected_start)
+        # The earliest by time (a text sort would put a 5-digit year first); only foreseeable starts.
+        now = datetime.now()
+        starts = sorted((when, t.expected_start) for t in group
+                        if t.expected_start and (when := slurm.foreseeable_start(t.expected_start, now)) is not None)
         if starts:
-            text += f", expected start {short_time(starts[0])}"
+            text += f", expected start {short_time(starts[0][1])}"
         parts.append(f"{text}: {why.todo.replace('JOBID', _jobs(group))}")
     return f"{len(pending)} PENDING: " + "; ".join(parts)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -328,11 +329,15 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
     rows, notes = snap.rows, list(snap.notes)
     trials = _expand_arrays(trials, rows)
     me = claim.Holder.this_process()
+    now = datetime.now()
     for t in trials:
         row = rows.get(t.job_id) if t.source == "slurm" else None
         if row:
             t.elapsed, t.node, t.exit_code = row["elapsed"], row["node"], row["exit_code"]
-            t.reason, t.expected_start = row.get("reason", ""), row.get("start", "")
+            t.reason = row.get("reason", "")
+            # Only a start Slurm can foresee is one (not N/A, nor year 6109).
+            start = row.get("start", "")
+            t.expected_start = start if start and slurm.foreseeable_start(start, now) else ""
             t.usage = snap.usage.get(t.job_id)
         if t.run_dir is None:
             t.state = row["state"] if row else "UNKNOWN"
@@ -407,23 +412,27 @@ class CostTotals:
 
 
 def cost_totals(trials: Sequence[Trial]) -> Optional[CostTotals]:
-    """Totals of ``trials``' jobs (None when none has started)."""
-    jobs = {t.job_id: t.usage for t in trials if t.usage is not None}
-    if not jobs:
+    """Totals of ``trials``' jobs (None when none has started).
+
+    Each trial counts its share of its job (:func:`split_packed_costs`): the trials of a packed
+    task that ended in different states add up to the task, never to the task once per state.
+    """
+    shares = [(t.usage, t.share) for t in trials if t.usage is not None]
+    if not shares:
         return None
-    used = list(jobs.values())
-    ended = [u for u in used if u.cpu_s is not None]  # and running ones that sstat answered for
+    used = list({t.job_id: t.usage for t in trials if t.usage is not None}.values())
+    ended = [(u, w) for u, w in shares if u.cpu_s is not None]  # and running ones that sstat answered for
     peaks = [u.max_rss_bytes for u in used if u.max_rss_bytes is not None]
     asked = [u.req_mem_bytes for u in used if u.req_mem_bytes is not None]
-    core_s = sum(u.core_s for u in ended)
+    core_s = sum(u.core_s * w for u, w in ended)
     return CostTotals(
         jobs=len(used),
-        core_hours=sum(u.core_hours for u in used),
-        gpu_hours=sum(u.gpu_hours for u in used),
-        cpu_efficiency=sum(u.cpu_s or 0.0 for u in ended) / core_s if core_s > 0 else None,
+        core_hours=sum(u.core_hours * w for u, w in shares),
+        gpu_hours=sum(u.gpu_hours * w for u, w in shares),
+        cpu_efficiency=sum((u.cpu_s or 0.0) * w for u, w in ended) / core_s if core_s > 0 else None,
         max_rss_bytes=max(peaks) if peaks else None,
         req_mem_bytes=max(asked) if asked else None,
-        alloc_cpus=max((u.alloc_cpus for u in ended), default=0),
+        alloc_cpus=max((u.alloc_cpus for u, _ in ended), default=0),
     )
 
 

@@ -24,7 +24,7 @@ import dataclasses
 import math
 import shlex
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Optional, Sequence
 
 from mnist_hpc import slurm
@@ -304,18 +304,9 @@ def check_site(executor: Any, conf: SlurmQueueConf) -> list[str]:
     return lines
 
 
-# Slurm answers --test-only with a date thousands of years away when it cannot place the job
-# (e.g. behind jobs without a time limit): a start further off than this is not shown as one.
-FORESEEABLE = timedelta(days=366)
-
-
 def start_line(answer: slurm.WillRun, now: datetime) -> str:
     """What a launch prints of Slurm's expected start (controller's local time, as sbatch prints it)."""
-    try:
-        start: Optional[datetime] = datetime.fromisoformat(str(answer.start))
-    except ValueError:  # e.g. year 10193: past what datetime holds
-        start = None
-    if start is None or start - now > FORESEEABLE:
+    if slurm.foreseeable_start(str(answer.start), now) is None:
         return (f"Slurm accepts the job (partition {answer.partition}) but foresees no start time now; "
                 "mnist-hpc-status says why it waits")
     return f"Slurm expects the first task to start at {answer.start} on {answer.nodes} (partition {answer.partition})"

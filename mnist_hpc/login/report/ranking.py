@@ -84,11 +84,22 @@ def shown_settings(trial: Trial, swept: Optional[dict[str, list[Optional[str]]]]
     shown = [o for o in trial.overrides if parse_override(o)[0] in swept]
     own = {parse_override(o)[0] for o in trial.overrides}
     params = trial_params(trial)
-    for key in swept:
+    for key, values in swept.items():
         if key not in own and params.get(key) is not None:
             value = str(params[key])
-            shown.append(f"{key}={value if len(value) <= 16 else value[:12] + '…'}")
+            shown.append(f"{key}={_cut(value) if _cut_keeps_apart(values) else value}")
     return shown
+
+
+def _cut(value: str) -> str:
+    return value if len(value) <= 16 else value[:12] + "…"
+
+
+def _cut_keeps_apart(values: Sequence[Optional[str]]) -> bool:
+    """Whether cutting still tells every value apart (a sha256 does at 12 characters; ``[1024, 1024,
+    512]`` and ``[1024, 1024, 256]`` do not, and are shown whole)."""
+    whole = {str(v) for v in values if v is not None}
+    return len({_cut(v) for v in whole}) == len(whole)
 
 
 def shared_overrides(trials: Sequence[Trial]) -> list[str]:
