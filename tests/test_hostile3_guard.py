@@ -39,9 +39,6 @@ def project(tmp_path: Path) -> Path:
     return here
 
 
-@pytest.mark.xfail(strict=True, reason="hostile3 G1: a working directory named in PYTHONPATH with a trailing slash "
-                   "(PYTHONPATH=$PWD/) is taken off sys.path by the guard's filter, which compares the spelling, not "
-                   "the directory: the job cannot import the code its user named (or imports another copy)")
 @pytest.mark.parametrize("spelling", ["{here}/", "{here}/.", "{parent}/./project"])
 def test_a_working_directory_pythonpath_names_is_kept_however_spelled(project: Path, spelling: str) -> None:
     named = spelling.format(here=project, parent=project.parent)
@@ -60,10 +57,6 @@ if os.environ.get("SLURM_JOB_ID"):  # only in the job: the test's own Pythons st
 
 @pytest.mark.slurm
 @pytest.mark.slow  # ~5 s as it fails (the planted module ends the job); a fixed guard trains one tiny epoch
-@pytest.mark.xfail(strict=True, reason="hostile3 G2: a hydra.launcher.setup line that adds an empty PYTHONPATH element "
-                   "back (export PYTHONPATH=$PYTHONPATH:/x, PYTHONPATH unset) puts the job's working directory on the path "
-                   "while Python starts: a sitecustomize.py planted there runs as the job's user before the guard's "
-                   "filter, which guard.py's comment says covers such setup lines")
 def test_a_setup_line_cannot_bring_back_the_working_directory_before_the_guard(synthetic_cache, tmp_path: Path) -> None:
     from tests.helpers import job_records, sacct_states, slurm_launcher_args, submit, tiny_overrides, until
 

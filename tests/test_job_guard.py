@@ -427,6 +427,18 @@ def test_private_submission_queues_with_a_safe_python_path_and_restores_the_user
     assert os.environ["PYTHONPATH"] == ":"
 
 
+@pytest.mark.parametrize("value, cleaned", [(None, None), ("", None), (":", None), ("::/a:", "/a"), ("/a::/b:", "/a:/b"),
+                                             ("/a", "/a"), ("-x:/a", "-x:/a")])
+def test_a_batch_script_drops_the_empty_pythonpath_elements_its_setup_lines_made(value: Optional[str],
+                                                                                 cleaned: Optional[str]) -> None:
+    script = "\n".join([*guard.PYTHON_PATH_SETUP, 'echo "${PYTHONPATH-<unset>}|$PYTHONSAFEPATH"'])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if value is not None:
+        env["PYTHONPATH"] = value
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30).stdout
+    assert out == f"{cleaned if cleaned is not None else '<unset>'}|1\n"
+
+
 @pytest.mark.slow  # a real local launch
 def test_a_local_job_runs_no_sitecustomize_planted_where_it_was_submitted(synthetic_cache: Path, tmp_path: Path) -> None:
     """An empty PYTHONPATH element puts the working directory on sys.path while Python starts, before

@@ -56,10 +56,12 @@ SUBMIT_MODULE = "submitit.core._submit"
 # could put a ``mnist_hpc``, ``submitit`` or ``numpy`` of their own. It is taken off the path
 # before anything is imported (the -P flag does that from Python 3.11 on only). An empty element
 # of PYTHONPATH (``export PYTHONPATH=$PYTHONPATH:/lib`` when it was unset) puts the same directory
-# there again, spelled out: it is taken off too, unless PYTHONPATH names it. (Jobs are queued with
-# empty elements dropped, :func:`job_python_environ`; this covers setup lines that add one back.)
+# there again, spelled out: it is taken off too, unless PYTHONPATH names it (in any spelling:
+# ``$PWD/``, ``parent/./dir``). Jobs are queued with empty elements dropped (:func:`job_python_environ`),
+# and a Slurm batch script drops any a setup line adds back (:data:`PYTHON_PATH_SETUP`).
 JOB_COMMAND = (
-    'import os, sys; named = os.environ.get("PYTHONPATH", "").split(os.pathsep); here = os.getcwd(); '
+    'import os, sys; here = os.getcwd(); named = {os.path.normpath(os.path.join(here, e)) '
+    'for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e}; '
     "sys.path[:] = [p for p in sys.path if p and (p != here or p in named)]; "
     "from mnist_hpc.contract.guard import main; main()"
 )
@@ -311,6 +313,17 @@ def job_python_environ(environ: Mapping[str, str]) -> dict[str, Optional[str]]:
     value = environ.get("PYTHONPATH")
     kept = None if value is None else os.pathsep.join(p for p in value.split(os.pathsep) if p) or None
     return {"PYTHONPATH": kept, "PYTHONSAFEPATH": "1"}
+
+
+# The same, as the last of a Slurm batch script's setup lines (after the user's, which may add an
+# empty element back: ``export PYTHONPATH=$PYTHONPATH:/lib`` while it is unset), so that the
+# job's Python starts without the working directory on its path (mnist_hpc.login.launcher.options).
+PYTHON_PATH_SETUP = (
+    "# mnist-hpc: no empty PYTHONPATH element: it would put this directory on the job's path before its guard runs",
+    'if [ -n "${PYTHONPATH+x}" ]; then mnist_hpc_pythonpath=$(printf %s "$PYTHONPATH" | tr -s : | sed "s/^://; s/:$//"); '
+    'if [ -n "$mnist_hpc_pythonpath" ]; then export PYTHONPATH="$mnist_hpc_pythonpath"; else unset PYTHONPATH; fi; fi',
+    "export PYTHONSAFEPATH=1",
+)
 
 
 def _set_environ(values: Mapping[str, Optional[str]]) -> None:

@@ -197,19 +197,24 @@ def submitit_parameters(conf: LocalQueueConf, cluster: str) -> dict[str, Any]:
     if cluster == "slurm" and isinstance(conf, SlurmQueueConf) and uses_srun(conf):
         params["slurm_srun_args"] = task_srun_args(conf) + list(conf.srun_args)
     if cluster == "slurm" and isinstance(conf, SlurmQueueConf):
-        params.update(requeue_helper(conf))
+        params.update(batch_lines(conf))
     return params
 
 
-def requeue_helper(conf: "SlurmQueueConf") -> dict[str, Any]:
-    """The batch script's own requeue helper, after the user's setup lines (see :mod:`mnist_hpc.contract.requeue`).
+def batch_lines(conf: "SlurmQueueConf") -> dict[str, Any]:
+    """The batch script's own lines after the user's setup lines, in this order:
 
-    Every Slurm job gets it: whether the job's Python can run ``scontrol`` (a container without
-    Slurm's client cannot) is only known on the node.
+    - the guard's: no empty ``PYTHONPATH`` element, whatever a setup line made of it (it would put
+      the working directory on the path while the job's Python starts, before the guard runs;
+      :data:`mnist_hpc.contract.guard.PYTHON_PATH_SETUP`);
+    - the requeue helper (see :mod:`mnist_hpc.contract.requeue`). Every Slurm job gets it: whether
+      the job's Python can run ``scontrol`` (a container without Slurm's client cannot) is only
+      known on the node.
     """
     from mnist_hpc.contract import requeue
+    from mnist_hpc.contract.guard import PYTHON_PATH_SETUP
 
-    return {"slurm_setup": list(conf.setup) + requeue.setup_lines(conf.submitit_folder),
+    return {"slurm_setup": list(conf.setup) + list(PYTHON_PATH_SETUP) + requeue.setup_lines(conf.submitit_folder),
             "slurm_teardown": requeue.teardown_lines()}
 
 

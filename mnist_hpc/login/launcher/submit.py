@@ -28,7 +28,7 @@ from hydra.errors import CompactHydraException
 
 from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.contract.entry import JobEntry, environment_versions
-from mnist_hpc.contract.guard import UnsafeJobFile, private_folder, private_submission
+from mnist_hpc.contract.guard import UnsafeJobFile, private_folder, private_submission, private_umask
 from mnist_hpc.contract.tasks import LaunchContext, PackedTrials, ReportTask, TrainTrial
 from mnist_hpc.io import utc_now, write_bytes_atomic
 from mnist_hpc.login.launcher.compose import SweepComposer, plan_jobs
@@ -95,7 +95,10 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             check_tasks(conf, cluster, planned)
             preflight(sweep_dir, planned)
             todo = [job for job in planned if job.verdict is None or job.verdict.action != "done"]
-            executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
+            # Under umask 077: submitit's local executor makes its folder as it is created, and the
+            # folder must be the user's alone from the start (make_private would only take write off).
+            with private_umask():
+                executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
             executor.update_parameters(**submitit_parameters(conf, cluster))
             # The trials share one request: checked against the site once, whatever their number.
             expected = check_site(executor, conf) if todo and isinstance(conf, SlurmQueueConf) and cluster == "slurm" else []
