@@ -184,7 +184,7 @@ def parse_sacct(text: str) -> Accounting:
     """``sacct -P -o SACCT_FIELDS`` (with its header line), by job or task id.
 
     The header names the columns, so recorded output with fewer fields parses too. A requeued
-    job appears once per run; the last line is the current one. Steps (``123.batch``) are folded
+    job appears once per run (`-D`): the last line is the current one, and the runs' usage adds up. Steps (``123.batch``) are folded
     into their job: the largest MaxRSS of any step is the job's peak memory.
     """
     header: Optional[list[str]] = None
@@ -212,18 +212,36 @@ def parse_sacct(text: str) -> Accounting:
                "node": fields.get("NodeList", ""), "exit_code": fields.get("ExitCode", ""),
                "reason": _reason(fields.get("Reason", "")), "start": ""}
         usage = parse_usage(fields) if "AllocTRES" in fields else None
-        if usage is not None and row["state"] in LIVE_STATES:
-            # TotalCPU grows only when a step ends: a running job's would read as idle CPUs.
+        if usage is not None and row["state"] in LIVE_STATES and row["state"] != "REQUEUED":
+            # TotalCPU grows only when a step ends: a running job's would read as idle CPUs. (A
+            # REQUEUED line of sacct -D is a run that ended: its TotalCPU is whole.)
             usage = replace(usage, cpu_s=None)
         for task_id in expand_array_id(job_id):
             acct.rows[task_id] = dict(row)
-            acct.usage.pop(task_id, None)
-            if usage is not None:
-                acct.usage[task_id] = usage
+            earlier = acct.usage.pop(task_id, None)  # an earlier run of a requeued job (sacct -D)
+            if usage is not None or earlier is not None:
+                acct.usage[task_id] = _runs_added(earlier, usage)
     for job, peak in peaks.items():
         if job in acct.usage:
             acct.usage[job] = replace(acct.usage[job], max_rss_bytes=peak)
     return acct
+
+
+def _runs_added(earlier: Optional[Usage], later: Optional[Usage]) -> Usage:
+    """What a requeued job used over its runs: times and core-seconds add up, the peak is the largest.
+    A CPU time not known for one run (it still runs, sstat not asked yet) leaves the total unknown."""
+    if earlier is None or later is None:
+        return later or earlier  # type: ignore[return-value]
+    peaks = [p for p in (earlier.max_rss_bytes, later.max_rss_bytes) if p is not None]
+    return Usage(
+        elapsed_s=earlier.elapsed_s + later.elapsed_s,
+        cpu_s=None if earlier.cpu_s is None or later.cpu_s is None else earlier.cpu_s + later.cpu_s,
+        alloc_cpus=later.alloc_cpus,
+        core_s=earlier.core_s + later.core_s,
+        gpus=max(earlier.gpus, later.gpus),
+        req_mem_bytes=later.req_mem_bytes or earlier.req_mem_bytes,
+        max_rss_bytes=max(peaks) if peaks else None,
+    )
 
 
 def parse_squeue(text: str) -> dict[str, Row]:
@@ -282,7 +300,8 @@ def query_sacct(job_ids: Sequence[str]) -> Optional[Accounting]:
     if not job_ids:
         return Accounting()
     base_ids = sorted({j.partition("_")[0] for j in job_ids})
-    out = run_client(["sacct", "-P", "-o", SACCT_FIELDS, "-j", ",".join(base_ids)])
+    # --duplicates: every run of a requeued job (a time-limit requeue's earlier runs cost too).
+    out = run_client(["sacct", "-D", "-P", "-o", SACCT_FIELDS, "-j", ",".join(base_ids)])
     return None if out is None else parse_sacct(out)
 
 

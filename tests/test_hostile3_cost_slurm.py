@@ -45,8 +45,6 @@ def core_seconds_of_every_run(job: str) -> list[tuple[str, int]]:
 
 @pytest.mark.slurm
 @pytest.mark.slow  # ~30 s: the first run lasts 5 s, and Slurm holds a requeued job ~20 s before it runs again
-@pytest.mark.xfail(strict=True, reason="hostile3 C1: slurm.query_sacct asks sacct without --duplicates, which shows a "
-                   "requeued job's last run only: status and report count the CPU time of the last run, not the job's")
 def test_a_requeued_jobs_cost_counts_every_run(tmp_path: Path) -> None:
     (tmp_path / "job.sh").write_text(SCRIPT.format(out=tmp_path))
     job = sh("sbatch", "--parsable", str(tmp_path / "job.sh")).strip().split(";")[0]

@@ -194,3 +194,19 @@ def test_a_reader_that_closes_the_pipe_ends_status_quietly(tmp_path: Path):
         env={**os.environ, "PATH": str(tmp_path / "no-slurm-here") + ":/usr/bin:/bin"})
     assert proc.returncode == 141, proc.stderr
     assert proc.stdout.startswith("[") and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_the_runs_of_a_requeued_job_add_up_in_its_usage():
+    """sacct -D lists each run of a requeued job; the last is its state, their usage adds up."""
+    text = ("JobID|State|Elapsed|NodeList|ExitCode|AllocCPUS|AllocTRES|ReqMem|MaxRSS|CPUTimeRAW|TotalCPU\n"
+            "7|REQUEUED|00:00:05|vm|0:0|2|billing=2,cpu=2,mem=1G,node=1|1G||10|00:04\n"
+            "7.batch|COMPLETED|00:00:05|vm|0:0|2|cpu=2,mem=1G,node=1||300M||00:04\n"
+            "7|COMPLETED|00:00:02|vm|0:0|2|billing=2,cpu=2,mem=1G,node=1|1G||4|00:03\n"
+            "7.batch|COMPLETED|00:00:02|vm|0:0|2|cpu=2,mem=1G,node=1||200M||00:03\n"
+            "8|REQUEUED|00:00:05|vm|0:0|2|billing=2,cpu=2,mem=1G,node=1|1G||10|00:04\n"
+            "8|PENDING|00:00:00||0:0|2||1G||0|00:00\n")
+    acct = slurm.parse_sacct(text)
+    assert acct.rows["7"]["state"] == "COMPLETED" and acct.rows["8"]["state"] == "PENDING"
+    seven = acct.usage["7"]
+    assert (seven.elapsed_s, seven.core_s, seven.cpu_s, seven.max_rss_bytes) == (7.0, 14.0, 7.0, 300 * 1024**2)
+    assert acct.usage["8"].core_s == 10.0  # pending again: what its first run used
