@@ -1873,3 +1873,19 @@ def test_bound_results_of_a_run_that_was_never_queued_are_shown(tmp_path):
     (tmp_path / rundir.JOB_FILE).unlink()  # an in-process run: no job.json
     run = rundir.read_run(tmp_path)
     assert (run.notes, run.metrics is not None, run.identity is not None) == ([], True, True)
+
+
+def test_a_run_directory_that_cannot_be_listed_is_read_as_holding_nothing(tmp_path):
+    run = rundir.read_run(tmp_path / "gone")  # removed between finding it and reading it
+    assert (run.job, run.metrics, run.progress, run.identity, run.overrides, run.notes) == (None, None, None, None, [], [])
+
+
+def test_a_damaged_job_record_or_overrides_file_is_a_note_naming_it(tmp_path):
+    (tmp_path / rundir.JOB_FILE).write_text("{not json")
+    (tmp_path / rundir.HYDRA_DIR).mkdir()
+    (tmp_path / rundir.HYDRA_OVERRIDES).write_text("a: [")
+    run = rundir.read_run(tmp_path)
+    assert len(run.notes) == 2 and all(n.endswith("; ignored") for n in run.notes), run.notes
+    assert run.notes[0].startswith(str(tmp_path / rundir.JOB_FILE)) and run.notes[1].startswith(
+        str(tmp_path / rundir.HYDRA_OVERRIDES))
+    assert run.job is None and run.overrides == []
