@@ -235,7 +235,9 @@ def test_a_running_then_finished_job_s_figures_agree_with_sacct(tmp_path: Path):
     assert rows[0]["core_hours"] == pytest.approx(0.75 * core_s / 3600, abs=1e-5)
     assert rows[0]["cpu_efficiency"] == pytest.approx(total_cpu / core_s, abs=1e-4)
     assert sum(r["cpu_time_s"] for r in rows) == pytest.approx(total_cpu, abs=1e-2)
-    assert 0 < rows[0]["cpu_efficiency"] <= 0.5 + 1e-3  # at most one busy CPU of two
+    # At most one busy CPU of two: its processes ran one after another. ElapsedRaw is whole seconds,
+    # so CPU time may exceed it by up to a second (seen: 0.504 for a job of about 5 s).
+    assert 0 < rows[0]["cpu_efficiency"] <= (float(done["ElapsedRaw"]) + 1) / core_s + 1e-3
     assert f"| all | 1 | {core_s / 3600:.3f} |" in built.markdown
     csv_rows = (built.out_dir / build.CSV_FILE).read_text().splitlines()
     assert "core_hours" in csv_rows[0] and len(csv_rows) == 3
