@@ -597,6 +597,11 @@ def require_cluster() -> None:
         pytest.skip(message)
 
 
+def sh(*cmd: str) -> str:
+    """A Slurm client's (or any command's) stdout; it must succeed."""
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=True).stdout
+
+
 def slurm_launcher_args(sweep_dir: Path, *extra: str) -> list[str]:
     """Submission arguments sized for this 2-core test node."""
     return [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_trial, status_rows, until
+from tests.helpers import make_trial, sh, status_rows, until
 
 # The first run waits to be requeued; the second ends at once.
 SCRIPT = """#!/bin/bash
@@ -22,10 +22,6 @@ SCRIPT = """#!/bin/bash
 #SBATCH --output={out}/slurm-%j.out
 if [ "${{SLURM_RESTART_COUNT:-0}} " = "0 " ]; then sleep 90; else sleep 1; fi
 """
-
-
-def sh(*cmd: str) -> str:
-    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=True).stdout
 
 
 def elapsed_s(job: str) -> int:

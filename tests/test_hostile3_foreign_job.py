@@ -14,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import fake_metrics, make_trial, status_rows, until
+from tests.helpers import fake_metrics, make_trial, sh, status_rows, until
 
 pytestmark = pytest.mark.slurm
-
-
-def sh(*cmd: str) -> str:
-    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=True).stdout
 
 
 @pytest.mark.xfail(strict=True, reason="hostile3 F1: status and report join a trial to whatever Slurm job now has the id "
