@@ -65,19 +65,25 @@ def overrides(cache: Path, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow  # ~45-65 s here: two TensorFlow starts, and Slurm holds a requeued job ~20 s before it runs again
+def warned_after_one_epoch(sweep: Path, cache: Path, tmp_path: Path, *extra: str) -> dict:
+    """Queue one trial into ``sweep``; once its first epoch is checkpointed, send it the time-limit
+    warning (USR2) as Slurm would. Its job.json record."""
+    proc = submit(slurm_launcher_args(sweep, *overrides(cache, tmp_path), *extra), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(sweep)
+    wait_for_file(rundir.checkpoint_path(sweep / "0", 1, 0), timeout_s=120)
+    subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=30)
+    return record
+
+
 def test_a_job_without_scontrol_is_requeued_by_its_batch_script_and_ends_as_if_uninterrupted(slow_cache, tmp_path):
     env = {**os.environ, "SLURM_CPUS_PER_TASK": "1"}
     reference = subprocess.Popen(
         [sys.executable, "-c", "from mnist_hpc.cli import train_main; train_main()", *overrides(slow_cache, tmp_path),
          f"hydra.run.dir={tmp_path / 'reference'}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     sweep = tmp_path / "sweep"
-    proc = submit(slurm_launcher_args(sweep, *overrides(slow_cache, tmp_path), wrapper(tmp_path, "no-scontrol", NO_SCONTROL)),
-                  tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [record] = job_records(sweep)
+    record = warned_after_one_epoch(sweep, slow_cache, tmp_path, wrapper(tmp_path, "no-scontrol", NO_SCONTROL))
     run_dir = sweep / "0"
-    wait_for_file(rundir.checkpoint_path(run_dir, 1, 0), timeout_s=120)
-    subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=30)
 
     assert wait_for_states([record["job_id"]], timeout_s=180)[record["job_id"]] == "COMPLETED"
     assert restarts(record["job_id"]) == 1 and "REQUEUED" in sacct_history(record["job_id"])
@@ -101,12 +107,8 @@ def test_without_any_way_to_requeue_the_job_ends_failed_with_one_line_naming_its
     sweep = tmp_path / "sweep"
     how = ([wrapper(tmp_path, "no-helper", NO_HELPER)] if case == "no helper" else
            [wrapper(tmp_path, "no-scontrol", NO_SCONTROL), "+hydra.launcher.additional_parameters={no-requeue: true}"])
-    proc = submit(slurm_launcher_args(sweep, *overrides(slow_cache, tmp_path), *how), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [record] = job_records(sweep)
+    record = warned_after_one_epoch(sweep, slow_cache, tmp_path, *how)
     run_dir = sweep / "0"
-    wait_for_file(rundir.checkpoint_path(run_dir, 1, 0), timeout_s=120)
-    subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=30)
 
     assert wait_for_states([record["job_id"]], timeout_s=180)[record["job_id"]] == "FAILED"
     assert restarts(record["job_id"]) == 0
