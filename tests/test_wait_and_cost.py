@@ -194,9 +194,9 @@ def test_status_of_a_held_job_and_of_one_pending_on_its_dependency(tmp_path: Pat
         subprocess.run(["scancel", held, dependent], timeout=30)
 
 
-def sacct_fields(job_id: str) -> dict[str, str]:
+def sacct_fields(job_id: str, extra: str = "") -> dict[str, str]:
     """sacct's own line for the job (without -X: with it, TotalCPU leaves out the steps and reads 0)."""
-    fields = "JobID,TotalCPU,Elapsed,ElapsedRaw,AllocCPUS,CPUTimeRAW"
+    fields = "JobID,TotalCPU,Elapsed,ElapsedRaw,AllocCPUS,CPUTimeRAW" + (f",{extra}" if extra else "")
     out = subprocess.run(["sacct", "-n", "-P", "-o", fields, "-j", job_id], capture_output=True, text=True,
                          timeout=30).stdout
     lines = [dict(zip(fields.split(","), line.split("|"))) for line in out.splitlines()]
@@ -242,6 +242,29 @@ def test_a_running_then_finished_job_s_figures_agree_with_sacct(tmp_path: Path):
     csv_rows = (built.out_dir / build.CSV_FILE).read_text().splitlines()
     assert "core_hours" in csv_rows[0] and len(csv_rows) == 3
     assert json.loads(json.dumps(rows))  # plain values, as --json prints them
+
+
+@pytest.mark.slurm
+def test_gpu_hours_agree_with_sacct_for_a_job_that_had_a_gpu(tmp_path: Path):
+    # The local cluster gives each node one pretend GPU (slurm/cluster.sh: gres.conf); nothing
+    # computes on it, but Slurm allocates and accounts for it as for a real one.
+    job = sbatch("--gpus-per-node=1", "-c", "1", "--wrap", "sleep 2")
+    done = until(lambda: when(sacct_fields(job, "AllocTRES,State"), lambda f: f.get("State") == "COMPLETED"),
+                 "the GPU job to end in accounting", timeout_s=60)
+    assert "gres/gpu=1" in done["AllocTRES"].split(",")  # precondition: Slurm recorded the GPU
+    sweep = tmp_path / "sweep"
+    make_trial(sweep, 0, ["train.seed=0"], cluster="slurm", job_id=job, metrics=fake_metrics(0.97, 0.98, 0.98, wall=2.0))
+    [row] = [t.cost_row() for t in build.build_report(sweep).trials]
+    assert row["gpus"] == 1
+    assert row["gpu_hours"] == pytest.approx(float(done["ElapsedRaw"]) / 3600, abs=1e-6)
+    assert row["core_hours"] == pytest.approx(float(done["CPUTimeRAW"]) / 3600, abs=1e-6)
+    # And a job without one has none.
+    cpu_job = sbatch("-c", "1", "--wrap", "true")
+    until(lambda: when(sacct_fields(cpu_job, "State"), lambda f: f.get("State") == "COMPLETED"),
+          "the CPU job to end in accounting", timeout_s=60)
+    make_trial(sweep, 1, ["train.seed=1"], cluster="slurm", job_id=cpu_job, metrics=fake_metrics(0.97, 0.98, 0.98, wall=1.0))
+    rows = {t.number: t.cost_row() for t in build.build_report(sweep).trials}
+    assert (rows[1]["gpus"], rows[1]["gpu_hours"]) == (0, 0.0) and rows[0]["gpus"] == 1
 
 
 def test_learning_curves_of_a_large_sweep_are_bounded(tmp_path: Path):
