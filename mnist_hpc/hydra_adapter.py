@@ -60,6 +60,17 @@ def sweep_batches(overrides: Sequence[Any], max_batch_size: Optional[int]) -> li
     return BasicSweeper.split_arguments(list(overrides), max_batch_size)
 
 
+# Variables run_app sets in this process for Hydra's sake, not the user's: jobs queued meanwhile
+# (which inherit the environment: sbatch's --export=ALL, submitit's local controller) are queued
+# without them (mnist_hpc.contract.guard.private_submission).
+_SET_FOR_HYDRA: set[str] = set()
+
+
+def set_for_hydra() -> tuple[str, ...]:
+    """The environment variables this process holds for Hydra's sake only (see :func:`run_app`)."""
+    return tuple(sorted(_SET_FOR_HYDRA))
+
+
 def run_app(app: Any) -> None:
     """Run a ``@hydra.main`` app; an error Hydra reports compactly is one line and exit status 1.
 
@@ -80,6 +91,7 @@ def run_app(app: Any) -> None:
         app()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    _SET_FOR_HYDRA.add("HYDRA_FULL_ERROR")
     try:
         app()
     except CompactHydraException as exc:
@@ -88,3 +100,4 @@ def run_app(app: Any) -> None:
         sys.exit(1)
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
+        _SET_FOR_HYDRA.discard("HYDRA_FULL_ERROR")

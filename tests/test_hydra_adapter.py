@@ -188,3 +188,24 @@ def test_run_app_hydra_raises_a_compact_error_when_hydra_full_error_is_set(monke
     monkeypatch.delenv("HYDRA_FULL_ERROR")
     with pytest.raises(SystemExit):
         run_and_report(fail)
+
+
+def test_jobs_are_queued_without_the_hydra_full_error_run_app_set_for_itself(monkeypatch) -> None:
+    """Queued jobs inherit the environment: run_app's own HYDRA_FULL_ERROR is not passed on, a user's is."""
+    import os
+
+    from mnist_hpc.contract import guard
+
+    seen: list[tuple[Optional[str], Optional[str]]] = []
+
+    def app() -> None:
+        with guard.private_submission():  # where the launchers queue jobs
+            inside = os.environ.get("HYDRA_FULL_ERROR")
+        seen.append((inside, os.environ.get("HYDRA_FULL_ERROR")))
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    hydra_adapter.run_app(app)
+    assert seen == [(None, "1")] and "HYDRA_FULL_ERROR" not in os.environ
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the user's own: Hydra's behaviour, and the jobs keep it
+    hydra_adapter.run_app(app)
+    assert seen[1] == ("1", "1") and hydra_adapter.set_for_hydra() == ()

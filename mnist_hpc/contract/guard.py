@@ -282,11 +282,16 @@ def private_submission() -> Iterator[None]:
     umask is the one way to make them private. A job queued meanwhile would inherit umask 077
     and make its run directory private too; ``SLURM_UMASK`` carries the user's own umask to it
     instead (sbatch uses a preset value as the job's umask; :func:`main` applies it to local jobs).
-    Not to be entered inside :func:`private_umask`.
+    Variables the launcher set for Hydra's sake (``HYDRA_FULL_ERROR``, see
+    :func:`mnist_hpc.hydra_adapter.run_app`) are taken out meanwhile. Not to be entered inside
+    :func:`private_umask`.
     """
+    from mnist_hpc.hydra_adapter import set_for_hydra
+
     with private_umask() as mask:
-        saved = {key: os.environ.get(key) for key in ("SLURM_UMASK", *PYTHON_PATH_VARIABLES)}
-        changes = job_python_environ(os.environ)
+        ours = set_for_hydra()  # the launcher's own, not the user's: jobs are queued without them
+        saved = {key: os.environ.get(key) for key in ("SLURM_UMASK", *PYTHON_PATH_VARIABLES, *ours)}
+        changes = {**job_python_environ(os.environ), **{key: None for key in ours}}
         if saved["SLURM_UMASK"] is None:
             changes["SLURM_UMASK"] = f"{mask:04o}"
         _set_environ(changes)
