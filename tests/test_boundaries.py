@@ -1862,6 +1862,16 @@ def test_a_long_identity_value_is_cut_only_past_16_characters():
     assert shown_settings(trials[1], swept) == ["data.sha256=" + "b" * 12 + "…"]
 
 
+def test_long_values_that_cutting_would_make_alike_are_shown_whole():
+    units = ["[1024, 1024, 512]", "[1024, 1024, 256]"]  # 17 characters, alike in their first 12
+    trials = [overridden(i, [], {"model.hidden_units": v}) for i, v in enumerate(units)]
+    swept = swept_params(trials)
+    assert [shown_settings(t, swept) for t in trials] == [[f"model.hidden_units={v}"] for v in units]
+    # A value missing from one trial's identity does not count as a value cutting must keep apart.
+    trials.append(overridden(2, [], {}))
+    assert shown_settings(trials[0], swept_params(trials)) == [f"model.hidden_units={units[0]}"]
+
+
 def test_an_unknown_metric_names_the_ones_there_are():
     with pytest.raises(ValueError) as info:
         metric_value(ranked_trial(0, 0.9, 0.9), "loss")
