@@ -19,9 +19,6 @@ from tests.helpers import fake_metrics, make_trial, sh, status_rows, until
 pytestmark = pytest.mark.slurm
 
 
-@pytest.mark.xfail(strict=True, reason="hostile3 F1: status and report join a trial to whatever Slurm job now has the id "
-                   "its job.json names (no job name or submit time compared): an unrelated job's cost is shown as the "
-                   "trial's")
 def test_an_unrelated_job_with_the_recorded_id_is_not_shown_as_the_trials(tmp_path: Path) -> None:
     job = sh("sbatch", "--parsable", "-J", "hostile3-unrelated", "-t", "1", "-o", str(tmp_path / "slurm-%j.out"),
              "--wrap", "true").strip().split(";")[0]
