@@ -558,6 +558,7 @@ def squeue_available() -> bool:
 # --- whose job an id names: the join of a trial's record to Slurm's rows --------------------------
 
 # How far the clock of the node that wrote a record (job.json) and the controller's may disagree.
+# (Compared as differences: a record's time may be anything a datetime holds, year 1 or 9999.)
 CLOCK_SKEW = timedelta(minutes=5)
 # A requeue queues a job's next run as its previous run ends: sacct -D shows the next run's Submit
 # equal to the previous run's End (to the second, seen on the local cluster with scontrol
@@ -585,7 +586,7 @@ def own_runs(runs: Sequence[Run], recorded: datetime) -> Optional[list[Run]]:
     if any(r.submit is None for r in runs):
         return list(runs)
     ordered = sorted(runs, key=lambda r: r.submit)  # type: ignore[arg-type,return-value]  # none is None
-    queued = [i for i, r in enumerate(ordered) if r.submit <= recorded + CLOCK_SKEW]  # type: ignore[operator]
+    queued = [i for i, r in enumerate(ordered) if r.submit - recorded <= CLOCK_SKEW]  # type: ignore[operator]
     if not queued:
         return None
     first = last = queued[-1]
@@ -594,7 +595,7 @@ def own_runs(runs: Sequence[Run], recorded: datetime) -> Optional[list[Run]]:
     while last + 1 < len(ordered) and _requeue_of(ordered[last], ordered[last + 1]):
         last += 1
     end = ordered[last].end
-    if end is not None and ordered[last].row["state"] not in LIVE_STATES and end < recorded - CLOCK_SKEW:
+    if end is not None and ordered[last].row["state"] not in LIVE_STATES and recorded - end > CLOCK_SKEW:
         return None  # it had ended before the record was written: not the job the record names
     return ordered[first:last + 1]
 
@@ -604,7 +605,7 @@ def _own_live(row: Row, recorded: datetime, runs: Optional[list[Run]]) -> bool:
     queued again by a requeue of its own runs (``runs``, :func:`own_runs`). A row without a submit
     time (a recorded format) cannot be told apart and counts."""
     submit = _utc_time(row.get("submit", ""))
-    if submit is None or submit <= recorded + CLOCK_SKEW:
+    if submit is None or submit - recorded <= CLOCK_SKEW:
         return True
     return any(t is not None and abs(submit - t) <= REQUEUE_GAP for r in runs or () for t in (r.submit, r.end))
 
@@ -648,7 +649,7 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
     now = datetime.now(timezone.utc)
     recorded = {j: t for j, t in (recorded or {}).items() if j in ids}
     for job, when in recorded.items():
-        if when > now + CLOCK_SKEW:  # no run can be told to be its: the record's clock or the record is wrong
+        if when - now > CLOCK_SKEW:  # no run can be told to be its: the record's clock or the record is wrong
             snap.foreign[job] = (f"its job.json says its job was submitted at {when.isoformat()}, later than now "
                                  f"({now.isoformat(timespec='seconds')}): which job Slurm's id {job} names cannot be "
                                  "told, so none is shown; fix the node's clock or the record's 'submitted' field")
