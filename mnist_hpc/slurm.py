@@ -650,7 +650,7 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
     recorded = {j: t for j, t in (recorded or {}).items() if j in ids}
     for job, when in recorded.items():
         if when - now > CLOCK_SKEW:  # no run can be told to be its: the record's clock or the record is wrong
-            snap.foreign[job] = (f"its job.json says its job was submitted at {when.isoformat()}, later than now "
+            snap.foreign[job] = (f"its record says its job was submitted at {when.isoformat()}, later than now "
                                  f"({now.isoformat(timespec='seconds')}): which job Slurm's id {job} names cannot be "
                                  "told, so none is shown; fix the node's clock or the record's 'submitted' field")
     ids = [j for j in ids if j not in snap.foreign]
@@ -664,6 +664,7 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
 
     waiting = {j for j in ids if complete(j)}
     acct = query_sacct([j for j in ids if j not in waiting]) if len(waiting) < len(ids) else Accounting()
+    unaccounted = acct is None  # then a job queued after its record cannot be told to be a requeue of it
     if acct is None:
         snap.notes.append("sacct is unavailable (no accounting here?); states come from squeue and the run files")
         if not live and not squeue_available():
@@ -701,11 +702,14 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
             other = _utc_time(row.get("submit", "")) if row is not None else None
             others = sorted(r.submit for r in runs or () if r.submit is not None)
             shown = (other or (others[-1] if others else None))
+            job_then = f"Slurm's job {job}" + (f" (submitted {shown.isoformat(timespec='seconds')})" if shown else "")
             snap.foreign[job] = (
-                f"Slurm's job {job}" + (f" (submitted {shown.isoformat(timespec='seconds')})" if shown else "")
-                + f" is not this run's, whose job.json says it was submitted at {when.isoformat()}: the id now "
-                "names another job (ids reused after a reinstall or past MaxJobId, or a directory from another "
-                "cluster), so its state, reason and cost are not shown; the state comes from the run's files")
+                (f"{job_then} cannot be told to be this run's, whose record says it was submitted at {when.isoformat()}: "
+                 "it was queued later, and accounting (sacct), which would show it a requeue, is unavailable"
+                 if unaccounted else
+                 f"{job_then} is not this run's, whose record says it was submitted at {when.isoformat()}: the id now "
+                 "names another job (ids reused after a reinstall or past MaxJobId, or a directory from another "
+                 "cluster)") + "; its state, reason and cost are not shown, the state comes from the run's files")
     # Running jobs: their CPU time and peak memory so far, asked of sstat at once.
     running = {row["raw_id"]: job for job, row in own_live.items()
                if row["state"] == "RUNNING" and row.get("raw_id") and job in snap.usage and named(job)}

@@ -146,6 +146,11 @@ def test_a_live_job_queued_after_the_record_is_not_the_trials_unless_a_requeue_o
                      sacct="\n".join([HEADER, run_line("64", "RUNNING", "2026-09-01T08:00:00", "Unknown", 9)]))
     snap = slurm.job_snapshot(["64"], recorded={"64": recorded})
     assert snap.rows == {} and snap.usage == {} and "64" in snap.foreign and fake.asked["sstat"] == []
+    # Without accounting, a job queued after the record may be its requeue: not shown, and the note says so.
+    fake = FakeSlurm(monkeypatch, squeue=squeue_line("62", "PENDING", "BeginTime", "2026-06-01T10:30:00"))
+    monkeypatch.setattr(slurm, "query_sacct", lambda ids: None)
+    snap = slurm.job_snapshot(["62"], recorded={"62": recorded})
+    assert snap.rows == {} and "accounting (sacct), which would show it a requeue, is unavailable" in snap.foreign["62"]
     # Pending since before the record: the trial's, and squeue's row is all there is (no sacct call).
     fake = FakeSlurm(monkeypatch, squeue=squeue_line("63", "PENDING", "Priority", "2026-06-01T10:00:00"))
     snap = slurm.job_snapshot(["63"], recorded={"63": recorded})
