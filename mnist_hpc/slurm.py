@@ -647,7 +647,8 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
     if not ids:
         return snap
     now = datetime.now(timezone.utc)
-    recorded = {j: t for j, t in (recorded or {}).items() if j in ids}
+    asked = set(ids)
+    recorded = {j: t for j, t in (recorded or {}).items() if j in asked}
     for job, when in recorded.items():
         if when - now > CLOCK_SKEW:  # no run can be told to be its: the record's clock or the record is wrong
             snap.foreign[job] = (f"its record says its job was submitted at {when.isoformat()}, later than now "
