@@ -239,6 +239,16 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def parse_utc(text: str) -> Optional[datetime]:
+    """A time :func:`utc_now` wrote (any ISO 8601 time with its UTC offset), as an aware datetime;
+    None for anything else: a time without an offset names no instant (whose clock?)."""
+    try:
+        when = datetime.fromisoformat(text.strip()) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return when if when is not None and when.utcoffset() is not None else None
+
+
 # --- reading what another process wrote --------------------------------------------------------
 
 # No file of ours nests deeper than a few levels (a history list of epoch records is three).

@@ -8,32 +8,40 @@ Used on both sides: status and report on the login node, run-directory leases on
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
-from typing import Optional, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Mapping, Optional, Sequence
 
 # One row per job or array task: state, elapsed time, node list, exit code; for a pending job also
 # Slurm's reason code and expected start ("reason", "start").
 Row = dict[str, str]
 # What accounting is asked once per status or report: states and every cost figure. Without -X, so
 # that the steps (``123.batch``, ``123_4.0``) come too: only they carry MaxRSS (folded into their job).
-SACCT_FIELDS = "JobID,State,Elapsed,NodeList,ExitCode,Reason,ElapsedRaw,TotalCPU,AllocCPUS,AllocTRES,ReqMem,MaxRSS,CPUTimeRAW"
-# The controller's view of live jobs: id, state, elapsed, nodes, reason, (expected) start, and the
-# job's own numeric id (an array task's, which sstat needs).
-SQUEUE_FORMAT = "%i|%T|%M|%N|%r|%S|%A"
+# Submit and End tell the runs of one id apart (:func:`own_runs`); read in UTC (:data:`UTC_ENV`).
+SACCT_FIELDS = ("JobID,State,Elapsed,NodeList,ExitCode,Reason,ElapsedRaw,TotalCPU,AllocCPUS,AllocTRES,ReqMem,MaxRSS,"
+                "CPUTimeRAW,Submit,End")
+# The controller's view of live jobs: id, state, elapsed, nodes, reason, (expected) start, the
+# job's own numeric id (an array task's, which sstat needs) and its submission (this run's).
+# Asked in UTC (:data:`UTC_ENV`); the expected start is shown in local time again (:func:`parse_squeue`).
+SQUEUE_FORMAT = "%i|%T|%M|%N|%r|%S|%A|%V"
+# Slurm's clients print times in their own local time, which names no instant in the hour a
+# daylight-saving change repeats: asked with TZ=UTC, they print UTC.
+UTC_ENV = {"TZ": "UTC"}
 # A running job's usage so far: accounting has its steps' CPU time and MaxRSS only once they end.
 SSTAT_FIELDS = "JobID,MaxRSS,TresUsageInTot"
 
 
-def run_client(cmd: list[str]) -> Optional[str]:
-    """Stdout of a Slurm client command, or None when it is missing or fails."""
+def run_client(cmd: list[str], env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Stdout of a Slurm client command (``env``: variables set for it), or None when it is missing or fails."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                              env=None if env is None else {**os.environ, **env})
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout if proc.returncode == 0 else None
@@ -172,24 +180,43 @@ def _number(text: str) -> Optional[float]:
 # --- parsing ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Run:
+    """One run of a job or array task in accounting: ``sacct -D`` lists a requeued job once per run,
+    and an id that two jobs had (a reused id) once per job."""
+
+    row: Row
+    usage: Optional[Usage]
+    # When Slurm queued this run (a requeue queues the next run as the previous one ends) and when
+    # it ended, in UTC; None when accounting has no such time (``Unknown``, or recorded output
+    # without these columns).
+    submit: Optional[datetime] = None
+    end: Optional[datetime] = None
+
+
 @dataclass
 class Accounting:
-    """``sacct``'s answer: a row (state, ...) and, once it started, a :class:`Usage` per job or task."""
+    """``sacct``'s answer: a row (state, ...) and, once it started, a :class:`Usage` per job or task.
+
+    ``rows`` and ``usage`` count every run of an id as one job's; ``runs`` keeps them apart, for
+    :func:`job_snapshot` to keep only a trial's own (:func:`own_runs`).
+    """
 
     rows: dict[str, Row] = field(default_factory=dict)
     usage: dict[str, Usage] = field(default_factory=dict)
+    runs: dict[str, list[Run]] = field(default_factory=dict)
 
 
 def parse_sacct(text: str) -> Accounting:
-    """``sacct -P -o SACCT_FIELDS`` (with its header line), by job or task id.
+    """``sacct -P -o SACCT_FIELDS`` (with its header line, run with :data:`UTC_ENV`), by job or task id.
 
     The header names the columns, so recorded output with fewer fields parses too. A requeued
-    job appears once per run (`-D`): the last line is the current one, and the runs' usage adds up. Steps (``123.batch``) are folded
-    into their job: the largest MaxRSS of any step is the job's peak memory.
+    job appears once per run (`-D`), each with its steps after it: the last run is the current
+    one, and the runs' usage adds up (:func:`fold_runs`). Steps (``123.batch``) are folded into
+    their run: the largest MaxRSS of any step is its peak memory.
     """
     header: Optional[list[str]] = None
     acct = Accounting()
-    peaks: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split("|")
         if header is None:
@@ -205,8 +232,10 @@ def parse_sacct(text: str) -> Accounting:
         if "." in job_id:
             job, _, _step = job_id.partition(".")
             rss = parse_bytes(fields.get("MaxRSS", ""))
-            if rss is not None:
-                peaks[job] = max(peaks.get(job, 0), rss)
+            runs = acct.runs.get(job)
+            if rss is not None and runs and runs[-1].usage is not None:  # the step of the run listed last
+                peak = max(rss, runs[-1].usage.max_rss_bytes or 0)
+                runs[-1] = replace(runs[-1], usage=replace(runs[-1].usage, max_rss_bytes=peak))
             continue
         row = {"state": normalise_state(fields.get("State", "")), "elapsed": fields.get("Elapsed", ""),
                "node": fields.get("NodeList", ""), "exit_code": fields.get("ExitCode", ""),
@@ -216,22 +245,39 @@ def parse_sacct(text: str) -> Accounting:
             # TotalCPU grows only when a step ends: a running job's would read as idle CPUs. (A
             # REQUEUED line of sacct -D is a run that ended: its TotalCPU is whole.)
             usage = replace(usage, cpu_s=None)
+        run = Run(row, usage, _utc_time(fields.get("Submit", "")), _utc_time(fields.get("End", "")))
         for task_id in expand_array_id(job_id):
-            acct.rows[task_id] = dict(row)
-            earlier = acct.usage.pop(task_id, None)  # an earlier run of a requeued job (sacct -D)
-            if usage is not None or earlier is not None:
-                acct.usage[task_id] = _runs_added(earlier, usage)
-    for job, peak in peaks.items():
-        if job in acct.usage:
-            acct.usage[job] = replace(acct.usage[job], max_rss_bytes=peak)
+            acct.runs.setdefault(task_id, []).append(run)
+    for job, runs in acct.runs.items():
+        acct.rows[job], usage = fold_runs(runs)
+        if usage is not None:
+            acct.usage[job] = usage
     return acct
 
 
-def _runs_added(earlier: Optional[Usage], later: Optional[Usage]) -> Usage:
+def fold_runs(runs: Sequence[Run]) -> tuple[Row, Optional[Usage]]:
+    """One job's row and usage from its runs, in the order they ran: the last run's row is the
+    current one; what the runs used adds up (a time-limit requeue's earlier runs cost too)."""
+    total: Optional[Usage] = None
+    for run in runs:
+        total = _runs_added(total, run.usage)
+    return dict(runs[-1].row), total
+
+
+def _utc_time(text: str) -> Optional[datetime]:
+    """A time a Slurm client printed under :data:`UTC_ENV` (``2026-12-07T08:10:20``); None for
+    ``Unknown``, ``None`` or empty."""
+    try:
+        return datetime.fromisoformat(text.strip()).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+def _runs_added(earlier: Optional[Usage], later: Optional[Usage]) -> Optional[Usage]:
     """What a requeued job used over its runs: times and core-seconds add up, the peak is the largest.
     A CPU time not known for one run (it still runs, sstat not asked yet) leaves the total unknown."""
     if earlier is None or later is None:
-        return later or earlier  # type: ignore[return-value]
+        return later or earlier
     peaks = [p for p in (earlier.max_rss_bytes, later.max_rss_bytes) if p is not None]
     return Usage(
         elapsed_s=earlier.elapsed_s + later.elapsed_s,
@@ -248,18 +294,34 @@ def parse_squeue(text: str) -> dict[str, Row]:
     """Rows of ``squeue -h -r -o SQUEUE_FORMAT`` (pending and running jobs), by job or task id.
 
     Reason and start are empty when the format had no such columns; a start of ``N/A`` (no
-    expected start computed yet) is empty too.
+    expected start computed yet) is empty too. With the submit time (``%V``, the eighth column)
+    the output is :data:`SQUEUE_FORMAT`'s, asked in UTC: its expected start is shown in local
+    time, as squeue shows it to the user; ``submit`` keeps UTC. Shorter recorded formats are in
+    local time and stay as they are.
     """
     rows: dict[str, Row] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) in (4, 6, 7) and parts[0]:
+        if len(parts) in (4, 6, 7, 8) and parts[0]:
             reason, start = (parts[4], parts[5]) if len(parts) >= 6 else ("", "")
+            start = "" if start in ("N/A", "Unknown") else start
             rows[parts[0]] = {"state": normalise_state(parts[1]), "elapsed": parts[2], "node": parts[3], "exit_code": "",
-                              "reason": _reason(reason), "start": "" if start in ("N/A", "Unknown") else start}
-            if len(parts) == 7:
+                              "reason": _reason(reason), "start": _local(start) if len(parts) == 8 else start}
+            if len(parts) >= 7:
                 rows[parts[0]]["raw_id"] = parts[6]
+            if len(parts) == 8:
+                rows[parts[0]]["submit"] = parts[7]
     return rows
+
+
+def _local(utc_text: str) -> str:
+    """A time squeue printed in UTC, as it prints it in this host's local time; unchanged when it is
+    none (``N/A``) or beyond what datetime holds (year 10193: no foreseeable start either)."""
+    when = _utc_time(utc_text)
+    try:
+        return utc_text if when is None else when.astimezone().replace(tzinfo=None).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        return utc_text
 
 
 def parse_sstat(text: str) -> dict[str, tuple[Optional[float], Optional[int]]]:
@@ -301,7 +363,7 @@ def query_sacct(job_ids: Sequence[str]) -> Optional[Accounting]:
         return Accounting()
     base_ids = sorted({j.partition("_")[0] for j in job_ids})
     # --duplicates: every run of a requeued job (a time-limit requeue's earlier runs cost too).
-    out = run_client(["sacct", "-D", "-P", "-o", SACCT_FIELDS, "-j", ",".join(base_ids)])
+    out = run_client(["sacct", "-D", "-P", "-o", SACCT_FIELDS, "-j", ",".join(base_ids)], UTC_ENV)
     return None if out is None else parse_sacct(out)
 
 
@@ -310,7 +372,7 @@ def query_squeue(job_ids: Sequence[str]) -> Optional[dict[str, Row]]:
     if not job_ids:
         return {}
     base_ids = sorted({j.partition("_")[0] for j in job_ids})
-    out = run_client(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", SQUEUE_FORMAT])
+    out = run_client(["squeue", "-h", "-r", "-j", ",".join(base_ids), "-o", SQUEUE_FORMAT], UTC_ENV)
     return None if out is None else parse_squeue(out)
 
 
@@ -493,6 +555,61 @@ def squeue_available() -> bool:
     return run_client(["squeue", "-h", "-o", "%i"]) is not None
 
 
+# --- whose job an id names: the join of a trial's record to Slurm's rows --------------------------
+
+# How far the clock of the node that wrote a record (job.json) and the controller's may disagree.
+# (Compared as differences: a record's time may be anything a datetime holds, year 1 or 9999.)
+CLOCK_SKEW = timedelta(minutes=5)
+# A requeue queues a job's next run as its previous run ends: sacct -D shows the next run's Submit
+# equal to the previous run's End (to the second, seen on the local cluster with scontrol
+# requeue). A minute of slack; another job takes an id far later (a reinstall, MaxJobId's wrap).
+REQUEUE_GAP = timedelta(seconds=60)
+
+
+def _requeue_of(earlier: Run, later: Run) -> bool:
+    """Whether ``later`` is the run a requeue of ``earlier`` queued."""
+    return (earlier.end is not None and later.submit is not None
+            and abs(later.submit - earlier.end) <= REQUEUE_GAP)
+
+
+def own_runs(runs: Sequence[Run], recorded: datetime) -> Optional[list[Run]]:
+    """The runs of one id that are the job a record written at ``recorded`` names; None when none is.
+
+    ``recorded`` is when a job.json was written: after sbatch returned, or by the job itself while it
+    ran; so the job was queued by then and had not ended. Its anchor is the latest run queued by
+    then (``Submit <= recorded + CLOCK_SKEW``); the runs chained to the anchor by requeues (before
+    and after it) are the job's, and the last of them must not have ended before ``recorded``
+    (``- CLOCK_SKEW``). Every other run of the id is another job's: one that had the id before (a
+    reinstalled cluster's accounting, ids wrapped at MaxJobId) or after it. Runs without a Submit
+    time (recorded output without the column) cannot be told apart: then all of them count.
+    """
+    if any(r.submit is None for r in runs):
+        return list(runs)
+    ordered = sorted(runs, key=lambda r: r.submit)  # type: ignore[arg-type,return-value]  # none is None
+    queued = [i for i, r in enumerate(ordered) if r.submit - recorded <= CLOCK_SKEW]  # type: ignore[operator]
+    if not queued:
+        return None
+    first = last = queued[-1]
+    while first > 0 and _requeue_of(ordered[first - 1], ordered[first]):
+        first -= 1
+    while last + 1 < len(ordered) and _requeue_of(ordered[last], ordered[last + 1]):
+        last += 1
+    end = ordered[last].end
+    if end is not None and ordered[last].row["state"] not in LIVE_STATES and recorded - end > CLOCK_SKEW:
+        return None  # it had ended before the record was written: not the job the record names
+    return ordered[first:last + 1]
+
+
+def _own_live(row: Row, recorded: datetime, runs: Optional[list[Run]]) -> bool:
+    """Whether squeue's row is the job a record written at ``recorded`` names: queued by then, or
+    queued again by a requeue of its own runs (``runs``, :func:`own_runs`). A row without a submit
+    time (a recorded format) cannot be told apart and counts."""
+    submit = _utc_time(row.get("submit", ""))
+    if submit is None or submit - recorded <= CLOCK_SKEW:
+        return True
+    return any(t is not None and abs(submit - t) <= REQUEUE_GAP for r in runs or () for t in (r.submit, r.end))
+
+
 @dataclass
 class Snapshot:
     """What Slurm says about a command's jobs, asked once: rows by job or task id, usage, notes."""
@@ -501,9 +618,13 @@ class Snapshot:
     usage: dict[str, Usage] = field(default_factory=dict)
     # Where the states came from when a client could not answer.
     notes: list[str] = field(default_factory=list)
+    # Ids that Slurm lists but as another job than the one recorded, and why: nothing of that job is
+    # in ``rows`` or ``usage``.
+    foreign: dict[str, str] = field(default_factory=dict)
 
 
-def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = ()) -> Snapshot:
+def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
+                 recorded: Optional[Mapping[str, datetime]] = None) -> Snapshot:
     """States, reasons, expected starts and usage of ``job_ids``: at most one squeue, sacct and sstat call.
 
     The controller (squeue) is asked first about every job not in ``settled`` (jobs whose runs
@@ -514,16 +635,37 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = ()) -> Snapsho
     queued array is one squeue call, an ended sweep one sacct call, whatever their size. Only
     when some of the jobs run is sstat asked (once, for all of them): accounting learns a step's
     CPU time and MaxRSS when it ends, sstat has them while it runs.
+
+    An id names a job, not the job: ``recorded`` gives, for the ids a record names, when that record
+    was written (aware datetimes). Only the runs and the queued job that were that id's job then are
+    its (:func:`own_runs`, :func:`_own_live`); when Slurm lists the id but none of them, the id is in
+    ``foreign`` with why, and nothing of the other job is shown. An id without a time is joined by
+    id alone (records older than their ``submitted`` field).
     """
     ids = sorted(set(job_ids))
     snap = Snapshot()
     if not ids:
         return snap
+    now = datetime.now(timezone.utc)
+    asked = set(ids)
+    recorded = {j: t for j, t in (recorded or {}).items() if j in asked}
+    for job, when in recorded.items():
+        if when - now > CLOCK_SKEW:  # no run can be told to be its: the record's clock or the record is wrong
+            snap.foreign[job] = (f"its record says its job was submitted at {when.isoformat()}, later than now "
+                                 f"({now.isoformat(timespec='seconds')}): which job Slurm's id {job} names cannot be "
+                                 "told, so none is shown; fix the node's clock or the record's 'submitted' field")
+    ids = [j for j in ids if j not in snap.foreign]
     settled_ids = set(settled)
     asked_live = [j for j in ids if j not in settled_ids]
     live = query_squeue(asked_live) if asked_live else {}
-    waiting = {j for j in ids if (live or {}).get(j, {}).get("state") == "PENDING"}
+
+    def complete(job: str) -> bool:  # squeue's row says all there is: pending, and surely the recorded job
+        row = (live or {}).get(job, {})
+        return row.get("state") == "PENDING" and (job not in recorded or _own_live(row, recorded[job], None))
+
+    waiting = {j for j in ids if complete(j)}
     acct = query_sacct([j for j in ids if j not in waiting]) if len(waiting) < len(ids) else Accounting()
+    unaccounted = acct is None  # then a job queued after its record cannot be told to be a requeue of it
     if acct is None:
         snap.notes.append("sacct is unavailable (no accounting here?); states come from squeue and the run files")
         if not live and not squeue_available():
@@ -537,12 +679,41 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = ()) -> Snapsho
 
     for source in (live, acct.rows):  # the controller's row first: it is current
         for job, row in source.items():
-            if named(job):
+            if named(job) and job not in recorded:
                 snap.rows.setdefault(job, row)
-    snap.usage = {job: u for job, u in acct.usage.items() if named(job)}
+    snap.usage = {job: u for job, u in acct.usage.items() if named(job) and job not in recorded}
+    own_live = {j: row for j, row in live.items() if j not in recorded}
+    for job, when in recorded.items():
+        runs = acct.runs.get(job)
+        mine = own_runs(runs, when) if runs else None
+        row = live.get(job)
+        if row is not None and _own_live(row, when, mine):
+            snap.rows[job] = own_live[job] = row
+        if mine:
+            fold_row, usage = fold_runs(mine)
+            snap.rows.setdefault(job, fold_row)
+            if usage is not None:
+                snap.usage[job] = usage
+        elif runs is None:  # accounting without runs (built by a test): joined by id alone
+            if job in acct.rows:
+                snap.rows.setdefault(job, acct.rows[job])
+            if job in acct.usage:
+                snap.usage[job] = acct.usage[job]
+        if job not in snap.rows and (row is not None or runs):
+            other = _utc_time(row.get("submit", "")) if row is not None else None
+            others = sorted(r.submit for r in runs or () if r.submit is not None)
+            shown = (other or (others[-1] if others else None))
+            job_then = f"Slurm's job {job}" + (f" (submitted {shown.isoformat(timespec='seconds')})" if shown else "")
+            snap.foreign[job] = (
+                (f"{job_then} cannot be told to be this run's, whose record says it was submitted at {when.isoformat()}: "
+                 "it was queued later, and accounting (sacct), which would show it a requeue, is unavailable"
+                 if unaccounted else
+                 f"{job_then} is not this run's, whose record says it was submitted at {when.isoformat()}: the id now "
+                 "names another job (ids reused after a reinstall or past MaxJobId, or a directory from another "
+                 "cluster)") + "; its state, reason and cost are not shown, the state comes from the run's files")
     # Running jobs: their CPU time and peak memory so far, asked of sstat at once.
-    running = {row["raw_id"]: job for job, row in live.items()
-               if row["state"] == "RUNNING" and row.get("raw_id") and job in snap.usage}
+    running = {row["raw_id"]: job for job, row in own_live.items()
+               if row["state"] == "RUNNING" and row.get("raw_id") and job in snap.usage and named(job)}
     stats = query_sstat(list(running)) if running else {}
     for raw_id, (cpu_s, rss) in (stats or {}).items():
         job = running.get(raw_id)

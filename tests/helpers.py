@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from mnist_hpc import rundir
-from mnist_hpc.io import sha256_file
+from mnist_hpc.io import sha256_file, utc_now
 
 T = TypeVar("T")
 
@@ -410,8 +410,13 @@ def make_trial(
     ended: bool = False,
     packed_slot: Optional[int] = None,
     failure: Optional[BaseException] = None,
+    submitted: Optional[str] = None,
 ) -> Path:
-    """One trial directory as the launcher and a training job leave it (through their own writers)."""
+    """One trial directory as the launcher and a training job leave it (through their own writers).
+
+    ``submitted``: job.json's record of when its job was queued; by default now, as the launcher
+    writes it right after sbatch (status shows a Slurm job as the trial's only if it held the id then).
+    """
     from mnist_hpc import claim, rundir
 
     run_dir = sweep / str(num)
@@ -435,7 +440,7 @@ def make_trial(
                 stdout=str(folder / f"{job_id}_0_log.out"),
                 stderr=str(folder / f"{job_id}_0_log.err"),
                 submitit_folder=str(folder),
-                submitted="2026-01-01T10:00:00+00:00",
+                submitted=utc_now() if submitted is None else submitted,
                 # A local job is its process: status asks whether it still runs.
                 **({"host": socket.gethostname(), "pid_start": claim.process_start(int(job_id))} if job_id == live_job() else {}),
             ),

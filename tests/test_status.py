@@ -173,7 +173,7 @@ def test_reasons_in_words(code: str, attention: bool, words: str):
     assert reason.attention is attention and words in reason.words and reason.todo
 
 
-@pytest.mark.parametrize("line", ["", "|", "garbage", "1|2|3", "77|RUNNING|0:01|vm|0:0", "77|RUNNING|0:01|vm|r|s|7|extra",
+@pytest.mark.parametrize("line", ["", "|", "garbage", "1|2|3", "77|RUNNING|0:01|vm|0:0", "77|RUNNING|0:01|vm|r|s|7|v|extra",
                                   "|RUNNING|1|n|0"])
 def test_malformed_client_lines_are_skipped(line: str):
     assert slurm.parse_squeue(line + "\n") == {}

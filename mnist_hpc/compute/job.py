@@ -23,6 +23,7 @@ from mnist_hpc import claim, rundir, slurm
 from mnist_hpc.compute.failures import (NotRequeued, PackedTrialsFailed, RequeueLimitReached, one_line_errors, record_failure,
                                         unwrap)
 from mnist_hpc.config import ConfigError
+from mnist_hpc.io import utc_now
 from mnist_hpc.contract.guard import UnsafeJobFile, named_paths
 from mnist_hpc.contract.jobconfig import check_rebuilt, job_config
 from mnist_hpc.contract.tasks import PackedTrials, TrainTrial
@@ -181,7 +182,7 @@ class TrainJob:
         log.warning("%s: no job.json names this job (%s); writing it", self.run_dir, env.job_id)
         rundir.write_job(self.run_dir, rundir.JobRecord.of(
             env.cluster, env.job_id, named_paths(env), self.run_dir, self.spec.overrides, self.spec.num, self.packed_slot,
-            tasks=env.num_tasks))
+            submitted=utc_now(), tasks=env.num_tasks))
 
     def finished(self) -> bool:
         """Whether the trial is done: its directory holds this very config's final metrics for the

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 from mnist_hpc import rundir
 from mnist_hpc import search as sd
+from mnist_hpc.io import parse_utc
 from mnist_hpc.login.trials import Trial, fill_states, job_trial, read_trial
 
 # Optuna's trial states in the words status and report use for runs.
@@ -217,8 +218,8 @@ def read_study(search_dir: Path, with_slurm: bool = True) -> StudyView:
     now = _server_now(search_dir)
     view.workers = [WorkerRow(b, None if now is None else max(0.0, now - mtime)) for b, mtime in beats]
     jobs: dict[str, Trial] = {}
-    if with_slurm and (ids := worker_job_ids(view)):
-        filled, notes = fill_states([job_trial(i) for i in ids])
+    if with_slurm and worker_job_ids(view):
+        filled, notes = fill_states(worker_jobs(view))
         jobs = {t.job_id: t for t in filled}
         view.notes += notes
     set_worker_jobs(view, jobs)
@@ -232,6 +233,13 @@ def read_study(search_dir: Path, with_slurm: bool = True) -> StudyView:
 def worker_job_ids(view: StudyView) -> list[str]:
     """The Slurm job ids of the search's workers."""
     return [w.beat.job_id for w in view.workers if w.beat.cluster == "slurm"]
+
+
+def worker_jobs(view: StudyView) -> list[Trial]:
+    """The search's workers' Slurm jobs, each known to have held its id when its heartbeat started
+    (or last beat): only that job is the worker's (:func:`mnist_hpc.slurm.job_snapshot`)."""
+    return [job_trial(w.beat.job_id, parse_utc(w.beat.started) or parse_utc(w.beat.beat))
+            for w in view.workers if w.beat.cluster == "slurm"]
 
 
 def set_worker_jobs(view: StudyView, jobs: dict[str, Trial]) -> None:

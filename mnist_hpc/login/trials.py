@@ -59,6 +59,9 @@ class Trial:
     # This trial's share of its job's cost: 1 alone, its part of the wall time in a packed task.
     share: float = 1.0
     share_note: str = ""
+    # When the record naming its job was written (job.json's ``submitted``; a search worker's start):
+    # only the job Slurm had under that id then is this trial's. None: joined by id alone.
+    recorded: Optional[datetime] = None
 
     @property
     def number(self) -> Optional[int]:
@@ -288,12 +291,13 @@ def read_trial(run_dir: Path) -> Trial:
     trial = Trial(run_dir=Path(run_dir), files=files, notes=list(files.notes))
     if files.job is not None:
         trial.job_id, trial.source = files.job.job_id, files.job.cluster
+        trial.recorded = files.job.submitted_at
     return trial
 
 
-def job_trial(job_id: str) -> Trial:
-    """A job named by its Slurm id only."""
-    return Trial(run_dir=None, files=rundir.RunFiles(Path()), job_id=job_id, source="slurm")
+def job_trial(job_id: str, recorded: Optional[datetime] = None) -> Trial:
+    """A job named by its Slurm id only; ``recorded``: a time it was known to hold the id (see :class:`Trial`)."""
+    return Trial(run_dir=None, files=rundir.RunFiles(Path()), job_id=job_id, source="slurm", recorded=recorded)
 
 
 def _expand_arrays(trials: list[Trial], rows: dict[str, slurm.Row]) -> list[Trial]:
@@ -325,13 +329,21 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
     # A job all of whose runs wrote their result has ended: the controller is not asked about it.
     ended = {id(t): _ended(t) for t in trials if t.run_dir is not None}
     unended = {t.job_id for t in trials if t.source == "slurm" and not ended.get(id(t), False)}
-    snap = slurm.job_snapshot(slurm_ids, settled=[j for j in slurm_ids if j not in unended])
+    # Several trials name one job (a packed task, a search worker's trials): the earliest record is
+    # the nearest to its submission.
+    recorded: dict[str, datetime] = {}
+    for t in trials:
+        if t.source == "slurm" and t.recorded is not None:
+            recorded[t.job_id] = min(t.recorded, recorded.get(t.job_id, t.recorded))
+    snap = slurm.job_snapshot(slurm_ids, settled=[j for j in slurm_ids if j not in unended], recorded=recorded)
     rows, notes = snap.rows, list(snap.notes)
     trials = _expand_arrays(trials, rows)
     me = claim.Holder.this_process()
     now = datetime.now()
     for t in trials:
         row = rows.get(t.job_id) if t.source == "slurm" else None
+        if t.source == "slurm" and t.job_id in snap.foreign:
+            t.notes.append(snap.foreign[t.job_id])
         if row:
             t.elapsed, t.node, t.exit_code = row["elapsed"], row["node"], row["exit_code"]
             t.reason = row.get("reason", "")

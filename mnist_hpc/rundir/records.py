@@ -9,12 +9,14 @@ import os
 import shutil
 import traceback
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from mnist_hpc.io import (
     UntrustedFileError,
     exclusive_lock,
+    parse_utc,
     read_yaml,
     utc_now,
     write_bytes_atomic,
@@ -149,6 +151,11 @@ class JobRecord:
         )
 
     @property
+    def submitted_at(self) -> Optional[datetime]:
+        """``submitted`` as a time; None in a record older than the field (an empty string)."""
+        return parse_utc(self.submitted) if self.submitted else None
+
+    @property
     def result_file(self) -> Optional[Path]:
         """submitit's result pickle: it exists once the job's Python process has ended."""
         return submitit_result_file(Path(self.submitit_folder), self.job_id) if self.submitit_folder else None
@@ -189,7 +196,8 @@ _JOB_FIELDS_CHECKED = {
     "stdout": TEXT | NULL,
     "stderr": TEXT | NULL,
     "submitit_folder": TEXT | NULL,
-    "submitted": TEXT | NULL,
+    "submitted": Field("an ISO 8601 time with its UTC offset, as mnist-hpc writes it (2026-12-07T08:00:00+00:00), "
+                       "or \"\"", lambda v: v == "" or parse_utc(v) is not None) | NULL,
     "fingerprint": TEXT | NULL,
     "host": TEXT | NULL,
     "pid_start": TEXT | NULL,

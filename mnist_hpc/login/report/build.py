@@ -34,8 +34,8 @@ from mnist_hpc.login.report.tables import (
     top_confusions,
 )
 from mnist_hpc.login.report.study import search_report
-from mnist_hpc.login.study import read_study, set_worker_jobs, worker_job_ids
-from mnist_hpc.login.trials import Trial, fill_states, find_runs, job_trial, read_trial, read_trials, sort_trials, trial_dirs
+from mnist_hpc.login.study import read_study, set_worker_jobs, worker_jobs
+from mnist_hpc.login.trials import Trial, fill_states, find_runs, read_trial, read_trials, sort_trials, trial_dirs
 from mnist_hpc.search import is_search_dir
 
 REPORT_DIR = "report"
@@ -117,7 +117,7 @@ def build_report(target: Path, out_dir: Optional[Path] = None, metric: str = "va
     if is_search_dir(target):
         # The study and its workers; their Slurm jobs are asked in the same query as the trials'.
         view = read_study(target, with_slurm=False)
-        workers = [job_trial(i) for i in worker_job_ids(view)]
+        workers = worker_jobs(view)
         filled, notes = fill_states([read_trial(d) for d in run_dirs] + workers)
         trials = [t for t in filled if t.run_dir is not None]
         set_worker_jobs(view, {t.job_id: t for t in filled if t.run_dir is None})
