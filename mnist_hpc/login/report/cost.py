@@ -65,7 +65,8 @@ def cost_section(trials: Sequence[Trial]) -> str:
     """Totals per state and for the sweep, and advice; each trial's own figures are in the CSV."""
     totals = cost_totals(trials)
     if totals is None:
-        return "## Cost and sizing\n\nNo job has started yet: nothing used so far."
+        # None started, or the ids their records name are other jobs' now (the trials' notes say so).
+        return "## Cost and sizing\n\nNo cost figures: accounting has no run of these trials' jobs (none started yet, or see the notes)."
     header = "| trials | jobs | core-hours | GPU-hours | CPU efficiency | peak memory | asked |\n|---|---|---|---|---|---|---|"
     by_state: dict[str, list[Trial]] = {}
     for t in trials:
