@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from mnist_hpc import rundir
+from mnist_hpc.io import utc_now
 
 CLIENTS = ("squeue", "sacct", "scontrol", "sinfo", "sstat", "sbatch")
 LIMIT_S = 3.0
@@ -37,9 +38,11 @@ def write_trials(sweep: Path, job_ids: list[str], ended: bool = False) -> None:
     """One trial directory per job, with the ``job.json`` a launch writes (and the result file when ``ended``)."""
     folder = sweep / ".submitit"
     records = []
+    submitted = utc_now()  # after the array was queued, as a launch records it
     for trial, job_id in enumerate(job_ids):
         (sweep / str(trial)).mkdir(parents=True, exist_ok=True)
-        record = rundir.JobRecord.of("slurm", job_id, None, sweep / str(trial), [f"train.seed={trial}"], trial)
+        record = rundir.JobRecord.of("slurm", job_id, None, sweep / str(trial), [f"train.seed={trial}"], trial,
+                                     submitted=submitted)
         record.submitit_folder = str(folder)
         records.append(record)
         if ended:
