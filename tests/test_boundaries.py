@@ -1542,8 +1542,12 @@ def test_trial_directories_the_journal_does_not_know_are_named_with_what_it_hold
     for n in range(4):
         (search_dir / str(n)).mkdir()
     orphans = "2-3" if state == "two" else "0-3"
-    with pytest.raises(sd.JournalError, match=f"^{journal} {what}, but {search_dir} holds directories of trials {orphans}:"):
+    with pytest.raises(sd.JournalError) as refused:
         sd.check_journal(search_dir, "s")
+    assert str(refused.value) == (
+        f"{journal} {what}, but {search_dir} holds directories of trials {orphans}: the study's record of them is lost, "
+        "and a new one would collide with them. Restore the journal (a study.journal.torn-* copy beside it, or a "
+        f"backup), or use a new hydra.sweep.dir; mnist-hpc-status {search_dir} still shows each trial's own results")
 
 
 def test_check_journal_returns_the_studys_trials_and_no_cut_for_a_whole_journal(tmp_path):
