@@ -1111,7 +1111,8 @@ def spec_values(**change: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("change", [{"n_trials": 1}, {"workers": 1}, {"direction": "minimize"}, {"heartbeat_s": 1e-9},
                                     {"stale_after_s": 1}, {"pruner": None}, {"pruner": {"_target_": "p"}},
-                                    {"identity": {"data.sha256": "0" * 64}}, {"identity": {"data.sha256": None}},
+                                    {"identity": {"data.sha256": "0" * 64}}, {"identity": {"data.sha256": "0123456789abcdef" * 4}},
+                                    {"identity": {"data.sha256": None}},
                                     {"params": {}}, {"fixed": ["a=1"]}, {"enqueue": [{}]}])
 def test_a_search_json_at_the_edge_of_its_ranges_is_read(change):
     from mnist_hpc.search import spec_problem
@@ -1132,6 +1133,7 @@ def test_a_search_json_at_the_edge_of_its_ranges_is_read(change):
     ({"enqueue": [[]]}, "field 'enqueue' must be a list of parameter sets"),
     ({"identity": {"data.sha256": "0" * 63}}, "field 'identity' holds a data.sha256 that is not a sha256"),
     ({"identity": {"data.sha256": 5}}, "field 'identity' holds a data.sha256 that is not a sha256"),
+    ({"identity": {"data.sha256": "A" * 64}}, "field 'identity' holds a data.sha256 that is not a sha256"),
     ({"workers": True}, "field 'workers' is True, expected int"),
     ({"pruner": []}, "field 'pruner' is [], expected dict or null"),
     ({"pruner": {"": None}}, "field 'pruner' must be null or name its class in _target_"),
@@ -1180,6 +1182,7 @@ def test_a_heartbeat_at_the_edge_of_its_ranges_is_read(change):
     ({"trial": 2**31}, "field 'trial' must be a trial number (a whole number >= 0)"),
     ({"trials_run": [2**31]}, "field 'trials_run' must list trial numbers"),
     ({"trials_run": [True]}, "field 'trials_run' must list trial numbers"),
+    ({"trials_run": 5}, "field 'trials_run' must list trial numbers"), ({"trials_run": {}}, "field 'trials_run' must list trial numbers"),
     ({"job_id": "j" * 201}, "it has no job_id"), ({"job_id": ""}, "it has no job_id"),
     ({"pid_start": "-1"}, "field 'pid_start' must be a number of clock ticks"),
     ({"cluster": "pbs"}, "field 'cluster' must be slurm or local"),
@@ -1191,6 +1194,13 @@ def test_a_heartbeat_past_its_ranges_is_refused_naming_the_field(change, problem
 
     assert beat_problem(beat_values(**change)) == problem
     assert beat_problem([beat_values()]) == "it holds a JSON list, expected an object"
+
+
+@pytest.mark.parametrize("key", ["job_id", "cluster", "host", "started", "beat", "state", "message", "log"])
+def test_a_heartbeats_text_field_that_is_no_string_is_refused_naming_it(key):
+    from mnist_hpc.search import beat_problem
+
+    assert beat_problem(beat_values(**{key: 3})) == f"field {key!r} is 3, expected a string"
 
 
 def test_a_worker_is_known_by_its_process_only_where_the_beat_names_one():
