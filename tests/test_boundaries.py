@@ -1208,6 +1208,8 @@ def test_a_worker_is_known_by_its_process_only_where_the_beat_names_one():
 
     assert WorkerBeat(job_id="7", host="n1", pid=5, pid_start="9").holder() == claim.Holder(host="n1", pid=5, pid_start="9")
     assert WorkerBeat(job_id="7", host="n1", pid=2**31 - 1).holder().pid == 2**31 - 1
+    assert WorkerBeat(job_id="7", host="n1", pid=1).holder().pid == 1
+    assert WorkerBeat(job_id="7", host="n1", pid=2**31).holder() is None  # no process id (kill(2) could not ask)
     assert WorkerBeat(job_id="7", host="n1", pid=0).holder() is None  # a Slurm worker not started: no process yet
     assert WorkerBeat(job_id="7", host="", pid=5).holder() is None
     assert WorkerBeat(job_id="123456789", cluster="local", host="n1").holder().pid == 123456789
@@ -1558,6 +1560,28 @@ def test_trial_directories_the_journal_does_not_know_are_named_with_what_it_hold
         f"{journal} {what}, but {search_dir} holds directories of trials {orphans}: the study's record of them is lost, "
         "and a new one would collide with them. Restore the journal (a study.journal.torn-* copy beside it, or a "
         f"backup), or use a new hydra.sweep.dir; mnist-hpc-status {search_dir} still shows each trial's own results")
+
+
+def test_a_search_json_that_is_no_object_is_refused_naming_what_it_is(tmp_path):
+    from mnist_hpc import search as sd
+
+    (tmp_path / "search.json").write_text("[1]")
+    with pytest.raises(sd.SearchFileError) as refused:
+        sd.read_spec(tmp_path)
+    assert str(refused.value) == f"{tmp_path / 'search.json'} holds a JSON list, expected an object"
+
+
+def test_the_copy_kept_before_a_cut_is_named_by_the_utc_time(tmp_path, monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from mnist_hpc import search as sd
+
+    journal = tmp_path / "study.journal"
+    journal.write_bytes(b"whole\n")
+    monkeypatch.setattr(sd, "time", SimpleNamespace(strftime=time.strftime, gmtime=lambda: time.gmtime(365 * 86400)))
+    copy = sd._keep_copy(journal)
+    assert re.fullmatch(r"study\.journal\.torn-19710101T000000Z-[0-9a-f]{8}", copy.name) and copy.read_bytes() == b"whole\n"
 
 
 def test_check_journal_returns_the_studys_trials_and_no_cut_for_a_whole_journal(tmp_path):

@@ -420,6 +420,9 @@ def test_a_free_lock_is_taken_at_once_and_released_only_by_its_holder(tmp_path, 
     path = tmp_path / "x.lock"
     lock = sd.HolderLock(path)
     assert lock.grace_s == sd.LOCK_GRACE_S and sd.HolderLock(path, grace_s=0.5).grace_s == 0.5
+    journal_lock = sd.JournalLock(tmp_path / "study.journal")  # Optuna's protocol: acquire() returns True
+    assert journal_lock.acquire() is True and os.readlink(journal_lock.path) == journal_lock._text
+    journal_lock.release()
     assert lock.acquire() is True
     assert os.readlink(path) == lock._text and sd._holder_is_gone(lock._text) is False
     lock.release()
