@@ -252,6 +252,60 @@ def test_a_journal_over_its_cap_is_refused_by_its_size_without_reading_it(tmp_pa
     assert peak < 1 << 20
 
 
+# --- read_journal's refusals, at their boundaries ------------------------------------------------------
+
+
+def test_a_journal_of_exactly_its_cap_is_read_and_one_byte_over_is_refused_naming_the_cap(tmp_path, monkeypatch):
+    search_dir, intact = make_study(tmp_path)
+    journal = sd.journal_path(search_dir)
+    monkeypatch.setattr(sd, "MAX_JOURNAL_BYTES", len(intact))
+    assert len(sd.read_journal(journal).records) == intact.count(b"\n")
+    monkeypatch.setattr(sd, "MAX_JOURNAL_BYTES", len(intact) - 1)
+    with pytest.raises(sd.JournalError) as refused:
+        sd.read_journal(journal)
+    assert str(refused.value) == (f"{journal} is larger than {len(intact) - 1:,} bytes, more than twice what a study of "
+                                  "10,000 trials of the lesson writes; the study cannot be read")
+
+
+def test_a_journal_that_cannot_be_read_is_refused_naming_why(tmp_path):
+    (tmp_path / "file").write_text("")
+    inside_a_file = tmp_path / "file" / "study.journal"
+    with pytest.raises(sd.JournalError) as refused:
+        sd.read_journal(inside_a_file)
+    assert str(refused.value) == f"{inside_a_file} is unreadable (Not a directory); the study cannot be read"
+    directory = tmp_path / "study.journal"
+    directory.mkdir()
+    with pytest.raises(sd.JournalError) as refused:
+        sd.read_journal(directory)
+    assert str(refused.value) == f"{directory} is not a regular file; the study cannot be read"
+
+
+def test_a_journal_cut_short_says_so_and_where(tmp_path):
+    search_dir, intact = make_study(tmp_path)
+    journal = sd.journal_path(search_dir)
+    journal.write_bytes(intact + b'{"op_code": 1, "wor')
+    scan = sd.read_journal(journal)
+    assert (scan.end, scan.size, len(scan.records)) == (len(intact), len(intact) + 19, intact.count(b"\n"))
+    assert scan.torn == "cut short: it ends without a newline (a writer stopped in the middle of an append)"
+
+
+def test_a_record_optuna_cannot_apply_before_the_last_line_is_refused_naming_its_line(tmp_path):
+    """Whole JSON in the shape of a record, which Optuna's replay rejects (a direction it has no
+    member for): only the last line may be such, and not even that one when a torn line follows it."""
+    search_dir, intact = make_study(tmp_path)
+    journal = sd.journal_path(search_dir)
+    bad = json.dumps({"op_code": 0, "worker_id": "w", "study_name": "t", "directions": [99]}).encode() + b"\n"
+    lines = intact.splitlines(keepends=True)
+    for damaged, line in ((b"".join(lines[:-1]) + bad + lines[-1], len(lines)),
+                          (intact + bad + b'{"op_code": 1, "wor', len(lines) + 1)):
+        journal.write_bytes(damaged)
+        with pytest.raises(sd.JournalError) as refused:
+            sd.read_journal(journal)
+        assert str(refused.value).startswith(
+            f"line {line} of {journal} is damaged (a record Optuna cannot apply (ValueError: 99 is not a valid StudyDirection)), "
+            "and it is not the last line")
+
+
 def test_the_journal_cap_holds_a_ten_thousand_trial_study():
     """The cap against a measured study: 10,000 trials of the lesson (5 epochs, 4 parameters, the
     workers' attributes) write 2,263 bytes each (22.6 MB); the cap must hold them with room (more
