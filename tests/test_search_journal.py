@@ -253,6 +253,7 @@ def test_a_journal_over_its_cap_is_refused_by_its_size_without_reading_it(tmp_pa
 
 
 # --- read_journal's refusals, at their boundaries ------------------------------------------------------
+CUT_SHORT = "cut short: it ends without a newline (a writer stopped in the middle of an append)"
 
 
 def test_a_journal_of_exactly_its_cap_is_read_and_one_byte_over_is_refused_naming_the_cap(tmp_path, monkeypatch):
@@ -286,7 +287,7 @@ def test_a_journal_cut_short_says_so_and_where(tmp_path):
     journal.write_bytes(intact + b'{"op_code": 1, "wor')
     scan = sd.read_journal(journal)
     assert (scan.end, scan.size, len(scan.records)) == (len(intact), len(intact) + 19, intact.count(b"\n"))
-    assert scan.torn == "cut short: it ends without a newline (a writer stopped in the middle of an append)"
+    assert scan.torn == CUT_SHORT
 
 
 def test_a_record_optuna_cannot_apply_before_the_last_line_is_refused_naming_its_line(tmp_path):
@@ -304,6 +305,33 @@ def test_a_record_optuna_cannot_apply_before_the_last_line_is_refused_naming_its
         assert str(refused.value).startswith(
             f"line {line} of {journal} is damaged (a record Optuna cannot apply (ValueError: 99 is not a valid StudyDirection)), "
             "and it is not the last line")
+
+
+
+def test_the_last_line_of_the_shortest_files_is_found(tmp_path):
+    path = tmp_path / "study.journal"
+    for content, torn in ((b"x", (0, CUT_SHORT)), (b"\nx", (1, CUT_SHORT)),
+                          (b"\n", (0, "no record Optuna wrote: it is not JSON (Expecting value at character 0)"))):
+        path.write_bytes(content)
+        assert sd.torn_tail(path) == torn
+
+
+def test_a_journal_line_at_the_edges_of_its_size_and_depth_caps(tmp_path, monkeypatch):
+    def record(depth: int) -> bytes:  # the record and its user_attr are two levels
+        nested = json.loads("[" * (depth - 2) + "]" * (depth - 2))
+        return json.dumps({"op_code": 8, "worker_id": "w", "trial_id": 0, "user_attr": {"k": nested}}).encode()
+
+    assert sd._parse_record(record(16)) == (json.loads(record(16)), None)
+    assert sd._parse_record(record(17)) == (None, "it nests too deeply")
+    assert sd._parse_record(b"[" * 100_000 + b"]" * 100_000) == (None, "it nests too deeply")  # past Python's recursion limit
+    line = record(3)
+    path = tmp_path / "study.journal"
+    path.write_bytes(line + b"\n")
+    monkeypatch.setattr(sd, "MAX_RECORD_BYTES", len(line))
+    assert sd._parse_record(line)[1] is None and sd.torn_tail(path) is None
+    monkeypatch.setattr(sd, "MAX_RECORD_BYTES", len(line) - 1)
+    longer = f"it is longer than {len(line) - 1:,} bytes"
+    assert sd._parse_record(line) == (None, longer) and sd.torn_tail(path) == (0, f"no record Optuna wrote: {longer}")
 
 
 def test_the_journal_cap_holds_a_ten_thousand_trial_study():
