@@ -253,6 +253,7 @@ def test_a_journal_over_its_cap_is_refused_by_its_size_without_reading_it(tmp_pa
 
 
 # --- read_journal's refusals, at their boundaries ------------------------------------------------------
+
 CUT_SHORT = "cut short: it ends without a newline (a writer stopped in the middle of an append)"
 
 
