@@ -325,14 +325,19 @@ def test_a_journal_line_at_the_edges_of_its_size_and_depth_caps(tmp_path, monkey
     assert sd._parse_record(record(16)) == (json.loads(record(16)), None)
     assert sd._parse_record(record(17)) == (None, "it nests too deeply")
     assert sd._parse_record(b"[" * 100_000 + b"]" * 100_000) == (None, "it nests too deeply")  # past Python's recursion limit
-    line = record(3)
+    line, first = record(3), record(4) + b"\n"
     path = tmp_path / "study.journal"
-    path.write_bytes(line + b"\n")
     monkeypatch.setattr(sd, "MAX_RECORD_BYTES", len(line))
-    assert sd._parse_record(line)[1] is None and sd.torn_tail(path) is None
+    assert sd._parse_record(line)[1] is None
+    for before in (b"", first):  # the last line is the only one, or follows another
+        path.write_bytes(before + line + b"\n")
+        assert sd.torn_tail(path) is None
     monkeypatch.setattr(sd, "MAX_RECORD_BYTES", len(line) - 1)
     longer = f"it is longer than {len(line) - 1:,} bytes"
-    assert sd._parse_record(line) == (None, longer) and sd.torn_tail(path) == (0, f"no record Optuna wrote: {longer}")
+    assert sd._parse_record(line) == (None, longer)
+    for before in (b"", first):
+        path.write_bytes(before + line + b"\n")
+        assert sd.torn_tail(path) == (len(before), f"no record Optuna wrote: {longer}")
 
 
 def test_the_journal_cap_holds_a_ten_thousand_trial_study():
