@@ -306,7 +306,7 @@ def parse_params(params: dict[str, str]) -> tuple[dict[str, "BaseDistribution"],
         ValueError: an expression is not valid Hydra override syntax or is not supported.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Transformer
+    from hydra.core.override_parser.types import Glob, Transformer
     from hydra.errors import HydraException
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -322,6 +322,9 @@ def parse_params(params: dict[str, str]) -> tuple[dict[str, "BaseDistribution"],
             fixed.append(f"{name}={override.get_value_element_as_str()}")
             continue
         value = override.value()
+        if isinstance(value, Glob):  # it names config group options by pattern, which only Hydra's config loader lists
+            raise ValueError(f"search parameter {name}: {expression!r} is a glob, which a search cannot sample; "
+                             "list the values instead: choice(a, b)")
         if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
             choices = list(override.sweep_iterator(transformer=Transformer.encode))
             space[name] = CategoricalDistribution(choices)

@@ -1111,7 +1111,8 @@ def spec_values(**change: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("change", [{"n_trials": 1}, {"workers": 1}, {"direction": "minimize"}, {"heartbeat_s": 1e-9},
                                     {"stale_after_s": 1}, {"pruner": None}, {"pruner": {"_target_": "p"}},
-                                    {"identity": {"data.sha256": "0" * 64}}, {"identity": {"data.sha256": None}},
+                                    {"identity": {"data.sha256": "0" * 64}}, {"identity": {"data.sha256": "0123456789abcdef" * 4}},
+                                    {"identity": {"data.sha256": None}},
                                     {"params": {}}, {"fixed": ["a=1"]}, {"enqueue": [{}]}])
 def test_a_search_json_at_the_edge_of_its_ranges_is_read(change):
     from mnist_hpc.search import spec_problem
@@ -1132,6 +1133,7 @@ def test_a_search_json_at_the_edge_of_its_ranges_is_read(change):
     ({"enqueue": [[]]}, "field 'enqueue' must be a list of parameter sets"),
     ({"identity": {"data.sha256": "0" * 63}}, "field 'identity' holds a data.sha256 that is not a sha256"),
     ({"identity": {"data.sha256": 5}}, "field 'identity' holds a data.sha256 that is not a sha256"),
+    ({"identity": {"data.sha256": "A" * 64}}, "field 'identity' holds a data.sha256 that is not a sha256"),
     ({"workers": True}, "field 'workers' is True, expected int"),
     ({"pruner": []}, "field 'pruner' is [], expected dict or null"),
     ({"pruner": {"": None}}, "field 'pruner' must be null or name its class in _target_"),
@@ -1180,6 +1182,7 @@ def test_a_heartbeat_at_the_edge_of_its_ranges_is_read(change):
     ({"trial": 2**31}, "field 'trial' must be a trial number (a whole number >= 0)"),
     ({"trials_run": [2**31]}, "field 'trials_run' must list trial numbers"),
     ({"trials_run": [True]}, "field 'trials_run' must list trial numbers"),
+    ({"trials_run": 5}, "field 'trials_run' must list trial numbers"), ({"trials_run": {}}, "field 'trials_run' must list trial numbers"),
     ({"job_id": "j" * 201}, "it has no job_id"), ({"job_id": ""}, "it has no job_id"),
     ({"pid_start": "-1"}, "field 'pid_start' must be a number of clock ticks"),
     ({"cluster": "pbs"}, "field 'cluster' must be slurm or local"),
@@ -1193,11 +1196,20 @@ def test_a_heartbeat_past_its_ranges_is_refused_naming_the_field(change, problem
     assert beat_problem([beat_values()]) == "it holds a JSON list, expected an object"
 
 
+@pytest.mark.parametrize("key", ["job_id", "cluster", "host", "started", "beat", "state", "message", "log"])
+def test_a_heartbeats_text_field_that_is_no_string_is_refused_naming_it(key):
+    from mnist_hpc.search import beat_problem
+
+    assert beat_problem(beat_values(**{key: 3})) == f"field {key!r} is 3, expected a string"
+
+
 def test_a_worker_is_known_by_its_process_only_where_the_beat_names_one():
     from mnist_hpc.search import WorkerBeat
 
     assert WorkerBeat(job_id="7", host="n1", pid=5, pid_start="9").holder() == claim.Holder(host="n1", pid=5, pid_start="9")
     assert WorkerBeat(job_id="7", host="n1", pid=2**31 - 1).holder().pid == 2**31 - 1
+    assert WorkerBeat(job_id="7", host="n1", pid=1).holder().pid == 1
+    assert WorkerBeat(job_id="7", host="n1", pid=2**31).holder() is None  # no process id (kill(2) could not ask)
     assert WorkerBeat(job_id="7", host="n1", pid=0).holder() is None  # a Slurm worker not started: no process yet
     assert WorkerBeat(job_id="7", host="", pid=5).holder() is None
     assert WorkerBeat(job_id="123456789", cluster="local", host="n1").holder().pid == 123456789
@@ -1542,8 +1554,34 @@ def test_trial_directories_the_journal_does_not_know_are_named_with_what_it_hold
     for n in range(4):
         (search_dir / str(n)).mkdir()
     orphans = "2-3" if state == "two" else "0-3"
-    with pytest.raises(sd.JournalError, match=f"^{journal} {what}, but {search_dir} holds directories of trials {orphans}:"):
+    with pytest.raises(sd.JournalError) as refused:
         sd.check_journal(search_dir, "s")
+    assert str(refused.value) == (
+        f"{journal} {what}, but {search_dir} holds directories of trials {orphans}: the study's record of them is lost, "
+        "and a new one would collide with them. Restore the journal (a study.journal.torn-* copy beside it, or a "
+        f"backup), or use a new hydra.sweep.dir; mnist-hpc-status {search_dir} still shows each trial's own results")
+
+
+def test_a_search_json_that_is_no_object_is_refused_naming_what_it_is(tmp_path):
+    from mnist_hpc import search as sd
+
+    (tmp_path / "search.json").write_text("[1]")
+    with pytest.raises(sd.SearchFileError) as refused:
+        sd.read_spec(tmp_path)
+    assert str(refused.value) == f"{tmp_path / 'search.json'} holds a JSON list, expected an object"
+
+
+def test_the_copy_kept_before_a_cut_is_named_by_the_utc_time(tmp_path, monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from mnist_hpc import search as sd
+
+    journal = tmp_path / "study.journal"
+    journal.write_bytes(b"whole\n")
+    monkeypatch.setattr(sd, "time", SimpleNamespace(strftime=time.strftime, gmtime=lambda: time.gmtime(365 * 86400)))
+    copy = sd._keep_copy(journal)
+    assert re.fullmatch(r"study\.journal\.torn-19710101T000000Z-[0-9a-f]{8}", copy.name) and copy.read_bytes() == b"whole\n"
 
 
 def test_check_journal_returns_the_studys_trials_and_no_cut_for_a_whole_journal(tmp_path):

@@ -56,6 +56,10 @@ def test_params_use_hydra_optuna_sweeper_syntax():
     assert fixed == ["model.activation=relu"]
     with pytest.raises(ValueError, match="not a Hydra sweep expression"):
         sd.parse_params({"model.dropout": "interval(0.0,"})
+    # glob() names config group options by pattern, which only Hydra's config loader lists: refused, not a traceback.
+    with pytest.raises(ValueError, match=r"^search parameter optimizer: 'glob\(\*\)' is a glob, which a search cannot sample; "
+                                         r"list the values instead: choice\(a, b\)$"):
+        sd.parse_params({"optimizer": "glob(*)"})
 
 
 # --- the worker's choices, on a real journal -----------------------------------------------------

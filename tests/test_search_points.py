@@ -77,6 +77,9 @@ def test_a_changed_point_identity_is_named_with_its_point_once():
     assert gone.differences(old) == [
         "with optimizer=adam: beta: 0.9 -> '(unset)'", "with optimizer=adam: data.sha256: " + repr(SHA) + " -> '(unset)'",
         "with optimizer=adam: train.seed: 0 -> '(unset)'"]
+    assert old.differences(gone) == [
+        "with optimizer=adam: beta: '(unset)' -> 0.9", "with optimizer=adam: data.sha256: '(unset)' -> " + repr(SHA),
+        "with optimizer=adam: train.seed: '(unset)' -> 0"]
     # A change of the shared identity is said once, not again for every point that shows it.
     moved = dataclasses.replace(old, identity=dict(base, **{"train.seed": 1}),
                                 point_identities={k: dict(v, **{"train.seed": 1}) for k, v in old.point_identities.items()})
