@@ -41,3 +41,48 @@ def test_a_users_slurm_time_format_does_not_let_another_job_pass_as_the_trials(
     assert plain["reason"] is None and any("not this run's" in n for n in plain["notes"]), plain  # precondition
     assert old["reason"] is None and old["state"] != "PENDING", (
         f"with SLURM_TIME_FORMAT={time_format}, job {job} (queued an hour after the record) is shown as the trial's: {old}")
+
+
+# --- H2: two records of one id, written when it named two different jobs -------------------------
+
+SACCT_HEADER = "JobID|State|Elapsed|NodeList|ExitCode|ElapsedRaw|AllocCPUS|AllocTRES|ReqMem|MaxRSS|CPUTimeRAW|TotalCPU|Submit|End"
+
+
+def sacct_run(job: str, state: str, submit: str, end: str, seconds: int) -> str:
+    """One run in ``sacct -D -P`` output (TZ=UTC): one CPU for ``seconds``."""
+    return (f"{job}|{state}|00:00:{seconds:02d}|vm|0:0|{seconds}|1|billing=1,cpu=1,mem=1G,node=1|1G||{seconds}|"
+            f"00:00:{seconds // 2:02d}|{submit}|{end}")
+
+
+def fake_slurm(monkeypatch: pytest.MonkeyPatch, sacct: str, squeue: str = "") -> None:
+    from mnist_hpc import slurm
+
+    monkeypatch.setattr(slurm, "query_squeue", lambda ids: slurm.parse_squeue(squeue))
+    monkeypatch.setattr(slurm, "query_sacct", lambda ids: slurm.parse_sacct(sacct))
+    monkeypatch.setattr(slurm, "query_sstat", lambda ids: {})
+
+
+@pytest.mark.xfail(strict=True, reason="hostile4 H2: fill_states keeps the earliest record per id, also when two "
+                   "records of the id were written when it named two different jobs (a sweep from before a "
+                   "reinstall beside a new one): the newer trial is shown the old job's state and cost")
+def test_two_records_of_one_id_from_different_jobs_each_get_their_own_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnist_hpc.login import trials as trials_mod
+
+    # Job 500 ran in 2025 (50 s, then the cluster was reinstalled with its accounting kept); today's
+    # job 500 runs now. A project directory holds a sweep of each.
+    fake_slurm(monkeypatch, "\n".join([
+        SACCT_HEADER,
+        sacct_run("500", "COMPLETED", "2025-03-01T09:00:00", "2025-03-01T09:00:50", 50),
+        sacct_run("500", "RUNNING", "2026-06-01T10:00:00", "Unknown", 4),
+    ]) + "\n")
+    old = make_trial(tmp_path / "project" / "old", 0, ["train.seed=0"], cluster="slurm", job_id="500",
+                     submitted="2025-03-01T09:00:01+00:00")
+    new = make_trial(tmp_path / "project" / "new", 0, ["train.seed=1"], cluster="slurm", job_id="500",
+                     submitted="2026-06-01T10:00:01+00:00")
+    filled, _ = trials_mod.fill_states([trials_mod.read_trial(old), trials_mod.read_trial(new)])
+    by_dir = {t.run_dir: t for t in filled}
+    assert by_dir[old].usage is not None and by_dir[old].usage.core_s == 50.0  # precondition: the old job's own
+    shown = by_dir[new]
+    assert shown.usage is None or shown.usage.core_s == 4.0, (
+        f"today's trial is shown the 2025 job's cost ({shown.usage.core_s} core-seconds) and state")
