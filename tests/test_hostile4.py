@@ -86,3 +86,28 @@ def test_two_records_of_one_id_from_different_jobs_each_get_their_own_job(
     shown = by_dir[new]
     assert shown.usage is None or shown.usage.core_s == 4.0, (
         f"today's trial is shown the 2025 job's cost ({shown.usage.core_s} core-seconds) and state")
+
+
+# --- H3: a user's HYDRA_FULL_ERROR other than "1" ------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="hostile4 H3: a user's HYDRA_FULL_ERROR=0 (or empty) is replaced by run_app's "
+                   "own 1, which private_submission then takes out: jobs are queued without the user's value, and "
+                   "run_app pops it from the process afterwards instead of restoring it (no behaviour changes: "
+                   "Hydra reads only '1')")
+@pytest.mark.parametrize("users", ["0", ""])
+def test_a_users_own_hydra_full_error_is_passed_on_whatever_its_value(monkeypatch: pytest.MonkeyPatch, users: str) -> None:
+    import os
+
+    from mnist_hpc import hydra_adapter
+    from mnist_hpc.contract import guard
+
+    seen: list[object] = []
+
+    def app() -> None:
+        with guard.private_submission():  # where the launchers queue jobs
+            seen.append(os.environ.get("HYDRA_FULL_ERROR"))
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", users)
+    hydra_adapter.run_app(app)
+    assert (seen, os.environ.get("HYDRA_FULL_ERROR")) == ([users], users)
