@@ -137,3 +137,32 @@ def test_the_cost_text_without_figures_says_why_truly(tmp_path: Path, monkeypatc
     assert filled[0].state == "COMPLETED" and filled[0].usage is None  # precondition: it ran, no figures
     text = cost_section(filled)
     assert "accounting has no run" not in text and "none started" not in text, text
+
+
+# --- H5: packing auto counts idle CPUs only, not the GPUs a task asks for -------------------------
+
+
+def partition_gpus(partition: str) -> int:
+    """GPUs of ``partition``'s nodes, as sinfo lists them (read by the test, not by the code under test)."""
+    total = 0
+    for line in sh("sinfo", "-N", "-h", "-p", partition, "-o", "%N|%G").split():
+        gres = line.split("|")[1]
+        total += sum(int(part.rsplit(":", 1)[1]) for part in gres.split(",") if part.startswith("gpu:"))
+    return total
+
+
+@pytest.mark.slurm
+@pytest.mark.xfail(strict=True, reason="hostile4 H5: trials_per_task=auto counts the tasks that can start now from "
+                   "idle CPUs only: with gpus_per_node=1 on the cluster's one-GPU nodes it says 4 tasks can start "
+                   "where 2 can, and packs the trials twice as thin")
+def test_packing_counts_only_the_tasks_the_gpus_let_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnist_hpc import slurm
+    from mnist_hpc.login.launcher import packing
+    from mnist_hpc.login.launcher.options import SlurmQueueConf
+
+    gpus = partition_gpus("debug")
+    assert gpus == 2, f"precondition: the local cluster's debug partition has one pretend GPU per node ({gpus})"
+    # What sinfo says of the idle partition (2 nodes x 2 CPUs), whatever other helpers run now.
+    monkeypatch.setattr(slurm, "idle_cpus", lambda partition=None: 4)
+    conf = SlurmQueueConf(gpus_per_node=1, cpus_per_task=1, partition="debug")
+    assert packing.free_slots(conf, "slurm") <= gpus
