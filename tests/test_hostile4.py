@@ -166,3 +166,26 @@ def test_packing_counts_only_the_tasks_the_gpus_let_start(monkeypatch: pytest.Mo
     monkeypatch.setattr(slurm, "idle_cpus", lambda partition=None: 4)
     conf = SlurmQueueConf(gpus_per_node=1, cpus_per_task=1, partition="debug")
     assert packing.free_slots(conf, "slurm") <= gpus
+
+
+# --- H6: a job requeued in held state ------------------------------------------------------------
+
+
+@pytest.mark.slurm
+@pytest.mark.xfail(strict=True, reason="hostile4 H6: a job requeued in held state (scontrol requeuehold) shows squeue's "
+                   "description 'job requeued in held state' as an unknown reason code (not 'release it'), and an "
+                   "expected start although it cannot start until released")
+def test_a_job_requeued_in_held_state_is_shown_held(tmp_path: Path) -> None:
+    from tests.helpers import until
+
+    job = sh("sbatch", "--parsable", "--requeue", "-J", "hostile4-requeuehold", "-o", "/dev/null", "--wrap", "sleep 60").strip()
+    try:
+        make_trial(tmp_path / "sweep", 0, ["train.seed=0"], cluster="slurm", job_id=job)  # the launcher's record
+        until(lambda: sh("squeue", "-h", "-j", job, "-o", "%T").strip() == "RUNNING", f"job {job} to run", timeout_s=30)
+        sh("scontrol", "requeuehold", job)
+        row = until(lambda: (r := status_rows(tmp_path / "sweep")[0])["state"] == "PENDING" and r,
+                    f"job {job} to be pending again", timeout_s=30, every_s=0.5)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    assert row["job_id"] == job and not any("not this run's" in n for n in row["notes"]), row
+    assert "scontrol release" in (row["todo"] or "") and row["expected_start"] is None, row
