@@ -189,3 +189,30 @@ def test_a_job_requeued_in_held_state_is_shown_held(tmp_path: Path) -> None:
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
     assert row["job_id"] == job and not any("not this run's" in n for n in row["notes"]), row
     assert "scontrol release" in (row["todo"] or "") and row["expected_start"] is None, row
+
+
+# --- H7: a requeued job waiting to start again: its earlier run's cost ---------------------------
+
+
+@pytest.mark.slurm
+@pytest.mark.xfail(strict=True, reason="hostile4 H7: a requeued job pending again (queued within the clock-skew "
+                   "allowance of its record) is taken from squeue alone, accounting is not asked: the cost of its "
+                   "earlier run is not shown (status cost None; the report says accounting has no run)")
+def test_a_requeued_job_waiting_again_shows_what_its_first_run_used(tmp_path: Path) -> None:
+    from tests.helpers import until
+
+    job = sh("sbatch", "--parsable", "--requeue", "-J", "hostile4-requeue-cost", "-o", "/dev/null", "--wrap", "sleep 60").strip()
+    try:
+        make_trial(tmp_path / "sweep", 0, ["train.seed=0"], cluster="slurm", job_id=job)  # the launcher's record
+        until(lambda: sh("squeue", "-h", "-j", job, "-o", "%T").strip() == "RUNNING", f"job {job} to run", timeout_s=30)
+        until(lambda: sh("squeue", "-h", "-j", job, "-o", "%M").strip() not in ("0:00", "0:01"), f"job {job} to run 2 s",
+              timeout_s=30, every_s=0.2)
+        sh("scontrol", "requeue", job)
+        until(lambda: "REQUEUED" in sh("sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job),
+              f"accounting to list job {job}'s first run", timeout_s=30, every_s=0.5)
+        row = until(lambda: (r := status_rows(tmp_path / "sweep")[0])["state"] == "PENDING" and r,
+                    f"job {job} to be pending again", timeout_s=30, every_s=0.5)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    assert row["job_id"] == job and row["notes"] == [], row  # precondition: the trial's own job
+    assert row["cost"] is not None, f"job {job}'s first run is in accounting, but status shows no cost: {row}"
