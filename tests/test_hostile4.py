@@ -216,3 +216,27 @@ def test_a_requeued_job_waiting_again_shows_what_its_first_run_used(tmp_path: Pa
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
     assert row["job_id"] == job and row["notes"] == [], row  # precondition: the trial's own job
     assert row["cost"] is not None, f"job {job}'s first run is in accounting, but status shows no cost: {row}"
+
+
+# --- H8: the user's SQUEUE_STATES -----------------------------------------------------------------
+
+
+@pytest.mark.slurm
+@pytest.mark.xfail(strict=True, reason="hostile4 H8: SQUEUE_STATES in the user's environment filters every squeue "
+                   "call (job_alive, jobs_alive, query_squeue): with SQUEUE_STATES=RUNNING a held or pending job is "
+                   "'not alive', so the launcher's preflight would queue its trial again beside it")
+@pytest.mark.parametrize("how", ["one job", "many jobs"])
+def test_a_users_squeue_states_does_not_make_a_pending_job_dead(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    from mnist_hpc import slurm
+
+    jobs = [sh("sbatch", "--parsable", "--hold", "-J", "hostile4-states", "-o", "/dev/null", "--wrap", "true").strip()
+            for _ in range(1 if how == "one job" else 2)]
+    try:
+        assert all(slurm.jobs_alive(jobs).values())  # precondition: held jobs live
+        monkeypatch.setenv("SQUEUE_STATES", "RUNNING")  # a user's profile: "my squeue shows running jobs"
+        alive = slurm.jobs_alive(jobs)
+        live_rows = slurm.query_squeue(jobs) or {}
+    finally:
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+    assert alive == {j: True for j in jobs}, f"held jobs called dead under SQUEUE_STATES=RUNNING: {alive}"
+    assert sorted(live_rows) == sorted(jobs), live_rows
