@@ -240,3 +240,25 @@ def test_a_users_squeue_states_does_not_make_a_pending_job_dead(monkeypatch: pyt
         subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
     assert alive == {j: True for j in jobs}, f"held jobs called dead under SQUEUE_STATES=RUNNING: {alive}"
     assert sorted(live_rows) == sorted(jobs), live_rows
+
+
+@pytest.mark.slurm
+@pytest.mark.xfail(strict=True, reason="hostile4 H8: with SQUEUE_STATES=RUNNING in the submitting shell, a sweep "
+                   "submitted again while its first job is held queues a second job for the same trial and rewrites "
+                   "its job.json (the held job is left queued, named by no record)")
+def test_a_users_squeue_states_does_not_let_a_trial_be_queued_twice(synthetic_cache, tmp_path: Path) -> None:
+    from tests.helpers import job_records, squeue_ids, submit, subprocess_env, tiny_overrides
+
+    args = ["-m", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.trials_per_task=1",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "+hydra.launcher.additional_parameters.hold=true",
+            *tiny_overrides(synthetic_cache, tmp_path / "out")]
+    try:
+        first = submit(args, tmp_path)
+        assert first.returncode == 0, first.stderr[-2000:]
+        [held] = [r["job_id"] for r in job_records(tmp_path / "sweep")]
+        again = submit(args, tmp_path, env={**subprocess_env(), "SQUEUE_STATES": "RUNNING"})
+        queued = squeue_ids(tmp_path)
+        records = [r["job_id"] for r in job_records(tmp_path / "sweep")]
+    finally:
+        subprocess.run(["scancel", *squeue_ids(tmp_path)], capture_output=True, timeout=30)
+    assert (again.returncode, queued, records) == (1, {held}, [held]), (again.stderr[-1500:], queued, records)
