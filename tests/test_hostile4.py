@@ -2,7 +2,7 @@
 
 Each finding is a test that fails on the code it was found on (``xfail(strict=True)``: it turns
 into an unexpected pass, an error, when the finding is fixed; then the marker goes). The probes
-that held are in tests/HOSTILE.md's "Pass 4" table, some pinned by plain tests here.
+that held are listed in tests/HOSTILE.md ("Hostile pass 4"), with the earlier tests that pin them.
 """
 
 from __future__ import annotations
