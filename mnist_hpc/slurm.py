@@ -35,13 +35,30 @@ UTC_ENV = {"TZ": "UTC"}
 SSTAT_FIELDS = "JobID,MaxRSS,TresUsageInTot"
 
 
+# A user's settings for Slurm's query clients that change which jobs they list or how they print
+# them: SQUEUE_STATES=RUNNING hides pending jobs (a held job would count as dead), SQUEUE_USERS,
+# SQUEUE_PARTITION and the like hide others, SLURM_TIME_FORMAT=relative prints times no parser here
+# reads. Every query names its jobs, fields and format itself, so these are left out of its
+# environment (SLURM_CONF, SLURM_CLUSTERS and the rest stay). sbatch keeps its SBATCH_* variables:
+# its --test-only must judge the request as the submission will make it.
+_QUERY_SETTINGS = re.compile(r"(SQUEUE|SACCT|SINFO|SSTAT|SCONTROL)_\w*|SLURM_TIME_FORMAT")
+
+
+def client_environ(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The environment of a Slurm query client: this process's, without the user's output settings
+    (see :data:`_QUERY_SETTINGS`), with ``extra`` set."""
+    env = {key: value for key, value in os.environ.items() if not _QUERY_SETTINGS.fullmatch(key)}
+    env.update(extra or {})
+    return env
+
+
 def run_client(cmd: list[str], env: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """Stdout of a Slurm client command (``env``: variables set for it), or None when it is missing or fails."""
+    """Stdout of a Slurm query client (``env``: variables set for it, see :func:`client_environ`),
+    or None when it is missing or fails."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
-                              env=None if env is None else {**os.environ, **env})
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=client_environ(env))
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout if proc.returncode == 0 else None
@@ -477,7 +494,8 @@ def job_alive(job_id: str) -> Optional[bool]:
     if shutil.which("squeue") is None:
         return None
     try:
-        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30,
+                              env=client_environ())
     except (OSError, subprocess.SubprocessError):
         return None
     if proc.returncode != 0:
@@ -512,7 +530,7 @@ def jobs_alive(job_ids: Sequence[str]) -> dict[str, Optional[bool]]:
         return {j: None for j in ids}
     try:
         proc = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%A|%T"],
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, env=client_environ())
     except (OSError, subprocess.SubprocessError):
         return {j: None for j in ids}
     if proc.returncode != 0:  # e.g. a list squeue will not take: ask one by one

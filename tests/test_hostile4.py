@@ -22,9 +22,6 @@ UTC = timezone.utc
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(strict=True, reason="hostile4 H1: SLURM_TIME_FORMAT in the user's environment changes how "
-                   "squeue/sacct print Submit (TZ=UTC alone does not fix it); the times then parse as unknown, "
-                   "and a job queued after the record is joined by id alone, its reason shown as the trial's")
 @pytest.mark.parametrize("time_format", ["relative", "%s"])
 def test_a_users_slurm_time_format_does_not_let_another_job_pass_as_the_trials(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, time_format: str) -> None:
@@ -222,9 +219,6 @@ def test_a_requeued_job_waiting_again_shows_what_its_first_run_used(tmp_path: Pa
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(strict=True, reason="hostile4 H8: SQUEUE_STATES in the user's environment filters every squeue "
-                   "call (job_alive, jobs_alive, query_squeue): with SQUEUE_STATES=RUNNING a held or pending job is "
-                   "'not alive', so the launcher's preflight would queue its trial again beside it")
 @pytest.mark.parametrize("how", ["one job", "many jobs"])
 def test_a_users_squeue_states_does_not_make_a_pending_job_dead(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     from mnist_hpc import slurm
@@ -243,9 +237,6 @@ def test_a_users_squeue_states_does_not_make_a_pending_job_dead(monkeypatch: pyt
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(strict=True, reason="hostile4 H8: with SQUEUE_STATES=RUNNING in the submitting shell, a sweep "
-                   "submitted again while its first job is held queues a second job for the same trial and rewrites "
-                   "its job.json (the held job is left queued, named by no record)")
 def test_a_users_squeue_states_does_not_let_a_trial_be_queued_twice(synthetic_cache, tmp_path: Path) -> None:
     from tests.helpers import job_records, squeue_ids, submit, subprocess_env, tiny_overrides
 
