@@ -60,15 +60,16 @@ def sweep_batches(overrides: Sequence[Any], max_batch_size: Optional[int]) -> li
     return BasicSweeper.split_arguments(list(overrides), max_batch_size)
 
 
-# Variables run_app sets in this process for Hydra's sake, not the user's: jobs queued meanwhile
-# (which inherit the environment: sbatch's --export=ALL, submitit's local controller) are queued
-# without them (mnist_hpc.contract.guard.private_submission).
-_SET_FOR_HYDRA: set[str] = set()
+# Variables run_app sets in this process for Hydra's sake, each with the user's own value (None:
+# unset): jobs queued meanwhile (which inherit the environment: sbatch's --export=ALL, submitit's
+# local controller) get the user's value back (mnist_hpc.contract.guard.private_submission).
+_SET_FOR_HYDRA: dict[str, Optional[str]] = {}
 
 
-def set_for_hydra() -> tuple[str, ...]:
-    """The environment variables this process holds for Hydra's sake only (see :func:`run_app`)."""
-    return tuple(sorted(_SET_FOR_HYDRA))
+def set_for_hydra() -> dict[str, Optional[str]]:
+    """The environment variables this process holds for Hydra's sake, with the user's own values
+    (None: unset) (see :func:`run_app`)."""
+    return dict(_SET_FOR_HYDRA)
 
 
 def run_app(app: Any) -> None:
@@ -87,11 +88,12 @@ def run_app(app: Any) -> None:
     from hydra.errors import CompactHydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    users = os.environ.get("HYDRA_FULL_ERROR")
+    if users == "1":
         app()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    _SET_FOR_HYDRA.add("HYDRA_FULL_ERROR")
+    _SET_FOR_HYDRA["HYDRA_FULL_ERROR"] = users
     try:
         app()
     except CompactHydraException as exc:
@@ -99,5 +101,8 @@ def run_app(app: Any) -> None:
         sys.stderr.write(f"{exc}{cause}\n")
         sys.exit(1)
     finally:
-        os.environ.pop("HYDRA_FULL_ERROR", None)
-        _SET_FOR_HYDRA.discard("HYDRA_FULL_ERROR")
+        del _SET_FOR_HYDRA["HYDRA_FULL_ERROR"]
+        if users is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = users

@@ -88,10 +88,6 @@ def test_two_records_of_one_id_from_different_jobs_each_get_their_own_job(
 # --- H3: a user's HYDRA_FULL_ERROR other than "1" ------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hostile4 H3: a user's HYDRA_FULL_ERROR=0 (or empty) is replaced by run_app's "
-                   "own 1, which private_submission then takes out: jobs are queued without the user's value, and "
-                   "run_app pops it from the process afterwards instead of restoring it (no behaviour changes: "
-                   "Hydra reads only '1')")
 @pytest.mark.parametrize("users", ["0", ""])
 def test_a_users_own_hydra_full_error_is_passed_on_whatever_its_value(monkeypatch: pytest.MonkeyPatch, users: str) -> None:
     import os

@@ -208,4 +208,4 @@ def test_jobs_are_queued_without_the_hydra_full_error_run_app_set_for_itself(mon
     assert seen == [(None, "1")] and "HYDRA_FULL_ERROR" not in os.environ
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the user's own: Hydra's behaviour, and the jobs keep it
     hydra_adapter.run_app(app)
-    assert seen[1] == ("1", "1") and hydra_adapter.set_for_hydra() == ()
+    assert seen[1] == ("1", "1") and hydra_adapter.set_for_hydra() == {}

@@ -283,15 +283,15 @@ def private_submission() -> Iterator[None]:
     and make its run directory private too; ``SLURM_UMASK`` carries the user's own umask to it
     instead (sbatch uses a preset value as the job's umask; :func:`main` applies it to local jobs).
     Variables the launcher set for Hydra's sake (``HYDRA_FULL_ERROR``, see
-    :func:`mnist_hpc.hydra_adapter.run_app`) are taken out meanwhile. Not to be entered inside
+    :func:`mnist_hpc.hydra_adapter.run_app`) have the user's own values meanwhile. Not to be entered inside
     :func:`private_umask`.
     """
     from mnist_hpc.hydra_adapter import set_for_hydra
 
     with private_umask() as mask:
-        ours = set_for_hydra()  # the launcher's own, not the user's: jobs are queued without them
-        saved = {key: os.environ.get(key) for key in ("SLURM_UMASK", *PYTHON_PATH_VARIABLES, *ours)}
-        changes = {**job_python_environ(os.environ), **{key: None for key in ours}}
+        users = set_for_hydra()  # the launcher's own values, not the user's: jobs get the user's back
+        saved = {key: os.environ.get(key) for key in ("SLURM_UMASK", *PYTHON_PATH_VARIABLES, *users)}
+        changes = {**job_python_environ(os.environ), **users}
         if saved["SLURM_UMASK"] is None:
             changes["SLURM_UMASK"] = f"{mask:04o}"
         _set_environ(changes)
