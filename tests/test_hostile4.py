@@ -109,9 +109,6 @@ def test_a_users_own_hydra_full_error_is_passed_on_whatever_its_value(monkeypatc
 # --- H4: the report's cost text when there are no figures ----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hostile4 H4: with no cost figures the report says 'accounting has no run of "
-                   "these trials' jobs (none started yet...)' also when accounting was never asked (local launcher) "
-                   "or could not answer (sacct unavailable): trials that completed are said to have no run")
 @pytest.mark.parametrize("case", ["local launcher", "sacct unavailable"])
 def test_the_cost_text_without_figures_says_why_truly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     from mnist_hpc import slurm

@@ -311,7 +311,7 @@ def test_a_10000_task_held_array_is_one_squeue_call_and_a_short_summary(tmp_path
                                 capture_output=True, text=True, timeout=120)
         assert report.returncode == 0, report.stderr
         assert log.read_text().split() == ["squeue"]
-        assert "No cost figures: accounting has no run of these trials' jobs (none started yet, or see the notes)." in report.stdout
+        assert "No cost figures: Slurm's accounting gave none for these trials' jobs" in report.stdout
     finally:
         subprocess.run(["scancel", array], timeout=60)
 

@@ -65,8 +65,11 @@ def cost_section(trials: Sequence[Trial]) -> str:
     """Totals per state and for the sweep, and advice; each trial's own figures are in the CSV."""
     totals = cost_totals(trials)
     if totals is None:
-        # None started, or the ids their records name are other jobs' now (the trials' notes say so).
-        return "## Cost and sizing\n\nNo cost figures: accounting has no run of these trials' jobs (none started yet, or see the notes)."
+        if not any(t.source == "slurm" for t in trials):
+            why = "these trials ran under the local launcher, and cost figures come from Slurm's accounting"
+        else:  # the notes say which: sacct could not answer, or a record's id names another job now
+            why = "Slurm's accounting gave none for these trials' jobs (a job not started yet, sacct unavailable, or an id that names another job now: see the notes)"
+        return f"## Cost and sizing\n\nNo cost figures: {why}."
     header = "| trials | jobs | core-hours | GPU-hours | CPU efficiency | peak memory | asked |\n|---|---|---|---|---|---|---|"
     by_state: dict[str, list[Trial]] = {}
     for t in trials:
