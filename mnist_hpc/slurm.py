@@ -415,6 +415,8 @@ REASONS: dict[str, tuple[str, str, bool]] = {
     "Resources": ("waiting its turn: next in line, for nodes to free up", "wait", False),
     "JobHeldUser": ("held by its owner", "release it: scontrol release JOBID", True),
     "JobHeldAdmin": ("held by an administrator", "ask your site's admins why it is held", True),
+    # squeue's description of a job requeued held (scontrol requeuehold), in place of a code.
+    "job requeued in held state": ("requeued and held", "release it: scontrol release JOBID", True),
     "Dependency": ("waiting for the jobs it depends on to end", "wait; squeue -j JOBID -o %E shows them", False),
     "DependencyNeverSatisfied": ("a job it depends on ended so that it can never start",
                                  "cancel it (scancel JOBID) and resubmit without that dependency", True),
@@ -437,6 +439,8 @@ REASONS: dict[str, tuple[str, str, bool]] = {
     "JobArrayTaskLimit": ("held back by its array's throttle (%N: at most N tasks at once)",
                           "wait, or raise it: scontrol update JobId=JOBID ArrayTaskThrottle=N", False),
 }
+# Held jobs start only once released: a start squeue foresees for one is no expected start.
+HELD_REASONS = frozenset({"JobHeldUser", "JobHeldAdmin", "job requeued in held state"})
 # Per-job limits (the job alone exceeds them: it never runs as asked) and group limits (the
 # owner's or account's running jobs use the allowance: it runs once they end).
 REASON_FAMILIES: tuple[tuple[str, str, str, bool], ...] = (

@@ -162,9 +162,6 @@ def test_packing_counts_only_the_tasks_the_gpus_let_start(monkeypatch: pytest.Mo
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(strict=True, reason="hostile4 H6: a job requeued in held state (scontrol requeuehold) shows squeue's "
-                   "description 'job requeued in held state' as an unknown reason code (not 'release it'), and an "
-                   "expected start although it cannot start until released")
 def test_a_job_requeued_in_held_state_is_shown_held(tmp_path: Path) -> None:
     from tests.helpers import until
 

@@ -347,9 +347,10 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
         if row:
             t.elapsed, t.node, t.exit_code = row["elapsed"], row["node"], row["exit_code"]
             t.reason = row.get("reason", "")
-            # Only a start Slurm can foresee is one (not N/A, nor year 6109).
+            # Only a start Slurm can foresee is one (not N/A, nor year 6109), and a held job has none.
             start = row.get("start", "")
-            t.expected_start = start if start and slurm.foreseeable_start(start, now) else ""
+            held = slurm.explain_reason(t.reason).code in slurm.HELD_REASONS
+            t.expected_start = start if start and not held and slurm.foreseeable_start(start, now) else ""
             t.usage = snap.usage.get(t.job_id)
         if t.run_dir is None:
             t.state = row["state"] if row else "UNKNOWN"
