@@ -681,9 +681,15 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
     asked_live = [j for j in ids if j not in settled_ids]
     live = query_squeue(asked_live) if asked_live else {}
 
-    def complete(job: str) -> bool:  # squeue's row says all there is: pending, and surely the recorded job
+    def complete(job: str) -> bool:
+        """squeue's row says all there is: pending, and queued no later than its record (the launcher
+        records a job after sbatch returns). One queued later is a requeue of it, whose earlier runs
+        cost, or another job: accounting tells which."""
         row = (live or {}).get(job, {})
-        return row.get("state") == "PENDING" and (job not in recorded or _own_live(row, recorded[job], None))
+        if row.get("state") != "PENDING" or job not in recorded:
+            return row.get("state") == "PENDING"
+        submit = _utc_time(row.get("submit", ""))
+        return submit is None or submit <= recorded[job]
 
     waiting = {j for j in ids if complete(j)}
     acct = query_sacct([j for j in ids if j not in waiting]) if len(waiting) < len(ids) else Accounting()

@@ -182,9 +182,6 @@ def test_a_job_requeued_in_held_state_is_shown_held(tmp_path: Path) -> None:
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(strict=True, reason="hostile4 H7: a requeued job pending again (queued within the clock-skew "
-                   "allowance of its record) is taken from squeue alone, accounting is not asked: the cost of its "
-                   "earlier run is not shown (status cost None; the report says accounting has no run)")
 def test_a_requeued_job_waiting_again_shows_what_its_first_run_used(tmp_path: Path) -> None:
     from tests.helpers import until
 
