@@ -573,6 +573,37 @@ def idle_cpus(partition: Optional[str] = None) -> Optional[int]:
     return parse_sinfo_cpus(out, partition) if out is not None else None
 
 
+# Per node and partition: name, partition (``*`` marks the default one), state, GPUs configured and in
+# use (sinfo's -O fields are padded to their width: the ``|`` after each is the separator).
+SINFO_GPUS_FORMAT = "NodeList:200|,Partition:100|,StateCompact:30|,Gres:300|,GresUsed:300"
+# Node states in which a job may start on a node now.
+_USABLE_STATES = frozenset({"idle", "mix", "mixed"})
+
+
+def parse_gpu_slots(text: str, partition: Optional[str], gpus_per_task: int) -> Optional[int]:
+    """Tasks of ``gpus_per_task`` GPUs that ``partition``'s (None: the default one's) usable nodes can
+    start now, each node counted once, from ``sinfo -h -N -O SINFO_GPUS_FORMAT``; None if none listed."""
+    free: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 5 or not parts[0]:
+            continue
+        node, name, state, gres, used = parts[:5]
+        if (name.rstrip("*") != partition) if partition else not name.endswith("*"):
+            continue
+        usable = state.rstrip("*~#!%$@^-").lower() in _USABLE_STATES
+        free[node] = max(gpu_count(gres) - gpu_count(used), 0) if usable else 0
+    if not free:
+        return None
+    return sum(n // max(gpus_per_task, 1) for n in free.values())
+
+
+def gpu_slots(gpus_per_task: int, partition: Optional[str] = None) -> Optional[int]:
+    """Tasks of ``gpus_per_task`` GPUs that can start now in ``partition`` (see :func:`parse_gpu_slots`)."""
+    out = run_client(["sinfo", "-h", "-N", "-O", SINFO_GPUS_FORMAT])
+    return parse_gpu_slots(out, partition, gpus_per_task) if out is not None else None
+
+
 def squeue_available() -> bool:
     return run_client(["squeue", "-h", "-o", "%i"]) is not None
 

@@ -142,9 +142,6 @@ def partition_gpus(partition: str) -> int:
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(strict=True, reason="hostile4 H5: trials_per_task=auto counts the tasks that can start now from "
-                   "idle CPUs only: with gpus_per_node=1 on the cluster's one-GPU nodes it says 4 tasks can start "
-                   "where 2 can, and packs the trials twice as thin")
 def test_packing_counts_only_the_tasks_the_gpus_let_start(monkeypatch: pytest.MonkeyPatch) -> None:
     from mnist_hpc import slurm
     from mnist_hpc.login.launcher import packing

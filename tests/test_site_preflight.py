@@ -344,3 +344,23 @@ def test_the_warning_signal_must_come_after_the_job_starts(timeout_min, delay, r
     with pytest.raises(PreflightError, match=rf"signal_delay_s={delay} asks .* timeout_min={timeout_min} gives the job "
                                              rf"{timeout_min * 60} s: it would be told to stop as it starts"):
         check_slurm_options(conf)
+
+
+# What `sinfo -h -N -O SINFO_GPUS_FORMAT` printed on the local cluster (one pretend GPU per node),
+# with vm's GPU in use by a job; a drained node and another partition's node added by hand.
+SINFO_GPUS = """\
+localhost                     |short            |idle     |gpu:1          |gpu:0              |
+localhost                     |debug*           |idle     |gpu:1          |gpu:0              |
+vm                            |one              |mix      |gpu:1          |gpu:1(IDX:0)       |
+vm                            |debug*           |mix      |gpu:1          |gpu:1(IDX:0)       |
+g001                          |debug*           |drain    |gpu:4          |gpu:0              |
+g002                          |gpu              |idle     |gpu:a100:4(S:0-1)|gpu:a100:1(IDX:0)|
+"""
+
+
+def test_gpu_slots_count_each_usable_node_once_by_its_free_gpus():
+    assert slurm.parse_gpu_slots(SINFO_GPUS, None, 1) == 1  # localhost's; vm's is in use, g001 drained
+    assert slurm.parse_gpu_slots(SINFO_GPUS, "debug", 1) == 1
+    assert slurm.parse_gpu_slots(SINFO_GPUS, "gpu", 1) == 3 and slurm.parse_gpu_slots(SINFO_GPUS, "gpu", 2) == 1
+    assert slurm.parse_gpu_slots(SINFO_GPUS, "one", 1) == 0
+    assert slurm.parse_gpu_slots(SINFO_GPUS, "nope", 1) is None and slurm.parse_gpu_slots("", None, 1) is None

@@ -132,7 +132,8 @@ def trial_seconds(job: PlannedJob, cpus_per_task: int) -> float:
 
 
 def free_slots(conf: LocalQueueConf, cluster: str) -> Optional[int]:
-    """Tasks of this shape that could start now: idle CPUs over CPUs per task (None: unknown)."""
+    """Tasks of this shape that could start now: idle CPUs over CPUs per task, and on Slurm, for a
+    task that asks for GPUs, no more than the idle GPUs let start (None: unknown)."""
     cpus = max(conf.cpus_per_task, 1)
     slurm_conf = conf if isinstance(conf, SlurmQueueConf) else None
     if cluster == "slurm":
@@ -142,6 +143,9 @@ def free_slots(conf: LocalQueueConf, cluster: str) -> Optional[int]:
     if idle is None:
         return None
     slots = max(idle // cpus, 1)
+    if cluster == "slurm" and conf.gpus_per_node > 0:
+        by_gpus = slurm.gpu_slots(conf.gpus_per_node, slurm_conf.partition if slurm_conf else None)
+        slots = max(min(slots, by_gpus), 1) if by_gpus is not None else slots
     limit = slurm_conf.array_parallelism if slurm_conf else None
     return min(slots, limit) if limit else slots
 
