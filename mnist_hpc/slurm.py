@@ -664,6 +664,20 @@ def _own_live(row: Row, recorded: datetime, runs: Optional[list[Run]]) -> bool:
 
 
 @dataclass
+class Joined:
+    """What Slurm says of the job one record names (see :func:`job_snapshot`'s ``at``)."""
+
+    row: Optional[Row] = None
+    usage: Optional[Usage] = None
+    # Why nothing is shown: the id now names another job.
+    foreign: str = ""
+    # squeue's row is this job's (pending or running now).
+    live: bool = False
+    # When its first run was queued: records joined to the same anchor name the same job.
+    anchor: Optional[datetime] = None
+
+
+@dataclass
 class Snapshot:
     """What Slurm says about a command's jobs, asked once: rows by job or task id, usage, notes."""
 
@@ -674,10 +688,12 @@ class Snapshot:
     # Ids that Slurm lists but as another job than the one recorded, and why: nothing of that job is
     # in ``rows`` or ``usage``.
     foreign: dict[str, str] = field(default_factory=dict)
+    # Per record (id, when it was written), for ids that records written at several times name.
+    at: dict[tuple[str, datetime], Joined] = field(default_factory=dict)
 
 
 def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
-                 recorded: Optional[Mapping[str, datetime]] = None) -> Snapshot:
+                 recorded: Optional[Mapping[str, "datetime | Sequence[datetime]"]] = None) -> Snapshot:
     """States, reasons, expected starts and usage of ``job_ids``: at most one squeue, sacct and sstat call.
 
     The controller (squeue) is asked first about every job not in ``settled`` (jobs whose runs
@@ -693,7 +709,9 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
     was written (aware datetimes). Only the runs and the queued job that were that id's job then are
     its (:func:`own_runs`, :func:`_own_live`); when Slurm lists the id but none of them, the id is in
     ``foreign`` with why, and nothing of the other job is shown. An id without a time is joined by
-    id alone (records older than their ``submitted`` field).
+    id alone (records older than their ``submitted`` field). Several records of one id may have been
+    written when it named different jobs (two sweeps, one from before a reinstall): given all their
+    times, each is joined on its own in ``at``; ``rows``, ``usage`` and ``foreign`` hold the earliest's.
     """
     ids = sorted(set(job_ids))
     snap = Snapshot()
@@ -701,7 +719,8 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
         return snap
     now = datetime.now(timezone.utc)
     asked = set(ids)
-    recorded = {j: t for j, t in (recorded or {}).items() if j in asked}
+    times = {j: sorted({t} if isinstance(t, datetime) else set(t)) for j, t in (recorded or {}).items() if j in asked and t}
+    recorded = {j: ts[0] for j, ts in times.items()}
     for job, when in recorded.items():
         if when - now > CLOCK_SKEW:  # no run can be told to be its: the record's clock or the record is wrong
             snap.foreign[job] = (f"its record says its job was submitted at {when.isoformat()}, later than now "
@@ -742,34 +761,49 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
                 snap.rows.setdefault(job, row)
     snap.usage = {job: u for job, u in acct.usage.items() if named(job) and job not in recorded}
     own_live = {j: row for j, row in live.items() if j not in recorded}
-    for job, when in recorded.items():
+
+    def join(job: str, when: datetime) -> Joined:
+        """The job a record of ``job`` written at ``when`` names: its row, usage, and why none is shown."""
         runs = acct.runs.get(job)
         mine = own_runs(runs, when) if runs else None
         row = live.get(job)
+        joined = Joined(anchor=mine[0].submit if mine else None)
         if row is not None and _own_live(row, when, mine):
-            snap.rows[job] = own_live[job] = row
+            joined.row, joined.live = row, True
         if mine:
-            fold_row, usage = fold_runs(mine)
-            snap.rows.setdefault(job, fold_row)
-            if usage is not None:
-                snap.usage[job] = usage
+            fold_row, joined.usage = fold_runs(mine)
+            joined.row = joined.row or fold_row
         elif runs is None:  # accounting without runs (built by a test): joined by id alone
-            if job in acct.rows:
-                snap.rows.setdefault(job, acct.rows[job])
-            if job in acct.usage:
-                snap.usage[job] = acct.usage[job]
-        if job not in snap.rows and (row is not None or runs):
+            joined.row = joined.row or acct.rows.get(job)
+            joined.usage = acct.usage.get(job)
+        if joined.row is None and (row is not None or runs):
             other = _utc_time(row.get("submit", "")) if row is not None else None
             others = sorted(r.submit for r in runs or () if r.submit is not None)
             shown = (other or (others[-1] if others else None))
             job_then = f"Slurm's job {job}" + (f" (submitted {shown.isoformat(timespec='seconds')})" if shown else "")
-            snap.foreign[job] = (
+            joined.foreign = (
                 (f"{job_then} cannot be told to be this run's, whose record says it was submitted at {when.isoformat()}: "
                  "it was queued later, and accounting (sacct), which would show it a requeue, is unavailable"
                  if unaccounted else
                  f"{job_then} is not this run's, whose record says it was submitted at {when.isoformat()}: the id now "
                  "names another job (ids reused after a reinstall or past MaxJobId, or a directory from another "
                  "cluster)") + "; its state, reason and cost are not shown, the state comes from the run's files")
+        return joined
+
+    for job, whens in times.items():
+        if job in snap.foreign:
+            continue
+        for when in whens:
+            snap.at[(job, when)] = join(job, when)
+        first = snap.at[(job, whens[0])]
+        if first.live:
+            own_live[job] = first.row  # type: ignore[assignment]
+        if first.row is not None:
+            snap.rows[job] = first.row
+        if first.usage is not None:
+            snap.usage[job] = first.usage
+        if first.foreign:
+            snap.foreign[job] = first.foreign
     # Running jobs: their CPU time and peak memory so far, asked of sstat at once.
     running = {row["raw_id"]: job for job, row in own_live.items()
                if row["state"] == "RUNNING" and row.get("raw_id") and job in snap.usage and named(job)}
@@ -779,6 +813,10 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
         if job is not None:
             peak = max((r for r in (rss, snap.usage[job].max_rss_bytes) if r is not None), default=None)
             snap.usage[job] = replace(snap.usage[job], cpu_s=cpu_s, max_rss_bytes=peak)
+            for (other, _), joined in snap.at.items():
+                if other == job and joined.live and joined.usage is not None:
+                    peak = max((r for r in (rss, joined.usage.max_rss_bytes) if r is not None), default=None)
+                    joined.usage = replace(joined.usage, cpu_s=cpu_s, max_rss_bytes=peak)
     return snap
 
 

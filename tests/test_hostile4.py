@@ -59,9 +59,6 @@ def fake_slurm(monkeypatch: pytest.MonkeyPatch, sacct: str, squeue: str = "") ->
     monkeypatch.setattr(slurm, "query_sstat", lambda ids: {})
 
 
-@pytest.mark.xfail(strict=True, reason="hostile4 H2: fill_states keeps the earliest record per id, also when two "
-                   "records of the id were written when it named two different jobs (a sweep from before a "
-                   "reinstall beside a new one): the newer trial is shown the old job's state and cost")
 def test_two_records_of_one_id_from_different_jobs_each_get_their_own_job(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mnist_hpc.login import trials as trials_mod

@@ -62,6 +62,9 @@ class Trial:
     # When the record naming its job was written (job.json's ``submitted``; a search worker's start):
     # only the job Slurm had under that id then is this trial's. None: joined by id alone.
     recorded: Optional[datetime] = None
+    # When the first run of the job its record names was queued (Slurm's Submit): trials naming one id
+    # share a job only if they share this too.
+    job_anchor: Optional[datetime] = None
 
     @property
     def number(self) -> Optional[int]:
@@ -329,21 +332,27 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
     # A job all of whose runs wrote their result has ended: the controller is not asked about it.
     ended = {id(t): _ended(t) for t in trials if t.run_dir is not None}
     unended = {t.job_id for t in trials if t.source == "slurm" and not ended.get(id(t), False)}
-    # Several trials name one job (a packed task, a search worker's trials): the earliest record is
-    # the nearest to its submission.
-    recorded: dict[str, datetime] = {}
+    # Several trials name one id: one job (a packed task, a search worker's trials), or jobs that had
+    # the id at different times (a sweep from before a reinstall beside a new one): every record's
+    # time is given, and each trial is joined by its own.
+    recorded: dict[str, set[datetime]] = {}
     for t in trials:
         if t.source == "slurm" and t.recorded is not None:
-            recorded[t.job_id] = min(t.recorded, recorded.get(t.job_id, t.recorded))
-    snap = slurm.job_snapshot(slurm_ids, settled=[j for j in slurm_ids if j not in unended], recorded=recorded)
+            recorded.setdefault(t.job_id, set()).add(t.recorded)
+    snap = slurm.job_snapshot(slurm_ids, settled=[j for j in slurm_ids if j not in unended],
+                              recorded={j: sorted(ts) for j, ts in recorded.items()})
     rows, notes = snap.rows, list(snap.notes)
     trials = _expand_arrays(trials, rows)
     me = claim.Holder.this_process()
     now = datetime.now()
     for t in trials:
         row = rows.get(t.job_id) if t.source == "slurm" else None
-        if t.source == "slurm" and t.job_id in snap.foreign:
-            t.notes.append(snap.foreign[t.job_id])
+        usage, foreign = snap.usage.get(t.job_id), snap.foreign.get(t.job_id, "")
+        joined = snap.at.get((t.job_id, t.recorded)) if t.source == "slurm" and t.recorded is not None else None
+        if joined is not None:  # the job its own record names (several records of the id may name others)
+            row, usage, foreign, t.job_anchor = joined.row, joined.usage, joined.foreign, joined.anchor
+        if t.source == "slurm" and foreign:
+            t.notes.append(foreign)
         if row:
             t.elapsed, t.node, t.exit_code = row["elapsed"], row["node"], row["exit_code"]
             t.reason = row.get("reason", "")
@@ -351,7 +360,7 @@ def fill_states(trials: list[Trial]) -> tuple[list[Trial], list[str]]:
             start = row.get("start", "")
             held = slurm.explain_reason(t.reason).code in slurm.HELD_REASONS
             t.expected_start = start if start and not held and slurm.foreseeable_start(start, now) else ""
-            t.usage = snap.usage.get(t.job_id)
+            t.usage = usage
         if t.run_dir is None:
             t.state = row["state"] if row else "UNKNOWN"
             continue
@@ -390,12 +399,12 @@ def split_packed_costs(trials: Sequence[Trial]) -> None:
     unreadable) would make any weighting a guess: then the job's cost is split evenly and each
     trial says so. The shares of a job add up to 1, so totals are unaffected.
     """
-    by_job: dict[str, list[Trial]] = {}
+    by_job: dict[tuple[str, Optional[datetime]], list[Trial]] = {}
     for t in trials:
         # A job named by its id alone (a search's worker beside its trials) is the whole job, no share.
         if t.usage is not None and t.run_dir is not None:
-            by_job.setdefault(t.job_id, []).append(t)
-    for job_id, group in by_job.items():
+            by_job.setdefault((t.job_id, t.job_anchor), []).append(t)
+    for (job_id, _), group in by_job.items():
         if len(group) < 2:
             continue
         walls = [t.own_wall_s for t in group]
@@ -433,7 +442,7 @@ def cost_totals(trials: Sequence[Trial]) -> Optional[CostTotals]:
     shares = [(t.usage, t.share) for t in trials if t.usage is not None]
     if not shares:
         return None
-    used = list({t.job_id: t.usage for t in trials if t.usage is not None}.values())
+    used = list({(t.job_id, t.job_anchor): t.usage for t in trials if t.usage is not None}.values())
     ended = [(u, w) for u, w in shares if u.cpu_s is not None]  # and running ones that sstat answered for
     peaks = [u.max_rss_bytes for u in used if u.max_rss_bytes is not None]
     asked = [u.req_mem_bytes for u in used if u.req_mem_bytes is not None]
