@@ -26,7 +26,7 @@ import pytest
 
 from mnist_hpc import claim, rundir
 from mnist_hpc.compute import checkpoint
-from mnist_hpc.config import flat_config, to_typed
+from mnist_hpc.config import KEYS, flat_config, to_typed
 from mnist_hpc.dataset import NUM_CLASSES, DatasetError, load_arrays, split_index, validate_arrays, validation_cut
 from mnist_hpc.login.report.ranking import (
     best_trial,
@@ -323,9 +323,11 @@ def test_check_lease_refuses_a_live_writer_and_one_that_cannot_be_asked(tmp_path
     claim.check_lease(tmp_path, me, "")  # its writer has ended: taken over
     live = dataclasses.replace(holder_of(sleeper), user="ann")
     write_lease_of(tmp_path, live)
-    with pytest.raises(claim.RunConflict, match=rf"^trial 2: {tmp_path} is being written by a process \(pid {sleeper.pid} "
-                                                rf"on {me.host}, user ann\), which is still alive"):
+    with pytest.raises(claim.RunConflict) as refused:
         claim.check_lease(tmp_path, me, "trial 2")
+    assert str(refused.value) == (f"trial 2: {tmp_path} is being written by a process (pid {sleeper.pid} on {me.host}, user "
+                                  "ann), which is still alive; wait for it to end (or cancel it) before starting another "
+                                  "run in this directory")
     write_lease_of(tmp_path, dataclasses.replace(live, host="node9"))
     lease_file = tmp_path / rundir.LEASE_FILE
     with pytest.raises(claim.RunConflict, match=rf"^trial 2: {lease_file} names a process \(pid {sleeper.pid} on node9, user ann\) "
@@ -339,7 +341,8 @@ def test_check_lease_refuses_a_live_writer_and_one_that_cannot_be_asked(tmp_path
     (tmp_path / rundir.LEASE_FILE).write_text("{")
     with caplog.at_level(logging.WARNING, logger="mnist_hpc.claim"):
         claim.check_lease(tmp_path, me, "")  # a damaged lease names no writer: stale
-    assert f"{tmp_path / rundir.LEASE_FILE} is not valid JSON" in caplog.text and "; treating the lease as stale" in caplog.text
+    [warned] = [r.getMessage() for r in caplog.records if r.name == "mnist_hpc.claim"]
+    assert warned.startswith(f"{tmp_path / rundir.LEASE_FILE} is not valid JSON") and warned.endswith("; treating the lease as stale")
 
 
 def test_the_lease_is_held_for_the_run_and_given_back_only_if_still_ours(tmp_path, sleeper):
@@ -708,8 +711,25 @@ def test_a_checkpoint_without_a_header_or_not_an_archive_is_refused(tmp_path):
     with pytest.raises(ValueError, match="^no header$"):
         checkpoint.read(tmp_path / "a.npz")
     np.save(tmp_path / "b.npy", np.zeros(2))
-    with pytest.raises(ValueError, match="bare .npy array"):
+    with pytest.raises(ValueError, match=r"^it is a bare \.npy array, not a checkpoint archive$"):
         checkpoint.read(tmp_path / "b.npy")
+
+
+def test_an_old_checkpoint_gone_before_it_is_dropped_is_no_error(tmp_path, monkeypatch):
+    """Dropping all but the newest two tolerates one that went meanwhile (deleted by hand, say): the new one stays written."""
+    listed = rundir.list_checkpoints
+
+    def listed_then_gone(run_dir: Path) -> list[Path]:
+        found = listed(run_dir)
+        for path in found[checkpoint.KEEP:]:
+            path.unlink()
+        return found
+
+    checkpoint.write(tmp_path, state_of(1, 0), groups(), "fp")
+    checkpoint.write(tmp_path, state_of(2, 0), groups(), "fp")
+    monkeypatch.setattr(rundir, "list_checkpoints", listed_then_gone)
+    assert checkpoint.write(tmp_path, state_of(3, 0), groups(), "fp") == rundir.checkpoint_path(tmp_path, 3, 0)
+    assert [p.name for p in listed(tmp_path)] == [rundir.checkpoint_name(3, 0), rundir.checkpoint_name(2, 0)]
 
 
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
@@ -729,8 +749,14 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, 
 def test_a_checkpoint_of_another_config_is_refused_not_skipped(tmp_path):
     checkpoint.write(tmp_path, state_of(1, 0), groups(), "mine")
     checkpoint.write(tmp_path, state_of(2, 0), groups(), "other")
-    with pytest.raises(checkpoint.CheckpointError, match=f"{rundir.checkpoint_name(2, 0)} was written by a run with a different config"):
+    with pytest.raises(checkpoint.CheckpointError) as refused:
         checkpoint.load_latest(tmp_path, "mine")
+    bound = ", ".join(k for k, facts in KEYS.items() if facts.trajectory)
+    assert "train.batch_size, " in bound and "train.epochs" not in bound
+    assert str(refused.value) == (
+        f"{rundir.checkpoint_path(tmp_path, 2, 0)} was written by a run with a different config (one of {bound}, or the "
+        "data); refusing to resume it. Use a new run directory, or delete "
+        f"{tmp_path / rundir.CHECKPOINT_DIR} to start this one over.")
     assert checkpoint.load_latest(tmp_path, "other").epoch == 2
 
 
@@ -805,13 +831,19 @@ def test_launcher_options_that_contradict_each_other_are_refused():
     check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm", SWEEP), "slurm")
     check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_node"}, "slurm", SWEEP), "slurm")
     check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 3}, "local", SWEEP), "local")  # no gpu_request: per node
-    with pytest.raises(PreflightError, match="^nothing was queued: hydra.launcher.gpu_request=gpus_per_task splits "
-                                             "gpus_per_node=4 over tasks_per_node=3, which does not divide it"):
+    with pytest.raises(PreflightError) as refused:
         check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_task"}, "slurm", SWEEP), "slurm")
+    assert str(refused.value) == (
+        "nothing was queued: hydra.launcher.gpu_request=gpus_per_task splits gpus_per_node=4 over tasks_per_node=3, "
+        "which does not divide it; make tasks_per_node a divisor of gpus_per_node (one task per GPU is what a "
+        "multi-worker run wants)")
     check_launcher(typed({"use_srun": False}, "slurm", SWEEP), "slurm")
     for shape in ({"tasks_per_node": 2}, {"nodes": 2}):
-        with pytest.raises(PreflightError, match="use_srun=false starts one process"):
+        with pytest.raises(PreflightError) as refused:
             check_launcher(typed({"use_srun": False, **shape}, "slurm", SWEEP), "slurm")
+        assert str(refused.value) == (
+            "nothing was queued: hydra.launcher.use_srun=false starts one process, but tasks_per_node or nodes asks "
+            "for several; keep use_srun=true for multi-task jobs")
     with pytest.raises(PreflightError, match="^nothing was queued: hydra.launcher.trials_per_task='0'"):
         check_launcher(typed({"trials_per_task": 0}, "slurm", SWEEP), "slurm")
 
@@ -831,6 +863,33 @@ def test_launcher_sizes_below_what_slurm_takes_as_a_size_are_refused(cluster):
                                  ("gpus_per_node", -1, "-1")):
         with pytest.raises(PreflightError, match=rf"^nothing was queued: hydra.launcher.{option}={shown} is less than "):
             check_launcher(typed({**least, option: value}, cluster, SWEEP), cluster)
+
+
+@pytest.mark.parametrize("cluster", ["slurm", "local"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_launcher_size_that_is_no_number_is_refused(cluster, value):
+    from mnist_hpc.login.launcher.options import typed
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher
+
+    with pytest.raises(PreflightError) as refused:
+        check_launcher(typed({"mem_gb": value}, cluster, SWEEP), cluster)
+    assert str(refused.value) == f"nothing was queued: hydra.launcher.mem_gb={value} is not a size; ask for a number, at least 0.001"
+
+
+def test_check_launcher_checks_the_slurm_options_too():
+    """The warning signal past the time limit is refused on the way every launch takes (check_launcher), with a
+    suggestion that fits the limit; an sbatch option's value may hold any printable text."""
+    from mnist_hpc.login.launcher.options import typed
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher
+
+    check_launcher(typed({"timeout_min": 4, "signal_delay_s": 239, "additional_parameters": {"constraint": "XEON"}},
+                         "slurm", SWEEP), "slurm")
+    with pytest.raises(PreflightError) as refused:
+        check_launcher(typed({"timeout_min": 4, "signal_delay_s": 240}, "slurm", SWEEP), "slurm")
+    assert str(refused.value) == (
+        "nothing was queued: hydra.launcher.signal_delay_s=240 asks for the warning signal that many seconds before the "
+        "end, but timeout_min=4 gives the job 240 s: it would be told to stop as it starts, and requeue again and again; "
+        "use a smaller signal_delay_s (e.g. 60) or a larger timeout_min")
 
 
 def test_several_tasks_train_one_run_or_are_refused_per_trial(compose, tmp_path):
@@ -853,13 +912,23 @@ def test_several_tasks_train_one_run_or_are_refused_per_trial(compose, tmp_path)
         "train.distribution=multi_worker (or auto, the default) for one training across the tasks, or ask for one task "
         "(hydra.launcher.tasks_per_node=1 and nodes=1)",
     ]
-    with pytest.raises(PreflightError, match="the local launcher starts one process per job"):
+    shape = "hydra.launcher.nodes=1 x tasks_per_node=2 = 2 tasks"
+    with pytest.raises(PreflightError) as refused:
         check_tasks(typed(two, "local", SWEEP), "local", [jobs[3]])
-    with pytest.raises(PreflightError, match="their trials cannot be packed"):
+    assert str(refused.value) == (
+        f"nothing was queued: {shape}, but the local launcher starts one process per job; use hydra/launcher=slurm for "
+        "a multi-worker training, or one task (tasks_per_node=1, nodes=1)")
+    with pytest.raises(PreflightError) as refused:
         check_tasks(typed({**two, "trials_per_task": 2}, "slurm", SWEEP), "slurm", [jobs[3]])
+    assert str(refused.value) == (f"nothing was queued: {shape} train one run together, so their trials cannot be packed "
+                                  "(hydra.launcher.trials_per_task); set trials_per_task=1")
     check_tasks(typed({**two, "trials_per_task": 1}, "slurm", SWEEP), "slurm", [jobs[3]])
-    with pytest.raises(PreflightError, match="would each see every GPU of their node"):
+    with pytest.raises(PreflightError) as refused:
         check_tasks(typed({**two, "gpus_per_node": 2}, "slurm", SWEEP), "slurm", [jobs[3]])
+    assert str(refused.value) == (
+        f"nothing was queued: {shape} on nodes with 2 GPUs would each see every GPU of their node; set "
+        "hydra.launcher.gpu_request=gpus_per_task (each task its own GPUs), or tasks_per_node=1 (one task per node uses "
+        "all of its GPUs)")
     check_tasks(typed({**two, "gpus_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm", SWEEP), "slurm", [jobs[3]])
     check_tasks(typed({"nodes": 2, "tasks_per_node": 1, "gpus_per_node": 2}, "slurm", SWEEP), "slurm", [jobs[3]])  # one task per node: all its GPUs
 
@@ -886,8 +955,10 @@ def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path):
     check_writable(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
     (tmp_path / "file").write_text("")
-    with pytest.raises(PreflightError, match=f"^nothing was queued: cannot write to the output directory {tmp_path / 'file' / 'x'}"):
+    with pytest.raises(PreflightError) as refused:
         check_writable(tmp_path / "file" / "x")
+    assert str(refused.value) == (f"nothing was queued: cannot write to the output directory {tmp_path / 'file' / 'x'} (Not a "
+                                  "directory); set paths.output_root to a writable location (e.g. on $SCRATCH)")
 
 
 def test_a_missing_or_damaged_cache_is_refused_before_queueing(compose, tmp_path):
@@ -1026,6 +1097,20 @@ def test_a_file_that_is_not_an_npz_is_described(head, what):
     from mnist_hpc.dataset import describe_bytes
 
     assert describe_bytes(head).startswith(what)
+
+
+@pytest.mark.parametrize("head, said", [
+    (b"\x93NUMPY\x01\x00", "it is a bare .npy array (one array), not a zip of the four MNIST arrays"),
+    (b"\x80\x04\x95", "it is a Python pickle (not loaded: unpickling can run code)"),
+    (b"\x1f\x8b\x08", "it is gzip-compressed (gunzip it; IDX files are passed as their directory)"),
+    (b"\x00\x00\x08\x03", "it is a single IDX file (pass the directory holding all four)"),
+    (b"<html>", "it looks like an HTML page, e.g. an error page from a proxy"),
+])
+def test_what_a_file_that_is_not_an_npz_is_says_what_to_do(head, said):
+    """The description's advice, word for word: the names a user searches for (MNIST, IDX) keep their spelling."""
+    from mnist_hpc.dataset import describe_bytes
+
+    assert describe_bytes(head) == said
 
 
 # --- the cache's manifest and names --------------------------------------------------------------
