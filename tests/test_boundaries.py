@@ -1701,6 +1701,61 @@ def test_bind_says_which_half_written_files_it_removed(tmp_path, caplog):
         f"removed .{rundir.PROGRESS_FILE}.abc.tmp, left half-written by a writer that is gone"]
 
 
+def earlier_run(directory: Path) -> Path:
+    """A directory that an earlier launch made a run's (one of rundir.RUN_MARKERS in it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / rundir.IDENTITY_FILE).write_text("{}")
+    return directory
+
+
+def test_a_run_directory_inside_another_is_found_but_not_a_runs_own_entries_nor_hidden_ones(tmp_path):
+    assert claim.nesting_problem(tmp_path / "absent", "hydra.run.dir") is None
+    run = earlier_run(tmp_path / "run")
+    earlier_run(run / rundir.CHECKPOINT_DIR)  # a run's own entry, whatever it holds
+    earlier_run(run / ".submitit" / "x")  # hidden: submitit's folder, temporaries
+    assert claim.nesting_problem(run, "hydra.run.dir") is None
+    inner = earlier_run(run / "a" / "b")
+    assert claim.nesting_problem(run, "hydra.run.dir") == (
+        f"{run} holds the run directory {inner} of an earlier launch; choose another hydra.run.dir")
+    other = tmp_path / "other"
+    deeper = earlier_run(other / "a" / rundir.CHECKPOINT_DIR)  # a run's own entries are skipped only at the top
+    assert claim.nesting_problem(other, "hydra.run.dir") == (
+        f"{other} holds the run directory {deeper} of an earlier launch; choose another hydra.run.dir")
+
+
+def test_a_sweep_that_is_or_lies_in_an_earlier_run_and_a_trial_around_one_are_refused(tmp_path):
+    run = earlier_run(tmp_path / "run")
+    assert claim.trial_dir_problems(run, [(0, run / "0")]) == [
+        f"the sweep directory {run} is the run directory of an earlier launch; choose another hydra.sweep.dir"]
+    assert claim.trial_dir_problems(run / "sweep", [(0, run / "sweep" / "0")]) == [
+        f"{run / 'sweep'} lies inside the run directory {run} of an earlier launch; choose another hydra.sweep.dir"]
+    sweep = tmp_path / "sweep"
+    earlier_run(sweep / "old" / "0")  # a sweep may hold an earlier launch's trials, beside the new ones
+    assert claim.trial_dir_problems(sweep, [(0, sweep / "new" / "0")]) == []
+    assert claim.trial_dir_problems(sweep, [(3, sweep / "old")]) == [
+        f"trial 3 would write {sweep / 'old'}, which holds the run directory {sweep / 'old' / '0'} of an earlier launch; "
+        "choose a hydra.sweep.subdir that keeps trials apart, or another hydra.sweep.dir"]
+
+
+def test_a_trial_directory_name_too_long_for_the_filesystem_is_named(tmp_path):
+    long = tmp_path / ("x" * 256)
+    [problem] = claim.trial_dir_problems(tmp_path, [(7, long), (8, tmp_path / "8")])
+    assert problem == (f"trial 7: {str(long)[:200]}: its part {'x' * 40!r}... is 256 bytes long, and a file name holds at most 255: "
+                       "choose a shorter hydra.sweep.dir or hydra.sweep.subdir")
+
+
+def test_a_sweep_directory_holding_a_search_is_refused(tmp_path):
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_trial_dirs
+    from mnist_hpc.search import SPEC_FILE
+
+    (tmp_path / SPEC_FILE).write_text("{}")
+    with pytest.raises(PreflightError) as refused:
+        check_trial_dirs(tmp_path, [])
+    assert str(refused.value) == (
+        f"nothing was queued: {tmp_path} holds an asynchronous search ({SPEC_FILE}), whose study knows its own trials; "
+        "submit this sweep into another hydra.sweep.dir (or continue the search with hparams_search=optuna)")
+
+
 def test_a_trial_in_a_directory_of_the_sweeps_own_does_not_hide_the_next_trials_problem(tmp_path):
     problems = claim.trial_dir_problems(tmp_path, [(0, tmp_path / "report"), (1, tmp_path.parent / "out"),
                                                    (2, tmp_path / ".submitit" / "x")])
