@@ -429,6 +429,32 @@ def test_a_live_lease_owns_the_trial_whatever_its_job_record(compose, tmp_path, 
     assert message is not None and message.startswith(f"trial 1: {job.run_dir} is being written by a process (pid {sleeper.pid}")
 
 
+def test_the_slurm_jobs_that_trials_name_are_asked_of_squeue_once(compose, tmp_path, monkeypatch, ended_pid):
+    """recorded_owners: every Slurm job a job.json or a lease names, in one squeue call; a job that call did not
+    answer for is asked alone; local records and damaged files ask Slurm nothing."""
+    from mnist_hpc import slurm
+    from mnist_hpc.login.launcher.preflight import recorded_owners
+
+    jobs = [planned(compose, n, tmp_path / str(n)) for n in range(5)]
+    rundir.write_job(jobs[0].run_dir, rundir.JobRecord(cluster="slurm", job_id="900_0", run_dir=str(jobs[0].run_dir)))
+    write_lease_of(jobs[1].run_dir, claim.Holder(host="n1", pid=1, slurm_job_id="901"))
+    rundir.write_job(jobs[2].run_dir, local_record(jobs[2].run_dir, *ended_pid))
+    write_lease_of(jobs[3].run_dir, claim.Holder(host="n1", pid=1, slurm_job_id="903"))
+    jobs[4].run_dir.mkdir()
+    (jobs[4].run_dir / rundir.JOB_FILE).write_text("{")
+    (jobs[4].run_dir / rundir.LEASE_FILE).write_text("{")
+    asked: list[Any] = []
+    monkeypatch.setattr(slurm, "jobs_alive", lambda ids: asked.append(sorted(ids)) or {"900_0": True, "901": True})
+    monkeypatch.setattr(slurm, "job_alive", lambda job_id: asked.append(job_id) or False)
+    owners = recorded_owners(jobs)
+    assert asked == [["900_0", "901", "903"], "903"]
+    assert sorted(owners) == [0, 1]
+    assert owners[0] == "trial 0: its earlier job 900_0 is still queued or running"
+    assert owners[1].startswith(f"trial 1: {jobs[1].run_dir} is being written by Slurm job 901 ")
+    asked.clear()
+    assert recorded_owners(jobs[2:3]) == {} and asked == []  # nothing named: squeue is not asked
+
+
 def test_preflight_refuses_another_config_fewer_epochs_and_live_owners_naming_each_trial(compose, tmp_path, sleeper):
     """The login node's refusals, before anything is queued: nothing of the queue is asked (no Slurm record)."""
     from mnist_hpc.login.launcher.preflight import PreflightError, preflight
