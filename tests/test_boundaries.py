@@ -1761,6 +1761,9 @@ def test_a_sweep_that_is_or_lies_in_an_earlier_run_and_a_trial_around_one_are_re
     assert claim.trial_dir_problems(sweep, [(3, sweep / "old")]) == [
         f"trial 3 would write {sweep / 'old'}, which holds the run directory {sweep / 'old' / '0'} of an earlier launch; "
         "choose a hydra.sweep.subdir that keeps trials apart, or another hydra.sweep.dir"]
+    assert claim.trial_dir_problems(sweep, [(4, sweep / "old" / "0" / "a"), (5, sweep / "5")]) == [
+        f"trial 4 would write {sweep / 'old' / '0' / 'a'}, inside the run directory {sweep / 'old' / '0'} of an earlier "
+        "launch; choose a hydra.sweep.subdir that keeps trials apart, or another hydra.sweep.dir"]
 
 
 def test_a_trial_directory_name_too_long_for_the_filesystem_is_named(tmp_path):

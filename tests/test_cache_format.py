@@ -233,6 +233,22 @@ def test_loader_errors_are_cache_errors_that_say_what_to_run(tmp_path: Path) -> 
     one_clean_line(info.value, str(obj), "missing", f"--from {source} --force")
 
 
+def test_a_forged_manifest_over_arrays_of_the_wrong_shape_names_the_cached_file(tmp_path: Path) -> None:
+    """The headers are checked before anything is inflated, on the login node too; the message names the cache's file."""
+    target = fill_cache(tmp_path / "cache")
+    bad = synthetic_mnist(n_train=600, n_test=200)
+    bad["x_train"] = bad["x_train"][:, :, :27].copy()
+    data = npz_bytes(bad)
+    digest = hashlib.sha256(data).hexdigest()
+    object_path(target, digest).write_bytes(data)
+    manifest = json.loads(manifest_path(target).read_text())
+    manifest.update(sha256=digest, size=len(data))
+    manifest_path(target).write_text(json.dumps(manifest))
+    with pytest.raises(CacheInvalidError) as info:
+        check_cached(target)
+    assert str(info.value).startswith(f"{target}: x_train has shape (600, 28, 27), expected (N, 28, 28); run `")
+
+
 def test_loader_refuses_a_forged_manifest_with_a_cache_error(tmp_path: Path) -> None:
     target = fill_cache(tmp_path / "cache")
     bad = synthetic_mnist(n_train=600, n_test=200)
