@@ -1766,9 +1766,25 @@ def test_a_sweep_that_is_or_lies_in_an_earlier_run_and_a_trial_around_one_are_re
         "launch; choose a hydra.sweep.subdir that keeps trials apart, or another hydra.sweep.dir"]
 
 
+def test_each_trial_directory_problem_says_what_to_set_and_none_hides_the_next(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = tmp_path / "out"
+    assert claim.trial_dir_problems(sweep, [(0, sweep), (1, out), (2, sweep / "x"), (3, sweep / "x"), (4, sweep / "..")]) == [
+        f"trial 0 would write the sweep directory {sweep} itself; hydra.sweep.subdir must name a directory inside it "
+        "(e.g. ${hydra.job.num})",
+        f"trial 1 would write {out}, outside the sweep directory {sweep}; hydra.sweep.subdir must name a directory "
+        "inside it (no absolute path, no '..')",
+        f"trials 2 and 3 would both write {sweep / 'x'}; hydra.sweep.subdir must give every trial a directory of its own "
+        "(include ${hydra.job.num}, or every swept key)",
+        f"trial 4 would write {tmp_path}, outside the sweep directory {sweep}; hydra.sweep.subdir must name a directory "
+        "inside it (no absolute path, no '..')",
+    ]
+
+
 def test_a_trial_directory_name_too_long_for_the_filesystem_is_named(tmp_path):
     long = tmp_path / ("x" * 256)
-    [problem] = claim.trial_dir_problems(tmp_path, [(7, long), (8, tmp_path / "8")])
+    problem, after = claim.trial_dir_problems(tmp_path, [(7, long), (8, tmp_path / "8"), (9, tmp_path)])
+    assert after.startswith("trial 9 would write the sweep directory")  # the next trials are still checked
     assert problem == (f"trial 7: {str(long)[:200]}: its part {'x' * 40!r}... is 256 bytes long, and a file name holds at most 255: "
                        "choose a shorter hydra.sweep.dir or hydra.sweep.subdir")
 
