@@ -32,6 +32,7 @@ from mnist_hpc.cache import (
     manifest_path,
     object_path,
     parse_manifest,
+    prefetch_command,
     read_verified,
 )
 from mnist_hpc.config import DataConfig
@@ -233,20 +234,48 @@ def test_loader_errors_are_cache_errors_that_say_what_to_run(tmp_path: Path) -> 
     one_clean_line(info.value, str(obj), "missing", f"--from {source} --force")
 
 
+def install_object(target: Path, data: bytes, **change: object) -> dict:
+    """Make ``data`` the cache's current object, under a manifest whose sha256 and size match it (a forged one)."""
+    digest = hashlib.sha256(data).hexdigest()
+    object_path(target, digest).write_bytes(data)
+    manifest = json.loads(manifest_path(target).read_text())
+    manifest.update(sha256=digest, size=len(data), **change)
+    manifest_path(target).write_text(json.dumps(manifest))
+    return manifest
+
+
 def test_a_forged_manifest_over_arrays_of_the_wrong_shape_names_the_cached_file(tmp_path: Path) -> None:
     """The headers are checked before anything is inflated, on the login node too; the message names the cache's file."""
     target = fill_cache(tmp_path / "cache")
     bad = synthetic_mnist(n_train=600, n_test=200)
     bad["x_train"] = bad["x_train"][:, :, :27].copy()
-    data = npz_bytes(bad)
-    digest = hashlib.sha256(data).hexdigest()
-    object_path(target, digest).write_bytes(data)
-    manifest = json.loads(manifest_path(target).read_text())
-    manifest.update(sha256=digest, size=len(data))
-    manifest_path(target).write_text(json.dumps(manifest))
+    manifest = install_object(target, npz_bytes(bad))
     with pytest.raises(CacheInvalidError) as info:
         check_cached(target)
-    assert str(info.value).startswith(f"{target}: x_train has shape (600, 28, 27), expected (N, 28, 28); run `")
+    assert str(info.value) == (f"{target}: x_train has shape (600, 28, 27), expected (N, 28, 28); run "
+                               f"`{prefetch_command(target, manifest)}` on a login node")
+    assert "--from " in prefetch_command(target, manifest)  # the repair refetches the recorded source
+
+
+def test_a_forged_manifest_over_a_damaged_archive_names_the_cached_file(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache")
+    manifest = install_object(target, forged_npz(npy_member((10, 28, 28), bytes(30 * 784))))
+    with pytest.raises(CacheInvalidError) as info:
+        check_cached(target)
+    message = one_clean_line(info.value, f"run `{prefetch_command(target, manifest)}` on a login node")
+    assert message.startswith(f"{target}: x_train declares shape (10, 28, 28)")
+
+
+def test_a_manifest_whose_shapes_are_not_its_objects_is_refused_with_the_repair(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache", synthetic_mnist(n_train=600, n_test=200))
+    data = object_path(target, json.loads(manifest_path(target).read_text())["sha256"]).read_bytes()
+    recorded = {"x_train": [599, 28, 28], "y_train": [599], "x_test": [200, 28, 28], "y_test": [200]}
+    manifest = install_object(target, data, shapes=recorded)
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    actual = {"x_train": [600, 28, 28], "y_train": [600], "x_test": [200, 28, 28], "y_test": [200]}
+    assert str(info.value) == (f"{target} holds arrays of shapes {actual} but its manifest records {recorded}; run "
+                               f"`{prefetch_command(target, manifest)}` on a login node")
 
 
 def test_loader_refuses_a_forged_manifest_with_a_cache_error(tmp_path: Path) -> None:
