@@ -1769,7 +1769,8 @@ def test_a_sweep_that_is_or_lies_in_an_earlier_run_and_a_trial_around_one_are_re
 def test_each_trial_directory_problem_says_what_to_set_and_none_hides_the_next(tmp_path):
     sweep = tmp_path / "sweep"
     out = tmp_path / "out"
-    assert claim.trial_dir_problems(sweep, [(0, sweep), (1, out), (2, sweep / "x"), (3, sweep / "x"), (4, sweep / "..")]) == [
+    assert claim.trial_dir_problems(sweep, [(0, sweep), (1, out), (2, sweep / "x"), (3, sweep / "x"), (4, sweep / ".."),
+                                            (5, sweep / "y"), (6, sweep / "y" / "z")]) == [
         f"trial 0 would write the sweep directory {sweep} itself; hydra.sweep.subdir must name a directory inside it "
         "(e.g. ${hydra.job.num})",
         f"trial 1 would write {out}, outside the sweep directory {sweep}; hydra.sweep.subdir must name a directory "
@@ -1778,6 +1779,8 @@ def test_each_trial_directory_problem_says_what_to_set_and_none_hides_the_next(t
         "(include ${hydra.job.num}, or every swept key)",
         f"trial 4 would write {tmp_path}, outside the sweep directory {sweep}; hydra.sweep.subdir must name a directory "
         "inside it (no absolute path, no '..')",
+        f"trial 6 would write {sweep / 'y' / 'z'}, inside trial 5's directory {sweep / 'y'}; hydra.sweep.subdir must keep "
+        "trials apart",
     ]
 
 
