@@ -244,6 +244,29 @@ def install_object(target: Path, data: bytes, **change: object) -> dict:
     return manifest
 
 
+def test_a_manifest_that_cannot_be_read_or_parsed_says_so_and_what_to_run(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache")
+    path = manifest_path(target)
+    repair = f"run `{prefetch_command(target, force=True)}` (with `--from FILE` if you imported one) on a login node"
+    good = path.read_text().rstrip()
+    assert good.endswith("}")
+    path.write_text(good[:-1])
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    assert str(info.value) == f"the manifest {path} is not valid JSON (truncated or overwritten?); {repair}"
+    # A manifest is a few hundred bytes: no more than 64 KiB of one is read, so a huge one is refused, not parsed.
+    path.write_text(good[:-1] + " " * (70 << 10) + "}")
+    with pytest.raises(CacheCorruptError, match="is not valid JSON"):
+        check_cached(target)
+    path.write_text(good[:-1] + " " * ((64 << 10) - len(good)) + "}")
+    assert path.stat().st_size == 64 << 10 and check_cached(target)["sha256"] == json.loads(good)["sha256"]
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    assert str(info.value) == f"cannot read {path}: not a regular file"
+
+
 def test_a_forged_manifest_over_arrays_of_the_wrong_shape_names_the_cached_file(tmp_path: Path) -> None:
     """The headers are checked before anything is inflated, on the login node too; the message names the cache's file."""
     target = fill_cache(tmp_path / "cache")
