@@ -261,6 +261,35 @@ def test_a_live_process_is_alive_only_with_its_own_start_time(sleeper):
     assert claim.alive(dataclasses.replace(holder, host="another-node"), me) is None
 
 
+def test_asking_whether_a_process_lives_sends_it_no_signal():
+    """kill(pid, 0) asks; any other signal would reach the writer. Blocked, a signal would stay pending: none is."""
+    import signal
+
+    proc = subprocess.Popen(["sleep", "600"], preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals)))
+    try:
+        until(lambda: claim.process_start(proc.pid), "the sleeper to start")
+        assert claim.alive(holder_of(proc), claim.Holder.this_process()) is True
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        pending = {line.split(":")[0]: int(line.split()[1], 16) for line in status.splitlines() if line[:6] in ("SigPnd", "ShdPnd")}
+        assert pending == {"SigPnd": 0, "ShdPnd": 0}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_pid_1_is_a_process_like_any_other():
+    """A job that is its container's first process has pid 1: it can be asked about (only 0 and below cannot)."""
+    me = claim.Holder.this_process()
+    assert claim.alive(claim.Holder(host=me.host, pid=1, pid_start=claim.process_start(1)), me) is True
+
+
+def test_a_process_gone_between_the_ask_and_the_read_of_its_start_is_dead(sleeper, monkeypatch):
+    me, holder = claim.Holder.this_process(), holder_of(sleeper)
+    monkeypatch.setattr(claim, "_proc_stat", lambda pid: None)  # /proc/PID/stat gone after kill(pid, 0) found it
+    assert claim.alive(holder, me) is False
+    assert claim.alive(dataclasses.replace(holder, pid_start=None), me) is True  # an old record: pid only
+
+
 def test_an_ended_process_is_dead(ended_pid):
     pid, start = ended_pid
     me = claim.Holder.this_process()
@@ -498,6 +527,9 @@ def test_label_9_is_a_digit_10_is_refused(split):
     arrays[f"y_{split}"][3] = NUM_CLASSES
     with pytest.raises(DatasetError, match=f"^f.npz: y_{split} holds label 10; labels must lie in 0-9$"):
         validate_arrays(arrays, "f.npz")
+    short = {**arrays, f"y_{split}": arrays[f"y_{split}"][:-1]}
+    with pytest.raises(DatasetError, match=f"^f.npz: x_{split} has 20 images but y_{split} has 19 labels$"):
+        validate_arrays(short, "f.npz")
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     with pytest.raises(DatasetError, match="holds label 10"):
