@@ -1089,8 +1089,31 @@ def test_an_npy_header_of_numpys_limit_is_read_one_byte_more_is_refused():
         read_npz_layout(zipped({"y.npy": npy((3,), version=2, header_len=MAX_NPY_HEADER_BYTES + 1)}), "f.npz")
 
 
+@pytest.mark.parametrize("version, width", [(1, 2), (2, 4), (3, 4)])
+def test_an_npy_header_length_is_read_unsigned(version, width):
+    """The largest length the field can hold is refused as that many bytes (a signed read would take it as negative)."""
+    from mnist_hpc.dataset import read_npz_layout
+
+    largest = (1 << (8 * width)) - 1
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": (3,)}).encode() + b"\n"
+    stream = b"\x93NUMPY" + bytes([version, 0]) + largest.to_bytes(width, "little") + text + bytes(3)
+    with pytest.raises(DatasetError, match=rf"^f.npz: member y.npy has a .npy header of {largest} bytes \(numpy allows 10000\)$"):
+        read_npz_layout(zipped({"y.npy": stream}), "f.npz")
+
+
+@pytest.mark.parametrize("version, encoding", [(1, "latin1"), (2, "latin1"), (3, "utf-8")])
+def test_an_npy_header_is_decoded_as_its_format_version_says(version, encoding):
+    """Formats 1 and 2 are latin-1, 3 is UTF-8 (numpy's format.py): a non-ASCII descr is named as numpy would read it."""
+    from mnist_hpc.dataset import read_npz_layout
+
+    text = repr({"descr": "|\u00e91", "fortran_order": False, "shape": (3,)}).encode(encoding) + b"\n"
+    width = 2 if version == 1 else 4
+    stream = b"\x93NUMPY" + bytes([version, 0]) + len(text).to_bytes(width, "little") + text + bytes(3)
+    assert read_npz_layout(zipped({"y.npy": stream}), "f.npz") == {"y": ((3,), "|\u00e91")}
+
+
 @pytest.mark.parametrize("stream, why", [(b"\x93NUMPY\x04\x00", "is not a .npy array"), (b"\x93NUM", "is not a .npy array"),
-                                         (b"PK\x03\x04nope", "is not a .npy array")])
+                                         (b"PK\x03\x04nope", "is not a .npy array"), (b"\x93NUMPY\x01", "is not a .npy array")])
 def test_a_member_that_is_no_npy_is_refused(stream, why):
     from mnist_hpc.dataset import read_npz_layout
 
