@@ -1101,6 +1101,16 @@ def test_an_npy_header_length_is_read_unsigned(version, width):
         read_npz_layout(zipped({"y.npy": stream}), "f.npz")
 
 
+@pytest.mark.parametrize("header", [b"[1, 2]", b"'x'", b"{'descr': '|u1', 'shape': [3]}", b"{'descr': '|u1', 'shape': (-1,)}",
+                                    b"{'descr': '|u1', 'shape': (True,)}", b"{'shape': (3,)}"])
+def test_an_npy_header_that_is_no_dict_with_a_shape_and_a_descr_is_malformed(header):
+    from mnist_hpc.dataset import read_npz_layout
+
+    stream = b"\x93NUMPY\x01\x00" + (len(header) + 1).to_bytes(2, "little") + header + b"\n" + bytes(3)
+    with pytest.raises(DatasetError, match=r"^f.npz: member y.npy has a malformed \.npy header$"):
+        read_npz_layout(zipped({"y.npy": stream}), "f.npz")
+
+
 @pytest.mark.parametrize("version, encoding", [(1, "latin1"), (2, "latin1"), (3, "utf-8")])
 def test_an_npy_header_is_decoded_as_its_format_version_says(version, encoding):
     """Formats 1 and 2 are latin-1, 3 is UTF-8 (numpy's format.py): a non-ASCII descr is named as numpy would read it."""
