@@ -1111,6 +1111,17 @@ def test_an_npy_header_that_is_no_dict_with_a_shape_and_a_descr_is_malformed(hea
         read_npz_layout(zipped({"y.npy": stream}), "f.npz")
 
 
+def test_a_layout_read_from_a_path_names_that_path(tmp_path):
+    from mnist_hpc.dataset import read_npz_layout
+
+    path = tmp_path / "x.npz"
+    path.write_bytes(zipped(mnist_members(2)))
+    assert read_npz_layout(path)["x_train"] == ((2, 28, 28), "uint8")
+    path.write_text("not a zip\n")
+    with pytest.raises(DatasetError, match=f"^{path} is not a readable npz archive: it is a text file$"):
+        read_npz_layout(path)
+
+
 @pytest.mark.parametrize("version, encoding", [(1, "latin1"), (2, "latin1"), (3, "utf-8")])
 def test_an_npy_header_is_decoded_as_its_format_version_says(version, encoding):
     """Formats 1 and 2 are latin-1, 3 is UTF-8 (numpy's format.py): a non-ASCII descr is named as numpy would read it."""
