@@ -1111,6 +1111,36 @@ def test_an_npy_header_that_is_no_dict_with_a_shape_and_a_descr_is_malformed(hea
         read_npz_layout(zipped({"y.npy": stream}), "f.npz")
 
 
+def test_a_member_of_the_npz_byte_bound_passes_the_bound_one_byte_more_is_refused():
+    """No member may claim more bytes than an MNIST npz holds, whatever its name and item size (an unknown dtype
+    counts one byte an item); at the bound the claim goes on to be checked against the zip directory."""
+    from mnist_hpc.dataset import MAX_NPZ_BYTES, read_npz_layout
+
+    def refusal(member: bytes) -> str:
+        with pytest.raises(DatasetError) as refused:
+            read_npz_layout(zipped({"e.npy": member}), "f.npz")
+        return str(refused.value)
+
+    bomb = "MNIST-like data holds at most 300000 images per split (another dataset, or a decompression bomb)"
+    assert refusal(npy((MAX_NPZ_BYTES,), body=b"")).startswith(f"f.npz: e declares shape ({MAX_NPZ_BYTES},) (")
+    assert refusal(npy((MAX_NPZ_BYTES + 1,), body=b"")) == f"f.npz: e claims shape ({MAX_NPZ_BYTES + 1},); {bomb}"
+    assert refusal(npy((MAX_NPZ_BYTES // 8 + 1,), descr="<f8", body=b"")) == f"f.npz: e claims shape ({MAX_NPZ_BYTES // 8 + 1},); {bomb}"
+    assert read_npz_layout(zipped({"e.npy": npy((MAX_NPZ_BYTES,), descr="<U5", body=b"")}), "f.npz") == {
+        "e": ((MAX_NPZ_BYTES,), "<U5")}
+    member = npy((3,), descr="<f8", body=bytes(10))
+    header = len(member) - 10
+    assert refusal(member) == (f"f.npz: e declares shape (3,) ({header + 24} bytes) but the zip directory records "
+                               f"{header + 10} bytes (damaged or forged archive)")
+
+
+def test_a_zip_that_cannot_be_read_is_named_with_the_zip_librarys_reason():
+    from mnist_hpc.dataset import read_npz_layout
+
+    with pytest.raises(DatasetError) as refused:
+        read_npz_layout(b"PK\x03\x04nope", "f.npz")
+    assert str(refused.value) == "f.npz is not a readable npz archive (damaged or truncated zip: File is not a zip file)"
+
+
 def test_a_layout_read_from_a_path_names_that_path(tmp_path):
     from mnist_hpc.dataset import read_npz_layout
 
