@@ -1141,6 +1141,27 @@ def test_a_zip_that_cannot_be_read_is_named_with_the_zip_librarys_reason():
     assert str(refused.value) == "f.npz is not a readable npz archive (damaged or truncated zip: File is not a zip file)"
 
 
+
+def test_a_member_that_runs_past_the_end_of_the_archive_is_named_by_the_error_without_a_message():
+    """zipfile raises a bare EOFError when a member's recorded size runs past the archive's end: its name stands in."""
+    import struct
+    import zipfile
+
+    from mnist_hpc.dataset import read_npz_layout
+
+    body = b"\x93NUMPY\x01\x00" + (9000).to_bytes(2, "little") + b"{"  # a header longer than what is left
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("y.npy", body)
+    data = bytearray(buffer.getvalue())
+    for signature, at in ((b"PK\x03\x04", 18), (b"PK\x01\x02", 20)):  # local header, central directory: sizes
+        start = data.index(signature) + at
+        data[start:start + 8] = struct.pack("<II", len(body) + 100_000, len(body) + 100_000)
+    with pytest.raises(DatasetError) as refused:
+        read_npz_layout(bytes(data), "f.npz")
+    assert str(refused.value) == "f.npz is not a readable npz archive (damaged or truncated zip: EOFError)"
+
+
 def test_a_layout_read_from_a_path_names_that_path(tmp_path):
     from mnist_hpc.dataset import read_npz_layout
 

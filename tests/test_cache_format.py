@@ -267,6 +267,40 @@ def test_a_manifest_that_cannot_be_read_or_parsed_says_so_and_what_to_run(tmp_pa
     assert str(info.value) == f"cannot read {path}: not a regular file"
 
 
+def test_an_object_that_cannot_be_read_says_so_and_what_to_run(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache")
+    manifest = json.loads(manifest_path(target).read_text())
+    obj = object_path(target, manifest["sha256"])
+    obj.unlink()
+    obj.mkdir()
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    assert not isinstance(info.value, CacheMissingError)
+    assert str(info.value) == f"cannot read {obj}: not a regular file; run `{prefetch_command(target, manifest)}` on a login node"
+
+
+def test_a_reader_whose_object_vanishes_under_ever_new_manifests_tries_five_times(tmp_path: Path, monkeypatch) -> None:
+    """A prefetch switching datasets under a reader makes it read the manifest again, at most READ_ATTEMPTS times."""
+    from mnist_hpc import cache
+
+    target = fill_cache(tmp_path / "cache")
+    manifest = json.loads(manifest_path(target).read_text())
+    object_path(target, manifest["sha256"]).unlink()
+    reads: list[int] = []
+    real = cache.read_manifest
+    monkeypatch.setattr(cache, "read_manifest", lambda path: reads.append(1) or real(path))
+    monkeypatch.setattr(cache, "_manifest_bytes", lambda path: b"another prefetch's manifest, each time")
+    with pytest.raises(CacheMissingError) as info:
+        check_cached(target)
+    assert len(reads) == cache.READ_ATTEMPTS == 5
+    assert str(info.value).startswith(f"{target}: its manifest names {object_path(target, manifest['sha256'])}, which is missing")
+    reads.clear()
+    monkeypatch.setattr(cache, "_manifest_bytes", lambda path: real(path)[1])  # no switch: refused at the first
+    with pytest.raises(CacheMissingError):
+        check_cached(target)
+    assert len(reads) == 1
+
+
 def test_a_forged_manifest_over_arrays_of_the_wrong_shape_names_the_cached_file(tmp_path: Path) -> None:
     """The headers are checked before anything is inflated, on the login node too; the message names the cache's file."""
     target = fill_cache(tmp_path / "cache")
