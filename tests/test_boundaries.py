@@ -1322,6 +1322,19 @@ def test_a_cache_file_name_is_a_plain_name(name, ok):
     assert (filename_problem(name) is None) is ok
 
 
+@pytest.mark.parametrize("name, problem", [
+    ("", "give a file name such as mnist.npz"), (".", "give a file name such as mnist.npz"),
+    ("..", "give a file name such as mnist.npz"),
+    ("a/b", "must be a plain file name inside data.cache_dir (no '/'); put directories in data.cache_dir"),
+    (".hidden", "names starting with '.' are reserved for the cache's own files; use e.g. mnist.npz"),
+    ("x.manifest.json", "names ending in .manifest.json are reserved for manifests; use e.g. mnist.npz"),
+])
+def test_a_cache_file_name_that_cannot_be_says_what_to_give(name, problem):
+    from mnist_hpc.cache import filename_problem
+
+    assert filename_problem(name) == problem
+
+
 def test_the_command_that_fills_or_repairs_a_cache_names_its_source(tmp_path):
     from mnist_hpc.cache import prefetch_command
     from mnist_hpc.cache import KERAS_MNIST_URL
