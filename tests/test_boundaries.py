@@ -307,6 +307,20 @@ def test_a_process_that_ended_but_was_not_reaped_is_dead():
         proc.wait()
 
 
+def test_this_process_as_a_holder_names_its_job_and_its_user(monkeypatch):
+    import getpass
+
+    me = claim.Holder.this_process(slurm_job_id="77", job_label="70_7")
+    assert (me.slurm_job_id, me.job_label, me.user) == ("77", "70_7", getpass.getuser())
+    assert me.describe() == f"Slurm job 70_7 (pid {os.getpid()} on {socket.gethostname()}, user {getpass.getuser()})"
+
+    def no_name() -> str:
+        raise KeyError("getpwuid(): uid not found")  # a uid without a passwd entry, as in some containers
+
+    monkeypatch.setattr(getpass, "getuser", no_name)
+    assert claim.Holder.this_process().user == str(os.getuid())
+
+
 def test_this_process_is_not_a_writer_to_wait_for_but_another_thread_start_is():
     me = claim.Holder.this_process()
     assert me.pid == os.getpid() and me.host == socket.gethostname() and me.pid_start == claim.process_start(os.getpid())
