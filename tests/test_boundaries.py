@@ -321,6 +321,22 @@ def test_this_process_as_a_holder_names_its_job_and_its_user(monkeypatch):
     assert claim.Holder.this_process().user == str(os.getuid())
 
 
+def test_a_process_whose_name_holds_a_parenthesis_is_read_right(tmp_path):
+    """/proc/PID/stat puts the command name in parentheses and the name may hold ')': the fields follow the last one."""
+    import shutil
+
+    program = tmp_path / "a) b"
+    shutil.copy("/bin/sleep", program)
+    proc = subprocess.Popen([str(program), "0"])
+    try:
+        until(lambda: os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT), "it to end, not reaped")
+        assert claim._proc_stat(proc.pid)[0] == "Z"
+        me = claim.Holder.this_process()
+        assert claim.alive(claim.Holder(host=me.host, pid=proc.pid), me) is False
+    finally:
+        proc.wait()
+
+
 def test_this_process_is_not_a_writer_to_wait_for_but_another_thread_start_is():
     me = claim.Holder.this_process()
     assert me.pid == os.getpid() and me.host == socket.gethostname() and me.pid_start == claim.process_start(os.getpid())
