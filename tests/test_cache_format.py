@@ -279,6 +279,17 @@ def test_an_object_that_cannot_be_read_says_so_and_what_to_run(tmp_path: Path) -
     assert str(info.value) == f"cannot read {obj}: not a regular file; run `{prefetch_command(target, manifest)}` on a login node"
 
 
+def test_an_object_cut_short_says_how_long_it_is_and_what_to_run(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache")
+    manifest = json.loads(manifest_path(target).read_text())
+    obj = object_path(target, manifest["sha256"])
+    obj.write_bytes(obj.read_bytes()[:100])
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    assert str(info.value) == (f"{obj} is 100 bytes but its manifest records {manifest['size']} (truncated or replaced); "
+                               f"run `{prefetch_command(target, manifest)}` on a login node")
+
+
 def test_a_reader_whose_object_vanishes_under_ever_new_manifests_tries_five_times(tmp_path: Path, monkeypatch) -> None:
     """A prefetch switching datasets under a reader makes it read the manifest again, at most READ_ATTEMPTS times."""
     from mnist_hpc import cache
