@@ -82,6 +82,9 @@ TESTS = (
     "tests/test_search_journal.py",
     "tests/test_search_readers.py",
     "tests/test_search_points.py",
+    "tests/test_site_preflight.py::test_a_key_that_would_replace_submitits_own_flag_is_refused",
+    "tests/test_site_preflight.py::test_an_additional_parameter_on_two_lines_is_refused",
+    "tests/test_site_preflight.py::test_the_warning_signal_must_come_after_the_job_starts",
 )
 # Tests of those files that run the code under test in a subprocess (or hold one for seconds).
 DESELECT = (

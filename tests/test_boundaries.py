@@ -26,7 +26,7 @@ import pytest
 
 from mnist_hpc import claim, rundir
 from mnist_hpc.compute import checkpoint
-from mnist_hpc.config import flat_config, to_typed
+from mnist_hpc.config import KEYS, flat_config, to_typed
 from mnist_hpc.dataset import NUM_CLASSES, DatasetError, load_arrays, split_index, validate_arrays, validation_cut
 from mnist_hpc.login.report.ranking import (
     best_trial,
@@ -261,6 +261,35 @@ def test_a_live_process_is_alive_only_with_its_own_start_time(sleeper):
     assert claim.alive(dataclasses.replace(holder, host="another-node"), me) is None
 
 
+def test_asking_whether_a_process_lives_sends_it_no_signal():
+    """kill(pid, 0) asks; any other signal would reach the writer. Blocked, a signal would stay pending: none is."""
+    import signal
+
+    proc = subprocess.Popen(["sleep", "600"], preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals)))
+    try:
+        until(lambda: claim.process_start(proc.pid), "the sleeper to start")
+        assert claim.alive(holder_of(proc), claim.Holder.this_process()) is True
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        pending = {line.split(":")[0]: int(line.split()[1], 16) for line in status.splitlines() if line[:6] in ("SigPnd", "ShdPnd")}
+        assert pending == {"SigPnd": 0, "ShdPnd": 0}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_pid_1_is_a_process_like_any_other():
+    """A job that is its container's first process has pid 1: it can be asked about (only 0 and below cannot)."""
+    me = claim.Holder.this_process()
+    assert claim.alive(claim.Holder(host=me.host, pid=1, pid_start=claim.process_start(1)), me) is True
+
+
+def test_a_process_gone_between_the_ask_and_the_read_of_its_start_is_dead(sleeper, monkeypatch):
+    me, holder = claim.Holder.this_process(), holder_of(sleeper)
+    monkeypatch.setattr(claim, "_proc_stat", lambda pid: None)  # /proc/PID/stat gone after kill(pid, 0) found it
+    assert claim.alive(holder, me) is False
+    assert claim.alive(dataclasses.replace(holder, pid_start=None), me) is True  # an old record: pid only
+
+
 def test_an_ended_process_is_dead(ended_pid):
     pid, start = ended_pid
     me = claim.Holder.this_process()
@@ -272,6 +301,36 @@ def test_a_process_that_ended_but_was_not_reaped_is_dead():
     proc = subprocess.Popen(["sleep", "0"])
     try:
         until(lambda: (Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"), "a zombie")
+        me = claim.Holder.this_process()
+        assert claim.alive(claim.Holder(host=me.host, pid=proc.pid), me) is False
+    finally:
+        proc.wait()
+
+
+def test_this_process_as_a_holder_names_its_job_and_its_user(monkeypatch):
+    import getpass
+
+    me = claim.Holder.this_process(slurm_job_id="77", job_label="70_7")
+    assert (me.slurm_job_id, me.job_label, me.user) == ("77", "70_7", getpass.getuser())
+    assert me.describe() == f"Slurm job 70_7 (pid {os.getpid()} on {socket.gethostname()}, user {getpass.getuser()})"
+
+    def no_name() -> str:
+        raise KeyError("getpwuid(): uid not found")  # a uid without a passwd entry, as in some containers
+
+    monkeypatch.setattr(getpass, "getuser", no_name)
+    assert claim.Holder.this_process().user == str(os.getuid())
+
+
+def test_a_process_whose_name_holds_a_parenthesis_is_read_right(tmp_path):
+    """/proc/PID/stat puts the command name in parentheses and the name may hold ')': the fields follow the last one."""
+    import shutil
+
+    program = tmp_path / "a) b"
+    shutil.copy("/bin/sleep", program)
+    proc = subprocess.Popen([str(program), "0"])
+    try:
+        until(lambda: os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT), "it to end, not reaped")
+        assert claim._proc_stat(proc.pid)[0] == "Z"
         me = claim.Holder.this_process()
         assert claim.alive(claim.Holder(host=me.host, pid=proc.pid), me) is False
     finally:
@@ -323,9 +382,11 @@ def test_check_lease_refuses_a_live_writer_and_one_that_cannot_be_asked(tmp_path
     claim.check_lease(tmp_path, me, "")  # its writer has ended: taken over
     live = dataclasses.replace(holder_of(sleeper), user="ann")
     write_lease_of(tmp_path, live)
-    with pytest.raises(claim.RunConflict, match=rf"^trial 2: {tmp_path} is being written by a process \(pid {sleeper.pid} "
-                                                rf"on {me.host}, user ann\), which is still alive"):
+    with pytest.raises(claim.RunConflict) as refused:
         claim.check_lease(tmp_path, me, "trial 2")
+    assert str(refused.value) == (f"trial 2: {tmp_path} is being written by a process (pid {sleeper.pid} on {me.host}, user "
+                                  "ann), which is still alive; wait for it to end (or cancel it) before starting another "
+                                  "run in this directory")
     write_lease_of(tmp_path, dataclasses.replace(live, host="node9"))
     lease_file = tmp_path / rundir.LEASE_FILE
     with pytest.raises(claim.RunConflict, match=rf"^trial 2: {lease_file} names a process \(pid {sleeper.pid} on node9, user ann\) "
@@ -339,7 +400,8 @@ def test_check_lease_refuses_a_live_writer_and_one_that_cannot_be_asked(tmp_path
     (tmp_path / rundir.LEASE_FILE).write_text("{")
     with caplog.at_level(logging.WARNING, logger="mnist_hpc.claim"):
         claim.check_lease(tmp_path, me, "")  # a damaged lease names no writer: stale
-    assert f"{tmp_path / rundir.LEASE_FILE} is not valid JSON" in caplog.text and "; treating the lease as stale" in caplog.text
+    [warned] = [r.getMessage() for r in caplog.records if r.name == "mnist_hpc.claim"]
+    assert warned.startswith(f"{tmp_path / rundir.LEASE_FILE} is not valid JSON") and warned.endswith("; treating the lease as stale")
 
 
 def test_the_lease_is_held_for_the_run_and_given_back_only_if_still_ours(tmp_path, sleeper):
@@ -426,6 +488,32 @@ def test_a_live_lease_owns_the_trial_whatever_its_job_record(compose, tmp_path, 
     assert message is not None and message.startswith(f"trial 1: {job.run_dir} is being written by a process (pid {sleeper.pid}")
 
 
+def test_the_slurm_jobs_that_trials_name_are_asked_of_squeue_once(compose, tmp_path, monkeypatch, ended_pid):
+    """recorded_owners: every Slurm job a job.json or a lease names, in one squeue call; a job that call did not
+    answer for is asked alone; local records and damaged files ask Slurm nothing."""
+    from mnist_hpc import slurm
+    from mnist_hpc.login.launcher.preflight import recorded_owners
+
+    jobs = [planned(compose, n, tmp_path / str(n)) for n in range(5)]
+    rundir.write_job(jobs[0].run_dir, rundir.JobRecord(cluster="slurm", job_id="900_0", run_dir=str(jobs[0].run_dir)))
+    write_lease_of(jobs[1].run_dir, claim.Holder(host="n1", pid=1, slurm_job_id="901"))
+    rundir.write_job(jobs[2].run_dir, local_record(jobs[2].run_dir, *ended_pid))
+    write_lease_of(jobs[3].run_dir, claim.Holder(host="n1", pid=1, slurm_job_id="903"))
+    jobs[4].run_dir.mkdir()
+    (jobs[4].run_dir / rundir.JOB_FILE).write_text("{")
+    (jobs[4].run_dir / rundir.LEASE_FILE).write_text("{")
+    asked: list[Any] = []
+    monkeypatch.setattr(slurm, "jobs_alive", lambda ids: asked.append(sorted(ids)) or {"900_0": True, "901": True})
+    monkeypatch.setattr(slurm, "job_alive", lambda job_id: asked.append(job_id) or False)
+    owners = recorded_owners(jobs)
+    assert asked == [["900_0", "901", "903"], "903"]
+    assert sorted(owners) == [0, 1]
+    assert owners[0] == "trial 0: its earlier job 900_0 is still queued or running"
+    assert owners[1].startswith(f"trial 1: {jobs[1].run_dir} is being written by Slurm job 901 ")
+    asked.clear()
+    assert recorded_owners(jobs[2:3]) == {} and asked == []  # nothing named: squeue is not asked
+
+
 def test_preflight_refuses_another_config_fewer_epochs_and_live_owners_naming_each_trial(compose, tmp_path, sleeper):
     """The login node's refusals, before anything is queued: nothing of the queue is asked (no Slurm record)."""
     from mnist_hpc.login.launcher.preflight import PreflightError, preflight
@@ -469,6 +557,9 @@ def test_label_9_is_a_digit_10_is_refused(split):
     arrays[f"y_{split}"][3] = NUM_CLASSES
     with pytest.raises(DatasetError, match=f"^f.npz: y_{split} holds label 10; labels must lie in 0-9$"):
         validate_arrays(arrays, "f.npz")
+    short = {**arrays, f"y_{split}": arrays[f"y_{split}"][:-1]}
+    with pytest.raises(DatasetError, match=f"^f.npz: x_{split} has 20 images but y_{split} has 19 labels$"):
+        validate_arrays(short, "f.npz")
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     with pytest.raises(DatasetError, match="holds label 10"):
@@ -708,8 +799,25 @@ def test_a_checkpoint_without_a_header_or_not_an_archive_is_refused(tmp_path):
     with pytest.raises(ValueError, match="^no header$"):
         checkpoint.read(tmp_path / "a.npz")
     np.save(tmp_path / "b.npy", np.zeros(2))
-    with pytest.raises(ValueError, match="bare .npy array"):
+    with pytest.raises(ValueError, match=r"^it is a bare \.npy array, not a checkpoint archive$"):
         checkpoint.read(tmp_path / "b.npy")
+
+
+def test_an_old_checkpoint_gone_before_it_is_dropped_is_no_error(tmp_path, monkeypatch):
+    """Dropping all but the newest two tolerates one that went meanwhile (deleted by hand, say): the new one stays written."""
+    listed = rundir.list_checkpoints
+
+    def listed_then_gone(run_dir: Path) -> list[Path]:
+        found = listed(run_dir)
+        for path in found[checkpoint.KEEP:]:
+            path.unlink()
+        return found
+
+    checkpoint.write(tmp_path, state_of(1, 0), groups(), "fp")
+    checkpoint.write(tmp_path, state_of(2, 0), groups(), "fp")
+    monkeypatch.setattr(rundir, "list_checkpoints", listed_then_gone)
+    assert checkpoint.write(tmp_path, state_of(3, 0), groups(), "fp") == rundir.checkpoint_path(tmp_path, 3, 0)
+    assert [p.name for p in listed(tmp_path)] == [rundir.checkpoint_name(3, 0), rundir.checkpoint_name(2, 0)]
 
 
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
@@ -729,8 +837,14 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, 
 def test_a_checkpoint_of_another_config_is_refused_not_skipped(tmp_path):
     checkpoint.write(tmp_path, state_of(1, 0), groups(), "mine")
     checkpoint.write(tmp_path, state_of(2, 0), groups(), "other")
-    with pytest.raises(checkpoint.CheckpointError, match=f"{rundir.checkpoint_name(2, 0)} was written by a run with a different config"):
+    with pytest.raises(checkpoint.CheckpointError) as refused:
         checkpoint.load_latest(tmp_path, "mine")
+    bound = ", ".join(k for k, facts in KEYS.items() if facts.trajectory)
+    assert "train.batch_size, " in bound and "train.epochs" not in bound
+    assert str(refused.value) == (
+        f"{rundir.checkpoint_path(tmp_path, 2, 0)} was written by a run with a different config (one of {bound}, or the "
+        "data); refusing to resume it. Use a new run directory, or delete "
+        f"{tmp_path / rundir.CHECKPOINT_DIR} to start this one over.")
     assert checkpoint.load_latest(tmp_path, "other").epoch == 2
 
 
@@ -805,13 +919,19 @@ def test_launcher_options_that_contradict_each_other_are_refused():
     check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm", SWEEP), "slurm")
     check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_node"}, "slurm", SWEEP), "slurm")
     check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 3}, "local", SWEEP), "local")  # no gpu_request: per node
-    with pytest.raises(PreflightError, match="^nothing was queued: hydra.launcher.gpu_request=gpus_per_task splits "
-                                             "gpus_per_node=4 over tasks_per_node=3, which does not divide it"):
+    with pytest.raises(PreflightError) as refused:
         check_launcher(typed({"gpus_per_node": 4, "tasks_per_node": 3, "gpu_request": "gpus_per_task"}, "slurm", SWEEP), "slurm")
+    assert str(refused.value) == (
+        "nothing was queued: hydra.launcher.gpu_request=gpus_per_task splits gpus_per_node=4 over tasks_per_node=3, "
+        "which does not divide it; make tasks_per_node a divisor of gpus_per_node (one task per GPU is what a "
+        "multi-worker run wants)")
     check_launcher(typed({"use_srun": False}, "slurm", SWEEP), "slurm")
     for shape in ({"tasks_per_node": 2}, {"nodes": 2}):
-        with pytest.raises(PreflightError, match="use_srun=false starts one process"):
+        with pytest.raises(PreflightError) as refused:
             check_launcher(typed({"use_srun": False, **shape}, "slurm", SWEEP), "slurm")
+        assert str(refused.value) == (
+            "nothing was queued: hydra.launcher.use_srun=false starts one process, but tasks_per_node or nodes asks "
+            "for several; keep use_srun=true for multi-task jobs")
     with pytest.raises(PreflightError, match="^nothing was queued: hydra.launcher.trials_per_task='0'"):
         check_launcher(typed({"trials_per_task": 0}, "slurm", SWEEP), "slurm")
 
@@ -831,6 +951,33 @@ def test_launcher_sizes_below_what_slurm_takes_as_a_size_are_refused(cluster):
                                  ("gpus_per_node", -1, "-1")):
         with pytest.raises(PreflightError, match=rf"^nothing was queued: hydra.launcher.{option}={shown} is less than "):
             check_launcher(typed({**least, option: value}, cluster, SWEEP), cluster)
+
+
+@pytest.mark.parametrize("cluster", ["slurm", "local"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_launcher_size_that_is_no_number_is_refused(cluster, value):
+    from mnist_hpc.login.launcher.options import typed
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher
+
+    with pytest.raises(PreflightError) as refused:
+        check_launcher(typed({"mem_gb": value}, cluster, SWEEP), cluster)
+    assert str(refused.value) == f"nothing was queued: hydra.launcher.mem_gb={value} is not a size; ask for a number, at least 0.001"
+
+
+def test_check_launcher_checks_the_slurm_options_too():
+    """The warning signal past the time limit is refused on the way every launch takes (check_launcher), with a
+    suggestion that fits the limit; an sbatch option's value may hold any printable text."""
+    from mnist_hpc.login.launcher.options import typed
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_launcher
+
+    check_launcher(typed({"timeout_min": 4, "signal_delay_s": 239, "additional_parameters": {"constraint": "XEON"}},
+                         "slurm", SWEEP), "slurm")
+    with pytest.raises(PreflightError) as refused:
+        check_launcher(typed({"timeout_min": 4, "signal_delay_s": 240}, "slurm", SWEEP), "slurm")
+    assert str(refused.value) == (
+        "nothing was queued: hydra.launcher.signal_delay_s=240 asks for the warning signal that many seconds before the "
+        "end, but timeout_min=4 gives the job 240 s: it would be told to stop as it starts, and requeue again and again; "
+        "use a smaller signal_delay_s (e.g. 60) or a larger timeout_min")
 
 
 def test_several_tasks_train_one_run_or_are_refused_per_trial(compose, tmp_path):
@@ -853,13 +1000,23 @@ def test_several_tasks_train_one_run_or_are_refused_per_trial(compose, tmp_path)
         "train.distribution=multi_worker (or auto, the default) for one training across the tasks, or ask for one task "
         "(hydra.launcher.tasks_per_node=1 and nodes=1)",
     ]
-    with pytest.raises(PreflightError, match="the local launcher starts one process per job"):
+    shape = "hydra.launcher.nodes=1 x tasks_per_node=2 = 2 tasks"
+    with pytest.raises(PreflightError) as refused:
         check_tasks(typed(two, "local", SWEEP), "local", [jobs[3]])
-    with pytest.raises(PreflightError, match="their trials cannot be packed"):
+    assert str(refused.value) == (
+        f"nothing was queued: {shape}, but the local launcher starts one process per job; use hydra/launcher=slurm for "
+        "a multi-worker training, or one task (tasks_per_node=1, nodes=1)")
+    with pytest.raises(PreflightError) as refused:
         check_tasks(typed({**two, "trials_per_task": 2}, "slurm", SWEEP), "slurm", [jobs[3]])
+    assert str(refused.value) == (f"nothing was queued: {shape} train one run together, so their trials cannot be packed "
+                                  "(hydra.launcher.trials_per_task); set trials_per_task=1")
     check_tasks(typed({**two, "trials_per_task": 1}, "slurm", SWEEP), "slurm", [jobs[3]])
-    with pytest.raises(PreflightError, match="would each see every GPU of their node"):
+    with pytest.raises(PreflightError) as refused:
         check_tasks(typed({**two, "gpus_per_node": 2}, "slurm", SWEEP), "slurm", [jobs[3]])
+    assert str(refused.value) == (
+        f"nothing was queued: {shape} on nodes with 2 GPUs would each see every GPU of their node; set "
+        "hydra.launcher.gpu_request=gpus_per_task (each task its own GPUs), or tasks_per_node=1 (one task per node uses "
+        "all of its GPUs)")
     check_tasks(typed({**two, "gpus_per_node": 2, "gpu_request": "gpus_per_task"}, "slurm", SWEEP), "slurm", [jobs[3]])
     check_tasks(typed({"nodes": 2, "tasks_per_node": 1, "gpus_per_node": 2}, "slurm", SWEEP), "slurm", [jobs[3]])  # one task per node: all its GPUs
 
@@ -886,8 +1043,10 @@ def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path):
     check_writable(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
     (tmp_path / "file").write_text("")
-    with pytest.raises(PreflightError, match=f"^nothing was queued: cannot write to the output directory {tmp_path / 'file' / 'x'}"):
+    with pytest.raises(PreflightError) as refused:
         check_writable(tmp_path / "file" / "x")
+    assert str(refused.value) == (f"nothing was queued: cannot write to the output directory {tmp_path / 'file' / 'x'} (Not a "
+                                  "directory); set paths.output_root to a writable location (e.g. on $SCRATCH)")
 
 
 def test_a_missing_or_damaged_cache_is_refused_before_queueing(compose, tmp_path):
@@ -960,8 +1119,103 @@ def test_an_npy_header_of_numpys_limit_is_read_one_byte_more_is_refused():
         read_npz_layout(zipped({"y.npy": npy((3,), version=2, header_len=MAX_NPY_HEADER_BYTES + 1)}), "f.npz")
 
 
+@pytest.mark.parametrize("version, width", [(1, 2), (2, 4), (3, 4)])
+def test_an_npy_header_length_is_read_unsigned(version, width):
+    """The largest length the field can hold is refused as that many bytes (a signed read would take it as negative)."""
+    from mnist_hpc.dataset import read_npz_layout
+
+    largest = (1 << (8 * width)) - 1
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": (3,)}).encode() + b"\n"
+    stream = b"\x93NUMPY" + bytes([version, 0]) + largest.to_bytes(width, "little") + text + bytes(3)
+    with pytest.raises(DatasetError, match=rf"^f.npz: member y.npy has a .npy header of {largest} bytes \(numpy allows 10000\)$"):
+        read_npz_layout(zipped({"y.npy": stream}), "f.npz")
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b"'x'", b"{'descr': '|u1', 'shape': [3]}", b"{'descr': '|u1', 'shape': (-1,)}",
+                                    b"{'descr': '|u1', 'shape': (True,)}", b"{'shape': (3,)}"])
+def test_an_npy_header_that_is_no_dict_with_a_shape_and_a_descr_is_malformed(header):
+    from mnist_hpc.dataset import read_npz_layout
+
+    stream = b"\x93NUMPY\x01\x00" + (len(header) + 1).to_bytes(2, "little") + header + b"\n" + bytes(3)
+    with pytest.raises(DatasetError, match=r"^f.npz: member y.npy has a malformed \.npy header$"):
+        read_npz_layout(zipped({"y.npy": stream}), "f.npz")
+
+
+def test_a_member_of_the_npz_byte_bound_passes_the_bound_one_byte_more_is_refused():
+    """No member may claim more bytes than an MNIST npz holds, whatever its name and item size (an unknown dtype
+    counts one byte an item); at the bound the claim goes on to be checked against the zip directory."""
+    from mnist_hpc.dataset import MAX_NPZ_BYTES, read_npz_layout
+
+    def refusal(member: bytes) -> str:
+        with pytest.raises(DatasetError) as refused:
+            read_npz_layout(zipped({"e.npy": member}), "f.npz")
+        return str(refused.value)
+
+    bomb = "MNIST-like data holds at most 300000 images per split (another dataset, or a decompression bomb)"
+    assert refusal(npy((MAX_NPZ_BYTES,), body=b"")).startswith(f"f.npz: e declares shape ({MAX_NPZ_BYTES},) (")
+    assert refusal(npy((MAX_NPZ_BYTES + 1,), body=b"")) == f"f.npz: e claims shape ({MAX_NPZ_BYTES + 1},); {bomb}"
+    assert refusal(npy((MAX_NPZ_BYTES // 8 + 1,), descr="<f8", body=b"")) == f"f.npz: e claims shape ({MAX_NPZ_BYTES // 8 + 1},); {bomb}"
+    assert read_npz_layout(zipped({"e.npy": npy((MAX_NPZ_BYTES,), descr="<U5", body=b"")}), "f.npz") == {
+        "e": ((MAX_NPZ_BYTES,), "<U5")}
+    member = npy((3,), descr="<f8", body=bytes(10))
+    header = len(member) - 10
+    assert refusal(member) == (f"f.npz: e declares shape (3,) ({header + 24} bytes) but the zip directory records "
+                               f"{header + 10} bytes (damaged or forged archive)")
+
+
+def test_a_zip_that_cannot_be_read_is_named_with_the_zip_librarys_reason():
+    from mnist_hpc.dataset import read_npz_layout
+
+    with pytest.raises(DatasetError) as refused:
+        read_npz_layout(b"PK\x03\x04nope", "f.npz")
+    assert str(refused.value) == "f.npz is not a readable npz archive (damaged or truncated zip: File is not a zip file)"
+
+
+
+def test_a_member_that_runs_past_the_end_of_the_archive_is_named_by_the_error_without_a_message():
+    """zipfile raises a bare EOFError when a member's recorded size runs past the archive's end: its name stands in."""
+    import struct
+    import zipfile
+
+    from mnist_hpc.dataset import read_npz_layout
+
+    body = b"\x93NUMPY\x01\x00" + (9000).to_bytes(2, "little") + b"{"  # a header longer than what is left
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("y.npy", body)
+    data = bytearray(buffer.getvalue())
+    for signature, at in ((b"PK\x03\x04", 18), (b"PK\x01\x02", 20)):  # local header, central directory: sizes
+        start = data.index(signature) + at
+        data[start:start + 8] = struct.pack("<II", len(body) + 100_000, len(body) + 100_000)
+    with pytest.raises(DatasetError) as refused:
+        read_npz_layout(bytes(data), "f.npz")
+    assert str(refused.value) == "f.npz is not a readable npz archive (damaged or truncated zip: EOFError)"
+
+
+def test_a_layout_read_from_a_path_names_that_path(tmp_path):
+    from mnist_hpc.dataset import read_npz_layout
+
+    path = tmp_path / "x.npz"
+    path.write_bytes(zipped(mnist_members(2)))
+    assert read_npz_layout(path)["x_train"] == ((2, 28, 28), "uint8")
+    path.write_text("not a zip\n")
+    with pytest.raises(DatasetError, match=f"^{path} is not a readable npz archive: it is a text file$"):
+        read_npz_layout(path)
+
+
+@pytest.mark.parametrize("version, encoding", [(1, "latin1"), (2, "latin1"), (3, "utf-8")])
+def test_an_npy_header_is_decoded_as_its_format_version_says(version, encoding):
+    """Formats 1 and 2 are latin-1, 3 is UTF-8 (numpy's format.py): a non-ASCII descr is named as numpy would read it."""
+    from mnist_hpc.dataset import read_npz_layout
+
+    text = repr({"descr": "|\u00e91", "fortran_order": False, "shape": (3,)}).encode(encoding) + b"\n"
+    width = 2 if version == 1 else 4
+    stream = b"\x93NUMPY" + bytes([version, 0]) + len(text).to_bytes(width, "little") + text + bytes(3)
+    assert read_npz_layout(zipped({"y.npy": stream}), "f.npz") == {"y": ((3,), "|\u00e91")}
+
+
 @pytest.mark.parametrize("stream, why", [(b"\x93NUMPY\x04\x00", "is not a .npy array"), (b"\x93NUM", "is not a .npy array"),
-                                         (b"PK\x03\x04nope", "is not a .npy array")])
+                                         (b"PK\x03\x04nope", "is not a .npy array"), (b"\x93NUMPY\x01", "is not a .npy array")])
 def test_a_member_that_is_no_npy_is_refused(stream, why):
     from mnist_hpc.dataset import read_npz_layout
 
@@ -1028,6 +1282,20 @@ def test_a_file_that_is_not_an_npz_is_described(head, what):
     assert describe_bytes(head).startswith(what)
 
 
+@pytest.mark.parametrize("head, said", [
+    (b"\x93NUMPY\x01\x00", "it is a bare .npy array (one array), not a zip of the four MNIST arrays"),
+    (b"\x80\x04\x95", "it is a Python pickle (not loaded: unpickling can run code)"),
+    (b"\x1f\x8b\x08", "it is gzip-compressed (gunzip it; IDX files are passed as their directory)"),
+    (b"\x00\x00\x08\x03", "it is a single IDX file (pass the directory holding all four)"),
+    (b"<html>", "it looks like an HTML page, e.g. an error page from a proxy"),
+])
+def test_what_a_file_that_is_not_an_npz_is_says_what_to_do(head, said):
+    """The description's advice, word for word: the names a user searches for (MNIST, IDX) keep their spelling."""
+    from mnist_hpc.dataset import describe_bytes
+
+    assert describe_bytes(head) == said
+
+
 # --- the cache's manifest and names --------------------------------------------------------------
 
 
@@ -1082,6 +1350,19 @@ def test_a_cache_file_name_is_a_plain_name(name, ok):
     from mnist_hpc.cache import filename_problem
 
     assert (filename_problem(name) is None) is ok
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("", "give a file name such as mnist.npz"), (".", "give a file name such as mnist.npz"),
+    ("..", "give a file name such as mnist.npz"),
+    ("a/b", "must be a plain file name inside data.cache_dir (no '/'); put directories in data.cache_dir"),
+    (".hidden", "names starting with '.' are reserved for the cache's own files; use e.g. mnist.npz"),
+    ("x.manifest.json", "names ending in .manifest.json are reserved for manifests; use e.g. mnist.npz"),
+])
+def test_a_cache_file_name_that_cannot_be_says_what_to_give(name, problem):
+    from mnist_hpc.cache import filename_problem
+
+    assert filename_problem(name) == problem
 
 
 def test_the_command_that_fills_or_repairs_a_cache_names_its_source(tmp_path):
@@ -1652,6 +1933,83 @@ def test_bind_says_which_half_written_files_it_removed(tmp_path, caplog):
         claim.bind(tmp_path, {"data.sha256": SHA}, 1, "")
     assert [r.getMessage() for r in caplog.records] == [
         f"removed .{rundir.PROGRESS_FILE}.abc.tmp, left half-written by a writer that is gone"]
+
+
+def earlier_run(directory: Path) -> Path:
+    """A directory that an earlier launch made a run's (one of rundir.RUN_MARKERS in it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / rundir.IDENTITY_FILE).write_text("{}")
+    return directory
+
+
+def test_a_run_directory_inside_another_is_found_but_not_a_runs_own_entries_nor_hidden_ones(tmp_path):
+    assert claim.nesting_problem(tmp_path / "absent", "hydra.run.dir") is None
+    run = earlier_run(tmp_path / "run")
+    earlier_run(run / rundir.CHECKPOINT_DIR)  # a run's own entry, whatever it holds
+    earlier_run(run / ".submitit" / "x")  # hidden: submitit's folder, temporaries
+    assert claim.nesting_problem(run, "hydra.run.dir") is None
+    inner = earlier_run(run / "a" / "b")
+    assert claim.nesting_problem(run, "hydra.run.dir") == (
+        f"{run} holds the run directory {inner} of an earlier launch; choose another hydra.run.dir")
+    other = tmp_path / "other"
+    deeper = earlier_run(other / "a" / rundir.CHECKPOINT_DIR)  # a run's own entries are skipped only at the top
+    assert claim.nesting_problem(other, "hydra.run.dir") == (
+        f"{other} holds the run directory {deeper} of an earlier launch; choose another hydra.run.dir")
+
+
+def test_a_sweep_that_is_or_lies_in_an_earlier_run_and_a_trial_around_one_are_refused(tmp_path):
+    run = earlier_run(tmp_path / "run")
+    assert claim.trial_dir_problems(run, [(0, run / "0")]) == [
+        f"the sweep directory {run} is the run directory of an earlier launch; choose another hydra.sweep.dir"]
+    assert claim.trial_dir_problems(run / "sweep", [(0, run / "sweep" / "0")]) == [
+        f"{run / 'sweep'} lies inside the run directory {run} of an earlier launch; choose another hydra.sweep.dir"]
+    sweep = tmp_path / "sweep"
+    earlier_run(sweep / "old" / "0")  # a sweep may hold an earlier launch's trials, beside the new ones
+    assert claim.trial_dir_problems(sweep, [(0, sweep / "new" / "0")]) == []
+    assert claim.trial_dir_problems(sweep, [(3, sweep / "old")]) == [
+        f"trial 3 would write {sweep / 'old'}, which holds the run directory {sweep / 'old' / '0'} of an earlier launch; "
+        "choose a hydra.sweep.subdir that keeps trials apart, or another hydra.sweep.dir"]
+    assert claim.trial_dir_problems(sweep, [(4, sweep / "old" / "0" / "a"), (5, sweep / "5")]) == [
+        f"trial 4 would write {sweep / 'old' / '0' / 'a'}, inside the run directory {sweep / 'old' / '0'} of an earlier "
+        "launch; choose a hydra.sweep.subdir that keeps trials apart, or another hydra.sweep.dir"]
+
+
+def test_each_trial_directory_problem_says_what_to_set_and_none_hides_the_next(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = tmp_path / "out"
+    assert claim.trial_dir_problems(sweep, [(0, sweep), (1, out), (2, sweep / "x"), (3, sweep / "x"), (4, sweep / ".."),
+                                            (5, sweep / "y"), (6, sweep / "y" / "z")]) == [
+        f"trial 0 would write the sweep directory {sweep} itself; hydra.sweep.subdir must name a directory inside it "
+        "(e.g. ${hydra.job.num})",
+        f"trial 1 would write {out}, outside the sweep directory {sweep}; hydra.sweep.subdir must name a directory "
+        "inside it (no absolute path, no '..')",
+        f"trials 2 and 3 would both write {sweep / 'x'}; hydra.sweep.subdir must give every trial a directory of its own "
+        "(include ${hydra.job.num}, or every swept key)",
+        f"trial 4 would write {tmp_path}, outside the sweep directory {sweep}; hydra.sweep.subdir must name a directory "
+        "inside it (no absolute path, no '..')",
+        f"trial 6 would write {sweep / 'y' / 'z'}, inside trial 5's directory {sweep / 'y'}; hydra.sweep.subdir must keep "
+        "trials apart",
+    ]
+
+
+def test_a_trial_directory_name_too_long_for_the_filesystem_is_named(tmp_path):
+    long = tmp_path / ("x" * 256)
+    problem, after = claim.trial_dir_problems(tmp_path, [(7, long), (8, tmp_path / "8"), (9, tmp_path)])
+    assert after.startswith("trial 9 would write the sweep directory")  # the next trials are still checked
+    assert problem == (f"trial 7: {str(long)[:200]}: its part {'x' * 40!r}... is 256 bytes long, and a file name holds at most 255: "
+                       "choose a shorter hydra.sweep.dir or hydra.sweep.subdir")
+
+
+def test_a_sweep_directory_holding_a_search_is_refused(tmp_path):
+    from mnist_hpc.login.launcher.preflight import PreflightError, check_trial_dirs
+    from mnist_hpc.search import SPEC_FILE
+
+    (tmp_path / SPEC_FILE).write_text("{}")
+    with pytest.raises(PreflightError) as refused:
+        check_trial_dirs(tmp_path, [])
+    assert str(refused.value) == (
+        f"nothing was queued: {tmp_path} holds an asynchronous search ({SPEC_FILE}), whose study knows its own trials; "
+        "submit this sweep into another hydra.sweep.dir (or continue the search with hparams_search=optuna)")
 
 
 def test_a_trial_in_a_directory_of_the_sweeps_own_does_not_hide_the_next_trials_problem(tmp_path):

@@ -32,6 +32,7 @@ from mnist_hpc.cache import (
     manifest_path,
     object_path,
     parse_manifest,
+    prefetch_command,
     read_verified,
 )
 from mnist_hpc.config import DataConfig
@@ -231,6 +232,118 @@ def test_loader_errors_are_cache_errors_that_say_what_to_run(tmp_path: Path) -> 
     with pytest.raises(CacheMissingError) as info:
         read_verified(cfg)
     one_clean_line(info.value, str(obj), "missing", f"--from {source} --force")
+
+
+def install_object(target: Path, data: bytes, **change: object) -> dict:
+    """Make ``data`` the cache's current object, under a manifest whose sha256 and size match it (a forged one)."""
+    digest = hashlib.sha256(data).hexdigest()
+    object_path(target, digest).write_bytes(data)
+    manifest = json.loads(manifest_path(target).read_text())
+    manifest.update(sha256=digest, size=len(data), **change)
+    manifest_path(target).write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_a_manifest_that_cannot_be_read_or_parsed_says_so_and_what_to_run(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache")
+    path = manifest_path(target)
+    repair = f"run `{prefetch_command(target, force=True)}` (with `--from FILE` if you imported one) on a login node"
+    good = path.read_text().rstrip()
+    assert good.endswith("}")
+    path.write_text(good[:-1])
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    assert str(info.value) == f"the manifest {path} is not valid JSON (truncated or overwritten?); {repair}"
+    # A manifest is a few hundred bytes: no more than 64 KiB of one is read, so a huge one is refused, not parsed.
+    path.write_text(good[:-1] + " " * (70 << 10) + "}")
+    with pytest.raises(CacheCorruptError, match="is not valid JSON"):
+        check_cached(target)
+    path.write_text(good[:-1] + " " * ((64 << 10) - len(good)) + "}")
+    assert path.stat().st_size == 64 << 10 and check_cached(target)["sha256"] == json.loads(good)["sha256"]
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    assert str(info.value) == f"cannot read {path}: not a regular file"
+
+
+def test_an_object_that_cannot_be_read_says_so_and_what_to_run(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache")
+    manifest = json.loads(manifest_path(target).read_text())
+    obj = object_path(target, manifest["sha256"])
+    obj.unlink()
+    obj.mkdir()
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    assert not isinstance(info.value, CacheMissingError)
+    assert str(info.value) == f"cannot read {obj}: not a regular file; run `{prefetch_command(target, manifest)}` on a login node"
+
+
+def test_an_object_cut_short_says_how_long_it_is_and_what_to_run(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache")
+    manifest = json.loads(manifest_path(target).read_text())
+    obj = object_path(target, manifest["sha256"])
+    obj.write_bytes(obj.read_bytes()[:100])
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    assert str(info.value) == (f"{obj} is 100 bytes but its manifest records {manifest['size']} (truncated or replaced); "
+                               f"run `{prefetch_command(target, manifest)}` on a login node")
+
+
+def test_a_reader_whose_object_vanishes_under_ever_new_manifests_tries_five_times(tmp_path: Path, monkeypatch) -> None:
+    """A prefetch switching datasets under a reader makes it read the manifest again, at most READ_ATTEMPTS times."""
+    from mnist_hpc import cache
+
+    target = fill_cache(tmp_path / "cache")
+    manifest = json.loads(manifest_path(target).read_text())
+    object_path(target, manifest["sha256"]).unlink()
+    reads: list[int] = []
+    real = cache.read_manifest
+    monkeypatch.setattr(cache, "read_manifest", lambda path: reads.append(1) or real(path))
+    monkeypatch.setattr(cache, "_manifest_bytes", lambda path: b"another prefetch's manifest, each time")
+    with pytest.raises(CacheMissingError) as info:
+        check_cached(target)
+    assert len(reads) == cache.READ_ATTEMPTS == 5
+    assert str(info.value).startswith(f"{target}: its manifest names {object_path(target, manifest['sha256'])}, which is missing")
+    reads.clear()
+    monkeypatch.setattr(cache, "_manifest_bytes", lambda path: real(path)[1])  # no switch: refused at the first
+    with pytest.raises(CacheMissingError):
+        check_cached(target)
+    assert len(reads) == 1
+
+
+def test_a_forged_manifest_over_arrays_of_the_wrong_shape_names_the_cached_file(tmp_path: Path) -> None:
+    """The headers are checked before anything is inflated, on the login node too; the message names the cache's file."""
+    target = fill_cache(tmp_path / "cache")
+    bad = synthetic_mnist(n_train=600, n_test=200)
+    bad["x_train"] = bad["x_train"][:, :, :27].copy()
+    manifest = install_object(target, npz_bytes(bad))
+    with pytest.raises(CacheInvalidError) as info:
+        check_cached(target)
+    assert str(info.value) == (f"{target}: x_train has shape (600, 28, 27), expected (N, 28, 28); run "
+                               f"`{prefetch_command(target, manifest)}` on a login node")
+    assert "--from " in prefetch_command(target, manifest)  # the repair refetches the recorded source
+
+
+def test_a_forged_manifest_over_a_damaged_archive_names_the_cached_file(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache")
+    manifest = install_object(target, forged_npz(npy_member((10, 28, 28), bytes(30 * 784))))
+    with pytest.raises(CacheInvalidError) as info:
+        check_cached(target)
+    message = one_clean_line(info.value, f"run `{prefetch_command(target, manifest)}` on a login node")
+    assert message.startswith(f"{target}: x_train declares shape (10, 28, 28)")
+
+
+def test_a_manifest_whose_shapes_are_not_its_objects_is_refused_with_the_repair(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache", synthetic_mnist(n_train=600, n_test=200))
+    data = object_path(target, json.loads(manifest_path(target).read_text())["sha256"]).read_bytes()
+    recorded = {"x_train": [599, 28, 28], "y_train": [599], "x_test": [200, 28, 28], "y_test": [200]}
+    manifest = install_object(target, data, shapes=recorded)
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    actual = {"x_train": [600, 28, 28], "y_train": [600], "x_test": [200, 28, 28], "y_test": [200]}
+    assert str(info.value) == (f"{target} holds arrays of shapes {actual} but its manifest records {recorded}; run "
+                               f"`{prefetch_command(target, manifest)}` on a login node")
 
 
 def test_loader_refuses_a_forged_manifest_with_a_cache_error(tmp_path: Path) -> None:
