@@ -226,7 +226,9 @@ def _read_object(npz_path: Path) -> tuple[bytes, dict[str, Any]]:
             problem = (CacheMissingError, f"{npz_path}: its manifest names {obj}, which is missing")
         else:
             if len(data) != size:
-                problem = (CacheCorruptError, f"{obj} is {len(data)} bytes but its manifest records {size} "
+                # At most one byte past the size was read: a longer file is known to be longer only.
+                length = f"more than {size}" if len(data) > size else str(len(data))
+                problem = (CacheCorruptError, f"{obj} is {length} bytes but its manifest records {size} "
                                               "(truncated or replaced)")
             elif (digest := hashlib.sha256(data).hexdigest()) != manifest["sha256"]:
                 problem = (CacheCorruptError, f"{obj} has sha256 {digest} but its manifest records "

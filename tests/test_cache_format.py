@@ -290,6 +290,17 @@ def test_an_object_cut_short_says_how_long_it_is_and_what_to_run(tmp_path: Path)
                                f"run `{prefetch_command(target, manifest)}` on a login node")
 
 
+def test_an_object_grown_since_prefetch_says_it_is_longer_than_recorded(tmp_path: Path) -> None:
+    target = fill_cache(tmp_path / "cache")
+    manifest = json.loads(manifest_path(target).read_text())
+    obj = object_path(target, manifest["sha256"])
+    obj.write_bytes(obj.read_bytes() + b"appended by someone")
+    with pytest.raises(CacheCorruptError) as info:
+        check_cached(target)
+    assert str(info.value) == (f"{obj} is more than {manifest['size']} bytes but its manifest records {manifest['size']} "
+                               f"(truncated or replaced); run `{prefetch_command(target, manifest)}` on a login node")
+
+
 def test_a_reader_whose_object_vanishes_under_ever_new_manifests_tries_five_times(tmp_path: Path, monkeypatch) -> None:
     """A prefetch switching datasets under a reader makes it read the manifest again, at most READ_ATTEMPTS times."""
     from mnist_hpc import cache
