@@ -59,12 +59,14 @@ def default_flat() -> dict[str, Any]:
 def sleeper():
     """A live process of this host that is not this one (a stand-in for a job still running)."""
     proc = subprocess.Popen(["sleep", "600"])
-    # Its /proc entry is there as soon as Popen returns: a short deadline, so that a process_start
-    # that never answers fails here within seconds instead of hanging the test (a mutant's, say).
-    until(lambda: claim.process_start(proc.pid), "the sleeper to start", timeout_s=20)
-    yield proc
-    proc.kill()
-    proc.wait()
+    try:
+        # Its /proc entry is there as soon as Popen returns: a short deadline, so that a process_start
+        # that never answers fails here within seconds instead of hanging the test (a mutant's, say).
+        until(lambda: claim.process_start(proc.pid), "the sleeper to start", timeout_s=20)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture
