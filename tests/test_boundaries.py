@@ -78,6 +78,12 @@ def ended_pid() -> tuple[int, Optional[str]]:
     return proc.pid, start
 
 
+def test_a_process_that_is_gone_has_no_start(ended_pid: tuple[int, Optional[str]]):
+    pid, start = ended_pid
+    assert start is not None  # precondition: it had one while it lived
+    assert claim.process_start(pid) is None  # (a pid reused since would have another start: not None)
+
+
 def holder_of(proc: subprocess.Popen) -> claim.Holder:
     return claim.Holder(host=socket.gethostname(), pid=proc.pid, pid_start=claim.process_start(proc.pid))
 
