@@ -155,14 +155,21 @@ def test_packing_counts_only_the_tasks_the_gpus_let_start(monkeypatch: pytest.Mo
 # --- H6: a job requeued in held state ------------------------------------------------------------
 
 
+def trial_of_running_job(tmp_path: Path, job: str) -> None:
+    """A trial in ``tmp_path / "sweep"`` recorded as ``job``'s (as the launcher records it), once the job runs."""
+    from tests.helpers import until
+
+    make_trial(tmp_path / "sweep", 0, ["train.seed=0"], cluster="slurm", job_id=job)
+    until(lambda: sh("squeue", "-h", "-j", job, "-o", "%T").strip() == "RUNNING", f"job {job} to run", timeout_s=30)
+
+
 @pytest.mark.slurm
 def test_a_job_requeued_in_held_state_is_shown_held(tmp_path: Path) -> None:
     from tests.helpers import until
 
     job = sh("sbatch", "--parsable", "--requeue", "-J", "hostile4-requeuehold", "-o", "/dev/null", "--wrap", "sleep 60").strip()
     try:
-        make_trial(tmp_path / "sweep", 0, ["train.seed=0"], cluster="slurm", job_id=job)  # the launcher's record
-        until(lambda: sh("squeue", "-h", "-j", job, "-o", "%T").strip() == "RUNNING", f"job {job} to run", timeout_s=30)
+        trial_of_running_job(tmp_path, job)
         sh("scontrol", "requeuehold", job)
         row = until(lambda: (r := status_rows(tmp_path / "sweep")[0])["state"] == "PENDING" and r,
                     f"job {job} to be pending again", timeout_s=30, every_s=0.5)
@@ -181,8 +188,7 @@ def test_a_requeued_job_waiting_again_shows_what_its_first_run_used(tmp_path: Pa
 
     job = sh("sbatch", "--parsable", "--requeue", "-J", "hostile4-requeue-cost", "-o", "/dev/null", "--wrap", "sleep 60").strip()
     try:
-        make_trial(tmp_path / "sweep", 0, ["train.seed=0"], cluster="slurm", job_id=job)  # the launcher's record
-        until(lambda: sh("squeue", "-h", "-j", job, "-o", "%T").strip() == "RUNNING", f"job {job} to run", timeout_s=30)
+        trial_of_running_job(tmp_path, job)
         until(lambda: sh("squeue", "-h", "-j", job, "-o", "%M").strip() not in ("0:00", "0:01"), f"job {job} to run 2 s",
               timeout_s=30, every_s=0.2)
         sh("scontrol", "requeue", job)
