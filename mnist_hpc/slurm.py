@@ -808,15 +808,18 @@ def job_snapshot(job_ids: Sequence[str], settled: Sequence[str] = (),
     running = {row["raw_id"]: job for job, row in own_live.items()
                if row["state"] == "RUNNING" and row.get("raw_id") and job in snap.usage and named(job)}
     stats = query_sstat(list(running)) if running else {}
+    live_records: dict[str, list[Joined]] = {}  # the records joined to a running job, by id (once, not per job)
+    for (job, _), joined in snap.at.items():
+        if joined.live and joined.usage is not None:
+            live_records.setdefault(job, []).append(joined)
     for raw_id, (cpu_s, rss) in (stats or {}).items():
         job = running.get(raw_id)
         if job is not None:
             peak = max((r for r in (rss, snap.usage[job].max_rss_bytes) if r is not None), default=None)
             snap.usage[job] = replace(snap.usage[job], cpu_s=cpu_s, max_rss_bytes=peak)
-            for (other, _), joined in snap.at.items():
-                if other == job and joined.live and joined.usage is not None:
-                    peak = max((r for r in (rss, joined.usage.max_rss_bytes) if r is not None), default=None)
-                    joined.usage = replace(joined.usage, cpu_s=cpu_s, max_rss_bytes=peak)
+            for joined in live_records.get(job, ()):
+                peak = max((r for r in (rss, joined.usage.max_rss_bytes) if r is not None), default=None)  # type: ignore[union-attr]
+                joined.usage = replace(joined.usage, cpu_s=cpu_s, max_rss_bytes=peak)  # type: ignore[arg-type]
     return snap
 
 
