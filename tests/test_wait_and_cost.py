@@ -128,6 +128,19 @@ def test_requests_that_fit_get_no_advice(tmp_path: Path, monkeypatch: pytest.Mon
     assert cost.advice(packed_sweep(tmp_path, [30.0])) == []
 
 
+@pytest.mark.parametrize("code", ["QOSGrpCpuLimit", "AssocMaxWallDurationPerJobLimit", "SomethingNew",
+                                  "ReqNodeNotAvail, UnavailableNodes:vm", "Priority"])
+def test_the_summary_names_each_reason_code_once(code: str):
+    from mnist_hpc.login.trials import Trial
+    from mnist_hpc import rundir
+
+    pending = Trial(run_dir=None, files=rundir.RunFiles(Path()), job_id="5_0", state="PENDING", reason=code)
+    line = status.wait_summary([pending])
+    bare = code.partition(",")[0]
+    assert line.count(bare) == 1, line
+    assert line.startswith(f"1 PENDING: 1 {slurm.explain_reason(code).words}"), line
+
+
 def test_a_large_sweep_is_summarised_and_lists_only_what_needs_attention(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     sweep = tmp_path / "sweep"
     live = {}
@@ -192,6 +205,40 @@ def test_status_of_a_held_job_and_of_one_pending_on_its_dependency(tmp_path: Pat
         assert "1 waiting for the jobs it depends on to end (Dependency)" in text
     finally:
         subprocess.run(["scancel", held, dependent], timeout=30)
+
+
+def frozen_account() -> str:
+    """The local cluster's sub-account with an allowance of 0 CPUs (slurm/cluster.sh register_limits)."""
+    out = subprocess.run(["sacctmgr", "-n", "-P", "list", "assoc", "user=root", "format=account,grptres"],
+                         capture_output=True, text=True, timeout=30).stdout
+    accounts = {line.split("|")[0] for line in out.splitlines() if line.endswith("|cpu=0")}
+    accounts |= {line.split("|")[0] for line in subprocess.run(
+        ["sacctmgr", "-n", "-P", "list", "assoc", "format=account,user,grptres"], capture_output=True, text=True,
+        timeout=30).stdout.splitlines() if line.endswith("||cpu=0")}
+    [account] = sorted(accounts)
+    return account
+
+
+@pytest.mark.slurm
+def test_status_of_jobs_pending_on_a_qos_and_on_an_account_limit(tmp_path: Path):
+    """Slurm's own QoS and association reasons (the local cluster enforces both), in words, in text and --json."""
+    on_qos = sbatch("--qos=frozen", "--wrap", "true")
+    on_account = sbatch(f"--account={frozen_account()}", "--wrap", "true")
+    try:
+        fake_trials(tmp_path / "sweep", [on_qos, on_account])
+        rows = until(lambda: when(status_rows(tmp_path / "sweep"),
+                                  lambda r: [x["reason"] for x in r] == ["QOSGrpCpuLimit", "AssocGrpCpuLimit"]),
+                     "squeue to give the QoS and the account's limits as the reasons", timeout_s=30)
+        assert [r["state"] for r in rows] == ["PENDING", "PENDING"]
+        assert rows[0]["reason_words"] == "over its QoS's group allowance, which other jobs may be using (QOSGrpCpuLimit)"
+        assert rows[1]["reason_words"] == (
+            "over its account's allowance, which other jobs may be using (AssocGrpCpuLimit)")
+        assert "hydra.launcher.qos" in rows[0]["todo"] and "hydra.launcher.account" in rows[1]["todo"]
+        text = status_text(tmp_path / "sweep")
+        assert "1 over its QoS's group allowance, which other jobs may be using (QOSGrpCpuLimit): wait for jobs" in text
+        assert "1 over its account's allowance, which other jobs may be using (AssocGrpCpuLimit): wait for your" in text
+    finally:
+        subprocess.run(["scancel", on_qos, on_account], timeout=30)
 
 
 def sacct_fields(job_id: str, extra: str = "") -> dict[str, str]:

@@ -114,7 +114,8 @@ def wait_summary(pending: Sequence[Trial]) -> str:
     for code, group in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         why = group[0].wait
         assert why is not None  # pending trials have a reason (possibly "None")
-        text = f"{len(group)} {why.words} ({why.code})"
+        # Family and unknown codes are in their words already: named once.
+        text = f"{len(group)} {why.words}" + ("" if why.code in why.words else f" ({why.code})")
         # The earliest by time (a text sort would put a 5-digit year first); only foreseeable starts.
         now = datetime.now()
         starts = sorted((when, t.expected_start) for t in group
