@@ -442,12 +442,18 @@ REASONS: dict[str, tuple[str, str, bool]] = {
 # Held jobs start only once released: a start squeue foresees for one is no expected start.
 HELD_REASONS = frozenset({"JobHeldUser", "JobHeldAdmin", "job requeued in held state"})
 # Per-job limits (the job alone exceeds them: it never runs as asked) and group limits (the
-# owner's or account's running jobs use the allowance: it runs once they end).
+# owner's or account's running jobs use the allowance: it runs once they end, unless the
+# allowance itself, or what is left of a budget of minutes, is smaller than the job: that takes
+# the limit's value, which status does not ask for, so the advice names both cases).
 REASON_FAMILIES: tuple[tuple[str, str, str, bool], ...] = (
     ("QOSMax", "over a per-job limit of its QoS", "cancel it and resubmit within the QoS's limits (sacctmgr show qos)", True),
     ("AssocMax", "over a per-job limit of its account", "cancel it and resubmit within the account's limits (sacctmgr show assoc)", True),
-    ("QOSGrp", "its QoS's group allowance is in use", "wait for jobs under the same QoS to end", False),
-    ("AssocGrp", "its account's allowance is in use", "wait for your account's running jobs to end", False),
+    ("QOSGrp", "over its QoS's group allowance, which other jobs may be using",
+     "wait for jobs under the same QoS to end; if none run, the allowance is smaller than the job: cancel it and "
+     "resubmit within it or with another hydra.launcher.qos (sacctmgr show qos)", False),
+    ("AssocGrp", "over its account's allowance, which other jobs may be using",
+     "wait for your account's running jobs to end; if none run, the allowance (or what is left of its budget) is "
+     "smaller than the job: ask your site, or resubmit with another hydra.launcher.account (sacctmgr show assoc)", False),
 )
 
 
@@ -926,6 +932,55 @@ def parse_partitions(text: str) -> dict[str, PartitionLimits]:
             _limit(fields.get("MaxMemPerNode")),
         )
     return found
+
+
+@dataclass(frozen=True)
+class QosLimits:
+    """A QoS's limits on one job, as ``sacctmgr show qos`` gives them (``cpu``, ``mem`` in MB, ``gpu``,
+    ``node``; absent: unlimited)."""
+
+    name: str
+    per_job: dict[str, int]
+    per_node: dict[str, int]
+    max_wall_min: Optional[float]
+
+
+# The QoS limits read: name, MaxTRESPerJob, MaxTRESPerNode, MaxWall.
+QOS_FORMAT = "name,maxtresperjob,maxtrespernode,maxwall"
+
+
+def _tres_limits(text: str) -> dict[str, int]:
+    """``cpu=4,mem=8G,gres/gpu=2,node=1`` as ``{"cpu": 4, "mem": 8192, "gpu": 2, "node": 1}`` (memory in MB);
+    what this parser does not read is left out (sbatch --test-only has judged it)."""
+    limits: dict[str, int] = {}
+    for key, value in parse_tres(text).items():
+        if key in ("cpu", "node") and value.isdigit():
+            limits[key] = int(value)
+        elif key == "mem" and (size := parse_bytes(value)) is not None:
+            limits["mem"] = size // 1024**2 if value.strip()[-1:].isalpha() else size  # a bare number is MB
+        elif key in ("gres/gpu", "gpu") and value.isdigit():
+            limits["gpu"] = int(value)
+    return limits
+
+
+def parse_qos(text: str, name: str) -> Optional[QosLimits]:
+    """``name``'s line of ``sacctmgr -n -P show qos NAME format=`` :data:`QOS_FORMAT`, or None when absent or unreadable."""
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4 or parts[0] != name:
+            continue
+        try:
+            wall = slurm_minutes(parts[3]) if parts[3].strip() else None
+        except ValueError:
+            wall = None
+        return QosLimits(name, _tres_limits(parts[1]), _tres_limits(parts[2]), wall)
+    return None
+
+
+def qos_limits(name: str) -> Optional[QosLimits]:
+    """A QoS's per-job limits (one ``sacctmgr`` call), or None when they cannot be read."""
+    out = run_client(["sacctmgr", "-n", "-P", "show", "qos", name, f"format={QOS_FORMAT}"])
+    return None if out is None else parse_qos(out, name)
 
 
 def site_limits() -> Optional[tuple[dict[str, PartitionLimits], list[NodeLimits]]]:

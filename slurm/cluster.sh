@@ -4,6 +4,7 @@
 #   sudo slurm/cluster.sh start    # install (if needed), configure and start everything
 #   sudo slurm/cluster.sh status   # exit 0 only if the cluster accepts jobs
 #   sudo slurm/cluster.sh stop     # stop every daemon again
+#   sudo slurm/cluster.sh add-user NAME...  # let users created since submit jobs
 #
 # The point is to exercise the submitit/Hydra launcher against the genuine
 # slurmctld/slurmd/slurmdbd (requeue, signals, arrays, sacct), not a mock.
@@ -499,9 +500,14 @@ InactiveLimit=0
 Waittime=0
 
 # Accounting through slurmdbd so that sacct works; gres/gpu so that AllocTRES
-# names the GPUs a job had (the report's GPU-hours).
+# names the GPUs a job had (the report's GPU-hours). Associations, their
+# limits and QoS are enforced, as on most sites: a user needs an association
+# (register_accounting, cmd_add_user), and the QoS and sub-account that
+# register_accounting makes give the tests Slurm's own QoS and association
+# refusals and pending reasons.
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageTRES=gres/gpu
+AccountingStorageEnforce=associations,limits,qos
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
 JobCompType=jobcomp/none
@@ -563,17 +569,72 @@ register_accounting() {
       Description="mnist-hpc jobs" Organization=mnist-hpc >/dev/null ||
       fail slurmdbd -- "sacctmgr add account failed"
   fi
+  register_limits
   users=${SLURM_CLUSTER_USERS:-root ${SUDO_USER:-}}
-  for user in $users; do
+  for user in $users; do associate "$user"; done
+}
+
+# Two QoS and a sub-account with limits, for the tests of Slurm's own answers:
+#   QoS small: at most 1 CPU, 1 GB and 5 minutes per job, refused at submission
+#     (DenyOnLimit): sbatch --test-only answers "Job violates accounting/QOS policy";
+#   QoS frozen: a group allowance of 0 CPUs: its jobs pend (QOSGrpCpuLimit);
+#   account ${ACCOUNT}-frozen: the same for an association (AssocGrpCpuLimit).
+# The users of ACCOUNT may use both QoS (default: normal) and the sub-account.
+register_limits() {
+  local out qos
+  out=$(timeout 20 sacctmgr -n -P list qos format=name) || fail slurmdbd -- "sacctmgr list qos failed"
+  for qos in small frozen; do
+    if ! grep -qx "$qos" <<<"$out"; then
+      timeout 20 sacctmgr -i add qos "$qos" >/dev/null || fail slurmdbd -- "sacctmgr add qos $qos failed"
+    fi
+  done
+  # Set each start (a no-op when unchanged), so that an older cluster's QoS get today's limits.
+  timeout 20 sacctmgr -i modify qos small set MaxTRESPerJob=cpu=1,mem=1024M MaxWall=5 Flags=DenyOnLimit >/dev/null ||
+    fail slurmdbd -- "sacctmgr modify qos small failed"
+  timeout 20 sacctmgr -i modify qos frozen set GrpTRES=cpu=0 >/dev/null ||
+    fail slurmdbd -- "sacctmgr modify qos frozen failed"
+  out=$(timeout 20 sacctmgr -n -P list assoc cluster="$CLUSTER_NAME" account="$ACCOUNT" user= format=qos) ||
+    fail slurmdbd -- "sacctmgr list assoc failed"
+  if [[ $out != *small* || $out != *frozen* ]]; then
+    timeout 20 sacctmgr -i modify account "$ACCOUNT" where cluster="$CLUSTER_NAME" \
+      set QOS=normal,small,frozen DefaultQOS=normal >/dev/null ||
+      fail slurmdbd -- "sacctmgr modify account $ACCOUNT failed"
+  fi
+  out=$(timeout 20 sacctmgr -n -P list account "$ACCOUNT-frozen" format=account) ||
+    fail slurmdbd -- "sacctmgr list account failed"
+  if [[ -z $out ]]; then
+    timeout 20 sacctmgr -i add account "$ACCOUNT-frozen" Parent="$ACCOUNT" Cluster="$CLUSTER_NAME" \
+      GrpTRES=cpu=0 Description="jobs that pend on an association limit" Organization=mnist-hpc >/dev/null ||
+      fail slurmdbd -- "sacctmgr add account $ACCOUNT-frozen failed"
+  fi
+}
+
+# associate <user>: the user may submit in ACCOUNT (default) and ACCOUNT-frozen.
+# An association made before its Unix user existed names no uid in slurmctld
+# (it shows as user(4294967294)), and sbatch then refuses that user's jobs
+# ("Invalid account"); it is made again, which makes slurmctld look the uid up.
+associate() {
+  local user=$1 account out
+  if getent passwd "$user" >/dev/null && is_running slurmctld &&
+    timeout 20 scontrol show assoc_mgr users="$user" flags=assoc 2>/dev/null | grep -q "UserName=$user(4294967294)"; then
+    timeout 20 sacctmgr -i delete user "$user" >/dev/null || fail slurmdbd -- "sacctmgr delete user $user failed"
+  fi
+  for account in "$ACCOUNT" "$ACCOUNT-frozen"; do
     out=$(timeout 20 sacctmgr -n -P list assoc cluster="$CLUSTER_NAME" \
-      account="$ACCOUNT" user="$user" format=user) ||
+      account="$account" user="$user" format=user) ||
       fail slurmdbd -- "sacctmgr list assoc failed"
     if [[ -z $out ]]; then
-      timeout 20 sacctmgr -i add user "$user" Account="$ACCOUNT" \
+      timeout 20 sacctmgr -i add user "$user" Account="$account" \
         Cluster="$CLUSTER_NAME" >/dev/null ||
         fail slurmdbd -- "sacctmgr add user $user failed"
     fi
   done
+  out=$(timeout 20 sacctmgr -n -P list user "$user" format=defaultaccount) ||
+    fail slurmdbd -- "sacctmgr list user failed"
+  if [[ $out != "$ACCOUNT" ]]; then
+    timeout 20 sacctmgr -i modify user "$user" set DefaultAccount="$ACCOUNT" >/dev/null ||
+      fail slurmdbd -- "sacctmgr modify user $user failed"
+  fi
 }
 
 ctld_up() {
@@ -798,6 +859,15 @@ cmd_stop() {
   say "all daemons stopped"
 }
 
+# Users a test creates after the cluster started (tests/helpers.py): with
+# associations enforced, their jobs are refused until they have one.
+cmd_add_user() {
+  (($#)) || { echo "usage: $PROG add-user USER..." >&2; exit 2; }
+  is_running slurmdbd || fail slurmdbd -- "slurmdbd is not running: run $PROG start first"
+  local user
+  for user in "$@"; do associate "$user"; done
+}
+
 cmd_status() {
   local host
   host=$(short_hostname)
@@ -814,8 +884,9 @@ main() {
   local cmd=${1:-}
   case $cmd in
     start | stop | status) ;;
+    add-user) cmd=add_user ;;
     *)
-      echo "usage: $PROG {start|stop|status}" >&2
+      echo "usage: $PROG {start|stop|status|add-user USER...}" >&2
       exit 2
       ;;
   esac
@@ -829,7 +900,8 @@ main() {
     exec 9>"$LOCK_FILE"
     flock -w 300 9 || { echo "$PROG: could not get $LOCK_FILE" >&2; exit 1; }
   fi
-  "cmd_$cmd"
+  shift
+  "cmd_$cmd" "$@"
 }
 
 main "$@"

@@ -602,6 +602,14 @@ def require_cluster() -> None:
         pytest.skip(message)
 
 
+def slurm_associate(*users: str) -> None:
+    """Let ``users`` (created by :func:`ensure_users`, maybe after the cluster started) submit jobs:
+    the local cluster enforces associations (``slurm/cluster.sh add-user``)."""
+    added = subprocess.run([str(REPO / "slurm" / "cluster.sh"), "add-user", *users], capture_output=True, text=True,
+                           timeout=300)
+    assert added.returncode == 0, added.stdout + added.stderr
+
+
 def sh(*cmd: str) -> str:
     """A Slurm client's (or any command's) stdout; it must succeed."""
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=True).stdout

@@ -46,6 +46,7 @@ from tests.helpers import (
     fill_cache,
     need,
     precondition,
+    slurm_associate,
     tiny_overrides,
 )
 
@@ -646,6 +647,7 @@ class People:
                 f"hydra.sweep.dir={sweep}", *tiny_overrides(cache, sweep.parent / "out"), "hydra.launcher.trials_per_task=1",
                 *overrides]
         if launcher == "slurm":
+            slurm_associate(A)  # a user made since the cluster started has no association yet
             args += ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10",
                      "+hydra.launcher.additional_parameters.hold=true"]
         proc = self.run(A, *args)

@@ -88,6 +88,9 @@ def test_a_gpu_sites_partitions_and_nodes() -> None:
     ("reservation", 1, False, "Requested reservation is invalid"),
     ("gres", 1, False, "Invalid generic resource (gres) specification"),
     ("qos_policy", 1, False, "Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)"),
+    ("qos_cpu", 1, False, "QOSMaxCpuPerJobLimit; Job violates accounting/QOS policy (job submit limit, user's size "
+                          "and/or time limits)"),
+    ("invalid_qos", 1, False, "Invalid qos specification"),
     ("invalid_account", 1, False, "Invalid account or account/partition combination specified"),
     ("time_limit", 1, False, "Requested time limit is invalid (missing or exceeds some limit)"),
 ])
@@ -124,7 +127,8 @@ def test_silence_and_a_failure_code_is_a_refusal_that_says_so() -> None:
 
 
 @pytest.mark.parametrize("name, where", [
-    ("qos_policy", "hydra.launcher.qos"), ("invalid_account", "hydra.launcher.account"),
+    ("qos_policy", "hydra.launcher.qos"), ("qos_cpu", "hydra.launcher.qos"), ("invalid_qos", "hydra.launcher.qos"),
+    ("invalid_account", "hydra.launcher.account"),
     ("partition", "hydra.launcher.partition"), ("time_limit", "hydra.launcher.timeout_min"),
     ("node_config", "hydra.launcher.cpus_per_task, mem_gb"), ("gres", "hydra.launcher.gpus_per_node"),
     ("reservation", "hydra.launcher.additional_parameters.reservation"),
@@ -364,3 +368,91 @@ def test_gpu_slots_count_each_usable_node_once_by_its_free_gpus():
     assert slurm.parse_gpu_slots(SINFO_GPUS, "gpu", 1) == 3 and slurm.parse_gpu_slots(SINFO_GPUS, "gpu", 2) == 1
     assert slurm.parse_gpu_slots(SINFO_GPUS, "one", 1) == 0
     assert slurm.parse_gpu_slots(SINFO_GPUS, "nope", 1) is None and slurm.parse_gpu_slots("", None, 1) is None
+
+
+# --- a QoS's per-job limits, named when Slurm refuses them ---
+
+
+def test_qos_limits_are_read_from_sacctmgr() -> None:
+    text = read("sacctmgr_qos.txt")
+    assert slurm.parse_qos(text, "small") == slurm.QosLimits("small", {"cpu": 1, "mem": 1024}, {}, 5)
+    assert slurm.parse_qos(text, "normal") == slurm.QosLimits("normal", {}, {}, None)
+    assert slurm.parse_qos(text, "nope") is None
+    # A site's forms: memory in MB with and without its unit, GPUs, nodes, per node, a day of wall time.
+    site = "gpu|cpu=64,mem=256000,gres/gpu=8,node=2,billing=99|cpu=32,mem=128G,gres/gpu=4|1-00:00:00\n"
+    assert slurm.parse_qos(site, "gpu") == slurm.QosLimits(
+        "gpu", {"cpu": 64, "mem": 256000, "gpu": 8, "node": 2}, {"cpu": 32, "mem": 131072, "gpu": 4}, 1440)
+
+
+def test_any_sacctmgr_answer_is_read_without_raising() -> None:
+    """Another process's output: whatever it holds, the parser answers limits or None."""
+    import random
+
+    rng = random.Random(23)
+    alphabet = "small|=,cpu mem gres/gpu node 0123456789GMKT:-x\n\t"
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(60)))
+        limits = slurm.parse_qos(text, "small")
+        assert limits is None or (limits.name == "small" and all(v >= 0 for v in limits.per_job.values()))
+
+
+def qos_request(**conf_kw) -> tuple[dict[str, str], SlurmQueueConf]:
+    conf = SlurmQueueConf(**{"cpus_per_task": 1, "mem_gb": 1, "timeout_min": 5, "qos": "small", **conf_kw})
+    return rendered(conf), conf
+
+
+SMALL = slurm.QosLimits("small", {"cpu": 1, "mem": 1024}, {}, 5)
+SITE_QOS = slurm.QosLimits("gpu", {"cpu": 16, "gpu": 4, "node": 2}, {"cpu": 8, "mem": 8192, "gpu": 2}, 1440)
+
+
+@pytest.mark.parametrize("qos, conf_kw, problem", [
+    (SMALL, {}, None),
+    (SMALL, {"cpus_per_task": 2}, "hydra.launcher.cpus_per_task=2 asks for 2 CPUs per job, but QoS small allows 1 "
+                                  "(MaxTRESPerJob cpu=1); hydra.launcher.cpus_per_task=1 fits"),
+    (SMALL, {"mem_gb": 1.5}, "hydra.launcher.mem_gb=1.5 asks for 1.5 GB per job, but QoS small allows 1 GB "
+                             "(MaxTRESPerJob mem=1024M); hydra.launcher.mem_gb=1 fits"),
+    (SMALL, {"timeout_min": 6}, "hydra.launcher.timeout_min=6 asks for 6 minutes, but QoS small allows 00:05:00 "
+                                "(MaxWall); hydra.launcher.timeout_min=5 fits"),
+    (SITE_QOS, {"cpus_per_task": 8, "nodes": 2, "timeout_min": 60}, None),
+    (SITE_QOS, {"cpus_per_task": 5, "tasks_per_node": 2, "nodes": 1, "timeout_min": 60},
+     "hydra.launcher.cpus_per_task=5 x hydra.launcher.tasks_per_node=2 asks for 10 CPUs per node, but QoS gpu allows 8 "
+     "(MaxTRESPerNode cpu=8); hydra.launcher.cpus_per_task=4 fits"),
+    (SITE_QOS, {"cpus_per_task": 6, "tasks_per_node": 2, "nodes": 2, "timeout_min": 60},
+     "hydra.launcher.cpus_per_task=6 x hydra.launcher.tasks_per_node=2 x hydra.launcher.nodes=2 asks for 24 CPUs per "
+     "job, but QoS gpu allows 16 (MaxTRESPerJob cpu=16); hydra.launcher.cpus_per_task=4 fits"),
+    (SITE_QOS, {"nodes": 3, "timeout_min": 60}, "hydra.launcher.nodes=3 asks for 3 nodes, but QoS gpu allows 2 "
+                                                "(MaxTRESPerJob node=2); hydra.launcher.nodes=2 fits"),
+    (SITE_QOS, {"gpus_per_node": 3, "timeout_min": 60},
+     "the job asks for 3 GPU(s) per node, but QoS gpu allows 2 (MaxTRESPerNode gres/gpu=2); "
+     "hydra.launcher.gpus_per_node=2 fits"),
+    (SITE_QOS, {"mem_gb": 9, "timeout_min": 60}, "hydra.launcher.mem_gb=9 asks for 9 GB per node, but QoS gpu allows "
+                                                 "8 GB (MaxTRESPerNode mem=8192M); hydra.launcher.mem_gb=8 fits"),
+    (SITE_QOS, {"timeout_min": 1441}, "hydra.launcher.timeout_min=1441 asks for 1441 minutes, but QoS gpu allows "
+                                      "1-00:00:00 (MaxWall); hydra.launcher.timeout_min=1440 fits"),
+])
+def test_a_qos_limit_is_named_with_a_value_that_fits(qos, conf_kw, problem) -> None:
+    from mnist_hpc.login.launcher.site import qos_problem
+
+    flags, conf = qos_request(**conf_kw)
+    assert qos_problem(request_of(flags, conf), qos) == problem
+
+
+@pytest.mark.parametrize("name", ["qos_cpu", "qos_mem", "qos_time"])
+def test_slurms_qos_refusal_gets_the_qos_limit_or_stays_slurms_own(name, monkeypatch) -> None:
+    """Recorded refusals of the local cluster's QoS small; the limit is asked of sacctmgr only then."""
+    from mnist_hpc.login.launcher.site import qos_refusal
+
+    asked: list[str] = []
+    monkeypatch.setattr(slurm, "qos_limits", lambda q: asked.append(q) or SMALL)
+    answer = slurm.parse_will_run(1, read(f"test_only_{name}.txt"))
+    too_much = {"qos_cpu": {"cpus_per_task": 2}, "qos_mem": {"mem_gb": 2}, "qos_time": {"timeout_min": 6}}[name]
+    message = qos_refusal(answer, *qos_request(**too_much))
+    assert message is not None and message.startswith("nothing was queued: Slurm refuses this job (sbatch --test-only): ")
+    assert "QoS small allows" in message and message.endswith("fits") and asked == ["small"]
+    # Slurm's own words stay when the job names no QoS, the refusal is not a QoS limit, or the limits cannot be read.
+    flags, conf = qos_request(cpus_per_task=2, qos=None)
+    assert qos_refusal(answer, flags, conf) is None
+    assert qos_refusal(slurm.parse_will_run(1, read("test_only_invalid_account.txt")), *qos_request(cpus_per_task=2)) is None
+    monkeypatch.setattr(slurm, "qos_limits", lambda q: None)
+    assert qos_refusal(answer, *qos_request(cpus_per_task=2)) is None
+    assert asked == ["small"]

@@ -1,8 +1,9 @@
 """The site preflight on the real local cluster (issue 23 items 1, 4 and 5): what no node or
 partition limit can ever run is refused in one line naming the setting, the limit and a value
 that fits, with nothing queued; a request that fits (new sbatch keys without '+') is queued after
-one ``sbatch --test-only`` for the whole launch; Slurm's own refusal (a QoS limit, which this
-cluster does not enforce: its answer is replayed from tests/data/site) stops the launch as well.
+one ``sbatch --test-only`` for the whole launch; Slurm's own refusal (a QoS limit or an unknown
+account: the local cluster enforces both) stops the launch as well, a QoS limit named with a value
+that fits.
 
 The limits expected below are read from the cluster by the test itself (sinfo, scontrol), not
 from the code under test.
@@ -18,11 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, job_records, squeue_ids, submit, subprocess_env, tiny_overrides
+from tests.helpers import job_records, squeue_ids, submit, subprocess_env, tiny_overrides
 
 pytestmark = pytest.mark.slurm
-
-SITE_DATA = REPO / "tests" / "data" / "site"
 
 
 def largest(column: str, partition: str) -> int:
@@ -83,15 +82,13 @@ def test_impossible_cpus_memory_and_time_are_refused_in_one_line(synthetic_cache
         assert_nothing_queued(tmp_path)
 
 
-def sbatch_recorder(tmp_path: Path, test_only_answer: Path | None = None) -> tuple[dict[str, str], Path]:
-    """An environment whose ``sbatch`` logs each call and runs the real one (or, for ``--test-only``,
-    prints ``test_only_answer`` and fails, as Slurm does when a limit refuses)."""
+def sbatch_recorder(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose ``sbatch`` logs each call and runs the real one."""
     real = shutil.which("sbatch")
     assert real is not None
     shims, log = tmp_path / "shims", tmp_path / "sbatch-calls"
     shims.mkdir()
-    replay = (f'if [ "$1" = --test-only ]; then cat {test_only_answer} >&2; exit 1; fi\n' if test_only_answer else "")
-    (shims / "sbatch").write_text(f'#!/bin/bash\necho "$*" >> {log}\n{replay}exec {real} "$@"\n')
+    (shims / "sbatch").write_text(f'#!/bin/bash\necho "$*" >> {log}\nexec {real} "$@"\n')
     (shims / "sbatch").chmod(stat.S_IRWXU)
     env = subprocess_env()
     env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
@@ -119,16 +116,58 @@ def test_a_fitting_request_is_queued_after_one_test_only_for_the_whole_launch(sy
     assert sorted(queued) == sorted(f"{r['job_id']}|short|{limit}:00|JobHeldUser" for r in records)
 
 
-def test_slurms_own_refusal_stops_the_launch(synthetic_cache, tmp_path):
-    """A QoS limit (what sbatch --test-only answers on a site that enforces one) refuses the launch in one line."""
-    env, log = sbatch_recorder(tmp_path, SITE_DATA / "test_only_qos_policy.txt")
+def qos_limits(name: str) -> str:
+    out = subprocess.run(["sacctmgr", "-n", "-P", "show", "qos", name, "format=maxtresperjob,maxwall"],
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+    return out
+
+
+def test_slurms_own_qos_and_account_refusals_stop_the_launch(synthetic_cache, tmp_path):
+    """The local cluster enforces associations and QoS (slurm/cluster.sh): QoS small allows 1 CPU, 1 GB and
+    5 minutes per job and refuses more at submission. sbatch --test-only refuses; the refusal names the setting,
+    the QoS's limit and a value that fits; an unknown account is refused as Slurm says. Nothing is queued."""
+    assert qos_limits("small") == "cpu=1,mem=1G|00:05:00"  # precondition: the cluster's QoS, as the test reads it
+    prefix = "nothing was queued: Slurm refuses this job (sbatch --test-only): "
+    cases = [
+        (["hydra.launcher.cpus_per_task=2"],
+         "hydra.launcher.cpus_per_task=2 asks for 2 CPUs per job, but QoS small allows 1 (MaxTRESPerJob cpu=1); "
+         "hydra.launcher.cpus_per_task=1 fits"),
+        (["hydra.launcher.mem_gb=2"],
+         "hydra.launcher.mem_gb=2 asks for 2 GB per job, but QoS small allows 1 GB (MaxTRESPerJob mem=1024M); "
+         "hydra.launcher.mem_gb=1 fits"),
+        (["hydra.launcher.timeout_min=6"],
+         "hydra.launcher.timeout_min=6 asks for 6 minutes, but QoS small allows 00:05:00 (MaxWall); "
+         "hydra.launcher.timeout_min=5 fits"),
+    ]
+    for extra, expected in cases:
+        env, log = sbatch_recorder(tmp_path)
+        proc = submit(args(synthetic_cache, tmp_path, "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+                           "hydra.launcher.timeout_min=5", "hydra.launcher.qos=small", *extra), tmp_path, env=env)
+        assert refusal_line(proc) == prefix + expected
+        assert [c.startswith("--test-only") for c in log.read_text().splitlines()] == [True]
+        assert_nothing_queued(tmp_path)
+        shutil.rmtree(tmp_path / "shims")
+        (tmp_path / "sbatch-calls").unlink()
     proc = submit(args(synthetic_cache, tmp_path, "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
-                       "hydra.launcher.qos=normal"), tmp_path, env=env)
+                       "hydra.launcher.account=no-such-account"), tmp_path)
     assert refusal_line(proc) == (
-        "nothing was queued: Slurm refuses this job (sbatch --test-only): Job violates accounting/QOS policy (job submit "
-        "limit, user's size and/or time limits); check hydra.launcher.qos (sacctmgr show qos; sacctmgr show assoc user=$USER)")
-    assert [c.startswith("--test-only") for c in log.read_text().splitlines()] == [True]
+        prefix + "Invalid account or account/partition combination specified; check hydra.launcher.account "
+        "(sacctmgr show assoc user=$USER)")
     assert_nothing_queued(tmp_path)
+
+
+def test_a_request_within_the_qos_is_queued_under_it(synthetic_cache, tmp_path):
+    proc = submit(args(synthetic_cache, tmp_path, "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+                       "hydra.launcher.timeout_min=5", "hydra.launcher.qos=small",
+                       "hydra.launcher.additional_parameters={hold: true}"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = job_records(tmp_path / "sweep")
+    try:
+        queued = subprocess.run(["squeue", "-h", "-j", record["job_id"], "-o", "%q|%r"], capture_output=True, text=True,
+                                timeout=30).stdout.split()
+        assert queued == ["small|JobHeldUser"]
+    finally:
+        subprocess.run(["scancel", record["job_id"]], timeout=30)
 
 
 def test_a_search_whose_workers_cannot_run_is_refused_before_its_study_is_written(synthetic_cache, tmp_path):

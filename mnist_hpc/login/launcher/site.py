@@ -13,7 +13,9 @@ launch's trials share their ``hydra.launcher``):
    CPUs, memory and GPUs per node, MaxTime, MaxNodes. A refusal is one line naming the setting,
    the limit and a value that fits;
 2. ``sbatch --test-only`` with the script: QoS, associations, reservations, features, and sbatch
-   options it does not know. Its expected start is returned for the launch to print.
+   options it does not know. Its expected start is returned for the launch to print. When it
+   refuses a per-job limit of the QoS the job names, that QoS's limits (one ``sacctmgr`` call)
+   name the setting, the limit and a value that fits, as for a partition.
 
 A request that could run, only not now, is not refused. The local launcher has no site.
 """
@@ -235,6 +237,55 @@ HINTS = (
 )
 
 
+def qos_problem(request: Request, qos: slurm.QosLimits) -> Optional[str]:
+    """Which per-job or per-node limit of ``qos`` the request is over (one line with a value that fits), or None."""
+    nodes, tasks = request.nodes, request.tasks_per_node
+    cpus = request.cpus_per_task * tasks
+    where = f"QoS {qos.name} allows"
+    for per, scale, limits, label in (("job", nodes, qos.per_job, "MaxTRESPerJob"), ("node", 1, qos.per_node, "MaxTRESPerNode")):
+        if "cpu" in limits and cpus * scale > limits["cpu"]:
+            per_task = limits["cpu"] // (tasks * scale)
+            asked = request.asked("cpus-per-task") + (f" x {request.asked('ntasks-per-node')}" if tasks > 1 else "")
+            asked += f" x {request.asked('nodes')}" if scale > 1 else ""
+            fit = (f"{request.name('cpus-per-task')}={per_task} fits" if per_task >= 1
+                   else "ask for fewer tasks or nodes, or another hydra.launcher.qos")
+            return f"{asked} asks for {cpus * scale} CPUs per {per}, but {where} {limits['cpu']} ({label} cpu={limits['cpu']}); {fit}"
+        if "mem" in limits and request.mem_mb is not None and request.mem_mb * scale > limits["mem"]:
+            name, most = request.name("mem"), limits["mem"] // scale
+            fit = (f"{name}={_fit_gb(most)}" if name == "hydra.launcher.mem_gb" else f"{name}={most}M") + " fits"
+            return (f"{request.asked('mem')} asks for {request.mem_mb * scale / 1024:g} GB per {per}, but {where} "
+                    f"{limits['mem'] / 1024:g} GB ({label} mem={limits['mem']}M); {fit}")
+        if "gpu" in limits and request.gpus_per_node * scale > limits["gpu"]:
+            most = limits["gpu"] // scale
+            fit = f"hydra.launcher.gpus_per_node={most} fits" if most else "drop the GPUs or use another hydra.launcher.qos"
+            return (f"the job asks for {request.gpus_per_node * scale} GPU(s) per {per}, but {where} {limits['gpu']} "
+                    f"({label} gres/gpu={limits['gpu']}); {fit}")
+    if "node" in qos.per_job and nodes > qos.per_job["node"]:
+        return (f"{request.asked('nodes')} asks for {nodes} nodes, but {where} {qos.per_job['node']} "
+                f"(MaxTRESPerJob node={qos.per_job['node']}); {request.name('nodes')}={qos.per_job['node']} fits")
+    if qos.max_wall_min is not None and request.minutes is not None and request.minutes > qos.max_wall_min:
+        return (f"{request.asked('time')} asks for {request.minutes:g} minutes, but {where} {_hhmmss(qos.max_wall_min)} "
+                f"(MaxWall); {request.name('time')}={int(qos.max_wall_min)} fits")
+    return None
+
+
+def qos_refusal(answer: slurm.WillRun, flags: dict[str, str], conf: SlurmQueueConf) -> Optional[str]:
+    """The QoS limit a refusal of Slurm's is about, named with a value that fits (one ``sacctmgr`` call,
+    on this refusal only), or None when the refusal is not a QoS limit of the QoS the job names, or
+    the limit cannot be read or found."""
+    error = answer.error or ""
+    if not flags.get("qos") or ("QOSMax" not in error and "accounting/QOS policy" not in error):
+        return None
+    qos = slurm.qos_limits(flags["qos"])
+    if qos is None:
+        return None
+    try:
+        problem = qos_problem(request_of(flags, conf), qos)
+    except ValueError:
+        return None
+    return None if problem is None else f"nothing was queued: Slurm refuses this job (sbatch --test-only): {problem}"
+
+
 def refusal(answer: slurm.WillRun) -> str:
     """One line: what Slurm said about the request, and where to look."""
     error = answer.error or "no reason given"
@@ -298,7 +349,7 @@ def check_site(executor: Any, conf: SlurmQueueConf) -> list[str]:
     if answer is None:
         lines.append("note: sbatch --test-only could not be asked: Slurm did not judge the job before it was queued")
     elif not answer.ok:
-        raise PreflightError(refusal(answer))
+        raise PreflightError(qos_refusal(answer, flags, conf) or refusal(answer))
     else:
         lines.insert(0, start_line(answer, datetime.now()))
     return lines
