@@ -437,6 +437,31 @@ def test_a_qos_limit_is_named_with_a_value_that_fits(qos, conf_kw, problem) -> N
     assert qos_problem(request_of(flags, conf), qos) == problem
 
 
+NOWHERE = "no job can ask that little: use another hydra.launcher.qos"
+
+
+@pytest.mark.parametrize("limits, conf_kw, fit", [
+    (slurm.QosLimits("q", {"cpu": 0}, {}, None), {}, NOWHERE),
+    (slurm.QosLimits("q", {"cpu": 1}, {}, None), {"tasks_per_node": 2},
+     "ask for fewer tasks per node or nodes, or use another hydra.launcher.qos"),
+    (slurm.QosLimits("q", {"mem": 0}, {}, None), {}, NOWHERE),
+    (slurm.QosLimits("q", {"mem": 5}, {}, None), {}, NOWHERE),  # under 0.01 GB: mem_gb cannot say it
+    (slurm.QosLimits("q", {"mem": 512}, {}, None), {}, "hydra.launcher.mem_gb=0.5 fits"),
+    (slurm.QosLimits("q", {"node": 0}, {}, None), {}, NOWHERE),
+    (slurm.QosLimits("q", {}, {}, 0.5), {}, NOWHERE),
+    (slurm.QosLimits("q", {}, {}, 0), {}, NOWHERE),
+    (slurm.QosLimits("q", {"gpu": 0}, {}, None), {"gpus_per_node": 1}, "drop the GPUs or use another hydra.launcher.qos"),
+])
+def test_a_qos_limit_below_any_job_names_no_value_that_would_be_refused(limits, conf_kw, fit) -> None:
+    """0 CPUs, 0 nodes, a MaxWall under a minute, memory mem_gb cannot state: never `...=0 fits` (0 is refused)."""
+    from mnist_hpc.login.launcher.site import qos_problem
+
+    flags, conf = qos_request(**{"qos": "q", **conf_kw})
+    problem = qos_problem(request_of(flags, conf), limits)
+    assert problem is not None and problem.endswith(fit), problem
+    assert "=0 fits" not in problem
+
+
 @pytest.mark.parametrize("name", ["qos_cpu", "qos_mem", "qos_time"])
 def test_slurms_qos_refusal_gets_the_qos_limit_or_stays_slurms_own(name, monkeypatch) -> None:
     """Recorded refusals of the local cluster's QoS small; the limit is asked of sacctmgr only then."""

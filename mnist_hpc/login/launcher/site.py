@@ -237,6 +237,11 @@ HINTS = (
 )
 
 
+def _fits(setting: Optional[str]) -> str:
+    """``X=v fits``, or (a QoS limit below any job's least: 0 CPUs, nodes, a minute) where else to go."""
+    return f"{setting} fits" if setting else "no job can ask that little: use another hydra.launcher.qos"
+
+
 def qos_problem(request: Request, qos: slurm.QosLimits) -> Optional[str]:
     """Which per-job or per-node limit of ``qos`` the request is over (one line with a value that fits), or None."""
     nodes, tasks = request.nodes, request.tasks_per_node
@@ -247,12 +252,17 @@ def qos_problem(request: Request, qos: slurm.QosLimits) -> Optional[str]:
             per_task = limits["cpu"] // (tasks * scale)
             asked = request.asked("cpus-per-task") + (f" x {request.asked('ntasks-per-node')}" if tasks > 1 else "")
             asked += f" x {request.asked('nodes')}" if scale > 1 else ""
-            fit = (f"{request.name('cpus-per-task')}={per_task} fits" if per_task >= 1
-                   else "ask for fewer tasks or nodes, or another hydra.launcher.qos")
+            if per_task >= 1:
+                fit = _fits(f"{request.name('cpus-per-task')}={per_task}")
+            elif limits["cpu"] >= 1:
+                fit = "ask for fewer tasks per node or nodes, or use another hydra.launcher.qos"
+            else:
+                fit = _fits(None)
             return f"{asked} asks for {cpus * scale} CPUs per {per}, but {where} {limits['cpu']} ({label} cpu={limits['cpu']}); {fit}"
         if "mem" in limits and request.mem_mb is not None and request.mem_mb * scale > limits["mem"]:
             name, most = request.name("mem"), limits["mem"] // scale
-            fit = (f"{name}={_fit_gb(most)}" if name == "hydra.launcher.mem_gb" else f"{name}={most}M") + " fits"
+            value = _fit_gb(most) if name == "hydra.launcher.mem_gb" else f"{most}M"
+            fit = _fits(f"{name}={value}" if float(value.rstrip("M")) > 0 else None)
             return (f"{request.asked('mem')} asks for {request.mem_mb * scale / 1024:g} GB per {per}, but {where} "
                     f"{limits['mem'] / 1024:g} GB ({label} mem={limits['mem']}M); {fit}")
         if "gpu" in limits and request.gpus_per_node * scale > limits["gpu"]:
@@ -261,11 +271,14 @@ def qos_problem(request: Request, qos: slurm.QosLimits) -> Optional[str]:
             return (f"the job asks for {request.gpus_per_node * scale} GPU(s) per {per}, but {where} {limits['gpu']} "
                     f"({label} gres/gpu={limits['gpu']}); {fit}")
     if "node" in qos.per_job and nodes > qos.per_job["node"]:
-        return (f"{request.asked('nodes')} asks for {nodes} nodes, but {where} {qos.per_job['node']} "
-                f"(MaxTRESPerJob node={qos.per_job['node']}); {request.name('nodes')}={qos.per_job['node']} fits")
+        most = qos.per_job["node"]
+        fit = _fits(f"{request.name('nodes')}={most}" if most else None)
+        return f"{request.asked('nodes')} asks for {nodes} nodes, but {where} {most} (MaxTRESPerJob node={most}); {fit}"
     if qos.max_wall_min is not None and request.minutes is not None and request.minutes > qos.max_wall_min:
+        most = int(qos.max_wall_min)
+        fit = _fits(f"{request.name('time')}={most}" if most else None)
         return (f"{request.asked('time')} asks for {request.minutes:g} minutes, but {where} {_hhmmss(qos.max_wall_min)} "
-                f"(MaxWall); {request.name('time')}={int(qos.max_wall_min)} fits")
+                f"(MaxWall); {fit}")
     return None
 
 
