@@ -575,8 +575,9 @@ register_accounting() {
 }
 
 # Two QoS and a sub-account with limits, for the tests of Slurm's own answers:
-#   QoS small: at most 1 CPU, 1 GB and 5 minutes per job, refused at submission
-#     (DenyOnLimit): sbatch --test-only answers "Job violates accounting/QOS policy";
+#   QoS small: at most 1 CPU, 1 GB and 5 minutes per job; without DenyOnLimit (Slurm's
+#     default), so Slurm queues a job over them and it never starts (QOSMaxCpuPerJobLimit):
+#     the site preflight refuses such a job itself;
 #   QoS frozen: a group allowance of 0 CPUs: its jobs pend (QOSGrpCpuLimit);
 #   account ${ACCOUNT}-frozen: the same for an association (AssocGrpCpuLimit).
 # The users of ACCOUNT may use both QoS (default: normal) and the sub-account.
@@ -589,7 +590,7 @@ register_limits() {
     fi
   done
   # Set each start (a no-op when unchanged), so that an older cluster's QoS get today's limits.
-  timeout 20 sacctmgr -i modify qos small set MaxTRESPerJob=cpu=1,mem=1024M MaxWall=5 Flags=DenyOnLimit >/dev/null ||
+  timeout 20 sacctmgr -i modify qos small set MaxTRESPerJob=cpu=1,mem=1024M MaxWall=5 Flags=-1 >/dev/null ||
     fail slurmdbd -- "sacctmgr modify qos small failed"
   timeout 20 sacctmgr -i modify qos frozen set GrpTRES=cpu=0 >/dev/null ||
     fail slurmdbd -- "sacctmgr modify qos frozen failed"

@@ -462,22 +462,36 @@ def test_a_qos_limit_below_any_job_names_no_value_that_would_be_refused(limits, 
     assert "=0 fits" not in problem
 
 
-@pytest.mark.parametrize("name", ["qos_cpu", "qos_mem", "qos_time"])
-def test_slurms_qos_refusal_gets_the_qos_limit_or_stays_slurms_own(name, monkeypatch) -> None:
-    """Recorded refusals of the local cluster's QoS small; the limit is asked of sacctmgr only then."""
-    from mnist_hpc.login.launcher.site import qos_refusal
+@pytest.mark.parametrize("qos_kw, limits, outcome", [
+    ({}, SMALL, "no qos asked"),  # no QoS named: sacctmgr is not asked
+    ({"qos": "small"}, SMALL, "ok"),
+    ({"qos": "small", "cpus_per_task": 2}, SMALL, "refused"),
+    ({"qos": "small", "cpus_per_task": 2}, None, "note"),  # limits unreadable: said, not passed
+    ({"additional_parameters": {"qos": "small"}, "cpus_per_task": 2}, SMALL, "refused"),
+])
+def test_the_named_qos_is_checked_once_before_slurm_is_asked(monkeypatch, qos_kw, limits, outcome) -> None:
+    import submitit
 
+    from mnist_hpc.login.launcher import site
+    from mnist_hpc.login.launcher.options import executor_init, submitit_parameters
+
+    conf = SlurmQueueConf(**{"cpus_per_task": 1, "mem_gb": 1, "timeout_min": 5, **qos_kw})
+    executor = submitit.AutoExecutor(folder="/scratch/u/sweep/.submitit/%A", cluster="slurm", **executor_init(conf, "slurm"))
+    executor.update_parameters(**submitit_parameters(conf, "slurm"))
     asked: list[str] = []
-    monkeypatch.setattr(slurm, "qos_limits", lambda q: asked.append(q) or SMALL)
-    answer = slurm.parse_will_run(1, read(f"test_only_{name}.txt"))
-    too_much = {"qos_cpu": {"cpus_per_task": 2}, "qos_mem": {"mem_gb": 2}, "qos_time": {"timeout_min": 6}}[name]
-    message = qos_refusal(answer, *qos_request(**too_much))
-    assert message is not None and message.startswith("nothing was queued: Slurm refuses this job (sbatch --test-only): ")
-    assert "QoS small allows" in message and message.endswith("fits") and asked == ["small"]
-    # Slurm's own words stay when the job names no QoS, the refusal is not a QoS limit, or the limits cannot be read.
-    flags, conf = qos_request(cpus_per_task=2, qos=None)
-    assert qos_refusal(answer, flags, conf) is None
-    assert qos_refusal(slurm.parse_will_run(1, read("test_only_invalid_account.txt")), *qos_request(cpus_per_task=2)) is None
-    monkeypatch.setattr(slurm, "qos_limits", lambda q: None)
-    assert qos_refusal(answer, *qos_request(cpus_per_task=2)) is None
-    assert asked == ["small"]
+    monkeypatch.setattr(slurm, "site_limits", lambda: LOCAL)
+    monkeypatch.setattr(slurm, "qos_limits", lambda name: asked.append(name) or limits)
+    monkeypatch.setattr(slurm, "will_run", lambda script: asked.append("--test-only") or slurm.parse_will_run(
+        0, read("test_only_ok.txt")))
+    if outcome == "refused":
+        with pytest.raises(site.PreflightError, match=r"asks for 2 CPUs per job, but QoS small allows 1 \(MaxTRESPerJob "
+                                                      r"cpu=1\); hydra.launcher.cpus_per_task=1 fits"):
+            site.check_site(executor, conf)
+        assert asked == ["small"]
+        return
+    lines = site.check_site(executor, conf)
+    assert asked == {"no qos asked": ["--test-only"], "ok": ["small", "--test-only"], "note": ["small", "--test-only"]}[outcome]
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes == ([
+        "note: the limits of QoS small could not be read (sacctmgr show qos): the job was not checked against them"
+    ] if outcome == "note" else [])

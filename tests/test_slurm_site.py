@@ -1,9 +1,9 @@
 """The site preflight on the real local cluster (issue 23 items 1, 4 and 5): what no node or
 partition limit can ever run is refused in one line naming the setting, the limit and a value
 that fits, with nothing queued; a request that fits (new sbatch keys without '+') is queued after
-one ``sbatch --test-only`` for the whole launch; Slurm's own refusal (a QoS limit or an unknown
-account: the local cluster enforces both) stops the launch as well, a QoS limit named with a value
-that fits.
+one ``sbatch --test-only`` for the whole launch; a request over its QoS's per-job limits (which Slurm
+would queue, and which would never start) is refused like one over a partition's; Slurm's own
+refusal (an unknown account: the local cluster enforces associations) stops the launch as well.
 
 The limits expected below are read from the cluster by the test itself (sinfo, scontrol), not
 from the code under test.
@@ -122,12 +122,15 @@ def qos_limits(name: str) -> str:
     return out
 
 
-def test_slurms_own_qos_and_account_refusals_stop_the_launch(synthetic_cache, tmp_path):
-    """The local cluster enforces associations and QoS (slurm/cluster.sh): QoS small allows 1 CPU, 1 GB and
-    5 minutes per job and refuses more at submission. sbatch --test-only refuses; the refusal names the setting,
-    the QoS's limit and a value that fits; an unknown account is refused as Slurm says. Nothing is queued."""
+def test_a_request_over_its_qos_limits_is_refused_and_slurms_own_refusal_stops_the_launch(synthetic_cache, tmp_path):
+    """The local cluster enforces associations and QoS (slurm/cluster.sh). QoS small allows 1 CPU, 1 GB and
+    5 minutes per job, without DenyOnLimit (Slurm's default): Slurm itself would queue a job over them, and it
+    would never start. The launch refuses it, naming the setting, the QoS's limit and a value that fits,
+    before Slurm is asked. An unknown account is refused as Slurm says. Nothing is queued."""
     assert qos_limits("small") == "cpu=1,mem=1G|00:05:00"  # precondition: the cluster's QoS, as the test reads it
-    prefix = "nothing was queued: Slurm refuses this job (sbatch --test-only): "
+    accepted = subprocess.run(["sbatch", "--test-only", "--qos=small", "-c", "2", "--wrap", "true"],
+                              capture_output=True, text=True, timeout=30)
+    assert accepted.returncode == 0, accepted.stderr  # precondition: Slurm alone would queue it
     cases = [
         (["hydra.launcher.cpus_per_task=2"],
          "hydra.launcher.cpus_per_task=2 asks for 2 CPUs per job, but QoS small allows 1 (MaxTRESPerJob cpu=1); "
@@ -143,16 +146,15 @@ def test_slurms_own_qos_and_account_refusals_stop_the_launch(synthetic_cache, tm
         env, log = sbatch_recorder(tmp_path)
         proc = submit(args(synthetic_cache, tmp_path, "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
                            "hydra.launcher.timeout_min=5", "hydra.launcher.qos=small", *extra), tmp_path, env=env)
-        assert refusal_line(proc) == prefix + expected
-        assert [c.startswith("--test-only") for c in log.read_text().splitlines()] == [True]
+        assert refusal_line(proc) == "nothing was queued: " + expected
+        assert not log.exists()  # refused before any sbatch, --test-only included
         assert_nothing_queued(tmp_path)
         shutil.rmtree(tmp_path / "shims")
-        (tmp_path / "sbatch-calls").unlink()
     proc = submit(args(synthetic_cache, tmp_path, "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
                        "hydra.launcher.account=no-such-account"), tmp_path)
     assert refusal_line(proc) == (
-        prefix + "Invalid account or account/partition combination specified; check hydra.launcher.account "
-        "(sacctmgr show assoc user=$USER)")
+        "nothing was queued: Slurm refuses this job (sbatch --test-only): Invalid account or account/partition "
+        "combination specified; check hydra.launcher.account (sacctmgr show assoc user=$USER)")
     assert_nothing_queued(tmp_path)
 
 

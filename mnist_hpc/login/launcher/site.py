@@ -6,16 +6,17 @@ PartitionTimeLimit: Slurm's EnforcePartLimits=NO, its default, accepts it).
 
 The request checked is read from the sbatch script that submitit renders for the launch (the
 same text it would submit), never re-spelled from the options: ``additional_parameters``, which
-submitit writes last, is seen as sbatch sees it. Two steps, once per launch (one request; a
+submitit writes last, is seen as sbatch sees it. Three steps, once per launch (one request; a
 launch's trials share their ``hydra.launcher``):
 
 1. the partition's and nodes' limits (one ``scontrol show partition`` and one ``sinfo`` call):
    CPUs, memory and GPUs per node, MaxTime, MaxNodes. A refusal is one line naming the setting,
    the limit and a value that fits;
-2. ``sbatch --test-only`` with the script: QoS, associations, reservations, features, and sbatch
-   options it does not know. Its expected start is returned for the launch to print. When it
-   refuses a per-job limit of the QoS the job names, that QoS's limits (one ``sacctmgr`` call)
-   name the setting, the limit and a value that fits, as for a partition.
+2. the per-job and per-node limits of the QoS the job names (one ``sacctmgr show qos`` call, only
+   when it names one): Slurm queues a job over them unless the QoS has DenyOnLimit, and the job
+   never starts. A refusal names the setting, the limit and a value that fits, as for a partition;
+3. ``sbatch --test-only`` with the script: QoS, associations, reservations, features, and sbatch
+   options it does not know. Its expected start is returned for the launch to print.
 
 A request that could run, only not now, is not refused. The local launcher has no site.
 """
@@ -282,23 +283,6 @@ def qos_problem(request: Request, qos: slurm.QosLimits) -> Optional[str]:
     return None
 
 
-def qos_refusal(answer: slurm.WillRun, flags: dict[str, str], conf: SlurmQueueConf) -> Optional[str]:
-    """The QoS limit a refusal of Slurm's is about, named with a value that fits (one ``sacctmgr`` call,
-    on this refusal only), or None when the refusal is not a QoS limit of the QoS the job names, or
-    the limit cannot be read or found."""
-    error = answer.error or ""
-    if not flags.get("qos") or ("QOSMax" not in error and "accounting/QOS policy" not in error):
-        return None
-    qos = slurm.qos_limits(flags["qos"])
-    if qos is None:
-        return None
-    try:
-        problem = qos_problem(request_of(flags, conf), qos)
-    except ValueError:
-        return None
-    return None if problem is None else f"nothing was queued: Slurm refuses this job (sbatch --test-only): {problem}"
-
-
 def refusal(answer: slurm.WillRun) -> str:
     """One line: what Slurm said about the request, and where to look."""
     error = answer.error or "no reason given"
@@ -347,22 +331,30 @@ def check_site(executor: Any, conf: SlurmQueueConf) -> list[str]:
     script = sbatch_script(executor)
     flags = sbatch_flags(script)
     lines: list[str] = []
+    try:
+        request: Optional[Request] = request_of(flags, conf)
+    except ValueError:
+        request = None  # a value written in a form read by sbatch alone: its --test-only judges it
     limits = slurm.site_limits()
     if limits is None:
         lines.append("note: the partitions' limits could not be read (scontrol show partition, sinfo): the job was not "
                      "checked against them")
-    else:
-        try:
-            request = request_of(flags, conf)
-        except ValueError:
-            request = None  # a value written in a form read by sbatch alone: its --test-only judges it
-        if request is not None and (problem := limits_problem(request, *limits)) is not None:
+    elif request is not None and (problem := limits_problem(request, *limits)) is not None:
+        raise PreflightError(f"nothing was queued: {problem}")
+    if flags.get("qos"):
+        # Slurm queues a job over its QoS's per-job limits unless the QoS has DenyOnLimit (not its
+        # default), and the job then never starts (QOSMaxCpuPerJobLimit...): checked here.
+        qos = slurm.qos_limits(flags["qos"])
+        if qos is None:
+            lines.append(f"note: the limits of QoS {flags['qos']} could not be read (sacctmgr show qos): the job was "
+                         "not checked against them")
+        elif request is not None and (problem := qos_problem(request, qos)) is not None:
             raise PreflightError(f"nothing was queued: {problem}")
     answer = slurm.will_run(script)
     if answer is None:
         lines.append("note: sbatch --test-only could not be asked: Slurm did not judge the job before it was queued")
     elif not answer.ok:
-        raise PreflightError(qos_refusal(answer, flags, conf) or refusal(answer))
+        raise PreflightError(refusal(answer))
     else:
         lines.insert(0, start_line(answer, datetime.now()))
     return lines
