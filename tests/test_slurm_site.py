@@ -184,3 +184,12 @@ def test_a_search_whose_workers_cannot_run_is_refused_before_its_study_is_writte
         f"{debug}'s largest node has {cpus}; hydra.launcher.cpus_per_task={cpus} fits")
     assert_nothing_queued(tmp_path)
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == []  # no study, no spec, no multirun.yaml
+    # Over its QoS's limit (which Slurm alone would queue): the same.
+    proc = submit(["-m", "hparams_search=optuna", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   *tiny_overrides(synthetic_cache, tmp_path / "out"), "hydra.launcher.mem_gb=1",
+                   "hydra.launcher.timeout_min=5", "hydra.launcher.qos=small", "hydra.launcher.cpus_per_task=2"], tmp_path)
+    assert refusal_line(proc) == (
+        "nothing was queued: hydra.launcher.cpus_per_task=2 asks for 2 CPUs per job, but QoS small allows 1 "
+        "(MaxTRESPerJob cpu=1); hydra.launcher.cpus_per_task=1 fits")
+    assert_nothing_queued(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == []
