@@ -195,9 +195,9 @@ def throwaway_qos(name: str, *settings: str) -> Iterator[str]:
         subprocess.run(["sacctmgr", "-i", "delete", "qos", name], capture_output=True, timeout=30)
 
 
-def launch(cache: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(cache: Path, tmp_path: Path, *extra: str, per_task: str = "1") -> subprocess.CompletedProcess:
     return submit(["-m", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                   "hydra.launcher.trials_per_task=1", *tiny_overrides(cache, tmp_path / "out"),
+                   f"hydra.launcher.trials_per_task={per_task}", *tiny_overrides(cache, tmp_path / "out"),
                    "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=5", *extra],
                   tmp_path)
 
@@ -287,3 +287,32 @@ def test_no_start_is_promised_for_a_job_its_qos_allowance_can_never_hold(synthet
     promised = [ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines() if ln.startswith("Slurm expects")]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert promised == [], f"{promised}; the job then waited on {reasons}"
+
+
+# --- H9: trials_per_task=auto counts idle CPUs, not what the QoS's allowance lets start -------------------
+
+
+def idle_cpus_now() -> int:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P|%C"], capture_output=True, text=True, timeout=30).stdout
+    line = next(ln for ln in out.splitlines() if ln.split("|")[0].endswith("*"))
+    return int(line.split("|")[1].split("/")[1])  # allocated/idle/other/total
+
+
+@pytest.mark.slurm
+@pytest.mark.xfail(strict=True, reason="hostile5 H9: trials_per_task=auto under a QoS allowing 1 CPU at a time "
+                                       "(GrpTRES cpu=1) says 'N task(s) of 1 CPU(s) can start now' from the idle CPUs "
+                                       "and packs one trial per task for N parallel slots")
+def test_packing_counts_only_the_tasks_the_qos_allowance_lets_start(synthetic_cache: Path, tmp_path: Path) -> None:
+    with throwaway_qos("hostile5-grp", "GrpTRES=cpu=1") as qos:
+        if idle_cpus_now() < 2:
+            pytest.skip("fewer than 2 idle CPUs now (other work on the cluster): the count cannot tell")
+        try:
+            proc = launch(synthetic_cache, tmp_path, f"hydra.launcher.qos={qos}", "train.seed=0,1,2,3",
+                          "hydra.launcher.additional_parameters={hold: true}", per_task="auto")
+        finally:
+            cancel(queued_by(tmp_path))
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("packing (hydra.launcher.trials_per_task=auto)")] or [
+        proc.stdout[-2000:] + proc.stderr[-2000:]]
+    slots = re.search(r"(\d+) task\(s\) of 1 CPU\(s\) can start now", line)
+    assert slots is not None, line
+    assert int(slots.group(1)) <= 1, line
