@@ -4,8 +4,8 @@ refusal (``site.qos_problem``, ``qos_refusal``; ``slurm.parse_qos``, ``qos_limit
 reason words for QoS and association codes.
 
 Each finding is a test marked ``xfail(strict=True, reason="hostile5 Hn: ...")`` that fails on
-4d248d9 for the reason it names (each checked with ``--runxfail``). The probes that held are listed
-in tests/HOSTILE.md ("Hostile pass 5").
+4d248d9 for the reason it names (each checked with ``--runxfail``): H1-H10. The probes that held
+are listed in tests/HOSTILE.md ("Hostile pass 5").
 
 The Slurm tests make their own throwaway QoS (``hostile5-*``, added to the account ``mnisthpc`` and
 deleted afterwards) rather than rely on ``small``, whose limits and flags other work may change
@@ -164,6 +164,22 @@ def test_a_limit_on_a_users_running_jobs_is_not_told_as_a_per_job_limit(code: st
     assert "per-job" not in why.words and not why.attention, why
 
 
+# --- H10: a QoS's budget of minutes used up: told to wait for the QoS's jobs to end ----------------------
+
+
+@pytest.mark.xfail(strict=True, reason="hostile5 H10: QOSGrpCPUMinutesLimit and QOSGrpWallLimit (a QoS's budget of "
+                                       "minutes, GrpTRESMins/GrpWall) are told 'wait for jobs under the same QoS to end'; "
+                                       "the account's advice names the budget, the QoS's does not")
+@pytest.mark.parametrize("code", ["QOSGrpCPUMinutesLimit", "QOSGrpWallLimit", "QOSGrpMemoryMinutes"])
+def test_a_used_up_qos_budget_is_not_told_to_come_back_when_jobs_end(code: str) -> None:
+    """A budget of minutes counts what ended jobs used too: their ending gives nothing back (Slurm's
+    GrpTRESMins and GrpWall; usage decays only with PriorityDecayHalfLife, or is reset by an admin)."""
+    account = slurm.explain_reason("AssocGrpCPUMinutesLimit")
+    assert "budget" in account.todo  # precondition: the account's family says it
+    why = slurm.explain_reason(code)
+    assert "budget" in why.todo, why
+
+
 # --- Slurm: a throwaway QoS -------------------------------------------------------------------------
 
 
@@ -218,7 +234,7 @@ def cancel(jobs: list[str]) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.xfail(strict=True, reason="hostile5 H6: report_after's job asks mem_gb=2 under the trials' QoS; a QoS of "
-                                       "1 GB refuses it after the trials are queued (traceback, exit 1)")
+                                       "1 GB refuses it after the trials are queued (a traceback; the trial stays queued)")
 def test_a_report_job_the_qos_refuses_is_refused_before_the_trials_are_queued(synthetic_cache: Path,
                                                                                tmp_path: Path) -> None:
     with throwaway_qos("hostile5-q", "MaxTRESPerJob=cpu=1,mem=1G", "MaxWall=5", "Flags=DenyOnLimit") as qos:
