@@ -441,19 +441,35 @@ REASONS: dict[str, tuple[str, str, bool]] = {
 }
 # Held jobs start only once released: a start squeue foresees for one is no expected start.
 HELD_REASONS = frozenset({"JobHeldUser", "JobHeldAdmin", "job requeued in held state"})
-# Per-job limits (the job alone exceeds them: it never runs as asked) and group limits (the
-# owner's or account's running jobs use the allowance: it runs once they end, unless the
-# allowance itself, or what is left of a budget of minutes, is smaller than the job: that takes
-# the limit's value, which status does not ask for, so the advice names both cases).
-REASON_FAMILIES: tuple[tuple[str, str, str, bool], ...] = (
-    ("QOSMax", "over a per-job limit of its QoS", "cancel it and resubmit within the QoS's limits (sacctmgr show qos)", True),
-    ("AssocMax", "over a per-job limit of its account", "cancel it and resubmit within the account's limits (sacctmgr show assoc)", True),
-    ("QOSGrp", "over its QoS's group allowance, which other jobs may be using",
+# Families of limit codes, the first whose pattern matches the code decides:
+# - a budget of minutes (GrpTRESMins, GrpWall: what ended jobs used counts too, so their ending gives
+#   nothing back; RunMinutes count running jobs only and are group allowances below);
+# - limits on what an owner's (or account's) jobs hold at once (MaxJobsPU, MaxTRESPU...): it runs
+#   once their other jobs end;
+# - per-job limits (the job alone exceeds them: it never runs as asked);
+# - group allowances (other jobs use them: it runs once they end, unless the allowance itself is
+#   smaller than the job: that takes the limit's value, which status does not ask for, so the
+#   advice names both cases).
+REASON_FAMILIES: tuple[tuple[re.Pattern[str], str, str, bool], ...] = (
+    (re.compile(r"QOSGrp(?:\w*(?<!Run)Minutes|Wall)"), "its QoS's budget of minutes is used up",
+     "jobs ending do not renew a budget: ask your site, or cancel it and resubmit with another hydra.launcher.qos "
+     "(sacctmgr show qos)", True),
+    (re.compile(r"AssocGrp(?:\w*(?<!Run)Minutes|Wall)"), "its account's budget of minutes is used up",
+     "jobs ending do not renew a budget: ask your site, or cancel it and resubmit with another hydra.launcher.account "
+     "(sacctmgr show assoc)", True),
+    (re.compile(r"(?:QOS|Assoc)Max\w*Per(?:User|Account)|AssocMaxJobsLimit"),
+     "over a limit on what its owner's (or account's) jobs may hold at once",
+     "wait for your other jobs under the same limit to end", False),
+    (re.compile(r"QOSMax"), "over a per-job limit of its QoS",
+     "cancel it and resubmit within the QoS's limits (sacctmgr show qos)", True),
+    (re.compile(r"AssocMax"), "over a per-job limit of its account",
+     "cancel it and resubmit within the account's limits (sacctmgr show assoc)", True),
+    (re.compile(r"QOSGrp"), "over its QoS's group allowance, which other jobs may be using",
      "wait for jobs under the same QoS to end; if none run, the allowance is smaller than the job: cancel it and "
      "resubmit within it or with another hydra.launcher.qos (sacctmgr show qos)", False),
-    ("AssocGrp", "over its account's allowance, which other jobs may be using",
-     "wait for your account's running jobs to end; if none run, the allowance (or what is left of its budget) is "
-     "smaller than the job: ask your site, or resubmit with another hydra.launcher.account (sacctmgr show assoc)", False),
+    (re.compile(r"AssocGrp"), "over its account's allowance, which other jobs may be using",
+     "wait for your account's running jobs to end; if none run, the allowance is smaller than the job: ask your "
+     "site, or resubmit with another hydra.launcher.account (sacctmgr show assoc)", False),
 )
 
 
@@ -467,8 +483,8 @@ def explain_reason(code: str) -> Reason:
     if code in REASONS:
         words, todo, attention = REASONS[code]
         return Reason(code, words + details, todo, attention)
-    for prefix, words, todo, attention in REASON_FAMILIES:
-        if code.startswith(prefix):
+    for pattern, words, todo, attention in REASON_FAMILIES:
+        if pattern.match(code):
             return Reason(code, f"{words} ({code}){details}", todo, attention)
     return Reason(code, f"Slurm's reason {text}", "see man squeue, JOB REASON CODES", False)
 
@@ -936,17 +952,19 @@ def parse_partitions(text: str) -> dict[str, PartitionLimits]:
 
 @dataclass(frozen=True)
 class QosLimits:
-    """A QoS's limits on one job, as ``sacctmgr show qos`` gives them (``cpu``, ``mem`` in MB, ``gpu``,
-    ``node``; absent: unlimited)."""
+    """A QoS's limits that one job can be over on its own, as ``sacctmgr show qos`` gives them (``cpu``,
+    ``mem`` in MB, ``gpu``, ``node``; absent: unlimited): per job, per node, and the group allowance
+    of all its jobs together (GrpTRES)."""
 
     name: str
     per_job: dict[str, int]
     per_node: dict[str, int]
     max_wall_min: Optional[float]
+    per_group: dict[str, int] = field(default_factory=dict)
 
 
-# The QoS limits read: name, MaxTRESPerJob, MaxTRESPerNode, MaxWall.
-QOS_FORMAT = "name,maxtresperjob,maxtrespernode,maxwall"
+# The QoS limits read: name, MaxTRESPerJob, MaxTRESPerNode, MaxWall, GrpTRES.
+QOS_FORMAT = "name,maxtresperjob,maxtrespernode,maxwall,grptres"
 
 
 def _tres_limits(text: str) -> dict[str, int]:
@@ -967,13 +985,13 @@ def parse_qos(text: str, name: str) -> Optional[QosLimits]:
     """``name``'s line of ``sacctmgr -n -P show qos NAME format=`` :data:`QOS_FORMAT`, or None when absent or unreadable."""
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 4 or parts[0] != name:
+        if len(parts) != 5 or parts[0] != name:
             continue
         try:
             wall = slurm_minutes(parts[3]) if parts[3].strip() else None
         except ValueError:
             wall = None
-        return QosLimits(name, _tres_limits(parts[1]), _tres_limits(parts[2]), wall)
+        return QosLimits(name, _tres_limits(parts[1]), _tres_limits(parts[2]), wall, _tres_limits(parts[4]))
     return None
 
 

@@ -596,9 +596,10 @@ register_limits() {
     fail slurmdbd -- "sacctmgr modify qos frozen failed"
   out=$(timeout 20 sacctmgr -n -P list assoc cluster="$CLUSTER_NAME" account="$ACCOUNT" user= format=qos) ||
     fail slurmdbd -- "sacctmgr list assoc failed"
-  if [[ $out != *small* || $out != *frozen* ]]; then
+  if ! grep -qE '(^|,)small(,|$)' <<<"$out" || ! grep -qE '(^|,)frozen(,|$)' <<<"$out"; then
+    # (+=: QoS an admin gave the account stay)
     timeout 20 sacctmgr -i modify account "$ACCOUNT" where cluster="$CLUSTER_NAME" \
-      set QOS=normal,small,frozen DefaultQOS=normal >/dev/null ||
+      set QOS+=normal,small,frozen DefaultQOS=normal >/dev/null ||
       fail slurmdbd -- "sacctmgr modify account $ACCOUNT failed"
   fi
   out=$(timeout 20 sacctmgr -n -P list account "$ACCOUNT-frozen" format=account) ||

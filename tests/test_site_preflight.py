@@ -377,11 +377,12 @@ def test_qos_limits_are_read_from_sacctmgr() -> None:
     text = read("sacctmgr_qos.txt")
     assert slurm.parse_qos(text, "small") == slurm.QosLimits("small", {"cpu": 1, "mem": 1024}, {}, 5)
     assert slurm.parse_qos(text, "normal") == slurm.QosLimits("normal", {}, {}, None)
+    assert slurm.parse_qos(text, "frozen") == slurm.QosLimits("frozen", {}, {}, None, {"cpu": 0})
     assert slurm.parse_qos(text, "nope") is None
     # A site's forms: memory in MB with and without its unit, GPUs, nodes, per node, a day of wall time.
-    site = "gpu|cpu=64,mem=256000,gres/gpu=8,node=2,billing=99|cpu=32,mem=128G,gres/gpu=4|1-00:00:00\n"
+    site = "gpu|cpu=64,mem=256000,gres/gpu=8,node=2,billing=99|cpu=32,mem=128G,gres/gpu=4|1-00:00:00|cpu=512\n"
     assert slurm.parse_qos(site, "gpu") == slurm.QosLimits(
-        "gpu", {"cpu": 64, "mem": 256000, "gpu": 8, "node": 2}, {"cpu": 32, "mem": 131072, "gpu": 4}, 1440)
+        "gpu", {"cpu": 64, "mem": 256000, "gpu": 8, "node": 2}, {"cpu": 32, "mem": 131072, "gpu": 4}, 1440, {"cpu": 512})
 
 
 def test_any_sacctmgr_answer_is_read_without_raising() -> None:
@@ -389,7 +390,7 @@ def test_any_sacctmgr_answer_is_read_without_raising() -> None:
     import random
 
     rng = random.Random(23)
-    alphabet = "small|=,cpu mem gres/gpu node 0123456789GMKT:-x\n\t"
+    alphabet = "small||=,cpu mem gres/gpu node 0123456789GMKT:-x\n\t"
     for _ in range(3000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(60)))
         limits = slurm.parse_qos(text, "small")
@@ -419,7 +420,9 @@ SITE_QOS = slurm.QosLimits("gpu", {"cpu": 16, "gpu": 4, "node": 2}, {"cpu": 8, "
      "(MaxTRESPerNode cpu=8); hydra.launcher.cpus_per_task=4 fits"),
     (SITE_QOS, {"cpus_per_task": 6, "tasks_per_node": 2, "nodes": 2, "timeout_min": 60},
      "hydra.launcher.cpus_per_task=6 x hydra.launcher.tasks_per_node=2 x hydra.launcher.nodes=2 asks for 24 CPUs per "
-     "job, but QoS gpu allows 16 (MaxTRESPerJob cpu=16); hydra.launcher.cpus_per_task=4 fits"),
+     "job, but QoS gpu allows 16 (MaxTRESPerJob cpu=16); hydra.launcher.cpus_per_task=6 x "
+     "hydra.launcher.tasks_per_node=2 asks for 12 CPUs per node, but QoS gpu allows 8 (MaxTRESPerNode cpu=8); "
+     "hydra.launcher.cpus_per_task=4 fits"),
     (SITE_QOS, {"nodes": 3, "timeout_min": 60}, "hydra.launcher.nodes=3 asks for 3 nodes, but QoS gpu allows 2 "
                                                 "(MaxTRESPerJob node=2); hydra.launcher.nodes=2 fits"),
     (SITE_QOS, {"gpus_per_node": 3, "timeout_min": 60},
@@ -450,7 +453,6 @@ NOWHERE = "no job can ask that little: use another hydra.launcher.qos"
     (slurm.QosLimits("q", {"node": 0}, {}, None), {}, NOWHERE),
     (slurm.QosLimits("q", {}, {}, 0.5), {}, NOWHERE),
     (slurm.QosLimits("q", {}, {}, 0), {}, NOWHERE),
-    (slurm.QosLimits("q", {"gpu": 0}, {}, None), {"gpus_per_node": 1}, "drop the GPUs or use another hydra.launcher.qos"),
 ])
 def test_a_qos_limit_below_any_job_names_no_value_that_would_be_refused(limits, conf_kw, fit) -> None:
     """0 CPUs, 0 nodes, a MaxWall under a minute, memory mem_gb cannot state: never `...=0 fits` (0 is refused)."""

@@ -165,7 +165,8 @@ def test_memory_asked_per_cpu_is_multiplied_by_the_cpus():
     ("BeginTime", False, "begin time"), ("PartitionConfig", True, "partition"),
     ("PartitionTimeLimit", True, "MaxTime"), ("PartitionNodeLimit", True, "nodes"), ("ReqNodeNotAvail", True, "node"),
     ("QOSMaxCpuPerJobLimit", True, "per-job limit of its QoS"), ("AssocMaxWallDurationPerJobLimit", True, "account"),
-    ("QOSGrpCpuLimit", False, "QoS's group allowance"), ("AssocGrpCPUMinutesLimit", False, "account's allowance"),
+    ("QOSGrpCpuLimit", False, "QoS's group allowance"), ("AssocGrpCPUMinutesLimit", True, "account's budget of minutes"),
+    ("AssocGrpCPURunMinutesLimit", False, "account's allowance"), ("QOSMaxJobsPerUserLimit", False, "at once"),
     ("", False, "not yet considered"), ("SomethingNew", False, "Slurm's reason SomethingNew"),
 ])
 def test_reasons_in_words(code: str, attention: bool, words: str):

@@ -80,6 +80,10 @@ class Request:
     cpus_per_task: int
     mem_mb: Optional[int]
     gpus_per_node: int
+    # The sbatch flag that asks for the GPUs (gpus-per-node, gres or gpus-per-task), None without GPUs.
+    gpu_flag: Optional[str] = None
+    # Seconds before the time limit that the warning signal comes (--signal=USR2@120), None without one.
+    signal_s: Optional[int] = None
     # sbatch flag -> the setting a user changes (hydra.launcher.X, or additional_parameters.K when set there).
     setting: dict[str, str] = field(default_factory=dict)
     # sbatch flag -> that setting's value, as the user wrote it.
@@ -120,6 +124,8 @@ def request_of(flags: dict[str, str], conf: SlurmQueueConf) -> Request:
         setting[flag], value[flag] = f"hydra.launcher.additional_parameters.{key}", given
     tasks = int(flags.get("ntasks-per-node", "1") or 1)
     gpus = 0
+    gpu_flag = next((f for f in ("gpus-per-node", "gres", "gpus-per-task") if f in flags), None)
+    signal = flags.get("signal", "").rpartition("@")[2]
     if "gpus-per-node" in flags:
         gpus = int(flags["gpus-per-node"].rpartition(":")[2])
     elif "gres" in flags:
@@ -134,6 +140,8 @@ def request_of(flags: dict[str, str], conf: SlurmQueueConf) -> Request:
         cpus_per_task=int(flags.get("cpus-per-task", "1") or 1),
         mem_mb=memory_mb(flags["mem"]) if flags.get("mem") else None,
         gpus_per_node=gpus,
+        gpu_flag=gpu_flag if gpus else None,
+        signal_s=int(signal) if signal.isdigit() else None,
         setting=setting,
         value=value,
     )
@@ -149,12 +157,42 @@ def _hhmmss(minutes: float) -> str:
     return (f"{days}-" if days else "") + f"{rest // 60:02d}:{rest % 60:02d}:00"
 
 
+def gpu_fit(request: Request, most: int) -> str:
+    """What fits a limit of ``most`` GPUs per node, in the setting and spelling that asked for them."""
+    flag = request.gpu_flag or "gpus-per-node"
+    tasks = request.tasks_per_node
+    if flag in request.setting:  # asked through additional_parameters: named as that key, in its own form
+        if flag == "gpus-per-task":
+            per_task = most // tasks
+            return f"{request.name(flag)}={per_task} fits" if per_task else f"drop {request.name(flag)} or ask for fewer tasks per node"
+        if not most:
+            return f"drop {request.name(flag)}"
+        return f"{request.name(flag)}={'gpu:' if flag == 'gres' else ''}{most} fits"
+    if flag == "gpus-per-task":  # gpu_request=gpus_per_task: at least one GPU per task
+        if most >= tasks:
+            return f"hydra.launcher.gpus_per_node={most // tasks * tasks} fits"
+        return ("hydra.launcher.gpus_per_node=0 fits" if not most
+                else f"hydra.launcher.tasks_per_node={most} hydra.launcher.gpus_per_node={most} fits")
+    return f"hydra.launcher.gpus_per_node={most} fits"
+
+
+def time_fit(request: Request, most_min: int) -> Optional[str]:
+    """The time limit within ``most_min`` minutes that the launcher also takes (its warning signal must
+    come after the job starts: preflight.check_slurm_options), as settings; None below a minute."""
+    if most_min < 1:
+        return None
+    fit = f"{request.name('time')}={most_min}"
+    if request.signal_s is not None and request.signal_s >= most_min * 60:
+        fit += f" hydra.launcher.signal_delay_s={max(1, most_min * 60 // 4)}"
+    return fit
+
+
 def partition_problem(request: Request, part: slurm.PartitionLimits, nodes: Sequence[slurm.NodeLimits]) -> Optional[str]:
     """Why no node or limit of ``part`` can ever run ``request`` (one line), or None if one can."""
     if request.minutes is not None and part.max_time_min is not None and request.minutes > part.max_time_min:
-        fit = int(part.max_time_min)
+        fit = time_fit(request, int(part.max_time_min))
         return (f"{request.asked('time')} asks for {request.minutes:g} minutes, but partition {part.name}'s "
-                f"MaxTime is {_hhmmss(part.max_time_min)}; {request.name('time')}={fit} fits")
+                f"MaxTime is {_hhmmss(part.max_time_min)}; {_fits(fit)}")
     most_nodes = min(n for n in (part.max_nodes, part.total_nodes or len(nodes)) if n is not None)
     if request.nodes > most_nodes:
         return (f"{request.asked('nodes')} asks for {request.nodes} nodes, but partition {part.name} "
@@ -187,13 +225,10 @@ def partition_problem(request: Request, part: slurm.PartitionLimits, nodes: Sequ
                 f"largest node has {most_mem / 1024:.1f} GB ({most_mem} MB); {name}={fit} fits")
     most_gpus = max(n.gpus for n in nodes)
     if request.gpus_per_node > most_gpus:
-        flag = next(f for f in ("gpus-per-node", "gres", "gpus-per-task") if f in request.setting) if any(
-            f in request.setting for f in ("gpus-per-node", "gres", "gpus-per-task")) else "gpus-per-node"
+        flag = request.gpu_flag or "gpus-per-node"
         have = f"at most {most_gpus}" if most_gpus else "none"
-        fit = (f"hydra.launcher.gpus_per_node={most_gpus} fits" if flag not in request.setting
-               else f"{request.name(flag)}=gpu:{most_gpus} fits" if most_gpus else f"drop {request.name(flag)}")
         return (f"{request.asked(flag)} asks for {request.gpus_per_node} GPU(s) per node, but partition "
-                f"{part.name}'s nodes have {have}; {fit}")
+                f"{part.name}'s nodes have {have}; {gpu_fit(request, most_gpus)}")
     fitting = [n for n in nodes if cpus_of(n) >= cpus and (request.mem_mb or 0) <= mem_of(n)
                and n.gpus >= request.gpus_per_node]
     if len(fitting) < request.nodes:
@@ -239,48 +274,75 @@ HINTS = (
 
 
 def _fits(setting: Optional[str]) -> str:
-    """``X=v fits``, or (a QoS limit below any job's least: 0 CPUs, nodes, a minute) where else to go."""
+    """``X=v fits``, or (a limit below any job's least: 0 CPUs, nodes, a minute) where else to go."""
     return f"{setting} fits" if setting else "no job can ask that little: use another hydra.launcher.qos"
 
 
 def qos_problem(request: Request, qos: slurm.QosLimits) -> Optional[str]:
-    """Which per-job or per-node limit of ``qos`` the request is over (one line with a value that fits), or None."""
+    """Every limit of ``qos`` the request is over, in one line ending with the settings that fit them all, or None.
+
+    Per job and per node (MaxTRESPerJob, MaxTRESPerNode, MaxWall), and the QoS's group allowance
+    (GrpTRES): a job larger than the allowance of all its QoS's jobs together never starts either.
+    """
     nodes, tasks = request.nodes, request.tasks_per_node
     cpus = request.cpus_per_task * tasks
     where = f"QoS {qos.name} allows"
-    for per, scale, limits, label in (("job", nodes, qos.per_job, "MaxTRESPerJob"), ("node", 1, qos.per_node, "MaxTRESPerNode")):
+    found: list[str] = []
+    fits: dict[str, str] = {}  # setting -> the value that fits every limit found (the smallest)
+    advice: list[str] = []  # limits no value of one setting meets
+
+    def fit(setting: str, value: Any) -> None:
+        old = fits.get(setting)
+        if old is None or float(str(value).removeprefix("gpu:").rstrip("M")) < float(old.removeprefix("gpu:").rstrip("M")):
+            fits[setting] = str(value)
+
+    def take(text: Optional[str]) -> None:
+        """A fit as ``setting=value ...`` (one or more) or words."""
+        if text is None:
+            advice.append(_fits(None))
+        elif "=" in text.split(" ")[0] and text.endswith(" fits"):
+            for part in text.removesuffix(" fits").split(" "):
+                setting, _, value = part.partition("=")
+                fit(setting, value)
+        else:
+            advice.append(text)
+
+    limits_by = (("job", nodes, qos.per_job, "MaxTRESPerJob"), ("node", 1, qos.per_node, "MaxTRESPerNode"),
+                 ("job", nodes, qos.per_group, "GrpTRES, all its jobs together"))
+    for per, scale, limits, label in limits_by:
         if "cpu" in limits and cpus * scale > limits["cpu"]:
             per_task = limits["cpu"] // (tasks * scale)
             asked = request.asked("cpus-per-task") + (f" x {request.asked('ntasks-per-node')}" if tasks > 1 else "")
             asked += f" x {request.asked('nodes')}" if scale > 1 else ""
+            found.append(f"{asked} asks for {cpus * scale} CPUs per {per}, but {where} {limits['cpu']} ({label} cpu={limits['cpu']})")
             if per_task >= 1:
-                fit = _fits(f"{request.name('cpus-per-task')}={per_task}")
-            elif limits["cpu"] >= 1:
-                fit = "ask for fewer tasks per node or nodes, or use another hydra.launcher.qos"
+                fit(request.name("cpus-per-task"), per_task)
             else:
-                fit = _fits(None)
-            return f"{asked} asks for {cpus * scale} CPUs per {per}, but {where} {limits['cpu']} ({label} cpu={limits['cpu']}); {fit}"
+                take("ask for fewer tasks per node or nodes, or use another hydra.launcher.qos" if limits["cpu"] >= 1 else None)
         if "mem" in limits and request.mem_mb is not None and request.mem_mb * scale > limits["mem"]:
             name, most = request.name("mem"), limits["mem"] // scale
             value = _fit_gb(most) if name == "hydra.launcher.mem_gb" else f"{most}M"
-            fit = _fits(f"{name}={value}" if float(value.rstrip("M")) > 0 else None)
-            return (f"{request.asked('mem')} asks for {request.mem_mb * scale / 1024:g} GB per {per}, but {where} "
-                    f"{limits['mem'] / 1024:g} GB ({label} mem={limits['mem']}M); {fit}")
+            found.append(f"{request.asked('mem')} asks for {request.mem_mb * scale / 1024:g} GB per {per}, but {where} "
+                         f"{limits['mem'] / 1024:g} GB ({label} mem={limits['mem']}M)")
+            take(f"{name}={value} fits" if float(value.rstrip("M")) > 0 else None)
         if "gpu" in limits and request.gpus_per_node * scale > limits["gpu"]:
-            most = limits["gpu"] // scale
-            fit = f"hydra.launcher.gpus_per_node={most} fits" if most else "drop the GPUs or use another hydra.launcher.qos"
-            return (f"the job asks for {request.gpus_per_node * scale} GPU(s) per {per}, but {where} {limits['gpu']} "
-                    f"({label} gres/gpu={limits['gpu']}); {fit}")
-    if "node" in qos.per_job and nodes > qos.per_job["node"]:
-        most = qos.per_job["node"]
-        fit = _fits(f"{request.name('nodes')}={most}" if most else None)
-        return f"{request.asked('nodes')} asks for {nodes} nodes, but {where} {most} (MaxTRESPerJob node={most}); {fit}"
+            found.append(f"the job asks for {request.gpus_per_node * scale} GPU(s) per {per}, but {where} {limits['gpu']} "
+                         f"({label} gres/gpu={limits['gpu']})")
+            take(gpu_fit(request, limits["gpu"] // scale))
+        if per != "node" and "node" in limits and nodes > limits["node"]:
+            most = limits["node"]
+            found.append(f"{request.asked('nodes')} asks for {nodes} nodes, but {where} {most} ({label} node={most})")
+            take(f"{request.name('nodes')}={most} fits" if most else None)
     if qos.max_wall_min is not None and request.minutes is not None and request.minutes > qos.max_wall_min:
-        most = int(qos.max_wall_min)
-        fit = _fits(f"{request.name('time')}={most}" if most else None)
-        return (f"{request.asked('time')} asks for {request.minutes:g} minutes, but {where} {_hhmmss(qos.max_wall_min)} "
-                f"(MaxWall); {fit}")
-    return None
+        found.append(f"{request.asked('time')} asks for {request.minutes:g} minutes, but {where} "
+                     f"{_hhmmss(qos.max_wall_min)} (MaxWall)")
+        minutes = time_fit(request, int(qos.max_wall_min))
+        take(f"{minutes} fits" if minutes else None)
+    if not found:
+        return None
+    settings = " ".join(f"{k}={v}" for k, v in fits.items())
+    tail = [f"{settings} {'fits' if len(fits) == 1 else 'fit'}"] if fits else []
+    return "; ".join(found + tail + list(dict.fromkeys(advice)))
 
 
 def refusal(answer: slurm.WillRun) -> str:
