@@ -224,8 +224,6 @@ def cancel(jobs: list[str]) -> None:
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(strict=True, reason="hostile5 H6: report_after's job asks mem_gb=2 under the trials' QoS; a QoS of "
-                                       "1 GB refuses it after the trials are queued (a traceback; the trial stays queued)")
 def test_a_report_job_the_qos_refuses_is_refused_before_the_trials_are_queued(synthetic_cache: Path,
                                                                                tmp_path: Path) -> None:
     with throwaway_qos("hostile5-q", "MaxTRESPerJob=cpu=1,mem=1G", "MaxWall=5", "Flags=DenyOnLimit") as qos:
@@ -241,6 +239,25 @@ def test_a_report_job_the_qos_refuses_is_refused_before_the_trials_are_queued(sy
         assert len(queued) == 2, output[-3000:]
     else:
         assert queued == [] and "Traceback" not in proc.stderr, f"queued {queued}:\n{output[-3000:]}"
+
+
+@pytest.mark.slurm
+def test_a_report_job_slurm_refuses_takes_the_queued_trials_back(synthetic_cache: Path, tmp_path: Path) -> None:
+    """H6's other half: the report job refused for a reason of its own (here the QoS lets a user have one job
+    in the queue, which the trial takes): the trials already queued are cancelled, nothing is recorded, one
+    message says so."""
+    with throwaway_qos("hostile5-submit1", "MaxSubmitJobsPerUser=1") as qos:
+        try:
+            proc = launch(synthetic_cache, tmp_path, f"hydra.launcher.qos={qos}", "hydra.launcher.report_after=true",
+                          "hydra.launcher.additional_parameters={hold: true}")
+            queued = queued_by(tmp_path)
+        finally:
+            cancel(queued_by(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert "nothing was queued: slurm refused the report job (hydra.launcher.report_after) of the 1 task(s), which " \
+           "were taken back" in proc.stderr, proc.stderr[-3000:]
+    assert queued == []
+    assert list((tmp_path / "sweep").glob("*/job.json")) == []
 
 
 # --- H7: a QoS per-job limit without DenyOnLimit (Slurm's default): queued, pends for ever ---------------

@@ -128,6 +128,8 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
         root = folder_root(folder)
         before = set(root.iterdir()) if root.is_dir() else set()
         futures: list[Any] = []
+        report = None
+        reporting = False  # the trials are in: the report job is being queued
         try:
             # What the jobs unpickle is written 0600 (see mnist_hpc.contract.guard).
             with private_submission():
@@ -136,6 +138,10 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
                     with executor.batch():
                         array = [executor.submit(entry(context, group, versions, per_task > 1)) for group in chunk]
                     futures += array  # queued: only now may its jobs be looked at
+            if isinstance(conf, SlurmQueueConf) and conf.report_after and cluster == "slurm":
+                # Part of the same all-or-nothing submission: refused, it takes the trials back too.
+                reporting = True
+                report = queue_report(executor, conf, sweep_dir, futures)
         except BaseException as exc:
             from submitit.core.utils import FailedJobError
 
@@ -145,8 +151,10 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             for leftover in (set(root.iterdir()) if root.is_dir() else set()) - before:
                 shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
             if isinstance(exc, FailedJobError):  # the scheduler refused the submission
+                what = (f"the report job (hydra.launcher.report_after) of the {len(groups)} task(s), which were taken back"
+                        if reporting else f"the {len(groups)} task(s)")
                 raise SubmissionError(
-                    f"nothing was queued: {cluster} refused the {len(groups)} task(s): {str(exc).strip()}\n"
+                    f"nothing was queued: {cluster} refused {what}: {str(exc).strip()}\n"
                     "Check the hydra.launcher settings it names (partition, account, qos, mem_gb, "
                     "timeout_min, additional_parameters) against your site's limits (`sinfo`, `sacctmgr show assoc`)."
                 ) from exc
@@ -177,8 +185,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
         print(line, flush=True)
     if packing.reason and len(todo) > 1:
         print(f"packing (hydra.launcher.trials_per_task=auto): {packing.reason}", flush=True)
-    if isinstance(conf, SlurmQueueConf) and conf.report_after and cluster == "slurm":
-        report = queue_report(executor, conf, sweep_dir, futures)
+    if report is not None:
         print(f"report job {report.job_id}: writes {sweep_dir / 'report'} once every task above has ended", flush=True)
 
     if not conf.wait:
@@ -248,8 +255,10 @@ def queue_report(executor: Any, conf: SlurmQueueConf, sweep_dir: Path, tasks: Se
         # user's srun_args (a container, say) are.
         srun["slurm_srun_args"] = ["--cpus-per-task=1", *[str(a) for a in conf.srun_args]]
     executor.update_parameters(
-        # At most the trials' own time limit: that one has passed the site's MaxTime (site.check_site).
-        timeout_min=min(30, conf.timeout_min), cpus_per_task=1, mem_gb=2, tasks_per_node=1, nodes=1, name=f"{conf.name}-report",
+        # Never more than a trial asks for (time, memory, CPUs, nodes, no GPU): the trials' request
+        # has passed the site's limits (site.check_site), so the report's fits them too.
+        timeout_min=min(30, conf.timeout_min), cpus_per_task=1, mem_gb=min(2, conf.mem_gb), tasks_per_node=1, nodes=1,
+        name=f"{conf.name}-report",
         slurm_additional_parameters=extra,
         # The report needs no GPU, whatever the trials asked for.
         gpus_per_node=None, slurm_gres=None, slurm_gpus_per_task=None,
