@@ -1,11 +1,11 @@
 """Hostile pass 5 (hostile5): the changes of 2026-12-07 afternoon (b4edf7a..4d248d9) attacked as a
 hostile user would: the local cluster's enforced associations and QoS, the site preflight's QoS
-refusal (``site.qos_problem``, ``qos_refusal``; ``slurm.parse_qos``, ``qos_limits``), and status's
+refusal (``site.qos_problem``, then ``qos_refusal``; ``slurm.parse_qos``, ``qos_limits``), and status's
 reason words for QoS and association codes.
 
-Each finding is a test marked ``xfail(strict=True, reason="hostile5 Hn: ...")`` that fails on
-4d248d9 for the reason it names (each checked with ``--runxfail``): H1-H10. The probes that held
-are listed in tests/HOSTILE.md ("Hostile pass 5").
+Each finding was a test marked ``xfail(strict=True, reason="hostile5 Hn: ...")`` that failed on
+4d248d9 for the reason it names (each checked with ``--runxfail``): H1-H10, all fixed since, so the
+markers are gone. The probes that held are listed in tests/HOSTILE.md ("Hostile pass 5").
 
 The Slurm tests make their own throwaway QoS (``hostile5-*``, added to the account ``mnisthpc`` and
 deleted afterwards) rather than rely on ``small``, whose limits and flags other work may change
@@ -319,9 +319,6 @@ def idle_cpus_now() -> int:
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(strict=True, reason="hostile5 H9: trials_per_task=auto under a QoS allowing 1 CPU at a time "
-                                       "(GrpTRES cpu=1) says 'N task(s) of 1 CPU(s) can start now' from the idle CPUs "
-                                       "and packs one trial per task for N parallel slots")
 def test_packing_counts_only_the_tasks_the_qos_allowance_lets_start(synthetic_cache: Path, tmp_path: Path) -> None:
     with throwaway_qos("hostile5-grp", "GrpTRES=cpu=1") as qos:
         if idle_cpus_now() < 2:

@@ -67,7 +67,7 @@ def test_the_lessons_trial_is_estimated_from_its_layers_samples_and_epochs():
 
 def auto(jobs, slots, **changes):
     original = packing.free_slots
-    packing.free_slots = lambda c, cluster: slots
+    packing.free_slots = lambda c, cluster, qos=None: slots
     try:
         return packing.auto_trials_per_task(jobs, conf(**changes), "slurm")
     finally:
@@ -115,6 +115,18 @@ def test_free_slots_follow_the_idle_cpus_and_the_array_limit(monkeypatch):
     assert packing.free_slots(conf(cpus_per_task=64), "slurm") == 1
     monkeypatch.setattr(slurm, "idle_cpus", lambda partition: None)
     assert packing.free_slots(conf(), "slurm") is None
+
+
+def test_free_slots_stay_within_the_named_qos_group_allowance(monkeypatch):
+    """hostile5 H9's unit: a QoS allowing 3 CPUs for all its jobs at once lets 1 two-CPU task start, whatever is idle."""
+    monkeypatch.setattr(slurm, "idle_cpus", lambda partition: 10)
+    grp = slurm.QosLimits("q", {}, {}, None, {"cpu": 3})
+    assert packing.free_slots(conf(cpus_per_task=2), "slurm") == 5  # precondition: the idle CPUs alone
+    assert packing.free_slots(conf(cpus_per_task=2), "slurm", grp) == 1
+    assert packing.free_slots(conf(cpus_per_task=1), "slurm", grp) == 3
+    assert packing.free_slots(conf(cpus_per_task=1), "slurm", slurm.QosLimits("q", {"cpu": 1}, {}, None)) == 10
+    local = typed({"cpus_per_task": 1}, "local", Path("/sweep"))
+    assert packing.free_slots(local, "local", grp) == packing.free_slots(local, "local")  # no QoS off Slurm
 
 
 def test_the_local_launcher_counts_this_machines_cpus():

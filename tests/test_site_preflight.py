@@ -305,7 +305,7 @@ def test_a_check_that_could_not_be_made_is_said_not_passed(monkeypatch) -> None:
     executor.update_parameters(**submitit_parameters(conf, "slurm"))
     monkeypatch.setattr(slurm, "site_limits", lambda: None)
     monkeypatch.setattr(slurm, "will_run", lambda script: None)
-    assert site.check_site(executor, conf) == [
+    assert site.check_site(executor, conf).lines == [
         "note: the partitions' limits could not be read (scontrol show partition, sinfo): the job was not checked against them",
         "note: sbatch --test-only could not be asked: Slurm did not judge the job before it was queued",
     ]
@@ -491,7 +491,9 @@ def test_the_named_qos_is_checked_once_before_slurm_is_asked(monkeypatch, qos_kw
             site.check_site(executor, conf)
         assert asked == ["small"]
         return
-    lines = site.check_site(executor, conf)
+    answer = site.check_site(executor, conf)
+    lines = answer.lines
+    assert answer.qos == (limits if qos_kw else None)  # handed on to packing
     assert asked == {"no qos asked": ["--test-only"], "ok": ["small", "--test-only"], "note": ["small", "--test-only"]}[outcome]
     notes = [line for line in lines if line.startswith("note:")]
     assert notes == ([

@@ -131,9 +131,10 @@ def trial_seconds(job: PlannedJob, cpus_per_task: int) -> float:
     return trial_gflop(job) / (GFLOPS_PER_CPU * max(cpus_per_task, 1)) + steps * STEP_S + TRIAL_S
 
 
-def free_slots(conf: LocalQueueConf, cluster: str) -> Optional[int]:
+def free_slots(conf: LocalQueueConf, cluster: str, qos: Optional[slurm.QosLimits] = None) -> Optional[int]:
     """Tasks of this shape that could start now: idle CPUs over CPUs per task, and on Slurm, for a
-    task that asks for GPUs, no more than the idle GPUs let start (None: unknown)."""
+    task that asks for GPUs, no more than the idle GPUs let start, nor more than the group allowance
+    of the QoS it names (``qos``: GrpTRES, which other jobs under it may be using) (None: unknown)."""
     cpus = max(conf.cpus_per_task, 1)
     slurm_conf = conf if isinstance(conf, SlurmQueueConf) else None
     if cluster == "slurm":
@@ -146,11 +147,16 @@ def free_slots(conf: LocalQueueConf, cluster: str) -> Optional[int]:
     if cluster == "slurm" and conf.gpus_per_node > 0:
         by_gpus = slurm.gpu_slots(conf.gpus_per_node, slurm_conf.partition if slurm_conf else None)
         slots = max(min(slots, by_gpus), 1) if by_gpus is not None else slots
+    if cluster == "slurm" and qos is not None:
+        for tres, each in (("cpu", cpus * tasks_per_job(conf)), ("gpu", conf.gpus_per_node * conf.nodes)):
+            if tres in qos.per_group and each > 0:
+                slots = max(min(slots, qos.per_group[tres] // each), 1)
     limit = slurm_conf.array_parallelism if slurm_conf else None
     return min(slots, limit) if limit else slots
 
 
-def auto_trials_per_task(jobs: Sequence[PlannedJob], conf: LocalQueueConf, cluster: str) -> Packing:
+def auto_trials_per_task(jobs: Sequence[PlannedJob], conf: LocalQueueConf, cluster: str,
+                         qos: Optional[slurm.QosLimits] = None) -> Packing:
     """``trials_per_task=auto``: pack short trials, as far as the free CPUs and the time limit allow."""
     if len(jobs) <= 1 or tasks_per_job(conf) > 1:
         return Packing(1, "one trial per task (a single trial, or several tasks train each one)")
@@ -160,7 +166,7 @@ def auto_trials_per_task(jobs: Sequence[PlannedJob], conf: LocalQueueConf, clust
     if longest >= TASK_S:
         return Packing(1, f"one trial per task: trials are estimated at up to {longest:.0f} s each")
     for_startup = math.ceil(TASK_S / max(longest, 1e-3))
-    slots = free_slots(conf, cluster)
+    slots = free_slots(conf, cluster, qos)
     for_parallelism = math.ceil(len(jobs) / slots) if slots else len(jobs)
     limit_s = float(conf.timeout_min) * 60
     for_limit = max(int(0.5 * limit_s // max(longest, 1e-3)), 1)
@@ -173,9 +179,11 @@ def auto_trials_per_task(jobs: Sequence[PlannedJob], conf: LocalQueueConf, clust
     )
 
 
-def choose(jobs: Sequence[PlannedJob], conf: LocalQueueConf, cluster: str) -> Packing:
-    """The packing of a launch: the number asked for, or the automatic one."""
+def choose(jobs: Sequence[PlannedJob], conf: LocalQueueConf, cluster: str,
+           qos: Optional[slurm.QosLimits] = None) -> Packing:
+    """The packing of a launch: the number asked for, or the automatic one (``qos``: the limits of
+    the QoS the launch names, as the site preflight read them)."""
     asked = requested(conf)
     if asked is not None:
         return Packing(asked)
-    return auto_trials_per_task(jobs, conf, cluster)
+    return auto_trials_per_task(jobs, conf, cluster, qos)

@@ -296,7 +296,7 @@ def submit_search(sweeper: Any, arguments: list[str]) -> None:
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(launcher, cluster))
     executor.update_parameters(**submitit_parameters(launcher, cluster))
     # The workers share one request: checked against the site once, before anything is written.
-    expected = check_site(executor, launcher) if isinstance(launcher, SlurmQueueConf) and cluster == "slurm" else []
+    expected = check_site(executor, launcher).lines if isinstance(launcher, SlurmQueueConf) and cluster == "slurm" else []
     make_private(root)
     # One submission at a time into a search directory (as for a sweep: mnist_hpc.claim.launch_lock).
     with claim.launch_lock(search_dir):

@@ -381,12 +381,20 @@ def replaced_flags(conf: SlurmQueueConf) -> Optional[str]:
     return None
 
 
-def check_site(executor: Any, conf: SlurmQueueConf) -> list[str]:
+@dataclass(frozen=True)
+class SiteAnswer:
+    """What the site preflight found: the lines to print, and the named QoS's limits (for packing)."""
+
+    lines: list[str]
+    qos: Optional[slurm.QosLimits] = None
+
+
+def check_site(executor: Any, conf: SlurmQueueConf) -> SiteAnswer:
     """Refuse (:class:`PreflightError`) a launch's job that the cluster can never run; else what to print.
 
     ``executor``: the launch's ``AutoExecutor`` for Slurm, its parameters set. Returns Slurm's
     expected start, and a note for each check that could not be made (a client that did not
-    answer): never a silent pass.
+    answer): never a silent pass; and the limits of the QoS the job names, when read.
     """
     if (replaced := replaced_flags(conf)) is not None:
         raise PreflightError(f"nothing was queued: {replaced}")
@@ -403,6 +411,7 @@ def check_site(executor: Any, conf: SlurmQueueConf) -> list[str]:
                      "checked against them")
     elif request is not None and (problem := limits_problem(request, *limits)) is not None:
         raise PreflightError(f"nothing was queued: {problem}")
+    qos = None
     if flags.get("qos"):
         # Slurm queues a job over its QoS's per-job limits unless the QoS has DenyOnLimit (not its
         # default), and the job then never starts (QOSMaxCpuPerJobLimit...): checked here.
@@ -419,7 +428,7 @@ def check_site(executor: Any, conf: SlurmQueueConf) -> list[str]:
         raise PreflightError(refusal(answer))
     else:
         lines.insert(0, start_line(answer, datetime.now()))
-    return lines
+    return SiteAnswer(lines, qos)
 
 
 def start_line(answer: slurm.WillRun, now: datetime) -> str:

@@ -101,7 +101,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
                 executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init(conf, cluster))
             executor.update_parameters(**submitit_parameters(conf, cluster))
             # The trials share one request: checked against the site once, whatever their number.
-            expected = check_site(executor, conf) if todo and isinstance(conf, SlurmQueueConf) and cluster == "slurm" else []
+            site = check_site(executor, conf) if todo and isinstance(conf, SlurmQueueConf) and cluster == "slurm" else None
             make_private(folder_root(folder))
         except PreflightError:
             record = getattr(launcher, "sweep_record", None)
@@ -120,7 +120,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
             composer.bases(sweep_dir),
         )
         # Trials packed per Slurm task share one process (one TensorFlow import, one data load).
-        packing = choose(todo, conf, cluster)
+        packing = choose(todo, conf, cluster, site.qos if site else None)
         per_task = packing.per_task
         groups = pack(todo, per_task)
         versions = environment_versions()
@@ -181,7 +181,7 @@ def launch_jobs(launcher: Any, cluster: str, job_overrides: Sequence[Sequence[st
                 f"mnist-hpc-status {sweep_dir} shows the trials from then on. Free space or fix permissions there."
             ) from exc
     print(summary(sweep_dir, planned, records, cluster), flush=True)
-    for line in expected:
+    for line in site.lines if site else []:
         print(line, flush=True)
     if packing.reason and len(todo) > 1:
         print(f"packing (hydra.launcher.trials_per_task=auto): {packing.reason}", flush=True)
