@@ -220,6 +220,15 @@ def cancel(jobs: list[str]) -> None:
         subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
 
 
+def launch_and_cancel(cache: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """A held launch, what it queued (the report job too), then all of it cancelled."""
+    try:
+        proc = launch(cache, tmp_path, *extra, "hydra.launcher.additional_parameters={hold: true}")
+        return proc, queued_by(tmp_path)
+    finally:
+        cancel(queued_by(tmp_path))
+
+
 # --- H6: report_after under a QoS: the trials fit, the report job's own 2 GB does not ----------------
 
 
@@ -227,12 +236,8 @@ def cancel(jobs: list[str]) -> None:
 def test_a_report_job_the_qos_refuses_is_refused_before_the_trials_are_queued(synthetic_cache: Path,
                                                                                tmp_path: Path) -> None:
     with throwaway_qos("hostile5-q", "MaxTRESPerJob=cpu=1,mem=1G", "MaxWall=5", "Flags=DenyOnLimit") as qos:
-        try:
-            proc = launch(synthetic_cache, tmp_path, f"hydra.launcher.qos={qos}", "hydra.launcher.report_after=true",
-                          "hydra.launcher.additional_parameters={hold: true}")
-            queued = queued_by(tmp_path)
-        finally:
-            cancel(queued_by(tmp_path))
+        proc, queued = launch_and_cancel(synthetic_cache, tmp_path, f"hydra.launcher.qos={qos}",
+                                         "hydra.launcher.report_after=true")
     output = proc.stdout + proc.stderr
     # Either both jobs are queued, or the launch is refused with nothing queued: never half of it.
     if proc.returncode == 0:
@@ -247,12 +252,8 @@ def test_a_report_job_slurm_refuses_takes_the_queued_trials_back(synthetic_cache
     in the queue, which the trial takes): the trials already queued are cancelled, nothing is recorded, one
     message says so."""
     with throwaway_qos("hostile5-submit1", "MaxSubmitJobsPerUser=1") as qos:
-        try:
-            proc = launch(synthetic_cache, tmp_path, f"hydra.launcher.qos={qos}", "hydra.launcher.report_after=true",
-                          "hydra.launcher.additional_parameters={hold: true}")
-            queued = queued_by(tmp_path)
-        finally:
-            cancel(queued_by(tmp_path))
+        proc, queued = launch_and_cancel(synthetic_cache, tmp_path, f"hydra.launcher.qos={qos}",
+                                         "hydra.launcher.report_after=true")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     assert "nothing was queued: slurm refused the report job (hydra.launcher.report_after) of the 1 task(s), which " \
            "were taken back" in proc.stderr, proc.stderr[-3000:]
