@@ -440,6 +440,13 @@ def test_a_qos_limit_is_named_with_a_value_that_fits(qos, conf_kw, problem) -> N
     assert qos_problem(request_of(flags, conf), qos) == problem
 
 
+def test_a_partition_time_limit_under_a_minute_names_another_partition() -> None:
+    part = slurm.PartitionLimits("tiny", True, 0.5, None, 1, None, None)  # the default partition
+    flags, conf = qos_request(qos=None, timeout_min=1)
+    problem = limits_problem(request_of(flags, conf), {"tiny": part}, [slurm.NodeLimits("n", 2, 4096, 0, ("tiny",))])
+    assert problem is not None and problem.endswith("no job can ask that little: use another hydra.launcher.partition")
+
+
 NOWHERE = "no job can ask that little: use another hydra.launcher.qos"
 
 

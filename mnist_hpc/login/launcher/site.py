@@ -12,9 +12,10 @@ launch's trials share their ``hydra.launcher``):
 1. the partition's and nodes' limits (one ``scontrol show partition`` and one ``sinfo`` call):
    CPUs, memory and GPUs per node, MaxTime, MaxNodes. A refusal is one line naming the setting,
    the limit and a value that fits;
-2. the per-job and per-node limits of the QoS the job names (one ``sacctmgr show qos`` call, only
-   when it names one): Slurm queues a job over them unless the QoS has DenyOnLimit, and the job
-   never starts. A refusal names the setting, the limit and a value that fits, as for a partition;
+2. the per-job and per-node limits and the group allowance of the QoS the job names (one
+   ``sacctmgr show qos`` call, only when it names one): Slurm queues a job over them unless the
+   QoS has DenyOnLimit, and the job never starts. A refusal names every limit the request is over
+   and the settings that fit them all;
 3. ``sbatch --test-only`` with the script: QoS, associations, reservations, features, and sbatch
    options it does not know. Its expected start is returned for the launch to print.
 
@@ -192,7 +193,7 @@ def partition_problem(request: Request, part: slurm.PartitionLimits, nodes: Sequ
     if request.minutes is not None and part.max_time_min is not None and request.minutes > part.max_time_min:
         fit = time_fit(request, int(part.max_time_min))
         return (f"{request.asked('time')} asks for {request.minutes:g} minutes, but partition {part.name}'s "
-                f"MaxTime is {_hhmmss(part.max_time_min)}; {_fits(fit)}")
+                f"MaxTime is {_hhmmss(part.max_time_min)}; {_fits(fit, 'hydra.launcher.partition')}")
     most_nodes = min(n for n in (part.max_nodes, part.total_nodes or len(nodes)) if n is not None)
     if request.nodes > most_nodes:
         return (f"{request.asked('nodes')} asks for {request.nodes} nodes, but partition {part.name} "
@@ -273,9 +274,9 @@ HINTS = (
 )
 
 
-def _fits(setting: Optional[str]) -> str:
+def _fits(setting: Optional[str], elsewhere: str = "hydra.launcher.qos") -> str:
     """``X=v fits``, or (a limit below any job's least: 0 CPUs, nodes, a minute) where else to go."""
-    return f"{setting} fits" if setting else "no job can ask that little: use another hydra.launcher.qos"
+    return f"{setting} fits" if setting else f"no job can ask that little: use another {elsewhere}"
 
 
 def qos_problem(request: Request, qos: slurm.QosLimits) -> Optional[str]:
