@@ -20,7 +20,7 @@ import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -220,6 +220,19 @@ def cancel(jobs: list[str]) -> None:
         subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
 
 
+def waited_on(queued: list[str], settled: Callable[[list[str]], bool], timeout_s: float = 20) -> list[str]:
+    """The queued jobs' pending reasons (squeue), once ``settled`` holds for them or the deadline passes."""
+    reasons: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while queued and time.monotonic() < deadline:
+        reasons = subprocess.run(["squeue", "-h", "-j", ",".join(queued), "-o", "%r"], capture_output=True,
+                                 text=True, timeout=30).stdout.split()
+        if settled(reasons):
+            break
+        time.sleep(0.5)
+    return reasons
+
+
 def launch_and_cancel(cache: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """A held launch, what it queued (the report job too), then all of it cancelled."""
     try:
@@ -270,14 +283,7 @@ def test_a_job_over_a_qos_limit_without_deny_on_limit_is_refused(synthetic_cache
         try:
             proc = launch(synthetic_cache, tmp_path, f"hydra.launcher.qos={qos}", "hydra.launcher.cpus_per_task=2")
             queued = queued_by(tmp_path)
-            reasons: list[str] = []
-            deadline = time.monotonic() + 20
-            while queued and time.monotonic() < deadline:  # precondition: what the queued job waits on
-                reasons = subprocess.run(["squeue", "-h", "-j", ",".join(queued), "-o", "%r"], capture_output=True,
-                                         text=True, timeout=30).stdout.split()
-                if reasons and all(r.startswith("QOSMax") for r in reasons):
-                    break
-                time.sleep(0.5)
+            reasons = waited_on(queued, lambda rs: bool(rs) and all(r.startswith("QOSMax") for r in rs))
         finally:
             cancel(queued_by(tmp_path))
     assert proc.returncode == 1 and queued == [], (
@@ -293,14 +299,7 @@ def test_no_start_is_promised_for_a_job_its_qos_allowance_can_never_hold(synthet
         try:
             proc = launch(synthetic_cache, tmp_path, f"hydra.launcher.qos={qos}")
             queued = queued_by(tmp_path)
-            reasons: list[str] = []
-            deadline = time.monotonic() + 20
-            while queued and time.monotonic() < deadline:  # precondition: what the queued job waits on
-                reasons = subprocess.run(["squeue", "-h", "-j", ",".join(queued), "-o", "%r"], capture_output=True,
-                                         text=True, timeout=30).stdout.split()
-                if reasons == ["QOSGrpCpuLimit"]:
-                    break
-                time.sleep(0.5)
+            reasons = waited_on(queued, lambda rs: rs == ["QOSGrpCpuLimit"])
         finally:
             cancel(queued_by(tmp_path))
     promised = [ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines() if ln.startswith("Slurm expects")]
